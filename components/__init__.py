@@ -1,0 +1,1 @@
+"""Pipeline steps: plain-Python logic with a thin KFP wrapper per module."""

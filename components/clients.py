@@ -1,0 +1,131 @@
+"""Google Cloud clients built one way, so every step honours `--api-endpoint` and the local emulators."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+# On Vertex every variable below is unset and the clients use Google's endpoints and the
+# step's service account. Locally, `vlp run --local` sets them to the emulators on loopback.
+API_ENDPOINT_ENV = "VLP_API_ENDPOINT"
+STORAGE_ENDPOINT_ENV = "STORAGE_EMULATOR_HOST"
+
+
+def api_endpoint(explicit: str = "") -> str:
+    """The Google API host to talk to: the explicit value, else $VLP_API_ENDPOINT, else Google's."""
+    return explicit or os.environ.get(API_ENDPOINT_ENV, "")
+
+
+def _is_local(endpoint: str) -> bool:
+    return endpoint.startswith("http://")
+
+
+def credentials(endpoint: str = "") -> Any:
+    """Anonymous credentials for a plain-HTTP emulator, else Application Default Credentials (None)."""
+    if _is_local(api_endpoint(endpoint)):
+        from google.auth.credentials import AnonymousCredentials
+
+        return AnonymousCredentials()
+    return None
+
+
+def regional_endpoint(region: str, endpoint: str = "") -> str:
+    """The Vertex AI host for a region (us-central1-aiplatform.googleapis.com) unless overridden."""
+    return api_endpoint(endpoint) or f"{region}-aiplatform.googleapis.com"
+
+
+def init_aiplatform(project: str, region: str, endpoint: str = "", staging_bucket: str | None = None) -> None:
+    """Point the aiplatform SDK at the project, region and (when given) another API host."""
+    from google.cloud import aiplatform
+
+    host = api_endpoint(endpoint)
+    kwargs: dict[str, Any] = {"project": project, "location": region}
+    if staging_bucket:
+        kwargs["staging_bucket"] = staging_bucket if staging_bucket.startswith("gs://") else f"gs://{staging_bucket}"
+    if host:
+        # REST is the transport that works over plain HTTP on loopback; it also works against Google.
+        kwargs.update(api_endpoint=host, api_transport="rest", credentials=credentials(host))
+    aiplatform.init(**kwargs)
+
+
+def client_options(region: str | None = None, endpoint: str = "") -> dict[str, Any]:
+    """Client options for GAPIC clients (Vertex services, Secret Manager, Cloud Quotas)."""
+    host = api_endpoint(endpoint)
+    if host:
+        return {"api_endpoint": host}
+    return {"api_endpoint": f"{region}-aiplatform.googleapis.com"} if region else {}
+
+
+def gapic_kwargs(region: str | None = None, endpoint: str = "") -> dict[str, Any]:
+    """Keyword arguments for any GAPIC client: endpoint, transport and credentials."""
+    host = api_endpoint(endpoint)
+    kwargs: dict[str, Any] = {"client_options": client_options(region, host)}
+    if _is_local(host):
+        kwargs.update(transport="rest", credentials=credentials(host))
+    return kwargs
+
+
+def storage_client(project: str | None = None) -> Any:
+    """A google-cloud-storage client; STORAGE_EMULATOR_HOST (fake-gcs-server locally) is honoured."""
+    from google.cloud import storage
+
+    emulator = os.environ.get(STORAGE_ENDPOINT_ENV, "")
+    if emulator:
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(
+            project=project or "local",
+            credentials=AnonymousCredentials(),
+            client_options={"api_endpoint": emulator},
+        )
+    return storage.Client(project=project)
+
+
+def secret_client(endpoint: str = "") -> Any:
+    """A Secret Manager client (the Hub token lives there)."""
+    from google.cloud import secretmanager
+
+    host = api_endpoint(endpoint)
+    kwargs: dict[str, Any] = {}
+    if host:
+        kwargs["client_options"] = {"api_endpoint": host}
+    if _is_local(host):
+        kwargs.update(transport="rest", credentials=credentials(host))
+    return secretmanager.SecretManagerServiceClient(**kwargs)
+
+
+def quotas_client(endpoint: str = "") -> Any:
+    """A Cloud Quotas client (serving GPU quota per region)."""
+    from google.cloud import cloudquotas_v1
+
+    host = api_endpoint(endpoint)
+    kwargs: dict[str, Any] = {}
+    if host:
+        kwargs["client_options"] = {"api_endpoint": host}
+    if _is_local(host):
+        kwargs.update(transport="rest", credentials=credentials(host))
+    return cloudquotas_v1.CloudQuotasClient(**kwargs)
+
+
+def logging_client(project: str, endpoint: str = "") -> Any:
+    """A Cloud Logging client (model server logs of a deployed model)."""
+    from google.cloud import logging as cloud_logging
+
+    host = api_endpoint(endpoint)
+    kwargs: dict[str, Any] = {"project": project}
+    if host:
+        kwargs.update(client_options={"api_endpoint": host}, _use_grpc=False)
+    if _is_local(host):
+        kwargs["credentials"] = credentials(host)
+    return cloud_logging.Client(**kwargs)
+
+
+def read_secret(project: str, secret: str, endpoint: str = "") -> str:
+    """Read a secret's value (NAME, projects/P/secrets/NAME or .../versions/V); never logged."""
+    name = secret
+    if not name.startswith("projects/"):
+        name = f"projects/{project}/secrets/{name}"
+    if "/versions/" not in name:
+        name = f"{name}/versions/latest"
+    response = secret_client(endpoint).access_secret_version(name=name)
+    return response.payload.data.decode("utf-8").strip()

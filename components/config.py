@@ -1,0 +1,311 @@
+"""The deployment config: one typed model of everything a deploy needs, and its loading from YAML."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Engine = Literal["vllm", "tgi"]
+TeardownPolicy = Literal["on_failure", "always", "never"]
+
+# Vertex resource names and label values share these limits; checking them here turns a
+# 400 from Google twenty minutes into a run into a message at `vlp check` time.
+_NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ConfigError(ValueError):
+    """A deployment config that cannot be used; the message names the field and the fix."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos far more often than intent: reject them so the user hears about
+    # `max_model_length` instead of silently getting the default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSource(_Strict):
+    """Where the weights come from."""
+
+    repo: str = Field(description="Hugging Face Hub repo id (ORG/NAME), e.g. meta-llama/Llama-3.1-8B-Instruct.")
+    revision: str = Field("main", description="Branch, tag or commit sha; the mirror pins it to a commit sha.")
+    allow_patterns: list[str] = Field(
+        default_factory=list, description="Files to mirror; empty = what vLLM/TGI load (safetensors, config, tokenizer)."
+    )
+    ignore_patterns: list[str] = Field(
+        default_factory=list, description="Files to skip; empty = duplicates such as original/, *.pth, *.bin."
+    )
+    hf_token_secret: str = Field(
+        "",
+        description="Secret Manager secret holding a Hub token (NAME, or projects/P/secrets/NAME[/versions/V]); "
+        "needed for gated repos. Only the mirror step reads it.",
+    )
+
+    @field_validator("repo")
+    @classmethod
+    def _repo_shape(cls, v: str) -> str:
+        if not _REPO_RE.match(v):
+            raise ValueError(f"{v!r} is not a Hub repo id: write it as ORG/NAME, e.g. meta-llama/Llama-3.1-8B-Instruct")
+        return v
+
+    @field_validator("hf_token_secret")
+    @classmethod
+    def _not_a_token(cls, v: str) -> str:
+        # A pasted token would end up in the compiled spec and the run's parameters.
+        if v.startswith("hf_"):
+            raise ValueError(
+                "this looks like a Hub token itself; store it in Secret Manager "
+                "(gcloud secrets create hf-token --data-file=-) and put the secret's name here"
+            )
+        return v
+
+
+class Serving(_Strict):
+    """The serving container and the engine's arguments (the seed notebooks' full set)."""
+
+    engine: Engine = Field("vllm", description="Serving engine: vllm (Vertex Model Garden image) or tgi (Hugging Face DLC).")
+    image: str = Field("", description="Serving container image; empty = the engine's pinned default.")
+    tensor_parallel_size: int | None = Field(None, ge=1, description="GPUs a replica shards over; empty = GPUs per node.")
+    pipeline_parallel_size: int | None = Field(None, ge=1, description="Nodes a replica spans (multi-host); empty = plan.")
+    max_model_len: int | None = Field(None, ge=16, description="Longest sequence (prompt + answer) in tokens; empty = plan.")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of GPU memory the engine may use.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Sequences batched at once; empty = plan.")
+    dtype: str = Field("auto", description="Weights/activations dtype: auto, bfloat16, float16, float32.")
+    quantization: str | None = Field(None, description="Engine quantization override (fp8, awq, gptq...); empty = from the model.")
+    kv_cache_dtype: str = Field("auto", description="KV cache dtype: auto or fp8.")
+    swap_space: int = Field(16, ge=0, description="CPU swap space per GPU in GiB (vLLM).")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs (saves memory, slower).")
+    enable_lora: bool = Field(False, description="Serve LoRA adapters.")
+    max_loras: int = Field(1, ge=1, description="LoRA adapters held at once.")
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank.")
+    trust_remote_code: bool = Field(False, description="Run code shipped in the model repo (needed by some models).")
+    chat_template: str | None = Field(None, description="Jinja chat template for models whose tokenizer has none.")
+    limit_mm_per_prompt: dict[str, int] = Field(default_factory=dict, description="Multimodal limits, e.g. {image: 1}.")
+    extra_args: list[str] = Field(default_factory=list, description="More engine flags, passed as they are.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra container environment (never secrets).")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        allowed = {"auto", "bfloat16", "float16", "float32", "half", "float"}
+        if v not in allowed:
+            raise ValueError(f"{v!r} is not a dtype the engines take; use one of {sorted(allowed)}")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _no_secrets_in_env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            if key.upper() in {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN"}:
+                raise ValueError(
+                    f"{key} must not be set in the serving env: weights are served from GCS, so serving "
+                    "needs no Hub token; set model.hf_token_secret for the mirror step instead"
+                )
+        return v
+
+
+class Hardware(_Strict):
+    """The machine shape; `auto` lets preflight pick the cheapest one that fits."""
+
+    machine_type: str = Field("auto", description="Vertex machine type (g2-standard-12...) or auto.")
+    accelerator_type: str = Field("", description="Vertex AcceleratorType name (NVIDIA_L4, NVIDIA_H100_80GB...).")
+    accelerator_count: int = Field(0, ge=0, description="GPUs per node; 0 with machine_type auto.")
+    replica_count: int = Field(1, ge=1, description="Replicas kept serving (min replicas).")
+    max_replica_count: int | None = Field(None, ge=1, description="Autoscaling ceiling; empty = replica_count.")
+    spot: bool = Field(False, description="Use Spot VMs (cheaper, can be preempted).")
+
+    @model_validator(mode="after")
+    def _shape(self) -> Hardware:
+        if self.machine_type == "auto":
+            if self.accelerator_count and not self.accelerator_type:
+                raise ValueError("accelerator_count is set but accelerator_type is empty: name the GPU type too")
+        elif bool(self.accelerator_type) != bool(self.accelerator_count):
+            raise ValueError(
+                "an explicit machine_type needs accelerator_type and accelerator_count together "
+                "(e.g. g2-standard-12 + NVIDIA_L4 x 1), or neither for a CPU-only machine"
+            )
+        if self.max_replica_count is not None and self.max_replica_count < self.replica_count:
+            raise ValueError("max_replica_count is below replica_count: raise it or leave it empty")
+        return self
+
+    @property
+    def is_auto(self) -> bool:
+        return self.machine_type == "auto"
+
+
+class Placement(_Strict):
+    """Where the run and its resources live; project and bucket have no defaults on purpose."""
+
+    project: str = Field("", description="Google Cloud project id (a run-time parameter; no default).")
+    regions: list[str] = Field(
+        default_factory=lambda: ["us-central1"],
+        description="Candidate regions in order of preference; preflight takes the first with quota.",
+    )
+    bucket: str = Field("", description="GCS bucket (name or gs://name) for weights and pipeline root.")
+    service_account: str = Field("", description="Service account the pipeline and the endpoint run as.")
+
+    @field_validator("regions")
+    @classmethod
+    def _regions(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one region, e.g. [us-central1]")
+        for r in v:
+            if not re.match(r"^[a-z]+-[a-z]+\d+$", r):
+                raise ValueError(f"{r!r} is not a Google Cloud region name (like us-central1)")
+        return v
+
+    @field_validator("bucket")
+    @classmethod
+    def _bucket(cls, v: str) -> str:
+        return v.removeprefix("gs://").rstrip("/")
+
+
+class EndpointSpec(_Strict):
+    """The Vertex AI endpoint the model serves from."""
+
+    name: str = Field(description="Endpoint display name; a redeploy with the same name goes blue/green onto it.")
+    dedicated: bool = Field(False, description="Use a dedicated endpoint (own DNS, no shared quota, long requests).")
+    reuse: bool = Field(True, description="Deploy onto an existing endpoint with this name instead of a new one.")
+    traffic_steps: list[int] = Field(
+        default_factory=list,
+        description="Canary: traffic percentages for the new model, in order (e.g. [10, 50, 100]); empty = all at once.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"{v!r}: use lowercase letters, digits and dashes, starting with a letter, at most 63 characters")
+        return v
+
+    @field_validator("traffic_steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        if v and (any(not 0 < s <= 100 for s in v) or v != sorted(v) or v[-1] != 100):
+            raise ValueError("traffic_steps must rise and end at 100, e.g. [10, 50, 100]")
+        return v
+
+
+class SmokeTest(_Strict):
+    """What the deployed model must answer before traffic moves to it."""
+
+    prompt: str = Field("What is the capital of France?", description="User message sent through the chat template.")
+    expect: str = Field("", description="Substring the answer must contain (case-insensitive); empty = any non-empty answer.")
+    expect_regex: str = Field("", description="Regex the answer must match; empty = no regex check.")
+    image_url: str = Field("", description="Image for vision models (gs:// or https://), sent with the prompt.")
+    max_tokens: int = Field(64, ge=1, le=4096, description="Tokens the smoke answer may use.")
+    attempts: int = Field(5, ge=1, description="Tries for a cold endpoint before the smoke test fails.")
+    benchmark: bool = Field(False, description="Run a short load benchmark after the smoke test.")
+    benchmark_concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], description="Concurrency levels.")
+    benchmark_requests: int = Field(16, ge=1, description="Requests per concurrency level.")
+    ttft_p95_target_s: float = Field(2.0, gt=0, description="p95 time-to-first-token the recommended concurrency keeps.")
+
+    @field_validator("expect_regex")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return v
+
+
+class DeploymentConfig(_Strict):
+    """Everything one deploy needs. YAML files in configs/ are instances of this."""
+
+    name: str = Field(description="Deployment name: labels every resource the run creates.")
+    description: str = Field("", description="What this deployment is, for people.")
+    model: ModelSource
+    serving: Serving = Field(default_factory=Serving)
+    hardware: Hardware = Field(default_factory=Hardware)
+    placement: Placement = Field(default_factory=Placement)
+    endpoint: EndpointSpec
+    smoke_test: SmokeTest = Field(default_factory=SmokeTest)
+    teardown: TeardownPolicy = Field(
+        "on_failure", description="on_failure: remove what a failed run created; always: also after success (CI); never."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError(f"{v!r}: use lowercase letters, digits and dashes, starting with a letter, at most 63 characters")
+        return v
+
+    @field_validator("hardware", mode="before")
+    @classmethod
+    def _auto(cls, v: Any) -> Any:
+        # `hardware: auto` is the short form users write.
+        return {"machine_type": "auto"} if v == "auto" else v
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source} is not a valid deployment config:"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field: check the spelling against the config reference in README.md"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"  - {field}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        if part not in node or node[part] is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section, so it has no field {parts[-1]}")
+        node = node[part]
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    """Turn `--set a.b=value` strings into (key, value) with YAML typing (numbers, booleans, lists)."""
+    parsed = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: write it as dotted.key=value, e.g. --set serving.max_model_len=4096")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> DeploymentConfig:
+    """Validate a config dict (after `--set` overrides), with errors that name the field and the fix."""
+    if hasattr(data, "items"):
+        data = dict(data)  # KFP hands struct parameters over as plain dict-likes
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a mapping of fields (name, model, serving, ...), not {type(data).__name__}")
+    data = copy.deepcopy(data)
+    for key, value in parse_overrides(overrides):
+        _set_dotted(data, key, value)
+    try:
+        return DeploymentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> DeploymentConfig:
+    """Read a YAML deployment config; a missing file or bad YAML gets a message, not a traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: pass a path such as configs/local-demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    return config_from_dict(data or {}, overrides, source=str(path))

@@ -1,0 +1,70 @@
+"""Promote step: move the endpoint's traffic to the deployed model that passed its smoke test, retire the old ones."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("vlp.promote")
+
+STEP_PAUSE_S = 60.0  # between canary steps on Vertex: long enough for errors to show in monitoring
+
+
+def _split_with(new_id: str, percent: int, others: dict[str, int]) -> dict[str, int]:
+    """A traffic split giving `percent` to new_id and the rest to the others in their current ratio."""
+    rest = 100 - percent
+    total = sum(others.values())
+    split: dict[str, int] = {new_id: percent}
+    if not others or rest == 0:
+        return split if rest == 0 else {new_id: 100}
+    ids = sorted(others)
+    given = 0
+    for i, dm in enumerate(ids):
+        share = rest - given if i == len(ids) - 1 else round(rest * (others[dm] / total if total else 1 / len(ids)))
+        split[dm] = share
+        given += share
+    return split
+
+
+def promote(deployment: dict, endpoint_resource: str, deployed_model_id: str, pause_s: float | None = None) -> list[str]:
+    """Shift traffic to `deployed_model_id` (all at once, or in the config's canary steps), then undeploy
+    every other deployed model. Returns the ids undeployed."""
+    from google.cloud import aiplatform_v1
+    from google.protobuf import field_mask_pb2
+
+    from components.deploy_model import endpoint_client
+
+    client = endpoint_client(deployment)
+    endpoint = client.get_endpoint(name=endpoint_resource)
+    others = {k: v for k, v in endpoint.traffic_split.items() if k != deployed_model_id}
+    steps = deployment["config"]["endpoint"].get("traffic_steps") or [100]
+    pause = STEP_PAUSE_S if pause_s is None else pause_s
+    if deployment.get("api_endpoint", "").startswith("http://") and pause_s is None:
+        pause = 1.0  # local stack: the canary logic is exercised, the minutes are not
+    for i, percent in enumerate(steps):
+        split = _split_with(deployed_model_id, percent, others)
+        update = aiplatform_v1.Endpoint(name=endpoint_resource, traffic_split=split)
+        client.update_endpoint(endpoint=update, update_mask=field_mask_pb2.FieldMask(paths=["traffic_split"]))
+        log.info("traffic on %s: %s", endpoint_resource, split)
+        if i < len(steps) - 1:
+            time.sleep(pause)
+    retired = []
+    for dm in client.get_endpoint(name=endpoint_resource).deployed_models:
+        if dm.id == deployed_model_id:
+            continue
+        log.info("undeploying previous deployed model %s (%s)", dm.id, dm.model)
+        client.undeploy_model(
+            endpoint=endpoint_resource, deployed_model_id=dm.id, traffic_split={deployed_model_id: 100}
+        ).result(timeout=1800)
+        retired.append(dm.id)
+    return retired
+
+
+def promote_op(deployment: dict, endpoint_resource: str, deployed_model_id: str) -> list:
+    """Move all traffic to the new deployed model and undeploy the previous ones."""
+    from components.promote import promote
+    from components.runtime import checkpoint, setup_logging
+
+    setup_logging()
+    checkpoint("promote")
+    return promote(deployment, endpoint_resource, deployed_model_id)

@@ -1,0 +1,53 @@
+"""What every step does the same way at run time: logging, labels, fault points, user-facing errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import sys
+
+KILL_STEP_ENV = "VLP_INJECT_KILL_STEP"
+
+_LABEL_RE = re.compile(r"[^a-z0-9_-]")
+
+
+class StepError(RuntimeError):
+    """A failure a person can act on: the message says what happened, which resource, and the fix."""
+
+
+def setup_logging() -> logging.Logger:
+    """One log format for every step, so Vertex's log view and the local run read the same."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout, force=True
+    )
+    # The google clients log request bodies at DEBUG; keep them quiet so nothing sensitive leaks.
+    for noisy in ("urllib3", "google", "huggingface_hub", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return logging.getLogger("vlp")
+
+
+def label_value(value: str) -> str:
+    """A string made valid as a GCP label value (lowercase, [a-z0-9_-], at most 63 chars)."""
+    return _LABEL_RE.sub("-", value.lower())[:63].strip("-") or "none"
+
+
+def checkpoint(step: str) -> None:
+    """A fault point: `vlp run --local --inject kill-step:STEP` kills the step here, after its main
+    side effect, to prove the exit handler cleans up after a crashed step."""
+    if os.environ.get(KILL_STEP_ENV, "") == step:
+        logging.getLogger("vlp").error("fault injected: killing step %s", step)
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def region_of(resource_name: str) -> str:
+    """The location segment of projects/P/locations/L/... ."""
+    parts = resource_name.split("/")
+    return parts[parts.index("locations") + 1] if "locations" in parts else ""
+
+
+def project_of(resource_name: str) -> str:
+    parts = resource_name.split("/")
+    return parts[parts.index("projects") + 1] if "projects" in parts else ""

@@ -1,0 +1,160 @@
+"""Teardown: roll back a failed deploy, and the exit handler's guarantee that nothing a run created is left paid."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from kfp import dsl
+
+log = logging.getLogger("vlp.teardown")
+
+
+@dataclass
+class Removed:
+    undeployed: list[str] = field(default_factory=list)  # ENDPOINT/deployedModels/ID
+    deleted: list[str] = field(default_factory=list)  # endpoints and model versions
+
+    def extend(self, other: Removed) -> None:
+        self.undeployed += other.undeployed
+        self.deleted += other.deleted
+
+
+def _clients(region: str, api_endpoint: str):  # noqa: ANN202 - a pair of GAPIC clients
+    from google.cloud import aiplatform_v1
+
+    from components import clients
+
+    kwargs = clients.gapic_kwargs(region, api_endpoint)
+    return aiplatform_v1.EndpointServiceClient(**kwargs), aiplatform_v1.ModelServiceClient(**kwargs)
+
+
+def _model_labels(models, model_name: str) -> dict[str, str]:  # noqa: ANN001
+    from google.api_core import exceptions
+
+    try:
+        return dict(models.get_model(name=model_name).labels)
+    except exceptions.NotFound:
+        return {}
+
+
+def remove_run_resources(
+    project: str, regions: list[str], deployment_name: str, run_label: str, api_endpoint: str = ""
+) -> Removed:
+    """Remove what the run labelled `run_label` created: its deployed models (from any endpoint), the
+    endpoints it created once empty, and its model versions. Safe to call twice; never touches what
+    other runs created, so the model that served before a failed redeploy keeps serving."""
+    from google.cloud import aiplatform_v1
+
+    removed = Removed()
+    for region in dict.fromkeys(regions):
+        endpoints, models = _clients(region, api_endpoint)
+        parent = f"projects/{project}/locations/{region}"
+        for ep in endpoints.list_endpoints(request=aiplatform_v1.ListEndpointsRequest(parent=parent)):
+            mine = [
+                dm for dm in ep.deployed_models if _model_labels(models, dm.model).get("vlp-run") == run_label
+            ]
+            if mine:
+                keep = {k: v for k, v in ep.traffic_split.items() if k not in {dm.id for dm in mine}}
+                total = sum(keep.values())
+                for dm in mine:
+                    # Give the remaining models all traffic, in their ratio, before removing ours.
+                    split = {k: round(100 * v / total) for k, v in keep.items()} if total else {}
+                    if split:
+                        split[next(iter(split))] += 100 - sum(split.values())
+                    log.info("undeploying %s from %s (created by run %s)", dm.id, ep.name, run_label)
+                    endpoints.undeploy_model(endpoint=ep.name, deployed_model_id=dm.id, traffic_split=split).result(
+                        timeout=1800
+                    )
+                    removed.undeployed.append(f"{ep.name}/deployedModels/{dm.id}")
+            if ep.labels.get("vlp-run") == run_label:
+                if endpoints.get_endpoint(name=ep.name).deployed_models:
+                    log.warning("endpoint %s was created by this run but serves other models: kept", ep.name)
+                    continue
+                log.info("deleting endpoint %s (created by run %s)", ep.name, run_label)
+                endpoints.delete_endpoint(name=ep.name).result(timeout=600)
+                removed.deleted.append(ep.name)
+        model_filter = f"labels.vlp-deployment={deployment_name}"
+        for model in models.list_models(request=aiplatform_v1.ListModelsRequest(parent=parent, filter=model_filter)):
+            versions = list(models.list_model_versions(name=model.name))
+            ours = [v for v in versions if v.labels.get("vlp-run") == run_label]
+            if not ours:
+                continue
+            if len(ours) == len(versions):
+                log.info("deleting model %s (every version created by run %s)", model.name, run_label)
+                models.delete_model(name=model.name).result(timeout=600)
+                removed.deleted.append(model.name)
+                continue
+            survivors = [v for v in versions if v.labels.get("vlp-run") != run_label]
+            for v in ours:
+                if "default" in v.version_aliases:
+                    # Vertex refuses to delete the default version; hand the alias back first.
+                    newest = max(survivors, key=lambda s: int(s.version_id))
+                    models.merge_version_aliases(name=f"{model.name}@{newest.version_id}", version_aliases=["default"])
+                log.info("deleting model version %s@%s (created by run %s)", model.name, v.version_id, run_label)
+                models.delete_model_version(name=f"{model.name}@{v.version_id}").result(timeout=600)
+                removed.deleted.append(f"{model.name}@{v.version_id}")
+    return removed
+
+
+def should_remove(policy: str, run_state: str) -> bool:
+    """The teardown policy: `always` removes what the run created; `on_failure` only when it did not succeed."""
+    if policy == "never":
+        return False
+    return policy == "always" or run_state != "SUCCEEDED"
+
+
+def roll_back(deployment: dict, reason: str) -> Removed:
+    """After a failed smoke test: the new deployed model and version go, the old one keeps 100%."""
+    cfg = deployment["config"]
+    if cfg["teardown"] == "never":
+        log.warning("teardown: never — leaving the failed deployment in place for debugging")
+        return Removed()
+    return remove_run_resources(
+        deployment["project"],
+        [deployment["region"]],
+        cfg["name"],
+        deployment["labels"]["vlp-run"],
+        deployment.get("api_endpoint", ""),
+    )
+
+
+def roll_back_op(deployment: dict, reason: str) -> None:
+    """Roll back after a failed smoke test, then fail the run with the smoke test's message."""
+    from components.runtime import StepError, setup_logging
+    from components.teardown import roll_back
+
+    log = setup_logging()
+    removed = roll_back(deployment, reason)
+    for name in removed.undeployed + removed.deleted:
+        log.info("removed %s", name)
+    raise StepError(f"smoke test failed, deployment rolled back: {reason}")
+
+
+def cleanup_op(
+    project: str,
+    region: str,
+    config: dict,
+    run_name: str,
+    api_endpoint: str,
+    status: dsl.PipelineTaskFinalStatus,
+) -> None:
+    """Exit handler: whatever happened, remove per the teardown policy what this run created."""
+    from components.config import config_from_dict
+    from components.runtime import label_value, setup_logging
+    from components.teardown import remove_run_resources, should_remove
+
+    log = setup_logging()
+    cfg = config_from_dict(config)
+    state = status.state
+    log.info("run %s ended %s; teardown policy %s", run_name, state, cfg.teardown)
+    if status.error_message:
+        log.info("run error: %s", status.error_message)
+    if not should_remove(cfg.teardown, state):
+        return
+    regions = [r for r in [region, *cfg.placement.regions] if r]
+    removed = remove_run_resources(project or cfg.placement.project, regions, cfg.name, label_value(run_name), api_endpoint)
+    for name in removed.undeployed + removed.deleted:
+        log.info("removed %s", name)
+    if not removed.undeployed and not removed.deleted:
+        log.info("nothing to remove: the run left no resources behind")

@@ -1,0 +1,1 @@
+"""The DAG, its compilation and submission, the CLI and the local stack."""
