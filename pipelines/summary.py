@@ -1,0 +1,49 @@
+"""The run summary every run ends with: one dict, printed for people and written as JSON for CI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def empty_summary() -> dict[str, Any]:
+    """Every key the summary promises, with the values of a run that did nothing yet."""
+    return {
+        "status": "failed",
+        "error": None,
+        "steps": [],
+        "model": {"resource_name": None, "version_id": None},
+        "endpoint": None,
+        "deployed_models": [],
+        "smoke": {"passed": None, "answer": None, "latency_s": None},
+        "created": [],
+        "deleted": [],
+        "left_running": [],
+    }
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """A readable end-of-run report."""
+    status = summary["status"]
+    print()
+    print(f"== vlp run {status.upper()} ==")
+    if summary.get("error"):
+        print(f"error: {summary['error']}")
+    for step in summary.get("steps", []):
+        secs = step.get("seconds")
+        print(f"  {step['name']:<20} {step['status']:<10} {'' if secs is None else f'{secs:6.1f}s'}")
+    model = summary.get("model") or {}
+    if model.get("resource_name"):
+        print(f"model:    {model['resource_name']} (version {model.get('version_id')})")
+    if summary.get("endpoint"):
+        print(f"endpoint: {summary['endpoint']}")
+    for dm in summary.get("deployed_models", []):
+        print(f"  deployed model {dm['id']}: {dm['model']} at {dm['traffic_percent']}%")
+    smoke = summary.get("smoke") or {}
+    if smoke.get("answer") is not None:
+        verdict = "passed" if smoke.get("passed") else "failed"
+        print(f"smoke test {verdict} in {smoke.get('latency_s')}s: {smoke['answer']!r}")
+    for key in ("created", "deleted", "left_running"):
+        if summary.get(key):
+            print(f"{key.replace('_', ' ')}: " + ", ".join(summary[key]))
+    if "api_calls" in summary:
+        print(f"{len(summary['api_calls'])} Google API calls (see --summary-json for the list)")
