@@ -1,6 +1,5 @@
 """Deploy step: create or reuse the endpoint and deploy the new model version next to what already serves."""
 
-from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
@@ -77,7 +76,8 @@ def deploy_model(deployment: dict, model_resource: str) -> Deployed:
     """Deploy the model version; on an endpoint that already serves, the new one starts at 0% traffic
     (blue/green: the smoke test reaches it directly, and promote moves traffic only after it passes)."""
     from components.runtime import StepError
-    from components.serving import deploy_model_request, deploy_failure_message
+    from components.serving import deploy_model_request
+    from components.smoke_test import deploy_failure_message
 
     endpoint_resource, created = get_or_create_endpoint(deployment)
     client = endpoint_client(deployment)

@@ -1,6 +1,5 @@
 """Promote step: move the endpoint's traffic to the deployed model that passed its smoke test, retire the old ones."""
 
-from __future__ import annotations
 
 import logging
 import time

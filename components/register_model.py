@@ -1,6 +1,5 @@
 """Register step: upload a Model Registry version whose serving container loads the mirrored weights from GCS."""
 
-from __future__ import annotations
 
 import logging
 from dataclasses import dataclass

@@ -10,7 +10,7 @@ import sys
 
 KILL_STEP_ENV = "VLP_INJECT_KILL_STEP"
 
-_LABEL_RE = re.compile(r"[^a-z0-9_-]")
+_LABEL_RE = re.compile(r"[^a-z0-9_-]+")
 
 
 class StepError(RuntimeError):
@@ -30,7 +30,7 @@ def setup_logging() -> logging.Logger:
 
 def label_value(value: str) -> str:
     """A string made valid as a GCP label value (lowercase, [a-z0-9_-], at most 63 chars)."""
-    return _LABEL_RE.sub("-", value.lower())[:63].strip("-") or "none"
+    return _LABEL_RE.sub("-", value.lower()).strip("-")[:63].rstrip("-") or "none"
 
 
 def checkpoint(step: str) -> None:

@@ -1,6 +1,5 @@
 """Teardown: roll back a failed deploy, and the exit handler's guarantee that nothing a run created is left paid."""
 
-from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ class Removed:
     undeployed: list[str] = field(default_factory=list)  # ENDPOINT/deployedModels/ID
     deleted: list[str] = field(default_factory=list)  # endpoints and model versions
 
-    def extend(self, other: Removed) -> None:
+    def extend(self, other: "Removed") -> None:
         self.undeployed += other.undeployed
         self.deleted += other.deleted
 

@@ -1,0 +1,222 @@
+"""Renders a preflight plan for people: a text table for `vlp plan` and Markdown for the pipeline's report artifact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+GB = 1_000_000_000
+
+
+def _d(plan: Any) -> dict[str, Any]:
+    return plan if isinstance(plan, dict) else plan.to_dict()
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.2f} GB"
+
+
+def _num(n: int) -> str:
+    return f"{n:,}"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.1f} M"
+
+
+def _model_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
+    rev = p.get("revision") or ""
+    sha = p.get("revision_sha") or ""
+    where = f"{p['model']}" + (f" @ {rev}" if rev else "") + (f" ({sha[:12]})" if sha and sha != rev else "")
+    quant = p.get("quantization") or "none"
+    if p.get("quant_detail") and p.get("quant_detail") != quant:
+        quant = f"{quant} ({p['quant_detail']})"
+    arch = p.get("architecture") or p.get("model_type") or "?"
+    extras = []
+    if p.get("moe_experts"):
+        extras.append(f"{p['moe_experts']} experts")
+    if p.get("vision"):
+        extras.append("vision tower")
+    return [
+        ("model", where),
+        ("architecture", arch + (f" ({', '.join(extras)})" if extras else "")),
+        (
+            "weights",
+            f"{_gb(p['weights_bytes'])} ({p.get('weights_source', '')}), {_params(p['params'])} params, "
+            f"dtype {p.get('dtype') or '?'}, quantization {quant}",
+        ),
+        (
+            "layout",
+            f"{p['layers']} layers, {p['kv_heads']} KV heads x {p['head_dim']} head dim, "
+            f"context {_num(p['context_length'])} tokens",
+        ),
+        ("chat template", "yes" if p.get("has_chat_template") else "NO"),
+        ("gated", ("yes" if p.get("gated") else "no") + (f", access {p['access']}" if p.get("access") != "ok" else "")),
+    ]
+
+
+def _memory_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
+    m = p.get("memory") or {}
+    if not m:
+        return []
+    rows = [
+        ("GPU memory", f"{_gb(m['gpu_memory'])} x {m['utilization']} = {_gb(m['budget'])} for the engine"),
+        ("weights", _gb(m["weights"])),
+        ("activations", _gb(m["activations"])),
+        ("CUDA graphs", _gb(m["cuda_graphs"])),
+        ("runtime", _gb(m["non_torch"])),
+    ]
+    if m.get("vision_encoder"):
+        rows.append(("vision encoder", f"{_gb(m['vision_encoder'])} (profiling, scales with max_num_seqs)"))
+    rows.append(
+        (
+            "KV cache",
+            f"{_gb(max(0, m['kv_cache']))} = {_num(m['kv_tokens'])} tokens at {_num(m['kv_bytes_per_token'])} B/token",
+        )
+    )
+    return rows
+
+
+def _shape_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
+    if not p.get("machine_type"):
+        return [("shape", "none fits")]
+    price = f"${p['price_per_hour_usd']:.2f}/h" + (" (estimate)" if p.get("price_estimated") else "")
+    lim = p.get("limits") or {}
+    return [
+        (
+            "shape",
+            f"{p['machine_type']}: {p['accelerator_count']} x {p['accelerator_type']}"
+            f" ({p.get('accelerator_memory_gb', 0):g} GB each), {p['node_count']} node(s), "
+            f"replicas {p['replica_count']}-{p['max_replica_count']}" + (", spot" if p.get("spot") else ""),
+        ),
+        ("parallelism", f"tensor {p['tensor_parallel_size']} x pipeline {p['pipeline_parallel_size']}"),
+        ("max_model_len", f"{_num(p['max_model_len'])} (largest that fits: {_num(lim.get('max_model_len', 0))})"),
+        (
+            "max_num_seqs",
+            f"{p['max_num_seqs']} (largest that fits: {lim.get('max_num_seqs', 0)}); "
+            f"{lim.get('concurrent_sequences', 0)} full-length sequences fit in the KV cache at once",
+        ),
+        ("price", price),
+        ("why", p.get("reason", "")),
+        ("fits", "yes" if p.get("fits") else "NO"),
+    ]
+
+
+def _alt_rows(p: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            a["shape"],
+            f"TP {a['tensor_parallel_size']} x PP {a['pipeline_parallel_size']}",
+            f"${a['price_per_hour_usd']:.2f}/h",
+            _num(a["max_model_len_limit"]),
+            _num(a["kv_cache_tokens"]),
+        ]
+        for a in p.get("alternatives") or []
+    ]
+
+
+def _quota_rows(p: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for region, q in (p.get("quota") or {}).items():
+        mark = "ok" if q.get("ok") else ("?" if q.get("ok") is None else "SHORT")
+        limit = "unknown" if q.get("limit") is None else str(q["limit"])
+        rows.append(
+            [
+                region,
+                q.get("quota_id", ""),
+                limit,
+                str(q.get("usage", 0)),
+                str(q.get("need", 0)),
+                mark,
+                q.get("note", ""),
+            ]
+        )
+        for c in q.get("companions") or []:
+            climit = "unknown" if c.get("limit") is None else str(c["limit"])
+            cmark = "ok" if c.get("ok") else ("?" if c.get("ok") is None else "SHORT")
+            rows.append(["", c["quota_id"], climit, str(c.get("usage", 0)), str(c.get("need", 0)), cmark, ""])
+    return rows
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(out)
+
+
+def _kv(rows: list[tuple[str, str]]) -> str:
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def render_table(plan: Any) -> str:
+    """The plan as plain text for a terminal: model, memory per GPU, shape, alternatives, quota, warnings."""
+    p = _d(plan)
+    parts = ["Model", _kv(_model_rows(p))]
+    mem = _memory_rows(p)
+    if mem:
+        parts += ["", "Memory per GPU", _kv(mem)]
+    parts += ["", f"Shape ({p.get('hardware_mode', 'auto')}, engine {p.get('engine')})", _kv(_shape_rows(p))]
+    alts = _alt_rows(p)
+    if alts:
+        parts += ["", "Alternatives that fit", _table(["shape", "parallel", "price", "max len", "KV tokens"], alts)]
+    if p.get("rejected"):
+        parts += ["", "Too small"] + [f"  {r['shape']}: {r['reason']}" for r in p["rejected"]]
+    quota = _quota_rows(p)
+    if quota:
+        title = f"Quota (chosen region: {p.get('region') or 'none'})"
+        parts += ["", title, _table(["region", "quota", "limit", "in use", "need", "", "note"], quota)]
+    if p.get("warnings"):
+        parts += ["", "Warnings"] + [f"  - {w}" for w in p["warnings"]]
+    if p.get("errors"):
+        parts += ["", "Errors"] + [f"  - {e}" for e in p["errors"]]
+    parts += ["", f"Prices: {p.get('prices_note', '')}"]
+    return "\n".join(parts) + "\n"
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> str:
+    esc = [[c.replace("|", "\\|") for c in r] for r in rows]
+    return "\n".join(
+        ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(r) + " |" for r in esc]
+    )
+
+
+def render_markdown(plan: Any) -> str:
+    """The plan as Markdown for the pipeline's report artifact (dsl.Markdown)."""
+    p = _d(plan)
+    verdict = "fits" if p.get("fits") and not p.get("errors") else "does NOT fit"
+    parts = [
+        f"# Preflight plan: {p['model']}",
+        "",
+        f"**{verdict}**" + (f" on `{p['machine_type']}`" if p.get("machine_type") else ""),
+    ]
+    if p.get("errors"):
+        parts += ["", "## Errors", ""] + [f"- {e}" for e in p["errors"]]
+    parts += ["", "## Model", "", _md_table(["", ""], [[k, v] for k, v in _model_rows(p)])]
+    mem = _memory_rows(p)
+    if mem:
+        parts += ["", "## Memory per GPU", "", _md_table(["", ""], [[k, v] for k, v in mem])]
+    parts += ["", "## Shape", "", _md_table(["", ""], [[k, v] for k, v in _shape_rows(p)])]
+    alts = _alt_rows(p)
+    if alts:
+        parts += [
+            "",
+            "## Alternatives that fit",
+            "",
+            _md_table(["shape", "parallel", "price", "max len", "KV tokens"], alts),
+        ]
+    if p.get("rejected"):
+        parts += ["", "## Too small", ""] + [f"- {r['shape']}: {r['reason']}" for r in p["rejected"]]
+    quota = _quota_rows(p)
+    if quota:
+        parts += [
+            "",
+            f"## Quota (chosen region: {p.get('region') or 'none'})",
+            "",
+            _md_table(["region", "quota", "limit", "in use", "need", "", "note"], quota),
+        ]
+    if p.get("warnings"):
+        parts += ["", "## Warnings", ""] + [f"- {w}" for w in p["warnings"]]
+    parts += ["", f"_Prices: {p.get('prices_note', '')}_", ""]
+    return "\n".join(parts)

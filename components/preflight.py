@@ -1,0 +1,263 @@
+"""The preflight step: config -> plan -> quota and region -> Hub access; fails before anything costs money."""
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from kfp import dsl
+
+from components import clients
+from components.config import DeploymentConfig
+from components.planning import (
+    ACCELERATORS,
+    MACHINE_TYPES,
+    ModelAccessError,
+    Plan,
+    plan_for_facts,
+    plan_model,
+    read_model_facts,
+)
+from components.runtime import label_value
+
+__all__ = ["PreflightError", "plan_deployment", "plan_model", "run_preflight", "label_value", "preflight_op"]
+
+
+class PreflightError(RuntimeError):
+    """The deployment cannot go ahead; the message lists every problem and its fix. `.plan` holds the plan."""
+
+    def __init__(self, message: str, plan: Plan | None = None) -> None:
+        super().__init__(message)
+        self.plan = plan
+
+
+def _candidate_regions(cfg: DeploymentConfig, regions: list[str] | None) -> list[str]:
+    out: list[str] = []
+    for r in list(regions or []) + list(cfg.placement.regions):
+        if r and r not in out:
+            out.append(r)
+    return out
+
+
+def plan_deployment(
+    cfg: DeploymentConfig,
+    *,
+    project: str = "",
+    regions: list[str] | None = None,
+    api_endpoint: str = "",
+    hf_token: str | None = None,
+    check_quota: bool = True,
+    hub_endpoint: str = "",
+    prices: Mapping[str, float] | None = None,
+) -> Plan:
+    """Plan a deployment config: model facts from the Hub (or a local dir), the shape, and quota per region.
+
+    Problems land in `plan.errors` (never raised here): gated repo without access, no chat template while
+    serving.chat_template is empty, a shape that does not fit, no quota in any candidate region.
+    """
+    regions = _candidate_regions(cfg, regions)
+    try:
+        facts = read_model_facts(cfg.model.repo, revision=cfg.model.revision, endpoint=hub_endpoint, token=hf_token)
+    except ModelAccessError as exc:
+        return Plan(
+            model=cfg.model.repo,
+            revision=cfg.model.revision,
+            engine=cfg.serving.engine,
+            access="denied",
+            gated="gated" in str(exc),
+            regions=regions,
+            errors=[str(exc)],
+        )
+    plan = plan_for_facts(facts, cfg.serving, cfg.hardware, regions=regions, prices=prices)
+    if not facts.has_chat_template and not cfg.serving.chat_template:
+        plan.warnings = [w for w in plan.warnings if "has no chat template" not in w]
+        plan.errors.append(
+            f"{cfg.model.repo} has no chat template: set serving.chat_template (a Jinja template, e.g. the "
+            "base model's) so /v1/chat/completions and the smoke test can format prompts"
+        )
+    if plan.fits and check_quota:
+        _check_quota(plan, cfg, project, regions, api_endpoint)
+    elif regions:
+        plan.region = regions[0]
+    plan.fits = plan.fits and not plan.errors
+    return plan
+
+
+def _check_quota(plan: Plan, cfg: DeploymentConfig, project: str, regions: list[str], api_endpoint: str) -> None:
+    from components.quota import QuotaError, choose_region, quota_needs
+
+    if not project:
+        plan.errors.append("no project to check quota in: pass --project or set placement.project")
+        return
+    machine = MACHINE_TYPES.get(plan.machine_type)
+    vcpus = machine.vcpus * plan.node_count if machine else 0
+    replicas = max(cfg.hardware.replica_count, cfg.hardware.max_replica_count or 0)
+    try:
+        needs = quota_needs(
+            plan.accelerator_type, plan.accelerator_count * plan.node_count, vcpus, replicas, spot=cfg.hardware.spot
+        )
+    except QuotaError as exc:
+        plan.errors.append(str(exc))
+        return
+    acc = ACCELERATORS.get(plan.accelerator_type)
+    region, results, message = choose_region(
+        project,
+        regions,
+        needs,
+        plan.accelerator_type,
+        spot=cfg.hardware.spot,
+        machine_vcpus={m.name: m.vcpus for m in MACHINE_TYPES.values()},
+        offered_in=list(acc.regions) if acc else None,
+        api_endpoint=api_endpoint,
+    )
+    plan.quota = {r: q.to_dict() for r, q in results.items()}
+    plan.quota_checked = True
+    if region:
+        plan.region = region
+        if results[region].ok is None:
+            notes = "; ".join(c.note for c in [results[region].gpu, *results[region].companions] if c.note)
+            plan.warnings.append(f"quota in {region} could not be read ({notes}): going ahead without the check")
+        skipped = [r for r in regions[: regions.index(region)]]
+        if skipped:
+            plan.warnings.append(f"no quota in {', '.join(skipped)}: using {region}, the next candidate region")
+    else:
+        plan.errors.append(message)
+
+
+def _read_hf_token(cfg: DeploymentConfig, project: str, api_endpoint: str) -> str | None:
+    secret = cfg.model.hf_token_secret
+    if not secret:
+        return None
+    from google.api_core import exceptions as gexc
+
+    try:
+        return clients.read_secret(project, secret, api_endpoint)
+    except gexc.NotFound:
+        raise PreflightError(
+            f"Secret Manager secret {secret!r} (model.hf_token_secret) does not exist in project {project} or has no "
+            f'enabled version: create it with `printf %s "$HF_TOKEN" | gcloud secrets create {secret.split("/")[-1]} '
+            f"--data-file=- --project={project}`, or correct model.hf_token_secret"
+        ) from None
+    except gexc.PermissionDenied:
+        raise PreflightError(
+            f"cannot read Secret Manager secret {secret!r} (model.hf_token_secret): grant the pipeline's service "
+            "account roles/secretmanager.secretAccessor on it"
+        ) from None
+
+
+def _revision_sha(plan: Plan) -> str:
+    return plan.revision_sha if plan.source == "hub" else ""
+
+
+def run_preflight(
+    cfg: DeploymentConfig,
+    *,
+    project: str,
+    region: str = "",
+    bucket: str = "",
+    service_account: str = "",
+    run_name: str = "",
+    api_endpoint: str = "",
+    hf_token: str | None = None,
+    hub_endpoint: str = "",
+    prices: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """Plan, check quota and access, and return the `deployment` dict every later step takes.
+
+    Raises PreflightError listing every error (with `.plan` set when a plan was made).
+    """
+    project = project or cfg.placement.project
+    if not project:
+        raise PreflightError("no project: pass project (the pipeline's run-time parameter) or set placement.project")
+    regions = _candidate_regions(cfg, [region] if region else None)
+    token = hf_token if hf_token is not None else _read_hf_token(cfg, project, api_endpoint)
+    plan = plan_deployment(
+        cfg,
+        project=project,
+        regions=regions,
+        api_endpoint=api_endpoint,
+        hf_token=token,
+        check_quota=True,
+        hub_endpoint=hub_endpoint,
+        prices=prices,
+    )
+    if plan.errors or not plan.fits:
+        errors = plan.errors or [f"{cfg.model.repo} does not fit the planned shape"]
+        head = f"preflight failed for deployment {cfg.name} ({cfg.model.repo}):"
+        raise PreflightError("\n".join([head] + [f"- {e}" for e in errors]), plan)
+    bucket = (bucket or cfg.placement.bucket).removeprefix("gs://").rstrip("/")
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "project": project,
+        "region": plan.region,
+        "bucket": bucket,
+        "service_account": service_account or cfg.placement.service_account,
+        "run_name": run_name,
+        "labels": {"vlp-deployment": label_value(cfg.name), "vlp-run": label_value(run_name or "manual")},
+        "plan": plan.to_dict(),
+        "revision_sha": _revision_sha(plan),
+        "api_endpoint": api_endpoint,
+    }
+
+
+def preflight_op(
+    project: str,
+    region: str,
+    bucket: str,
+    service_account: str,
+    config: dict,
+    run_name: str,
+    api_endpoint: str,
+    force: bool,
+    report: dsl.Output[dsl.Markdown],
+    metrics: dsl.Output[dsl.Metrics],
+) -> NamedTuple("PreflightOutputs", [("deployment", dict), ("region", str), ("action", str)]):  # noqa: F821, UP014
+    """Preflight: plan the hardware, check quota and Hub access, and fail before anything costs money."""
+    from collections import namedtuple
+
+    from components.config import config_from_dict
+    from components.plan_report import render_markdown
+    from components.preflight import PreflightError, run_preflight
+    from components.redeploy import unchanged_deployment
+    from components.runtime import checkpoint, setup_logging
+
+    log = setup_logging()
+    cfg = config_from_dict(config, source="the config parameter")
+    try:
+        deployment = run_preflight(
+            cfg,
+            project=project,
+            region=region,
+            bucket=bucket,
+            service_account=service_account,
+            run_name=run_name,
+            api_endpoint=api_endpoint,
+        )
+    except PreflightError as exc:
+        if exc.plan is not None:
+            with open(report.path, "w") as fh:
+                fh.write(render_markdown(exc.plan))
+        raise
+    plan = deployment["plan"]
+    with open(report.path, "w") as fh:
+        fh.write(render_markdown(plan))
+    for key, value in (
+        ("weights_gb", plan["weights_gb"]),
+        ("params_b", round(plan["params"] / 1e9, 3)),
+        ("price_per_hour_usd", plan["price_per_hour_usd"]),
+        ("accelerator_count", plan["accelerator_count"]),
+        ("node_count", plan["node_count"]),
+        ("max_model_len", plan["max_model_len"]),
+        ("max_num_seqs", plan["max_num_seqs"]),
+        ("kv_cache_tokens", plan["limits"].get("kv_cache_tokens", 0)),
+        ("concurrent_sequences", plan["limits"].get("concurrent_sequences", 0)),
+    ):
+        metrics.log_metric(key, value)
+    # "noop" skips every later step: same revision, same serving spec, healthy endpoint.
+    action = "deploy"
+    if not force:
+        unchanged = unchanged_deployment(deployment)
+        if unchanged:
+            log.info("nothing changed: %s; pass force to redeploy anyway", unchanged)
+            action = "noop"
+    checkpoint("preflight")
+    outputs = namedtuple("PreflightOutputs", ["deployment", "region", "action"])
+    return outputs(deployment, deployment["region"], action)

@@ -1,0 +1,68 @@
+"""Spot a redeploy that would change nothing: same revision, same serving spec, healthy endpoint."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("vlp.redeploy")
+
+HEALTH_WAIT_S = 90.0  # a serving container that is restarting answers 503 for a while
+
+
+def _healthy(deployment: dict, endpoint_resource: str, deployed_model_id: str) -> bool:
+    """One short chat request to the deployed model through the Vertex prediction path."""
+    from components.serving import served_model_name
+    from components.smoke_test import chat_completions_url, describe_endpoint, http_session
+
+    api = deployment.get("api_endpoint", "")
+    try:
+        url = chat_completions_url(describe_endpoint(endpoint_resource, api), deployed_model_id)
+    except Exception as exc:  # noqa: BLE001 - any failure here just means "redeploy"
+        log.info("endpoint %s not describable (%s): redeploying", endpoint_resource, exc)
+        return False
+    session = http_session(api)
+    body = {"model": served_model_name(deployment), "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+    deadline = time.monotonic() + HEALTH_WAIT_S
+    while True:
+        try:
+            response = session.post(url, json=body, timeout=60)
+            if response.status_code == 200:
+                return True
+            retry = response.status_code in (429, 503)
+        except Exception:  # noqa: BLE001
+            retry = True
+        if not retry or time.monotonic() > deadline:
+            return False
+        time.sleep(2)
+
+
+def unchanged_deployment(deployment: dict) -> str | None:
+    """A description of the deployed model that already serves exactly this deployment, or None."""
+    from components.deploy_model import endpoint_client, find_endpoint
+    from components.serving import LABEL_REVISION, LABEL_SPEC, serving_spec_hash
+
+    sha = deployment.get("revision_sha", "")
+    if not sha:
+        return None  # a local directory has no pinned revision to compare
+    endpoint = find_endpoint(deployment)
+    if endpoint is None:
+        return None
+    spec_hash = serving_spec_hash(deployment)
+    from google.cloud import aiplatform_v1
+
+    from components import clients
+
+    models = aiplatform_v1.ModelServiceClient(
+        **clients.gapic_kwargs(deployment["region"], deployment.get("api_endpoint", ""))
+    )
+    endpoint = endpoint_client(deployment).get_endpoint(name=endpoint.name)
+    for dm in endpoint.deployed_models:
+        if endpoint.traffic_split.get(dm.id, 0) != 100:
+            continue
+        labels = models.get_model(name=dm.model).labels
+        if labels.get(LABEL_REVISION) == sha[:12].lower() and labels.get(LABEL_SPEC) == spec_hash:
+            if _healthy(deployment, endpoint.name, dm.id):
+                return f"{endpoint.name} already serves {dm.model} (revision {sha[:12]}, spec {spec_hash}) healthily"
+            log.info("deployed model %s matches but is not healthy: redeploying", dm.id)
+    return None

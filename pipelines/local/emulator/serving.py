@@ -1,0 +1,562 @@
+"""Stand-in for a Vertex AI serving container: copies a model out of GCS and serves it with `transformers serve`."""
+
+from __future__ import annotations
+
+import atexit
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# What the "smoke-fail" fault makes the served model say: a wrong answer, not an error.
+WRONG_ANSWER = "I am not sure."
+
+# vLLM's SamplingParams default; TGI's default max_new_tokens (router `default_max_new_tokens`).
+_VLLM_DEFAULT_MAX_TOKENS = 16
+_TGI_DEFAULT_MAX_NEW_TOKENS = 100
+_LOG_TAIL_LINES = 30
+_GENERATE_TIMEOUT_S = 600.0
+
+# Runs inside the child: a watchdog thread ends the model server when the emulator that started it is gone
+# (even by SIGKILL, where atexit never runs), then the transformers CLI takes over the main thread.
+# PR_SET_PDEATHSIG is not used because it fires when the *thread* that forked exits, and the emulator
+# starts servers from short-lived request threads.
+_BOOTSTRAP = """
+import os, sys, threading, time
+parent = int(sys.argv[1])
+def _watch():
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
+threading.Thread(target=_watch, daemon=True).start()
+sys.argv = ["transformers", "serve", *sys.argv[2:]]
+from transformers.cli.transformers import main
+main()
+"""
+
+
+class ServingError(Exception):
+    """The model server could not be started; `log_tail` holds the last lines it wrote."""
+
+    def __init__(self, message: str, log_tail: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.log_tail = list(log_tail or [])
+
+    def __str__(self) -> str:
+        if not self.log_tail:
+            return self.message
+        return self.message + "\n--- model server log (tail) ---\n" + "\n".join(self.log_tail)
+
+
+@dataclass
+class _Server:
+    deployed_model_id: str
+    engine: str
+    model_dir: Path
+    log_path: Path
+    port: int
+    process: subprocess.Popen
+    container_spec: dict = field(default_factory=dict)
+
+
+def engine_for(container_spec: dict) -> str:
+    """Names the serving engine a Vertex containerSpec runs: "vllm", "tgi" or "openai"."""
+    image = str(container_spec.get("imageUri") or container_spec.get("image_uri") or "")
+    words = " ".join(
+        [image, *map(str, container_spec.get("args") or []), *map(str, container_spec.get("command") or [])]
+    ).lower()
+    if "vllm" in words:
+        return "vllm"
+    if "text-generation-inference" in words or re.search(r"\btgi\b", words):
+        return "tgi"
+    return "openai"
+
+
+def google_error(code: int, message: str, status: str) -> bytes:
+    """A Google API error body, the shape google-api-core turns into a typed exception."""
+    return json.dumps({"error": {"code": code, "message": message, "status": status}}).encode()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _split_gcs_uri(uri: str) -> tuple[str, str]:
+    match = re.fullmatch(r"gs://([^/]+)/?(.*)", uri.strip())
+    if not match:
+        raise ServingError(f"artifact_uri {uri!r} is not a gs://BUCKET/PREFIX/ URI: point the Model at its GCS copy")
+    prefix = match.group(2)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return match.group(1), prefix
+
+
+def _tail(path: Path, limit: int) -> list[str]:
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    # Progress bars rewrite one line with \r: keep only what was finally shown.
+    lines = [line.rsplit("\r", 1)[-1].rstrip() for line in text.split("\n")]
+    lines = [line for line in lines if line.strip()]
+    return lines[-limit:] if limit > 0 else []
+
+
+class ServingManager:
+    """Starts, stops and talks to one local model server per deployed model."""
+
+    def __init__(self, state_dir: Path, storage_endpoint: str | None, faults: set[str]) -> None:
+        self.state_dir = Path(state_dir)
+        self.storage_endpoint = storage_endpoint
+        # Kept by reference: the emulator flips faults at run time and every call reads them afresh.
+        self.faults = faults
+        self._servers: dict[str, _Server] = {}
+        self._lock = threading.Lock()
+        atexit.register(self.stop_all)
+
+    # ----- lifecycle -----
+
+    @property
+    def serving_dir(self) -> Path:
+        """Where model copies and model server logs live."""
+        return self.state_dir / "serving"
+
+    def log_path(self, deployed_model_id: str) -> Path:
+        """The model server log file of a deployed model (kept after undeploy, as Cloud Logging keeps it)."""
+        return self.serving_dir / f"{deployed_model_id}.log"
+
+    def logged_ids(self) -> list[str]:
+        """Deployed model ids that have a model server log, running or not."""
+        if not self.serving_dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.serving_dir.glob("*.log"))
+
+    def start(self, deployed_model_id: str, artifact_uri: str, container_spec: dict, timeout_s: float = 300) -> None:
+        """Copies the model out of GCS and starts its server; returns once /health answers."""
+        self.stop(deployed_model_id)
+        model_dir = self.serving_dir / deployed_model_id / "model"
+        log_path = self.log_path(deployed_model_id)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._copy_model(artifact_uri, model_dir)
+
+        port = _free_port()
+        env = dict(os.environ)
+        # Serving reads weights from the GCS copy only: no Hub traffic, no Hub token.
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
+            env.pop(name, None)
+        env.update(
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            HF_HUB_DISABLE_UPDATE_CHECK="1",
+            HF_HUB_DISABLE_TELEMETRY="1",
+            PYTHONUNBUFFERED="1",
+        )
+        args = [str(model_dir), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"]
+        with log_path.open("ab") as log:
+            log.write(f"[emulator] starting model server for {deployed_model_id} on port {port}\n".encode())
+            log.flush()
+            # sys.executable is the venv's interpreter, so this works without an activated venv.
+            process = subprocess.Popen(
+                [sys.executable, "-c", _BOOTSTRAP, str(os.getpid()), *args],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(model_dir.parent),
+                start_new_session=True,  # own process group: stop() signals the whole tree
+            )
+        server = _Server(
+            deployed_model_id, engine_for(container_spec), model_dir, log_path, port, process, container_spec
+        )
+        with self._lock:
+            self._servers[deployed_model_id] = server
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            code = process.poll()
+            if code is not None:
+                self._forget(deployed_model_id)
+                raise ServingError(
+                    f"model server for deployed model {deployed_model_id} exited with code {code} before it became "
+                    f"healthy: the weights under {artifact_uri} do not load (see the log tail)",
+                    _tail(log_path, _LOG_TAIL_LINES),
+                )
+            if self._health(server):
+                break
+            if time.monotonic() > deadline:
+                self.stop(deployed_model_id)
+                raise ServingError(
+                    f"model server for deployed model {deployed_model_id} was not healthy within {timeout_s:.0f} s: "
+                    "raise the deploy timeout or serve a smaller model",
+                    _tail(log_path, _LOG_TAIL_LINES),
+                )
+            time.sleep(0.3)
+
+        if "server-crash" in self.faults:
+            timer = threading.Timer(1.0, self._crash, args=(server,))
+            timer.daemon = True
+            timer.start()
+
+    def stop(self, deployed_model_id: str) -> None:
+        """Stops a model server: SIGTERM to its process group, SIGKILL if it lingers."""
+        server = self._forget(deployed_model_id)
+        if server is not None:
+            self._terminate(server.process)
+
+    def stop_all(self) -> None:
+        """Stops every model server this manager started."""
+        with self._lock:
+            ids = list(self._servers)
+        for deployed_model_id in ids:
+            self.stop(deployed_model_id)
+
+    def is_healthy(self, deployed_model_id: str) -> bool:
+        """True when the model server runs and its /health answers 200."""
+        server = self._servers.get(deployed_model_id)
+        return server is not None and server.process.poll() is None and self._health(server)
+
+    def logs(self, deployed_model_id: str, limit: int = 50) -> list[str]:
+        """The last lines of a model server's log."""
+        return _tail(self.log_path(deployed_model_id), limit)
+
+    def known_ids(self) -> list[str]:
+        """Deployed model ids started and not stopped (a crashed server stays known until stopped)."""
+        with self._lock:
+            return sorted(self._servers)
+
+    # ----- requests -----
+
+    def forward(
+        self, deployed_model_id: str, kind: str, body: bytes, subpath: str | None = None
+    ) -> tuple[int, bytes, str]:
+        """Answers a predict / rawPredict / invoke / chat request as the deployed container would."""
+        server = self._servers.get(deployed_model_id)
+        if server is None:
+            return 404, google_error(404, f"Deployed model {deployed_model_id} is not served.", "NOT_FOUND"), _JSON
+        dead = self._dead(server)
+        if dead:
+            return dead
+        try:
+            payload = json.loads(body or b"{}")
+        except ValueError as exc:
+            return 400, google_error(400, f"Request body is not JSON: {exc}", "INVALID_ARGUMENT"), _JSON
+        if not isinstance(payload, dict):
+            return 400, google_error(400, "Request body must be a JSON object.", "INVALID_ARGUMENT"), _JSON
+        try:
+            if kind == "predict":
+                return self._predict(server, payload, with_id=True)
+            if kind == "chat":
+                return self._openai(server, "/v1/chat/completions", payload)
+            if kind == "rawPredict":
+                return self._raw(server, payload, None)
+            if kind == "invoke":
+                return self._raw(server, payload, subpath or "/")
+        except _Upstream as exc:
+            return exc.answer
+        except _BadRequest as exc:
+            return 400, google_error(400, str(exc), "INVALID_ARGUMENT"), _JSON
+        return 400, google_error(400, f"Unknown request kind {kind!r}.", "INVALID_ARGUMENT"), _JSON
+
+    def _predict(self, server: _Server, payload: dict, with_id: bool) -> tuple[int, bytes, str]:
+        instances = payload.get("instances")
+        if not isinstance(instances, list) or not instances:
+            raise _BadRequest('PredictRequest needs a non-empty "instances" list.')
+        parameters = payload.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise _BadRequest('"parameters" must be a JSON object.')
+        predictions = [self._predict_one(server, instance, parameters) for instance in instances]
+        answer: dict[str, Any] = {"predictions": predictions}
+        if with_id:
+            answer["deployedModelId"] = server.deployed_model_id
+        return 200, json.dumps(answer).encode(), _JSON
+
+    def _predict_one(self, server: _Server, instance: Any, parameters: dict) -> Any:
+        if not isinstance(instance, dict):
+            raise _BadRequest("Each instance must be a JSON object.")
+        if server.engine == "tgi":
+            return self._predict_tgi(server, instance, parameters)
+        # vLLM (Vertex Model Garden handler) and the generic OpenAI engine share the instance format:
+        # {"prompt", "max_tokens", "temperature", "top_p", "top_k", "raw_response"} or, with
+        # "@requestFormat": "chatCompletions", an OpenAI chat body whose whole response is the prediction.
+        settings = {**parameters, **instance}
+        if settings.get("@requestFormat") == "chatCompletions" or "messages" in instance:
+            chat = {k: v for k, v in settings.items() if k not in ("@requestFormat", "raw_response", "top_k")}
+            chat.pop("stream", None)
+            return self._call_json(server, "/v1/chat/completions", chat)
+        prompt = instance.get("prompt")
+        if not isinstance(prompt, str):
+            raise _BadRequest('A vLLM instance needs a "prompt" string (or "@requestFormat": "chatCompletions").')
+        text = self._complete(
+            server,
+            prompt,
+            max_tokens=settings.get("max_tokens", _VLLM_DEFAULT_MAX_TOKENS),
+            temperature=settings.get("temperature"),
+            top_p=settings.get("top_p"),
+            top_k=settings.get("top_k"),
+            stop=settings.get("stop"),
+            seed=settings.get("seed"),
+        )
+        if server.engine == "openai" or settings.get("raw_response"):
+            return text
+        return f"Prompt:\n{prompt}\nOutput:\n{text}"
+
+    def _predict_tgi(self, server: _Server, instance: dict, parameters: dict) -> str:
+        # The Hugging Face TGI DLC's Vertex route (/vertex) takes {"inputs", "parameters"} per instance, or an
+        # OpenAI chat body, and answers {"predictions": [str, ...]}: the generated text itself, no wrapper.
+        if "messages" in instance:
+            chat = {k: v for k, v in instance.items() if k not in ("stream",)}
+            answer = self._call_json(server, "/v1/chat/completions", chat)
+            return str(answer["choices"][0]["message"]["content"])
+        inputs = instance.get("inputs")
+        if not isinstance(inputs, str):
+            raise _BadRequest('A TGI instance needs an "inputs" string (or OpenAI "messages").')
+        return self._generate_tgi(server, inputs, {**parameters, **(instance.get("parameters") or {})})
+
+    def _generate_tgi(self, server: _Server, inputs: str, params: dict) -> str:
+        text = self._complete(
+            server,
+            inputs,
+            max_tokens=params.get("max_new_tokens") or _TGI_DEFAULT_MAX_NEW_TOKENS,
+            # TGI samples when a warper (temperature, top_p, top_k) is set, else decodes greedily, as
+            # transformers serve does with the model's default generation config.
+            temperature=params.get("temperature"),
+            top_p=params.get("top_p"),
+            top_k=params.get("top_k"),
+            stop=params.get("stop"),
+            seed=params.get("seed"),
+        )
+        return inputs + text if params.get("return_full_text") else text
+
+    def _raw(self, server: _Server, payload: dict, subpath: str | None) -> tuple[int, bytes, str]:
+        # rawPredict sends the body to the container's predict route untouched; invoke names the route.
+        # Routes are told apart by the body's shape, as the containers' own routers do.
+        route = subpath or str(server.container_spec.get("predictRoute") or "")
+        openai_body = not subpath and "instances" not in payload
+        if route.endswith("/chat/completions") or (openai_body and "messages" in payload):
+            return self._openai(server, "/v1/chat/completions", payload)
+        if route.endswith("/completions") or (openai_body and "prompt" in payload):
+            return self._openai(server, "/v1/completions", payload)
+        if "instances" in payload:
+            return self._predict(server, payload, with_id=False)
+        if "inputs" in payload:
+            # TGI's /generate: {"inputs", "parameters"} -> {"generated_text"}.
+            text = self._generate_tgi(server, str(payload["inputs"]), payload.get("parameters") or {})
+            return 200, json.dumps({"generated_text": text}).encode(), _JSON
+        if subpath:
+            return self._send(server, "POST", subpath, json.dumps(payload).encode())
+        raise _BadRequest("rawPredict body is neither a PredictRequest, a TGI /generate body nor an OpenAI body.")
+
+    def _openai(self, server: _Server, path: str, payload: dict) -> tuple[int, bytes, str]:
+        body = dict(payload)
+        requested = body.get("model")
+        # transformers serve is pinned to the model directory and refuses any other model name.
+        body["model"] = str(server.model_dir)
+        status, data, ctype = self._send(server, "POST", path, json.dumps(body).encode())
+        if status != 200:
+            return status, data, ctype
+        return 200, self._rewrite(data, ctype, requested), ctype
+
+    def _rewrite(self, data: bytes, ctype: str, requested: Any) -> bytes:
+        """Shows the caller's model name instead of the local path, and applies the smoke-fail fault."""
+        wrong = "smoke-fail" in self.faults
+        name = requested if isinstance(requested, str) and requested else None
+        if "text/event-stream" in ctype:
+            out: list[str] = []
+            first = True
+            for line in data.decode("utf-8", errors="replace").split("\n"):
+                if line.startswith("data: ") and line[6:].strip() not in ("", "[DONE]"):
+                    try:
+                        chunk = json.loads(line[6:])
+                    except ValueError:
+                        out.append(line)
+                        continue
+                    if name:
+                        chunk["model"] = name
+                    if wrong:
+                        for choice in chunk.get("choices") or []:
+                            delta = choice.get("delta") or {}
+                            if delta.get("content") is not None:
+                                delta["content"] = WRONG_ANSWER if first else ""
+                                first = False
+                            if choice.get("text") is not None:
+                                choice["text"] = WRONG_ANSWER if first else ""
+                                first = False
+                    line = "data: " + json.dumps(chunk)
+                out.append(line)
+            return "\n".join(out).encode()
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            return data
+        if name:
+            answer["model"] = name
+        if wrong:
+            _make_wrong(answer)
+        return json.dumps(answer).encode()
+
+    def _complete(self, server: _Server, prompt: str, *, max_tokens: Any, **sampling: Any) -> str:
+        body: dict[str, Any] = {"model": str(server.model_dir), "prompt": prompt, "max_tokens": int(max_tokens)}
+        for key in ("temperature", "top_p", "stop", "seed"):
+            if sampling.get(key) is not None:
+                body[key] = sampling[key]
+        top_k = sampling.get("top_k")
+        if top_k is not None and int(top_k) > 0:
+            # The OpenAI completions schema has no top_k; transformers serve takes it inside a full
+            # generation_config, which replaces the model's own, so start from the model's.
+            config_path = server.model_dir / "generation_config.json"
+            config = json.loads(config_path.read_text()) if config_path.exists() else {}
+            config.pop("transformers_version", None)
+            config.update(top_k=int(top_k), do_sample=True)
+            body["generation_config"] = json.dumps(config)
+        answer = self._call_json(server, "/v1/completions", body)
+        return str(answer["choices"][0]["text"])
+
+    def _call_json(self, server: _Server, path: str, body: dict) -> dict:
+        body = {**body, "model": str(server.model_dir)}
+        status, data, ctype = self._send(server, "POST", path, json.dumps(body).encode())
+        if status != 200:
+            raise _Upstream((status, data, ctype))
+        answer = json.loads(data)
+        if "smoke-fail" in self.faults:
+            _make_wrong(answer)
+        return answer
+
+    def _send(self, server: _Server, method: str, path: str, body: bytes | None) -> tuple[int, bytes, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=_GENERATE_TIMEOUT_S)
+        try:
+            conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
+            response = conn.getresponse()
+            data = response.read()  # buffers SSE streams too: simple, and fine for local models
+            return response.status, data, response.getheader("Content-Type") or _JSON
+        except OSError:
+            dead = self._dead(server, wait_s=2.0)
+            if dead:
+                raise _Upstream(dead) from None
+            message = f"Model server for deployed model {server.deployed_model_id} did not answer."
+            raise _Upstream((503, google_error(503, message, "UNAVAILABLE"), _JSON)) from None
+        finally:
+            conn.close()
+
+    # ----- internals -----
+
+    def _dead(self, server: _Server, wait_s: float = 0.0) -> tuple[int, bytes, str] | None:
+        try:
+            code = server.process.wait(timeout=wait_s) if wait_s else server.process.poll()
+        except subprocess.TimeoutExpired:
+            code = None
+        if code is None:
+            return None
+        message = (
+            f"The model server of deployed model {server.deployed_model_id} exited with code {code}; "
+            "read its logs (prediction_container) and redeploy."
+        )
+        return 503, google_error(503, message, "UNAVAILABLE"), _JSON
+
+    def _health(self, server: _Server) -> bool:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=2)
+        try:
+            conn.request("GET", "/health")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    def _crash(self, server: _Server) -> None:
+        if server.process.poll() is not None:
+            return
+        with server.log_path.open("ab") as log:
+            log.write(b"[emulator] fault server-crash: killing the model server (SIGKILL)\n")
+        try:
+            os.killpg(server.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        server.process.wait()
+
+    def _forget(self, deployed_model_id: str) -> _Server | None:
+        with self._lock:
+            return self._servers.pop(deployed_model_id, None)
+
+    @staticmethod
+    def _terminate(process: subprocess.Popen) -> None:
+        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                process.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+
+    def _copy_model(self, artifact_uri: str, model_dir: Path) -> None:
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        bucket_name, prefix = _split_gcs_uri(artifact_uri)
+        endpoint = self.storage_endpoint or os.environ.get("STORAGE_EMULATOR_HOST")
+        if not endpoint:
+            raise ServingError("no GCS endpoint configured: start the emulator with the fake-gcs-server URL")
+        client = storage.Client(
+            project="local", credentials=AnonymousCredentials(), client_options={"api_endpoint": endpoint}
+        )
+        try:
+            blobs = [b for b in client.list_blobs(bucket_name, prefix=prefix) if not b.name.endswith("/")]
+        except Exception as exc:  # the storage client raises many kinds; all mean "cannot read the model"
+            raise ServingError(f"cannot list {artifact_uri} in GCS ({endpoint}): {exc}") from exc
+        if not blobs:
+            raise ServingError(f"no objects under {artifact_uri}: mirror the weights to GCS before deploying")
+
+        model_dir.mkdir(parents=True, exist_ok=True)
+        wanted = {blob.name[len(prefix) :]: blob for blob in blobs}
+        for path in sorted(model_dir.rglob("*"), reverse=True):
+            rel = path.relative_to(model_dir).as_posix()
+            if path.is_file() and rel not in wanted:
+                path.unlink()  # left over from another artifact: the copy must mirror GCS exactly
+        for rel, blob in wanted.items():
+            dest = model_dir / rel
+            if dest.is_file() and dest.stat().st_size == blob.size:
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            partial = dest.with_name(dest.name + ".partial")
+            blob.download_to_filename(str(partial))
+            partial.replace(dest)
+
+
+_JSON = "application/json"
+
+
+class _BadRequest(Exception):
+    pass
+
+
+class _Upstream(Exception):
+    def __init__(self, answer: tuple[int, bytes, str]) -> None:
+        super().__init__(answer[0])
+        self.answer = answer
+
+
+def _make_wrong(answer: Any) -> None:
+    if not isinstance(answer, dict):
+        return
+    for choice in answer.get("choices") or []:
+        if isinstance(choice.get("message"), dict):
+            choice["message"]["content"] = WRONG_ANSWER
+        if "text" in choice:
+            choice["text"] = WRONG_ANSWER

@@ -1,0 +1,423 @@
+"""Tests the emulator's serving stand-in and side APIs against real local peers: fake GCS, transformers serve, olah."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import google_crc32c
+import pytest
+from google.api_core import exceptions as gexc
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+
+from pipelines.local.emulator import Emulator, create_emulator
+from pipelines.local.emulator.serving import WRONG_ANSWER, ServingError, ServingManager
+from pipelines.local.models import build_tiny_llama, publish_to_hub_mirror
+from pipelines.local.peers import Peer, start_fake_gcs, start_hub_mirror
+
+BUCKET = "vlp-serving-test"
+GOOD_URI = f"gs://{BUCKET}/models/acme/tiny/rev1/"
+BROKEN_URI = f"gs://{BUCKET}/models/acme/broken/rev1/"
+VLLM_SPEC = {
+    "imageUri": "us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:latest",
+    "args": ["python", "-m", "vllm.entrypoints.api_server", "--model=gs://x"],
+    "predictRoute": "/generate",
+    "healthRoute": "/ping",
+}
+TGI_SPEC = {
+    "imageUri": "us-docker.pkg.dev/deeplearning-platform-release/gcr.io/huggingface-text-generation-inference-cu124.2-4"
+    ".ubuntu2204.py311",
+    "predictRoute": "/vertex",
+}
+PROJECT = "local-project"
+
+
+# ----- peers -----
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("serving")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(work: Path) -> Path:
+    return build_tiny_llama(work / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def gcs(work: Path, tiny_model: Path) -> Iterator[Peer]:
+    peer = start_fake_gcs(None, work / "logs")
+    client = storage.Client(
+        project="local", credentials=AnonymousCredentials(), client_options={"api_endpoint": peer.url}
+    )
+    bucket = client.create_bucket(BUCKET)
+    for path in sorted(tiny_model.iterdir()):
+        bucket.blob(f"models/acme/tiny/rev1/{path.name}").upload_from_filename(str(path))
+        # Same model with an unreadable config: the server starts, then fails to load it.
+        broken = b"{ this is not json" if path.name == "config.json" else path.read_bytes()
+        bucket.blob(f"models/acme/broken/rev1/{path.name}").upload_from_string(broken)
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture(scope="module")
+def manager(work: Path, gcs: Peer) -> Iterator[ServingManager]:
+    faults: set[str] = set()
+    serving = ServingManager(work / "state", gcs.url, faults)
+    yield serving
+    serving.stop_all()
+
+
+@pytest.fixture(scope="module")
+def vllm_model(manager: ServingManager) -> str:
+    manager.start("dm-vllm", GOOD_URI, VLLM_SPEC, timeout_s=120)
+    return "dm-vllm"
+
+
+def _forward_json(manager: ServingManager, dm: str, kind: str, body: dict, subpath: str | None = None) -> dict:
+    status, data, ctype = manager.forward(dm, kind, json.dumps(body).encode(), subpath)
+    assert status == 200, data
+    assert ctype.startswith("application/json")
+    return json.loads(data)
+
+
+# ----- ServingManager -----
+
+
+def test_vllm_predict_follows_the_model_garden_format(manager: ServingManager, vllm_model: str, work: Path) -> None:
+    assert manager.is_healthy(vllm_model)
+    assert manager.known_ids() == [vllm_model]
+    assert (work / "state" / "serving" / vllm_model / "model" / "model.safetensors").is_file()
+
+    answer = _forward_json(
+        manager,
+        vllm_model,
+        "predict",
+        {"instances": [{"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}]},
+    )
+    assert answer["deployedModelId"] == vllm_model
+    [prediction] = answer["predictions"]
+    assert prediction.startswith("Prompt:\nThe capital of France is\nOutput:\n")
+    assert prediction.split("Output:\n", 1)[1].strip()
+
+    raw = _forward_json(
+        manager,
+        vllm_model,
+        "predict",
+        {"instances": [{"prompt": "Hello", "raw_response": True, "top_k": 5}], "parameters": {"max_tokens": 4}},
+    )
+    assert raw["predictions"][0] and not raw["predictions"][0].startswith("Prompt:")
+
+    chat = _forward_json(
+        manager,
+        vllm_model,
+        "predict",
+        {
+            "instances": [
+                {
+                    "@requestFormat": "chatCompletions",
+                    "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 5,
+                }
+            ]
+        },
+    )
+    assert chat["predictions"][0]["object"] == "chat.completion"
+    assert chat["predictions"][0]["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_chat_and_raw_routes(manager: ServingManager, vllm_model: str) -> None:
+    body = {"model": "acme/tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
+    chat = _forward_json(manager, vllm_model, "chat", body)
+    assert chat["object"] == "chat.completion" and chat["model"] == "acme/tiny"
+    assert chat["choices"][0]["message"]["content"]
+
+    status, data, ctype = manager.forward(vllm_model, "chat", json.dumps({**body, "stream": True}).encode())
+    assert status == 200 and ctype.startswith("text/event-stream")
+    chunks = [json.loads(line[6:]) for line in data.decode().splitlines() if line.startswith("data: {")]
+    assert chunks and "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+
+    invoked = _forward_json(manager, vllm_model, "invoke", {"prompt": "Hello", "max_tokens": 3}, "/v1/completions")
+    assert invoked["object"] == "text_completion"
+
+    raw = _forward_json(manager, vllm_model, "rawPredict", {"instances": [{"prompt": "Hi", "max_tokens": 3}]})
+    assert raw["predictions"][0].startswith("Prompt:\nHi\n") and "deployedModelId" not in raw
+
+    status, data, _ = manager.forward(vllm_model, "predict", b'{"instances": []}')
+    assert status == 400 and json.loads(data)["error"]["status"] == "INVALID_ARGUMENT"
+
+
+def test_smoke_fail_fault_makes_the_model_answer_wrongly(manager: ServingManager, vllm_model: str) -> None:
+    manager.faults.add("smoke-fail")
+    try:
+        answer = _forward_json(manager, vllm_model, "predict", {"instances": [{"prompt": "Capital?", "max_tokens": 4}]})
+        assert answer["predictions"][0].endswith("Output:\n" + WRONG_ANSWER)
+        chat = _forward_json(
+            manager, vllm_model, "chat", {"messages": [{"role": "user", "content": "Capital?"}], "max_tokens": 4}
+        )
+        assert chat["choices"][0]["message"]["content"] == WRONG_ANSWER
+    finally:
+        manager.faults.discard("smoke-fail")
+    assert manager.is_healthy(vllm_model)
+
+
+def test_tgi_container_speaks_the_hugging_face_dlc_format(manager: ServingManager) -> None:
+    manager.start("dm-tgi", GOOD_URI, TGI_SPEC, timeout_s=120)
+    try:
+        answer = _forward_json(
+            manager,
+            "dm-tgi",
+            "predict",
+            {"instances": [{"inputs": "The capital of France is", "parameters": {"max_new_tokens": 6}}]},
+        )
+        assert answer["deployedModelId"] == "dm-tgi"
+        [text] = answer["predictions"]
+        assert isinstance(text, str) and text.strip()
+
+        generated = _forward_json(
+            manager, "dm-tgi", "rawPredict", {"inputs": "Hello", "parameters": {"max_new_tokens": 4}}
+        )
+        assert generated["generated_text"].strip()
+    finally:
+        manager.stop("dm-tgi")
+    assert not manager.is_healthy("dm-tgi")
+    status, _, _ = manager.forward("dm-tgi", "predict", b'{"instances": [{"inputs": "x"}]}')
+    assert status == 404
+
+
+def test_server_crash_fault_kills_the_server_after_deploy(manager: ServingManager) -> None:
+    manager.faults.add("server-crash")
+    try:
+        manager.start("dm-crash", GOOD_URI, VLLM_SPEC, timeout_s=120)
+    finally:
+        manager.faults.discard("server-crash")
+    deadline = time.monotonic() + 15
+    while manager.is_healthy("dm-crash") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    status, data, ctype = manager.forward("dm-crash", "predict", b'{"instances": [{"prompt": "Hi"}]}')
+    assert status == 503 and ctype == "application/json"
+    assert json.loads(data)["error"]["status"] == "UNAVAILABLE"
+    assert any("server-crash" in line for line in manager.logs("dm-crash"))
+    manager.stop("dm-crash")
+
+
+def test_broken_model_raises_serving_error_with_the_log_tail(manager: ServingManager) -> None:
+    with pytest.raises(ServingError) as caught:
+        manager.start("dm-broken", BROKEN_URI, VLLM_SPEC, timeout_s=120)
+    assert any("not a valid JSON" in line for line in caught.value.log_tail), caught.value.log_tail
+    assert "dm-broken" in caught.value.message
+    assert "dm-broken" not in manager.known_ids()
+
+    with pytest.raises(ServingError, match="no objects under"):
+        manager.start("dm-empty", f"gs://{BUCKET}/models/nothing-here/", VLLM_SPEC)
+
+
+def _children(pid: int) -> set[int]:
+    kids: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids.update(int(k) for k in (task / "children").read_text().split())
+    return kids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        # A reparented child may linger as a zombie until init reaps it: that is dead too.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_model_server_dies_with_the_emulator_process(work: Path, gcs: Peer) -> None:
+    # The emulator can be SIGKILLed (no atexit): its model servers must not outlive it.
+    script = (
+        "import sys, threading, time\n"
+        "from pathlib import Path\n"
+        "from pipelines.local.emulator.serving import ServingManager\n"
+        f"m = ServingManager(Path({str(work / 'orphan')!r}), {gcs.url!r}, set())\n"
+        f"threading.Thread(target=m.start, args=('dm-orphan', {GOOD_URI!r}, {{}}), daemon=True).start()\n"
+        "time.sleep(600)\n"
+    )
+    repo_root = Path(__file__).resolve().parents[1]
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=repo_root, env={**os.environ, "PYTHONPATH": str(repo_root)}
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not _children(parent.pid):
+            assert parent.poll() is None and time.monotonic() < deadline, "the model server never started"
+            time.sleep(0.1)
+        [server_pid] = _children(parent.pid)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while not _gone(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survived = not _gone(server_pid)
+    if survived:
+        os.killpg(server_pid, signal.SIGKILL)  # do not leak it into the rest of the run
+    assert not survived, "the model server outlived the emulator that started it"
+
+
+# ----- side APIs, through the emulator's HTTP server -----
+
+
+@pytest.fixture(scope="module")
+def hub(work: Path, tiny_model: Path) -> Iterator[tuple[Peer, str]]:
+    mirrors = work / "mirrors"
+    sha = publish_to_hub_mirror(tiny_model, mirrors, "acme/tiny")
+    peer = start_hub_mirror(mirrors, work / "logs", state_dir=work / "olah")
+    yield peer, sha
+    peer.stop()
+
+
+@pytest.fixture(scope="module")
+def emu(work: Path, gcs: Peer, manager: ServingManager, hub: tuple[Peer, str]) -> Iterator[Emulator]:
+    emulator = create_emulator(work / "emu-state", storage_endpoint=gcs.url, hub_upstream=hub[0].url, serving=manager)
+    emulator.start()
+    yield emulator
+    emulator.stop()
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_secret_manager_client_reads_and_writes_secrets(emu: Emulator) -> None:
+    from google.cloud import secretmanager
+
+    assert _post(emu.url + "/_emulator/secrets", {"name": "hf-token", "value": "hf_seeded"})[0] == 200
+    client = secretmanager.SecretManagerServiceClient(
+        transport="rest", client_options={"api_endpoint": emu.url}, credentials=AnonymousCredentials()
+    )
+    seeded = client.access_secret_version(name=f"projects/{PROJECT}/secrets/hf-token/versions/latest")
+    assert seeded.payload.data == b"hf_seeded"
+    assert seeded.payload.data_crc32c == google_crc32c.value(b"hf_seeded")
+    assert seeded.name == f"projects/{PROJECT}/secrets/hf-token/versions/1"
+
+    created = client.create_secret(
+        parent=f"projects/{PROJECT}", secret_id="api-key", secret={"replication": {"automatic": {}}}
+    )
+    assert created.name == f"projects/{PROJECT}/secrets/api-key"
+    version = client.add_secret_version(parent=created.name, payload={"data": b"v1"})
+    assert version.name.endswith("/versions/1")
+    client.add_secret_version(parent=created.name, payload={"data": b"v2", "data_crc32c": google_crc32c.value(b"v2")})
+    assert client.access_secret_version(name=f"{created.name}/versions/latest").payload.data == b"v2"
+    assert client.access_secret_version(name=f"{created.name}/versions/1").payload.data == b"v1"
+    assert (emu.state_dir / "secrets.json").is_file()  # secrets survive an emulator restart
+
+    with pytest.raises(gexc.NotFound, match="missing"):
+        client.access_secret_version(name=f"projects/{PROJECT}/secrets/missing/versions/latest")
+    with pytest.raises(gexc.Conflict, match="already exists"):
+        client.create_secret(parent=f"projects/{PROJECT}", secret_id="api-key", secret={})
+
+    status, error = _post(
+        f"{emu.url}/v1/projects/{PROJECT}/secrets/api-key:addVersion",
+        {"payload": {"data": base64.b64encode(b"x").decode()}, "bogusField": 1},
+    )
+    assert (
+        status == 400 and error["error"]["status"] == "INVALID_ARGUMENT" and "bogusField" in error["error"]["message"]
+    )
+
+
+def test_cloud_quotas_client_reads_limits_and_the_exhausted_fault(emu: Emulator) -> None:
+    from google.cloud import cloudquotas_v1
+
+    l4 = "CustomModelServingL4GPUsPerProjectPerRegion"
+    status, _ = _post(emu.url + "/_emulator/quotas", {"quotas": {l4: {"us-central1": 4, "us-east4": 0}}, "default": 8})
+    assert status == 200
+    client = cloudquotas_v1.CloudQuotasClient(
+        transport="rest", client_options={"api_endpoint": emu.url}, credentials=AnonymousCredentials()
+    )
+    parent = f"projects/{PROJECT}/locations/global/services/aiplatform.googleapis.com"
+
+    info = client.get_quota_info(name=f"{parent}/quotaInfos/{l4}")
+    limits = {d.dimensions["region"]: d.details.value for d in info.dimensions_infos}
+    assert limits["us-central1"] == 4 and limits["us-east4"] == 0 and limits["europe-west4"] == 8
+    assert info.metric == "aiplatform.googleapis.com/custom_model_serving_nvidia_l4_gpus"
+    assert all(d.applicable_locations == [d.dimensions["region"]] for d in info.dimensions_infos)
+
+    unset = client.get_quota_info(name=f"{parent}/quotaInfos/SomethingNeverSetPerProjectPerRegion")
+    assert {d.details.value for d in unset.dimensions_infos} == {8}
+
+    listed = {q.quota_id: q for q in client.list_quota_infos(parent=parent)}
+    assert l4 in listed and "CustomModelServingH100GPUsPerProjectPerRegion" in listed
+
+    emu.faults.add("quota-exhausted")
+    try:
+        exhausted = client.get_quota_info(name=f"{parent}/quotaInfos/{l4}")
+        assert {d.details.value for d in exhausted.dimensions_infos} == {0}
+    finally:
+        emu.faults.discard("quota-exhausted")
+
+
+def test_cloud_logging_client_lists_model_server_logs(emu: Emulator, vllm_model: str) -> None:
+    from google.cloud import logging as cloud_logging
+
+    client = cloud_logging.Client(
+        project=PROJECT,
+        credentials=AnonymousCredentials(),
+        _use_grpc=False,
+        client_options={"api_endpoint": emu.url},
+    )
+    entries = list(
+        client.list_entries(
+            filter_=f'resource.labels.deployed_model_id="{vllm_model}"',
+            order_by=cloud_logging.DESCENDING,
+            max_results=5,
+        )
+    )
+    assert 0 < len(entries) <= 5
+    assert all(e.resource.labels["deployed_model_id"] == vllm_model for e in entries)
+    assert all(e.resource.type == "aiplatform.googleapis.com/Endpoint" for e in entries)
+    assert entries[0].log_name == f"projects/{PROJECT}/logs/aiplatform.googleapis.com%2Fprediction_container"
+    assert entries[0].timestamp >= entries[-1].timestamp
+    assert entries[0].payload == emu.serving.logs(vllm_model, limit=1)[0]
+
+    everything = list(client.list_entries(filter_='deployed_model_id="no-such-model"'))
+    assert everything == []
+
+
+def test_hub_gate_proxies_the_mirror_and_injects_gated_repos(emu: Emulator, hub: tuple[Peer, str], work: Path):
+    from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+    from huggingface_hub.errors import GatedRepoError
+
+    endpoint = emu.url + "/hf"
+    _, sha = hub
+    api = HfApi(endpoint=endpoint)
+    assert api.model_info("acme/tiny").sha == sha
+
+    local = Path(snapshot_download("acme/tiny", endpoint=endpoint, cache_dir=work / "hf-cache"))
+    assert sorted(p.name for p in local.iterdir()) == sorted(p.name for p in (work / "tiny-llama").iterdir())
+    assert (local / "model.safetensors").read_bytes() == (work / "tiny-llama" / "model.safetensors").read_bytes()
+
+    request = urllib.request.Request(f"{endpoint}/acme/tiny/resolve/{sha}/config.json", headers={"Range": "bytes=0-9"})
+    with urllib.request.urlopen(request) as response:
+        size = (work / "tiny-llama" / "config.json").stat().st_size
+        assert response.status == 206 and response.headers["Content-Range"] == f"bytes 0-9/{size}"
+        assert response.read() == (work / "tiny-llama" / "config.json").read_bytes()[:10]
+
+    emu.faults.add("hub-gated")
+    try:
+        with pytest.raises(GatedRepoError, match="acme/tiny"):
+            api.model_info("acme/tiny")
+        with pytest.raises(GatedRepoError):
+            hf_hub_download("acme/tiny", "config.json", endpoint=endpoint, cache_dir=work / "hf-cache-gated")
+    finally:
+        emu.faults.discard("hub-gated")

@@ -1,0 +1,249 @@
+"""Preflight against real local peers: the olah Hub mirror and the Vertex emulator (quotas, endpoints, secrets)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kfp import dsl
+
+from components import clients
+from components.config import load_config
+from components.plan_report import render_markdown
+from components.preflight import PreflightError, label_value, plan_deployment, preflight_op, run_preflight
+from pipelines.local.emulator import create_emulator
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_planning import LLAMA_8B, write_header_only_model  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROJECT = "vlp-test"
+L4 = "CustomModelServingL4GPUsPerProjectPerRegion"
+CPUS = "CustomModelServingCPUsPerProjectPerRegion"
+REPO = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+class _NoServing:
+    """Stands in for the emulator's model-server launcher: these tests need deployment records, not a model server."""
+
+    def start(self, deployed_model_id: str, artifact_uri: str, container_spec: dict, timeout_s: float = 300) -> None:
+        return None
+
+    def stop(self, deployed_model_id: str) -> None:
+        return None
+
+    def stop_all(self) -> None:
+        return None
+
+    def logged_ids(self) -> list[str]:
+        return []
+
+    def log_path(self, deployed_model_id: str) -> Path:
+        return Path("/dev/null")
+
+    def logs(self, *args: Any, **kwargs: Any) -> list[Any]:
+        return []
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no model server in this test")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory, hub_mirror: Any) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("preflight-models")
+    with_template = write_header_only_model(root / "8b", LLAMA_8B)
+    no_template = write_header_only_model(root / "8b-base", LLAMA_8B, chat_template=False)
+    return {
+        "sha": hub_mirror.publish(with_template, REPO),
+        "base_sha": hub_mirror.publish(no_template, "meta-llama/Llama-3.1-8B"),
+        "dir": with_template,
+    }
+
+
+@pytest.fixture
+def emulator(tmp_path: Path, hub_mirror: Any) -> Iterator[Any]:
+    emu = create_emulator(tmp_path / "emulator", hub_upstream=hub_mirror.url, serving=_NoServing())
+    emu.start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
+def _post(emu: Any, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    req = urllib.request.Request(
+        f"{emu.url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read() or b"{}")
+
+
+def _cfg(**overrides: Any) -> Any:
+    return load_config(REPO_ROOT / "configs" / "llama-3.1-8b-vllm-l4.yaml", [f"{k}={v}" for k, v in overrides.items()])
+
+
+def _deploy_l4(emu: Any, region: str, replicas: int = 1) -> None:
+    """A model already serving on 1 x L4 in `region`: the usage preflight must subtract from the limit."""
+    from google.cloud import aiplatform_v1 as v1
+
+    kwargs = clients.gapic_kwargs(region, emu.url)
+    parent = f"projects/{PROJECT}/locations/{region}"
+    model = (
+        v1.ModelServiceClient(**kwargs)
+        .upload_model(
+            parent=parent,
+            model=v1.Model(
+                display_name="other-team",
+                artifact_uri="gs://other/model",
+                container_spec=v1.ModelContainerSpec(image_uri="vllm/vllm-openai:latest"),
+            ),
+        )
+        .result(timeout=60)
+    )
+    endpoints = v1.EndpointServiceClient(**kwargs)
+    endpoint = endpoints.create_endpoint(parent=parent, endpoint=v1.Endpoint(display_name="other")).result(timeout=60)
+    endpoints.deploy_model(
+        endpoint=endpoint.name,
+        deployed_model=v1.DeployedModel(
+            model=model.model,
+            dedicated_resources=v1.DedicatedResources(
+                machine_spec=v1.MachineSpec(
+                    machine_type="g2-standard-12", accelerator_type="NVIDIA_L4", accelerator_count=1
+                ),
+                min_replica_count=replicas,
+                max_replica_count=replicas,
+            ),
+        ),
+        traffic_split={"0": 100},
+    ).result(timeout=60)
+
+
+def test_quota_exhausted_in_a_region_picks_the_next(emulator: Any, hub_mirror: Any, models: dict[str, Any]) -> None:
+    _post(emulator, "/_emulator/quotas", {"quotas": {L4: {"us-central1": 1, "us-east4": 2}, CPUS: {}}, "default": 48})
+    _post(emulator, "/_emulator/secrets", {"name": "hf-token", "value": "hf_local_test_token"})
+    _deploy_l4(emulator, "us-central1")  # holds the only L4 us-central1 has
+    cfg = _cfg()
+    dep = run_preflight(
+        cfg,
+        project=PROJECT,
+        region="",
+        bucket="gs://vlp-bucket/",
+        service_account="sa@x",
+        run_name="Run 2026/11 #7",
+        api_endpoint=emulator.url,
+        hub_endpoint=hub_mirror.url,
+    )
+    assert dep["region"] == "us-east4"
+    quota = dep["plan"]["quota"]
+    assert quota["us-central1"]["limit"] == 1 and quota["us-central1"]["usage"] == 1 and not quota["us-central1"]["ok"]
+    assert quota["us-east4"]["ok"] and quota["us-east4"]["need"] == 1
+    assert any("no quota in us-central1" in w for w in dep["plan"]["warnings"])
+    assert dep["revision_sha"] == models["sha"]
+    assert dep["bucket"] == "vlp-bucket" and dep["project"] == PROJECT
+    assert dep["labels"] == {"vlp-deployment": "llama-3-1-8b-vllm", "vlp-run": "run-2026-11-7"}
+    assert dep["config"]["name"] == cfg.name and dep["api_endpoint"] == emulator.url
+    assert dep["plan"]["fits"] and dep["plan"]["machine_type"] == "g2-standard-12"
+    assert dep["plan"]["weights_bytes"] == 16_060_522_496
+    assert dep["plan"]["weights_source"] == "safetensors headers"  # ranged reads through the mirror
+
+
+def test_no_quota_anywhere_lists_each_region(emulator: Any, hub_mirror: Any, models: dict[str, Any]) -> None:
+    _post(
+        emulator,
+        "/_emulator/quotas",
+        {"quotas": {L4: {"us-central1": 0, "us-east4": 0, "europe-west4": 1}}, "default": 48},
+    )
+    _deploy_l4(emulator, "europe-west4")
+    with pytest.raises(PreflightError) as err:
+        run_preflight(
+            _cfg(**{"model.hf_token_secret": "''"}),
+            project=PROJECT,
+            run_name="r",
+            api_endpoint=emulator.url,
+            hub_endpoint=hub_mirror.url,
+        )
+    msg = str(err.value)
+    assert "no candidate region has quota for 1 x NVIDIA_L4" in msg
+    assert "us-central1: CustomModelServingL4GPUsPerProjectPerRegion limit 0, in use 0, need 1" in msg
+    assert "us-east4: CustomModelServingL4GPUsPerProjectPerRegion limit 0, in use 0, need 1" in msg
+    assert "europe-west4: CustomModelServingL4GPUsPerProjectPerRegion limit 1, in use 1, need 1" in msg
+    assert "console.cloud.google.com/iam-admin/quotas" in msg and "custom_model_serving_nvidia_l4_gpus" in msg
+    assert "gcloud beta quotas preferences create" in msg
+    assert err.value.plan is not None and not err.value.plan.fits
+
+
+def test_companion_cpu_quota_is_checked(emulator: Any, hub_mirror: Any, models: dict[str, Any]) -> None:
+    _post(emulator, "/_emulator/quotas", {"quotas": {L4: {"us-central1": 4}, CPUS: {"us-central1": 8}}, "default": 0})
+    plan = plan_deployment(
+        _cfg(), project=PROJECT, regions=["us-central1"], api_endpoint=emulator.url, hub_endpoint=hub_mirror.url
+    )
+    assert not plan.fits
+    assert "CustomModelServingCPUsPerProjectPerRegion limit 8, in use 0, need 12 -> SHORT, short by 4" in plan.errors[0]
+
+
+def test_gated_repo_without_access(emulator: Any, models: dict[str, Any]) -> None:
+    _post(emulator, "/_emulator/faults", {"faults": ["hub-gated"]})
+    _post(emulator, "/_emulator/secrets", {"name": "hf-token", "value": "hf_not_a_real_token"})
+    with pytest.raises(PreflightError) as err:
+        run_preflight(_cfg(), project=PROJECT, api_endpoint=emulator.url, hub_endpoint=emulator.url + "/hf")
+    msg = str(err.value)
+    assert f"{REPO} is gated and the token has no access: accept the licence on the model page" in msg
+    assert "model.hf_token_secret" in msg
+    assert "hf_not_a_real_token" not in msg  # never a secret in a message
+
+
+def test_missing_token_secret_is_named(emulator: Any, hub_mirror: Any, models: dict[str, Any]) -> None:
+    with pytest.raises(PreflightError) as err:
+        run_preflight(
+            _cfg(**{"model.hf_token_secret": "hub-token-prod"}),
+            project=PROJECT,
+            api_endpoint=emulator.url,
+            hub_endpoint=hub_mirror.url,
+        )
+    assert "hub-token-prod" in str(err.value) and "does not exist" in str(err.value)
+
+
+def test_no_chat_template_needs_serving_chat_template(emulator: Any, hub_mirror: Any, models: dict[str, Any]) -> None:
+    _post(emulator, "/_emulator/quotas", {"quotas": {}, "default": 48})
+    cfg = _cfg(**{"model.repo": "meta-llama/Llama-3.1-8B", "model.hf_token_secret": "''"})
+    with pytest.raises(PreflightError) as err:
+        run_preflight(cfg, project=PROJECT, api_endpoint=emulator.url, hub_endpoint=hub_mirror.url)
+    assert "meta-llama/Llama-3.1-8B has no chat template: set serving.chat_template" in str(err.value)
+    cfg.serving.chat_template = "{{ messages[0]['content'] }}"
+    dep = run_preflight(cfg, project=PROJECT, api_endpoint=emulator.url, hub_endpoint=hub_mirror.url)
+    assert dep["revision_sha"] == models["base_sha"] and dep["region"] == "us-central1"
+
+
+def test_seed_common_issues_fail_before_spending(emulator: Any, hub_mirror: Any, models: dict[str, Any]) -> None:
+    _post(emulator, "/_emulator/quotas", {"quotas": {}, "default": 48})
+    too_long = _cfg(**{"serving.max_model_len": 65536, "model.hf_token_secret": "''"})
+    with pytest.raises(PreflightError) as err:
+        run_preflight(too_long, project=PROJECT, api_endpoint=emulator.url, hub_endpoint=hub_mirror.url)
+    assert "The model's max seq len (65536) is larger than the maximum number of tokens" in str(err.value)
+
+
+def test_preflight_op_writes_report_and_metrics(
+    emulator: Any, hub_mirror: Any, models: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _post(emulator, "/_emulator/quotas", {"quotas": {}, "default": 48})
+    monkeypatch.setenv("HF_ENDPOINT", hub_mirror.url)
+    report = dsl.Markdown(name="report", uri=str(tmp_path / "report.md"))
+    metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics"))
+    cfg = _cfg(**{"model.hf_token_secret": "''"}).model_dump(mode="json")
+    out = preflight_op(PROJECT, "us-east4", "vlp-bucket", "", cfg, "run-1", emulator.url, report, metrics)
+    assert out.region == "us-east4" and out.deployment["region"] == "us-east4"
+    text = (tmp_path / "report.md").read_text()
+    assert text.startswith("# Preflight plan") and "g2-standard-12" in text
+    assert metrics.metadata["weights_gb"] == pytest.approx(16.06, abs=0.01)
+    assert metrics.metadata["accelerator_count"] == 1 and metrics.metadata["price_per_hour_usd"] > 0
+    assert render_markdown(out.deployment["plan"]) == text
+
+
+def test_label_value() -> None:
+    assert label_value("My Run: 2026-11-05T10:00") == "my-run-2026-11-05t10-00"
+    assert len(label_value("x" * 100)) == 63
