@@ -65,8 +65,16 @@ def embedded_code_dir() -> Path:
 def as_component(func: Callable[..., Any], image: str | None = None) -> Any:
     """Wrap a step's thin KFP function as a component: public image + pins + embedded code,
     or a prebuilt image (see Dockerfile) that already holds all of it."""
+    import typing
+
     from kfp import dsl
 
+    # Modules with `from __future__ import annotations` hold string annotations, which KFP would read
+    # as artifact type names; resolve them (keeping dsl.Input/Output wrappers) before KFP looks.
+    hints = typing.get_type_hints(func, include_extras=True)
+    if hints.get("return") is type(None):
+        hints["return"] = None  # KFP reads a bare None as "no outputs"; NoneType would be an artifact
+    func.__annotations__ = hints
     if image:
         return dsl.component(func, base_image=image, install_kfp_package=False)
     return dsl.component(

@@ -1,6 +1,5 @@
 """The deploy DAG: preflight → mirror → register → deploy → smoke test → promote or roll back, inside an exit handler."""
 
-from __future__ import annotations
 
 from typing import Any
 

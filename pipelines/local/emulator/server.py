@@ -456,10 +456,12 @@ class Emulator:
             r("POST", ep + r":mutateDeployedModel", self._mutate_deployed_model),
             r("POST", ep + r":predict", self._predict),
             r("POST", ep + r":rawPredict", self._raw_predict),
-            r("POST", ep + r":invoke(?P<subpath>/.*)?", self._invoke_endpoint),
+            r("POST", ep + r"[:/]invoke(?P<subpath>/.*)?", self._invoke_endpoint),
             r("POST", ep + r"/chat/completions", self._chat),
             r("POST", ep.replace("/v1/", "/v1beta1/", 1) + r"/chat/completions", self._chat),
-            r("POST", ep + r"/deployedModels/(?P<dm>[^/:]+):invoke(?P<subpath>/.*)?", self._invoke_deployed),
+            # REST reference and the SDK's Endpoint.invoke use ".../deployedModels/ID/invoke/ROUTE";
+            # the ":invoke" spelling is accepted too.
+            r("POST", ep + r"/deployedModels/(?P<dm>[^/:]+)[:/]invoke(?P<subpath>/.*)?", self._invoke_deployed),
             r("GET", ops + r"/(?P<op>[^/:]+)", self._get_operation),
             r("POST", ops + r"/(?P<op>[^/:]+):wait", self._wait_operation),
             r("POST", ops + r"/(?P<op>[^/:]+):cancel", self._cancel_operation),

@@ -1,0 +1,407 @@
+"""Serving presets: a deployment (config + plan) as the Vertex Model upload and deploy requests for vLLM or TGI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# Pinned images, overridable with serving.image. Pins carry their reason:
+# - vLLM: the Vertex Model Garden build the Vertex AI vLLM serving doc and the Llama 3.1 / 3.2 Model Garden
+#   notebooks use. It serves /generate + /ping, reads --model=gs://... itself, and still has vLLM's V0
+#   engine, which Llama 3.2 Vision (mllama) needs: vLLM >= 0.11 (the 2025-10+ Model Garden builds) dropped it.
+VLLM_IMAGE = "us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:20241001_0916_RC00"
+# - TGI: the newest Hugging Face DLC listed in huggingface/Google-Cloud-Containers (TGI 2.4.0). Its entrypoint
+#   copies $AIP_STORAGE_URI (gs://) to /tmp/model and points MODEL_ID there: weights come from GCS, no Hub.
+TGI_IMAGE = (
+    "us-docker.pkg.dev/deeplearning-platform-release/gcr.io/"
+    "huggingface-text-generation-inference-cu124.2-4.ubuntu2204.py311"
+)
+
+SERVING_PORT = 8080
+SHARED_MEMORY_MB = 16 * 1024  # Model Garden's value: NCCL between tensor-parallel shards lives in /dev/shm
+DEPLOYMENT_TIMEOUT_S = 7200  # Model Garden's value: a 400 GB model copies from GCS and loads in well under 2 h
+PROBE_PERIOD_S = 30
+LABEL_REVISION = "vlp-revision"
+LABEL_SPEC = "vlp-spec"
+
+# Env names that would carry a Hub token into serving; weights come from GCS, so serving never needs one.
+_TOKEN_ENV = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HF_API_TOKEN"}
+_TOKEN_FLAGS = ("--hf-token", "--hf_token", "--huggingface-token")
+_TGI_KV_DTYPES = {"fp8": "fp8_e4m3fn", "fp8_e4m3": "fp8_e4m3fn", "fp8_e4m3fn": "fp8_e4m3fn", "fp8_e5m2": "fp8_e5m2"}
+_TGI_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
+_DUTY_CYCLE_METRIC = "aiplatform.googleapis.com/prediction/online/accelerator/duty_cycle"
+
+
+class ServingSpecError(ValueError):
+    """A deployment the serving presets cannot turn into a container; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class ServingShape:
+    """The resolved serving decisions for one deployment: config values, else the plan's."""
+
+    engine: str
+    image: str
+    repo: str
+    machine_type: str
+    accelerator_type: str
+    accelerator_count: int
+    node_count: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    max_model_len: int | None
+    max_num_seqs: int | None
+    min_replicas: int
+    max_replicas: int
+    spot: bool
+
+
+def _config(deployment: dict[str, Any]) -> Any:
+    from components.config import config_from_dict
+
+    return config_from_dict(deployment["config"], source="deployment['config']")
+
+
+def resolve_shape(deployment: dict[str, Any]) -> ServingShape:
+    """What the container and the machine will be: explicit config values win, the plan fills the rest."""
+    cfg = _config(deployment)
+    plan = dict(deployment.get("plan") or {})
+    hw = cfg.hardware
+    machine_type = plan.get("machine_type") or ("" if hw.is_auto else hw.machine_type)
+    if not machine_type or machine_type == "auto":
+        raise ServingSpecError(
+            f"deployment {cfg.name!r} has hardware: auto and no plan: run preflight (vlp plan) first, "
+            "or set hardware.machine_type, accelerator_type and accelerator_count in the config"
+        )
+    accelerator_type = plan.get("accelerator_type", "" if hw.is_auto else hw.accelerator_type) or ""
+    accelerator_count = int(plan.get("accelerator_count", 0 if hw.is_auto else hw.accelerator_count) or 0)
+    node_count = int(plan.get("node_count") or 1)
+    s = cfg.serving
+    tp = s.tensor_parallel_size or plan.get("tensor_parallel_size") or max(accelerator_count, 1)
+    pp = s.pipeline_parallel_size or plan.get("pipeline_parallel_size") or node_count
+    if s.engine == "tgi" and (node_count > 1 or pp > 1):
+        raise ServingSpecError(
+            f"deployment {cfg.name!r}: TGI shards over the GPUs of one node only, but the plan spans {node_count} "
+            "nodes: use serving.engine: vllm (pipeline parallel across nodes) or a machine with more GPUs"
+        )
+    return ServingShape(
+        engine=s.engine,
+        image=s.image or (VLLM_IMAGE if s.engine == "vllm" else TGI_IMAGE),
+        repo=cfg.model.repo,
+        machine_type=machine_type,
+        accelerator_type=accelerator_type,
+        accelerator_count=accelerator_count,
+        node_count=node_count,
+        tensor_parallel_size=int(tp),
+        pipeline_parallel_size=int(pp),
+        max_model_len=s.max_model_len or plan.get("max_model_len"),
+        max_num_seqs=s.max_num_seqs or plan.get("max_num_seqs"),
+        min_replicas=hw.replica_count,
+        max_replicas=hw.max_replica_count or hw.replica_count,
+        spot=hw.spot,
+    )
+
+
+def served_model_name(deployment: dict[str, Any]) -> str:
+    """The model name the OpenAI-compatible routes answer to: the Hub repo id, as if served from the Hub."""
+    return str(deployment["config"]["model"]["repo"])
+
+
+def _check_no_token(env: dict[str, str], extra_args: list[str], name: str) -> None:
+    for key in env:
+        if key.upper() in _TOKEN_ENV:
+            raise ServingSpecError(
+                f"deployment {name!r}: serving.env sets {key}, but serving reads weights from GCS and must never "
+                "hold a Hub token: remove it (the mirror step reads model.hf_token_secret)"
+            )
+    for arg in extra_args:
+        if arg.split("=", 1)[0] in _TOKEN_FLAGS:
+            raise ServingSpecError(
+                f"deployment {name!r}: serving.extra_args passes {arg.split('=', 1)[0]}: serving reads weights from "
+                "GCS and must never hold a Hub token; remove it"
+            )
+
+
+def vllm_args(deployment: dict[str, Any]) -> list[str]:
+    """The Model Garden vLLM container args (the full command line, as the Vertex vLLM doc passes it)."""
+    cfg = _config(deployment)
+    shape = resolve_shape(deployment)
+    s = cfg.serving
+    args = [
+        "python",
+        "-m",
+        "vllm.entrypoints.api_server",
+        "--host=0.0.0.0",
+        f"--port={SERVING_PORT}",
+        # Vertex copies artifact_uri (the GCS mirror) to AIP_STORAGE_URI and expands $(...) in args; the Model
+        # Garden image downloads gs:// paths itself. No Hub access and no token at serving time.
+        "--model=$(AIP_STORAGE_URI)",
+        # Not in the doc's list: without it the OpenAI routes answer to the gs:// path; clients use the repo id.
+        f"--served-model-name={shape.repo}",
+        f"--tensor-parallel-size={shape.tensor_parallel_size}",
+    ]
+    if shape.pipeline_parallel_size > 1:
+        args.append(f"--pipeline-parallel-size={shape.pipeline_parallel_size}")
+    args += [f"--swap-space={s.swap_space}", f"--gpu-memory-utilization={s.gpu_memory_utilization}"]
+    if shape.max_model_len:
+        args.append(f"--max-model-len={shape.max_model_len}")
+    args.append(f"--dtype={s.dtype}")
+    if s.enable_lora:
+        # The doc passes --max-loras/--max-cpu-loras always; they only size LoRA slots, so only with LoRA on.
+        args += ["--enable-lora", f"--max-loras={s.max_loras}", f"--max-lora-rank={s.max_lora_rank}"]
+    if shape.max_num_seqs:
+        args.append(f"--max-num-seqs={shape.max_num_seqs}")
+    args.append("--disable-log-stats")
+    if s.trust_remote_code:
+        args.append("--trust-remote-code")
+    if s.enforce_eager:
+        args.append("--enforce-eager")
+    if s.quantization:
+        args.append(f"--quantization={s.quantization}")
+    if s.kv_cache_dtype != "auto":
+        args.append(f"--kv-cache-dtype={s.kv_cache_dtype}")
+    if s.limit_mm_per_prompt:
+        # key=value form: what the pinned (2024) vLLM parses; newer vLLM also takes JSON (use extra_args there).
+        limits = ",".join(f"{k}={v}" for k, v in sorted(s.limit_mm_per_prompt.items()))
+        args.append(f"--limit-mm-per-prompt={limits}")
+    if s.chat_template:
+        # vLLM takes a file path or the template itself; one argv element keeps newlines intact.
+        args.append(f"--chat-template={s.chat_template}")
+    return args + list(s.extra_args)
+
+
+def tgi_env_and_args(deployment: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """The Hugging Face TGI DLC's env (shape, as the HF Vertex blog sets it) and launcher args (engine options)."""
+    cfg = _config(deployment)
+    shape = resolve_shape(deployment)
+    s = cfg.serving
+    env: dict[str, str] = {"NUM_SHARD": str(shape.tensor_parallel_size)}
+    if shape.max_model_len:
+        # TGI checks input + max_new_tokens <= MAX_TOTAL_TOKENS per request; a prompt may use all but one token.
+        env["MAX_INPUT_TOKENS"] = str(shape.max_model_len - 1)
+        env["MAX_TOTAL_TOKENS"] = str(shape.max_model_len)
+        # Must be >= MAX_INPUT_TOKENS or the launcher refuses to start; one full prompt per prefill batch.
+        env["MAX_BATCH_PREFILL_TOKENS"] = str(shape.max_model_len)
+    args: list[str] = []
+    if shape.max_num_seqs:
+        args.append(f"--max-concurrent-requests={shape.max_num_seqs}")
+    if s.quantization:
+        args.append(f"--quantize={s.quantization}")
+    elif s.dtype in _TGI_DTYPES:
+        args.append(f"--dtype={_TGI_DTYPES[s.dtype]}")  # TGI refuses --dtype together with --quantize
+    elif s.dtype not in ("auto",):
+        raise ServingSpecError(
+            f"deployment {cfg.name!r}: TGI serves float16 or bfloat16 only, not serving.dtype={s.dtype}: "
+            "set serving.dtype to auto, bfloat16 or float16"
+        )
+    if s.kv_cache_dtype != "auto":
+        if s.kv_cache_dtype not in _TGI_KV_DTYPES:
+            raise ServingSpecError(
+                f"deployment {cfg.name!r}: TGI takes kv_cache_dtype fp8_e4m3fn or fp8_e5m2, not {s.kv_cache_dtype!r}"
+            )
+        args.append(f"--kv-cache-dtype={_TGI_KV_DTYPES[s.kv_cache_dtype]}")
+    if s.trust_remote_code:
+        args.append("--trust-remote-code")
+    if s.enforce_eager:
+        args.append("--cuda-graphs=0")  # TGI's equivalent of vLLM's --enforce-eager
+    if s.enable_lora:
+        raise ServingSpecError(
+            f"deployment {cfg.name!r}: TGI loads LoRA adapters named at start (--lora-adapters=ID,...), not "
+            "dynamically: pass them in serving.extra_args and set enable_lora: false, or use engine: vllm"
+        )
+    return env, args + list(s.extra_args)
+
+
+def _probe(path: str, failure_threshold: int) -> Any:
+    from google.cloud.aiplatform_v1.types import Probe
+
+    return Probe(
+        http_get=Probe.HttpGetAction(path=path, port=SERVING_PORT),
+        period_seconds=PROBE_PERIOD_S,
+        timeout_seconds=10,
+        failure_threshold=failure_threshold,
+    )
+
+
+def container_spec(deployment: dict[str, Any]) -> Any:
+    """The typed `aiplatform_v1.ModelContainerSpec` for the deployment's engine."""
+    from google.cloud.aiplatform_v1.types import EnvVar, ModelContainerSpec, Port
+    from google.protobuf import duration_pb2
+
+    cfg = _config(deployment)
+    shape = resolve_shape(deployment)
+    s = cfg.serving
+    _check_no_token(s.env, s.extra_args, cfg.name)
+    # The startup probe gives loading the whole deployment timeout; after that three misses mean unhealthy.
+    startup_failures = math.ceil(DEPLOYMENT_TIMEOUT_S / PROBE_PERIOD_S)
+    if shape.engine == "vllm":
+        env: dict[str, str] = {}
+        spec = ModelContainerSpec(
+            image_uri=shape.image,
+            args=vllm_args(deployment),
+            predict_route="/generate",
+            health_route="/ping",
+            startup_probe=_probe("/ping", startup_failures),
+            health_probe=_probe("/ping", 3),
+        )
+    else:
+        env, args = tgi_env_and_args(deployment)
+        # No predict/health route on purpose: the DLC's router (built with the `google` feature) adds
+        # AIP_PREDICT_ROUTE / AIP_HEALTH_ROUTE next to its own /generate and /health, and registering one of
+        # those twice makes axum panic at start. Vertex's defaults (.../deployedModels/ID:predict) never clash;
+        # the HF Vertex notebooks leave them unset too. /health exists in every TGI, so the probes use it.
+        spec = ModelContainerSpec(
+            image_uri=shape.image,
+            args=args,
+            startup_probe=_probe("/health", startup_failures),
+            health_probe=_probe("/health", 3),
+        )
+    env.update(s.env)
+    spec.env = [EnvVar(name=k, value=v) for k, v in env.items()]
+    spec.ports = [Port(container_port=SERVING_PORT)]
+    spec.shared_memory_size_mb = SHARED_MEMORY_MB
+    spec.deployment_timeout = duration_pb2.Duration(seconds=DEPLOYMENT_TIMEOUT_S)
+    return spec
+
+
+def _dedicated_resources(deployment: dict[str, Any], beta: bool) -> Any:
+    if beta:
+        from google.cloud.aiplatform_v1beta1 import types
+    else:
+        from google.cloud.aiplatform_v1 import types
+
+    shape = resolve_shape(deployment)
+    machine = types.MachineSpec(machine_type=shape.machine_type)
+    if shape.accelerator_type:
+        machine.accelerator_type = shape.accelerator_type
+        machine.accelerator_count = shape.accelerator_count
+    if beta:
+        machine.multihost_gpu_node_count = shape.node_count
+    resources = types.DedicatedResources(
+        machine_spec=machine,
+        min_replica_count=shape.min_replicas,
+        max_replica_count=shape.max_replicas,
+        spot=shape.spot,
+    )
+    if shape.max_replicas > shape.min_replicas and shape.accelerator_type:
+        # Model Garden's autoscaling target: add a replica when GPUs are busy 60% of the time.
+        resources.autoscaling_metric_specs = [types.AutoscalingMetricSpec(metric_name=_DUTY_CYCLE_METRIC, target=60)]
+    return resources
+
+
+def needs_v1beta1(deployment: dict[str, Any]) -> bool:
+    """True when the deploy needs the v1beta1 API: multi-host GPU replicas exist only there."""
+    return resolve_shape(deployment).node_count > 1
+
+
+def _message_dict(message: Any) -> dict[str, Any]:
+    from google.protobuf import json_format
+
+    return json_format.MessageToDict(type(message).pb(message), preserving_proto_field_name=False)
+
+
+def serving_spec_hash(deployment: dict[str, Any]) -> str:
+    """A short, stable hash of what serving runs (container + machine shape); equal hashes mean nothing changed."""
+    spec = {
+        "container": _message_dict(container_spec(deployment)),
+        "resources": _message_dict(_dedicated_resources(deployment, needs_v1beta1(deployment))),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _label_value(value: str) -> str:
+    return value.lower()[:63]
+
+
+def model_labels(deployment: dict[str, Any], revision_sha: str) -> dict[str, str]:
+    """The run's labels plus the weights revision and the serving spec hash (how redeploys spot no-ops)."""
+    labels = {str(k): _label_value(str(v)) for k, v in (deployment.get("labels") or {}).items()}
+    labels[LABEL_REVISION] = _label_value(revision_sha[:12])
+    labels[LABEL_SPEC] = serving_spec_hash(deployment)
+    return labels
+
+
+def version_alias(revision_sha: str, spec_hash: str) -> str:
+    """The Model Registry alias of one (revision, serving spec) pair; aliases must start with a letter."""
+    return f"rev-{revision_sha[:12].lower()}-{spec_hash[:8]}"
+
+
+def upload_model_request(deployment: dict[str, Any], weights_uri: str, revision_sha: str) -> Any:
+    """The typed `aiplatform_v1.UploadModelRequest`: serving container, GCS weights, labels, alias.
+
+    parent_model is left empty: the register step sets it when the model already exists in the registry.
+    """
+    from google.cloud.aiplatform_v1.types import Model, UploadModelRequest
+
+    cfg = _config(deployment)
+    if not weights_uri.startswith("gs://"):
+        raise ServingSpecError(
+            f"weights_uri {weights_uri!r} is not a gs:// URI: serving loads the mirrored weights from GCS only"
+        )
+    labels = model_labels(deployment, revision_sha)
+    model = Model(
+        display_name=cfg.name,
+        description=cfg.description or f"{cfg.model.repo} served by {cfg.serving.engine}",
+        version_description=f"{cfg.model.repo}@{revision_sha} ({cfg.serving.engine}, spec {labels[LABEL_SPEC]})",
+        artifact_uri=weights_uri.rstrip("/") + "/",
+        container_spec=container_spec(deployment),
+        labels=labels,
+        version_aliases=[version_alias(revision_sha, labels[LABEL_SPEC])],
+    )
+    parent = f"projects/{deployment['project']}/locations/{deployment['region']}"
+    return UploadModelRequest(parent=parent, model=model)
+
+
+def endpoint_placeholder(deployment: dict[str, Any]) -> str:
+    """The endpoint resource name shown before deploy knows the real one (by the config's endpoint name)."""
+    name = deployment["config"]["endpoint"]["name"]
+    return f"projects/{deployment['project']}/locations/{deployment['region']}/endpoints/{name}"
+
+
+def deploy_model_request(
+    deployment: dict[str, Any],
+    model_resource: str,
+    *,
+    endpoint_resource: str = "",
+    traffic_split: dict[str, int] | None = None,
+) -> Any:
+    """The typed `DeployModelRequest` (v1; v1beta1 for multi-host GPU replicas, see `needs_v1beta1`).
+
+    traffic_split keys are deployed model ids, "0" meaning the model being deployed; the default sends it all
+    traffic. A blue/green redeploy passes {"0": 0, OLD_ID: 100} and shifts traffic after the smoke test.
+    """
+    beta = needs_v1beta1(deployment)
+    if beta:
+        from google.cloud.aiplatform_v1beta1 import types
+    else:
+        from google.cloud.aiplatform_v1 import types
+
+    cfg = _config(deployment)
+    sha = str(deployment.get("revision_sha") or "")
+    display = f"{cfg.name}-{sha[:8]}" if sha else cfg.name
+    deployed = types.DeployedModel(
+        model=model_resource,
+        display_name=display,
+        dedicated_resources=_dedicated_resources(deployment, beta),
+    )
+    service_account = deployment.get("service_account") or cfg.placement.service_account
+    if service_account:
+        deployed.service_account = service_account
+    return types.DeployModelRequest(
+        endpoint=endpoint_resource or endpoint_placeholder(deployment),
+        deployed_model=deployed,
+        traffic_split=traffic_split if traffic_split is not None else {"0": 100},
+    )
+
+
+def render_requests(deployment: dict[str, Any], weights_uri: str, revision_sha: str = "SHA") -> dict[str, Any]:
+    """Both requests as REST JSON (camelCase, as the aiplatform v1 API takes them): what `vlp render` prints."""
+    cfg = _config(deployment)
+    model_resource = f"projects/{deployment['project']}/locations/{deployment['region']}/models/{cfg.name}"
+    return {
+        "upload_model": _message_dict(upload_model_request(deployment, weights_uri, revision_sha)),
+        "deploy_model": _message_dict(deploy_model_request(deployment, model_resource)),
+    }

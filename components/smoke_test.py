@@ -1,0 +1,652 @@
+"""Smoke test: send a chat-templated prompt through the real Vertex prediction path and judge the answer."""
+
+from __future__ import annotations
+
+import base64
+import json
+import mimetypes
+import re
+import tempfile
+import time
+import urllib.parse
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint
+from kfp import dsl
+
+# Files AutoTokenizer and the chat template need; a few KB to a few MB, never the weights.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "config.json",
+    "generation_config.json",
+)
+# Cold endpoints answer 429 (quota / warming) and 502-504 (replica not ready yet): worth waiting for.
+RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+OK_FINISH_REASONS = {"stop", "length", "eos_token", "stop_sequence", "end_of_sequence_token", "eos"}
+LOG_LINES = 30
+ENDPOINT_RESOURCE_TYPE = "aiplatform.googleapis.com/Endpoint"
+_ENDPOINT_RE = re.compile(r"^projects/(?P<project>[^/]+)/locations/(?P<region>[^/]+)/endpoints/(?P<endpoint>[^/]+)$")
+_MISSING_TEMPLATE_FIX = (
+    "the tokenizer mirrored with the weights has no chat template, so there is no right way to turn the prompt into "
+    "model input: deploy the -Instruct variant of the model, or set serving.chat_template in the config to the "
+    "model's Jinja template (for ChatML models: {% for message in messages %}<|im_start|>{{ message['role'] }}"
+    "\\n{{ message['content'] }}<|im_end|>\\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\\n"
+    "{% endif %})"
+)
+
+
+class SmokeTestError(RuntimeError):
+    """The smoke test could not run (endpoint unreachable, permission denied, retries spent); not a verdict."""
+
+
+@dataclass
+class SmokeResult:
+    """The verdict and everything needed to understand it."""
+
+    passed: bool
+    answer: str = ""
+    latency_s: float = 0.0
+    prompt_sent: str = ""
+    raw_response: str = ""
+    message: str = ""
+    finish_reason: str = ""
+    tokens: dict[str, int] = field(default_factory=dict)
+    route: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, for JSON and KFP outputs."""
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- Vertex HTTP plumbing
+
+
+def parse_endpoint(endpoint_resource: str) -> dict[str, str]:
+    """Splits projects/P/locations/L/endpoints/E into project, region, endpoint; a clear error otherwise."""
+    match = _ENDPOINT_RE.match(endpoint_resource.strip())
+    if not match:
+        raise SmokeTestError(
+            f"{endpoint_resource!r} is not an endpoint resource name: pass projects/PROJECT/locations/REGION/"
+            "endpoints/ENDPOINT_ID (the deploy step's endpoint.metadata['resourceName'])"
+        )
+    return match.groupdict()
+
+
+def is_local(api_endpoint: str) -> bool:
+    """True for a plain-HTTP emulator on loopback (the local stack)."""
+    from components.clients import api_endpoint as resolve
+
+    return resolve(api_endpoint).startswith("http://")
+
+
+def http_session(api_endpoint: str = "") -> Any:
+    """A requests session that authenticates as the Vertex SDK does (ADC), or anonymously for the emulator."""
+    import requests
+
+    if is_local(api_endpoint):
+        return requests.Session()
+    import google.auth
+    from google.auth.transport.requests import AuthorizedSession
+
+    creds, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    return AuthorizedSession(creds)
+
+
+def vertex_base_url(region: str, api_endpoint: str = "", dedicated_dns: str = "") -> str:
+    """Scheme + host for prediction calls: the emulator, else a dedicated endpoint's own DNS, else the region's."""
+    from components.clients import api_endpoint as resolve
+    from components.clients import regional_endpoint
+
+    host = resolve(api_endpoint)
+    if host.startswith("http://") or host.startswith("https://"):
+        return host.rstrip("/")
+    if dedicated_dns and not host:
+        # Dedicated endpoints refuse the shared regional domain for prediction calls.
+        return f"https://{dedicated_dns}"
+    return "https://" + regional_endpoint(region, host)
+
+
+@dataclass
+class EndpointInfo:
+    """What the prediction path depends on: where to call and how much traffic the deployed model has."""
+
+    resource: str
+    project: str
+    region: str
+    endpoint_id: str
+    base_url: str
+    traffic: dict[str, int]
+    deployed_ids: list[str]
+    dedicated: bool
+
+
+def describe_endpoint(endpoint_resource: str, api_endpoint: str = "") -> EndpointInfo:
+    """Reads the endpoint (GAPIC, honouring api_endpoint) for its traffic split and dedicated DNS."""
+    from google.api_core import exceptions as gexc
+    from google.cloud import aiplatform_v1
+
+    from components.clients import gapic_kwargs
+
+    parts = parse_endpoint(endpoint_resource)
+    client = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(parts["region"], api_endpoint))
+    try:
+        ep = client.get_endpoint(name=endpoint_resource)
+    except gexc.NotFound:
+        raise SmokeTestError(
+            f"endpoint {endpoint_resource} does not exist: was it deleted, or is the region wrong? "
+            f"List them with: gcloud ai endpoints list --region={parts['region']} --project={parts['project']}"
+        ) from None
+    except gexc.PermissionDenied as exc:
+        raise SmokeTestError(
+            f"no permission to read endpoint {endpoint_resource}: grant the pipeline's service account "
+            f"roles/aiplatform.user on project {parts['project']} ({exc.message})"
+        ) from None
+    return EndpointInfo(
+        resource=endpoint_resource,
+        project=parts["project"],
+        region=parts["region"],
+        endpoint_id=parts["endpoint"],
+        base_url=vertex_base_url(parts["region"], api_endpoint, ep.dedicated_endpoint_dns),
+        traffic={str(k): int(v) for k, v in ep.traffic_split.items()},
+        deployed_ids=[dm.id for dm in ep.deployed_models],
+        dedicated=bool(ep.dedicated_endpoint_enabled),
+    )
+
+
+def chat_completions_url(info: EndpointInfo, deployed_model_id: str = "") -> str:
+    """Vertex's OpenAI-compatible chat route; the per-deployed-model invoke route for a model at 0% traffic."""
+    if deployed_model_id:
+        return f"{info.base_url}/v1/{info.resource}/deployedModels/{deployed_model_id}/invoke/v1/chat/completions"
+    return f"{info.base_url}/v1beta1/{info.resource}/chat/completions"
+
+
+# ----------------------------------------------------------------------------- logs
+
+
+def log_filter(endpoint_id: str, deployed_model_id: str = "") -> str:
+    """The Cloud Logging filter for a deployed model's serving container logs."""
+    parts = [f'resource.type="{ENDPOINT_RESOURCE_TYPE}"', f'resource.labels.endpoint_id="{endpoint_id}"']
+    if deployed_model_id:
+        parts.append(f'labels.deployed_model_id="{deployed_model_id}"')
+    return " AND ".join(parts)
+
+
+def logs_hint(project: str, endpoint_id: str, deployed_model_id: str = "") -> str:
+    """The gcloud command and console link that show more of the model server's log."""
+    flt = log_filter(endpoint_id, deployed_model_id)
+    console = (
+        "https://console.cloud.google.com/logs/query;query="
+        + urllib.parse.quote(flt, safe="")
+        + (f"?project={project}")
+    )
+    return f"more: gcloud logging read '{flt}' --project={project} --limit=200 --freshness=1d\n      {console}"
+
+
+def server_log_tail(
+    project: str, endpoint_id: str, deployed_model_id: str = "", api_endpoint: str = "", lines: int = LOG_LINES
+) -> list[str]:
+    """The last lines the model server wrote (oldest first), read from Cloud Logging; never raises."""
+    from components.clients import logging_client
+
+    try:
+        from google.cloud import logging as cloud_logging
+
+        client = logging_client(project, api_endpoint)
+        entries = client.list_entries(
+            resource_names=[f"projects/{project}"],
+            filter_=log_filter(endpoint_id, deployed_model_id),
+            order_by=cloud_logging.DESCENDING,
+            max_results=lines,
+        )
+        out = []
+        for entry in entries:
+            payload = entry.payload
+            if isinstance(payload, dict):
+                payload = payload.get("message") or json.dumps(payload)
+            out.append(str(payload).rstrip())
+        return list(reversed(out))
+    except Exception as exc:  # noqa: BLE001 - a log read must never hide the failure it explains
+        return [f"(could not read the logs: {type(exc).__name__}: {str(exc)[:200]})"]
+
+
+def _format_logs(lines: list[str]) -> str:
+    if not lines:
+        return "  (no log lines: the container may not have started; check the image, quota and machine type)"
+    return "\n".join(f"  | {line}" for line in lines)
+
+
+_DEPLOY_HINTS = [
+    (
+        r"CUDA out of memory|OutOfMemoryError|torch\.OutOfMemory",
+        "GPU out of memory: lower serving.max_num_seqs, "
+        "serving.max_model_len or serving.gpu_memory_utilization, or plan a bigger machine",
+    ),
+    (
+        r"max_model_len|larger than the maximum number of tokens that can be stored in KV cache",
+        "the KV cache cannot hold max_model_len tokens: lower serving.max_model_len or use more GPUs",
+    ),
+    (
+        r"403|Permission denied|storage\.objects\.(get|list)",
+        "the endpoint's service account cannot read the weights "
+        "bucket: grant it roles/storage.objectViewer on the bucket",
+    ),
+    (r"No space left on device", "the replica's disk is too small for the weights: use a machine with more disk"),
+    (r"(?i)quota", "not enough serving quota in this region: request more or add a region to placement.regions"),
+    (
+        r"(?i)stockout|resources? (are|is) not available|ZONE_RESOURCE_POOL_EXHAUSTED",
+        "no GPUs of this type free in the region right now: retry later, use Spot or another region",
+    ),
+    (r"(?i)chat template", "the model has no chat template: set serving.chat_template or use an -Instruct model"),
+    (r"trust_remote_code|trust-remote-code", "the model ships custom code: set serving.trust_remote_code: true"),
+]
+
+
+def deploy_failure_message(
+    project: str, region: str, endpoint_id: str, deployed_model_id: str, error: str, api_endpoint: str = ""
+) -> str:
+    """What a failed deploy says: the error, the model server's last log lines, a likely fix, where to read more."""
+    lines = server_log_tail(project, endpoint_id, deployed_model_id, api_endpoint)
+    text = "\n".join([error, *lines])
+    fixes = [fix for pattern, fix in _DEPLOY_HINTS if re.search(pattern, text)]
+    who = f"deployed model {deployed_model_id} on " if deployed_model_id else ""
+    parts = [
+        f"Deploying to {who}endpoint projects/{project}/locations/{region}/endpoints/{endpoint_id} failed: {error}",
+        f"Last model server log lines ({ENDPOINT_RESOURCE_TYPE}, endpoint {endpoint_id}):",
+        _format_logs(lines),
+    ]
+    if fixes:
+        parts.append("Likely fix: " + "; ".join(dict.fromkeys(fixes)))
+    parts.append(logs_hint(project, endpoint_id, deployed_model_id))
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- prompt
+
+
+def download_tokenizer(weights_uri: str, dest: Path, project: str | None = None) -> Path:
+    """Copies only the tokenizer files that sit next to the weights in GCS into `dest`."""
+    from components.clients import storage_client
+
+    match = re.fullmatch(r"gs://([^/]+)/?(.*)", weights_uri.strip())
+    if not match:
+        raise SmokeTestError(f"weights_uri {weights_uri!r} is not gs://BUCKET/PATH: pass the mirror step's output")
+    bucket, prefix = match.group(1), match.group(2).strip("/")
+    prefix = prefix + "/" if prefix else ""
+    client = storage_client(project)
+    found = 0
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        blob = client.bucket(bucket).blob(prefix + name)
+        try:
+            blob.download_to_filename(str(dest / name))
+            found += 1
+        except Exception as exc:  # noqa: BLE001 - NotFound is expected for the files a tokenizer does not use
+            (dest / name).unlink(missing_ok=True)
+            if type(exc).__name__ not in ("NotFound",):
+                raise SmokeTestError(f"cannot read {weights_uri}{name} from GCS: {exc}") from exc
+    if not (dest / "tokenizer_config.json").exists() and not (dest / "tokenizer.json").exists():
+        raise SmokeTestError(
+            f"no tokenizer files under {weights_uri}: the mirror must copy tokenizer.json / tokenizer_config.json "
+            "with the weights (check model.allow_patterns)"
+        )
+    return dest
+
+
+def _user_message(prompt: str, image_url: str, for_template: bool) -> dict[str, Any]:
+    if not image_url:
+        return {"role": "user", "content": prompt}
+    if for_template:
+        # Vision chat templates (Llama 3.2, Qwen-VL...) place an {"type": "image"} part as the image token.
+        return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}
+    return {
+        "role": "user",
+        "content": [{"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": image_url}}],
+    }
+
+
+def render_prompt(
+    tokenizer_dir: Path, prompt: str, chat_template: str | None, image: bool, trust_remote_code: bool
+) -> str | None:
+    """The prompt as the model sees it after its chat template; None when there is no template at all."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    messages = [_user_message(prompt, "x" if image else "", for_template=True)]
+    try:
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+    except Exception:  # noqa: BLE001 - text-only templates choke on content parts; show the text form instead
+        messages = [_user_message(prompt, "", for_template=True)]
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+
+
+def image_as_url(image_url: str, project: str | None = None) -> str:
+    """An image the serving engine can fetch: gs:// objects become data: URLs (the engine has no GCS access)."""
+    if not image_url.startswith("gs://"):
+        return image_url
+    from components.clients import storage_client
+
+    bucket, _, name = image_url[5:].partition("/")
+    data = storage_client(project).bucket(bucket).blob(name).download_as_bytes()
+    mime = mimetypes.guess_type(name)[0] or "image/jpeg"
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+# ----------------------------------------------------------------------------- the call
+
+
+@dataclass
+class _Reply:
+    answer: str
+    finish_reason: str
+    tokens: dict[str, int]
+    raw: str
+
+
+def _parse_reply(engine: str, route_kind: str, data: Any) -> _Reply:
+    raw = json.dumps(data)[:4000]
+    if route_kind == "chat":
+        choice = (data.get("choices") or [{}])[0]
+        content = (choice.get("message") or {}).get("content") or ""
+        usage = data.get("usage") or {}
+        tokens = {k: int(usage[k]) for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage}
+        return _Reply(str(content), str(choice.get("finish_reason") or ""), tokens, raw)
+    if route_kind == "generate":  # TGI /generate through invoke
+        details = data.get("details") or {}
+        tokens = {"completion_tokens": int(details["generated_tokens"])} if "generated_tokens" in details else {}
+        return _Reply(str(data.get("generated_text") or ""), str(details.get("finish_reason") or ""), tokens, raw)
+    # :predict (TGI DLC's Vertex route): predictions are the generated texts themselves.
+    predictions = data.get("predictions") or [""]
+    first = predictions[0]
+    if isinstance(first, dict):  # a chat-shaped prediction, as the vLLM Model Garden handler answers chat
+        return _parse_reply(engine, "chat", first)
+    return _Reply(str(first), "", {}, raw)
+
+
+def _request_for(
+    engine: str,
+    info: EndpointInfo,
+    deployed_model_id: str,
+    at_zero: bool,
+    model: str,
+    messages: list[dict[str, Any]],
+    templated: str,
+    max_tokens: int,
+) -> tuple[str, dict[str, Any], str]:
+    """(url, body, route kind) for the engine and the deployed model's traffic."""
+    if engine == "vllm":
+        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+        return chat_completions_url(info, deployed_model_id if at_zero else ""), body, "chat"
+    parameters = {"max_new_tokens": max_tokens, "do_sample": False}
+    if at_zero:
+        url = f"{info.base_url}/v1/{info.resource}/deployedModels/{deployed_model_id}/invoke/generate"
+        return url, {"inputs": templated, "parameters": {**parameters, "details": True}}, "generate"
+    return (
+        f"{info.base_url}/v1/{info.resource}:predict",
+        {"instances": [{"inputs": templated, "parameters": parameters}]},
+        "predict",
+    )
+
+
+def _post_with_retries(
+    session: Any, url: str, body: dict[str, Any], attempts: int, backoff_s: float, timeout_s: float
+) -> tuple[Any, float, str]:
+    """POSTs until a non-retryable answer; returns (json, latency of the answering call, last error text)."""
+    import requests
+
+    last = ""
+    for attempt in range(1, attempts + 1):
+        start = time.perf_counter()
+        try:
+            resp = session.post(url, json=body, timeout=timeout_s)
+        except requests.RequestException as exc:
+            last = f"{type(exc).__name__}: {exc}"
+        else:
+            latency = time.perf_counter() - start
+            if resp.status_code == 200:
+                try:
+                    return resp.json(), latency, ""
+                except ValueError:
+                    return {"_unparsed": resp.text[:4000]}, latency, ""
+            last = f"HTTP {resp.status_code}: {resp.text[:2000]}"
+            if resp.status_code in (401, 403):
+                raise SmokeTestError(
+                    f"{url} refused the call ({last}): grant the caller roles/aiplatform.user on the project"
+                )
+            if resp.status_code == 404:
+                raise SmokeTestError(
+                    f"{url} does not exist ({last}): the endpoint or deployed model is gone, or this route is not "
+                    "served (the per-model invoke route needs a dedicated endpoint and invoke_route_prefix)"
+                )
+            if resp.status_code not in RETRYABLE_STATUS:
+                return {"_http_error": resp.status_code, "_body": resp.text[:4000]}, latency, last
+        if attempt < attempts:
+            time.sleep(min(backoff_s * 2 ** (attempt - 1), 60.0))
+    raise SmokeTestError(f"no answer from {url} after {attempts} attempts: {last}")
+
+
+def check_answer(
+    reply_answer: str, finish_reason: str, tokens: dict[str, int], max_tokens: int, expect: str, expect_regex: str
+) -> list[str]:
+    """The reasons an answer fails the smoke test (empty list: it passes)."""
+    problems = []
+    if not reply_answer.strip():
+        problems.append("the answer is empty")
+    if finish_reason and finish_reason.lower() not in OK_FINISH_REASONS:
+        problems.append(f"finish reason {finish_reason!r} is not a normal end (stop/length)")
+    completion = tokens.get("completion_tokens")
+    if completion is not None and not 0 < completion <= max_tokens:
+        problems.append(f"completion_tokens={completion} is outside 1..{max_tokens}")
+    if tokens.get("prompt_tokens") == 0:
+        problems.append("prompt_tokens=0: the server saw an empty prompt")
+    if expect and expect.lower() not in reply_answer.lower():
+        problems.append(f"the answer does not contain {expect!r} (case-insensitive)")
+    if expect_regex and not re.search(expect_regex, reply_answer):
+        problems.append(f"the answer does not match the regex {expect_regex!r}")
+    return problems
+
+
+def run_smoke_test(
+    deployment: dict[str, Any],
+    endpoint_resource: str,
+    deployed_model_id: str,
+    weights_uri: str,
+    api_endpoint: str = "",
+    *,
+    backoff_s: float = 5.0,
+    timeout_s: float = 600.0,
+) -> SmokeResult:
+    """Sends the config's smoke prompt to the deployed model and judges the answer.
+
+    Returns a failed SmokeResult for a wrong answer (the pipeline branches on the verdict); raises SmokeTestError
+    when the endpoint cannot be reached after `smoke_test.attempts` tries with exponential backoff.
+    """
+    from components.config import config_from_dict
+
+    cfg = config_from_dict(deployment["config"], source="deployment['config']")
+    st = cfg.smoke_test
+    api_endpoint = api_endpoint or str(deployment.get("api_endpoint") or "")
+    info = describe_endpoint(endpoint_resource, api_endpoint)
+    project = deployment.get("project") or info.project
+
+    with tempfile.TemporaryDirectory(prefix="vlp-tokenizer-") as tmp:
+        tok_dir = download_tokenizer(weights_uri, Path(tmp), project)
+        templated = render_prompt(
+            tok_dir, st.prompt, cfg.serving.chat_template, bool(st.image_url), cfg.serving.trust_remote_code
+        )
+    if templated is None:
+        return SmokeResult(
+            passed=False,
+            prompt_sent=st.prompt,
+            message=f"Smoke test of {cfg.model.repo} not sent: {_MISSING_TEMPLATE_FIX}",
+        )
+
+    at_zero = info.traffic.get(deployed_model_id, 0) == 0
+    if deployed_model_id not in info.deployed_ids:
+        raise SmokeTestError(
+            f"deployed model {deployed_model_id} is not on endpoint {endpoint_resource} "
+            f"(deployed: {', '.join(info.deployed_ids) or 'none'}): pass the id the deploy step returned"
+        )
+    image = image_as_url(st.image_url, project) if st.image_url else ""
+    if image and cfg.serving.engine == "tgi":
+        # TGI's /generate takes images as markdown inside the prompt text.
+        templated = templated.replace(st.prompt, f"![]({image}){st.prompt}", 1)
+    messages = [_user_message(st.prompt, image, for_template=False)]
+    from components.serving import served_model_name
+
+    url, body, kind = _request_for(
+        cfg.serving.engine,
+        info,
+        deployed_model_id,
+        at_zero,
+        served_model_name(deployment),
+        messages,
+        templated,
+        st.max_tokens,
+    )
+    try:
+        data, latency, error = _post_with_retries(
+            http_session(api_endpoint), url, body, st.attempts, backoff_s, timeout_s
+        )
+    except SmokeTestError as exc:
+        raise SmokeTestError(
+            deploy_failure_message(project, info.region, info.endpoint_id, deployed_model_id, str(exc), api_endpoint)
+        ) from None
+
+    route = url.removeprefix(info.base_url)
+    if error:
+        reply = _Reply("", "", {}, json.dumps(data)[:4000])
+        problems = [f"the model server refused the request ({error[:300]})"]
+    else:
+        reply = _parse_reply(cfg.serving.engine, kind, data)
+        problems = check_answer(
+            reply.answer, reply.finish_reason, reply.tokens, st.max_tokens, st.expect, st.expect_regex
+        )
+    result = SmokeResult(
+        passed=not problems,
+        answer=reply.answer,
+        latency_s=round(latency, 4),
+        prompt_sent=templated,
+        raw_response=reply.raw,
+        finish_reason=reply.finish_reason,
+        tokens=reply.tokens,
+        route=route,
+    )
+    if result.passed:
+        result.message = (
+            f"Smoke test passed in {latency:.2f} s: {cfg.model.repo} on deployed model {deployed_model_id} answered "
+            f"{reply.answer.strip()[:200]!r}"
+        )
+        return result
+    lines = server_log_tail(project, info.endpoint_id, deployed_model_id, api_endpoint)
+    shown_body = json.dumps(body)[:1500]
+    result.message = "\n".join(
+        [
+            f"Smoke test failed for {cfg.model.repo} on deployed model {deployed_model_id} of {endpoint_resource}: "
+            + "; ".join(problems)
+            + ".",
+            f"Sent: POST {route}\n  prompt after the chat template: {templated!r}\n  body: {shown_body}",
+            f"Got ({latency:.2f} s): {reply.raw[:1500]}",
+            f"Last model server log lines (deployed model {deployed_model_id}):",
+            _format_logs(lines),
+            logs_hint(project, info.endpoint_id, deployed_model_id),
+        ]
+    )
+    return result
+
+
+def smoke_report_html(result: SmokeResult, benchmark_html: str = "") -> str:
+    """A small HTML page for the KFP report artifact."""
+    import html
+
+    verdict = "passed" if result.passed else "failed"
+    colour = "#1e8e3e" if result.passed else "#d93025"
+    rows = "".join(
+        f"<tr><th style='text-align:left'>{html.escape(k)}</th><td><pre style='white-space:pre-wrap;margin:0'>"
+        f"{html.escape(str(v))}</pre></td></tr>"
+        for k, v in (
+            ("answer", result.answer),
+            ("latency_s", result.latency_s),
+            ("finish_reason", result.finish_reason),
+            ("tokens", result.tokens),
+            ("route", result.route),
+            ("prompt_sent", result.prompt_sent),
+            ("message", result.message),
+        )
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Smoke test</title></head>"
+        "<body style='font-family:sans-serif'>"
+        f"<h2>Smoke test <span style='color:{colour}'>{verdict}</span></h2><table>{rows}</table>"
+        f"{benchmark_html}</body></html>"
+    )
+
+
+# ----------------------------------------------------------------------------- KFP shell
+
+
+def smoke_test_op(
+    deployment: dict,
+    endpoint: dsl.Input[VertexEndpoint],
+    deployed_model_id: str,
+    weights_uri: str,
+    api_endpoint: str,
+    metrics: dsl.Output[dsl.Metrics],
+    report: dsl.Output[dsl.HTML],
+) -> NamedTuple(
+    "SmokeOutputs", [("verdict", str), ("answer", str), ("latency_s", float), ("message", str), ("benchmark", list)]
+):
+    """Smoke test: chat prompt through the Vertex prediction path; optional load benchmark when it passes."""
+    from collections import namedtuple
+
+    from components.benchmark import log_benchmark_metrics, render_html, run_benchmark
+    from components.serving import served_model_name
+    from components.smoke_test import run_smoke_test, smoke_report_html
+
+    resource = endpoint.metadata["resourceName"]
+    result = run_smoke_test(deployment, resource, deployed_model_id, weights_uri, api_endpoint)
+    metrics.log_metric("smoke_passed", 1 if result.passed else 0)
+    metrics.log_metric("smoke_latency_s", result.latency_s)
+    if "completion_tokens" in result.tokens:
+        metrics.log_metric("smoke_completion_tokens", result.tokens["completion_tokens"])
+    levels: list = []
+    bench_html = ""
+    st = deployment["config"].get("smoke_test", {})
+    if result.passed and st.get("benchmark"):
+        # A model still at 0% traffic is only reachable through its own route; load it there, not the live one.
+        target = f"{resource}/deployedModels/{deployed_model_id}" if "/deployedModels/" in result.route else resource
+        bench = run_benchmark(
+            target,
+            concurrency=list(st.get("benchmark_concurrency") or [1, 4, 16]),
+            requests_per_level=int(st.get("benchmark_requests") or 16),
+            max_tokens=int(st.get("max_tokens") or 64),
+            prompt=str(st.get("prompt") or "What is the capital of France?"),
+            model=served_model_name(deployment),
+            api_endpoint=api_endpoint,
+            ttft_target_s=float(st.get("ttft_p95_target_s") or 2.0),
+        )
+        levels = bench.levels
+        log_benchmark_metrics(bench, metrics)
+        bench_html = render_html(bench, fragment=True)
+    with open(report.path, "w") as f:
+        f.write(smoke_report_html(result, bench_html))
+    outputs = namedtuple("SmokeOutputs", ["verdict", "answer", "latency_s", "message", "benchmark"])
+    return outputs(
+        "passed" if result.passed else "failed", result.answer, float(result.latency_s), result.message, levels
+    )

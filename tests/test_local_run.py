@@ -1,0 +1,206 @@
+"""End to end on the local stack: the compiled DAG through kfp.local, a fault per step, no-op and blue/green redeploys."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from components.config import load_config
+from pipelines.local.runner import run_local
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_REPO = "vlp-test/tiny-llama"
+
+
+def tiny_config(name: str = "tiny", *overrides: str) -> Any:
+    """The local demo config pointed at the tiny random Llama: structure, not semantics."""
+    return load_config(
+        ROOT / "configs" / "local-demo.yaml",
+        [
+            f"name={name}",
+            f"endpoint.name={name}",
+            f"model.repo={TINY_REPO}",
+            "smoke_test.expect=",
+            "smoke_test.max_tokens=8",
+            "smoke_test.attempts=3",
+            *overrides,
+        ],
+    )
+
+
+def emulator_state(state_dir: Path) -> dict[str, Any]:
+    path = state_dir / "emulator" / "emulator-state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def vertex_resources(state_dir: Path) -> dict[str, list[str]]:
+    """What the emulator holds, read from its persisted state (independent of the run summary)."""
+    state = emulator_state(state_dir)
+    models = state.get("models", {})
+    endpoints = state.get("endpoints", {})
+    model_list = models.values() if isinstance(models, dict) else models
+    endpoint_list = endpoints.values() if isinstance(endpoints, dict) else endpoints
+    deployed = []
+    for ep in endpoint_list:
+        for dm in ep.get("deployedModels", ep.get("deployed_models", [])):
+            deployed.append(dm.get("id"))
+    return {
+        "models": [m.get("name") for m in model_list],
+        "endpoints": [e.get("name") for e in endpoint_list],
+        "deployed_models": deployed,
+    }
+
+
+def run(state_dir: Path, cfg: Any, tiny_model_dir: Path, **kwargs: Any) -> dict[str, Any]:
+    return run_local(cfg, state_dir=state_dir, model_dir=tiny_model_dir, quiet=True, **kwargs)
+
+
+def test_full_dag_on_tiny_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    summary_path = tmp_path / "summary.json"
+    summary = run_local(
+        tiny_config(), state_dir=tmp_path / "state", model_dir=tiny_model_dir, summary_json=summary_path, quiet=True
+    )
+    assert summary["status"] == "succeeded", summary["error"]
+    assert json.loads(summary_path.read_text())["status"] == "succeeded"
+    names = [s["name"] for s in summary["steps"]]
+    for step in ("preflight", "mirror-weights", "register-model", "deploy-model", "smoke-test", "promote"):
+        assert step in names, names
+    assert all(s["status"] == "succeeded" for s in summary["steps"])
+    assert summary["model"]["resource_name"].startswith("projects/local-project/locations/us-central1/models/")
+    assert summary["endpoint"].startswith("projects/local-project/locations/us-central1/endpoints/")
+    assert len(summary["deployed_models"]) == 1 and summary["deployed_models"][0]["traffic_percent"] == 100
+    assert summary["smoke"]["passed"] is True and summary["smoke"]["answer"]
+    assert summary["smoke"]["latency_s"] > 0
+    calls = summary["api_calls"]
+    assert any(c.startswith("POST ") and c.endswith("/models:upload") for c in calls)
+    assert any(c.endswith(":deployModel") for c in calls)
+    assert summary["left_running"] == [f"{summary['endpoint']}/deployedModels/{summary['deployed_models'][0]['id']}"]
+    # The weights went Hub -> GCS under the pinned revision, and serving loaded them from there.
+    held = vertex_resources(tmp_path / "state")
+    assert len(held["endpoints"]) == 1 and len(held["deployed_models"]) == 1
+
+
+FAULTS = [
+    # (fault, words the error must contain, whether the run creates Vertex resources before failing)
+    ("quota-exhausted", "quota"),
+    ("hub-gated", "gated"),
+    ("upload-error", "upload"),
+    ("deploy-error", "Deploying"),
+    ("deploy-timeout", "timed out"),
+    ("server-crash", "smoke test failed"),
+    ("smoke-fail", "smoke test failed"),
+    ("kill-step:mirror-weights", "mirror-weights"),
+    ("kill-step:register-model", "register-model"),
+    ("kill-step:deploy-model", "deploy-model"),
+    ("kill-step:smoke-test", "smoke-test"),
+]
+
+
+@pytest.mark.parametrize(("fault", "message"), FAULTS, ids=[f[0] for f in FAULTS])
+def test_fault_leaves_nothing_behind(tmp_path: Path, tiny_model_dir: Path, fault: str, message: str) -> None:
+    state = tmp_path / "state"
+    summary = run(state, tiny_config(), tiny_model_dir, faults=[fault])
+    assert summary["status"] == "failed"
+    assert message.lower() in (summary["error"] or "").lower(), summary["error"]
+    held = vertex_resources(state)
+    assert held == {"models": [], "endpoints": [], "deployed_models": []}, held
+    assert summary["left_running"] == []
+    assert set(summary["created"]) <= set(summary["deleted"]) | set(), summary
+
+
+def test_predict_429_is_retried_and_passes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    summary = run(tmp_path / "state", tiny_config(), tiny_model_dir, faults=["predict-429"])
+    assert summary["status"] == "succeeded", summary["error"]
+    assert summary["smoke"]["passed"] is True
+
+
+def test_second_identical_run_is_a_noop_and_fast(tmp_path: Path, tiny_model_dir: Path) -> None:
+    state = tmp_path / "state"
+    t0 = time.monotonic()
+    first = run(state, tiny_config(), tiny_model_dir)
+    first_s = time.monotonic() - t0
+    assert first["status"] == "succeeded", first["error"]
+    t1 = time.monotonic()
+    second = run(state, tiny_config(), tiny_model_dir)
+    second_s = time.monotonic() - t1
+    assert second["status"] == "noop", second
+    assert not any(c.endswith(("/models:upload", ":deployModel")) for c in second["api_calls"])
+    assert second["created"] == [] and second["deleted"] == []
+    assert second["deployed_models"] == first["deployed_models"]
+    print(f"first run {first_s:.1f}s, no-op run {second_s:.1f}s ({second_s / first_s:.0%})")
+    assert second_s < 0.25 * first_s
+
+
+def _hammer(endpoint: str, api: str, stop: threading.Event, results: list[int]) -> None:
+    url = f"{api}/v1/{endpoint}/chat/completions"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    while not stop.is_set():
+        try:
+            results.append(requests.post(url, json=body, timeout=60).status_code)
+        except requests.RequestException:
+            results.append(-1)
+        time.sleep(0.2)
+
+
+def test_redeploy_new_revision_is_blue_green_without_downtime(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    first = run(state, tiny_config(), tiny_model_dir)
+    assert first["status"] == "succeeded", first["error"]
+    old_id = first["deployed_models"][0]["id"]
+    # A new revision: same model with a changed generation config, published as a new commit.
+    changed = tmp_path / "tiny-v2"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, changed)
+    gen = json.loads((changed / "generation_config.json").read_text())
+    gen["max_new_tokens"] = 7
+    (changed / "generation_config.json").write_text(json.dumps(gen))
+
+    # Keep the endpoint busy from another thread for the whole redeploy, through a fresh emulator start.
+    results: list[int] = []
+    stop = threading.Event()
+    from pipelines.local import peers
+
+    original_start = peers.LocalStack.start
+
+    def start_and_hammer(self: Any) -> Any:
+        out = original_start(self)
+        thread = threading.Thread(
+            target=_hammer, args=(first["endpoint"], self.api_endpoint, stop, results), daemon=True
+        )
+        thread.start()
+        return out
+
+    monkeypatch.setattr(peers.LocalStack, "start", start_and_hammer)
+    second = run_local(tiny_config(), state_dir=state, model_dir=changed, quiet=True)
+    stop.set()
+    assert second["status"] == "succeeded", second["error"]
+    assert len(second["deployed_models"]) == 1
+    assert second["deployed_models"][0]["id"] != old_id
+    assert second["deployed_models"][0]["traffic_percent"] == 100
+    # The restarted emulator brings the old model back up first; count from its first answer on.
+    answered = results[next((i for i, s in enumerate(results) if s == 200), len(results)) :]
+    assert len(answered) > 5
+    assert all(s == 200 for s in answered), results
+
+
+def test_redeploy_with_failing_smoke_keeps_old_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    state = tmp_path / "state"
+    first = run(state, tiny_config(), tiny_model_dir)
+    assert first["status"] == "succeeded", first["error"]
+    second = run(state, tiny_config(), tiny_model_dir, faults=["smoke-fail"], force=True)
+    assert second["status"] == "failed"
+    assert second["deployed_models"] == first["deployed_models"]
+    assert second["deployed_models"][0]["traffic_percent"] == 100
+    held = vertex_resources(state)
+    assert len(held["deployed_models"]) == 1
+    # No trace of the new version: the model has the one version the first run registered.
+    assert len(held["models"]) == 1

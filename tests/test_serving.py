@@ -1,0 +1,314 @@
+"""Serving presets: the exact container spec of each seed config, labels, hashing and the REST rendering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.cloud import aiplatform_v1, aiplatform_v1beta1
+from google.protobuf import json_format
+
+from components import serving
+from components.config import DeploymentConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+WEIGHTS = "gs://vlp-bucket/models/meta-llama/Llama-3.1-8B-Instruct/0123456789abcdef0123456789abcdef01234567"
+SHA = "0123456789abcdef0123456789abcdef01234567"
+L4_PLAN = {"machine_type": "g2-standard-8", "accelerator_type": "NVIDIA_L4", "accelerator_count": 1}
+
+
+def deployment_for_tests(cfg: DeploymentConfig, plan_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The dict preflight hands the later steps; an explicit hardware shape becomes the plan, `auto` needs a plan."""
+    hw = cfg.hardware
+    plan: dict[str, Any] = {"node_count": 1}
+    if not hw.is_auto:
+        plan.update(
+            machine_type=hw.machine_type,
+            accelerator_type=hw.accelerator_type,
+            accelerator_count=hw.accelerator_count,
+            tensor_parallel_size=hw.accelerator_count or 1,
+            pipeline_parallel_size=1,
+        )
+    plan.update(plan_overrides or {})
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "project": "test-project",
+        "region": cfg.placement.regions[0],
+        "bucket": "vlp-bucket",
+        "service_account": "serving@test-project.iam.gserviceaccount.com",
+        "run_name": "run-1",
+        "labels": {"vlp-deployment": cfg.name, "vlp-run": "run-1"},
+        "plan": plan,
+        "revision_sha": SHA,
+        "api_endpoint": "",
+    }
+
+
+def seed(name: str, plan: dict[str, Any] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    return deployment_for_tests(load_config(CONFIGS / f"{name}.yaml", overrides), plan)
+
+
+def spec_dict(deployment: dict[str, Any]) -> dict[str, Any]:
+    return json_format.MessageToDict(aiplatform_v1.ModelContainerSpec.pb(serving.container_spec(deployment)))
+
+
+def _common(spec: dict[str, Any], health_path: str) -> None:
+    assert spec["ports"] == [{"containerPort": 8080}]
+    assert spec["sharedMemorySizeMb"] == "16384"
+    assert spec["deploymentTimeout"] == "7200s"
+    assert spec["startupProbe"] == {
+        "httpGet": {"path": health_path, "port": 8080},
+        "periodSeconds": 30,
+        "timeoutSeconds": 10,
+        "failureThreshold": 240,
+    }
+    assert spec["healthProbe"]["httpGet"] == {"path": health_path, "port": 8080}
+    assert not {e["name"] for e in spec.get("env", [])} & {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN"}
+
+
+def test_llama_8b_vllm_l4_matches_the_vertex_vllm_doc() -> None:
+    spec = spec_dict(seed("llama-3.1-8b-vllm-l4"))
+    assert spec["imageUri"] == serving.VLLM_IMAGE
+    # The doc's deploy_model_vllm args; --model reads the GCS mirror and --served-model-name is added (see serving.py).
+    assert spec["args"] == [
+        "python", "-m", "vllm.entrypoints.api_server",
+        "--host=0.0.0.0", "--port=8080",
+        "--model=$(AIP_STORAGE_URI)",
+        "--served-model-name=meta-llama/Llama-3.1-8B-Instruct",
+        "--tensor-parallel-size=1",
+        "--swap-space=16",
+        "--gpu-memory-utilization=0.9",
+        "--max-model-len=4096",
+        "--dtype=bfloat16",
+        "--max-num-seqs=256",
+        "--disable-log-stats",
+    ]  # fmt: skip
+    assert "command" not in spec and "env" not in spec
+    assert spec["predictRoute"] == "/generate" and spec["healthRoute"] == "/ping"
+    _common(spec, "/ping")
+
+
+def test_llama_70b_vllm_8xl4_shards_over_eight_gpus() -> None:
+    spec = spec_dict(seed("llama-3.1-70b-vllm-8xl4"))
+    assert spec["args"][3:] == [
+        "--host=0.0.0.0", "--port=8080",
+        "--model=$(AIP_STORAGE_URI)",
+        "--served-model-name=meta-llama/Llama-3.1-70B-Instruct",
+        "--tensor-parallel-size=8",
+        "--swap-space=16",
+        "--gpu-memory-utilization=0.9",
+        "--max-model-len=4096",
+        "--dtype=bfloat16",
+        "--max-num-seqs=64",
+        "--disable-log-stats",
+    ]  # fmt: skip
+    _common(spec, "/ping")
+
+
+def test_llama_32_vision_vllm_a100_has_the_docs_vision_flags() -> None:
+    spec = spec_dict(seed("llama-3.2-11b-vision-vllm-a100"))
+    assert spec["args"][3:] == [
+        "--host=0.0.0.0", "--port=8080",
+        "--model=$(AIP_STORAGE_URI)",
+        "--served-model-name=meta-llama/Llama-3.2-11B-Vision-Instruct",
+        "--tensor-parallel-size=1",
+        "--swap-space=16",
+        "--gpu-memory-utilization=0.9",
+        "--max-model-len=4096",
+        "--dtype=auto",
+        "--max-num-seqs=12",
+        "--disable-log-stats",
+        "--enforce-eager",
+        "--limit-mm-per-prompt=image=1",
+    ]  # fmt: skip
+    _common(spec, "/ping")
+
+
+def test_llama_405b_fp8_tgi_a3_matches_the_hf_blog_env() -> None:
+    spec = spec_dict(seed("llama-3.1-405b-fp8-tgi-a3"))
+    assert spec["imageUri"] == serving.TGI_IMAGE
+    # The HF blog's NUM_SHARD=8; token lengths from the config; no MODEL_ID (the DLC sets it from AIP_STORAGE_URI)
+    # and no HUGGING_FACE_HUB_TOKEN: the weights come from the GCS mirror.
+    assert spec["env"] == [
+        {"name": "NUM_SHARD", "value": "8"},
+        {"name": "MAX_INPUT_TOKENS", "value": "8191"},
+        {"name": "MAX_TOTAL_TOKENS", "value": "8192"},
+        {"name": "MAX_BATCH_PREFILL_TOKENS", "value": "8192"},
+    ]
+    assert spec["args"] == ["--max-concurrent-requests=32"]
+    # The DLC's router serves AIP_PREDICT_ROUTE itself; /generate or /health here would be registered twice.
+    assert "predictRoute" not in spec and "healthRoute" not in spec
+    _common(spec, "/health")
+
+
+def test_llama_8b_awq_tgi_matches_the_cloud_run_seed() -> None:
+    deployment = seed("llama-3.1-8b-awq-int4-tgi", L4_PLAN)
+    spec = spec_dict(deployment)
+    assert spec["args"] == ["--max-concurrent-requests=64", "--quantize=awq"]
+    assert {e["name"]: e["value"] for e in spec["env"]} == {
+        "NUM_SHARD": "1",
+        "MAX_INPUT_TOKENS": "8191",
+        "MAX_TOTAL_TOKENS": "8192",
+        "MAX_BATCH_PREFILL_TOKENS": "8192",
+    }
+    _common(spec, "/health")
+    machine = serving.deploy_model_request(deployment, "projects/p/locations/l/models/m").deployed_model
+    assert machine.dedicated_resources.machine_spec.machine_type == "g2-standard-8"
+
+
+def test_auto_hardware_without_a_plan_says_to_run_preflight() -> None:
+    deployment = seed("llama-3.1-8b-awq-int4-tgi")
+    with pytest.raises(serving.ServingSpecError, match="run preflight"):
+        serving.container_spec(deployment)
+
+
+def test_plan_fills_what_the_config_leaves_empty() -> None:
+    deployment = seed(
+        "local-demo",
+        {
+            "machine_type": "g2-standard-24",
+            "accelerator_type": "NVIDIA_L4",
+            "accelerator_count": 2,
+            "tensor_parallel_size": 2,
+            "max_model_len": 9999,
+            "max_num_seqs": 7,
+        },
+        overrides=["serving.max_model_len=null", "serving.max_num_seqs=null"],
+    )
+    args = serving.vllm_args(deployment)
+    assert "--tensor-parallel-size=2" in args and "--max-model-len=9999" in args and "--max-num-seqs=7" in args
+
+
+def test_engine_options_reach_the_command_line() -> None:
+    deployment = seed(
+        "llama-3.1-8b-vllm-l4",
+        overrides=[
+            "serving.quantization=fp8", "serving.kv_cache_dtype=fp8", "serving.trust_remote_code=true",
+            "serving.enable_lora=true", "serving.max_loras=4", "serving.max_lora_rank=32",
+            "serving.chat_template={{ messages }}", "serving.extra_args=[--enable-prefix-caching]",
+            "serving.env={VLLM_USE_V1: '0'}",
+        ],
+    )  # fmt: skip
+    spec = spec_dict(deployment)
+    for flag in (
+        "--quantization=fp8",
+        "--kv-cache-dtype=fp8",
+        "--trust-remote-code",
+        "--enable-lora",
+        "--max-loras=4",
+        "--max-lora-rank=32",
+        "--chat-template={{ messages }}",
+    ):
+        assert flag in spec["args"], flag
+    assert spec["args"][-1] == "--enable-prefix-caching"
+    assert spec["env"] == [{"name": "VLLM_USE_V1", "value": "0"}]
+    tgi = seed("llama-3.1-8b-awq-int4-tgi", L4_PLAN, ["serving.kv_cache_dtype=fp8", "serving.enforce_eager=true"])
+    assert serving.tgi_env_and_args(tgi)[1] == [
+        "--max-concurrent-requests=64",
+        "--quantize=awq",
+        "--kv-cache-dtype=fp8_e4m3fn",
+        "--cuda-graphs=0",
+    ]
+
+
+def test_no_hub_token_ever_reaches_the_container() -> None:
+    deployment = seed("llama-3.1-8b-vllm-l4", overrides=["serving.extra_args=[--hf-token=hf_abc]"])
+    with pytest.raises(serving.ServingSpecError, match="never hold a Hub token"):
+        serving.container_spec(deployment)
+    deployment = seed("llama-3.1-8b-vllm-l4")
+    deployment["config"]["serving"]["env"] = {"HF_API_TOKEN": "x"}  # past the config's own check
+    with pytest.raises(serving.ServingSpecError, match="never hold a Hub token"):
+        serving.container_spec(deployment)
+
+
+def test_upload_request_labels_alias_and_artifact_uri() -> None:
+    deployment = seed("llama-3.1-8b-vllm-l4")
+    request = serving.upload_model_request(deployment, WEIGHTS, SHA)
+    assert isinstance(request, aiplatform_v1.UploadModelRequest)
+    assert request.parent == "projects/test-project/locations/us-central1"
+    model = request.model
+    spec_hash = serving.serving_spec_hash(deployment)
+    assert model.artifact_uri == WEIGHTS + "/"
+    assert dict(model.labels) == {
+        "vlp-deployment": "llama-3-1-8b-vllm",
+        "vlp-run": "run-1",
+        "vlp-revision": SHA[:12],
+        "vlp-spec": spec_hash,
+    }
+    assert list(model.version_aliases) == [f"rev-{SHA[:12]}-{spec_hash[:8]}"]
+    assert model.display_name == "llama-3-1-8b-vllm"
+    with pytest.raises(serving.ServingSpecError, match="gs://"):
+        serving.upload_model_request(deployment, "/local/path", SHA)
+
+
+def test_spec_hash_is_stable_and_moves_with_what_serving_runs() -> None:
+    a = seed("llama-3.1-8b-vllm-l4")
+    b = seed("llama-3.1-8b-vllm-l4")
+    b["run_name"], b["labels"], b["revision_sha"] = "run-2", {"vlp-run": "run-2"}, "f" * 40
+    assert serving.serving_spec_hash(a) == serving.serving_spec_hash(b)
+    assert len(serving.serving_spec_hash(a)) == 12
+    changed = seed("llama-3.1-8b-vllm-l4", overrides=["serving.max_num_seqs=128"])
+    assert serving.serving_spec_hash(changed) != serving.serving_spec_hash(a)
+    bigger = seed("llama-3.1-8b-vllm-l4", overrides=["hardware.max_replica_count=3"])
+    assert serving.serving_spec_hash(bigger) != serving.serving_spec_hash(a)
+
+
+def test_deploy_request_machine_replicas_spot_and_traffic() -> None:
+    deployment = seed("llama-3.1-70b-vllm-8xl4", overrides=["hardware.max_replica_count=3", "hardware.spot=true"])
+    request = serving.deploy_model_request(
+        deployment,
+        "projects/p/locations/us-central1/models/m@2",
+        endpoint_resource="projects/p/locations/us-central1/endpoints/9",
+    )
+    assert isinstance(request, aiplatform_v1.DeployModelRequest)
+    got = json_format.MessageToDict(aiplatform_v1.DeployModelRequest.pb(request))
+    assert got == {
+        "endpoint": "projects/p/locations/us-central1/endpoints/9",
+        "deployedModel": {
+            "model": "projects/p/locations/us-central1/models/m@2",
+            "displayName": "llama-3-1-70b-vllm-01234567",
+            "serviceAccount": "serving@test-project.iam.gserviceaccount.com",
+            "dedicatedResources": {
+                "machineSpec": {"machineType": "g2-standard-96", "acceleratorType": "NVIDIA_L4", "acceleratorCount": 8},
+                "minReplicaCount": 1,
+                "maxReplicaCount": 3,
+                "spot": True,
+                "autoscalingMetricSpecs": [
+                    {"metricName": "aiplatform.googleapis.com/prediction/online/accelerator/duty_cycle", "target": 60}
+                ],
+            },
+        },
+        "trafficSplit": {"0": 100},
+    }
+    blue_green = serving.deploy_model_request(deployment, "m", traffic_split={"0": 0, "123": 100})
+    assert dict(blue_green.traffic_split) == {"0": 0, "123": 100}
+
+
+def test_multi_host_uses_v1beta1_and_pipeline_parallel() -> None:
+    deployment = seed(
+        "llama-3.1-405b-fp8-tgi-a3",
+        {"node_count": 2, "pipeline_parallel_size": 2},
+        overrides=["serving.engine=vllm", "serving.tensor_parallel_size=8"],
+    )
+    assert serving.needs_v1beta1(deployment)
+    assert "--pipeline-parallel-size=2" in serving.vllm_args(deployment)
+    request = serving.deploy_model_request(deployment, "m")
+    assert isinstance(request, aiplatform_v1beta1.DeployModelRequest)
+    assert request.deployed_model.dedicated_resources.machine_spec.multihost_gpu_node_count == 2
+    tgi = seed("llama-3.1-405b-fp8-tgi-a3", {"node_count": 2})
+    with pytest.raises(serving.ServingSpecError, match="one node only"):
+        serving.container_spec(tgi)
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_render_requests_is_rest_json_the_api_parses(name: str) -> None:
+    deployment = seed(name, None if not load_config(CONFIGS / f"{name}.yaml").hardware.is_auto else L4_PLAN)
+    rendered = serving.render_requests(deployment, WEIGHTS)
+    text = json.dumps(rendered)
+    assert "artifact_uri" not in text and "artifactUri" in text  # camelCase, as the REST API takes it
+    upload = json_format.ParseDict(rendered["upload_model"], aiplatform_v1.UploadModelRequest.pb()())
+    deploy = json_format.ParseDict(rendered["deploy_model"], aiplatform_v1.DeployModelRequest.pb()())
+    assert upload.model.labels["vlp-revision"] == "sha"
+    assert deploy.deployed_model.dedicated_resources.machine_spec.machine_type

@@ -1,0 +1,240 @@
+"""Smoke test through the emulated Vertex prediction path: SmolLM2 served by `transformers serve` from fake GCS."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.cloud import aiplatform_v1
+
+from components import serving
+from components.clients import gapic_kwargs, storage_client
+from components.config import load_config
+from components.smoke_test import SmokeTestError, deploy_failure_message, log_filter, run_smoke_test
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REGION = "us-central1"
+PROJECT = "local-project"
+BUCKET = "vlp-smoke"
+SHA = "5" * 40
+
+
+def _deployment(api_endpoint: str, overrides: tuple[str, ...] = (), **smoke: Any) -> dict[str, Any]:
+    sets = [*overrides, *(f"smoke_test.{k}={v}" for k, v in smoke.items())]
+    cfg = load_config(CONFIGS / "local-demo.yaml", sets)
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "project": PROJECT,
+        "region": REGION,
+        "bucket": BUCKET,
+        "service_account": "",
+        "run_name": "smoke-run",
+        "labels": {"vlp-deployment": cfg.name},
+        # The local stack serves on CPU: the plan the preflight gives for `hardware: auto` there.
+        "plan": {"machine_type": "n1-standard-4", "accelerator_type": "", "accelerator_count": 0, "node_count": 1},
+        "revision_sha": SHA,
+        "api_endpoint": api_endpoint,
+    }
+
+
+def _upload_dir(model_dir: Path, prefix: str, skip: tuple[str, ...] = ()) -> str:
+    bucket = storage_client(PROJECT).bucket(BUCKET)
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and path.name not in skip:
+            bucket.blob(f"{prefix}/{path.name}").upload_from_filename(str(path))
+    return f"gs://{BUCKET}/{prefix}"
+
+
+def _deploy(deployment: dict[str, Any], weights_uri: str, endpoint: str, traffic: dict[str, int] | None = None) -> str:
+    api = deployment["api_endpoint"]
+    models = aiplatform_v1.ModelServiceClient(**gapic_kwargs(REGION, api))
+    uploaded = models.upload_model(request=serving.upload_model_request(deployment, weights_uri, SHA)).result(60)
+    endpoints = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(REGION, api))
+    request = serving.deploy_model_request(
+        deployment, uploaded.model, endpoint_resource=endpoint, traffic_split=traffic
+    )
+    return endpoints.deploy_model(request=request).result(300).deployed_model.id
+
+
+@pytest.fixture(scope="module")
+def served(local_stack: Any, smollm2_model_dir: Path) -> Iterator[dict[str, Any]]:
+    """SmolLM2 mirrored to fake GCS, registered and deployed on an emulated endpoint through our own requests."""
+    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "VLP_API_ENDPOINT")}
+    os.environ["STORAGE_EMULATOR_HOST"] = local_stack.storage_endpoint
+    try:
+        client = storage_client(PROJECT)
+        if client.lookup_bucket(BUCKET) is None:
+            client.create_bucket(BUCKET)
+        weights = _upload_dir(smollm2_model_dir, f"models/HuggingFaceTB/SmolLM2-135M-Instruct/{SHA}")
+        deployment = _deployment(local_stack.api_endpoint)
+        endpoints = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(REGION, local_stack.api_endpoint))
+        endpoint = endpoints.create_endpoint(
+            parent=f"projects/{PROJECT}/locations/{REGION}", endpoint=aiplatform_v1.Endpoint(display_name="smoke")
+        ).result(60)
+        dm_id = _deploy(deployment, weights, endpoint.name)
+        yield {
+            "stack": local_stack,
+            "deployment": deployment,
+            "weights": weights,
+            "endpoint": endpoint.name,
+            "dm": dm_id,
+            "api": local_stack.api_endpoint,
+        }
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _set_faults(api: str, faults: list[str]) -> None:
+    request = urllib.request.Request(
+        f"{api}/_emulator/faults",
+        data=json.dumps({"faults": faults}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    urllib.request.urlopen(request, timeout=10).close()
+
+
+def test_smollm2_answers_paris_through_the_vertex_chat_route(served: dict[str, Any]) -> None:
+    result = run_smoke_test(served["deployment"], served["endpoint"], served["dm"], served["weights"], served["api"])
+    assert result.passed, result.message
+    assert "paris" in result.answer.lower()
+    assert result.route == f"/v1beta1/{served['endpoint']}/chat/completions"
+    # The prompt went through SmolLM2's own chat template (ChatML), read from the tokenizer files in GCS.
+    assert result.prompt_sent.startswith("<|im_start|>") and "What is the capital of France?" in result.prompt_sent
+    assert result.prompt_sent.endswith("<|im_start|>assistant\n")
+    assert result.finish_reason in ("stop", "length")
+    assert 0 < result.tokens["completion_tokens"] <= 24 and result.tokens["prompt_tokens"] > 0
+    assert result.latency_s > 0
+
+
+def test_a_wrong_expectation_fails_with_what_was_sent_got_and_the_server_log(served: dict[str, Any]) -> None:
+    deployment = _deployment(served["api"], expect="Berlin")
+    result = run_smoke_test(deployment, served["endpoint"], served["dm"], served["weights"], served["api"])
+    assert not result.passed
+    message = result.message
+    assert "does not contain 'Berlin'" in message
+    assert "Sent: POST /v1beta1/" in message and "What is the capital of France?" in message
+    assert "Got (" in message and "Paris" in message
+    assert "Last model server log lines" in message and "  | " in message  # lines read from Cloud Logging
+    assert "POST /v1/chat/completions" in message  # the model server's own access log line
+    assert (
+        "gcloud logging read" in message and log_filter(served["endpoint"].rsplit("/", 1)[1], served["dm"]) in message
+    )
+    regex = _deployment(served["api"], expect_regex="^Berlin$")
+    assert not run_smoke_test(regex, served["endpoint"], served["dm"], served["weights"], served["api"]).passed
+
+
+def _calls(api: str) -> list[str]:
+    with urllib.request.urlopen(f"{api}/_emulator/calls", timeout=10) as resp:
+        return json.loads(resp.read())["calls"]
+
+
+def test_a_cold_endpoint_is_retried_with_backoff(served: dict[str, Any]) -> None:
+    chat = f"POST /v1beta1/{served['endpoint']}/chat/completions"
+    # The emulator's predict-429 fault answers 429 to a deployed model's first two prediction calls.
+    one_try = copy.deepcopy(served["deployment"])
+    one_try["config"]["smoke_test"]["attempts"] = 1
+    _set_faults(served["api"], ["predict-429"])
+    try:
+        with pytest.raises(SmokeTestError, match="after 1 attempts") as err:
+            run_smoke_test(one_try, served["endpoint"], served["dm"], served["weights"], served["api"], backoff_s=0.05)
+        assert "HTTP 429" in str(err.value) and "Last model server log lines" in str(err.value)
+        before = _calls(served["api"]).count(chat)
+        result = run_smoke_test(
+            served["deployment"], served["endpoint"], served["dm"], served["weights"], served["api"], backoff_s=0.05
+        )
+    finally:
+        _set_faults(served["api"], [])
+    assert result.passed, result.message
+    assert _calls(served["api"]).count(chat) - before == 2  # one more 429, then the answer
+
+
+def test_no_chat_template_fails_with_the_fix(served: dict[str, Any], tiny_model_dir: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    config = json.loads((tiny_model_dir / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    (bare / "tokenizer.json").write_bytes((tiny_model_dir / "tokenizer.json").read_bytes())
+    weights = _upload_dir(bare, "models/no-template/rev")
+    result = run_smoke_test(served["deployment"], served["endpoint"], served["dm"], weights, served["api"])
+    assert not result.passed
+    assert "no chat template" in result.message and "serving.chat_template" in result.message
+
+
+def test_deploy_failure_message_carries_the_server_log(served: dict[str, Any]) -> None:
+    endpoint_id = served["endpoint"].rsplit("/", 1)[1]
+    message = deploy_failure_message(PROJECT, REGION, endpoint_id, served["dm"], "CUDA out of memory", served["api"])
+    assert message.startswith(f"Deploying to deployed model {served['dm']} on endpoint")
+    assert "\n  | INFO:" in message  # the model server's own lines, from the emulated Cloud Logging
+    assert "Likely fix: GPU out of memory: lower serving.max_num_seqs" in message
+    assert "gcloud logging read" in message and "console.cloud.google.com/logs/query" in message
+
+
+def test_missing_deployed_model_is_an_infrastructure_error(served: dict[str, Any]) -> None:
+    with pytest.raises(SmokeTestError, match="is not on endpoint"):
+        run_smoke_test(served["deployment"], served["endpoint"], "999999", served["weights"], served["api"])
+
+
+def test_tgi_gets_the_templated_prompt_through_predict(served: dict[str, Any]) -> None:
+    deployment = _deployment(served["api"], ("serving.engine=tgi", "serving.dtype=auto"))
+    endpoints = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(REGION, served["api"]))
+    endpoint = endpoints.create_endpoint(
+        parent=f"projects/{PROJECT}/locations/{REGION}", endpoint=aiplatform_v1.Endpoint(display_name="smoke-tgi")
+    ).result(60)
+    dm_id = _deploy(deployment, served["weights"], endpoint.name)
+    try:
+        result = run_smoke_test(deployment, endpoint.name, dm_id, served["weights"], served["api"])
+    finally:
+        endpoints.undeploy_model(endpoint=endpoint.name, deployed_model_id=dm_id).result(60)
+        endpoints.delete_endpoint(name=endpoint.name).result(60)
+    assert result.route == f"/v1/{endpoint.name}:predict"
+    assert result.passed, result.message
+    assert "paris" in result.answer.lower()
+    assert result.prompt_sent.endswith("<|im_start|>assistant\n")
+
+
+def test_new_model_at_zero_traffic_goes_through_its_invoke_route(served: dict[str, Any]) -> None:
+    deployment = served["deployment"]
+    second = _deploy(deployment, served["weights"], served["endpoint"], traffic={"0": 0, served["dm"]: 100})
+    try:
+        result = run_smoke_test(deployment, served["endpoint"], second, served["weights"], served["api"])
+    finally:
+        endpoints = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(REGION, served["api"]))
+        endpoints.undeploy_model(
+            endpoint=served["endpoint"], deployed_model_id=second, traffic_split={served["dm"]: 100}
+        ).result(60)
+    assert result.route == f"/v1/{served['endpoint']}/deployedModels/{second}/invoke/v1/chat/completions"
+    assert result.passed, result.message
+
+
+def test_smoke_test_op_writes_verdict_metrics_benchmark_and_report(served: dict[str, Any], tmp_path: Path) -> None:
+    from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint
+    from kfp import dsl
+
+    from components.smoke_test import smoke_test_op
+
+    deployment = _deployment(
+        served["api"], benchmark="true", benchmark_concurrency="[1,2]", benchmark_requests=2, max_tokens=8
+    )
+    endpoint = VertexEndpoint(uri="", metadata={"resourceName": served["endpoint"]})
+    metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
+    report = dsl.HTML(uri=str(tmp_path / "report.html"))
+    out = smoke_test_op(deployment, endpoint, served["dm"], served["weights"], served["api"], metrics, report)
+    assert out.verdict == "passed" and "paris" in out.answer.lower() and out.latency_s > 0
+    # The benchmark went through the Vertex chat route of the emulated endpoint, at both levels.
+    assert [lv["concurrency"] for lv in out.benchmark] == [1, 2]
+    assert [lv["errors"] for lv in out.benchmark] == [0, 0]
+    assert metrics.metadata["smoke_passed"] == 1 and "bench_c2_ttft_p95_s" in metrics.metadata
+    html = (tmp_path / "report.html").read_text()
+    assert "Smoke test" in html and "passed" in html and "<svg" in html
