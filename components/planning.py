@@ -1353,10 +1353,19 @@ def plan_for_facts(
             multihost = bool(fitting)
         if not fitting:
             best = max(fits, key=lambda f: f.shape.gpus * ACCELERATORS[f.shape.accelerator_type].memory_bytes)
-            plan.errors.append(
-                f"{facts.repo} fits no shape in the catalog (largest tried: {best.shape.describe()}): "
-                + "; ".join(best.errors)
-            )
+            # The reason most single-node shapes give is the fix (e.g. max_model_len beyond the model's
+            # context); the largest machine's reason is only the fallback.
+            from collections import Counter
+
+            reasons = Counter(e for f in fits[: len(singles)] for e in dict.fromkeys(f.errors))
+            common, count = reasons.most_common(1)[0] if reasons else ("", 0)
+            if count > len(singles) // 2:
+                plan.errors.append(f"{facts.repo} fits no shape: {common}")
+            else:
+                plan.errors.append(
+                    f"{facts.repo} fits no shape in the catalog (largest tried: {best.shape.describe()}): "
+                    + "; ".join(best.errors)
+                )
             _record_rejected(plan, fits)
             _fill_facts_only(plan, best)
             return plan

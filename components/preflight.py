@@ -217,7 +217,7 @@ def preflight_op(
     from components.plan_report import render_markdown
     from components.preflight import PreflightError, run_preflight
     from components.redeploy import unchanged_deployment
-    from components.runtime import checkpoint, setup_logging
+    from components.runtime import checkpoint, setup_logging, without_nulls
 
     log = setup_logging()
     cfg = config_from_dict(config, source="the config parameter")
@@ -260,4 +260,4 @@ def preflight_op(
             action = "noop"
     checkpoint("preflight")
     outputs = namedtuple("PreflightOutputs", ["deployment", "region", "action"])
-    return outputs(deployment, deployment["region"], action)
+    return outputs(without_nulls(deployment), deployment["region"], action)

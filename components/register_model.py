@@ -43,14 +43,17 @@ def register_model(deployment: dict, weights_uri: str, revision_sha: str) -> Reg
     from components.runtime import StepError
     from components.serving import upload_model_request
 
+
     region, project = deployment["region"], deployment["project"]
     api = deployment.get("api_endpoint", "")
     client = aiplatform_v1.ModelServiceClient(**clients.gapic_kwargs(region, api))
     parent_model = find_parent_model(deployment)
-    model = upload_model_request(deployment, weights_uri, revision_sha)
-    request = aiplatform_v1.UploadModelRequest(parent=f"projects/{project}/locations/{region}", model=model)
+    request = upload_model_request(deployment, weights_uri, revision_sha)
     if parent_model:
         request.parent_model = parent_model
+        # The newest version becomes the default, as the aiplatform SDK does; teardown hands the
+        # alias back if this version is rolled back.
+        request.model.version_aliases.append("default")
     log.info(
         "registering %s revision %s from %s (%s)",
         deployment["config"]["model"]["repo"],

@@ -42,6 +42,16 @@ def checkpoint(step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def without_nulls(value: object) -> object:
+    """The value with None-valued keys dropped: KFP parameters (protobuf Structs, as kfp.local
+    builds them) cannot carry null, and every reader of these dicts treats missing as unset."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value if v is not None]
+    return value
+
+
 def region_of(resource_name: str) -> str:
     """The location segment of projects/P/locations/L/... ."""
     parts = resource_name.split("/")

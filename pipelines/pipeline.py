@@ -130,7 +130,7 @@ def pipeline_parameters(cfg: Any, *, project: str = "", region: str = "", bucket
                         service_account: str = "", force: bool = False, api_endpoint: str = "") -> dict[str, Any]:
     """The run-time parameter values for a config: what `vlp run` submits and `vlp check` validates."""
     return {
-        "config": cfg.model_dump(mode="json"),
+        "config": cfg.model_dump(mode="json", exclude_none=True),
         "project": project or cfg.placement.project,
         "region": region,
         "bucket": bucket or cfg.placement.bucket,

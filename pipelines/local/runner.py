@@ -144,12 +144,17 @@ def _ts(line: str) -> float | None:
 
 
 def _error_from_output(lines: list[str]) -> str | None:
-    """The exception message at the end of a failed step's traceback (it may span lines)."""
+    """The exception message at the end of a failed step's traceback (it may span several lines)."""
+    lines = [ln[4:] if ln.startswith("    ") else ln for ln in lines]  # kfp.local indents step output
     for i in range(len(lines) - 1, -1, -1):
-        m = _EXC_LINE.match(lines[i].strip())
-        if m and m.group(1) not in {"RuntimeError"} or (m and "failed" not in lines[i]):
-            rest = [m.group(2)] + [ln for ln in lines[i + 1 :] if ln.strip() and not ln.startswith(("Traceback", "  "))]
-            return "\n".join(x for x in rest if not _ANSI.sub("", x).strip().startswith(("INFO", "ERROR"))).strip()
+        m = _EXC_LINE.match(lines[i])
+        if m and not lines[i].startswith(" "):
+            rest = [m.group(2)]
+            for ln in lines[i + 1 :]:
+                if not ln.strip() or ln.startswith(("[KFP", "Traceback")):
+                    break
+                rest.append(ln)
+            return "\n".join(rest).strip()
     return None
 
 
@@ -243,7 +248,10 @@ def run_local(
 
     from components.clients import storage_client
     from pipelines.compile import compile_to_temp
+    from pipelines.local import kfp_fixes
     from pipelines.local.peers import LocalStack
+
+    kfp_fixes.apply()
 
     emulator_faults, kill_step = split_faults(faults or [])
     project = project or cfg.placement.project or "local-project"

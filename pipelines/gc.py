@@ -1,0 +1,215 @@
+"""By-hand cleanup: find what runs left in Vertex AI by their vlp-deployment / vlp-run labels, then tear a whole
+deployment down or collect the old leftovers, each run's share removed by components.teardown."""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from components.config import ConfigError
+from components.teardown import Removed, remove_run_resources
+
+log = logging.getLogger("vlp.gc")
+
+_AGE_RE = re.compile(r"(\d+)\s*([smhdw])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+# A run in these states may still be creating resources; its leftovers are not leftovers yet.
+_ACTIVE_JOB_STATES = {
+    "PIPELINE_STATE_QUEUED", "PIPELINE_STATE_PENDING", "PIPELINE_STATE_RUNNING", "PIPELINE_STATE_CANCELLING",
+    "PIPELINE_STATE_PAUSED",
+}
+
+
+def parse_age(text: str) -> timedelta:
+    """"24h", "90m", "7d", "1d12h" -> a timedelta."""
+    compact = text.strip().lower().replace(" ", "")
+    parts = _AGE_RE.findall(compact)
+    if not parts or "".join(n + u for n, u in parts) != compact:
+        raise ConfigError(f"--older-than {text!r}: give a number and a unit (s, m, h, d, w), e.g. 24h or 7d")
+    return sum((timedelta(**{_UNITS[u]: int(n)}) for n, u in parts), timedelta())
+
+
+@dataclass
+class RunResources:
+    """What one run (one vlp-run label) of one deployment still has in Vertex AI."""
+
+    deployment: str
+    run_label: str
+    regions: list[str] = field(default_factory=list)
+    endpoints: list[str] = field(default_factory=list)  # endpoints the run created
+    model_versions: list[str] = field(default_factory=list)  # MODEL@VERSION
+    deployed_models: list[str] = field(default_factory=list)  # ENDPOINT/deployedModels/ID
+    serving: list[str] = field(default_factory=list)  # deployed models with traffic > 0
+    newest: datetime | None = None  # the most recent create time among the above
+
+    def saw(self, region: str, created: Any) -> None:
+        if region not in self.regions:
+            self.regions.append(region)
+        when = _as_datetime(created)
+        if when and (self.newest is None or when > self.newest):
+            self.newest = when
+
+    def describe(self) -> str:
+        parts = [f"{len(self.deployed_models)} deployed model(s)", f"{len(self.endpoints)} endpoint(s)",
+                 f"{len(self.model_versions)} model version(s)"]
+        age = self.newest.isoformat(timespec="seconds") if self.newest else "unknown"
+        return f"run {self.run_label} of {self.deployment} ({', '.join(parts)}; newest {age})"
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    if not value:
+        return None
+    when = value if isinstance(value, datetime) else None
+    if when is None or when.timestamp() <= 0:  # an unset proto Timestamp reads as the epoch
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def _clients(region: str, api_endpoint: str) -> tuple[Any, Any]:
+    from google.cloud import aiplatform_v1
+
+    from components import clients
+
+    kwargs = clients.gapic_kwargs(region, api_endpoint)
+    return aiplatform_v1.EndpointServiceClient(**kwargs), aiplatform_v1.ModelServiceClient(**kwargs)
+
+
+def _model_key(region: str, model_name: str, version_id: str) -> tuple[str, str, str]:
+    # Vertex may spell the project as its number in one place and its id in another: key by model id.
+    return region, model_name.rsplit("/", 1)[-1].split("@")[0], version_id
+
+
+def find_runs(project: str, regions: list[str], deployment: str = "", api_endpoint: str = "") -> list[RunResources]:
+    """Every labelled run with something left in the regions: its endpoints, model versions and deployed
+    models (also on endpoints it did not create). `deployment` limits it to one vlp-deployment."""
+    from google.cloud import aiplatform_v1
+
+    runs: dict[tuple[str, str], RunResources] = {}
+
+    def run_for(labels: Any) -> RunResources | None:
+        dep, run = labels.get("vlp-deployment", ""), labels.get("vlp-run", "")
+        if not dep or not run or (deployment and dep != deployment):
+            return None
+        return runs.setdefault((dep, run), RunResources(dep, run))
+
+    label_filter = f"labels.vlp-deployment={deployment}" if deployment else "labels.vlp-deployment:*"
+    for region in dict.fromkeys(regions):
+        endpoints, models = _clients(region, api_endpoint)
+        parent = f"projects/{project}/locations/{region}"
+        version_runs: dict[tuple[str, str, str], RunResources] = {}
+        for model in models.list_models(request=aiplatform_v1.ListModelsRequest(parent=parent, filter=label_filter)):
+            for version in models.list_model_versions(name=model.name):
+                run = run_for(version.labels)
+                if run is None:
+                    continue
+                run.model_versions.append(f"{model.name}@{version.version_id}")
+                run.saw(region, version.version_create_time or version.create_time)
+                version_runs[_model_key(region, model.name, version.version_id)] = run
+        # All endpoints, not only labelled ones: a run may have deployed onto an endpoint made by hand.
+        for ep in endpoints.list_endpoints(request=aiplatform_v1.ListEndpointsRequest(parent=parent)):
+            owner = run_for(ep.labels)
+            if owner is not None:
+                owner.endpoints.append(ep.name)
+                owner.saw(region, ep.create_time)
+            for dm in ep.deployed_models:
+                run = version_runs.get(_model_key(region, dm.model, dm.model_version_id))
+                if run is None:
+                    continue
+                ref = f"{ep.name}/deployedModels/{dm.id}"
+                run.deployed_models.append(ref)
+                run.saw(region, dm.create_time)
+                if ep.traffic_split.get(dm.id, 0) > 0:
+                    run.serving.append(ref)
+    return sorted(runs.values(), key=lambda r: (r.deployment, r.newest or datetime.min.replace(tzinfo=UTC)))
+
+
+def pipeline_job_state(project: str, regions: list[str], run_label: str, api_endpoint: str = "") -> str:
+    """The state of the pipeline job a run label names (the job id is the label), or "" when no region has it."""
+    from google.api_core import exceptions
+    from google.cloud import aiplatform_v1
+
+    from components import clients
+
+    for region in dict.fromkeys(regions):
+        client = aiplatform_v1.PipelineServiceClient(**clients.gapic_kwargs(region, api_endpoint))
+        try:
+            job = client.get_pipeline_job(name=f"projects/{project}/locations/{region}/pipelineJobs/{run_label}")
+        except (exceptions.NotFound, exceptions.InvalidArgument):
+            continue
+        return job.state.name
+    return ""
+
+
+def teardown_deployment(
+    project: str, regions: list[str], deployment: str, api_endpoint: str = ""
+) -> tuple[list[RunResources], Removed]:
+    """Remove everything labelled vlp-deployment=DEPLOYMENT in the regions (serving or not): every run's
+    deployed models, the endpoints runs created, the model versions. Returns what was found and removed."""
+    runs = find_runs(project, regions, deployment, api_endpoint)
+    removed = Removed()
+    # Runs that created endpoints go last: an endpoint is deleted only once every run's model is off it.
+    for run in sorted(runs, key=lambda r: bool(r.endpoints)):
+        removed.extend(remove_run_resources(project, run.regions, deployment, run.run_label, api_endpoint))
+    for run in find_runs(project, regions, deployment, api_endpoint):
+        # A second pass catches an endpoint an earlier run created that a later run's model still held.
+        removed.extend(remove_run_resources(project, run.regions, deployment, run.run_label, api_endpoint))
+    return runs, removed
+
+
+@dataclass
+class GcReport:
+    """What `vlp gc` removed (or, with dry_run, would remove) and what it kept, and why."""
+
+    cutoff: datetime
+    dry_run: bool
+    collected: list[RunResources] = field(default_factory=list)
+    kept: list[tuple[RunResources, str]] = field(default_factory=list)
+    removed: Removed = field(default_factory=Removed)
+
+
+def leftover_reason(run: RunResources, job_state: str, cutoff: datetime) -> str:
+    """Why a run's resources are kept ("" = they are leftovers). Never collected: anything serving traffic,
+    a run still going, a run that succeeded (its versions are the deployment's history), anything newer
+    than the cutoff."""
+    if run.serving:
+        return f"serving traffic ({', '.join(run.serving)}); `vlp teardown` removes a deployment on purpose"
+    if job_state in _ACTIVE_JOB_STATES:
+        return f"its pipeline job is {job_state}"
+    if job_state == "PIPELINE_STATE_SUCCEEDED":
+        return "its pipeline job succeeded"
+    if run.newest and run.newest > cutoff:
+        return f"newer than the cutoff ({run.newest.isoformat(timespec='seconds')})"
+    return ""
+
+
+def collect_garbage(
+    project: str,
+    regions: list[str],
+    older_than: timedelta,
+    *,
+    dry_run: bool = False,
+    deployment: str = "",
+    api_endpoint: str = "",
+    now: datetime | None = None,
+) -> GcReport:
+    """Remove the labelled leftovers of runs older than `older_than` (see leftover_reason for what stays)."""
+    if not project or not regions:
+        raise ConfigError("gc needs --project and at least one --region")
+    cutoff = (now or datetime.now(UTC)) - older_than
+    report = GcReport(cutoff=cutoff, dry_run=dry_run)
+    for run in find_runs(project, regions, deployment, api_endpoint):
+        state = pipeline_job_state(project, regions, run.run_label, api_endpoint)
+        reason = leftover_reason(run, state, cutoff)
+        if reason:
+            report.kept.append((run, reason))
+            continue
+        report.collected.append(run)
+        if not dry_run:
+            log.info("removing %s", run.describe())
+            report.removed.extend(
+                remove_run_resources(project, run.regions, run.deployment, run.run_label, api_endpoint)
+            )
+    return report

@@ -1,0 +1,44 @@
+"""A fix for kfp 2.17's local runner, applied only by `vlp run --local`; Vertex AI Pipelines needs none.
+
+kfp.local resolves a dsl.If condition operand such as `pipelinechannel--preflight-op-action` only when
+the upstream task has a single output named `Output`; for a named output of a multi-output task it looks
+for a parent input of that name, finds none, and evaluates the condition on None, so the branch never
+runs. The compiled spec is right (Vertex runs it); the fix teaches the local resolver the task-output form.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_applied = False
+
+
+def apply() -> None:
+    """Patch kfp.local's condition resolver once per process."""
+    global _applied
+    if _applied:
+        return
+    from kfp.local.orchestrator import enhanced_dag_orchestrator as eo
+
+    original = eo.ConditionEvaluator._resolve_pipeline_channel
+
+    def resolve(channel_ref: str, io_store: Any) -> Any:
+        ref = channel_ref.replace("pipelinechannel--", "")
+        if "-Output" not in ref and "--" not in ref:
+            for key in (ref, channel_ref):
+                try:
+                    return io_store.get_parent_input(key)
+                except (ValueError, KeyError):
+                    pass
+            # "<task-name>-<output_name>": try each dash from the right as the split point.
+            for i in range(len(ref) - 1, 0, -1):
+                if ref[i] != "-":
+                    continue
+                try:
+                    return io_store.get_task_output(ref[:i], ref[i + 1 :])
+                except (ValueError, KeyError):
+                    continue
+        return original(channel_ref, io_store)
+
+    eo.ConditionEvaluator._resolve_pipeline_channel = staticmethod(resolve)
+    _applied = True
