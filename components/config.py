@@ -35,7 +35,8 @@ class ModelSource(_Strict):
     repo: str = Field(description="Hugging Face Hub repo id (ORG/NAME), e.g. meta-llama/Llama-3.1-8B-Instruct.")
     revision: str = Field("main", description="Branch, tag or commit sha; the mirror pins it to a commit sha.")
     allow_patterns: list[str] = Field(
-        default_factory=list, description="Files to mirror; empty = what vLLM/TGI load (safetensors, config, tokenizer)."
+        default_factory=list,
+        description="Files to mirror; empty = what vLLM/TGI load (safetensors, config, tokenizer).",
     )
     ignore_patterns: list[str] = Field(
         default_factory=list, description="Files to skip; empty = duplicates such as original/, *.pth, *.bin."
@@ -68,15 +69,25 @@ class ModelSource(_Strict):
 class Serving(_Strict):
     """The serving container and the engine's arguments (the seed notebooks' full set)."""
 
-    engine: Engine = Field("vllm", description="Serving engine: vllm (Vertex Model Garden image) or tgi (Hugging Face DLC).")
+    engine: Engine = Field(
+        "vllm", description="Serving engine: vllm (Vertex Model Garden image) or tgi (Hugging Face DLC)."
+    )
     image: str = Field("", description="Serving container image; empty = the engine's pinned default.")
-    tensor_parallel_size: int | None = Field(None, ge=1, description="GPUs a replica shards over; empty = GPUs per node.")
-    pipeline_parallel_size: int | None = Field(None, ge=1, description="Nodes a replica spans (multi-host); empty = plan.")
-    max_model_len: int | None = Field(None, ge=16, description="Longest sequence (prompt + answer) in tokens; empty = plan.")
+    tensor_parallel_size: int | None = Field(
+        None, ge=1, description="GPUs a replica shards over; empty = GPUs per node."
+    )
+    pipeline_parallel_size: int | None = Field(
+        None, ge=1, description="Nodes a replica spans (multi-host); empty = plan."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Longest sequence (prompt + answer) in tokens; empty = plan."
+    )
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of GPU memory the engine may use.")
     max_num_seqs: int | None = Field(None, ge=1, description="Sequences batched at once; empty = plan.")
     dtype: str = Field("auto", description="Weights/activations dtype: auto, bfloat16, float16, float32.")
-    quantization: str | None = Field(None, description="Engine quantization override (fp8, awq, gptq...); empty = from the model.")
+    quantization: str | None = Field(
+        None, description="Engine quantization override (fp8, awq, gptq...); empty = from the model."
+    )
     kv_cache_dtype: str = Field("auto", description="KV cache dtype: auto or fp8.")
     swap_space: int = Field(16, ge=0, description="CPU swap space per GPU in GiB (vLLM).")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs (saves memory, slower).")
@@ -180,7 +191,9 @@ class EndpointSpec(_Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME_RE.match(v):
-            raise ValueError(f"{v!r}: use lowercase letters, digits and dashes, starting with a letter, at most 63 characters")
+            raise ValueError(
+                f"{v!r}: use lowercase letters, digits and dashes, starting with a letter, at most 63 characters"
+            )
         return v
 
     @field_validator("traffic_steps")
@@ -195,7 +208,9 @@ class SmokeTest(_Strict):
     """What the deployed model must answer before traffic moves to it."""
 
     prompt: str = Field("What is the capital of France?", description="User message sent through the chat template.")
-    expect: str = Field("", description="Substring the answer must contain (case-insensitive); empty = any non-empty answer.")
+    expect: str = Field(
+        "", description="Substring the answer must contain (case-insensitive); empty = any non-empty answer."
+    )
     expect_regex: str = Field("", description="Regex the answer must match; empty = no regex check.")
     image_url: str = Field("", description="Image for vision models (gs:// or https://), sent with the prompt.")
     max_tokens: int = Field(64, ge=1, le=4096, description="Tokens the smoke answer may use.")
@@ -203,7 +218,9 @@ class SmokeTest(_Strict):
     benchmark: bool = Field(False, description="Run a short load benchmark after the smoke test.")
     benchmark_concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], description="Concurrency levels.")
     benchmark_requests: int = Field(16, ge=1, description="Requests per concurrency level.")
-    ttft_p95_target_s: float = Field(2.0, gt=0, description="p95 time-to-first-token the recommended concurrency keeps.")
+    ttft_p95_target_s: float = Field(
+        2.0, gt=0, description="p95 time-to-first-token the recommended concurrency keeps."
+    )
 
     @field_validator("expect_regex")
     @classmethod
@@ -227,14 +244,17 @@ class DeploymentConfig(_Strict):
     endpoint: EndpointSpec
     smoke_test: SmokeTest = Field(default_factory=SmokeTest)
     teardown: TeardownPolicy = Field(
-        "on_failure", description="on_failure: remove what a failed run created; always: also after success (CI); never."
+        "on_failure",
+        description="on_failure: remove what a failed run created; always: also after success (CI); never.",
     )
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         if not _NAME_RE.match(v):
-            raise ValueError(f"{v!r}: use lowercase letters, digits and dashes, starting with a letter, at most 63 characters")
+            raise ValueError(
+                f"{v!r}: use lowercase letters, digits and dashes, starting with a letter, at most 63 characters"
+            )
         return v
 
     @field_validator("hardware", mode="before")
@@ -284,12 +304,16 @@ def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
     return parsed
 
 
-def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> DeploymentConfig:
+def config_from_dict(
+    data: dict[str, Any], overrides: list[str] | None = None, source: str = "config"
+) -> DeploymentConfig:
     """Validate a config dict (after `--set` overrides), with errors that name the field and the fix."""
     if hasattr(data, "items"):
         data = dict(data)  # KFP hands struct parameters over as plain dict-likes
     if not isinstance(data, dict):
-        raise ConfigError(f"{source} must be a mapping of fields (name, model, serving, ...), not {type(data).__name__}")
+        raise ConfigError(
+            f"{source} must be a mapping of fields (name, model, serving, ...), not {type(data).__name__}"
+        )
     data = copy.deepcopy(data)
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)

@@ -1,6 +1,5 @@
 """Deploy step: create or reuse the endpoint and deploy the new model version next to what already serves."""
 
-
 import logging
 from dataclasses import dataclass
 from typing import NamedTuple

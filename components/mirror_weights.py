@@ -728,6 +728,10 @@ class _Transfer:
                     for i, start in enumerate(range(0, job.file.size, part_size))
                 ]
                 self.queue.extend(job.parts)
+            # A fixed pool, allocated up front: the process's footprint is the setting from the first
+            # second (a 410 GB model and a 1 GB one use the same), and no allocator churn can grow it.
+            full_parts = sum(1 for p in self.queue if p.end - p.start == part_size)
+            self.blocks = [bytearray(part_size) for _ in range(min(budget_parts, full_parts))]
 
     # -- orchestration --------------------------------------------------------------------------
     def run(self) -> dict[str, dict[str, Any]]:
@@ -1131,8 +1135,11 @@ def mirror_weights(
     if is_sha:
         early_prefix = _weights_prefix(prefix, repo, revision)
         manifest = _read_manifest(gcs_bucket, early_prefix + MANIFEST_NAME)
-        if manifest and manifest.get("revision_sha") == revision and manifest.get("allow_patterns") == allow and (
-            manifest.get("ignore_patterns") == ignore
+        if (
+            manifest
+            and manifest.get("revision_sha") == revision
+            and manifest.get("allow_patterns") == allow
+            and (manifest.get("ignore_patterns") == ignore)
         ):
             objects = _list_objects(client, gcs_bucket, early_prefix)
             if _manifest_complete(manifest, objects, early_prefix, None):
@@ -1324,9 +1331,9 @@ def mirror_from_config(
     )
 
 
-def mirror_weights_op(
-    deployment: dict, api_endpoint: str
-) -> NamedTuple("MirrorOutputs", [("weights_uri", str), ("revision_sha", str)]):  # noqa: UP014 - KFP reads this form
+def mirror_weights_op(deployment: dict, api_endpoint: str) -> NamedTuple(
+    "MirrorOutputs", [("weights_uri", str), ("revision_sha", str)]
+):  # noqa: UP014 - KFP reads this form
     """Mirror the deployment's model from the Hub to gs://BUCKET/models/ORG/NAME/SHA/ (skips a complete mirror)."""
     import json
     import logging

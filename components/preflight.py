@@ -159,6 +159,7 @@ def run_preflight(
     hf_token: str | None = None,
     hub_endpoint: str = "",
     prices: Mapping[str, float] | None = None,
+    check_quota: bool = True,
 ) -> dict[str, Any]:
     """Plan, check quota and access, and return the `deployment` dict every later step takes.
 
@@ -175,7 +176,7 @@ def run_preflight(
         regions=regions,
         api_endpoint=api_endpoint,
         hf_token=token,
-        check_quota=True,
+        check_quota=check_quota,
         hub_endpoint=hub_endpoint,
         prices=prices,
     )
@@ -221,21 +222,35 @@ def preflight_op(
 
     log = setup_logging()
     cfg = config_from_dict(config, source="the config parameter")
-    try:
-        deployment = run_preflight(
-            cfg,
-            project=project,
-            region=region,
-            bucket=bucket,
-            service_account=service_account,
-            run_name=run_name,
-            api_endpoint=api_endpoint,
-        )
-    except PreflightError as exc:
-        if exc.plan is not None:
-            with open(report.path, "w") as fh:
-                fh.write(render_markdown(exc.plan))
-        raise
+    args = dict(
+        project=project,
+        region=region,
+        bucket=bucket,
+        service_account=service_account,
+        run_name=run_name,
+        api_endpoint=api_endpoint,
+    )
+    # "noop" skips every later step: same revision, same serving spec, healthy endpoint. It is decided
+    # before the quota check, since a deployment that stays as it is needs no more quota.
+    action = "deploy"
+    deployment = None
+    if not force:
+        try:
+            candidate = run_preflight(cfg, check_quota=False, **args)
+        except PreflightError:
+            candidate = None  # the full preflight below reports it
+        unchanged = unchanged_deployment(candidate) if candidate else None
+        if unchanged:
+            log.info("nothing changed: %s; pass force to redeploy anyway", unchanged)
+            action, deployment = "noop", candidate
+    if deployment is None:
+        try:
+            deployment = run_preflight(cfg, **args)
+        except PreflightError as exc:
+            if exc.plan is not None:
+                with open(report.path, "w") as fh:
+                    fh.write(render_markdown(exc.plan))
+            raise
     plan = deployment["plan"]
     with open(report.path, "w") as fh:
         fh.write(render_markdown(plan))
@@ -251,13 +266,6 @@ def preflight_op(
         ("concurrent_sequences", plan["limits"].get("concurrent_sequences", 0)),
     ):
         metrics.log_metric(key, value)
-    # "noop" skips every later step: same revision, same serving spec, healthy endpoint.
-    action = "deploy"
-    if not force:
-        unchanged = unchanged_deployment(deployment)
-        if unchanged:
-            log.info("nothing changed: %s; pass force to redeploy anyway", unchanged)
-            action = "noop"
     checkpoint("preflight")
     outputs = namedtuple("PreflightOutputs", ["deployment", "region", "action"])
     return outputs(without_nulls(deployment), deployment["region"], action)

@@ -1,6 +1,5 @@
 """Promote step: move the endpoint's traffic to the deployed model that passed its smoke test, retire the old ones."""
 
-
 import logging
 import time
 
@@ -25,7 +24,9 @@ def _split_with(new_id: str, percent: int, others: dict[str, int]) -> dict[str, 
     return split
 
 
-def promote(deployment: dict, endpoint_resource: str, deployed_model_id: str, pause_s: float | None = None) -> list[str]:
+def promote(
+    deployment: dict, endpoint_resource: str, deployed_model_id: str, pause_s: float | None = None
+) -> list[str]:
     """Shift traffic to `deployed_model_id` (all at once, or in the config's canary steps), then undeploy
     every other deployed model. Returns the ids undeployed."""
     from google.cloud import aiplatform_v1

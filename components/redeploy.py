@@ -52,6 +52,7 @@ def unchanged_deployment(deployment: dict) -> str | None:
     from google.cloud import aiplatform_v1
 
     from components import clients
+    from components.runtime import deployed_version_name
 
     models = aiplatform_v1.ModelServiceClient(
         **clients.gapic_kwargs(deployment["region"], deployment.get("api_endpoint", ""))
@@ -60,7 +61,7 @@ def unchanged_deployment(deployment: dict) -> str | None:
     for dm in endpoint.deployed_models:
         if endpoint.traffic_split.get(dm.id, 0) != 100:
             continue
-        labels = models.get_model(name=dm.model).labels
+        labels = models.get_model(name=deployed_version_name(dm)).labels
         if labels.get(LABEL_REVISION) == sha[:12].lower() and labels.get(LABEL_SPEC) == spec_hash:
             if _healthy(deployment, endpoint.name, dm.id):
                 return f"{endpoint.name} already serves {dm.model} (revision {sha[:12]}, spec {spec_hash}) healthily"

@@ -1,6 +1,5 @@
 """Register step: upload a Model Registry version whose serving container loads the mirrored weights from GCS."""
 
-
 import logging
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -42,7 +41,6 @@ def register_model(deployment: dict, weights_uri: str, revision_sha: str) -> Reg
     from components import clients
     from components.runtime import StepError
     from components.serving import upload_model_request
-
 
     region, project = deployment["region"], deployment["project"]
     api = deployment.get("api_endpoint", "")

@@ -52,6 +52,14 @@ def without_nulls(value: object) -> object:
     return value
 
 
+def deployed_version_name(deployed_model: object) -> str:
+    """MODEL@VERSION for a DeployedModel: the bare model name answers with the default version, whose
+    labels belong to whichever run registered it, not necessarily this deployed model's."""
+    model = deployed_model.model  # type: ignore[attr-defined]
+    version = getattr(deployed_model, "model_version_id", "")
+    return f"{model}@{version}" if version and "@" not in model else model
+
+
 def region_of(resource_name: str) -> str:
     """The location segment of projects/P/locations/L/... ."""
     parts = resource_name.split("/")

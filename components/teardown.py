@@ -1,6 +1,5 @@
 """Teardown: roll back a failed deploy, and the exit handler's guarantee that nothing a run created is left paid."""
 
-
 import logging
 from dataclasses import dataclass, field
 
@@ -45,13 +44,17 @@ def remove_run_resources(
     other runs created, so the model that served before a failed redeploy keeps serving."""
     from google.cloud import aiplatform_v1
 
+    from components.runtime import deployed_version_name
+
     removed = Removed()
     for region in dict.fromkeys(regions):
         endpoints, models = _clients(region, api_endpoint)
         parent = f"projects/{project}/locations/{region}"
         for ep in endpoints.list_endpoints(request=aiplatform_v1.ListEndpointsRequest(parent=parent)):
             mine = [
-                dm for dm in ep.deployed_models if _model_labels(models, dm.model).get("vlp-run") == run_label
+                dm
+                for dm in ep.deployed_models
+                if _model_labels(models, deployed_version_name(dm)).get("vlp-run") == run_label
             ]
             if mine:
                 keep = {k: v for k, v in ep.traffic_split.items() if k not in {dm.id for dm in mine}}
@@ -152,7 +155,9 @@ def cleanup_op(
     if not should_remove(cfg.teardown, state):
         return
     regions = [r for r in [region, *cfg.placement.regions] if r]
-    removed = remove_run_resources(project or cfg.placement.project, regions, cfg.name, label_value(run_name), api_endpoint)
+    removed = remove_run_resources(
+        project or cfg.placement.project, regions, cfg.name, label_value(run_name), api_endpoint
+    )
     for name in removed.undeployed + removed.deleted:
         log.info("removed %s", name)
     if not removed.undeployed and not removed.deleted:

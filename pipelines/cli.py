@@ -207,8 +207,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         cfg = _load(args)
         plan = plan_for_config(
-            cfg, project=args.project or cfg.placement.project, region=args.region,
-            api_endpoint=args.api_endpoint, check_quota=not args.no_quota,
+            cfg,
+            project=args.project or cfg.placement.project,
+            region=args.region,
+            api_endpoint=args.api_endpoint,
+            check_quota=not args.no_quota,
         )
     elif args.model:
         plan = planning.plan_model(
@@ -314,7 +317,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"--concurrency {args.concurrency!r}: give whole numbers separated by commas, e.g. 1,4,16")
+        raise UserError(
+            f"--concurrency {args.concurrency!r}: give whole numbers separated by commas, e.g. 1,4,16"
+        ) from None
     result = run_benchmark(
         args.target,
         concurrency=levels,

@@ -18,13 +18,16 @@ _AGE_RE = re.compile(r"(\d+)\s*([smhdw])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 # A run in these states may still be creating resources; its leftovers are not leftovers yet.
 _ACTIVE_JOB_STATES = {
-    "PIPELINE_STATE_QUEUED", "PIPELINE_STATE_PENDING", "PIPELINE_STATE_RUNNING", "PIPELINE_STATE_CANCELLING",
+    "PIPELINE_STATE_QUEUED",
+    "PIPELINE_STATE_PENDING",
+    "PIPELINE_STATE_RUNNING",
+    "PIPELINE_STATE_CANCELLING",
     "PIPELINE_STATE_PAUSED",
 }
 
 
 def parse_age(text: str) -> timedelta:
-    """"24h", "90m", "7d", "1d12h" -> a timedelta."""
+    """ "24h", "90m", "7d", "1d12h" -> a timedelta."""
     compact = text.strip().lower().replace(" ", "")
     parts = _AGE_RE.findall(compact)
     if not parts or "".join(n + u for n, u in parts) != compact:
@@ -53,8 +56,11 @@ class RunResources:
             self.newest = when
 
     def describe(self) -> str:
-        parts = [f"{len(self.deployed_models)} deployed model(s)", f"{len(self.endpoints)} endpoint(s)",
-                 f"{len(self.model_versions)} model version(s)"]
+        parts = [
+            f"{len(self.deployed_models)} deployed model(s)",
+            f"{len(self.endpoints)} endpoint(s)",
+            f"{len(self.model_versions)} model version(s)",
+        ]
         age = self.newest.isoformat(timespec="seconds") if self.newest else "unknown"
         return f"run {self.run_label} of {self.deployment} ({', '.join(parts)}; newest {age})"
 

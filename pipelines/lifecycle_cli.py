@@ -56,7 +56,8 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: ArgAdder, add
     c.add_argument("--max-runs", type=int, default=0, help="stop after this many runs (default: no limit)")
     c.add_argument("--template", type=Path, default=None, help="compiled spec to schedule (default compiled/)")
     c.add_argument(
-        "--template-uri", default="",
+        "--template-uri",
+        default="",
         help="a published template instead (https://REGION-kfp.pkg.dev/PROJECT/REPO/vlp-deploy-llm/latest): "
         "each run then takes what `vlp publish` last tagged",
     )
@@ -126,8 +127,11 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             template_uri=args.template_uri,
             api_endpoint=api,
         )
-        print(json.dumps(asdict(info), indent=2) if args.json else f"created {info.name} ({info.display_name}, "
-              f"{info.cron}, next run {info.next_run_time or 'unknown'})")
+        print(
+            json.dumps(asdict(info), indent=2)
+            if args.json
+            else f"created {info.name} ({info.display_name}, {info.cron}, next run {info.next_run_time or 'unknown'})"
+        )
         return EXIT_OK
     if action == "list":
         if not args.project or not args.region:

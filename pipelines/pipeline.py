@@ -1,6 +1,5 @@
 """The deploy DAG: preflight → mirror → register → deploy → smoke test → promote or roll back, inside an exit handler."""
 
-
 from typing import Any
 
 from kfp import dsl
@@ -126,8 +125,16 @@ def build_pipeline(image: str | None = None) -> Any:
     return deploy_llm
 
 
-def pipeline_parameters(cfg: Any, *, project: str = "", region: str = "", bucket: str = "",
-                        service_account: str = "", force: bool = False, api_endpoint: str = "") -> dict[str, Any]:
+def pipeline_parameters(
+    cfg: Any,
+    *,
+    project: str = "",
+    region: str = "",
+    bucket: str = "",
+    service_account: str = "",
+    force: bool = False,
+    api_endpoint: str = "",
+) -> dict[str, Any]:
     """The run-time parameter values for a config: what `vlp run` submits and `vlp check` validates."""
     return {
         "config": cfg.model_dump(mode="json", exclude_none=True),

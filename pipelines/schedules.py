@@ -120,7 +120,11 @@ def schedule_request(
         raise ConfigError("--max-runs must be 0 (no limit) or more")
     parent = f"projects/{project}/locations/{region}"
     params = pipeline_parameters(
-        cfg, project=project, region=region, bucket=bucket, service_account=service_account,
+        cfg,
+        project=project,
+        region=region,
+        bucket=bucket,
+        service_account=service_account,
         api_endpoint=api_endpoint if api_endpoint.startswith("http://") else "",
     )
     job = aiplatform_v1.PipelineJob(
@@ -201,9 +205,19 @@ def create_schedule(
 
     project, region, bucket = resolve_placement(cfg, project, region, bucket)
     schedule = schedule_request(
-        cfg, project=project, region=region, bucket=bucket, cron=cron, service_account=service_account,
-        time_zone=time_zone, start=start, end=end, max_run_count=max_run_count, template_path=template_path,
-        template_uri=template_uri, api_endpoint=api_endpoint,
+        cfg,
+        project=project,
+        region=region,
+        bucket=bucket,
+        cron=cron,
+        service_account=service_account,
+        time_zone=time_zone,
+        start=start,
+        end=end,
+        max_run_count=max_run_count,
+        template_path=template_path,
+        template_uri=template_uri,
+        api_endpoint=api_endpoint,
     )
     existing = [s for s in list_schedules(project, region, api_endpoint) if s.display_name == schedule.display_name]
     if existing:
@@ -225,9 +239,7 @@ def list_schedules(project: str, region: str, api_endpoint: str = "", only_vlp: 
     """The schedules in a region; by default only those `vlp schedule create` made (display name vlp-*)."""
     client = schedule_client(region, api_endpoint)
     parent = f"projects/{project}/locations/{region}"
-    found = _google_call(
-        f"listing schedules in {project}/{region}", lambda: list(client.list_schedules(parent=parent))
-    )
+    found = _google_call(f"listing schedules in {project}/{region}", lambda: list(client.list_schedules(parent=parent)))
     infos = [ScheduleInfo.from_proto(s) for s in found]
     return [s for s in infos if s.display_name.startswith(DISPLAY_PREFIX)] if only_vlp else infos
 

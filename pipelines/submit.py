@@ -17,10 +17,13 @@ def permission_hint(exc: Exception) -> str:
     """Name the missing permission when Google answers 403, so the fix is one IAM grant away."""
     from google.api_core import exceptions
 
-    if isinstance(exc, exceptions.PermissionDenied):
+    # gRPC raises PermissionDenied, REST raises Forbidden: both are a 403.
+    if isinstance(exc, (exceptions.PermissionDenied, exceptions.Forbidden)):
         import re
 
-        perm = re.search(r"Permission '([\w.]+)'", str(exc)) or re.search(r"([a-z]+\.[a-zA-Z]+\.[a-zA-Z]+) denied", str(exc))
+        perm = re.search(r"Permission '([\w.]+)'", str(exc)) or re.search(
+            r"([a-z]+\.[a-zA-Z]+\.[a-zA-Z]+) denied", str(exc)
+        )
         missing = perm.group(1) if perm else "(see the message above)"
         return (
             f"Google refused the call (403): missing permission {missing}. Grant the caller a role that has it "
@@ -68,7 +71,12 @@ def submit_run(
     clients.init_aiplatform(project, region, api_endpoint)
     template = template_path or str(compile_to_temp(image) if image or not spec_path().exists() else spec_path())
     params = pipeline_parameters(
-        cfg, project=project, region=region, bucket=bucket, service_account=service_account, force=force,
+        cfg,
+        project=project,
+        region=region,
+        bucket=bucket,
+        service_account=service_account,
+        force=force,
         api_endpoint=api_endpoint if api_endpoint.startswith("http://") else "",
     )
     job = aiplatform.PipelineJob(
@@ -82,7 +90,19 @@ def submit_run(
     summary = empty_summary()
     started = time.monotonic()
     try:
-        job.submit(service_account=service_account or cfg.placement.service_account or None)
+        if api_endpoint.startswith("http://"):
+            # An emulator: create the job as it was built. The SDK's submit() first checks the pipeline
+            # root bucket through Cloud Resource Manager, which no emulator serves.
+            from google.cloud import aiplatform_v1
+
+            request = job._gca_resource  # the proto submit() would send, before it exists on the server
+            request.service_account = service_account or cfg.placement.service_account
+            created = aiplatform_v1.PipelineServiceClient(
+                **clients.gapic_kwargs(region, api_endpoint)
+            ).create_pipeline_job(parent=f"projects/{project}/locations/{region}", pipeline_job=request)
+            job = aiplatform.PipelineJob.get(created.name)
+        else:
+            job.submit(service_account=service_account or cfg.placement.service_account or None)
     except Exception as exc:
         hint = permission_hint(exc)
         raise RuntimeError(f"submitting the pipeline to {project}/{region} failed: {exc}. {hint}".strip()) from None

@@ -157,9 +157,27 @@ def test_schedule_create_list_pause_resume_delete(
     api = ["--api-endpoint", emu.url]
     where = ["--project", PROJECT, "--region", REGION]
     rc, out, err = _vlp(
-        capsys, *api, "schedule", "create", "configs/local-demo.yaml", *where, "--bucket", "sched-bucket",
-        "--cron", "0 3 * * 1", "--time-zone", "America/New_York", "--start", "2030-01-01T00:00",
-        "--end", "2030-07-01", "--max-runs", "10", "--template", str(compiled_spec), "--json",
+        capsys,
+        *api,
+        "schedule",
+        "create",
+        "configs/local-demo.yaml",
+        *where,
+        "--bucket",
+        "sched-bucket",
+        "--cron",
+        "0 3 * * 1",
+        "--time-zone",
+        "America/New_York",
+        "--start",
+        "2030-01-01T00:00",
+        "--end",
+        "2030-07-01",
+        "--max-runs",
+        "10",
+        "--template",
+        str(compiled_spec),
+        "--json",
     )
     assert rc == 0, err
     created = json.loads(out)
@@ -196,8 +214,16 @@ def test_schedule_create_list_pause_resume_delete(
 
     # A second schedule for the same deployment would deploy it twice: refused, nothing created.
     rc, _, err = _vlp(
-        capsys, *api, "schedule", "create", "configs/local-demo.yaml", *where, "--cron", "0 4 * * *",
-        "--template", str(compiled_spec),
+        capsys,
+        *api,
+        "schedule",
+        "create",
+        "configs/local-demo.yaml",
+        *where,
+        "--cron",
+        "0 4 * * *",
+        "--template",
+        str(compiled_spec),
     )
     assert rc == 1 and "already has schedule vlp-smollm2-demo" in err
     assert len(_get(f"{emu.url}/v1/{PARENT}/schedules")[1]["schedules"]) == 1
@@ -212,8 +238,19 @@ def test_schedule_create_list_pause_resume_delete(
 def test_schedule_from_a_published_template_uri(emu: Emulator, capsys: pytest.CaptureFixture[str]) -> None:
     uri = "https://us-central1-kfp.pkg.dev/p/vlp-pipelines/vlp-deploy-llm/latest"
     rc, out, err = _vlp(
-        capsys, "--api-endpoint", emu.url, "schedule", "create", "configs/local-demo.yaml", "--project", PROJECT,
-        "--cron", "TZ=UTC 0 6 * * *", "--template-uri", uri, "--json",
+        capsys,
+        "--api-endpoint",
+        emu.url,
+        "schedule",
+        "create",
+        "configs/local-demo.yaml",
+        "--project",
+        PROJECT,
+        "--cron",
+        "TZ=UTC 0 6 * * *",
+        "--template-uri",
+        uri,
+        "--json",
     )
     assert rc == 0, err
     job = _get(f"{emu.url}/v1/{json.loads(out)['name']}")[1]["createPipelineJobRequest"]["pipelineJob"]
@@ -231,14 +268,17 @@ class _Refusing(BaseHTTPRequestHandler):
         if self.command == "GET":
             payload, status = {"schedules": []}, 200
         else:
-            payload, status = {
-                "error": {
-                    "code": 403,
-                    "message": f"Permission 'aiplatform.schedules.create' denied on resource '//aiplatform.googleapis"
-                    f".com/{PARENT}' (or it may not exist).",
-                    "status": "PERMISSION_DENIED",
-                }
-            }, 403
+            payload, status = (
+                {
+                    "error": {
+                        "code": 403,
+                        "message": f"Permission 'aiplatform.schedules.create' denied on resource '//aiplatform.googleapis"
+                        f".com/{PARENT}' (or it may not exist).",
+                        "status": "PERMISSION_DENIED",
+                    }
+                },
+                403,
+            )
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -434,7 +474,8 @@ def leftovers(emu: Emulator) -> dict[str, str]:
     dm_b = _deploy(endpoints, ep, b, {"0": 0, dm_a: 100})
     c = _register(models, "demo", "run-c", parent)
     job = pipelines.create_pipeline_job(
-        parent=PARENT, pipeline_job_id="run-c",
+        parent=PARENT,
+        pipeline_job_id="run-c",
         pipeline_job=aiplatform_v1.PipelineJob(display_name="vlp-demo", pipeline_spec={"pipelineInfo": {"name": "x"}}),
     )
     _wait_job(pipelines, job.name)
@@ -443,8 +484,20 @@ def leftovers(emu: Emulator) -> dict[str, str]:
     x = _register(models, "other", "run-x")
     ep_x = _endpoint(endpoints, "other", {"vlp-deployment": "other", "vlp-run": "run-x"})
     dm_x = _deploy(endpoints, ep_x, x, {"0": 100})
-    return {"a": a, "b": b, "c": c, "d": d, "x": x, "ep": ep, "ep_d": ep_d, "ep_x": ep_x, "dm_a": dm_a,
-            "dm_b": dm_b, "dm_x": dm_x, "model": parent}
+    return {
+        "a": a,
+        "b": b,
+        "c": c,
+        "d": d,
+        "x": x,
+        "ep": ep,
+        "ep_d": ep_d,
+        "ep_x": ep_x,
+        "dm_a": dm_a,
+        "dm_b": dm_b,
+        "dm_x": dm_x,
+        "model": parent,
+    }
 
 
 def _state(emu: Emulator) -> tuple[dict[str, dict[str, int]], set[str]]:
@@ -510,12 +563,16 @@ def test_gc_with_a_clock_two_days_on_still_keeps_what_serves(emu: Emulator, left
     assert sorted(r.run_label for r in report.collected) == ["run-b", "run-d"]
     assert report.removed.undeployed == [] and report.removed.deleted == []
     early = gc.collect_garbage(PROJECT, [REGION], timedelta(hours=24), dry_run=True, api_endpoint=emu.url)
-    assert early.collected == [] and all("newer than the cutoff" in why or "serving" in why or "succeeded" in why
-                                         for _, why in early.kept)
+    assert early.collected == [] and all(
+        "newer than the cutoff" in why or "serving" in why or "succeeded" in why for _, why in early.kept
+    )
 
 
 def test_teardown_removes_the_whole_deployment_and_nothing_else(
-    emu: Emulator, leftovers: dict[str, str], servers: ModelServers, tmp_path: Path,
+    emu: Emulator,
+    leftovers: dict[str, str],
+    servers: ModelServers,
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = yaml.safe_load((REPO_ROOT / "configs" / "local-demo.yaml").read_text())
@@ -598,13 +655,53 @@ def test_workflow_shape() -> None:
 
 
 _SUBSTITUTION = re.compile(r"^_[A-Z0-9_]+$")
-_BUILTIN = {"PROJECT_ID", "PROJECT_NUMBER", "BUILD_ID", "LOCATION", "TRIGGER_NAME", "COMMIT_SHA", "SHORT_SHA",
-            "REVISION_ID", "BRANCH_NAME", "TAG_NAME", "REPO_NAME", "REPO_FULL_NAME", "SERVICE_ACCOUNT_EMAIL",
-            "SERVICE_ACCOUNT", "TRIGGER_BUILD_CONFIG_PATH", "REF_NAME"}
-_BUILD_KEYS = {"steps", "timeout", "substitutions", "options", "availableSecrets", "images", "artifacts", "tags",
-               "logsBucket", "serviceAccount", "queueTtl"}
-_STEP_KEYS = {"name", "args", "entrypoint", "id", "env", "dir", "waitFor", "timeout", "secretEnv", "volumes",
-              "script", "allowFailure", "allowExitCodes", "automapSubstitutions"}
+_BUILTIN = {
+    "PROJECT_ID",
+    "PROJECT_NUMBER",
+    "BUILD_ID",
+    "LOCATION",
+    "TRIGGER_NAME",
+    "COMMIT_SHA",
+    "SHORT_SHA",
+    "REVISION_ID",
+    "BRANCH_NAME",
+    "TAG_NAME",
+    "REPO_NAME",
+    "REPO_FULL_NAME",
+    "SERVICE_ACCOUNT_EMAIL",
+    "SERVICE_ACCOUNT",
+    "TRIGGER_BUILD_CONFIG_PATH",
+    "REF_NAME",
+}
+_BUILD_KEYS = {
+    "steps",
+    "timeout",
+    "substitutions",
+    "options",
+    "availableSecrets",
+    "images",
+    "artifacts",
+    "tags",
+    "logsBucket",
+    "serviceAccount",
+    "queueTtl",
+}
+_STEP_KEYS = {
+    "name",
+    "args",
+    "entrypoint",
+    "id",
+    "env",
+    "dir",
+    "waitFor",
+    "timeout",
+    "secretEnv",
+    "volumes",
+    "script",
+    "allowFailure",
+    "allowExitCodes",
+    "automapSubstitutions",
+}
 
 
 def cloudbuild_problems(data: Any) -> list[str]:
@@ -636,8 +733,11 @@ def cloudbuild_problems(data: Any) -> list[str]:
         if "entrypoint" in step and not isinstance(step["entrypoint"], str):
             problems.append(f"{where}: entrypoint must be a string")
         earlier = {s.get("id") for s in steps[:n] if isinstance(s, dict)}
-        problems += [f"{where}: waitFor {w} is not an earlier step id" for w in step.get("waitFor", [])
-                     if w != "-" and w not in earlier]
+        problems += [
+            f"{where}: waitFor {w} is not an earlier step id"
+            for w in step.get("waitFor", [])
+            if w != "-" and w not in earlier
+        ]
         text = " ".join([step.get("entrypoint", ""), *args]).replace("$$", "")
         for var in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", text):
             if var not in _BUILTIN and var not in subs:
@@ -709,7 +809,10 @@ def _local_argv(argv: list[str], values: dict[str, str]) -> list[str]:
 
 
 def test_the_workflows_run_command_runs_against_the_emulator(
-    emu: Emulator, fake_gcs: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    emu: Emulator,
+    fake_gcs: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """`vlp run ... --wait` exactly as CI writes it, pointed at the emulator: the run succeeds and exits 0;
@@ -722,8 +825,13 @@ def test_the_workflows_run_command_runs_against_the_emulator(
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", fake_gcs.url)
     (argv,) = [argv for where, argv in _ci_commands() if where.startswith("ci.yml") and argv[0] == "run"]
     default = re.search(r"'([^']+)'", _workflow()["jobs"]["deploy"]["env"]["CI_CONFIG"])[1]
-    values = {"CI_CONFIG": default, "PROJECT": PROJECT, "REGION": REGION, "BUCKET": f"ci-bucket-{time.time_ns()}",
-              "PIPELINE_SA": f"vlp-pipeline@{PROJECT}.iam.gserviceaccount.com"}
+    values = {
+        "CI_CONFIG": default,
+        "PROJECT": PROJECT,
+        "REGION": REGION,
+        "BUCKET": f"ci-bucket-{time.time_ns()}",
+        "PIPELINE_SA": f"vlp-pipeline@{PROJECT}.iam.gserviceaccount.com",
+    }
     local = _local_argv(argv, values)
     summary = tmp_path / "run-summary.json"
     local[local.index("--summary-json") + 1] = str(summary)

@@ -22,8 +22,14 @@ from pipelines.summary import empty_summary, print_summary
 
 DEMO_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMULATOR_FAULTS = {
-    "quota-exhausted", "hub-gated", "upload-error", "deploy-error", "deploy-timeout",
-    "server-crash", "predict-429", "smoke-fail",
+    "quota-exhausted",
+    "hub-gated",
+    "upload-error",
+    "deploy-error",
+    "deploy-timeout",
+    "server-crash",
+    "predict-429",
+    "smoke-fail",
 }
 KILLABLE_STEPS = {"preflight", "mirror-weights", "register-model", "deploy-model", "smoke-test", "promote"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -63,7 +69,9 @@ def prepare_model(cfg: DeploymentConfig, mirrors_dir: Path, model_dir: Path | No
 
     if model_dir is not None:
         if not model_dir.is_dir():
-            raise ConfigError(f"--model-dir {model_dir} is not a directory holding a model (config.json, *.safetensors)")
+            raise ConfigError(
+                f"--model-dir {model_dir} is not a directory holding a model (config.json, *.safetensors)"
+            )
         publish_to_hub_mirror(model_dir, mirrors_dir, cfg.model.repo)
         return "mirror"
     if cfg.model.repo == DEMO_REPO:
@@ -163,8 +171,13 @@ def _emulator_json(api: str, path: str) -> Any:
 
 
 def build_summary(
-    cfg: DeploymentConfig, run_label: str, steps: list[dict[str, Any]], error: str | None, api: str,
-    before: dict[str, Any], smoke: dict[str, Any],
+    cfg: DeploymentConfig,
+    run_label: str,
+    steps: list[dict[str, Any]],
+    error: str | None,
+    api: str,
+    before: dict[str, Any],
+    smoke: dict[str, Any],
 ) -> dict[str, Any]:
     """The run summary from the steps and what the emulator holds after the run compared with before it."""
     summary = empty_summary()
@@ -190,7 +203,9 @@ def build_summary(
             {"id": dm["id"], "model": dm["model"], "traffic_percent": int(split.get(dm["id"], 0))}
             for dm in endpoint.get("deployedModels", [])
         ]
-        summary["left_running"] = [f"{endpoint['name']}/deployedModels/{dm['id']}" for dm in endpoint.get("deployedModels", [])]
+        summary["left_running"] = [
+            f"{endpoint['name']}/deployedModels/{dm['id']}" for dm in endpoint.get("deployedModels", [])
+        ]
     serving = [dm["model"] for dm in summary["deployed_models"] if dm["traffic_percent"] > 0]
     ours = [m for m in state["models"] if m.get("labels", {}).get("vlp-run") == run_label]
     model = ours[0] if ours else None
@@ -277,7 +292,9 @@ def run_local(
         requests.post(f"{api}/_emulator/calls:clear", timeout=10)
         before = _emulator_json(api, "state")
         pipeline_root = state_dir / "pipeline-root"
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False)
+        local.init(
+            runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False
+        )
         params = pipeline_parameters(cfg, project=project, region=region, bucket=bucket, force=force, api_endpoint=api)
         runs_before = set(os.listdir(pipeline_root)) if pipeline_root.exists() else set()
         tee = _Tee(*(() if quiet else (sys.stdout,)))

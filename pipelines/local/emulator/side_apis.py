@@ -45,6 +45,8 @@ QUOTA_REGIONS = (
     "me-west1",
 )
 DEFAULT_QUOTA_LIMIT = 8
+# vCPU quotas count per core, so 8 would not hold even two g2-standard-8 replicas (a blue/green redeploy).
+DEFAULT_CPU_QUOTA_LIMIT = 96
 
 # Vertex AI online-serving quota ids and their metrics, as gcloud's Model Garden deploy checks them
 # (googlecloudsdk command_lib/ai/model_garden_utils.py); any other id is served too.
@@ -334,6 +336,9 @@ def _quota_info(emu: Any, project: str, location: str, service: str, quota_id: s
     configured = state["quotas"].get(quota_id) or {}
     regions = list(QUOTA_REGIONS) + sorted(set(configured) - set(QUOTA_REGIONS))
     exhausted = "quota-exhausted" in emu.faults
+    default_limit = state["default"]
+    if "CPUs" in quota_id and state["default"] == DEFAULT_QUOTA_LIMIT:
+        default_limit = DEFAULT_CPU_QUOTA_LIMIT
     metric = VERTEX_SERVING_QUOTAS.get(quota_id) or re.sub(r"(?<!^)(?=[A-Z])", "_", quota_id).lower()
     info = cq.QuotaInfo(
         name=f"projects/{project}/locations/{location}/services/{service}/quotaInfos/{quota_id}",
@@ -352,7 +357,7 @@ def _quota_info(emu: Any, project: str, location: str, service: str, quota_id: s
         dimensions_infos=[
             cq.DimensionsInfo(
                 dimensions={"region": region},
-                details=cq.QuotaDetails(value=0 if exhausted else int(configured.get(region, state["default"]))),
+                details=cq.QuotaDetails(value=0 if exhausted else int(configured.get(region, default_limit))),
                 applicable_locations=[region],
             )
             for region in regions
