@@ -35,8 +35,30 @@ def compile_pipeline(out_path: Path, image: str | None = None) -> Path:
     return out_path
 
 
-def compile_to_temp(image: str | None = None) -> Path:
-    """Compile into a fresh temp file (for local runs and checks that must not touch compiled/)."""
+def _code_digest(image: str | None) -> str:
+    """A digest of everything a compile reads: the step code, the DAG and the SDK version."""
+    import kfp
+
+    digest = hashlib.sha256(f"{kfp.__version__}|{image or ''}".encode())
+    for path in sorted([*(REPO_ROOT / "components").glob("*.py"), REPO_ROOT / "pipelines" / "pipeline.py"]):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def compile_to_temp(image: str | None = None, reuse: bool = False) -> Path:
+    """Compile into a temp file (for local runs and checks that must not touch compiled/).
+
+    With reuse, a spec compiled earlier from byte-identical code is reused: local runs start ~1.5 s
+    sooner, and a code change still gets a fresh compile."""
+    if reuse:
+        cached = Path(tempfile.gettempdir()) / "vlp-compiled" / _code_digest(image) / f"{PIPELINE_NAME}.yaml"
+        if cached.is_file():
+            return cached
+        staged = compile_pipeline(Path(tempfile.mkdtemp(prefix="vlp-compile-")) / cached.name, image)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        staged.replace(cached)
+        return cached
     tmp = Path(tempfile.mkdtemp(prefix="vlp-compile-")) / f"{PIPELINE_NAME}.yaml"
     return compile_pipeline(tmp, image)
 

@@ -265,6 +265,7 @@ def start_emulator(
     hub_upstream: str | None,
     faults: Iterable[str] = (),
     timeout: float = START_TIMEOUT_S,
+    hub_mirrors_dir: Path | None = None,
 ) -> Peer:
     """Starts the project's Vertex AI emulator (`python -m pipelines.local.emulator`) and waits for its READY line.
 
@@ -287,6 +288,8 @@ def start_emulator(
     # caller's cwd, and unbuffered so the READY line reaches the log as soon as it is printed.
     repo_root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if hub_mirrors_dir is not None:
+        env["VLP_HUB_MIRRORS_DIR"] = str(Path(hub_mirrors_dir).resolve())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root), env.get("PYTHONPATH", "")) if p)
     process, offset = _spawn("emulator", argv, log_path, cwd=repo_root, env=env)
     peer = Peer("emulator", "", process, log_path)
@@ -329,6 +332,7 @@ class LocalStack:
                 storage_endpoint=self.gcs.url,
                 hub_upstream=self.hub.url,
                 faults=self.faults,
+                hub_mirrors_dir=self.mirrors_dir,
             )
         except BaseException:
             self.stop()

@@ -273,7 +273,7 @@ def run_local(
     bucket = bucket or cfg.placement.bucket or "vlp-local"
     state_dir = state_dir.resolve()
     started = time.monotonic()
-    template = compile_to_temp()  # the same compiler as `vlp compile`: the local run executes the spec
+    template = compile_to_temp(reuse=True)  # the same compiler as `vlp compile`: the run executes the spec
     pipeline = kfp_components.load_component_from_file(str(template))
     saved_env = dict(os.environ)
     with LocalStack(state_dir, faults=emulator_faults) as stack:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import re
 import threading
 import urllib.parse
@@ -575,8 +576,24 @@ def _hub_proxy(emu: Any, method: str, path: str, query: dict[str, list[str]], bo
     try:
         conn.request(method, url, body=body or None, headers=forward)
         response = conn.getresponse()
-        data = b"" if method == "HEAD" else response.read()
         status = response.status
+        total = response.getheader("content-length")
+        wanted = re.fullmatch(r"\s*bytes=(\d+)-(\d+)\s*", request_headers.get("range", "") or "")
+        local_blob = _local_mirror_blob(path) if status == 200 and method == "GET" else None
+        if method == "HEAD":
+            data = b""
+        elif local_blob is not None:
+            # olah reads a whole git blob before it sends a byte (~15 s for SmolLM2's 270 MB); the same
+            # bytes come straight from the mirror's git repo, while olah still answers headers and metadata.
+            data = _read_blob(*local_blob, int(wanted.group(2)) + 1 if wanted else None)
+            total = _blob_size(*local_blob) if wanted else None
+        elif status == 200 and wanted and total:
+            # olah ignores Range and would send a 270 MB file for a 100 KB safetensors header read:
+            # stop reading at the end of the range instead of buffering the whole file.
+            data = response.read(int(wanted.group(2)) + 1)
+        else:
+            data = response.read()
+            total = None
         reply: dict[str, str] = {}
         for name, value in response.getheaders():
             lower = name.lower()
@@ -595,12 +612,49 @@ def _hub_proxy(emu: Any, method: str, path: str, query: dict[str, list[str]], bo
     if status == 200 and method == "GET" and "range" in request_headers:
         # An offline olah mirror ignores Range and sends the whole file; the Hub honours it, and
         # huggingface_hub resumes interrupted downloads with it, so the gate cuts the range itself.
-        return _apply_range(request_headers["range"], data, content_type, reply)
+        return _apply_range(request_headers["range"], data, content_type, reply, int(total) if total else None)
     return status, data, content_type, reply
 
 
-def _apply_range(range_header: str, data: bytes, content_type: str, reply: dict[str, str]) -> Answer:
-    size = len(data)
+_RESOLVE_RE = re.compile(r"^/(?:models/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+
+
+def _local_mirror_blob(path: str) -> tuple[Path, str] | None:
+    """(git repo, "REV:FILE") when the gate's mirror is a local olah mirrors dir holding the repo."""
+    mirrors = os.environ.get("VLP_HUB_MIRRORS_DIR", "")
+    match = _RESOLVE_RE.match(urllib.parse.unquote(path))
+    if not mirrors or not match:
+        return None
+    repo = Path(mirrors) / "models" / match.group("repo")
+    if not (repo / ".git").exists():
+        return None
+    return repo, f"{match.group('rev')}:{match.group('file')}"
+
+
+def _read_blob(repo: Path, spec: str, limit: int | None) -> bytes:
+    """A git blob's bytes (the first `limit` of them), streamed by git cat-file."""
+    import subprocess
+
+    with subprocess.Popen(["git", "-C", str(repo), "cat-file", "blob", spec], stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        data = proc.stdout.read() if limit is None else proc.stdout.read(limit)
+        proc.kill()
+    return data
+
+
+def _blob_size(repo: Path, spec: str) -> str:
+    import subprocess
+
+    return subprocess.run(
+        ["git", "-C", str(repo), "cat-file", "-s", spec], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def _apply_range(
+    range_header: str, data: bytes, content_type: str, reply: dict[str, str], size: int | None = None
+) -> Answer:
+    """A 206 for `range_header` from `data`, which holds the file's first bytes (all of it when size is None)."""
+    size = len(data) if size is None else size
     headers = {k: v for k, v in reply.items() if k.lower() not in ("content-length", "content-range")}
     headers["Accept-Ranges"] = "bytes"
     match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", range_header)
