@@ -743,7 +743,25 @@ def read_model_facts(model: str, *, revision: str = "main", endpoint: str = "", 
     """Model facts from a local directory (if `model` is one) or a Hub repo id."""
     if Path(model).expanduser().is_dir():
         return read_local_facts(Path(model).expanduser())
-    return read_hub_facts(model, revision=revision, endpoint=endpoint, token=token)
+    try:
+        return read_hub_facts(model, revision=revision, endpoint=endpoint, token=token)
+    except (OSError, ConnectionError) as exc:
+        raise ModelAccessError(_unreachable(model, endpoint, exc)) from None
+    except Exception as exc:
+        # huggingface_hub wraps connection failures in its HTTP client's own types.
+        if type(exc).__name__ in {"ConnectError", "ConnectTimeout", "ReadTimeout", "ConnectionError"}:
+            raise ModelAccessError(_unreachable(model, endpoint, exc)) from None
+        raise
+
+
+def _unreachable(model: str, endpoint: str, exc: Exception) -> str:
+    import os
+
+    hub = endpoint or os.environ.get("HF_ENDPOINT", "") or "https://huggingface.co"
+    return (
+        f"cannot reach the Hub at {hub} to read {model}'s metadata ({exc}): check the network or HF_ENDPOINT, "
+        "or plan from a local copy of the model with `vlp plan --model DIR`"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

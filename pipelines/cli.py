@@ -203,15 +203,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from components import plan_report, planning
 
     if args.config:
-        from components.preflight import plan_for_config
+        from components.preflight import plan_deployment
 
         cfg = _load(args)
-        plan = plan_for_config(
+        plan = plan_deployment(
             cfg,
             project=args.project or cfg.placement.project,
-            region=args.region,
+            regions=[args.region] if args.region else None,
             api_endpoint=args.api_endpoint,
-            check_quota=not args.no_quota,
+            check_quota=not args.no_quota and bool(args.project or cfg.placement.project),
         )
     elif args.model:
         plan = planning.plan_model(
@@ -232,10 +232,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _render_deployment(args: argparse.Namespace, cfg: DeploymentConfig) -> dict[str, Any]:
     """A deployment dict as preflight would hand it on, with the plan from the config (no quota check)."""
-    from components.preflight import plan_for_config
+    from components.preflight import plan_deployment
     from components.runtime import label_value
 
-    plan = plan_for_config(cfg, project=args.project or cfg.placement.project, region=args.region, check_quota=False)
+    plan = plan_deployment(cfg, regions=[args.region] if args.region else None, check_quota=False)
     region = args.region or cfg.placement.regions[0]
     return {
         "config": cfg.model_dump(mode="json"),
@@ -332,7 +332,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     args.report.write_text(render_html(result))
     if args.json:
-        print(json.dumps(result.to_dict() if hasattr(result, "to_dict") else result, indent=2, default=str))
+        print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
         print(render_table(result))
         print(f"report: {args.report}")

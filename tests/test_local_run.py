@@ -29,6 +29,7 @@ def tiny_config(name: str = "tiny", *overrides: str) -> Any:
             "smoke_test.expect=",
             "smoke_test.max_tokens=8",
             "smoke_test.attempts=3",
+            "serving.max_model_len=512",  # the tiny model's context
             *overrides,
         ],
     )
