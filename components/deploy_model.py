@@ -106,7 +106,7 @@ def deploy_model(deployment: dict, model_resource: str) -> Deployed:
                 deployment["region"],
                 endpoint_resource.rsplit("/", 1)[-1],
                 "",
-                exc,
+                getattr(exc, "message", None) or str(exc),
                 deployment.get("api_endpoint", ""),
             )
         ) from None

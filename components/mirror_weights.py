@@ -1352,5 +1352,8 @@ def mirror_weights_op(deployment: dict, api_endpoint: str) -> NamedTuple(
         api_endpoint=api_endpoint or deployment.get("api_endpoint", ""),
         revision=deployment.get("revision_sha") or None,
     )
+    from components.runtime import checkpoint
+
+    checkpoint("mirror-weights")
     outputs = namedtuple("MirrorOutputs", ["weights_uri", "revision_sha"])
     return outputs(result.weights_uri, result.revision_sha)

@@ -621,6 +621,9 @@ def smoke_test_op(
 
     resource = endpoint.metadata["resourceName"]
     result = run_smoke_test(deployment, resource, deployed_model_id, weights_uri, api_endpoint)
+    from components.runtime import checkpoint
+
+    checkpoint("smoke-test")
     metrics.log_metric("smoke_passed", 1 if result.passed else 0)
     metrics.log_metric("smoke_latency_s", result.latency_s)
     if "completion_tokens" in result.tokens:

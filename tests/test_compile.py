@@ -103,7 +103,7 @@ def test_spec_loads_in_pipeline_job_with_every_config(config_path: Path) -> None
         parameter_values=pipeline_parameters(cfg, project="p", bucket="b"),
         enable_caching=False,
     )
-    runtime = job.gca_resource.runtime_config
+    runtime = job._gca_resource.runtime_config  # the request submit() would send
     assert runtime.parameter_values["project"] == "p"
     assert dict(runtime.parameter_values["config"])["name"] == cfg.name
 

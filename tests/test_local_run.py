@@ -94,7 +94,7 @@ FAULTS = [
     ("upload-error", "upload"),
     ("deploy-error", "Deploying"),
     ("deploy-timeout", "timed out"),
-    ("server-crash", "smoke test failed"),
+    ("server-crash", "exited with code"),
     ("smoke-fail", "smoke test failed"),
     ("kill-step:mirror-weights", "mirror-weights"),
     ("kill-step:register-model", "register-model"),
@@ -106,7 +106,9 @@ FAULTS = [
 @pytest.mark.parametrize(("fault", "message"), FAULTS, ids=[f[0] for f in FAULTS])
 def test_fault_leaves_nothing_behind(tmp_path: Path, tiny_model_dir: Path, fault: str, message: str) -> None:
     state = tmp_path / "state"
-    summary = run(state, tiny_config(), tiny_model_dir, faults=[fault])
+    # The tiny model says random words; "smoke-fail" makes it say "I am not sure.", which this rejects.
+    cfg = tiny_config("tiny", "smoke_test.expect_regex=^(?!I am not sure)")
+    summary = run(state, cfg, tiny_model_dir, faults=[fault])
     assert summary["status"] == "failed"
     assert message.lower() in (summary["error"] or "").lower(), summary["error"]
     held = vertex_resources(state)
@@ -197,7 +199,10 @@ def test_redeploy_with_failing_smoke_keeps_old_model(tmp_path: Path, tiny_model_
     state = tmp_path / "state"
     first = run(state, tiny_config(), tiny_model_dir)
     assert first["status"] == "succeeded", first["error"]
-    second = run(state, tiny_config(), tiny_model_dir, faults=["smoke-fail"], force=True)
+    second = run(
+        state, tiny_config("tiny", "smoke_test.expect_regex=^(?!I am not sure)"), tiny_model_dir,
+        faults=["smoke-fail"], force=True,
+    )
     assert second["status"] == "failed"
     assert second["deployed_models"] == first["deployed_models"]
     assert second["deployed_models"][0]["traffic_percent"] == 100
