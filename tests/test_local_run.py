@@ -172,7 +172,8 @@ def test_redeploy_new_revision_is_blue_green_without_downtime(
     stop = threading.Event()
     from pipelines.local import peers
 
-    original_start = peers.LocalStack.start
+    original_start, original_stop = peers.LocalStack.start, peers.LocalStack.stop
+    threads: list[threading.Thread] = []
 
     def start_and_hammer(self: Any) -> Any:
         out = original_start(self)
@@ -180,9 +181,18 @@ def test_redeploy_new_revision_is_blue_green_without_downtime(
             target=_hammer, args=(first["endpoint"], self.api_endpoint, stop, results), daemon=True
         )
         thread.start()
+        threads.append(thread)
         return out
 
+    def stop_hammer_then_stack(self: Any) -> None:
+        # The run is over once the stack stops (the endpoint does not outlive a local run).
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=70)
+        original_stop(self)
+
     monkeypatch.setattr(peers.LocalStack, "start", start_and_hammer)
+    monkeypatch.setattr(peers.LocalStack, "stop", stop_hammer_then_stack)
     second = run_local(tiny_config(), state_dir=state, model_dir=changed, quiet=True)
     stop.set()
     assert second["status"] == "succeeded", second["error"]

@@ -192,7 +192,12 @@ def _toml_str(value: str | Path) -> str:
 
 
 def start_hub_mirror(
-    mirrors_dir: Path, log_dir: Path, *, state_dir: Path | None = None, timeout: float = START_TIMEOUT_S
+    mirrors_dir: Path,
+    log_dir: Path,
+    *,
+    state_dir: Path | None = None,
+    timeout: float = START_TIMEOUT_S,
+    port: int | None = None,
 ) -> Peer:
     """Starts an offline olah Hub mirror serving the git repos under `mirrors_dir/models/ORG/NAME`.
 
@@ -233,7 +238,7 @@ def start_hub_mirror(
         _wait_http(peer, f"{url}/api/whoami-v2", offset, timeout, accept=lambda s: True)
         return peer
 
-    return _start_with_retries(start)
+    return start(port) if port else _start_with_retries(start)
 
 
 def _wait_ready_line(peer: Peer, offset: int, timeout: float) -> str:
@@ -325,15 +330,40 @@ class LocalStack:
         try:
             gcs_data = self.state_dir / "gcs" if self.persist_gcs else None
             self.gcs = start_fake_gcs(gcs_data, self.log_dir)
-            self.hub = start_hub_mirror(self.mirrors_dir, self.log_dir, state_dir=self.state_dir / "olah")
-            self.emulator = start_emulator(
-                self.state_dir / "emulator",
-                self.log_dir,
-                storage_endpoint=self.gcs.url,
-                hub_upstream=self.hub.url,
-                faults=self.faults,
-                hub_mirrors_dir=self.mirrors_dir,
-            )
+            # The mirror and the emulator start side by side (the emulator only needs the mirror's
+            # address): the emulator then restarts earlier runs' model servers a second sooner.
+            import threading
+
+            hub_port = free_port()
+            hub_result: list[Peer | BaseException] = []
+
+            def start_hub() -> None:
+                try:
+                    hub_result.append(
+                        start_hub_mirror(
+                            self.mirrors_dir, self.log_dir, state_dir=self.state_dir / "olah", port=hub_port
+                        )
+                    )
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+                    hub_result.append(exc)
+
+            hub_thread = threading.Thread(target=start_hub)
+            hub_thread.start()
+            try:
+                self.emulator = start_emulator(
+                    self.state_dir / "emulator",
+                    self.log_dir,
+                    storage_endpoint=self.gcs.url,
+                    hub_upstream=f"http://127.0.0.1:{hub_port}",
+                    faults=self.faults,
+                    hub_mirrors_dir=self.mirrors_dir,
+                )
+            finally:
+                hub_thread.join()
+                if hub_result and isinstance(hub_result[0], Peer):
+                    self.hub = hub_result[0]
+            if not hub_result or not isinstance(hub_result[0], Peer):
+                raise hub_result[0] if hub_result else RuntimeError("the Hub mirror did not start")
         except BaseException:
             self.stop()
             # __exit__ never runs when __enter__ fails, so say here where to look.
@@ -344,9 +374,15 @@ class LocalStack:
 
     def stop(self) -> None:
         """Stops every peer that runs (emulator first: it may hold serving processes); logs stay."""
-        for peer in (self.emulator, self.hub, self.gcs):
-            if peer is not None:
-                peer.stop()
+        # In parallel: each stop waits for its process to exit, and nothing orders them once the
+        # emulator stops taking requests.
+        import threading
+
+        threads = [threading.Thread(target=p.stop) for p in (self.emulator, self.hub, self.gcs) if p is not None]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def _require(self, peer: Peer | None, name: str) -> Peer:
         if peer is None:

@@ -273,10 +273,11 @@ def run_local(
     bucket = bucket or cfg.placement.bucket or "vlp-local"
     state_dir = state_dir.resolve()
     started = time.monotonic()
-    template = compile_to_temp(reuse=True)  # the same compiler as `vlp compile`: the run executes the spec
-    pipeline = kfp_components.load_component_from_file(str(template))
     saved_env = dict(os.environ)
+    # The stack first: the emulator restarts the model servers of earlier runs while the rest is set up.
     with LocalStack(state_dir, faults=emulator_faults) as stack:
+        template = compile_to_temp(reuse=True)  # the same compiler as `vlp compile`: the run executes the spec
+        pipeline = kfp_components.load_component_from_file(str(template))
         hub_mode = prepare_model(cfg, stack.mirrors_dir, model_dir)
         os.environ.update(stack.env())
         if hub_mode == "hub":
