@@ -123,14 +123,17 @@ def test_predict_429_is_retried_and_passes(tmp_path: Path, tiny_model_dir: Path)
     assert summary["smoke"]["passed"] is True
 
 
-def test_second_identical_run_is_a_noop_and_fast(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_demo_answers_paris_and_a_second_identical_run_is_a_fast_noop(tmp_path: Path) -> None:
+    """The README's main job: SmolLM2 through the whole DAG offline; then the same config again."""
     state = tmp_path / "state"
+    cfg = load_config(ROOT / "configs" / "local-demo.yaml")
     t0 = time.monotonic()
-    first = run(state, tiny_config(), tiny_model_dir)
+    first = run_local(cfg, state_dir=state, quiet=True)
     first_s = time.monotonic() - t0
     assert first["status"] == "succeeded", first["error"]
+    assert "paris" in first["smoke"]["answer"].lower()
     t1 = time.monotonic()
-    second = run(state, tiny_config(), tiny_model_dir)
+    second = run_local(cfg, state_dir=state, quiet=True)
     second_s = time.monotonic() - t1
     assert second["status"] == "noop", second
     assert not any(c.endswith(("/models:upload", ":deployModel")) for c in second["api_calls"])
@@ -210,8 +213,11 @@ def test_redeploy_with_failing_smoke_keeps_old_model(tmp_path: Path, tiny_model_
     first = run(state, tiny_config(), tiny_model_dir)
     assert first["status"] == "succeeded", first["error"]
     second = run(
-        state, tiny_config("tiny", "smoke_test.expect_regex=^(?!I am not sure)"), tiny_model_dir,
-        faults=["smoke-fail"], force=True,
+        state,
+        tiny_config("tiny", "smoke_test.expect_regex=^(?!I am not sure)"),
+        tiny_model_dir,
+        faults=["smoke-fail"],
+        force=True,
     )
     assert second["status"] == "failed"
     assert second["deployed_models"] == first["deployed_models"]

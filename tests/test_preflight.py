@@ -235,8 +235,9 @@ def test_preflight_op_writes_report_and_metrics(
     report = dsl.Markdown(name="report", uri=str(tmp_path / "report.md"))
     metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics"))
     cfg = _cfg(**{"model.hf_token_secret": "''"}).model_dump(mode="json")
-    out = preflight_op(PROJECT, "us-east4", "vlp-bucket", "", cfg, "run-1", emulator.url, report, metrics)
+    out = preflight_op(PROJECT, "us-east4", "vlp-bucket", "", cfg, "run-1", emulator.url, False, report, metrics)
     assert out.region == "us-east4" and out.deployment["region"] == "us-east4"
+    assert out.action == "deploy"  # nothing serves this deployment yet
     text = (tmp_path / "report.md").read_text()
     assert text.startswith("# Preflight plan") and "g2-standard-12" in text
     assert metrics.metadata["weights_gb"] == pytest.approx(16.06, abs=0.01)
