@@ -210,7 +210,9 @@ def preflight_op(
     force: bool,
     report: dsl.Output[dsl.Markdown],
     metrics: dsl.Output[dsl.Metrics],
-) -> NamedTuple("PreflightOutputs", [("deployment", dict), ("region", str), ("action", str)]):  # noqa: F821, UP014
+) -> NamedTuple(
+    "PreflightOutputs", [("deployment", dict), ("region", str), ("action", str), ("mirror_on", str)]
+):  # noqa: F821, UP014
     """Preflight: plan the hardware, check quota and Hub access, and fail before anything costs money."""
     from collections import namedtuple
 
@@ -266,6 +268,12 @@ def preflight_op(
         ("concurrent_sequences", plan["limits"].get("concurrent_sequences", 0)),
     ):
         metrics.log_metric(key, value)
+    # Where the mirror runs: small models on the pipeline step itself, big ones as a custom job on a
+    # machine with more network (the step's e2-standard-4 egress caps at ~8 Gbps).
+    from components.mirror_weights import mirror_machine_for
+
+    machine = mirror_machine_for(int(plan.get("weights_bytes") or 0))["machine_type"]
+    mirror_on = "step" if machine == "e2-standard-4" else machine
     checkpoint("preflight")
-    outputs = namedtuple("PreflightOutputs", ["deployment", "region", "action"])
-    return outputs(without_nulls(deployment), deployment["region"], action)
+    outputs = namedtuple("PreflightOutputs", ["deployment", "region", "action", "mirror_on"])
+    return outputs(without_nulls(deployment), deployment["region"], action, mirror_on)

@@ -24,6 +24,18 @@ def build_pipeline(image: str | None = None) -> Any:
 
     preflight_c = as_component(preflight_op, image)
     mirror_c = as_component(mirror_weights_op, image)
+    # The same mirror component as a Vertex custom job on machines with more network, for big models;
+    # preflight picks the branch from the model's real size (components.mirror_weights.mirror_machine_for).
+    from google_cloud_pipeline_components.v1.custom_job import create_custom_training_job_from_component
+
+    from components.mirror_weights import mirror_machine_for
+
+    mirror_jobs = {
+        size: create_custom_training_job_from_component(
+            mirror_c, display_name=f"vlp-mirror-{size}", **mirror_machine_for(weights)
+        )
+        for size, weights in (("n2-standard-8", 100 * 10**9), ("n2-standard-16", 1000 * 10**9))
+    }
     register_c = as_component(register_model_op, image)
     deploy_c = as_component(deploy_model_op, image)
     smoke_c = as_component(smoke_test_op, image)
@@ -84,16 +96,42 @@ def build_pipeline(image: str | None = None) -> Any:
             deployment = pre.outputs["deployment"]
 
             with dsl.If(pre.outputs["action"] == "deploy", name="something-changed"):
-                mirror = mirror_c(deployment=deployment, api_endpoint=api_endpoint).set_display_name(
-                    "Mirror weights Hub → GCS"
-                )
-                # The mirror's own manifest makes a repeat a no-op; KFP's cache would hide a deleted bucket.
-                mirror.set_caching_options(False).set_cpu_limit("4").set_memory_limit("16G")
+                mirrors = []
+                with dsl.If(pre.outputs["mirror_on"] == "step", name="mirror-on-step"):
+                    mirror = mirror_c(deployment=deployment, api_endpoint=api_endpoint).set_display_name(
+                        "Mirror weights Hub → GCS"
+                    )
+                    mirrors.append(mirror.set_cpu_limit("4").set_memory_limit("16G"))
+                with dsl.Elif(pre.outputs["mirror_on"] == "n2-standard-8", name="mirror-on-n2-standard-8"):
+                    mirrors.append(
+                        mirror_jobs["n2-standard-8"](
+                            deployment=deployment,
+                            api_endpoint=api_endpoint,
+                            project=project,
+                            location=pre.outputs["region"],
+                            service_account=service_account,
+                        ).set_display_name("Mirror weights Hub → GCS (custom job, n2-standard-8)")
+                    )
+                with dsl.Else(name="mirror-on-n2-standard-16"):
+                    mirrors.append(
+                        mirror_jobs["n2-standard-16"](
+                            deployment=deployment,
+                            api_endpoint=api_endpoint,
+                            project=project,
+                            location=pre.outputs["region"],
+                            service_account=service_account,
+                        ).set_display_name("Mirror weights Hub → GCS (custom job, n2-standard-16)")
+                    )
+                for task in mirrors:
+                    # The mirror's own manifest makes a repeat a no-op; KFP's cache would hide a deleted bucket.
+                    task.set_caching_options(False)
+                weights_uri = dsl.OneOf(*(t.outputs["weights_uri"] for t in mirrors))
+                revision_sha = dsl.OneOf(*(t.outputs["revision_sha"] for t in mirrors))
 
                 register = register_c(
                     deployment=deployment,
-                    weights_uri=mirror.outputs["weights_uri"],
-                    revision_sha=mirror.outputs["revision_sha"],
+                    weights_uri=weights_uri,
+                    revision_sha=revision_sha,
                 ).set_display_name("Register model version")
                 register.set_caching_options(False)
 
@@ -106,7 +144,7 @@ def build_pipeline(image: str | None = None) -> Any:
                     deployment=deployment,
                     endpoint=deploy.outputs["endpoint"],
                     deployed_model_id=deploy.outputs["deployed_model_id"],
-                    weights_uri=mirror.outputs["weights_uri"],
+                    weights_uri=weights_uri,
                     api_endpoint=api_endpoint,
                 ).set_display_name("Smoke test the new deployment")
                 smoke.set_caching_options(False)  # a cached smoke test would report a stale pass

@@ -122,3 +122,24 @@ def test_dockerfile_and_pyproject_pin_what_components_install() -> None:
         assert pin in dockerfile, f"Dockerfile lacks {pin}"
         name, version = pin.split("==")
         assert re.search(rf'"{re.escape(name)}(\[\w+\])?=={re.escape(version)}"', pyproject), f"pyproject lacks {pin}"
+
+
+def test_big_models_mirror_as_a_custom_job_with_more_network(fresh_spec: Path) -> None:
+    """Preflight's `mirror_on` picks the branch: the step itself, or a custom job on n2-standard-8/16."""
+    spec = yaml.safe_load(fresh_spec.read_text())
+    conditions = [
+        task.get("triggerPolicy", {}).get("condition", "")
+        for comp in spec["components"].values()
+        for task in comp.get("dag", {}).get("tasks", {}).values()
+    ]
+    assert any("mirror_on" in c and "'step'" in c for c in conditions), conditions
+    assert any("mirror_on" in c and "'n2-standard-8'" in c for c in conditions), conditions
+    machine_types = re.findall(r'"machine_type": "([\w-]+)"', fresh_spec.read_text()) + re.findall(
+        r"machine_type: ([\w-]+)", fresh_spec.read_text()
+    )
+    text = fresh_spec.read_text()
+    assert "n2-standard-8" in text and "n2-standard-16" in text, machine_types
+    from components.mirror_weights import mirror_machine_for
+
+    assert mirror_machine_for(16 * 10**9)["machine_type"] == "e2-standard-4"  # 8B BF16: on the step
+    assert mirror_machine_for(410 * 10**9)["machine_type"] == "n2-standard-16"  # 405B FP8: 32 Gbps
