@@ -70,14 +70,19 @@ def resolve_shape(deployment: dict[str, Any]) -> ServingShape:
     cfg = _config(deployment)
     plan = dict(deployment.get("plan") or {})
     hw = cfg.hardware
-    machine_type = plan.get("machine_type") or ("" if hw.is_auto else hw.machine_type)
+    # An explicit shape is the user's decision (preflight checks it, never changes it); auto takes the plan's.
+    if not hw.is_auto:
+        plan.update(
+            machine_type=hw.machine_type, accelerator_type=hw.accelerator_type, accelerator_count=hw.accelerator_count
+        )
+    machine_type = plan.get("machine_type") or ""
     if not machine_type or machine_type == "auto":
         raise ServingSpecError(
             f"deployment {cfg.name!r} has hardware: auto and no plan: run preflight (vlp plan) first, "
             "or set hardware.machine_type, accelerator_type and accelerator_count in the config"
         )
-    accelerator_type = plan.get("accelerator_type", "" if hw.is_auto else hw.accelerator_type) or ""
-    accelerator_count = int(plan.get("accelerator_count", 0 if hw.is_auto else hw.accelerator_count) or 0)
+    accelerator_type = plan.get("accelerator_type") or ""
+    accelerator_count = int(plan.get("accelerator_count") or 0)
     node_count = int(plan.get("node_count") or 1)
     s = cfg.serving
     tp = s.tensor_parallel_size or plan.get("tensor_parallel_size") or max(accelerator_count, 1)

@@ -306,9 +306,33 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     project = args.project or cfg.placement.project
     if not bucket:
         raise UserError("no bucket: pass --bucket NAME or set placement.bucket in the config")
-    result = mirror_from_config(cfg, bucket=bucket, project=project, api_endpoint=args.api_endpoint)
+    result = mirror_from_config(
+        cfg, bucket=bucket, project=project, api_endpoint=args.api_endpoint, progress=_progress_bar()
+    )
     print(f"{'already mirrored' if result.skipped else 'mirrored'}: {result.weights_uri}")
     return EXIT_OK
+
+
+def _progress_bar():  # noqa: ANN202 - a callback taking components.mirror_weights.MirrorProgress
+    """A one-line progress bar on a terminal, a line every ~10% otherwise (CI logs stay short)."""
+    tty = sys.stderr.isatty()
+    last = [-1]
+
+    def show(p: Any) -> None:
+        frac = p.bytes_done / p.bytes_total if p.bytes_total else 1.0
+        eta = f"{p.eta_s:4.0f}s" if p.eta_s is not None else "   ?"
+        bar = "#" * int(frac * 30)
+        line = (
+            f"[{bar:<30}] {frac:6.1%} {p.bytes_done / 1e9:7.2f}/{p.bytes_total / 1e9:.2f} GB "
+            f"{p.bytes_per_s / 1e6:7.1f} MB/s ETA {eta}  files {p.files_done}/{p.files_total}"
+        )
+        if tty:
+            print("\r" + line, end="" if frac < 1 else "\n", file=sys.stderr, flush=True)
+        elif int(frac * 10) != last[0]:
+            last[0] = int(frac * 10)
+            print(line, file=sys.stderr, flush=True)
+
+    return show
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -1,0 +1,136 @@
+"""The `vlp` CLI: help everywhere, exit codes CI can trust, errors without tracebacks, mirror/plan/render/bench."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def vlp(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_every_command_has_help() -> None:
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for name in ["compile", "check", "plan", "render", "run", "mirror", "bench", "local", "schedule", "publish"]:
+        assert name in commands
+    for name in commands:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+
+
+def test_check_passes_on_every_config_and_names_the_field_on_a_broken_one(tmp_path: Path) -> None:
+    ok = vlp("check")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "6/6 configs valid" in ok.stdout
+    broken = tmp_path / "broken.yaml"
+    broken.write_text((ROOT / "configs" / "local-demo.yaml").read_text().replace("max_num_seqs", "max_num_seq"))
+    bad = vlp("check", str(broken))
+    assert bad.returncode == 1
+    assert "serving.max_num_seq: unknown field" in bad.stdout
+    assert "Traceback" not in bad.stdout + bad.stderr
+
+
+def test_bad_input_exits_2_without_traceback() -> None:
+    result = vlp("run", "configs/local-demo.yaml", "--local", "--inject", "meteor-strike")
+    assert result.returncode == 2
+    assert "unknown fault" in result.stderr and "quota-exhausted" in result.stderr
+    assert "Traceback" not in result.stderr
+    missing = vlp("plan", "configs/nope.yaml")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    bad_set = vlp("render", "configs/local-demo.yaml", "--set", "serving.engine=triton")
+    assert bad_set.returncode == 2 and "serving.engine" in bad_set.stderr
+
+
+def test_vertex_run_without_project_says_how_to_fix() -> None:
+    result = vlp("run", "configs/llama-3.1-8b-vllm-l4.yaml")
+    assert result.returncode == 2
+    assert "--project" in result.stderr and "nothing deploys to a project by accident" in result.stderr
+
+
+def test_plan_from_a_local_model_dir_prints_json(tiny_model_dir: Path) -> None:
+    result = vlp("plan", "--model", str(tiny_model_dir), "--max-model-len", "512", "--max-num-seqs", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    for key in (
+        "weights_bytes",
+        "params",
+        "dtype",
+        "fits",
+        "machine_type",
+        "accelerator_type",
+        "accelerator_count",
+        "node_count",
+        "max_model_len",
+        "max_num_seqs",
+        "price_per_hour_usd",
+        "quota",
+        "warnings",
+        "errors",
+    ):
+        assert key in plan
+    assert plan["fits"] and plan["accelerator_type"] == "NVIDIA_L4"
+    size = sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors"))
+    assert 0 < plan["weights_bytes"] <= size
+
+
+def test_render_prints_the_requests_a_run_would_send() -> None:
+    result = vlp("render", "configs/llama-3.1-8b-vllm-l4.yaml", "--json")
+    assert result.returncode == 0, result.stderr
+    requests = json.loads(result.stdout)
+    assert set(requests) == {"upload_model", "deploy_model"}
+    machine = requests["deploy_model"]["deployedModel"]["dedicatedResources"]["machineSpec"]
+    assert machine == {"machineType": "g2-standard-12", "acceleratorType": "NVIDIA_L4", "acceleratorCount": 1}
+    assert requests["upload_model"]["model"]["artifactUri"].startswith("gs://")
+    assert "HF_TOKEN" not in result.stdout
+
+
+def test_mirror_command_against_the_local_stack(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from pipelines.local.peers import LocalStack
+
+    with LocalStack(tmp_path / "state") as stack:
+        stack_env = stack.env()
+        from pipelines.local.models import publish_to_hub_mirror
+
+        sha = publish_to_hub_mirror(tiny_model_dir, stack.mirrors_dir, "vlp-test/tiny-llama")
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        storage.Client(
+            project="p", credentials=AnonymousCredentials(), client_options={"api_endpoint": stack.storage_endpoint}
+        ).create_bucket("mirror-bucket")
+        args = [
+            "--api-endpoint",
+            stack.api_endpoint,
+            "mirror",
+            "configs/local-demo.yaml",
+            "--set",
+            "model.repo=vlp-test/tiny-llama",
+            "--bucket",
+            "mirror-bucket",
+        ]
+        first = vlp(*args, env=stack_env)
+        assert first.returncode == 0, first.stderr
+        assert f"mirrored: gs://mirror-bucket/models/vlp-test/tiny-llama/{sha}/" in first.stdout
+        assert "MB/s" in first.stderr  # the progress bar
+        again = vlp(*args, env=stack_env)
+        assert again.returncode == 0 and "already mirrored" in again.stdout
