@@ -81,30 +81,29 @@ def storage_client(project: str | None = None) -> Any:
     return storage.Client(project=project)
 
 
-def secret_client(endpoint: str = "") -> Any:
-    """A Secret Manager client (the Hub token lives there)."""
-    from google.cloud import secretmanager
-
+def _service_client(client_cls: Any, endpoint: str) -> Any:
+    """A GAPIC client of a global service (no regional host), pointed at `endpoint` when one is set."""
     host = api_endpoint(endpoint)
     kwargs: dict[str, Any] = {}
     if host:
         kwargs["client_options"] = {"api_endpoint": host}
     if _is_local(host):
         kwargs.update(transport="rest", credentials=credentials(host))
-    return secretmanager.SecretManagerServiceClient(**kwargs)
+    return client_cls(**kwargs)
+
+
+def secret_client(endpoint: str = "") -> Any:
+    """A Secret Manager client (the Hub token lives there)."""
+    from google.cloud import secretmanager
+
+    return _service_client(secretmanager.SecretManagerServiceClient, endpoint)
 
 
 def quotas_client(endpoint: str = "") -> Any:
     """A Cloud Quotas client (serving GPU quota per region)."""
     from google.cloud import cloudquotas_v1
 
-    host = api_endpoint(endpoint)
-    kwargs: dict[str, Any] = {}
-    if host:
-        kwargs["client_options"] = {"api_endpoint": host}
-    if _is_local(host):
-        kwargs.update(transport="rest", credentials=credentials(host))
-    return cloudquotas_v1.CloudQuotasClient(**kwargs)
+    return _service_client(cloudquotas_v1.CloudQuotasClient, endpoint)
 
 
 def logging_client(project: str, endpoint: str = "") -> Any:

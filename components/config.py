@@ -19,6 +19,15 @@ _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def _resource_name(value: str) -> str:
+    """Names that become Vertex display names and label values."""
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"{value!r}: use lowercase letters, digits and dashes, starting with a letter, at most 63 characters"
+        )
+    return value
+
+
 class ConfigError(ValueError):
     """A deployment config that cannot be used; the message names the field and the fix."""
 
@@ -187,14 +196,7 @@ class EndpointSpec(_Strict):
         description="Canary: traffic percentages for the new model, in order (e.g. [10, 50, 100]); empty = all at once.",
     )
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError(
-                f"{v!r}: use lowercase letters, digits and dashes, starting with a letter, at most 63 characters"
-            )
-        return v
+    _name = field_validator("name")(classmethod(lambda cls, v: _resource_name(v)))
 
     @field_validator("traffic_steps")
     @classmethod
@@ -248,14 +250,7 @@ class DeploymentConfig(_Strict):
         description="on_failure: remove what a failed run created; always: also after success (CI); never.",
     )
 
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
-            raise ValueError(
-                f"{v!r}: use lowercase letters, digits and dashes, starting with a letter, at most 63 characters"
-            )
-        return v
+    _name = field_validator("name")(classmethod(lambda cls, v: _resource_name(v)))
 
     @field_validator("hardware", mode="before")
     @classmethod

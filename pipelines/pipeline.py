@@ -102,26 +102,18 @@ def build_pipeline(image: str | None = None) -> Any:
                         "Mirror weights Hub → GCS"
                     )
                     mirrors.append(mirror.set_cpu_limit("4").set_memory_limit("16G"))
-                with dsl.Elif(pre.outputs["mirror_on"] == "n2-standard-8", name="mirror-on-n2-standard-8"):
-                    mirrors.append(
-                        mirror_jobs["n2-standard-8"](
-                            deployment=deployment,
-                            api_endpoint=api_endpoint,
-                            project=project,
-                            location=pre.outputs["region"],
-                            service_account=service_account,
-                        ).set_display_name("Mirror weights Hub → GCS (custom job, n2-standard-8)")
-                    )
-                with dsl.Else(name="mirror-on-n2-standard-16"):
-                    mirrors.append(
-                        mirror_jobs["n2-standard-16"](
-                            deployment=deployment,
-                            api_endpoint=api_endpoint,
-                            project=project,
-                            location=pre.outputs["region"],
-                            service_account=service_account,
-                        ).set_display_name("Mirror weights Hub → GCS (custom job, n2-standard-16)")
-                    )
+                for size, branch in (("n2-standard-8", dsl.Elif), ("n2-standard-16", dsl.Else)):
+                    condition = (pre.outputs["mirror_on"] == size,) if branch is dsl.Elif else ()
+                    with branch(*condition, name=f"mirror-on-{size}"):
+                        mirrors.append(
+                            mirror_jobs[size](
+                                deployment=deployment,
+                                api_endpoint=api_endpoint,
+                                project=project,
+                                location=pre.outputs["region"],
+                                service_account=service_account,
+                            ).set_display_name(f"Mirror weights Hub → GCS (custom job, {size})")
+                        )
                 for task in mirrors:
                     # The mirror's own manifest makes a repeat a no-op; KFP's cache would hide a deleted bucket.
                     task.set_caching_options(False)
