@@ -75,7 +75,7 @@ def deploy_model(deployment: dict, model_resource: str) -> Deployed:
     """Deploy the model version; on an endpoint that already serves, the new one starts at 0% traffic
     (blue/green: the smoke test reaches it directly, and promote moves traffic only after it passes)."""
     from components.runtime import StepError
-    from components.serving import deploy_model_request
+    from components.serving import deploy_model_request, needs_v1beta1
     from components.smoke_test import deploy_failure_message
 
     endpoint_resource, created = get_or_create_endpoint(deployment)
@@ -98,7 +98,17 @@ def deploy_model(deployment: dict, model_resource: str) -> Deployed:
         "blue/green beside " + ", ".join(previous) if previous else "first deployment",
     )
     try:
-        response = client.deploy_model(request=request).result(timeout=DEPLOY_TIMEOUT_S)
+        deployer = client
+        if needs_v1beta1(deployment):
+            # Multi-host GPU replicas (multihost_gpu_node_count) exist only in the v1beta1 API.
+            from google.cloud import aiplatform_v1beta1
+
+            from components import clients
+
+            deployer = aiplatform_v1beta1.EndpointServiceClient(
+                **clients.gapic_kwargs(deployment["region"], deployment.get("api_endpoint", ""))
+            )
+        response = deployer.deploy_model(request=request).result(timeout=DEPLOY_TIMEOUT_S)
     except Exception as exc:
         raise StepError(
             deploy_failure_message(
