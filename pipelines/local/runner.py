@@ -188,7 +188,10 @@ def build_summary(
     names_after = _resource_names(state)
     summary["created"] = sorted(n for n in names_after - names_before)
     summary["deleted"] = sorted(n for n in names_before - names_after)
-    summary["api_calls"] = _emulator_json(api, "calls")["calls"]
+    calls = _emulator_json(api, "calls")["calls"]
+    # Google API calls only; the Hub requests the emulator's /hf gate proxied are listed apart.
+    summary["api_calls"] = [c for c in calls if " /hf/" not in c]
+    summary["hub_calls"] = [c for c in calls if " /hf/" in c]
     ran = {s["name"] for s in steps}
     noop = bool(steps) and not error and "mirror-weights" not in ran
     if noop:
