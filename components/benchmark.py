@@ -41,6 +41,7 @@ class BenchmarkResult:
     levels: list[dict[str, Any]] = field(default_factory=list)
     recommended_concurrency: int | None = None
     records: list[RequestRecord] = field(default_factory=list)
+    warmup_s: float = 0.0  # the unmeasured first request, outside every level's figures
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for JSON (records without the answers' text)."""
@@ -229,7 +230,9 @@ def run_benchmark(
     result = BenchmarkResult(target, resolved.model, prompt, max_tokens, ttft_target_s)
     # One unmeasured request first, as vLLM's benchmark_serving does: the first call pays for lazy loading and
     # kernel warm-up, which would otherwise land in the lowest concurrency level's figures.
+    warmup_started = time.perf_counter()
     _stream_one(resolved, prompt, 1, 0, timeout_s)
+    result.warmup_s = time.perf_counter() - warmup_started
     for level in concurrency:
         records, wall = _run_level(resolved, level, requests_per_level, max_tokens, prompt, timeout_s)
         result.records.extend(records)
