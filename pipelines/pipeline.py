@@ -173,5 +173,6 @@ def pipeline_parameters(
         "bucket": bucket or cfg.placement.bucket,
         "service_account": service_account or cfg.placement.service_account,
         "force": force,
-        "api_endpoint": api_endpoint,
+        # Only an emulator's address travels in the run: on Vertex the steps use Google's regional hosts.
+        "api_endpoint": api_endpoint if api_endpoint.startswith("http://") else "",
     }

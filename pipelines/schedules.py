@@ -125,7 +125,7 @@ def schedule_request(
         region=region,
         bucket=bucket,
         service_account=service_account,
-        api_endpoint=api_endpoint if api_endpoint.startswith("http://") else "",
+        api_endpoint=api_endpoint,
     )
     job = aiplatform_v1.PipelineJob(
         display_name=display_name or schedule_display_name(cfg),

@@ -77,7 +77,7 @@ def submit_run(
         bucket=bucket,
         service_account=service_account,
         force=force,
-        api_endpoint=api_endpoint if api_endpoint.startswith("http://") else "",
+        api_endpoint=api_endpoint,
     )
     job = aiplatform.PipelineJob(
         display_name=f"vlp-{cfg.name}",
