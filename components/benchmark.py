@@ -74,11 +74,14 @@ def _resolve_target(target: str, model: str | None, api_endpoint: str) -> _Targe
 
     match = _VERTEX_RE.match(target.strip())
     if match:
-        from components.smoke_test import chat_completions_url, describe_endpoint, http_session
+        from components.smoke_test import chat_completions_url, describe_endpoint, http_session, invoke_url
 
         endpoint = target.split("/deployedModels/")[0]
         info = describe_endpoint(endpoint, api_endpoint)
-        url = chat_completions_url(info, match.group("dm") or "")
+        # One deployed model: its invoke route to the container's own OpenAI route (dedicated endpoints);
+        # the whole endpoint: Vertex's v1beta1 chat completions.
+        dm = match.group("dm") or ""
+        url = invoke_url(info, "/v1/chat/completions", dm) if dm else chat_completions_url(info)
         return _Target(url, http_session(api_endpoint), model or "")
     if not target.startswith(("http://", "https://")):
         raise ValueError(

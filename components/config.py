@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 Engine = Literal["vllm", "tgi"]
 TeardownPolicy = Literal["on_failure", "always", "never"]
+RedeployTest = Literal["auto", "invoke", "canary"]
 
 # Vertex resource names and label values share these limits; checking them here turns a
 # 400 from Google twenty minutes into a run into a message at `vlp check` time.
@@ -195,8 +196,32 @@ class EndpointSpec(_Strict):
         default_factory=list,
         description="Canary: traffic percentages for the new model, in order (e.g. [10, 50, 100]); empty = all at once.",
     )
+    redeploy_test: RedeployTest = Field(
+        "auto",
+        description="How a redeploy's smoke test reaches the new model alone: invoke (dedicated endpoints: the "
+        "per-model invoke route; the model is uploaded with invokeRoutePrefix, so clients call .../invoke/...), "
+        "canary (shared endpoints: the new model takes canary_percent of live traffic while it is tested), "
+        "auto = invoke on dedicated, canary on shared.",
+    )
+    canary_percent: int = Field(
+        5, ge=1, le=50, description="Live traffic the new model takes during a canary smoke test (redeploys only)."
+    )
 
     _name = field_validator("name")(classmethod(lambda cls, v: _resource_name(v)))
+
+    @model_validator(mode="after")
+    def _route(self) -> EndpointSpec:
+        if self.redeploy_test == "invoke" and not self.dedicated:
+            raise ValueError(
+                "redeploy_test: invoke needs a dedicated endpoint: Vertex serves deployedModels/ID/invoke only on "
+                "dedicated endpoints; set dedicated: true, or redeploy_test: canary on a shared endpoint"
+            )
+        return self
+
+    @property
+    def uses_invoke(self) -> bool:
+        """Models are uploaded with invokeRoutePrefix and reached through invoke routes (dedicated endpoints)."""
+        return self.redeploy_test == "invoke" or (self.redeploy_test == "auto" and self.dedicated)
 
     @field_validator("traffic_steps")
     @classmethod

@@ -1,15 +1,19 @@
 """Deploy step: create or reuse the endpoint and deploy the new model version next to what already serves."""
 
+import concurrent.futures
 import logging
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint, VertexModel
 from kfp import dsl
 
 log = logging.getLogger("vlp.deploy")
 
-DEPLOY_TIMEOUT_S = 3600  # 405B FP8 spends ~10 min just loading weights; leave room for image pulls
+# Vertex keeps a deployment going for up to the container's deployment_timeout (2 h, the limit) after the VM and
+# image are ready; waiting less would call a slow, healthy 405B deploy failed and leave its replica billing.
+# The extra half hour covers VM provisioning and the image pull before the container's clock starts (unverified).
+DEPLOY_WAIT_S = 7200 + 1800
 
 
 @dataclass
@@ -71,9 +75,21 @@ def get_or_create_endpoint(deployment: dict) -> tuple[str, bool]:
     return created.name, True
 
 
+def redeploy_split(cfg: Any, current: dict[str, int]) -> dict[str, int]:
+    """The traffic split a redeploy starts with ("0" = the model being deployed): 0% where invoke reaches the new
+    model alone (dedicated endpoints), else endpoint.canary_percent taken from the serving models in their ratio,
+    because a shared endpoint has no route to a model without traffic."""
+    from components.promote import split_with
+
+    if cfg.endpoint.uses_invoke:
+        return {"0": 0, **current}
+    return split_with("0", cfg.endpoint.canary_percent, {k: v for k, v in current.items() if v > 0})
+
+
 def deploy_model(deployment: dict, model_resource: str) -> Deployed:
     """Deploy the model version; on an endpoint that already serves, the new one starts at 0% traffic
     (blue/green: the smoke test reaches it directly, and promote moves traffic only after it passes)."""
+    from components.config import config_from_dict
     from components.runtime import StepError
     from components.serving import deploy_model_request, needs_v1beta1
     from components.smoke_test import deploy_failure_message
@@ -81,13 +97,18 @@ def deploy_model(deployment: dict, model_resource: str) -> Deployed:
     endpoint_resource, created = get_or_create_endpoint(deployment)
     client = endpoint_client(deployment)
     current = client.get_endpoint(name=endpoint_resource)
+    cfg = config_from_dict(deployment["config"], source="deployment['config']")
+    if cfg.endpoint.uses_invoke and not current.dedicated_endpoint_enabled:
+        raise StepError(
+            f"endpoint {endpoint_resource} ({cfg.endpoint.name}) is a shared endpoint, but the model was uploaded "
+            "with invokeRoutePrefix, which Vertex deploys to dedicated endpoints only: choose a new endpoint.name "
+            "(a dedicated endpoint is created), or set endpoint.redeploy_test: canary (and dedicated: false)"
+        )
     previous = [dm.id for dm in current.deployed_models]
     request = deploy_model_request(deployment, model_resource)
     request.endpoint = endpoint_resource
-    # Key "0" is the model being deployed: all traffic on a fresh endpoint, none beside a serving one.
-    split = {"0": 100} if not previous else {"0": 0, **{k: v for k, v in current.traffic_split.items()}}
     request.traffic_split.clear()
-    request.traffic_split.update(split)
+    request.traffic_split.update(redeploy_split(cfg, dict(current.traffic_split)) if previous else {"0": 100})
     log.info(
         "deploying %s to %s on %s x %s %s (%s)",
         model_resource,
@@ -108,7 +129,21 @@ def deploy_model(deployment: dict, model_resource: str) -> Deployed:
             deployer = aiplatform_v1beta1.EndpointServiceClient(
                 **clients.gapic_kwargs(deployment["region"], deployment.get("api_endpoint", ""))
             )
-        response = deployer.deploy_model(request=request).result(timeout=DEPLOY_TIMEOUT_S)
+        operation = deployer.deploy_model(request=request)
+        try:
+            response = operation.result(timeout=DEPLOY_WAIT_S)
+        except concurrent.futures.TimeoutError:
+            # Do not leave a replica coming up after the run: ask Vertex to stop, then fail. The exit handler
+            # removes by label whatever still lands.
+            operation.cancel()
+            raise StepError(
+                f"deploying {model_resource} to {endpoint_resource} did not finish within {DEPLOY_WAIT_S} s "
+                f"(the container's deployment timeout plus provisioning): cancelled operation "
+                f"{operation.operation.name}. Read the model server's logs; a larger machine or fewer GPUs "
+                "to wait for (another region) usually helps"
+            ) from None
+    except StepError:
+        raise
     except Exception as exc:
         raise StepError(
             deploy_failure_message(

@@ -40,20 +40,23 @@ def embedded_code_dir() -> Path:
     tree) keeps __pycache__ and editor files out, and fixed mtimes keep the archive stable.
     """
     src = Path(__file__).resolve().parent
-    files = sorted(p for p in src.glob("*.py"))
+    # The sources, plus the upstream contract fixtures the serving presets check flags against.
+    files = sorted([*src.glob("*.py"), *src.glob("contract/*.json")])
     digest = hashlib.sha256()
     for p in files:
-        digest.update(p.name.encode())
+        digest.update(p.relative_to(src).as_posix().encode())
         digest.update(p.read_bytes())
     root = _EMBED_ROOT / digest.hexdigest()[:16]
     if not (root / "components" / "__init__.py").exists():
         staging = Path(tempfile.mkdtemp(prefix="vlp-embed-"))
         (staging / "components").mkdir()
         for p in files:
-            dest = staging / "components" / p.name
+            dest = staging / "components" / p.relative_to(src)
+            dest.parent.mkdir(exist_ok=True)
             shutil.copyfile(p, dest)
             os.utime(dest, (0, 0))
-        os.utime(staging / "components", (0, 0))
+        for d in sorted({p.parent for p in files}, reverse=True):
+            os.utime(staging / "components" / d.relative_to(src), (0, 0))
         root.parent.mkdir(parents=True, exist_ok=True)
         try:
             staging.rename(root)

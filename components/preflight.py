@@ -210,9 +210,7 @@ def preflight_op(
     force: bool,
     report: dsl.Output[dsl.Markdown],
     metrics: dsl.Output[dsl.Metrics],
-) -> NamedTuple(
-    "PreflightOutputs", [("deployment", dict), ("region", str), ("action", str), ("mirror_on", str)]
-):  # noqa: F821, UP014
+) -> NamedTuple("PreflightOutputs", [("deployment", dict), ("region", str), ("action", str), ("mirror_on", str)]):  # noqa: F821, UP014
     """Preflight: plan the hardware, check quota and Hub access, and fail before anything costs money."""
     from collections import namedtuple
 

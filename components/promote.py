@@ -8,7 +8,7 @@ log = logging.getLogger("vlp.promote")
 STEP_PAUSE_S = 60.0  # between canary steps on Vertex: long enough for errors to show in monitoring
 
 
-def _split_with(new_id: str, percent: int, others: dict[str, int]) -> dict[str, int]:
+def split_with(new_id: str, percent: int, others: dict[str, int]) -> dict[str, int]:
     """A traffic split giving `percent` to new_id and the rest to the others in their current ratio."""
     rest = 100 - percent
     total = sum(others.values())
@@ -42,7 +42,7 @@ def promote(
     if deployment.get("api_endpoint", "").startswith("http://") and pause_s is None:
         pause = 1.0  # local stack: the canary logic is exercised, the minutes are not
     for i, percent in enumerate(steps):
-        split = _split_with(deployed_model_id, percent, others)
+        split = split_with(deployed_model_id, percent, others)
         update = aiplatform_v1.Endpoint(name=endpoint_resource, traffic_split=split)
         client.update_endpoint(endpoint=update, update_mask=field_mask_pb2.FieldMask(paths=["traffic_split"]))
         log.info("traffic on %s: %s", endpoint_resource, split)

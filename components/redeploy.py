@@ -11,24 +11,30 @@ HEALTH_WAIT_S = 90.0  # a serving container that is restarting answers 503 for a
 
 
 def _healthy(deployment: dict, endpoint_resource: str, deployed_model_id: str) -> bool:
-    """One short chat request to the deployed model through the Vertex prediction path."""
-    from components.serving import served_model_name
-    from components.smoke_test import chat_completions_url, describe_endpoint, http_session
+    """One short request to the serving model through a route its endpoint kind really serves: the per-model
+    invoke route on dedicated endpoints (invokeRoutePrefix uploads), else :predict, whose answer must name it."""
+    from components.config import config_from_dict
+    from components.smoke_test import describe_endpoint, http_session, prediction_request, smoke_route
 
     api = deployment.get("api_endpoint", "")
+    cfg = config_from_dict(deployment["config"], source="deployment['config']")
     try:
-        url = chat_completions_url(describe_endpoint(endpoint_resource, api), deployed_model_id)
+        info = describe_endpoint(endpoint_resource, api)
+        route = smoke_route(cfg.endpoint.uses_invoke, info)
     except Exception as exc:  # noqa: BLE001 - any failure here just means "redeploy"
-        log.info("endpoint %s not describable (%s): redeploying", endpoint_resource, exc)
+        log.info("endpoint %s not usable for a health probe (%s): redeploying", endpoint_resource, exc)
         return False
+    messages = [{"role": "user", "content": "ping"}]
+    url, body, _ = prediction_request(cfg.serving.engine, route, info, deployed_model_id, messages, 1)
     session = http_session(api)
-    body = {"model": served_model_name(deployment), "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
     deadline = time.monotonic() + HEALTH_WAIT_S
     while True:
         try:
             response = session.post(url, json=body, timeout=60)
             if response.status_code == 200:
-                return True
+                # Only this model holds traffic (the caller checked 100%), so :predict answers from it.
+                answered = response.json().get("deployedModelId", deployed_model_id) if route == "predict" else ""
+                return route == "invoke" or answered == deployed_model_id
             retry = response.status_code in (429, 503)
         except Exception:  # noqa: BLE001
             retry = True

@@ -22,8 +22,22 @@ TGI_IMAGE = (
 
 SERVING_PORT = 8080
 SHARED_MEMORY_MB = 16 * 1024  # Model Garden's value: NCCL between tensor-parallel shards lives in /dev/shm
-DEPLOYMENT_TIMEOUT_S = 7200  # Model Garden's value: a 400 GB model copies from GCS and loads in well under 2 h
-PROBE_PERIOD_S = 30
+# /dev/shm is carved out of host RAM: Model Garden pairs 16 GiB with hosts of 32 GB and more; a smaller host
+# (g2-standard-4, 16 GB) gets at most half its memory, so the engine keeps the rest.
+SHARED_MEMORY_HOST_SHARE = 0.5
+# Vertex's limit (ModelContainerSpec.deployment_timeout: "Limit for deployment timeout is 2 hours"), which is also
+# Model Garden's value: a 400 GB model copies from GCS and loads in well under 2 h.
+DEPLOYMENT_TIMEOUT_S = 7200
+# Probe.period_seconds "Must be less than timeout_seconds"; timeout_seconds "Must be greater or equal to
+# period_seconds" (aiplatform_v1 Probe). The strict form satisfies both readings.
+PROBE_PERIOD_S = 15
+PROBE_TIMEOUT_S = 20
+# ModelContainerSpec.invoke_route_prefix: "/*" is the only supported value.
+INVOKE_ROUTE_PREFIX = "/*"
+# TGI launcher --quantize values (launcher/src/main.rs `enum Quantization`, v2.4.0) and vLLM 0.6.2's LoRA ranks
+# (config.py LoRAConfig: possible_max_ranks); a value outside them stops the container at start.
+TGI_QUANTIZE = ("awq", "eetq", "exl2", "gptq", "marlin", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8")
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256)
 LABEL_REVISION = "vlp-revision"
 LABEL_SPEC = "vlp-spec"
 
@@ -130,20 +144,45 @@ def _check_no_token(env: dict[str, str], extra_args: list[str], name: str) -> No
             )
 
 
-def vllm_args(deployment: dict[str, Any]) -> list[str]:
-    """The Model Garden vLLM container args (the full command line, as the Vertex vLLM doc passes it)."""
+# Model Garden's multi-host recipe (model_garden_pytorch_deepseek_deployment.ipynb): the args start with the
+# image's Ray launcher, which only images from 2025-01-30 on carry.
+RAY_LAUNCHER = "/vllm-workspace/ray_launcher.sh"
+RAY_LAUNCHER_SINCE = "20250130"
+
+
+def image_date(image: str) -> str:
+    """The YYYYMMDD build date in a Model Garden image tag (…:20241001_0916_RC00), or "" for other tags."""
+    tag = image.rsplit(":", 1)[-1] if ":" in image.rsplit("/", 1)[-1] else ""
+    return tag[:8] if len(tag) >= 8 and tag[:8].isdigit() else ""
+
+
+def vllm_args(deployment: dict[str, Any], weights_uri: str = "") -> list[str]:
+    """The Model Garden vLLM container args (the full command line, as the Vertex vLLM doc passes it).
+
+    weights_uri empty gives `$(AIP_STORAGE_URI)`, the form used for the serving spec hash."""
     cfg = _config(deployment)
     shape = resolve_shape(deployment)
     s = cfg.serving
-    args = [
+    args = []
+    if shape.node_count > 1:
+        date = image_date(shape.image)
+        if not date or date < RAY_LAUNCHER_SINCE:
+            raise ServingSpecError(
+                f"deployment {cfg.name!r} spans {shape.node_count} nodes, which Model Garden serves through "
+                f"{RAY_LAUNCHER}, present only in pytorch-vllm-serve images from {RAY_LAUNCHER_SINCE} on "
+                f"(this one: {shape.image}): set serving.image to such a Model Garden build, or plan one node "
+                "(hardware: a machine with more GPUs, or a quantized model). Multi-host serving is preview on Vertex."
+            )
+        args.append(RAY_LAUNCHER)
+    args += [
         "python",
         "-m",
         "vllm.entrypoints.api_server",
         "--host=0.0.0.0",
         f"--port={SERVING_PORT}",
-        # Vertex copies artifact_uri (the GCS mirror) to AIP_STORAGE_URI and expands $(...) in args; the Model
-        # Garden image downloads gs:// paths itself. No Hub access and no token at serving time.
-        "--model=$(AIP_STORAGE_URI)",
+        # Model Garden's recipe: the image downloads gs:// itself (as the endpoint's service account), so the
+        # Model carries no artifactUri and Vertex makes no second copy of a 400 GB checkpoint. No Hub token.
+        f"--model={weights_uri.rstrip('/') if weights_uri else '$(AIP_STORAGE_URI)'}",
         # Not in the doc's list: without it the OpenAI routes answer to the gs:// path; clients use the repo id.
         f"--served-model-name={shape.repo}",
         f"--tensor-parallel-size={shape.tensor_parallel_size}",
@@ -226,13 +265,52 @@ def _probe(path: str, failure_threshold: int) -> Any:
     return Probe(
         http_get=Probe.HttpGetAction(path=path, port=SERVING_PORT),
         period_seconds=PROBE_PERIOD_S,
-        timeout_seconds=10,
+        timeout_seconds=PROBE_TIMEOUT_S,
         failure_threshold=failure_threshold,
     )
 
 
-def container_spec(deployment: dict[str, Any]) -> Any:
-    """The typed `aiplatform_v1.ModelContainerSpec` for the deployment's engine."""
+def shared_memory_mb(machine_type: str) -> int:
+    """/dev/shm for the machine: Model Garden's 16 GiB, capped at half the host's RAM on small hosts."""
+    from components.planning import MACHINE_TYPES
+
+    machine = MACHINE_TYPES.get(machine_type)
+    if machine is None:
+        return SHARED_MEMORY_MB
+    host_mb = int(machine.memory_gb * 1000**3 / 1024**2)
+    return min(SHARED_MEMORY_MB, int(host_mb * SHARED_MEMORY_HOST_SHARE))
+
+
+def uses_invoke(deployment: dict[str, Any]) -> bool:
+    """True when the model is uploaded with invokeRoutePrefix and reached through invoke routes."""
+    return _config(deployment).endpoint.uses_invoke
+
+
+def _check_engine_values(cfg: Any) -> None:
+    s = cfg.serving
+    if s.engine == "tgi" and s.quantization and s.quantization not in TGI_QUANTIZE:
+        raise ServingSpecError(
+            f"deployment {cfg.name!r}: TGI has no --quantize={s.quantization}: use one of {', '.join(TGI_QUANTIZE)}, "
+            "or leave serving.quantization empty to take it from the model's config"
+        )
+    if s.engine == "vllm" and s.quantization:
+        from components.contract_fixtures import vllm_quantization_methods
+
+        methods = vllm_quantization_methods()
+        if s.quantization not in methods:
+            raise ServingSpecError(
+                f"deployment {cfg.name!r}: the pinned vLLM has no --quantization={s.quantization}: use one of "
+                f"{', '.join(methods)}, or leave serving.quantization empty to take it from the model's config"
+            )
+    if s.engine == "vllm" and s.enable_lora and s.max_lora_rank not in VLLM_LORA_RANKS:
+        raise ServingSpecError(
+            f"deployment {cfg.name!r}: vLLM takes serving.max_lora_rank in {list(VLLM_LORA_RANKS)}, not "
+            f"{s.max_lora_rank}: pick the smallest of them at or above your adapters' rank"
+        )
+
+
+def container_spec(deployment: dict[str, Any], weights_uri: str = "") -> Any:
+    """The typed `aiplatform_v1.ModelContainerSpec` for the deployment's engine (see vllm_args for weights_uri)."""
     from google.cloud.aiplatform_v1.types import EnvVar, ModelContainerSpec, Port
     from google.protobuf import duration_pb2
 
@@ -240,18 +318,26 @@ def container_spec(deployment: dict[str, Any]) -> Any:
     shape = resolve_shape(deployment)
     s = cfg.serving
     _check_no_token(s.env, s.extra_args, cfg.name)
+    _check_engine_values(cfg)
     # The startup probe gives loading the whole deployment timeout; after that three misses mean unhealthy.
     startup_failures = math.ceil(DEPLOYMENT_TIMEOUT_S / PROBE_PERIOD_S)
+    invoke = cfg.endpoint.uses_invoke
     if shape.engine == "vllm":
-        env: dict[str, str] = {}
+        # The env every Model Garden vLLM notebook sets (deploy_model_vllm in the vertex-ai-samples notebooks).
+        env: dict[str, str] = {"MODEL_ID": shape.repo, "DEPLOY_SOURCE": "notebook"}
         spec = ModelContainerSpec(
             image_uri=shape.image,
-            args=vllm_args(deployment),
-            predict_route="/generate",
+            args=vllm_args(deployment, weights_uri),
             health_route="/ping",
             startup_probe=_probe("/ping", startup_failures),
             health_probe=_probe("/ping", 3),
         )
+        # predict_route and invoke_route_prefix are mutually exclusive; with the prefix, clients call
+        # .../invoke/generate and Vertex forwards the path to the container unchanged.
+        if invoke:
+            spec.invoke_route_prefix = INVOKE_ROUTE_PREFIX
+        else:
+            spec.predict_route = "/generate"
     else:
         env, args = tgi_env_and_args(deployment)
         # No predict/health route on purpose: the DLC's router (built with the `google` feature) adds
@@ -264,10 +350,13 @@ def container_spec(deployment: dict[str, Any]) -> Any:
             startup_probe=_probe("/health", startup_failures),
             health_probe=_probe("/health", 3),
         )
+        if invoke:
+            # The router serves /generate, /v1/chat/completions, /health... itself: invoke reaches them as they are.
+            spec.invoke_route_prefix = INVOKE_ROUTE_PREFIX
     env.update(s.env)
     spec.env = [EnvVar(name=k, value=v) for k, v in env.items()]
     spec.ports = [Port(container_port=SERVING_PORT)]
-    spec.shared_memory_size_mb = SHARED_MEMORY_MB
+    spec.shared_memory_size_mb = shared_memory_mb(shape.machine_type)
     spec.deployment_timeout = duration_pb2.Duration(seconds=DEPLOYMENT_TIMEOUT_S)
     return spec
 
@@ -350,12 +439,16 @@ def upload_model_request(deployment: dict[str, Any], weights_uri: str, revision_
     model = Model(
         display_name=cfg.name,
         description=cfg.description or f"{cfg.model.repo} served by {cfg.serving.engine}",
-        version_description=f"{cfg.model.repo}@{revision_sha} ({cfg.serving.engine}, spec {labels[LABEL_SPEC]})",
-        artifact_uri=weights_uri.rstrip("/") + "/",
-        container_spec=container_spec(deployment),
+        version_description=f"{cfg.model.repo}@{revision_sha} ({cfg.serving.engine}, spec {labels[LABEL_SPEC]}) "
+        f"from {weights_uri.rstrip('/')}",
+        container_spec=container_spec(deployment, weights_uri),
         labels=labels,
         version_aliases=[version_alias(revision_sha, labels[LABEL_SPEC])],
     )
+    if cfg.serving.engine == "tgi":
+        # The TGI DLC reads AIP_STORAGE_URI (Vertex's copy of artifactUri). No trailing slash: its entrypoint runs
+        # `gcloud storage cp "$AIP_STORAGE_URI/*"`, and the HF GCS notebooks pass the prefix bare.
+        model.artifact_uri = weights_uri.rstrip("/")
     parent = f"projects/{deployment['project']}/locations/{deployment['region']}"
     return UploadModelRequest(parent=parent, model=model)
 
@@ -392,6 +485,10 @@ def deploy_model_request(
         display_name=display,
         dedicated_resources=_dedicated_resources(deployment, beta),
     )
+    if beta:
+        # "On the v1beta1 service endpoint, container logging is disabled by default" (online-prediction-logging):
+        # without it a failed multi-host deploy has no model server logs to show.
+        deployed.enable_container_logging = True
     service_account = deployment.get("service_account") or cfg.placement.service_account
     if service_account:
         deployed.service_account = service_account

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import mimetypes
 import re
 import tempfile
@@ -89,12 +90,35 @@ def is_local(api_endpoint: str) -> bool:
     return resolve(api_endpoint).startswith("http://")
 
 
+def _loopback_adapter(emulator_url: str) -> Any:
+    """A transport adapter that sends https://HOST/PATH to the emulator, keeping HOST in the Host header.
+
+    Prediction URLs are built exactly as for Google (regional host, or a dedicated endpoint's own DNS); the
+    emulator sees which host was called and refuses the wrong one, as Vertex does."""
+    from urllib.parse import urlsplit
+
+    from requests.adapters import HTTPAdapter
+
+    class _ToEmulator(HTTPAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            parts = urlsplit(request.url)
+            request.headers["Host"] = parts.netloc
+            request.url = emulator_url.rstrip("/") + parts.path + (f"?{parts.query}" if parts.query else "")
+            return super().send(request, **kwargs)
+
+    return _ToEmulator()
+
+
 def http_session(api_endpoint: str = "") -> Any:
     """A requests session that authenticates as the Vertex SDK does (ADC), or anonymously for the emulator."""
     import requests
 
+    from components.clients import api_endpoint as resolve
+
     if is_local(api_endpoint):
-        return requests.Session()
+        session = requests.Session()
+        session.mount("https://", _loopback_adapter(resolve(api_endpoint)))
+        return session
     import google.auth
     from google.auth.transport.requests import AuthorizedSession
 
@@ -103,17 +127,21 @@ def http_session(api_endpoint: str = "") -> Any:
 
 
 def vertex_base_url(region: str, api_endpoint: str = "", dedicated_dns: str = "") -> str:
-    """Scheme + host for prediction calls: the emulator, else a dedicated endpoint's own DNS, else the region's."""
+    """Scheme + host for prediction calls: a dedicated endpoint's own DNS, else the region's (or an override).
+
+    Dedicated endpoints refuse the shared regional domain for prediction calls (endpoint.proto
+    `dedicated_endpoint_dns`), so their DNS wins over every override; locally the session routes both to the
+    emulator (see http_session)."""
     from components.clients import api_endpoint as resolve
-    from components.clients import regional_endpoint
 
     host = resolve(api_endpoint)
-    if host.startswith("http://") or host.startswith("https://"):
-        return host.rstrip("/")
-    if dedicated_dns and not host:
-        # Dedicated endpoints refuse the shared regional domain for prediction calls.
+    if dedicated_dns:
         return f"https://{dedicated_dns}"
-    return "https://" + regional_endpoint(region, host)
+    if host.startswith("https://"):
+        return host.rstrip("/")
+    if host and not host.startswith("http://"):
+        return f"https://{host}"
+    return f"https://{region}-aiplatform.googleapis.com"
 
 
 @dataclass
@@ -163,11 +191,26 @@ def describe_endpoint(endpoint_resource: str, api_endpoint: str = "") -> Endpoin
     )
 
 
-def chat_completions_url(info: EndpointInfo, deployed_model_id: str = "") -> str:
-    """Vertex's OpenAI-compatible chat route; the per-deployed-model invoke route for a model at 0% traffic."""
-    if deployed_model_id:
-        return f"{info.base_url}/v1/{info.resource}/deployedModels/{deployed_model_id}/invoke/v1/chat/completions"
+def chat_completions_url(info: EndpointInfo) -> str:
+    """Vertex's OpenAI-compatible chat route: v1beta1 only (PredictionService.ChatCompletions)."""
     return f"{info.base_url}/v1beta1/{info.resource}/chat/completions"
+
+
+def invoke_url(info: EndpointInfo, path: str, deployed_model_id: str = "") -> str:
+    """The invoke route (dedicated endpoints, models uploaded with invokeRoutePrefix): one deployed model when
+    deployed_model_id is given, else the endpoint's traffic split. `path` is the container's own route."""
+    scope = f"{info.resource}/deployedModels/{deployed_model_id}" if deployed_model_id else info.resource
+    return f"{info.base_url}/v1/{scope}/invoke{path}"
+
+
+def predict_url(info: EndpointInfo) -> str:
+    """The endpoint's :predict route (models uploaded with predictRoute); the answer names the deployed model."""
+    return f"{info.base_url}/v1/{info.resource}:predict"
+
+
+# Vertex's online prediction request limit ("The request body limit is 1.5 MB", aiplatform SDK
+# Endpoint.raw_predict / invoke docstrings).
+MAX_REQUEST_BYTES = 1_500_000
 
 
 # ----------------------------------------------------------------------------- logs
@@ -379,29 +422,48 @@ def _parse_reply(engine: str, route_kind: str, data: Any) -> _Reply:
     return _Reply(str(first), "", {}, raw)
 
 
-def _request_for(
+def smoke_route(uses_invoke: bool, info: EndpointInfo) -> str:
+    """How the smoke test reaches one deployed model: "invoke" (dedicated endpoints, invokeRoutePrefix uploads)
+    or "predict" (:predict, whose PredictResponse.deployed_model_id says which model answered)."""
+    if uses_invoke:
+        if not info.dedicated:
+            raise SmokeTestError(
+                f"endpoint {info.resource} is shared, but the model was uploaded for invoke routes, which Vertex "
+                "serves only on dedicated endpoints: set endpoint.dedicated: true with a new endpoint.name, or "
+                "endpoint.redeploy_test: canary"
+            )
+        return "invoke"
+    return "predict"
+
+
+def canary_tries(percent: int) -> int:
+    """Requests needed to reach a model holding `percent`% of traffic with 99.9% certainty (1 at 100%)."""
+    if percent >= 100:
+        return 1
+    return math.ceil(math.log(0.001) / math.log(1 - percent / 100))
+
+
+def prediction_request(
     engine: str,
+    route: str,
     info: EndpointInfo,
     deployed_model_id: str,
-    at_zero: bool,
-    model: str,
     messages: list[dict[str, Any]],
-    templated: str,
     max_tokens: int,
 ) -> tuple[str, dict[str, Any], str]:
-    """(url, body, route kind) for the engine and the deployed model's traffic."""
+    """(url, body, reply kind) for the engine and the route. Every form decodes greedily:
+    - vLLM (Model Garden handler): a chatCompletions instance with temperature 0, on /generate or :predict;
+    - TGI on :predict (its /vertex route): a chat-shaped instance; the `inputs` form would force do_sample
+      and add special tokens again (router/src/vertex.rs, v2.4.0); on invoke, its own /v1/chat/completions."""
+    chat = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
     if engine == "vllm":
-        body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
-        return chat_completions_url(info, deployed_model_id if at_zero else ""), body, "chat"
-    parameters = {"max_new_tokens": max_tokens, "do_sample": False}
-    if at_zero:
-        url = f"{info.base_url}/v1/{info.resource}/deployedModels/{deployed_model_id}/invoke/generate"
-        return url, {"inputs": templated, "parameters": {**parameters, "details": True}}, "generate"
-    return (
-        f"{info.base_url}/v1/{info.resource}:predict",
-        {"instances": [{"inputs": templated, "parameters": parameters}]},
-        "predict",
-    )
+        body = {"instances": [{"@requestFormat": "chatCompletions", **chat}]}
+        if route == "invoke":
+            return invoke_url(info, "/generate", deployed_model_id), body, "predict"
+        return predict_url(info), body, "predict"
+    if route == "invoke":
+        return invoke_url(info, "/v1/chat/completions", deployed_model_id), chat, "chat"
+    return predict_url(info), {"instances": [chat]}, "predict"
 
 
 def _post_with_retries(
@@ -497,33 +559,47 @@ def run_smoke_test(
             message=f"Smoke test of {cfg.model.repo} not sent: {_MISSING_TEMPLATE_FIX}",
         )
 
-    at_zero = info.traffic.get(deployed_model_id, 0) == 0
     if deployed_model_id not in info.deployed_ids:
         raise SmokeTestError(
             f"deployed model {deployed_model_id} is not on endpoint {endpoint_resource} "
             f"(deployed: {', '.join(info.deployed_ids) or 'none'}): pass the id the deploy step returned"
         )
     image = image_as_url(st.image_url, project) if st.image_url else ""
-    if image and cfg.serving.engine == "tgi":
-        # TGI's /generate takes images as markdown inside the prompt text.
-        templated = templated.replace(st.prompt, f"![]({image}){st.prompt}", 1)
     messages = [_user_message(st.prompt, image, for_template=False)]
-    from components.serving import served_model_name
-
-    url, body, kind = _request_for(
-        cfg.serving.engine,
-        info,
-        deployed_model_id,
-        at_zero,
-        served_model_name(deployment),
-        messages,
-        templated,
-        st.max_tokens,
-    )
-    try:
-        data, latency, error = _post_with_retries(
-            http_session(api_endpoint), url, body, st.attempts, backoff_s, timeout_s
+    route_kind = smoke_route(cfg.endpoint.uses_invoke, info)
+    share = info.traffic.get(deployed_model_id, 0)
+    if route_kind == "predict" and share == 0:
+        raise SmokeTestError(
+            f"deployed model {deployed_model_id} on shared endpoint {endpoint_resource} has 0% traffic, and Vertex "
+            "has no way to address one deployed model on a shared endpoint: a redeploy gives the new model "
+            "endpoint.canary_percent of traffic while it is tested, or use a dedicated endpoint "
+            "(endpoint.dedicated: true, redeploy_test: invoke)"
         )
+    url, body, kind = prediction_request(
+        cfg.serving.engine, route_kind, info, deployed_model_id, messages, st.max_tokens
+    )
+    size = len(json.dumps(body).encode())
+    if size > MAX_REQUEST_BYTES:
+        raise SmokeTestError(
+            f"the smoke request is {size / 1e6:.1f} MB, over Vertex's 1.5 MB request limit (the image is inlined): "
+            "use a smaller smoke_test.image_url, or an https:// URL the server fetches itself"
+        )
+    session = http_session(api_endpoint)
+    tries = canary_tries(share) if route_kind == "predict" else 1
+    others: dict[str, int] = {}
+    try:
+        for _ in range(tries):
+            data, latency, error = _post_with_retries(session, url, body, st.attempts, backoff_s, timeout_s)
+            # PredictResponse.deployed_model_id: on a canary split, answers from the serving model do not count.
+            answered_by = str(data.get("deployedModelId") or "") if route_kind == "predict" else deployed_model_id
+            if error or answered_by in ("", deployed_model_id):
+                break
+            others[answered_by] = others.get(answered_by, 0) + 1
+        else:
+            raise SmokeTestError(
+                f"{tries} requests to {url} were all answered by other deployed models ({others}), never by "
+                f"{deployed_model_id} at {share}% traffic: raise endpoint.canary_percent"
+            )
     except SmokeTestError as exc:
         raise SmokeTestError(
             deploy_failure_message(project, info.region, info.endpoint_id, deployed_model_id, str(exc), api_endpoint)
@@ -571,6 +647,33 @@ def run_smoke_test(
     return result
 
 
+def benchmark_target(cfg: Any, info: EndpointInfo, deployed_model_id: str) -> tuple[str | None, str]:
+    """What the load benchmark can time for the new model alone: (target for run_benchmark, "") or (None, why not).
+
+    The benchmark streams OpenAI chat completions, so it needs a route that reaches the new model only and ends
+    in an OpenAI server."""
+    route = smoke_route(cfg.endpoint.uses_invoke, info)
+    share = info.traffic.get(deployed_model_id, 0)
+    if route == "invoke":
+        if cfg.serving.engine == "tgi":
+            return f"{info.resource}/deployedModels/{deployed_model_id}", ""
+        return None, (
+            "the pinned Model Garden vLLM image is reached through invoke at /generate; its OpenAI routes are not "
+            "documented (unverified), so there is no streaming route to time"
+        )
+    if cfg.serving.engine == "tgi":
+        return None, (
+            "Vertex's chat-completions route forwards to TGI's /vertex route, which takes only `instances` and "
+            "answers 422 (router/src/vertex.rs): benchmark TGI on a dedicated endpoint (redeploy_test: invoke)"
+        )
+    if share < 100:
+        return None, (
+            f"the new model holds {share}% of a shared endpoint's traffic and a streaming request cannot be pinned "
+            "to it: run `vlp bench ENDPOINT` after promotion"
+        )
+    return info.resource, ""
+
+
 def smoke_report_html(result: SmokeResult, benchmark_html: str = "") -> str:
     """A small HTML page for the KFP report artifact."""
     import html
@@ -614,10 +717,11 @@ def smoke_test_op(
 ):
     """Smoke test: chat prompt through the Vertex prediction path; optional load benchmark when it passes."""
     from collections import namedtuple
+    from logging import getLogger
 
     from components.benchmark import log_benchmark_metrics, render_html, run_benchmark
     from components.serving import served_model_name
-    from components.smoke_test import run_smoke_test, smoke_report_html
+    from components.smoke_test import benchmark_target, describe_endpoint, run_smoke_test, smoke_report_html
 
     resource = endpoint.metadata["resourceName"]
     result = run_smoke_test(deployment, resource, deployed_model_id, weights_uri, api_endpoint)
@@ -630,23 +734,29 @@ def smoke_test_op(
         metrics.log_metric("smoke_completion_tokens", result.tokens["completion_tokens"])
     levels: list = []
     bench_html = ""
-    st = deployment["config"].get("smoke_test", {})
-    if result.passed and st.get("benchmark"):
-        # A model still at 0% traffic is only reachable through its own route; load it there, not the live one.
-        target = f"{resource}/deployedModels/{deployed_model_id}" if "/deployedModels/" in result.route else resource
-        bench = run_benchmark(
-            target,
-            concurrency=list(st.get("benchmark_concurrency") or [1, 4, 16]),
-            requests_per_level=int(st.get("benchmark_requests") or 16),
-            max_tokens=int(st.get("max_tokens") or 64),
-            prompt=str(st.get("prompt") or "What is the capital of France?"),
-            model=served_model_name(deployment),
-            api_endpoint=api_endpoint,
-            ttft_target_s=float(st.get("ttft_p95_target_s") or 2.0),
-        )
-        levels = bench.levels
-        log_benchmark_metrics(bench, metrics)
-        bench_html = render_html(bench, fragment=True)
+    # KFP hands the config over as a struct (every number a float): read it through the typed model.
+    from components.config import config_from_dict
+
+    cfg = config_from_dict(deployment["config"], source="deployment['config']")
+    st = cfg.smoke_test
+    if result.passed and st.benchmark:
+        target, reason = benchmark_target(cfg, describe_endpoint(resource, api_endpoint), deployed_model_id)
+        if target is None:
+            getLogger("vlp.smoke").warning("benchmark skipped: %s", reason)
+        else:
+            bench = run_benchmark(
+                target,
+                concurrency=list(st.benchmark_concurrency),
+                requests_per_level=st.benchmark_requests,
+                max_tokens=st.max_tokens,
+                prompt=st.prompt,
+                model=served_model_name(deployment),
+                api_endpoint=api_endpoint,
+                ttft_target_s=st.ttft_p95_target_s,
+            )
+            levels = bench.levels
+            log_benchmark_metrics(bench, metrics)
+            bench_html = render_html(bench, fragment=True)
     with open(report.path, "w") as f:
         f.write(smoke_report_html(result, bench_html))
     outputs = namedtuple("SmokeOutputs", ["verdict", "answer", "latency_s", "message", "benchmark"])

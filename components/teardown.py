@@ -36,6 +36,20 @@ def _model_labels(models, model_name: str) -> dict[str, str]:  # noqa: ANN001
         return {}
 
 
+def _reassigned_split(endpoint, leaving: set[str]) -> dict[str, int]:  # noqa: ANN001 - aiplatform_v1.Endpoint
+    """The split to undeploy `leaving` with: Vertex undeploys a model that holds traffic only when the request
+    reassigns it (UndeployModelRequest.traffic_split), so the models that stay get all of it, in their ratio,
+    or evenly when they had none (a crash between promote and retiring the old model). Empty when none stay."""
+    staying = [dm.id for dm in endpoint.deployed_models if dm.id not in leaving]
+    if not staying:
+        return {}
+    weights = {k: endpoint.traffic_split.get(k, 0) for k in staying}
+    total = sum(weights.values())
+    split = {k: (100 * v // total if total else 100 // len(staying)) for k, v in weights.items()}
+    split[staying[0]] += 100 - sum(split.values())
+    return split
+
+
 def remove_run_resources(
     project: str, regions: list[str], deployment_name: str, run_label: str, api_endpoint: str = ""
 ) -> Removed:
@@ -57,13 +71,8 @@ def remove_run_resources(
                 if _model_labels(models, deployed_version_name(dm)).get("vlp-run") == run_label
             ]
             if mine:
-                keep = {k: v for k, v in ep.traffic_split.items() if k not in {dm.id for dm in mine}}
-                total = sum(keep.values())
+                split = _reassigned_split(ep, {dm.id for dm in mine})
                 for dm in mine:
-                    # Give the remaining models all traffic, in their ratio, before removing ours.
-                    split = {k: round(100 * v / total) for k, v in keep.items()} if total else {}
-                    if split:
-                        split[next(iter(split))] += 100 - sum(split.values())
                     log.info("undeploying %s from %s (created by run %s)", dm.id, ep.name, run_label)
                     endpoints.undeploy_model(endpoint=ep.name, deployed_model_id=dm.id, traffic_split=split).result(
                         timeout=1800

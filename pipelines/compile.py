@@ -40,7 +40,10 @@ def _code_digest(image: str | None) -> str:
     import kfp
 
     digest = hashlib.sha256(f"{kfp.__version__}|{image or ''}".encode())
-    for path in sorted([*(REPO_ROOT / "components").glob("*.py"), REPO_ROOT / "pipelines" / "pipeline.py"]):
+    components = REPO_ROOT / "components"
+    for path in sorted(
+        [*components.glob("*.py"), *components.glob("contract/*.json"), REPO_ROOT / "pipelines" / "pipeline.py"]
+    ):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

@@ -191,18 +191,20 @@ def test_endpoint_deploy_traffic_split_predict_undeploy_and_delete(emu: Emulator
     served = {endpoint.predict(instances=[{"prompt": "hi"}]).deployed_model_id for _ in range(40)}
     assert served == {first.id, second.id}
 
-    status, body, headers = _http("POST", f"{emu.url}/v1/{endpoint.resource_name}/chat/completions", {"messages": []})
-    assert status == 200 and headers["X-Vertex-AI-Deployed-Model-Id"] == body["served_by"]
-    status, body, _ = _http("POST", f"{emu.url}/v1beta1/{endpoint.resource_name}/chat/completions", {"messages": []})
-    assert status == 200 and body["kind"] == "chat"
+    # ChatCompletions is a v1beta1 method only.
+    status, body, _ = _http("POST", f"{emu.url}/v1/{endpoint.resource_name}/chat/completions", {"messages": []})
+    assert status == 404
+    status, body, headers = _http(
+        "POST", f"{emu.url}/v1beta1/{endpoint.resource_name}/chat/completions", {"messages": []}
+    )
+    assert status == 200 and body["kind"] == "chat" and headers["X-Vertex-AI-Deployed-Model-Id"] == body["served_by"]
 
-    # Shift all traffic to the blue version; the old one then answers only when called by id.
+    # Shift all traffic to the blue version; a shared endpoint then has no route to the old one.
     endpoint.update(traffic_split={first.id: 0, second.id: 100})
     assert {endpoint.predict(instances=[{}]).deployed_model_id for _ in range(10)} == {second.id}
-    invoke = f"{emu.url}/v1/{endpoint.resource_name}/deployedModels/{first.id}:invoke/v1/chat/completions"
-    status, body, headers = _http("POST", invoke, {"messages": [{"role": "user", "content": "hi"}]})
-    assert status == 200 and body["served_by"] == first.id and body["path"] == "/v1/chat/completions"
-    assert headers["X-Vertex-AI-Deployed-Model-Id"] == first.id
+    invoke = f"{emu.url}/v1/{endpoint.resource_name}/deployedModels/{first.id}/invoke/v1/chat/completions"
+    status, body, _ = _http("POST", invoke, {"messages": [{"role": "user", "content": "hi"}]})
+    assert status == 400 and "only supported on dedicated endpoints" in body["error"]["message"]
 
     with pytest.raises(gexc.BadRequest, match="has deployed or being deployed"):
         endpoint.delete()
@@ -542,7 +544,7 @@ def test_real_model_server_answers_through_the_emulator(tmp_path: Path, fake_gcs
         endpoint.deploy(model, machine_type="n1-standard-4")
         (deployed,) = endpoint.list_models()
         chat = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
-        status, body, headers = _http("POST", f"{emulator.url}/v1/{endpoint.resource_name}/chat/completions", chat)
+        status, body, headers = _http("POST", f"{emulator.url}/v1beta1/{endpoint.resource_name}/chat/completions", chat)
         assert status == 200, body
         assert body["choices"][0]["message"]["role"] == "assistant"
         assert headers["X-Vertex-AI-Deployed-Model-Id"] == deployed.id
@@ -550,3 +552,120 @@ def test_real_model_server_answers_through_the_emulator(tmp_path: Path, fake_gcs
         assert emulator.serving.known_ids() == []
     finally:
         emulator.stop()
+
+
+def _host_http(url: str, host: str, body: Any) -> tuple[int, dict[str, Any]]:
+    """A POST to the emulator as if to `host` (the Host header is what tells Vertex's front ends apart)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", parts.path, body=data, headers={"Host": host, "Content-Type": "application/json"})
+    response = conn.getresponse()
+    out = json.loads(response.read() or b"{}")
+    conn.close()
+    return response.status, out
+
+
+def _spec(**fields: Any) -> dict[str, Any]:
+    return {"image_uri": VLLM_IMAGE, "args": ["python", "-m", "vllm.entrypoints.api_server"], **fields}
+
+
+def test_container_spec_rules_refuse_what_vertex_refuses(emu: Emulator) -> None:
+    models = _gapic(aiplatform_v1.ModelServiceClient, emu)
+
+    def upload(**spec: Any) -> Any:
+        model = {"display_name": "m", "container_spec": _spec(**spec)}
+        return models.upload_model(parent=PARENT, model=model).result()
+
+    with pytest.raises(gexc.BadRequest, match="Only one of container_spec.predict_route or"):
+        upload(predict_route="/generate", invoke_route_prefix="/*")
+    with pytest.raises(gexc.BadRequest, match='"/\\*" is the only supported value'):
+        upload(invoke_route_prefix="/v1/*")
+    probe = {"http_get": {"path": "/ping", "port": 8080}, "period_seconds": 30, "timeout_seconds": 10}
+    with pytest.raises(gexc.BadRequest, match="period_seconds \\(30\\) must be less than timeout_seconds"):
+        upload(health_probe=probe)
+    with pytest.raises(gexc.BadRequest, match="over the 2 hour limit"):
+        upload(deployment_timeout={"seconds": 3 * 3600})
+    assert upload(invoke_route_prefix="/*", health_route="/ping", health_probe={**probe, "timeout_seconds": 31}).model
+
+
+def test_invoke_models_deploy_to_dedicated_endpoints_and_answer_on_their_dns_only(
+    emu: Emulator, serving: ServingDouble
+) -> None:
+    models = _gapic(aiplatform_v1.ModelServiceClient, emu)
+    endpoints = _gapic(aiplatform_v1.EndpointServiceClient, emu)
+    spec = _spec(invoke_route_prefix="/*", health_route="/ping")
+    invoke_model = models.upload_model(parent=PARENT, model={"display_name": "i", "container_spec": spec}).result()
+    predict_model = models.upload_model(
+        parent=PARENT, model={"display_name": "p", "container_spec": _spec(predict_route="/generate")}
+    ).result()
+    machine = {"machine_spec": {"machine_type": "g2-standard-12"}}
+    shared = endpoints.create_endpoint(parent=PARENT, endpoint={"display_name": "shared"}).result()
+    with pytest.raises(gexc.BadRequest, match="can only be deployed to a dedicated endpoint"):
+        endpoints.deploy_model(
+            endpoint=shared.name, deployed_model={"model": invoke_model.model, "dedicated_resources": machine}
+        ).result()
+    dedicated = endpoints.create_endpoint(
+        parent=PARENT, endpoint={"display_name": "ded", "dedicated_endpoint_enabled": True}
+    ).result()
+    dns = dedicated.dedicated_endpoint_dns
+    assert dns.endswith(".prediction.vertexai.goog")
+    blue = endpoints.deploy_model(
+        endpoint=dedicated.name, deployed_model={"model": invoke_model.model, "dedicated_resources": machine}
+    ).result().deployed_model.id
+    green = endpoints.deploy_model(
+        endpoint=dedicated.name,
+        deployed_model={"model": invoke_model.model, "dedicated_resources": machine},
+        traffic_split={"0": 0, blue: 100},
+    ).result().deployed_model.id
+    one = f"{emu.url}/v1/{dedicated.name}/deployedModels/{green}/invoke/generate"
+    # The per-model route reaches the model at 0% traffic, on the endpoint's own DNS only.
+    status, body = _host_http(one, dns, {"instances": [{}]})
+    assert status == 200 and serving.forwarded[-1][0] == green and serving.forwarded[-1][3] == "/generate"
+    status, body = _host_http(one, f"{LOCATION}-aiplatform.googleapis.com", {"instances": [{}]})
+    assert status == 400 and "dedicated DNS" in body["error"]["message"]
+    # The container serves only its own routes; predict is off for an invoke model.
+    status, body = _host_http(f"{emu.url}/v1/{dedicated.name}/deployedModels/{green}/invoke/v1/models", dns, {})
+    assert status == 404 and "does not serve /v1/models" in body["error"]["message"]
+    status, body = _host_http(f"{emu.url}/v1/{dedicated.name}:predict", dns, {"instances": [{}]})
+    assert status == 400 and "serves invoke routes only" in body["error"]["message"]
+    status, body = _host_http(f"{emu.url}/v1/{dedicated.name}/invoke/generate", dns, {"instances": [{}]})
+    assert status == 200 and serving.forwarded[-1][0] == blue  # the endpoint-level route follows the split
+    # A shared endpoint does not answer on a dedicated DNS name; a model without the prefix has no invoke.
+    endpoints.deploy_model(
+        endpoint=shared.name, deployed_model={"model": predict_model.model, "dedicated_resources": machine}
+    ).result()
+    status, _ = _host_http(f"{emu.url}/v1/{shared.name}:predict", dns, {"instances": [{}]})
+    assert status == 404
+    status, _ = _host_http(f"{emu.url}/v1/{shared.name}:predict", f"{LOCATION}-aiplatform.googleapis.com", {"instances": [{}]})
+    assert status == 200
+    # 1.5 MB request bodies.
+    big = json.dumps({"instances": [{"prompt": "x" * 1_600_000}]}).encode()
+    status, body = _host_http(f"{emu.url}/v1/{shared.name}:predict", f"{LOCATION}-aiplatform.googleapis.com", big)
+    assert status == 400 and "exceeds the limit" in body["error"]["message"]
+
+
+def test_v1beta1_deploy_takes_multihost_nodes_and_logs_only_when_asked(emu: Emulator, serving: ServingDouble) -> None:
+    from google.cloud import aiplatform_v1beta1
+
+    models = _gapic(aiplatform_v1.ModelServiceClient, emu)
+    model = models.upload_model(
+        parent=PARENT, model={"display_name": "mh", "container_spec": _spec(predict_route="/generate")}
+    ).result()
+    endpoints = _gapic(aiplatform_v1.EndpointServiceClient, emu)
+    endpoint = endpoints.create_endpoint(parent=PARENT, endpoint={"display_name": "mh"}).result()
+    beta = _gapic(aiplatform_v1beta1.EndpointServiceClient, emu)
+    machine = {"machine_spec": {"machine_type": "a3-highgpu-8g", "multihost_gpu_node_count": 2}}
+    quiet = beta.deploy_model(
+        endpoint=endpoint.name, deployed_model={"model": model.model, "dedicated_resources": machine}
+    ).result().deployed_model.id
+    logged = beta.deploy_model(
+        endpoint=endpoint.name,
+        deployed_model={"model": model.model, "dedicated_resources": machine, "enable_container_logging": True},
+        traffic_split={"0": 0, quiet: 100},
+    ).result().deployed_model.id
+    assert emu._multihost == {quiet: 2, logged: 2}
+    assert quiet in emu._logging_off and logged not in emu._logging_off

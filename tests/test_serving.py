@@ -11,6 +11,7 @@ from google.cloud import aiplatform_v1, aiplatform_v1beta1
 from google.protobuf import json_format
 
 from components import serving
+from components.contract_fixtures import accepted_env, accepted_flags, fixture
 from components.config import DeploymentConfig, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -56,14 +57,17 @@ def spec_dict(deployment: dict[str, Any]) -> dict[str, Any]:
 
 def _common(spec: dict[str, Any], health_path: str) -> None:
     assert spec["ports"] == [{"containerPort": 8080}]
-    assert spec["sharedMemorySizeMb"] == "16384"
+    # Model Garden's 16 GiB, or half the host's RAM on small hosts (g2-standard-8: 15258 MiB).
+    assert spec["sharedMemorySizeMb"] in ("16384", "15258")
     assert spec["deploymentTimeout"] == "7200s"
+    # Probe.period_seconds must be less than timeout_seconds (aiplatform_v1 Probe).
     assert spec["startupProbe"] == {
         "httpGet": {"path": health_path, "port": 8080},
-        "periodSeconds": 30,
-        "timeoutSeconds": 10,
-        "failureThreshold": 240,
+        "periodSeconds": 15,
+        "timeoutSeconds": 20,
+        "failureThreshold": 480,
     }
+    assert spec["healthProbe"]["periodSeconds"] < spec["healthProbe"]["timeoutSeconds"]
     assert spec["healthProbe"]["httpGet"] == {"path": health_path, "port": 8080}
     assert not {e["name"] for e in spec.get("env", [])} & {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN"}
 
@@ -85,8 +89,14 @@ def test_llama_8b_vllm_l4_matches_the_vertex_vllm_doc() -> None:
         "--max-num-seqs=256",
         "--disable-log-stats",
     ]  # fmt: skip
-    assert "command" not in spec and "env" not in spec
+    assert "command" not in spec
+    # The env every Model Garden vLLM notebook sets.
+    assert spec["env"] == [
+        {"name": "MODEL_ID", "value": "meta-llama/Llama-3.1-8B-Instruct"},
+        {"name": "DEPLOY_SOURCE", "value": "notebook"},
+    ]
     assert spec["predictRoute"] == "/generate" and spec["healthRoute"] == "/ping"
+    assert "invokeRoutePrefix" not in spec
     _common(spec, "/ping")
 
 
@@ -230,7 +240,11 @@ def test_upload_request_labels_alias_and_artifact_uri() -> None:
     assert request.parent == "projects/test-project/locations/us-central1"
     model = request.model
     spec_hash = serving.serving_spec_hash(deployment)
-    assert model.artifact_uri == WEIGHTS + "/"
+    # vLLM: Model Garden's recipe, the image reads gs:// itself and the Model has no artifactUri to copy.
+    assert model.artifact_uri == ""
+    assert f"--model={WEIGHTS}" in model.container_spec.args
+    tgi = serving.upload_model_request(seed("llama-3.1-8b-awq-int4-tgi", L4_PLAN), WEIGHTS + "/", SHA)
+    assert tgi.model.artifact_uri == WEIGHTS  # no trailing slash: the DLC copies "$AIP_STORAGE_URI/*"
     assert dict(model.labels) == {
         "vlp-deployment": "llama-3-1-8b-vllm",
         "vlp-run": "run-1",
@@ -293,10 +307,17 @@ def test_multi_host_uses_v1beta1_and_pipeline_parallel() -> None:
         overrides=["serving.engine=vllm", "serving.tensor_parallel_size=8"],
     )
     assert serving.needs_v1beta1(deployment)
-    assert "--pipeline-parallel-size=2" in serving.vllm_args(deployment)
+    # The pinned 2024 image has no Ray launcher: multi-host is refused with the fix.
+    with pytest.raises(serving.ServingSpecError, match="ray_launcher.sh"):
+        serving.vllm_args(deployment)
+    deployment["config"]["serving"]["image"] = serving.VLLM_IMAGE.rsplit(":", 1)[0] + ":20250130_0916_RC00"
+    args = serving.vllm_args(deployment)
+    assert args[:4] == [serving.RAY_LAUNCHER, "python", "-m", "vllm.entrypoints.api_server"]
+    assert "--pipeline-parallel-size=2" in args
     request = serving.deploy_model_request(deployment, "m")
     assert isinstance(request, aiplatform_v1beta1.DeployModelRequest)
     assert request.deployed_model.dedicated_resources.machine_spec.multihost_gpu_node_count == 2
+    assert request.deployed_model.enable_container_logging  # off by default on v1beta1
     tgi = seed("llama-3.1-405b-fp8-tgi-a3", {"node_count": 2})
     with pytest.raises(serving.ServingSpecError, match="one node only"):
         serving.container_spec(tgi)
@@ -307,8 +328,50 @@ def test_render_requests_is_rest_json_the_api_parses(name: str) -> None:
     deployment = seed(name, None if not load_config(CONFIGS / f"{name}.yaml").hardware.is_auto else L4_PLAN)
     rendered = serving.render_requests(deployment, WEIGHTS)
     text = json.dumps(rendered)
-    assert "artifact_uri" not in text and "artifactUri" in text  # camelCase, as the REST API takes it
+    assert "artifact_uri" not in text and "containerSpec" in text  # camelCase, as the REST API takes it
+    spec = rendered["upload_model"]["model"]["containerSpec"]
+    probes = [spec[k] for k in ("startupProbe", "healthProbe")]
+    assert all(p["periodSeconds"] < p["timeoutSeconds"] for p in probes)
+    assert int(spec["deploymentTimeout"].rstrip("s")) <= 7200
+    assert not ("predictRoute" in spec and "invokeRoutePrefix" in spec)
+    machine = rendered["deploy_model"]["deployedModel"]["dedicatedResources"]["machineSpec"]["machineType"]
+    from components.planning import MACHINE_TYPES
+
+    assert int(spec["sharedMemorySizeMb"]) * 1024**2 < MACHINE_TYPES[machine].memory_gb * 1e9
+    # Every flag and env name the container gets is one the pinned image accepts (upstream fixtures).
+    engine = load_config(CONFIGS / f"{name}.yaml").serving.engine
+    flags = [a.split("=", 1)[0] for a in spec.get("args", []) if a.startswith("--")]
+    assert set(flags) <= accepted_flags(engine), set(flags) - accepted_flags(engine)
+    env = {e["name"] for e in spec.get("env", [])}
+    assert env <= accepted_env(engine), env - accepted_env(engine)
     upload = json_format.ParseDict(rendered["upload_model"], aiplatform_v1.UploadModelRequest.pb()())
     deploy = json_format.ParseDict(rendered["deploy_model"], aiplatform_v1.DeployModelRequest.pb()())
     assert upload.model.labels["vlp-revision"] == "sha"
     assert deploy.deployed_model.dedicated_resources.machine_spec.machine_type
+
+
+def test_dedicated_endpoint_uploads_for_invoke_routes_only() -> None:
+    deployment = seed("llama-3.1-8b-vllm-l4", overrides=["endpoint.dedicated=true"])
+    spec = spec_dict(deployment)
+    assert spec["invokeRoutePrefix"] == "/*" and "predictRoute" not in spec and spec["healthRoute"] == "/ping"
+    canary = spec_dict(seed("llama-3.1-8b-vllm-l4", overrides=["endpoint.dedicated=true", "endpoint.redeploy_test=canary"]))
+    assert canary["predictRoute"] == "/generate" and "invokeRoutePrefix" not in canary
+    tgi = spec_dict(seed("llama-3.1-8b-awq-int4-tgi", L4_PLAN, overrides=["endpoint.dedicated=true"]))
+    assert tgi["invokeRoutePrefix"] == "/*" and "predictRoute" not in tgi
+
+
+def test_shared_memory_fits_the_host() -> None:
+    assert serving.shared_memory_mb("g2-standard-12") == 16384
+    assert serving.shared_memory_mb("g2-standard-4") < 16 * 1000**3 / 1024**2 / 2 + 1
+
+
+def test_engine_values_are_checked_against_the_pinned_images() -> None:
+    with pytest.raises(serving.ServingSpecError, match="--quantize=int4"):
+        serving.container_spec(seed("llama-3.1-8b-awq-int4-tgi", L4_PLAN, overrides=["serving.quantization=int4"]))
+    with pytest.raises(serving.ServingSpecError, match="--quantization=awq4"):
+        serving.container_spec(seed("llama-3.1-8b-vllm-l4", overrides=["serving.quantization=awq4"]))
+    with pytest.raises(serving.ServingSpecError, match="max_lora_rank"):
+        serving.container_spec(seed("llama-3.1-8b-vllm-l4", overrides=["serving.enable_lora=true", "serving.max_lora_rank=12"]))
+    # The TGI list in serving.py is the one the launcher's enum has at the pinned version.
+    assert list(serving.TGI_QUANTIZE) == fixture("tgi")["quantize"]
+    assert list(serving.VLLM_LORA_RANKS) == fixture("vllm")["lora_ranks"]

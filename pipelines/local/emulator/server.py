@@ -21,49 +21,18 @@ from google.cloud import aiplatform_v1 as v1
 from google.longrunning import operations_pb2
 from google.protobuf import empty_pb2, field_mask_pb2, json_format
 
+from pipelines.local.emulator import contract
+from pipelines.local.emulator.errors import _CODES, ApiError
+
 _LOG = logging.getLogger(__name__)
 
 STATE_FILE = "emulator-state.json"
 _ID_BASE = 1_000_000_000_000_000_000  # 19-digit ids, the shape Vertex uses for models and endpoints
 
-# google.rpc.Code numbers and the HTTP status Google's REST front end answers with for each.
-_CODES: dict[str, tuple[int, int]] = {
-    "CANCELLED": (1, 499),
-    "INVALID_ARGUMENT": (3, 400),
-    "DEADLINE_EXCEEDED": (4, 504),
-    "NOT_FOUND": (5, 404),
-    "ALREADY_EXISTS": (6, 409),
-    "RESOURCE_EXHAUSTED": (8, 429),
-    "FAILED_PRECONDITION": (9, 400),
-    "UNIMPLEMENTED": (12, 501),
-    "INTERNAL": (13, 500),
-    "UNAVAILABLE": (14, 503),
-}
-
 _LOC = r"/v1/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
 _ALIAS_RE = re.compile(r"^[a-z][a-zA-Z0-9-]{0,126}[a-z0-9]$|^[a-z]$")
 _RESOURCE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _PREDICT_KINDS = ("predict", "rawPredict", "chat", "invoke")
-
-
-class ApiError(Exception):
-    """An error answered in Google's JSON error shape (and stored in failed operations)."""
-
-    def __init__(self, status: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-    @property
-    def http_code(self) -> int:
-        return _CODES[self.status][1]
-
-    @property
-    def rpc_code(self) -> int:
-        return _CODES[self.status][0]
-
-    def body(self) -> bytes:
-        return json.dumps({"error": {"code": self.http_code, "message": self.message, "status": self.status}}).encode()
 
 
 def _now() -> str:
@@ -208,6 +177,36 @@ def _check_mask(mask: field_mask_pb2.FieldMask, descriptor: Any) -> list[str]:
     return list(mask.paths)
 
 
+def _engine(spec: dict[str, Any]) -> str:
+    from pipelines.local.emulator.serving import engine_for
+
+    return engine_for(spec)
+
+
+def _machine_memory_gb(machine_type: str) -> float | None:
+    # Machine sizes are Compute Engine facts (cloud.google.com/compute/docs/gpus); the project's catalog records them.
+    from components.planning import MACHINE_TYPES
+
+    machine = MACHINE_TYPES.get(machine_type)
+    return machine.memory_gb if machine else None
+
+
+_MODEL_ARG = re.compile(r"^--model=(gs://\S+)$")
+
+
+def _weights_source(version: dict[str, Any]) -> str:
+    """Where the serving container reads weights: Vertex's copy of artifactUri (AIP_STORAGE_URI), else a
+    `--model=gs://…` argument, which the Model Garden vLLM image downloads itself (Model Garden's recipe)."""
+    if version.get("artifactUri"):
+        return str(version["artifactUri"])
+    spec = version.get("containerSpec", {})
+    for arg in spec.get("args", []):
+        match = _MODEL_ARG.match(str(arg))
+        if match and _engine(spec) == "vllm":
+            return match.group(1)
+    return ""
+
+
 class _Route:
     def __init__(self, method: str, pattern: str, handler: Callable[..., Any]) -> None:
         self.method = method
@@ -259,6 +258,8 @@ class Emulator:
         self._serving_status: dict[str, str] = {}  # deployed model id -> "starting" | "ready" | failure text
         self._throttled: dict[str, int] = {}  # deployed model id -> 429s already answered (fault predict-429)
         self._cancelled_ops: set[str] = set()
+        self._logging_off: set[str] = set()  # deployed model ids deployed through v1beta1 without container logging
+        self._multihost: dict[str, int] = {}  # deployed model id -> nodes per replica (v1beta1 only)
         self._routes = self._build_routes()
         self._load()
 
@@ -408,7 +409,9 @@ class Emulator:
                     continue
                 m = route.regex.match(path)
                 if m:
-                    return route.handler(m.groupdict(), query, body)
+                    # The host the client called: prediction routes check it (dedicated DNS vs regional host).
+                    params = {**m.groupdict(), "_host": (headers.get("Host") if headers is not None else "") or ""}
+                    return route.handler(params, query, body)
             answer = self._side_apis(method, raw_path, query, body, headers)
             if answer is not None:
                 return answer
@@ -452,12 +455,13 @@ class Emulator:
             r("PATCH", ep, self._update_endpoint),
             r("DELETE", ep, self._delete_endpoint),
             r("POST", ep + r":deployModel", self._deploy_model),
+            r("POST", ep.replace("/v1/", "/v1beta1/", 1) + r":deployModel", self._deploy_model_beta),
             r("POST", ep + r":undeployModel", self._undeploy_model),
             r("POST", ep + r":mutateDeployedModel", self._mutate_deployed_model),
             r("POST", ep + r":predict", self._predict),
             r("POST", ep + r":rawPredict", self._raw_predict),
             r("POST", ep + r"[:/]invoke(?P<subpath>/.*)?", self._invoke_endpoint),
-            r("POST", ep + r"/chat/completions", self._chat),
+            # PredictionService.ChatCompletions exists in v1beta1 only (prediction_service.proto).
             r("POST", ep.replace("/v1/", "/v1beta1/", 1) + r"/chat/completions", self._chat),
             # REST reference and the SDK's Endpoint.invoke use ".../deployedModels/ID/invoke/ROUTE";
             # the ":invoke" spelling is accepted too.
@@ -577,6 +581,7 @@ class Emulator:
         req = _parse_request(v1.UploadModelRequest, body, query=query, path_fields={"parent": parent})
         if not req.model.display_name:
             raise ApiError("INVALID_ARGUMENT", "model.display_name is required.")
+        contract.check_container_spec(_to_dict(req.model).get("containerSpec", {}))
         with self._lock:
             if req.parent_model:
                 name, _ = self._name_to_model_ref(req.parent_model)
@@ -826,7 +831,33 @@ class Emulator:
             del self._endpoints[name]
             return self._done_op(name, v1.DeleteOperationMetadata, empty_pb2.Empty())
 
-    def _deploy_model(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+    def _deploy_model_beta(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        # v1beta1 DeployModel: the only API with MachineSpec.multihost_gpu_node_count. Container logging is off
+        # there unless asked for ("On the v1beta1 service endpoint, container logging is disabled by default",
+        # docs predictions/online-prediction-logging).
+        from google.cloud import aiplatform_v1beta1 as v1beta1
+
+        req = _parse_request(v1beta1.DeployModelRequest, body, query=query)
+        dm = req.deployed_model
+        nodes = dm.dedicated_resources.machine_spec.multihost_gpu_node_count
+        logging_on = dm.enable_container_logging
+        dm.dedicated_resources.machine_spec.multihost_gpu_node_count = 0
+        dm.enable_container_logging = False  # v1beta1 only; the v1 parse below would refuse it
+        v1_body = json_format.MessageToJson(req._pb if hasattr(req, "_pb") else req)
+        return self._deploy_model(
+            p, query, v1_body.encode(), nodes=nodes or 1, container_logging=logging_on, api=v1beta1
+        )
+
+    def _deploy_model(
+        self,
+        p: dict[str, str],
+        query: dict[str, list[str]],
+        body: bytes,
+        *,
+        nodes: int = 1,
+        container_logging: bool = True,
+        api: Any = v1,
+    ) -> Any:
         req = _parse_request(v1.DeployModelRequest, body, query=query)
         with self._lock:
             ep_name, ep = self._endpoint(p)
@@ -844,12 +875,21 @@ class Emulator:
                 raise ApiError("ALREADY_EXISTS", f"Deployed model {dm_id} already exists on {ep_name}.")
             split = dict(req.traffic_split)
             self._check_split(split, existing | {"0"}, "traffic_split")
+            spec = entry["versions"][vid].get("containerSpec", {})
+            contract.check_deploy_target(spec, ep, model_name)
+            machine = req.deployed_model.dedicated_resources.machine_spec.machine_type
+            contract.check_shared_memory(spec, _machine_memory_gb(machine), machine)
+            if not container_logging:
+                self._logging_off.add(dm_id)
+            if nodes > 1:
+                self._multihost[dm_id] = nodes
             dm = _to_dict(req.deployed_model)
             dm.update({"id": dm_id, "model": model_name, "modelVersionId": vid, "createTime": _now()})
             dm.setdefault("displayName", entry["versions"][vid].get("displayName", ""))
             version = entry["versions"][vid]
             op_name = self._op_name(ep_name)
-            meta = _generic_meta(v1.DeployModelOperationMetadata, _now())
+            # The operation carries the calling API version's types: a v1beta1 client unpacks v1beta1 messages.
+            meta = _generic_meta(api.DeployModelOperationMetadata, _now())
             op = self._record_op(op_name, _pack_op(op_name, meta))
             op["_model"] = model_name  # private marker: blocks model deletion while deploying
             pending.add(dm_id)
@@ -859,9 +899,10 @@ class Emulator:
             "endpoint": ep_name,
             "dm": dm,
             "split": split,
-            "artifact_uri": version.get("artifactUri", ""),
+            "artifact_uri": _weights_source(version),
             "container_spec": version.get("containerSpec", {}),
             "meta": meta,
+            "api": api,
         }
         worker = threading.Thread(target=self._run_deploy, args=(job,), daemon=True)
         self._workers = [w for w in self._workers if w.is_alive()] + [worker]
@@ -918,7 +959,7 @@ class Emulator:
                 ep["updateTime"] = ep["etag"] = _now()
                 self._serving_status[dm_id] = "ready"
                 self._throttled[dm_id] = 0
-                response = v1.DeployModelResponse.pb()()
+                response = job["api"].DeployModelResponse.pb()()
                 json_format.ParseDict({"deployedModel": job["dm"]}, response)
                 self._operations[op_key] = _pack_op(job["op"], job["meta"], response=response)
             else:
@@ -977,9 +1018,30 @@ class Emulator:
 
     # ------------------------------------------------------------------ prediction
 
-    def _pick_deployed_model(self, p: dict[str, str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    def _spec_of(self, dm: dict[str, Any]) -> dict[str, Any]:
+        version = self._models.get(dm.get("model", ""), {"versions": {}})["versions"].get(
+            dm.get("modelVersionId", ""), {}
+        )
+        return version.get("containerSpec", {})
+
+    def _prediction_endpoint(self, p: dict[str, str], body: bytes) -> tuple[str, dict[str, Any]]:
+        """The endpoint a prediction call names, after the host and size rules (contract V-HOST, V-SIZE)."""
+        contract.check_request_size(body)
+        ep_name, ep = self._endpoint(p)
+        regional = (
+            f"{p['location']}-aiplatform.googleapis.com",
+            f"{self.host}:{self.port}",
+            f"localhost:{self.port}",
+            "",
+        )
+        contract.check_host(ep, p.get("_host", ""), regional)
+        return ep_name, ep
+
+    def _pick_deployed_model(
+        self, p: dict[str, str], body: bytes, kind: str
+    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
         with self._lock:
-            ep_name, ep = self._endpoint(p)
+            ep_name, ep = self._prediction_endpoint(p, body)
             split = {k: v for k, v in ep.get("trafficSplit", {}).items() if v > 0}
             if not split:
                 raise ApiError(
@@ -988,6 +1050,11 @@ class Emulator:
                 )
             dm_id = random.choices(list(split), weights=list(split.values()))[0]
             dm = next(d for d in ep["deployedModels"] if d["id"] == dm_id)
+            spec = self._spec_of(dm)
+            if kind == "invoke":
+                contract.check_invoke(ep, spec, dm_id, p.get("subpath") or "/", _engine(spec))
+            else:
+                contract.check_predict_route(spec, dm_id, kind)
             return ep_name, ep, dict(dm)
 
     def _forward(
@@ -1036,28 +1103,30 @@ class Emulator:
 
     def _predict(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         _parse_request(v1.PredictRequest, body)
-        ep_name, _, dm = self._pick_deployed_model(p)
+        ep_name, _, dm = self._pick_deployed_model(p, body, "predict")
         return self._forward(ep_name, dm, "predict", body, "")
 
     def _raw_predict(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         # rawPredict carries the model server's own payload (an HttpBody), so there is no proto to parse.
-        ep_name, _, dm = self._pick_deployed_model(p)
+        ep_name, _, dm = self._pick_deployed_model(p, body, "rawPredict")
         return self._forward(ep_name, dm, "rawPredict", body, "")
 
     def _chat(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
-        ep_name, _, dm = self._pick_deployed_model(p)
+        ep_name, _, dm = self._pick_deployed_model(p, body, "chat")
         return self._forward(ep_name, dm, "chat", body, "/chat/completions")
 
     def _invoke_endpoint(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
-        ep_name, _, dm = self._pick_deployed_model(p)
+        ep_name, _, dm = self._pick_deployed_model(p, body, "invoke")
         return self._forward(ep_name, dm, "invoke", body, p.get("subpath") or "/")
 
     def _invoke_deployed(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         with self._lock:
-            ep_name, ep = self._endpoint(p)
+            ep_name, ep = self._prediction_endpoint(p, body)
             dm = next((dict(d) for d in ep.get("deployedModels", []) if d["id"] == p["dm"]), None)
-        if dm is None:
-            raise ApiError("NOT_FOUND", f"Deployed model {p['dm']} is not on {ep_name}.")
+            if dm is None:
+                raise ApiError("NOT_FOUND", f"Deployed model {p['dm']} is not on {ep_name}.")
+            spec = self._spec_of(dm)
+            contract.check_invoke(ep, spec, dm["id"], p.get("subpath") or "/", _engine(spec))
         return self._forward(ep_name, dm, "invoke", body, p.get("subpath") or "/")
 
     def _restart_serving(self, dm: dict[str, Any]) -> None:
@@ -1066,7 +1135,7 @@ class Emulator:
         version = model["versions"].get(dm.get("modelVersionId", ""), {})
         try:
             self.serving.start(
-                dm["id"], version.get("artifactUri", ""), version.get("containerSpec", {}), self.deploy_timeout_s
+                dm["id"], _weights_source(version), version.get("containerSpec", {}), self.deploy_timeout_s
             )
             status = "ready"
         except Exception as exc:  # noqa: BLE001 - recorded and answered as 503 on predict

@@ -265,6 +265,14 @@ class ServingManager:
             if kind == "predict":
                 return self._predict(server, payload, with_id=True)
             if kind == "chat":
+                if server.engine == "tgi":
+                    # Vertex forwards chat completions to the container's predict route, which for the TGI DLC is
+                    # /vertex: it takes only {"instances": [...]} (router/src/vertex.rs, v2.4.0) and answers 422.
+                    return (
+                        422,
+                        json.dumps({"error": "Input validation error", "error_type": "validation"}).encode(),
+                        _JSON,
+                    )
                 return self._openai(server, "/v1/chat/completions", payload)
             if kind == "rawPredict":
                 return self._raw(server, payload, None)
@@ -322,14 +330,19 @@ class ServingManager:
     def _predict_tgi(self, server: _Server, instance: dict, parameters: dict) -> str:
         # The Hugging Face TGI DLC's Vertex route (/vertex) takes {"inputs", "parameters"} per instance, or an
         # OpenAI chat body, and answers {"predictions": [str, ...]}: the generated text itself, no wrapper.
+        # PredictRequest.parameters never reach TGI: its VertexRequest has only `instances`.
         if "messages" in instance:
+            # A ChatRequest: temperature 0 means greedy (router/src/lib.rs, v2.4.0).
             chat = {k: v for k, v in instance.items() if k not in ("stream",)}
             answer = self._call_json(server, "/v1/chat/completions", chat)
             return str(answer["choices"][0]["message"]["content"])
         inputs = instance.get("inputs")
         if not isinstance(inputs, str):
             raise _BadRequest('A TGI instance needs an "inputs" string (or OpenAI "messages").')
-        return self._generate_tgi(server, inputs, {**parameters, **(instance.get("parameters") or {})})
+        # The `inputs` form forces do_sample: true and keeps only max_new_tokens and seed (router/src/vertex.rs).
+        given = instance.get("parameters") or {}
+        forced = {"max_new_tokens": given.get("max_new_tokens"), "seed": given.get("seed"), "temperature": 1.0}
+        return self._generate_tgi(server, inputs, forced)
 
     def _generate_tgi(self, server: _Server, inputs: str, params: dict) -> str:
         text = self._complete(

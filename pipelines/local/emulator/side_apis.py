@@ -453,6 +453,8 @@ def _list_log_entries(emu: Any, method: str, body: bytes) -> Answer:
     for deployed_model_id in serving.logged_ids() if serving is not None else []:
         if wanted_model and deployed_model_id != wanted_model:
             continue
+        if deployed_model_id in getattr(emu, "_logging_off", ()):
+            continue  # deployed through v1beta1 without enable_container_logging: Vertex keeps no stdout/stderr
         endpoint_id = endpoints.get(deployed_model_id)
         if wanted_endpoint and endpoint_id != wanted_endpoint:
             continue
