@@ -16,7 +16,7 @@ from google.cloud import aiplatform_v1
 from components import serving
 from components.clients import gapic_kwargs, storage_client
 from components.config import load_config
-from components.smoke_test import SmokeTestError, deploy_failure_message, log_filter, run_smoke_test
+from components.smoke_test import SmokeTestError, canary_tries, deploy_failure_message, log_filter, run_smoke_test
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 REGION = "us-central1"
@@ -41,6 +41,15 @@ def _deployment(api_endpoint: str, overrides: tuple[str, ...] = (), **smoke: Any
         "revision_sha": SHA,
         "api_endpoint": api_endpoint,
     }
+
+
+def _as_kfp_struct(value: Any) -> Any:
+    """What a step receives for a dict parameter: a protobuf Struct, so every number arrives as a float."""
+    if isinstance(value, dict):
+        return {k: _as_kfp_struct(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_kfp_struct(v) for v in value]
+    return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 def _upload_dir(model_dir: Path, prefix: str, skip: tuple[str, ...] = ()) -> str:
@@ -104,11 +113,12 @@ def _set_faults(api: str, faults: list[str]) -> None:
     urllib.request.urlopen(request, timeout=10).close()
 
 
-def test_smollm2_answers_paris_through_the_vertex_chat_route(served: dict[str, Any]) -> None:
+def test_smollm2_answers_paris_through_predict(served: dict[str, Any]) -> None:
     result = run_smoke_test(served["deployment"], served["endpoint"], served["dm"], served["weights"], served["api"])
     assert result.passed, result.message
     assert "paris" in result.answer.lower()
-    assert result.route == f"/v1beta1/{served['endpoint']}/chat/completions"
+    # :predict on a shared endpoint: PredictResponse.deployed_model_id says which model answered.
+    assert result.route == f"/v1/{served['endpoint']}:predict"
     # The prompt went through SmolLM2's own chat template (ChatML), read from the tokenizer files in GCS.
     assert result.prompt_sent.startswith("<|im_start|>") and "What is the capital of France?" in result.prompt_sent
     assert result.prompt_sent.endswith("<|im_start|>assistant\n")
@@ -123,7 +133,7 @@ def test_a_wrong_expectation_fails_with_what_was_sent_got_and_the_server_log(ser
     assert not result.passed
     message = result.message
     assert "does not contain 'Berlin'" in message
-    assert "Sent: POST /v1beta1/" in message and "What is the capital of France?" in message
+    assert "Sent: POST /v1/" in message and "What is the capital of France?" in message
     assert "Got (" in message and "Paris" in message
     assert "Last model server log lines" in message and "  | " in message  # lines read from Cloud Logging
     assert "POST /v1/chat/completions" in message  # the model server's own access log line
@@ -140,7 +150,7 @@ def _calls(api: str) -> list[str]:
 
 
 def test_a_cold_endpoint_is_retried_with_backoff(served: dict[str, Any]) -> None:
-    chat = f"POST /v1beta1/{served['endpoint']}/chat/completions"
+    chat = f"POST /v1/{served['endpoint']}:predict"
     # The emulator's predict-429 fault answers 429 to a deployed model's first two prediction calls.
     one_try = copy.deepcopy(served["deployment"])
     one_try["config"]["smoke_test"]["attempts"] = 1
@@ -204,18 +214,53 @@ def test_tgi_gets_the_templated_prompt_through_predict(served: dict[str, Any]) -
     assert result.prompt_sent.endswith("<|im_start|>assistant\n")
 
 
-def test_new_model_at_zero_traffic_goes_through_its_invoke_route(served: dict[str, Any]) -> None:
+def test_a_canary_on_a_shared_endpoint_is_tested_by_deployed_model_id(served: dict[str, Any]) -> None:
     deployment = served["deployment"]
-    second = _deploy(deployment, served["weights"], served["endpoint"], traffic={"0": 0, served["dm"]: 100})
+    endpoints = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(REGION, served["api"]))
+    zero = _deploy(deployment, served["weights"], served["endpoint"], traffic={"0": 0, served["dm"]: 100})
+    canary = _deploy(deployment, served["weights"], served["endpoint"], traffic={"0": 30, served["dm"]: 70, zero: 0})
     try:
-        result = run_smoke_test(deployment, served["endpoint"], second, served["weights"], served["api"])
+        # A shared endpoint cannot address a model without traffic: say so, with the fix.
+        with pytest.raises(SmokeTestError, match="0% traffic") as err:
+            run_smoke_test(deployment, served["endpoint"], zero, served["weights"], served["api"])
+        assert "canary_percent" in str(err.value)
+        before = len(_calls(served["api"]))
+        result = run_smoke_test(deployment, served["endpoint"], canary, served["weights"], served["api"])
+        sent = [c for c in _calls(served["api"])[before:] if c.endswith(":predict")]
     finally:
-        endpoints = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(REGION, served["api"]))
-        endpoints.undeploy_model(
-            endpoint=served["endpoint"], deployed_model_id=second, traffic_split={served["dm"]: 100}
-        ).result(60)
-    assert result.route == f"/v1/{served['endpoint']}/deployedModels/{second}/invoke/v1/chat/completions"
+        for dm in (zero, canary):
+            endpoints.undeploy_model(
+                endpoint=served["endpoint"], deployed_model_id=dm, traffic_split={served["dm"]: 100}
+            ).result(60)
+    assert result.route == f"/v1/{served['endpoint']}:predict"
     assert result.passed, result.message
+    assert 1 <= len(sent) <= canary_tries(30)  # answers from the serving model were sent again, not judged
+
+
+def test_canary_tries_reach_a_small_share_with_high_certainty() -> None:
+    assert canary_tries(100) == 1
+    assert canary_tries(5) == 135 and canary_tries(1) == 688
+    assert (1 - 0.05) ** canary_tries(5) < 0.001
+
+
+def test_a_dedicated_endpoint_tests_the_new_model_alone_through_invoke(served: dict[str, Any]) -> None:
+    deployment = _deployment(served["api"], ("endpoint.dedicated=true",))
+    endpoints = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(REGION, served["api"]))
+    endpoint = endpoints.create_endpoint(
+        parent=f"projects/{PROJECT}/locations/{REGION}",
+        endpoint=aiplatform_v1.Endpoint(display_name="smoke-dedicated", dedicated_endpoint_enabled=True),
+    ).result(60)
+    blue = _deploy(deployment, served["weights"], endpoint.name)
+    green = _deploy(deployment, served["weights"], endpoint.name, traffic={"0": 0, blue: 100})
+    try:
+        result = run_smoke_test(deployment, endpoint.name, green, served["weights"], served["api"])
+    finally:
+        endpoints.undeploy_model(endpoint=endpoint.name, deployed_model_id=green, traffic_split={blue: 100}).result(60)
+        endpoints.undeploy_model(endpoint=endpoint.name, deployed_model_id=blue).result(60)
+        endpoints.delete_endpoint(name=endpoint.name).result(60)
+    assert result.route == f"/v1/{endpoint.name}/deployedModels/{green}/invoke/generate"
+    assert result.passed, result.message
+    assert "paris" in result.answer.lower()
 
 
 def test_smoke_test_op_writes_verdict_metrics_benchmark_and_report(served: dict[str, Any], tmp_path: Path) -> None:
@@ -224,9 +269,10 @@ def test_smoke_test_op_writes_verdict_metrics_benchmark_and_report(served: dict[
 
     from components.smoke_test import smoke_test_op
 
-    deployment = _deployment(
-        served["api"], benchmark="true", benchmark_concurrency="[1,2]", benchmark_requests=2, max_tokens=8
+    deployment = _as_kfp_struct(
+        _deployment(served["api"], benchmark="true", benchmark_concurrency="[1,2]", benchmark_requests=2, max_tokens=8)
     )
+    assert deployment["config"]["smoke_test"]["benchmark_concurrency"] == [1.0, 2.0]
     endpoint = VertexEndpoint(uri="", metadata={"resourceName": served["endpoint"]})
     metrics = dsl.Metrics(uri=str(tmp_path / "metrics"))
     report = dsl.HTML(uri=str(tmp_path / "report.html"))
