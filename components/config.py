@@ -218,6 +218,26 @@ class EndpointSpec(_Strict):
             )
         return self
 
+    def redeploy_path(self, engine: str) -> dict[str, Any]:
+        """How a redeploy reaches the new model, and how clients call the endpoint: what plan and render show."""
+        if self.uses_invoke:
+            route = "/invoke/generate" if engine == "vllm" else "/invoke/v1/chat/completions"
+            return {
+                "smoke_test": "invoke: the new model alone at 0% traffic, on the endpoint's dedicated DNS "
+                "(…/deployedModels/ID/invoke/…); live traffic never sees it before promotion",
+                "new_model_traffic": 0,
+                "clients_call": f"https://DEDICATED_DNS/v1/ENDPOINT{route} (models are uploaded with "
+                "invokeRoutePrefix, so :predict and chat completions are off)",
+            }
+        return {
+            "smoke_test": f"canary: the new model takes {self.canary_percent}% of live traffic on the shared endpoint "
+            "and :predict is retried until PredictResponse.deployed_model_id is the new model; users see it during "
+            "the test",
+            "new_model_traffic": self.canary_percent,
+            "clients_call": "https://REGION-aiplatform.googleapis.com/v1/ENDPOINT:predict"
+            + (" or /v1beta1/ENDPOINT/chat/completions" if engine == "vllm" else ""),
+        }
+
     @property
     def uses_invoke(self) -> bool:
         """Models are uploaded with invokeRoutePrefix and reached through invoke routes (dedicated endpoints)."""

@@ -1250,11 +1250,28 @@ def _multihost_candidates(singles: list[Shape]) -> list[Shape]:
     return out
 
 
+# Machine types served in fewer regions than their GPU: Model Garden lists a3-highgpu-2g/4g only here
+# (model_garden_deployment_tutorial.ipynb, vertex-ai-samples@cc0d791).
+MACHINE_REGIONS: dict[str, tuple[str, ...]] = {
+    "a3-highgpu-2g": ("us-west1", "asia-southeast1", "europe-west4"),
+    "a3-highgpu-4g": ("us-west1", "asia-southeast1", "europe-west4"),
+}
+
+
+def offered_regions(machine_type: str, accelerator_type: str) -> tuple[str, ...] | None:
+    """Regions where Vertex prediction offers the machine with its GPU; None when the catalog does not know."""
+    acc = ACCELERATORS.get(accelerator_type)
+    regions = acc.regions if acc else None
+    if machine_type in MACHINE_REGIONS:
+        regions = tuple(r for r in (regions or MACHINE_REGIONS[machine_type]) if r in MACHINE_REGIONS[machine_type])
+    return regions
+
+
 def _in_regions(shape: Shape, regions: list[str] | None) -> bool:
     if not regions:
         return True
-    acc = ACCELERATORS.get(shape.accelerator_type)
-    return acc is None or any(r in acc.regions for r in regions)
+    offered = offered_regions(shape.machine_type, shape.accelerator_type)
+    return offered is None or any(r in offered for r in regions)
 
 
 def plan_for_facts(

@@ -37,6 +37,33 @@ def _candidate_regions(cfg: DeploymentConfig, regions: list[str] | None) -> list
     return out
 
 
+_MULTI_REGIONS = {"US": "us-", "EU": "europe-", "ASIA": "asia-"}
+
+
+def _regions_for_bucket(regions: list[str], bucket: str, project: str) -> list[str]:
+    """The candidate regions the weights bucket can serve: Vertex wants a model's artifacts in a bucket in the
+    endpoint's region (import-model doc; enforcement unverified, so the quota fallback never leaves it)."""
+    if not bucket:
+        return regions
+    try:
+        found = clients.storage_client(project).lookup_bucket(bucket)
+    except Exception:  # noqa: BLE001 - no permission to read the bucket: the mirror step will say so
+        return regions
+    location = (getattr(found, "location", "") or "").upper() if found is not None else ""
+    if not location:
+        return regions
+    prefix = _MULTI_REGIONS.get(location)
+    kept = [r for r in regions if (r.startswith(prefix) if prefix else r.upper() == location)]
+    if not kept:
+        raise PreflightError(
+            f"bucket gs://{bucket} is in {location}, and Vertex AI serves a model's artifacts from a bucket in the "
+            f"endpoint's region; none of the candidate regions {regions} is there: use a bucket in "
+            f"{regions[0]} (gcloud storage buckets create gs://NAME --location={regions[0]}), or add "
+            f"{location.lower()} to placement.regions"
+        )
+    return kept
+
+
 def plan_deployment(
     cfg: DeploymentConfig,
     *,
@@ -112,8 +139,17 @@ def _check_quota(plan: Plan, cfg: DeploymentConfig, project: str, regions: list[
     plan.quota_checked = True
     if region:
         plan.region = region
-        if results[region].ok is None:
-            notes = "; ".join(c.note for c in [results[region].gpu, *results[region].companions] if c.note)
+        checks = [results[region].gpu, *results[region].companions]
+        for c in checks:
+            if c.ok is None and c.limit is not None:
+                plan.warnings.append(
+                    f"{c.quota_id} in {region}: limit {c.limit}, in use {c.usage}, need {c.need}: unverified whether "
+                    "GPU machine types draw on it (Google's Model Garden check reads only the GPU quota); if the "
+                    "deploy fails on CPU quota, request more of it"
+                )
+        unread = [c for c in checks if c.ok is None and c.limit is None]
+        if unread:
+            notes = "; ".join(c.note for c in unread if c.note)
             plan.warnings.append(f"quota in {region} could not be read ({notes}): going ahead without the check")
         skipped = [r for r in regions[: regions.index(region)]]
         if skipped:
@@ -169,6 +205,8 @@ def run_preflight(
     if not project:
         raise PreflightError("no project: pass project (the pipeline's run-time parameter) or set placement.project")
     regions = _candidate_regions(cfg, [region] if region else None)
+    bucket = (bucket or cfg.placement.bucket).removeprefix("gs://").rstrip("/")
+    regions = _regions_for_bucket(regions, bucket, project)
     token = hf_token if hf_token is not None else _read_hf_token(cfg, project, api_endpoint)
     plan = plan_deployment(
         cfg,
@@ -184,7 +222,6 @@ def run_preflight(
         errors = plan.errors or [f"{cfg.model.repo} does not fit the planned shape"]
         head = f"preflight failed for deployment {cfg.name} ({cfg.model.repo}):"
         raise PreflightError("\n".join([head] + [f"- {e}" for e in errors]), plan)
-    bucket = (bucket or cfg.placement.bucket).removeprefix("gs://").rstrip("/")
     return {
         "config": cfg.model_dump(mode="json"),
         "project": project,
@@ -272,6 +309,16 @@ def preflight_op(
 
     machine = mirror_machine_for(int(plan.get("weights_bytes") or 0))["machine_type"]
     mirror_on = "step" if machine == "e2-standard-4" else machine
+    if mirror_on != "step" and cfg.model.hf_token_secret and not deployment.get("service_account"):
+        # A GCPC custom job without service_account runs as the Vertex AI Custom Code Service Agent, which cannot
+        # read Secret Manager (kubeflow/pipelines components/google-cloud v1/custom_job/utils.py).
+        raise PreflightError(
+            f"{cfg.model.repo} ({plan['weights_gb']} GB) is mirrored by a Vertex custom job on {machine}, which needs "
+            f"a named service account to read the Hub token secret {cfg.model.hf_token_secret!r}: set "
+            "placement.service_account (or the service_account parameter) to an account with "
+            "roles/secretmanager.secretAccessor and roles/storage.objectAdmin on the bucket, and give the "
+            "pipeline's service account roles/iam.serviceAccountUser on it (docs/iam.md)"
+        )
     checkpoint("preflight")
     outputs = namedtuple("PreflightOutputs", ["deployment", "region", "action", "mirror_on"])
     return outputs(without_nulls(deployment), deployment["region"], action, mirror_on)

@@ -34,6 +34,20 @@ def find_parent_model(deployment: dict) -> str | None:
     return None
 
 
+UPLOAD_WAIT_S = 1800
+# With artifactUri set (TGI), Vertex copies the checkpoint into its own bucket before the upload finishes. No
+# source gives the copy rate: 50 MB/s is a slow guess, so a 405B FP8 upload (~410 GB) gets about 2.8 h.
+ARTIFACT_COPY_BYTES_PER_S = 50e6
+
+
+def upload_wait_s(deployment: dict) -> float:
+    """How long to wait for UploadModel: longer when Vertex copies the weights (TGI's artifactUri)."""
+    if deployment["config"].get("serving", {}).get("engine") != "tgi":
+        return UPLOAD_WAIT_S
+    weights = float((deployment.get("plan") or {}).get("weights_bytes") or 0)
+    return UPLOAD_WAIT_S + weights / ARTIFACT_COPY_BYTES_PER_S
+
+
 def register_model(deployment: dict, weights_uri: str, revision_sha: str) -> Registered:
     """Upload the model (or a new version of it) with the serving container spec from components.serving."""
     from google.cloud import aiplatform_v1
@@ -60,12 +74,16 @@ def register_model(deployment: dict, weights_uri: str, revision_sha: str) -> Reg
         f"new version of {parent_model}" if parent_model else "new model",
     )
     try:
-        response = client.upload_model(request=request).result(timeout=1800)
+        response = client.upload_model(request=request).result(timeout=upload_wait_s(deployment))
     except Exception as exc:  # google.api_core errors carry the server's message
+        # Vertex copies artifactUri as the Vertex AI Service Agent, not as the pipeline's account
+        # (vertex-ai-samples#3710); the vLLM image reads gs:// as the endpoint's service account at deploy time.
         raise StepError(
             f"Model Registry upload of {deployment['config']['model']['repo']} in {project}/{region} failed: {exc}. "
-            "Check that the pipeline's service account has roles/aiplatform.user and can read "
-            f"{weights_uri} (roles/storage.objectViewer), then re-run: the mirrored weights are kept."
+            "Check that the pipeline's service account has roles/aiplatform.user, and that the Vertex AI Service "
+            f"Agent (service-PROJECT_NUMBER@gcp-sa-aiplatform.iam.gserviceaccount.com; gcloud projects describe "
+            f"{project} --format='value(projectNumber)') can read {weights_uri} (roles/storage.objectViewer on the "
+            "bucket), then re-run: the mirrored weights are kept."
         ) from None
     log.info("registered %s version %s", response.model, response.model_version_id)
     return Registered(response.model, response.model_version_id, created_model=not parent_model)

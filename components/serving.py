@@ -506,4 +506,5 @@ def render_requests(deployment: dict[str, Any], weights_uri: str, revision_sha: 
     return {
         "upload_model": _message_dict(upload_model_request(deployment, weights_uri, revision_sha)),
         "deploy_model": _message_dict(deploy_model_request(deployment, model_resource)),
+        "redeploy": cfg.endpoint.redeploy_path(cfg.serving.engine),
     }

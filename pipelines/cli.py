@@ -226,7 +226,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         raise UserError("give a config file, or --model REPO_OR_DIR")
     data = plan.to_dict()
-    print(json.dumps(data, indent=2) if args.json else plan_report.render_table(plan))
+    text = plan_report.render_table(plan)
+    if args.config:
+        # Which route a blue/green redeploy's smoke test takes (and what clients call) depends on the endpoint kind.
+        data["redeploy"] = cfg.endpoint.redeploy_path(cfg.serving.engine)
+        text += "\nRedeploys\n" + "".join(f"  {k}: {v}\n" for k, v in data["redeploy"].items())
+    print(json.dumps(data, indent=2) if args.json else text)
     return EXIT_OK if data.get("fits") and not data.get("errors") else EXIT_FAILED
 
 

@@ -10,7 +10,8 @@ from typing import Any
 from components.config import ConfigError, DeploymentConfig
 from pipelines.summary import empty_summary, print_summary
 
-_TERMINAL = {"PIPELINE_STATE_SUCCEEDED", "PIPELINE_STATE_FAILED", "PIPELINE_STATE_CANCELLED"}
+# The aiplatform SDK's _PIPELINE_COMPLETE_STATES: PAUSED ends the wait too (PipelineState in pipeline_state.proto).
+_TERMINAL = {"PIPELINE_STATE_SUCCEEDED", "PIPELINE_STATE_FAILED", "PIPELINE_STATE_CANCELLED", "PIPELINE_STATE_PAUSED"}
 
 
 def permission_hint(exc: Exception) -> str:
@@ -124,8 +125,10 @@ def submit_run(
             break
         time.sleep(5 if not api_endpoint.startswith("http://") else 0.5)
     state = job_proto.state.name
-    summary["status"] = "succeeded" if state == "PIPELINE_STATE_SUCCEEDED" else "failed"
+    summary["status"] = {"PIPELINE_STATE_SUCCEEDED": "succeeded", "PIPELINE_STATE_PAUSED": "paused"}.get(state, "failed")
     summary["error"] = job_proto.error.message or (None if summary["status"] == "succeeded" else state)
+    if summary["status"] == "paused":
+        summary["error"] = f"{job.resource_name} is paused: resume it from the Vertex AI console to finish the run"
     summary["steps"] = [
         {
             "name": t.task_name,

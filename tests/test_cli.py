@@ -97,10 +97,15 @@ def test_render_prints_the_requests_a_run_would_send() -> None:
     result = vlp("render", "configs/llama-3.1-8b-vllm-l4.yaml", "--json")
     assert result.returncode == 0, result.stderr
     requests = json.loads(result.stdout)
-    assert set(requests) == {"upload_model", "deploy_model"}
+    assert set(requests) == {"upload_model", "deploy_model", "redeploy"}
     machine = requests["deploy_model"]["deployedModel"]["dedicatedResources"]["machineSpec"]
     assert machine == {"machineType": "g2-standard-12", "acceleratorType": "NVIDIA_L4", "acceleratorCount": 1}
-    assert requests["upload_model"]["model"]["artifactUri"].startswith("gs://")
+    # vLLM reads the mirror itself (Model Garden's recipe): no artifactUri copy.
+    assert "artifactUri" not in requests["upload_model"]["model"]
+    assert any(a.startswith("--model=gs://") for a in requests["upload_model"]["model"]["containerSpec"]["args"])
+    assert requests["redeploy"]["smoke_test"].startswith("canary") and requests["redeploy"]["new_model_traffic"] == 5
+    dedicated = vlp("render", "configs/llama-3.1-8b-vllm-l4.yaml", "--json", "--set", "endpoint.dedicated=true")
+    assert json.loads(dedicated.stdout)["redeploy"]["smoke_test"].startswith("invoke")
     assert "HF_TOKEN" not in result.stdout
 
 

@@ -11,8 +11,8 @@ from google.cloud import aiplatform_v1, aiplatform_v1beta1
 from google.protobuf import json_format
 
 from components import serving
-from components.contract_fixtures import accepted_env, accepted_flags, fixture
 from components.config import DeploymentConfig, load_config
+from components.contract_fixtures import accepted_env, accepted_flags, fixture
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WEIGHTS = "gs://vlp-bucket/models/meta-llama/Llama-3.1-8B-Instruct/0123456789abcdef0123456789abcdef01234567"
@@ -213,7 +213,7 @@ def test_engine_options_reach_the_command_line() -> None:
     ):
         assert flag in spec["args"], flag
     assert spec["args"][-1] == "--enable-prefix-caching"
-    assert spec["env"] == [{"name": "VLLM_USE_V1", "value": "0"}]
+    assert spec["env"][-1] == {"name": "VLLM_USE_V1", "value": "0"}
     tgi = seed("llama-3.1-8b-awq-int4-tgi", L4_PLAN, ["serving.kv_cache_dtype=fp8", "serving.enforce_eager=true"])
     assert serving.tgi_env_and_args(tgi)[1] == [
         "--max-concurrent-requests=64",
