@@ -125,7 +125,9 @@ def submit_run(
             break
         time.sleep(5 if not api_endpoint.startswith("http://") else 0.5)
     state = job_proto.state.name
-    summary["status"] = {"PIPELINE_STATE_SUCCEEDED": "succeeded", "PIPELINE_STATE_PAUSED": "paused"}.get(state, "failed")
+    summary["status"] = {"PIPELINE_STATE_SUCCEEDED": "succeeded", "PIPELINE_STATE_PAUSED": "paused"}.get(
+        state, "failed"
+    )
     summary["error"] = job_proto.error.message or (None if summary["status"] == "succeeded" else state)
     if summary["status"] == "paused":
         summary["error"] = f"{job.resource_name} is paused: resume it from the Vertex AI console to finish the run"

@@ -613,14 +613,22 @@ def test_invoke_models_deploy_to_dedicated_endpoints_and_answer_on_their_dns_onl
     ).result()
     dns = dedicated.dedicated_endpoint_dns
     assert dns.endswith(".prediction.vertexai.goog")
-    blue = endpoints.deploy_model(
-        endpoint=dedicated.name, deployed_model={"model": invoke_model.model, "dedicated_resources": machine}
-    ).result().deployed_model.id
-    green = endpoints.deploy_model(
-        endpoint=dedicated.name,
-        deployed_model={"model": invoke_model.model, "dedicated_resources": machine},
-        traffic_split={"0": 0, blue: 100},
-    ).result().deployed_model.id
+    blue = (
+        endpoints.deploy_model(
+            endpoint=dedicated.name, deployed_model={"model": invoke_model.model, "dedicated_resources": machine}
+        )
+        .result()
+        .deployed_model.id
+    )
+    green = (
+        endpoints.deploy_model(
+            endpoint=dedicated.name,
+            deployed_model={"model": invoke_model.model, "dedicated_resources": machine},
+            traffic_split={"0": 0, blue: 100},
+        )
+        .result()
+        .deployed_model.id
+    )
     one = f"{emu.url}/v1/{dedicated.name}/deployedModels/{green}/invoke/generate"
     # The per-model route reaches the model at 0% traffic, on the endpoint's own DNS only.
     status, body = _host_http(one, dns, {"instances": [{}]})
@@ -640,7 +648,9 @@ def test_invoke_models_deploy_to_dedicated_endpoints_and_answer_on_their_dns_onl
     ).result()
     status, _ = _host_http(f"{emu.url}/v1/{shared.name}:predict", dns, {"instances": [{}]})
     assert status == 404
-    status, _ = _host_http(f"{emu.url}/v1/{shared.name}:predict", f"{LOCATION}-aiplatform.googleapis.com", {"instances": [{}]})
+    status, _ = _host_http(
+        f"{emu.url}/v1/{shared.name}:predict", f"{LOCATION}-aiplatform.googleapis.com", {"instances": [{}]}
+    )
     assert status == 200
     # 1.5 MB request bodies.
     big = json.dumps({"instances": [{"prompt": "x" * 1_600_000}]}).encode()
@@ -659,13 +669,19 @@ def test_v1beta1_deploy_takes_multihost_nodes_and_logs_only_when_asked(emu: Emul
     endpoint = endpoints.create_endpoint(parent=PARENT, endpoint={"display_name": "mh"}).result()
     beta = _gapic(aiplatform_v1beta1.EndpointServiceClient, emu)
     machine = {"machine_spec": {"machine_type": "a3-highgpu-8g", "multihost_gpu_node_count": 2}}
-    quiet = beta.deploy_model(
-        endpoint=endpoint.name, deployed_model={"model": model.model, "dedicated_resources": machine}
-    ).result().deployed_model.id
-    logged = beta.deploy_model(
-        endpoint=endpoint.name,
-        deployed_model={"model": model.model, "dedicated_resources": machine, "enable_container_logging": True},
-        traffic_split={"0": 0, quiet: 100},
-    ).result().deployed_model.id
+    quiet = (
+        beta.deploy_model(endpoint=endpoint.name, deployed_model={"model": model.model, "dedicated_resources": machine})
+        .result()
+        .deployed_model.id
+    )
+    logged = (
+        beta.deploy_model(
+            endpoint=endpoint.name,
+            deployed_model={"model": model.model, "dedicated_resources": machine, "enable_container_logging": True},
+            traffic_split={"0": 0, quiet: 100},
+        )
+        .result()
+        .deployed_model.id
+    )
     assert emu._multihost == {quiet: 2, logged: 2}
     assert quiet in emu._logging_off and logged not in emu._logging_off

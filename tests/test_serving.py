@@ -354,7 +354,9 @@ def test_dedicated_endpoint_uploads_for_invoke_routes_only() -> None:
     deployment = seed("llama-3.1-8b-vllm-l4", overrides=["endpoint.dedicated=true"])
     spec = spec_dict(deployment)
     assert spec["invokeRoutePrefix"] == "/*" and "predictRoute" not in spec and spec["healthRoute"] == "/ping"
-    canary = spec_dict(seed("llama-3.1-8b-vllm-l4", overrides=["endpoint.dedicated=true", "endpoint.redeploy_test=canary"]))
+    canary = spec_dict(
+        seed("llama-3.1-8b-vllm-l4", overrides=["endpoint.dedicated=true", "endpoint.redeploy_test=canary"])
+    )
     assert canary["predictRoute"] == "/generate" and "invokeRoutePrefix" not in canary
     tgi = spec_dict(seed("llama-3.1-8b-awq-int4-tgi", L4_PLAN, overrides=["endpoint.dedicated=true"]))
     assert tgi["invokeRoutePrefix"] == "/*" and "predictRoute" not in tgi
@@ -371,7 +373,9 @@ def test_engine_values_are_checked_against_the_pinned_images() -> None:
     with pytest.raises(serving.ServingSpecError, match="--quantization=awq4"):
         serving.container_spec(seed("llama-3.1-8b-vllm-l4", overrides=["serving.quantization=awq4"]))
     with pytest.raises(serving.ServingSpecError, match="max_lora_rank"):
-        serving.container_spec(seed("llama-3.1-8b-vllm-l4", overrides=["serving.enable_lora=true", "serving.max_lora_rank=12"]))
+        serving.container_spec(
+            seed("llama-3.1-8b-vllm-l4", overrides=["serving.enable_lora=true", "serving.max_lora_rank=12"])
+        )
     # The TGI list in serving.py is the one the launcher's enum has at the pinned version.
     assert list(serving.TGI_QUANTIZE) == fixture("tgi")["quantize"]
     assert list(serving.VLLM_LORA_RANKS) == fixture("vllm")["lora_ranks"]
