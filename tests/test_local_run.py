@@ -143,22 +143,44 @@ def test_demo_answers_paris_and_a_second_identical_run_is_a_fast_noop(tmp_path: 
     assert second_s < 0.25 * first_s
 
 
-def _hammer(endpoint: str, api: str, stop: threading.Event, results: list[int]) -> None:
-    url = f"{api}/v1/{endpoint}/chat/completions"
-    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+ENDPOINT_KINDS = {
+    # (config overrides, how users call the endpoint): the two kinds a redeploy must work on.
+    "shared": ((), "chat"),
+    "dedicated": (("endpoint.dedicated=true",), "invoke"),
+}
+
+
+def _hammer(endpoint: str, api: str, kind: str, stop: threading.Event, results: list[int]) -> None:
+    """A user calling the endpoint the way its kind is called: chat completions on the regional host, or the
+    endpoint-level invoke route on a dedicated endpoint's own DNS (both routed to the emulator by http_session)."""
+    from components.smoke_test import describe_endpoint, http_session
+
+    info = describe_endpoint(endpoint, api)
+    session = http_session(api)
+    messages = [{"role": "user", "content": "hi"}]
+    if kind == "invoke":
+        url = f"{info.base_url}/v1/{endpoint}/invoke/generate"
+        body: dict[str, Any] = {
+            "instances": [{"@requestFormat": "chatCompletions", "messages": messages, "max_tokens": 2}]
+        }
+    else:
+        url = f"{info.base_url}/v1beta1/{endpoint}/chat/completions"
+        body = {"messages": messages, "max_tokens": 2}
     while not stop.is_set():
         try:
-            results.append(requests.post(url, json=body, timeout=60).status_code)
+            results.append(session.post(url, json=body, timeout=60).status_code)
         except requests.RequestException:
             results.append(-1)
         time.sleep(0.2)
 
 
+@pytest.mark.parametrize("kind", list(ENDPOINT_KINDS))
 def test_redeploy_new_revision_is_blue_green_without_downtime(
-    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
+    overrides, call = ENDPOINT_KINDS[kind]
     state = tmp_path / "state"
-    first = run(state, tiny_config(), tiny_model_dir)
+    first = run(state, tiny_config("tiny", *overrides), tiny_model_dir)
     assert first["status"] == "succeeded", first["error"]
     old_id = first["deployed_models"][0]["id"]
     # A new revision: same model with a changed generation config, published as a new commit.
@@ -181,7 +203,7 @@ def test_redeploy_new_revision_is_blue_green_without_downtime(
     def start_and_hammer(self: Any) -> Any:
         out = original_start(self)
         thread = threading.Thread(
-            target=_hammer, args=(first["endpoint"], self.api_endpoint, stop, results), daemon=True
+            target=_hammer, args=(first["endpoint"], self.api_endpoint, call, stop, results), daemon=True
         )
         thread.start()
         threads.append(thread)
@@ -196,9 +218,16 @@ def test_redeploy_new_revision_is_blue_green_without_downtime(
 
     monkeypatch.setattr(peers.LocalStack, "start", start_and_hammer)
     monkeypatch.setattr(peers.LocalStack, "stop", stop_hammer_then_stack)
-    second = run_local(tiny_config(), state_dir=state, model_dir=changed, quiet=True)
+    second = run_local(tiny_config("tiny", *overrides), state_dir=state, model_dir=changed, quiet=True)
     stop.set()
     assert second["status"] == "succeeded", second["error"]
+    # The smoke test reached the new model by the route its endpoint kind serves.
+    new_id = second["deployed_models"][0]["id"]
+    if kind == "dedicated":
+        assert any(c.endswith(f"/deployedModels/{new_id}/invoke/generate") for c in second["api_calls"])
+    else:
+        assert any(c.endswith(":predict") for c in second["api_calls"])
+        assert not any("/invoke" in c for c in second["api_calls"])
     assert len(second["deployed_models"]) == 1
     assert second["deployed_models"][0]["id"] != old_id
     assert second["deployed_models"][0]["traffic_percent"] == 100
@@ -208,13 +237,15 @@ def test_redeploy_new_revision_is_blue_green_without_downtime(
     assert all(s == 200 for s in answered), results
 
 
-def test_redeploy_with_failing_smoke_keeps_old_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("kind", list(ENDPOINT_KINDS))
+def test_redeploy_with_failing_smoke_keeps_old_model(tmp_path: Path, tiny_model_dir: Path, kind: str) -> None:
+    overrides, _ = ENDPOINT_KINDS[kind]
     state = tmp_path / "state"
-    first = run(state, tiny_config(), tiny_model_dir)
+    first = run(state, tiny_config("tiny", *overrides), tiny_model_dir)
     assert first["status"] == "succeeded", first["error"]
     second = run(
         state,
-        tiny_config("tiny", "smoke_test.expect_regex=^(?!I am not sure)"),
+        tiny_config("tiny", "smoke_test.expect_regex=^(?!I am not sure)", *overrides),
         tiny_model_dir,
         faults=["smoke-fail"],
         force=True,
@@ -226,3 +257,28 @@ def test_redeploy_with_failing_smoke_keeps_old_model(tmp_path: Path, tiny_model_
     assert len(held["deployed_models"]) == 1
     # No trace of the new version: the model has the one version the first run registered.
     assert len(held["models"]) == 1
+
+
+def test_dedicated_endpoint_unchanged_redeploy_is_a_noop(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """No-op detection probes the serving model through the per-model invoke route a dedicated endpoint serves."""
+    state = tmp_path / "state"
+    cfg = tiny_config("tiny", "endpoint.dedicated=true")
+    first = run(state, cfg, tiny_model_dir)
+    assert first["status"] == "succeeded", first["error"]
+    second = run(state, cfg, tiny_model_dir)
+    assert second["status"] == "noop", second
+    dm = first["deployed_models"][0]["id"]
+    assert any(c.endswith(f"/deployedModels/{dm}/invoke/generate") for c in second["api_calls"])
+    assert not any(c.endswith(("/models:upload", ":deployModel")) for c in second["api_calls"])
+
+
+def test_benchmark_runs_in_the_pipeline_from_float_struct_parameters(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """KFP hands the config to every step as a struct, every number a float: the benchmark reads it typed."""
+    cfg = tiny_config(
+        "tiny", "smoke_test.benchmark=true", "smoke_test.benchmark_concurrency=[1,2]", "smoke_test.benchmark_requests=2"
+    )
+    summary = run(tmp_path / "state", cfg, tiny_model_dir)
+    assert summary["status"] == "succeeded", summary["error"]
+    levels = summary["smoke"]["benchmark"]
+    assert [int(lv["concurrency"]) for lv in levels] == [1, 2]
+    assert all(lv["output_tokens_per_s"] > 0 for lv in levels), levels
