@@ -17,6 +17,7 @@ from components.planning import (
     read_model_facts,
 )
 from components.runtime import label_value
+from components.serving import TGI_IMAGE, VLLM_IMAGE
 
 __all__ = ["PreflightError", "plan_deployment", "plan_model", "run_preflight", "label_value", "preflight_op"]
 
@@ -94,6 +95,15 @@ def plan_deployment(
             errors=[str(exc)],
         )
     plan = plan_for_facts(facts, cfg.serving, cfg.hardware, regions=regions, prices=prices)
+    pinned = {"vllm": VLLM_IMAGE, "tgi": TGI_IMAGE}[cfg.serving.engine]
+    if cfg.serving.image and cfg.serving.image != pinned:
+        # Flags are rendered for the pinned image's engine version (components/contract/): a newer vLLM drops
+        # --swap-space (>= 0.18) and wants JSON for --limit-mm-per-prompt.
+        plan.warnings.append(
+            f"serving.image {cfg.serving.image} is not the pinned {pinned}: the flags are those of the pinned "
+            f"version ({'vLLM 0.6.2' if cfg.serving.engine == 'vllm' else 'TGI 2.4.0'}); check them against the "
+            "image's engine, and pass what it needs in serving.extra_args"
+        )
     if not facts.has_chat_template and not cfg.serving.chat_template:
         plan.warnings = [w for w in plan.warnings if "has no chat template" not in w]
         plan.errors.append(

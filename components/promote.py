@@ -32,12 +32,14 @@ def promote(
     from google.cloud import aiplatform_v1
     from google.protobuf import field_mask_pb2
 
+    from components.config import config_from_dict
     from components.deploy_model import endpoint_client
 
     client = endpoint_client(deployment)
     endpoint = client.get_endpoint(name=endpoint_resource)
     others = {k: v for k, v in endpoint.traffic_split.items() if k != deployed_model_id}
-    steps = deployment["config"]["endpoint"].get("traffic_steps") or [100]
+    # Typed: a KFP struct carries traffic_steps as floats, and a traffic split takes integers.
+    steps = config_from_dict(deployment["config"], source="deployment['config']").endpoint.traffic_steps or [100]
     pause = STEP_PAUSE_S if pause_s is None else pause_s
     if deployment.get("api_endpoint", "").startswith("http://") and pause_s is None:
         pause = 1.0  # local stack: the canary logic is exercised, the minutes are not

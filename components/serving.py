@@ -79,6 +79,10 @@ def _config(deployment: dict[str, Any]) -> Any:
     return config_from_dict(deployment["config"], source="deployment['config']")
 
 
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if value else None
+
+
 def resolve_shape(deployment: dict[str, Any]) -> ServingShape:
     """What the container and the machine will be: explicit config values win, the plan fills the rest."""
     cfg = _config(deployment)
@@ -116,8 +120,9 @@ def resolve_shape(deployment: dict[str, Any]) -> ServingShape:
         node_count=node_count,
         tensor_parallel_size=int(tp),
         pipeline_parallel_size=int(pp),
-        max_model_len=s.max_model_len or plan.get("max_model_len"),
-        max_num_seqs=s.max_num_seqs or plan.get("max_num_seqs"),
+        # The plan arrives through a KFP struct (every number a float): back to ints before they become flags.
+        max_model_len=s.max_model_len or _int_or_none(plan.get("max_model_len")),
+        max_num_seqs=s.max_num_seqs or _int_or_none(plan.get("max_num_seqs")),
         min_replicas=hw.replica_count,
         max_replicas=hw.max_replica_count or hw.replica_count,
         spot=hw.spot,

@@ -145,7 +145,8 @@ def test_demo_answers_paris_and_a_second_identical_run_is_a_fast_noop(tmp_path: 
 
 ENDPOINT_KINDS = {
     # (config overrides, how users call the endpoint): the two kinds a redeploy must work on.
-    "shared": ((), "chat"),
+    # Canary steps on the shared kind: promote reads them from a KFP struct (floats) and must send integers.
+    "shared": (("endpoint.traffic_steps=[50,100]",), "chat"),
     "dedicated": (("endpoint.dedicated=true",), "invoke"),
 }
 

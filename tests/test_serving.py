@@ -379,3 +379,12 @@ def test_engine_values_are_checked_against_the_pinned_images() -> None:
     # The TGI list in serving.py is the one the launcher's enum has at the pinned version.
     assert list(serving.TGI_QUANTIZE) == fixture("tgi")["quantize"]
     assert list(serving.VLLM_LORA_RANKS) == fixture("vllm")["lora_ranks"]
+
+
+def test_plan_numbers_from_a_kfp_struct_become_integer_flags() -> None:
+    """Steps get the plan through a KFP struct, every number a float; flags must still read 4096, not 4096.0."""
+    deployment = seed("local-demo", {**L4_PLAN, "max_model_len": 4096.0, "max_num_seqs": 8.0, "accelerator_count": 1.0})
+    deployment["config"]["serving"]["max_model_len"] = None
+    deployment["config"]["serving"]["max_num_seqs"] = None
+    args = serving.vllm_args(deployment)
+    assert "--max-model-len=4096" in args and "--max-num-seqs=8" in args
