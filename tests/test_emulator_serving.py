@@ -189,6 +189,21 @@ def test_tgi_container_speaks_the_hugging_face_dlc_format(manager: ServingManage
             manager, "dm-tgi", "rawPredict", {"inputs": "Hello", "parameters": {"max_new_tokens": 4}}
         )
         assert generated["generated_text"].strip()
+
+        # TGI's /vertex route (router/src/vertex.rs, v2.4.0): the `inputs` form forces do_sample, so two seeds
+        # sample differently even with do_sample: false; a chat-shaped instance at temperature 0 is greedy.
+        def inputs_form(seed: int) -> str:
+            params = {"max_new_tokens": 12, "do_sample": False, "seed": seed}
+            body = {"instances": [{"inputs": "The capital of France is", "parameters": params}]}
+            return _forward_json(manager, "dm-tgi", "predict", body)["predictions"][0]
+
+        assert len({inputs_form(seed) for seed in range(4)}) > 1
+        chat = {"messages": [{"role": "user", "content": "The capital of France is"}], "max_tokens": 8, "temperature": 0}
+        greedy = {_forward_json(manager, "dm-tgi", "predict", {"instances": [chat]})["predictions"][0] for _ in range(2)}
+        assert len(greedy) == 1 and next(iter(greedy)).strip()
+        # Vertex's chat-completions route lands on /vertex, which takes only `instances`.
+        status, _, _ = manager.forward("dm-tgi", "chat", json.dumps(chat).encode())
+        assert status == 422
     finally:
         manager.stop("dm-tgi")
     assert not manager.is_healthy("dm-tgi")

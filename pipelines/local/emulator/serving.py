@@ -341,7 +341,7 @@ class ServingManager:
             raise _BadRequest('A TGI instance needs an "inputs" string (or OpenAI "messages").')
         # The `inputs` form forces do_sample: true and keeps only max_new_tokens and seed (router/src/vertex.rs).
         given = instance.get("parameters") or {}
-        forced = {"max_new_tokens": given.get("max_new_tokens"), "seed": given.get("seed"), "temperature": 1.0}
+        forced = {"max_new_tokens": given.get("max_new_tokens"), "seed": given.get("seed"), "do_sample": True}
         return self._generate_tgi(server, inputs, forced)
 
     def _generate_tgi(self, server: _Server, inputs: str, params: dict) -> str:
@@ -356,6 +356,7 @@ class ServingManager:
             top_k=params.get("top_k"),
             stop=params.get("stop"),
             seed=params.get("seed"),
+            do_sample=params.get("do_sample"),
         )
         return inputs + text if params.get("return_full_text") else text
 
@@ -432,13 +433,14 @@ class ServingManager:
             if sampling.get(key) is not None:
                 body[key] = sampling[key]
         top_k = sampling.get("top_k")
-        if top_k is not None and int(top_k) > 0:
-            # The OpenAI completions schema has no top_k; transformers serve takes it inside a full
+        top_k = int(top_k) if top_k is not None and int(top_k) > 0 else None
+        if top_k or sampling.get("do_sample"):
+            # The OpenAI completions schema has no top_k or do_sample; transformers serve takes them inside a full
             # generation_config, which replaces the model's own, so start from the model's.
             config_path = server.model_dir / "generation_config.json"
             config = json.loads(config_path.read_text()) if config_path.exists() else {}
             config.pop("transformers_version", None)
-            config.update(top_k=int(top_k), do_sample=True)
+            config.update(do_sample=True, **({"top_k": top_k} if top_k else {}))
             body["generation_config"] = json.dumps(config)
         answer = self._call_json(server, "/v1/completions", body)
         return str(answer["choices"][0]["text"])
