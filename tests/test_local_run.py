@@ -91,7 +91,7 @@ FAULTS = [
     # (fault, words the error must contain, whether the run creates Vertex resources before failing)
     ("quota-exhausted", "quota"),
     ("hub-gated", "gated"),
-    ("upload-error", "upload"),
+    ("upload-error", "Vertex AI Service Agent"),  # who reads artifactUri (contract A17)
     ("deploy-error", "Deploying"),
     ("deploy-timeout", "timed out"),
     ("server-crash", "exited with code"),
