@@ -205,9 +205,10 @@ def serving_usage(
     kind is an AcceleratorType name for GPUs or "CPU" for vCPUs (of machine types `machine_vcpus` knows).
     Vertex reserves quota for a deployment's max replicas, so those are what count.
     """
-    from google.cloud import aiplatform_v1
+    # v1beta1: only its MachineSpec has multihost_gpu_node_count; through v1 a multi-host replica counts one node.
+    from google.cloud import aiplatform_v1beta1
 
-    client = aiplatform_v1.EndpointServiceClient(**clients.gapic_kwargs(region, api_endpoint))
+    client = aiplatform_v1beta1.EndpointServiceClient(**clients.gapic_kwargs(region, api_endpoint))
     usage: dict[tuple[str, bool], int] = {}
     for endpoint in client.list_endpoints(parent=f"projects/{project}/locations/{region}"):
         for dm in endpoint.deployed_models:
@@ -215,9 +216,10 @@ def serving_usage(
                 continue
             dr = dm.dedicated_resources
             spec = dr.machine_spec
-            replicas = max(dr.max_replica_count, dr.min_replica_count, 1)
+            nodes = max(spec.multihost_gpu_node_count, 1)
+            replicas = max(dr.max_replica_count, dr.min_replica_count, 1) * nodes
             spot = bool(dr.spot)
-            acc = aiplatform_v1.AcceleratorType(spec.accelerator_type).name
+            acc = aiplatform_v1beta1.AcceleratorType(spec.accelerator_type).name
             if spec.accelerator_count and acc != "ACCELERATOR_TYPE_UNSPECIFIED":
                 usage[(acc, spot)] = usage.get((acc, spot), 0) + spec.accelerator_count * replicas
             vcpus = machine_vcpus.get(spec.machine_type or "n1-standard-2", 0)

@@ -685,3 +685,9 @@ def test_v1beta1_deploy_takes_multihost_nodes_and_logs_only_when_asked(emu: Emul
     )
     assert emu._multihost == {quiet: 2, logged: 2}
     assert quiet in emu._logging_off and logged not in emu._logging_off
+    # v1 has no multihost_gpu_node_count; v1beta1 shows it, and quota usage counts both nodes of each replica.
+    (listed,) = beta.list_endpoints(parent=PARENT)
+    assert {dm.dedicated_resources.machine_spec.multihost_gpu_node_count for dm in listed.deployed_models} == {2}
+    from components.quota import serving_usage
+
+    assert serving_usage(PROJECT, LOCATION, {"a3-highgpu-8g": 208}, emu.url)[("CPU", False)] == 2 * 2 * 208

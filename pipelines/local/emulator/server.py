@@ -320,6 +320,8 @@ class Emulator:
         self._pipeline_jobs = data.get("pipelineJobs", {})
         self._schedules = data.get("schedules", {})
         self._operations = data.get("operations", {})
+        self._multihost = data.get("multihost", {})
+        self._logging_off = set(data.get("loggingOff", []))
         # Work that was in flight when the last run ended will never finish; say so instead of hanging pollers.
         for op in self._operations.values():
             if not op.get("done"):
@@ -341,6 +343,9 @@ class Emulator:
             "pipelineJobs": self._pipeline_jobs,
             "schedules": self._schedules,
             "operations": self._operations,
+            # v1beta1-only facts of deployed models, kept beside the v1 resources.
+            "multihost": self._multihost,
+            "loggingOff": sorted(self._logging_off),
         }
         fd, tmp = tempfile.mkstemp(dir=self.state_dir, prefix=".emulator-state.", suffix=".tmp")
         with os.fdopen(fd, "w") as fh:
@@ -451,6 +456,7 @@ class Emulator:
             r("POST", model + r":mergeVersionAliases", self._merge_version_aliases),
             r("POST", _LOC + r"/endpoints", self._create_endpoint),
             r("GET", _LOC + r"/endpoints", self._list_endpoints),
+            r("GET", _LOC.replace("/v1/", "/v1beta1/", 1) + r"/endpoints", self._list_endpoints_beta),
             r("GET", ep, self._get_endpoint),
             r("PATCH", ep, self._update_endpoint),
             r("DELETE", ep, self._delete_endpoint),
@@ -780,11 +786,28 @@ class Emulator:
             _, ep = self._endpoint(p)
             return self._proto(v1.Endpoint, ep)
 
-    def _list_endpoints(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+    def _beta_endpoint(self, ep: dict[str, Any]) -> dict[str, Any]:
+        """An endpoint as v1beta1 shows it: the same, plus MachineSpec.multihost_gpu_node_count (v1beta1 only)."""
+        from google.cloud import aiplatform_v1beta1 as v1beta1
+
+        out = _conform(v1beta1.Endpoint, _conform(v1.Endpoint, ep))
+        for dm in out.get("deployedModels", []):
+            nodes = self._multihost.get(dm["id"])
+            if nodes and "dedicatedResources" in dm:
+                dm["dedicatedResources"].setdefault("machineSpec", {})["multihostGpuNodeCount"] = nodes
+        return out
+
+    def _list_endpoints_beta(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        return self._list_endpoints(p, query, body, view=self._beta_endpoint)
+
+    def _list_endpoints(
+        self, p: dict[str, str], query: dict[str, list[str]], body: bytes, view: Callable[..., Any] | None = None
+    ) -> Any:
         parent = f"projects/{p['project']}/locations/{p['location']}/"
         req = _parse_request(v1.ListEndpointsRequest, b"", body_field=None, query=query)
+        show = view or (lambda ep: _conform(v1.Endpoint, ep))
         with self._lock:
-            items = [_conform(v1.Endpoint, ep) for name, ep in self._endpoints.items() if name.startswith(parent)]
+            items = [show(ep) for name, ep in self._endpoints.items() if name.startswith(parent)]
         page, token = _paginate(_filter_items(items, req.filter), req.page_size, req.page_token)
         return self._json({"endpoints": page, **({"nextPageToken": token} if token else {})})
 
@@ -997,6 +1020,7 @@ class Emulator:
             ep["trafficSplit"] = split if ep["deployedModels"] else {}
             ep["updateTime"] = ep["etag"] = _now()
             self._serving_status.pop(req.deployed_model_id, None)
+            self._multihost.pop(req.deployed_model_id, None)
             return self._done_op(ep_name, v1.UndeployModelOperationMetadata, v1.UndeployModelResponse.pb()())
 
     def _mutate_deployed_model(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
