@@ -198,8 +198,14 @@ def test_tgi_container_speaks_the_hugging_face_dlc_format(manager: ServingManage
             return _forward_json(manager, "dm-tgi", "predict", body)["predictions"][0]
 
         assert len({inputs_form(seed) for seed in range(4)}) > 1
-        chat = {"messages": [{"role": "user", "content": "The capital of France is"}], "max_tokens": 8, "temperature": 0}
-        greedy = {_forward_json(manager, "dm-tgi", "predict", {"instances": [chat]})["predictions"][0] for _ in range(2)}
+        chat = {
+            "messages": [{"role": "user", "content": "The capital of France is"}],
+            "max_tokens": 8,
+            "temperature": 0,
+        }
+        greedy = {
+            _forward_json(manager, "dm-tgi", "predict", {"instances": [chat]})["predictions"][0] for _ in range(2)
+        }
         assert len(greedy) == 1 and next(iter(greedy)).strip()
         # Vertex's chat-completions route lands on /vertex, which takes only `instances`.
         status, _, _ = manager.forward("dm-tgi", "chat", json.dumps(chat).encode())
