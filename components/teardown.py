@@ -50,8 +50,45 @@ def _reassigned_split(endpoint, leaving: set[str]) -> dict[str, int]:  # noqa: A
     return split
 
 
+PENDING_DEPLOY_WAIT_S = 7200 + 1800  # as long as the deploy step itself waits (deploy_model.DEPLOY_WAIT_S)
+
+
+def _wait_for_pending_deploys(endpoints, endpoint_name: str, deadline_s: float) -> None:  # noqa: ANN001
+    """Wait for DeployModel operations still running on the endpoint: Vertex keeps deploying after a client gives
+    up (up to the container's deployment_timeout), and a replica that lands after cleanup would bill unseen."""
+    import time
+
+    from google.longrunning import operations_pb2
+
+    deadline = time.monotonic() + deadline_s
+    pending, token = [], ""
+    while True:
+        page = endpoints.list_operations(
+            request=operations_pb2.ListOperationsRequest(name=endpoint_name, page_token=token)
+        )
+        pending += [
+            op.name
+            for op in page.operations
+            if not op.done and op.metadata.type_url.endswith(".DeployModelOperationMetadata")
+        ]
+        token = page.next_page_token
+        if not token:
+            break
+    for name in pending:
+        log.info("waiting for deploy operation %s on %s before cleaning up", name, endpoint_name)
+        while time.monotonic() < deadline:
+            if endpoints.get_operation(request=operations_pb2.GetOperationRequest(name=name)).done:
+                break
+            time.sleep(2)
+
+
 def remove_run_resources(
-    project: str, regions: list[str], deployment_name: str, run_label: str, api_endpoint: str = ""
+    project: str,
+    regions: list[str],
+    deployment_name: str,
+    run_label: str,
+    api_endpoint: str = "",
+    pending_wait_s: float = PENDING_DEPLOY_WAIT_S,
 ) -> Removed:
     """Remove what the run labelled `run_label` created: its deployed models (from any endpoint), the
     endpoints it created once empty, and its model versions. Safe to call twice; never touches what
@@ -65,6 +102,8 @@ def remove_run_resources(
         endpoints, models = _clients(region, api_endpoint)
         parent = f"projects/{project}/locations/{region}"
         for ep in endpoints.list_endpoints(request=aiplatform_v1.ListEndpointsRequest(parent=parent)):
+            _wait_for_pending_deploys(endpoints, ep.name, pending_wait_s)
+            ep = endpoints.get_endpoint(name=ep.name)
             mine = [
                 dm
                 for dm in ep.deployed_models

@@ -691,3 +691,31 @@ def test_v1beta1_deploy_takes_multihost_nodes_and_logs_only_when_asked(emu: Emul
     from components.quota import serving_usage
 
     assert serving_usage(PROJECT, LOCATION, {"a3-highgpu-8g": 208}, emu.url)[("CPU", False)] == 2 * 2 * 208
+
+
+def test_cleanup_waits_for_a_deploy_still_running_and_removes_what_lands(tmp_path: Path) -> None:
+    """A deploy the step gave up on keeps going on Vertex; the exit handler waits for it, then removes it."""
+    from components.teardown import remove_run_resources
+
+    emulator = create_emulator(tmp_path / "state", serving=ServingDouble(start_delay=3.0))
+    emulator.start()
+    try:
+        models = _gapic(aiplatform_v1.ModelServiceClient, emulator)
+        endpoints = _gapic(aiplatform_v1.EndpointServiceClient, emulator)
+        labels = {"vlp-deployment": "late", "vlp-run": "run-late"}
+        model = models.upload_model(
+            parent=PARENT, model={"display_name": "late", "labels": labels, "container_spec": _spec(predict_route="/g")}
+        ).result()
+        endpoint = endpoints.create_endpoint(
+            parent=PARENT, endpoint={"display_name": "late", "labels": labels}
+        ).result()
+        machine = {"machine_spec": {"machine_type": "g2-standard-12"}}
+        operation = endpoints.deploy_model(
+            endpoint=endpoint.name, deployed_model={"model": model.model, "dedicated_resources": machine}
+        )
+        assert not operation.done()  # the step stops waiting here
+        removed = remove_run_resources(PROJECT, [LOCATION], "late", "run-late", emulator.url, pending_wait_s=60)
+        assert len(removed.undeployed) == 1 and endpoint.name in removed.deleted
+        assert not emulator.snapshot()["endpoints"]
+    finally:
+        emulator.stop()
