@@ -14,6 +14,7 @@ def _healthy(deployment: dict, endpoint_resource: str, deployed_model_id: str) -
     """One short request to the serving model through a route its endpoint kind really serves: the per-model
     invoke route on dedicated endpoints (invokeRoutePrefix uploads), else :predict, whose answer must name it."""
     from components.config import config_from_dict
+    from components.serving import served_model_name
     from components.smoke_test import describe_endpoint, http_session, prediction_request, smoke_route
 
     api = deployment.get("api_endpoint", "")
@@ -25,7 +26,9 @@ def _healthy(deployment: dict, endpoint_resource: str, deployed_model_id: str) -
         log.info("endpoint %s not usable for a health probe (%s): redeploying", endpoint_resource, exc)
         return False
     messages = [{"role": "user", "content": "ping"}]
-    url, body, _ = prediction_request(cfg.serving.engine, route, info, deployed_model_id, messages, 1)
+    url, body, _ = prediction_request(
+        cfg.serving.engine, route, info, deployed_model_id, messages, 1, served_model_name(deployment)
+    )
     session = http_session(api)
     deadline = time.monotonic() + HEALTH_WAIT_S
     while True:

@@ -410,10 +410,6 @@ def _parse_reply(engine: str, route_kind: str, data: Any) -> _Reply:
         usage = data.get("usage") or {}
         tokens = {k: int(usage[k]) for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage}
         return _Reply(str(content), str(choice.get("finish_reason") or ""), tokens, raw)
-    if route_kind == "generate":  # TGI /generate through invoke
-        details = data.get("details") or {}
-        tokens = {"completion_tokens": int(details["generated_tokens"])} if "generated_tokens" in details else {}
-        return _Reply(str(data.get("generated_text") or ""), str(details.get("finish_reason") or ""), tokens, raw)
     # :predict (TGI DLC's Vertex route): predictions are the generated texts themselves.
     predictions = data.get("predictions") or [""]
     first = predictions[0]
@@ -450,12 +446,14 @@ def prediction_request(
     deployed_model_id: str,
     messages: list[dict[str, Any]],
     max_tokens: int,
+    model: str,
 ) -> tuple[str, dict[str, Any], str]:
     """(url, body, reply kind) for the engine and the route. Every form decodes greedily:
     - vLLM (Model Garden handler): a chatCompletions instance with temperature 0, on /generate or :predict;
     - TGI on :predict (its /vertex route): a chat-shaped instance; the `inputs` form would force do_sample
       and add special tokens again (router/src/vertex.rs, v2.4.0); on invoke, its own /v1/chat/completions."""
-    chat = {"messages": messages, "max_tokens": max_tokens, "temperature": 0}
+    # `model`: the served model name (vLLM's OpenAI request requires it; TGI ignores it).
+    chat = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
     if engine == "vllm":
         body = {"instances": [{"@requestFormat": "chatCompletions", **chat}]}
         if route == "invoke":
@@ -575,8 +573,10 @@ def run_smoke_test(
             "endpoint.canary_percent of traffic while it is tested, or use a dedicated endpoint "
             "(endpoint.dedicated: true, redeploy_test: invoke)"
         )
+    from components.serving import served_model_name
+
     url, body, kind = prediction_request(
-        cfg.serving.engine, route_kind, info, deployed_model_id, messages, st.max_tokens
+        cfg.serving.engine, route_kind, info, deployed_model_id, messages, st.max_tokens, served_model_name(deployment)
     )
     size = len(json.dumps(body).encode())
     if size > MAX_REQUEST_BYTES:
