@@ -75,13 +75,15 @@ def plan_deployment(
     check_quota: bool = True,
     hub_endpoint: str = "",
     prices: Mapping[str, float] | None = None,
+    bucket: str = "",
 ) -> Plan:
     """Plan a deployment config: model facts from the Hub (or a local dir), the shape, and quota per region.
 
     Problems land in `plan.errors` (never raised here): gated repo without access, no chat template while
-    serving.chat_template is empty, a shape that does not fit, no quota in any candidate region.
+    serving.chat_template is empty, a shape that does not fit, no quota in any candidate region. The one
+    exception: a weights bucket in none of the candidate regions raises PreflightError.
     """
-    regions = _candidate_regions(cfg, regions)
+    regions = _regions_for_bucket(_candidate_regions(cfg, regions), bucket, project)
     try:
         facts = read_model_facts(cfg.model.repo, revision=cfg.model.revision, endpoint=hub_endpoint, token=hf_token)
     except ModelAccessError as exc:
@@ -216,7 +218,6 @@ def run_preflight(
         raise PreflightError("no project: pass project (the pipeline's run-time parameter) or set placement.project")
     regions = _candidate_regions(cfg, [region] if region else None)
     bucket = (bucket or cfg.placement.bucket).removeprefix("gs://").rstrip("/")
-    regions = _regions_for_bucket(regions, bucket, project)
     token = hf_token if hf_token is not None else _read_hf_token(cfg, project, api_endpoint)
     plan = plan_deployment(
         cfg,
@@ -227,6 +228,7 @@ def run_preflight(
         check_quota=check_quota,
         hub_endpoint=hub_endpoint,
         prices=prices,
+        bucket=bucket,
     )
     if plan.errors or not plan.fits:
         errors = plan.errors or [f"{cfg.model.repo} does not fit the planned shape"]

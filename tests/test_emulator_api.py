@@ -719,3 +719,25 @@ def test_cleanup_waits_for_a_deploy_still_running_and_removes_what_lands(tmp_pat
         assert not emulator.snapshot()["endpoints"]
     finally:
         emulator.stop()
+
+
+def test_artifacts_must_be_in_a_bucket_of_the_models_region(tmp_path: Path, fake_gcs: Any) -> None:
+    from google.cloud import storage
+
+    gcs = storage.Client(
+        project=PROJECT, credentials=AnonymousCredentials(), client_options={"api_endpoint": fake_gcs.url}
+    )
+    bucket = gcs.create_bucket("weights-region")
+    assert bucket.location == "US-CENTRAL1"  # fake-gcs-server puts every bucket there
+    emulator = create_emulator(tmp_path / "state", serving=ServingDouble(), storage_endpoint=fake_gcs.url)
+    emulator.start()
+    try:
+        models = _gapic(aiplatform_v1.ModelServiceClient, emulator)
+        model = {"artifact_uri": "gs://weights-region/m", "container_spec": {"image_uri": "x/tgi:1"}}
+        with pytest.raises(gexc.BadRequest, match="same region"):
+            models.upload_model(
+                parent=f"projects/{PROJECT}/locations/europe-west4", model={"display_name": "eu", **model}
+            ).result()
+        assert models.upload_model(parent=PARENT, model={"display_name": "us", **model}).result().model
+    finally:
+        emulator.stop()

@@ -87,6 +87,10 @@ def _cfg(**overrides: Any) -> Any:
     return load_config(REPO_ROOT / "configs" / "llama-3.1-8b-vllm-l4.yaml", [f"{k}={v}" for k, v in overrides.items()])
 
 
+def _load_with(*sets: str) -> Any:
+    return load_config(REPO_ROOT / "configs" / "llama-3.1-8b-vllm-l4.yaml", list(sets))
+
+
 def _deploy_l4(emu: Any, region: str, replicas: int = 1) -> None:
     """A model already serving on 1 x L4 in `region`: the usage preflight must subtract from the limit."""
     from google.cloud import aiplatform_v1 as v1
@@ -258,3 +262,29 @@ def test_preflight_op_writes_report_and_metrics(
 def test_label_value() -> None:
     assert label_value("My Run: 2026-11-05T10:00") == "my-run-2026-11-05t10-00"
     assert len(label_value("x" * 100)) == 63
+
+
+def test_the_weights_bucket_bounds_the_candidate_regions(
+    emulator: Any, hub_mirror: Any, models: dict[str, Any], fake_gcs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Vertex serves a model's artifacts from a bucket in the endpoint's region: the quota fallback stays there."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", fake_gcs.url)
+    gcs = storage.Client(
+        project=PROJECT, credentials=AnonymousCredentials(), client_options={"api_endpoint": fake_gcs.url}
+    )
+    if gcs.lookup_bucket("vlp-regional") is None:
+        gcs.create_bucket("vlp-regional")  # fake-gcs-server: US-CENTRAL1
+    _post(
+        emulator, "/_emulator/quotas", {"quotas": {L4: {"us-central1": 0, "europe-west4": 8}, CPUS: {}}, "default": 48}
+    )
+    _post(emulator, "/_emulator/secrets", {"name": "hf-token", "value": "hf_local_test_token"})
+    args = dict(project=PROJECT, bucket="vlp-regional", api_endpoint=emulator.url, hub_endpoint=hub_mirror.url)
+    # Quota exists only in europe-west4, but the bucket is in us-central1: not a region the fallback may take.
+    with pytest.raises(PreflightError, match="no candidate region has quota"):
+        run_preflight(_load_with("placement.regions=[us-central1, europe-west4]"), **args)
+    with pytest.raises(PreflightError, match="bucket gs://vlp-regional is in US-CENTRAL1") as err:
+        run_preflight(_load_with("placement.regions=[europe-west4]"), **args)
+    assert "--location=europe-west4" in str(err.value)

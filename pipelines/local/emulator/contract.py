@@ -151,3 +151,20 @@ def check_request_size(body: bytes) -> None:
         raise ApiError(
             "INVALID_ARGUMENT", f"Request payload size {len(body)} exceeds the limit of {MAX_REQUEST_BYTES} bytes."
         )
+
+
+_MULTI_REGIONS = {"US": "us-", "EU": "europe-", "ASIA": "asia-"}
+
+
+def check_artifact_region(artifact_uri: str, bucket_location: str, location: str) -> None:
+    """V-BUCKET-REGION: a model's artifacts must be in a bucket in the model's region (or a multi-region that
+    contains it): cloud.google.com/vertex-ai/docs/model-registry/import-model. Google's enforcement unverified."""
+    where = bucket_location.upper()
+    prefix = _MULTI_REGIONS.get(where)
+    ok = location.startswith(prefix) if prefix else where == location.upper()
+    if where and not ok:
+        raise ApiError(
+            "INVALID_ARGUMENT",
+            f"artifact_uri {artifact_uri} is in a bucket in {where}; the model is in {location}: use a bucket in the "
+            "same region.",
+        )

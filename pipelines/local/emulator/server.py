@@ -588,6 +588,9 @@ class Emulator:
         if not req.model.display_name:
             raise ApiError("INVALID_ARGUMENT", "model.display_name is required.")
         contract.check_container_spec(_to_dict(req.model).get("containerSpec", {}))
+        if req.model.artifact_uri:
+            location = self._bucket_location(req.model.artifact_uri)
+            contract.check_artifact_region(req.model.artifact_uri, location, p["location"])
         with self._lock:
             if req.parent_model:
                 name, _ = self._name_to_model_ref(req.parent_model)
@@ -647,6 +650,22 @@ class Emulator:
             op = self._record_op(op_name, _pack_op(op_name, meta, response=response))
             self._save()
             return self._json(op)
+
+    def _bucket_location(self, uri: str) -> str:
+        """The location of a gs:// URI's bucket in fake GCS ("" when there is no GCS peer or no such bucket)."""
+        if not self.storage_endpoint or not uri.startswith("gs://"):
+            return ""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
+        client = storage.Client(
+            project="local", credentials=AnonymousCredentials(), client_options={"api_endpoint": self.storage_endpoint}
+        )
+        try:
+            bucket = client.lookup_bucket(uri[5:].split("/", 1)[0])
+        except Exception:  # noqa: BLE001 - an unreachable GCS is the serving step's error to report
+            return ""
+        return (bucket.location or "") if bucket is not None else ""
 
     def _get_model(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         name, ref = self._split_model_ref(p)
