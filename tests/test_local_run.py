@@ -283,3 +283,28 @@ def test_benchmark_runs_in_the_pipeline_from_float_struct_parameters(tmp_path: P
     levels = summary["smoke"]["benchmark"]
     assert [int(lv["concurrency"]) for lv in levels] == [1, 2]
     assert all(lv["output_tokens_per_s"] > 0 for lv in levels), levels
+
+
+def test_multi_host_deploy_runs_through_the_v1beta1_route(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The DAG's multi-host branch: two nodes per replica, Model Garden's Ray launcher, v1beta1 DeployModel."""
+    state = tmp_path / "state"
+    (state / "emulator").mkdir(parents=True)
+    # 8 L4s for one replica of 2 x g2-standard-48 (the emulator's default quota is 8 per GPU type; raised).
+    (state / "emulator" / "quotas.json").write_text(json.dumps({"quotas": {}, "default": 64}))
+    cfg = tiny_config(
+        "tiny",
+        # The tiny model has 4 attention heads: 4 GPUs per node.
+        "hardware={machine_type: g2-standard-48, accelerator_type: NVIDIA_L4, accelerator_count: 4}",
+        "serving.tensor_parallel_size=4",
+        "serving.pipeline_parallel_size=2",
+        "serving.image=us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:20250130_0916_RC00",
+    )
+    summary = run(state, cfg, tiny_model_dir)
+    assert summary["status"] == "succeeded", summary["error"]
+    assert any(c.startswith("POST /v1beta1/") and c.endswith(":deployModel") for c in summary["api_calls"])
+    saved = emulator_state(state)
+    (dm_id,) = saved["multihost"]
+    assert saved["multihost"][dm_id] == 2 and dm_id not in saved["loggingOff"]  # container logging asked for
+    model = next(iter(saved["models"].values()))
+    args = next(iter(model["versions"].values()))["containerSpec"]["args"]
+    assert args[0] == "/vllm-workspace/ray_launcher.sh" and "--pipeline-parallel-size=2" in args
