@@ -139,8 +139,10 @@ def test_demo_answers_paris_and_a_second_identical_run_is_a_fast_noop(tmp_path: 
     assert not any(c.endswith(("/models:upload", ":deployModel")) for c in second["api_calls"])
     assert second["created"] == [] and second["deleted"] == []
     assert second["deployed_models"] == first["deployed_models"]
+    # Fast because nothing after preflight runs (the exit handler finds nothing to remove). The times are printed,
+    # not asserted: a ratio of wall times on a shared 2-core machine is a benchmark, not a test.
+    assert [(s["name"], s["status"]) for s in second["steps"]] == [("preflight", "succeeded"), ("cleanup", "succeeded")]
     print(f"first run {first_s:.1f}s, no-op run {second_s:.1f}s ({second_s / first_s:.0%})")
-    assert second_s < 0.25 * first_s
 
 
 ENDPOINT_KINDS = {
