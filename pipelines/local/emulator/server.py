@@ -885,7 +885,7 @@ class Emulator:
         logging_on = dm.enable_container_logging
         dm.dedicated_resources.machine_spec.multihost_gpu_node_count = 0
         dm.enable_container_logging = False  # v1beta1 only; the v1 parse below would refuse it
-        v1_body = json_format.MessageToJson(req._pb if hasattr(req, "_pb") else req)
+        v1_body = json_format.MessageToJson(req)
         return self._deploy_model(
             p, query, v1_body.encode(), nodes=nodes or 1, container_logging=logging_on, api=v1beta1
         )
