@@ -68,6 +68,23 @@ class _Target:
     model: str
 
 
+def _serves_invoke(endpoint_resource: str, api_endpoint: str) -> bool:
+    """True when a model with traffic on the endpoint was uploaded with invokeRoutePrefix."""
+    from google.cloud import aiplatform_v1
+
+    from components.clients import gapic_kwargs
+    from components.runtime import deployed_version_name, region_of
+
+    kwargs = gapic_kwargs(region_of(endpoint_resource), api_endpoint)
+    endpoint = aiplatform_v1.EndpointServiceClient(**kwargs).get_endpoint(name=endpoint_resource)
+    models = aiplatform_v1.ModelServiceClient(**kwargs)
+    return any(
+        models.get_model(name=deployed_version_name(dm)).container_spec.invoke_route_prefix
+        for dm in endpoint.deployed_models
+        if endpoint.traffic_split.get(dm.id, 0) > 0
+    )
+
+
 def _resolve_target(target: str, model: str | None, api_endpoint: str) -> _Target:
     """An OpenAI base URL, or a Vertex endpoint (optionally /deployedModels/ID) mapped to its chat route."""
     import requests
@@ -81,7 +98,11 @@ def _resolve_target(target: str, model: str | None, api_endpoint: str) -> _Targe
         # One deployed model: its invoke route to the container's own OpenAI route (dedicated endpoints);
         # the whole endpoint: Vertex's v1beta1 chat completions.
         dm = match.group("dm") or ""
-        url = invoke_url(info, "/v1/chat/completions", dm) if dm else chat_completions_url(info)
+        if dm or (info.dedicated and _serves_invoke(endpoint, api_endpoint)):
+            # Models uploaded with invokeRoutePrefix answer invoke only (chat completions are off for them).
+            url = invoke_url(info, "/v1/chat/completions", dm)
+        else:
+            url = chat_completions_url(info)
         return _Target(url, http_session(api_endpoint), model or "")
     if not target.startswith(("http://", "https://")):
         raise ValueError(

@@ -254,6 +254,12 @@ def test_a_dedicated_endpoint_tests_the_new_model_alone_through_invoke(served: d
     green = _deploy(deployment, served["weights"], endpoint.name, traffic={"0": 0, blue: 100})
     try:
         result = run_smoke_test(deployment, endpoint.name, green, served["weights"], served["api"])
+        # `vlp bench` on the whole endpoint takes the endpoint-level invoke route (chat completions are off).
+        from components.benchmark import _resolve_target
+
+        whole = _resolve_target(endpoint.name, None, served["api"]).url
+        assert whole.endswith(f"/v1/{endpoint.name}/invoke/v1/chat/completions"), whole
+        assert whole.startswith(f"https://{endpoint.dedicated_endpoint_dns}/")
     finally:
         endpoints.undeploy_model(endpoint=endpoint.name, deployed_model_id=green, traffic_split={blue: 100}).result(60)
         endpoints.undeploy_model(endpoint=endpoint.name, deployed_model_id=blue).result(60)
