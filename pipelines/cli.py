@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="run on the local stack (no cloud account needed)")
     p.add_argument("--wait", action="store_true", help="wait for the Vertex run and stream task states")
     p.add_argument("--force", action="store_true", help="redeploy even when nothing changed")
+    p.add_argument(
+        "--verbose", action="store_true", help="--local: stream kfp.local's raw step output instead of the step view"
+    )
     p.add_argument("--image", default="", help="prebuilt component image")
     p.add_argument("--summary-json", type=Path, default=None, help="write the run summary as JSON here")
     p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="local stack state (default .vlp/local)")
@@ -282,6 +285,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             region=args.region,
             bucket=args.bucket,
             summary_json=args.summary_json,
+            verbose=args.verbose,
         )
     else:
         if args.inject:

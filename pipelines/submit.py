@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from components.config import ConfigError, DeploymentConfig
+from pipelines.progress import StepView
 from pipelines.summary import empty_summary, print_summary
 
 # The aiplatform SDK's _PIPELINE_COMPLETE_STATES: PAUSED ends the wait too (PipelineState in pipeline_state.proto).
@@ -113,17 +115,16 @@ def submit_run(
         summary["status"] = "submitted"
         _write(summary, summary_json)
         return summary
-    seen: dict[str, str] = {}
-    while True:
-        job_proto = aiplatform.PipelineJob.get(job.resource_name).gca_resource
-        for task in job_proto.job_detail.task_details:
-            state = task.state.name
-            if seen.get(task.task_name) != state:
-                seen[task.task_name] = state
-                print(f"  {task.task_name:<32} {state}")
-        if job_proto.state.name in _TERMINAL:
-            break
-        time.sleep(5 if not api_endpoint.startswith("http://") else 0.5)
+    # The same step view as a local run: one line per step, redrawn on a terminal, one line per change elsewhere.
+    with StepView(sys.stdout) as view:
+        while True:
+            job_proto = aiplatform.PipelineJob.get(job.resource_name).gca_resource
+            for task in job_proto.job_detail.task_details:
+                if task.task_name.endswith("-op"):  # steps, not the DAG's groups (exit handler, conditions)
+                    view.update(task.task_name, task.state.name)
+            if job_proto.state.name in _TERMINAL:
+                break
+            time.sleep(5 if not api_endpoint.startswith("http://") else 0.5)
     state = job_proto.state.name
     summary["status"] = {"PIPELINE_STATE_SUCCEEDED": "succeeded", "PIPELINE_STATE_PAUSED": "paused"}.get(
         state, "failed"

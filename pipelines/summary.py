@@ -28,6 +28,13 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"== vlp run {status.upper()} ==")
     if summary.get("error"):
         print(f"error: {summary['error']}")
+    failed = summary.get("failed_step")
+    if failed:
+        print(f"last lines of {failed['name']} (full log: {failed['log']}):")
+        for line in failed["last_lines"]:
+            print(f"  | {line.strip()[:200]}")
+    if summary.get("removed_by_exit_handler"):
+        print("the exit handler removed: " + ", ".join(summary["removed_by_exit_handler"]))
     for step in summary.get("steps", []):
         secs = step.get("seconds")
         print(f"  {step['name']:<20} {step['status']:<10} {'' if secs is None else f'{secs:6.1f}s'}")
@@ -47,3 +54,5 @@ def print_summary(summary: dict[str, Any]) -> None:
             print(f"{key.replace('_', ' ')}: " + ", ".join(summary[key]))
     if "api_calls" in summary:
         print(f"{len(summary['api_calls'])} Google API calls (see --summary-json for the list)")
+    if summary.get("log_dir"):
+        print(f"step logs: {summary['log_dir']}/STEP.log")

@@ -96,10 +96,10 @@ FAULTS = [
     ("deploy-timeout", "timed out"),
     ("server-crash", "exited with code"),
     ("smoke-fail", "smoke test failed"),
-    ("kill-step:mirror-weights", "mirror-weights"),
-    ("kill-step:register-model", "register-model"),
-    ("kill-step:deploy-model", "deploy-model"),
-    ("kill-step:smoke-test", "smoke-test"),
+    ("kill-step:mirror-weights", "step mirror-weights was killed by SIGKILL"),
+    ("kill-step:register-model", "step register-model was killed by SIGKILL"),
+    ("kill-step:deploy-model", "step deploy-model was killed by SIGKILL"),
+    ("kill-step:smoke-test", "step smoke-test was killed by SIGKILL"),
 ]
 
 
@@ -115,6 +115,12 @@ def test_fault_leaves_nothing_behind(tmp_path: Path, tiny_model_dir: Path, fault
     assert held == {"models": [], "endpoints": [], "deployed_models": []}, held
     assert summary["left_running"] == []
     assert set(summary["created"]) <= set(summary["deleted"]) | set(), summary
+    # The failing step, its last lines and its log on disk; for a kill, what the exit handler removed.
+    failed = summary["failed_step"]
+    assert Path(failed["log"]).is_file() and failed["last_lines"]
+    assert Path(failed["log"]).read_text().count("\n") >= len(failed["last_lines"])
+    if fault == "kill-step:deploy-model":
+        assert any("/deployedModels/" in r for r in summary["removed_by_exit_handler"]), summary
 
 
 def test_predict_429_is_retried_and_passes(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -123,13 +129,20 @@ def test_predict_429_is_retried_and_passes(tmp_path: Path, tiny_model_dir: Path)
     assert summary["smoke"]["passed"] is True
 
 
-def test_demo_answers_paris_and_a_second_identical_run_is_a_fast_noop(tmp_path: Path) -> None:
+def test_demo_answers_paris_and_a_second_identical_run_is_a_fast_noop(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The README's main job: SmolLM2 through the whole DAG offline; then the same config again."""
     state = tmp_path / "state"
     cfg = load_config(ROOT / "configs" / "local-demo.yaml")
     t0 = time.monotonic()
-    first = run_local(cfg, state_dir=state, quiet=True)
+    first = run_local(cfg, state_dir=state)  # as `make demo` runs it: the step view and the summary
     first_s = time.monotonic() - t0
+    shown = capsys.readouterr().out.splitlines()
+    assert len(shown) < 60, "\n".join(shown)
+    assert "  smoke-test           succeeded" in "\n".join(shown)
+    assert any("The capital of France is Paris." in ln for ln in shown[-10:])
+    assert shown[-1].startswith("step logs: ") and Path(first["log_dir"], "smoke-test.log").is_file()
     assert first["status"] == "succeeded", first["error"]
     assert "paris" in first["smoke"]["answer"].lower()
     t1 = time.monotonic()

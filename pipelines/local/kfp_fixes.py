@@ -1,4 +1,4 @@
-"""A fix for kfp 2.17's local runner, applied only by `vlp run --local`; Vertex AI Pipelines needs none.
+"""Fixes for kfp 2.17's local runner, applied only by `vlp run --local`; Vertex AI Pipelines needs none.
 
 kfp.local resolves a dsl.If condition operand such as `pipelinechannel--preflight-op-action` only when
 the upstream task has a single output named `Output`; for a named output of a multi-output task it looks
@@ -41,4 +41,18 @@ def apply() -> None:
         return original(channel_ref, io_store)
 
     eo.ConditionEvaluator._resolve_pipeline_channel = staticmethod(resolve)
+
+    # kfp.local turns a step's exit status into SUCCESS/FAILURE and drops it; the run summary says how a step
+    # died (a signal, an exit code), so print it where the step's own output ends.
+    from kfp.local import subprocess_task_handler as sth
+
+    run = sth.run_local_subprocess
+
+    def run_and_report(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
+        code = run(full_command, env_vars)
+        if code:
+            print(f"[vlp] step process exited with code {code}", flush=True)
+        return code
+
+    sth.run_local_subprocess = run_and_report
     _applied = True

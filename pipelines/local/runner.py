@@ -8,8 +8,10 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import requests
 from components.config import ConfigError, DeploymentConfig
 from components.runtime import KILL_STEP_ENV, label_value
 from pipelines.pipeline import pipeline_parameters
+from pipelines.progress import StepView
 from pipelines.summary import empty_summary, print_summary
 
 DEMO_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -87,22 +90,82 @@ def prepare_model(cfg: DeploymentConfig, mirrors_dir: Path, model_dir: Path | No
     )
 
 
-class _Tee(io.TextIOBase):
-    """Shows kfp.local's output as it comes and keeps it for the summary."""
+_SKIPPED = re.compile(r"Skipping task '?([\w-]+)'?: upstream")
+_EXITED = re.compile(r"\[vlp\] step process exited with code (-?\d+)")
 
-    def __init__(self, *streams: Any) -> None:
+
+class _Tee(io.TextIOBase):
+    """Keeps kfp.local's output for the summary and the step logs; streams it raw (`--verbose`), or feeds the
+    live step view one line at a time."""
+
+    def __init__(self, *streams: Any, view: StepView | None = None) -> None:
         self.streams = streams
+        self.view = view
         self.buffer_text = io.StringIO()
+        self._partial = ""
+        self._current: str | None = None
 
     def write(self, s: str) -> int:
         for stream in self.streams:
             stream.write(s)
         self.buffer_text.write(s)
+        if self.view is not None:
+            lines = (self._partial + s).split("\n")
+            self._partial = lines.pop()
+            for line in lines:
+                self._see(_ANSI.sub("", line))
         return len(s)
+
+    def _see(self, line: str) -> None:
+        assert self.view is not None
+        if m := _TASK_START.search(line):
+            self._current = m.group(1)
+            self.view.update(self._current, "running")
+        elif m := _TASK_END.search(line):
+            self.view.update(m.group(1), m.group(2))
+            self._current = None
+        elif (m := _SKIPPED.search(line)) and m.group(1).endswith("-op"):
+            self.view.update(m.group(1), "skipped")
+        elif self._current and line.strip() and not line.startswith(("\x1b", "[KFP")):
+            # The running step's latest line (the mirror's progress, a deploy wait...) beside its state.
+            self.view.update(self._current, "running", detail=line.strip())
 
     def flush(self) -> None:
         for stream in self.streams:
             stream.flush()
+
+
+def split_task_logs(text: str) -> dict[str, list[str]]:
+    """Each step's own output lines (between kfp.local's start and end lines), by step name."""
+    text = _ANSI.sub("", text)
+    logs: dict[str, list[str]] = {}
+    current = None
+    for line in text.splitlines():
+        if m := _TASK_START.search(line):
+            current = m.group(1).removesuffix("-op")
+            logs[current] = [line]
+        elif current:
+            logs[current].append(line)
+            if _TASK_END.search(line):
+                current = None
+    return logs
+
+
+def _killed_by(code: int) -> int | None:
+    """The signal that ended a step: a negative return code, or a shell's 128+N (kfp runs steps via `sh -c`)."""
+    if code < 0:
+        return -code
+    return code - 128 if 128 < code <= 128 + 64 else None
+
+
+def _signal_text(code: int) -> str:
+    number = _killed_by(code)
+    if number is None:
+        return f"exited with code {code}"
+    try:
+        return f"killed by {signal.Signals(number).name} (exit code {code})"
+    except ValueError:
+        return f"killed by signal {number} (exit code {code})"
 
 
 def parse_task_log(text: str) -> tuple[list[dict[str, Any]], str | None]:
@@ -126,7 +189,13 @@ def parse_task_log(text: str) -> tuple[list[dict[str, Any]], str | None]:
             t0, t1 = step.pop("_t", None), _ts(line)
             step["seconds"] = round(t1 - t0, 1) if t0 is not None and t1 is not None else None
             if step["status"] == "failed" and error is None:
-                error = _error_from_output(outputs.get(m.group(1), [])) or f"step {step['name']} failed"
+                lines = outputs.get(m.group(1), [])
+                exited = next((int(x.group(1)) for x in map(_EXITED.search, reversed(lines)) if x), None)
+                if exited is not None and _killed_by(exited) is not None:
+                    step["exit"] = _signal_text(exited)
+                    error = f"step {step['name']} was {step['exit']}"
+                else:
+                    error = _error_from_output(lines) or f"step {step['name']} failed"
             current = None
             continue
         if current:
@@ -164,6 +233,30 @@ def _error_from_output(lines: list[str]) -> str | None:
                 rest.append(ln)
             return "\n".join(rest).strip()
     return None
+
+
+LAST_LINES = 15
+
+
+def _write_step_logs(summary: dict[str, Any], text: str, log_dir: Path) -> None:
+    """Each step's log to LOG_DIR/STEP.log (and the whole run to run.log), named in the summary; for the failing
+    step its last lines, and what the exit handler removed."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "run.log").write_text(_ANSI.sub("", text))
+    summary["log_dir"] = str(log_dir)
+    logs = split_task_logs(text)
+    for step in summary["steps"]:
+        lines = logs.get(step["name"], [])
+        path = log_dir / f"{step['name']}.log"
+        path.write_text("\n".join(lines) + "\n")
+        step["log"] = str(path)
+        if step["status"] == "failed" and "failed_step" not in summary:
+            body = [ln for ln in lines[1:] if ln.strip() and not _TASK_END.search(ln)]
+            summary["failed_step"] = {"name": step["name"], "log": str(path), "last_lines": body[-LAST_LINES:]}
+    cleanup = logs.get("cleanup", [])
+    summary["removed_by_exit_handler"] = [
+        m.group(1) for m in (re.search(r"\bremoved (\S+)", ln) for ln in cleanup) if m
+    ]
 
 
 def _emulator_json(api: str, path: str) -> Any:
@@ -259,8 +352,12 @@ def run_local(
     bucket: str = "",
     summary_json: Path | None = None,
     quiet: bool = False,
+    verbose: bool = False,
 ) -> dict[str, Any]:
-    """Run the compiled pipeline on the local stack; returns (and prints) the run summary."""
+    """Run the compiled pipeline on the local stack; returns (and prints) the run summary.
+
+    The terminal shows one line per step (`verbose`: kfp.local's raw output instead); every step's full log
+    is written under STATE_DIR/logs/RUN/STEP.log either way."""
     from kfp import components as kfp_components
     from kfp import local
 
@@ -301,13 +398,16 @@ def run_local(
         )
         params = pipeline_parameters(cfg, project=project, region=region, bucket=bucket, force=force, api_endpoint=api)
         runs_before = set(os.listdir(pipeline_root)) if pipeline_root.exists() else set()
-        tee = _Tee(*(() if quiet else (sys.stdout,)))
+        view = None if quiet or verbose else StepView(sys.stdout)
+        tee = _Tee(*((sys.stdout,) if verbose and not quiet else ()), view=view)
         handler = logging.StreamHandler(tee)
         handler.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d %(message)s", "%H:%M:%S"))
         root = logging.getLogger()
         root.addHandler(handler)
         try:
-            with contextlib.redirect_stdout(tee):
+            with contextlib.redirect_stdout(tee), view or contextlib.nullcontext(), warnings.catch_warnings():
+                # kfp.local warns, per task, that display names and resource limits mean nothing locally.
+                warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
                 pipeline(**params)
         finally:
             root.removeHandler(handler)
@@ -315,10 +415,12 @@ def run_local(
             os.environ.update(saved_env)
         new_runs = sorted(set(os.listdir(pipeline_root)) - runs_before) if pipeline_root.exists() else []
         run_dir = new_runs[-1] if new_runs else ""
-        steps, error = parse_task_log(tee.buffer_text.getvalue())
+        text = tee.buffer_text.getvalue()
+        steps, error = parse_task_log(text)
         summary = build_summary(
             cfg, label_value(run_dir), steps, error, api, before, _smoke_outputs(pipeline_root, run_dir)
         )
+        _write_step_logs(summary, text, state_dir / "logs" / (run_dir or "run"))
         summary["run"] = run_dir
         summary["seconds"] = round(time.monotonic() - started, 1)
         summary["logs"] = [str(p) for p in stack.log_paths()]

@@ -1,0 +1,81 @@
+"""The run's step view and step logs: what a person sees instead of kfp.local's raw output."""
+
+from __future__ import annotations
+
+import io
+
+from pipelines.local.runner import _Tee, parse_task_log, split_task_logs
+from pipelines.progress import StepView
+
+# kfp.local's own lines, as the runner's log handler formats them, with a step's output in between.
+KFP_LINES = [
+    "09:00:01.000 Executing task \x1b[96m'preflight-op'\x1b[0m",
+    "    2026-12-01 09:00:02,000 INFO vlp.preflight: planned g2-standard-8",
+    "09:00:03.000 Task \x1b[96m'preflight-op'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m",
+    "09:00:03.100 Executing task 'mirror-weights-op'",
+    "    mirror: 3/7 files, 40%",
+    "Killed",
+    "[vlp] step process exited with code 137",
+    "09:00:09.000 Task 'mirror-weights-op' finished with status FAILURE",
+    "09:00:09.100 Skipping task register-model-op: upstream task(s) ['mirror-weights-op'] failed.",
+    "09:00:09.200 Executing task 'cleanup-op'",
+    "    2026-12-01 09:00:10,000 INFO vlp: removed projects/p/locations/l/endpoints/1",
+    "09:00:11.000 Task 'cleanup-op' finished with status SUCCESS",
+]
+
+
+def _feed(tee: _Tee) -> None:
+    for line in KFP_LINES:
+        tee.write(line[:10])  # writes arrive in pieces, not whole lines
+        tee.write(line[10:] + "\n")
+
+
+def test_without_a_terminal_each_state_change_is_one_line() -> None:
+    out = io.StringIO()
+    with StepView(out) as view:
+        _feed(_Tee(view=view))
+    lines = out.getvalue().splitlines()
+    assert [ln.split()[:2] for ln in lines] == [
+        ["preflight", "running"],
+        ["preflight", "succeeded"],
+        ["mirror-weights", "running"],
+        ["mirror-weights", "failed"],
+        ["register-model", "skipped"],
+        ["cleanup", "running"],
+        ["cleanup", "succeeded"],
+    ]
+    assert "40%" not in out.getvalue()  # a step's own output stays out of a non-terminal view
+    assert "\x1b" not in out.getvalue()
+
+
+def test_on_a_terminal_the_block_is_redrawn_with_the_running_steps_latest_line() -> None:
+    out = io.StringIO()
+    view = StepView(out, live=True)
+    view.update("mirror-weights-op", "RUNNING")
+    view.update("mirror-weights-op", "RUNNING", detail="mirror: 3/7 files, 40%")
+    text = out.getvalue()
+    assert "\x1b[F" in text and "\x1b[2K" in text  # cursor up, clear line: redrawn in place
+    assert text.rstrip().endswith("mirror: 3/7 files, 40%")
+
+
+def test_verbose_streams_the_raw_output_and_keeps_it() -> None:
+    raw = io.StringIO()
+    tee = _Tee(raw)
+    _feed(tee)
+    assert raw.getvalue() == tee.buffer_text.getvalue()
+    assert "Executing task 'mirror-weights-op'" in raw.getvalue()
+
+
+def test_a_killed_step_says_which_signal_and_each_step_has_its_own_log() -> None:
+    text = "\n".join(KFP_LINES)
+    steps, error = parse_task_log(text)
+    assert error == "step mirror-weights was killed by SIGKILL (exit code 137)"
+    assert {s["name"]: s["status"] for s in steps} == {
+        "preflight": "succeeded",
+        "mirror-weights": "failed",
+        "cleanup": "succeeded",
+    }
+    logs = split_task_logs(text)
+    assert logs["mirror-weights"][1].strip() == "mirror: 3/7 files, 40%"
+    assert any("removed projects/p/locations/l/endpoints/1" in ln for ln in logs["cleanup"])
+    assert not any("planned" in ln for ln in logs["cleanup"])
