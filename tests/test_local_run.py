@@ -118,6 +118,7 @@ def test_fault_leaves_nothing_behind(tmp_path: Path, tiny_model_dir: Path, fault
     # The failing step, its last lines and its log on disk; for a kill, what the exit handler removed.
     failed = summary["failed_step"]
     assert Path(failed["log"]).is_file() and failed["last_lines"]
+    assert not any("parameterValues" in ln for ln in failed["last_lines"])  # not kfp's dump of the inputs
     assert Path(failed["log"]).read_text().count("\n") >= len(failed["last_lines"])
     if fault == "kill-step:deploy-model":
         assert any("/deployedModels/" in r for r in summary["removed_by_exit_handler"]), summary

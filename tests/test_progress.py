@@ -13,7 +13,11 @@ KFP_LINES = [
     "    2026-12-01 09:00:02,000 INFO vlp.preflight: planned g2-standard-8",
     "09:00:03.000 Task \x1b[96m'preflight-op'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m",
     "09:00:03.100 Executing task 'mirror-weights-op'",
-    "    mirror: 3/7 files, 40%",
+    "    [KFP Executor 2026-12-01 09:00:03,200 INFO]: Got executor_input:",
+    "    {",
+    '        "inputs": {"parameterValues": {}}',
+    "    }",
+    "    2026-12-01 09:00:04,000 INFO vlp.mirror: mirror: 3/7 files, 40%",
     "Killed",
     "[vlp] step process exited with code 137",
     "09:00:09.000 Task 'mirror-weights-op' finished with status FAILURE",
@@ -56,6 +60,11 @@ def test_on_a_terminal_the_block_is_redrawn_with_the_running_steps_latest_line()
     text = out.getvalue()
     assert "\x1b[F" in text and "\x1b[2K" in text  # cursor up, clear line: redrawn in place
     assert text.rstrip().endswith("mirror: 3/7 files, 40%")
+    # Fed by the runner, only the steps' own log records become the detail, not kfp's input dump.
+    out2 = io.StringIO()
+    live = StepView(out2, live=True)
+    _feed(_Tee(view=live))
+    assert "parameterValues" not in out2.getvalue() and "3/7 files, 40%" in out2.getvalue()
 
 
 def test_verbose_streams_the_raw_output_and_keeps_it() -> None:
@@ -76,6 +85,6 @@ def test_a_killed_step_says_which_signal_and_each_step_has_its_own_log() -> None
         "cleanup": "succeeded",
     }
     logs = split_task_logs(text)
-    assert logs["mirror-weights"][1].strip() == "mirror: 3/7 files, 40%"
+    assert logs["mirror-weights"][5].strip().endswith("mirror: 3/7 files, 40%")
     assert any("removed projects/p/locations/l/endpoints/1" in ln for ln in logs["cleanup"])
     assert not any("planned" in ln for ln in logs["cleanup"])

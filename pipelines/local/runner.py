@@ -90,6 +90,8 @@ def prepare_model(cfg: DeploymentConfig, mirrors_dir: Path, model_dir: Path | No
     )
 
 
+# A record of the steps' own loggers (components.runtime.setup_logging), as kfp.local relays it.
+_STEP_LOG = re.compile(r"^\s*\d{4}-\d\d-\d\d [\d:,.]+ (?:INFO|WARNING|ERROR) vlp[\w.]*: (.*)$")
 _SKIPPED = re.compile(r"Skipping task '?([\w-]+)'?: upstream")
 _EXITED = re.compile(r"\[vlp\] step process exited with code (-?\d+)")
 
@@ -126,9 +128,9 @@ class _Tee(io.TextIOBase):
             self._current = None
         elif (m := _SKIPPED.search(line)) and m.group(1).endswith("-op"):
             self.view.update(m.group(1), "skipped")
-        elif self._current and line.strip() and not line.startswith(("\x1b", "[KFP")):
-            # The running step's latest line (the mirror's progress, a deploy wait...) beside its state.
-            self.view.update(self._current, "running", detail=line.strip())
+        elif self._current and (m := _STEP_LOG.match(line)):
+            # The running step's latest log line (the mirror's progress, a deploy wait...) beside its state.
+            self.view.update(self._current, "running", detail=m.group(1))
 
     def flush(self) -> None:
         for stream in self.streams:
@@ -238,6 +240,20 @@ def _error_from_output(lines: list[str]) -> str | None:
 LAST_LINES = 15
 
 
+def _without_executor_input(lines: list[str]) -> list[str]:
+    """A step's lines without kfp's JSON dump of its inputs (dozens of lines nobody needs in a failure report)."""
+    out, dumping = [], False
+    for line in lines:
+        if "Got executor_input:" in line:
+            dumping = True
+            continue
+        if (dumping and line.lstrip().startswith("[KFP Executor")) or _STEP_LOG.match(line):
+            dumping = False
+        if not dumping:
+            out.append(line)
+    return out
+
+
 def _write_step_logs(summary: dict[str, Any], text: str, log_dir: Path) -> None:
     """Each step's log to LOG_DIR/STEP.log (and the whole run to run.log), named in the summary; for the failing
     step its last lines, and what the exit handler removed."""
@@ -251,7 +267,7 @@ def _write_step_logs(summary: dict[str, Any], text: str, log_dir: Path) -> None:
         path.write_text("\n".join(lines) + "\n")
         step["log"] = str(path)
         if step["status"] == "failed" and "failed_step" not in summary:
-            body = [ln for ln in lines[1:] if ln.strip() and not _TASK_END.search(ln)]
+            body = [ln for ln in _without_executor_input(lines[1:]) if ln.strip() and not _TASK_END.search(ln)]
             summary["failed_step"] = {"name": step["name"], "log": str(path), "last_lines": body[-LAST_LINES:]}
     cleanup = logs.get("cleanup", [])
     summary["removed_by_exit_handler"] = [
