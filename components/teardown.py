@@ -53,9 +53,10 @@ def _reassigned_split(endpoint, leaving: set[str]) -> dict[str, int]:  # noqa: A
 PENDING_DEPLOY_WAIT_S = 7200 + 1800  # as long as the deploy step itself waits (deploy_model.DEPLOY_WAIT_S)
 
 
-def _wait_for_pending_deploys(endpoints, endpoint_name: str, deadline_s: float) -> None:  # noqa: ANN001
+def _wait_for_pending_deploys(endpoints, endpoint_name: str, deadline_s: float) -> bool:  # noqa: ANN001
     """Wait for DeployModel operations still running on the endpoint: Vertex keeps deploying after a client gives
-    up (up to the container's deployment_timeout), and a replica that lands after cleanup would bill unseen."""
+    up (up to the container's deployment_timeout), and a replica that lands after cleanup would bill unseen.
+    True when there were any (the endpoint then has to be read again)."""
     import time
 
     from google.longrunning import operations_pb2
@@ -80,6 +81,7 @@ def _wait_for_pending_deploys(endpoints, endpoint_name: str, deadline_s: float) 
             if endpoints.get_operation(request=operations_pb2.GetOperationRequest(name=name)).done:
                 break
             time.sleep(2)
+    return bool(pending)
 
 
 def remove_run_resources(
@@ -102,8 +104,8 @@ def remove_run_resources(
         endpoints, models = _clients(region, api_endpoint)
         parent = f"projects/{project}/locations/{region}"
         for ep in endpoints.list_endpoints(request=aiplatform_v1.ListEndpointsRequest(parent=parent)):
-            _wait_for_pending_deploys(endpoints, ep.name, pending_wait_s)
-            ep = endpoints.get_endpoint(name=ep.name)
+            if _wait_for_pending_deploys(endpoints, ep.name, pending_wait_s):
+                ep = endpoints.get_endpoint(name=ep.name)  # what landed while we waited
             mine = [
                 dm
                 for dm in ep.deployed_models

@@ -795,7 +795,9 @@ class Emulator:
             ep.pop("trafficSplit", None)
             if ep.get("dedicatedEndpointEnabled"):
                 # The DNS name Vertex gives a dedicated endpoint; local clients keep using the emulator URL.
-                ep["dedicatedEndpointDns"] = f"{endpoint_id}.{p['location']}-{p['project']}.prediction.vertexai.goog"
+                ep["dedicatedEndpointDns"] = (
+                    f"{endpoint_id}.{p['location']}-{p['project']}{contract.DEDICATED_DNS_SUFFIX}"
+                )
             self._endpoints[name] = ep
             response = json_format.ParseDict(ep, v1.Endpoint.pb()())
             return self._done_op(name, v1.CreateEndpointOperationMetadata, response)
