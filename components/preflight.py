@@ -254,6 +254,20 @@ def preflight_op(
     bucket: str,
     service_account: str,
     config: dict,
+    preset: dict,
+    model_repo: str,
+    model_revision: str,
+    hf_token_secret: str,
+    engine: str,
+    hardware: str,
+    max_model_len: int,
+    deployment_name: str,
+    endpoint_name: str,
+    endpoint_kind: str,
+    regions: str,
+    teardown: str,
+    smoke_prompt: str,
+    smoke_expect: str,
     run_name: str,
     api_endpoint: str,
     force: bool,
@@ -267,10 +281,13 @@ def preflight_op(
     from components.plan_report import render_markdown
     from components.preflight import PreflightError, run_preflight
     from components.redeploy import unchanged_deployment
+    from components.run_form import FIELD_NAMES, resolve_config
     from components.runtime import checkpoint, setup_logging, without_nulls
 
     log = setup_logging()
-    cfg = config_from_dict(config, source="the config parameter")
+    params = locals()
+    form = {name: params[name] for name in FIELD_NAMES}
+    cfg = config_from_dict(resolve_config(preset, form, config), source="the run form and config parameter")
     args = dict(
         project=project,
         region=region,

@@ -17,19 +17,12 @@ from typing import Any, NamedTuple
 from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint
 from kfp import dsl
 
-# Files AutoTokenizer and the chat template need; a few KB to a few MB, never the weights.
+# Tokenizer files, for the chat template and its special tokens; a few KB to a few MB, never the weights.
 TOKENIZER_FILES = (
-    "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "added_tokens.json",
     "chat_template.jinja",
     "chat_template.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "config.json",
-    "generation_config.json",
 )
 # Cold endpoints answer 429 (quota / warming) and 502-504 (replica not ready yet): worth waiting for.
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
@@ -337,9 +330,9 @@ def download_tokenizer(weights_uri: str, dest: Path, project: str | None = None)
             (dest / name).unlink(missing_ok=True)
             if type(exc).__name__ not in ("NotFound",):
                 raise SmokeTestError(f"cannot read {weights_uri}{name} from GCS: {exc}") from exc
-    if not (dest / "tokenizer_config.json").exists() and not (dest / "tokenizer.json").exists():
+    if not found:
         raise SmokeTestError(
-            f"no tokenizer files under {weights_uri}: the mirror must copy tokenizer.json / tokenizer_config.json "
+            f"no tokenizer files under {weights_uri}: the mirror must copy tokenizer_config.json (or chat_template.*) "
             "with the weights (check model.allow_patterns)"
         )
     return dest
@@ -357,26 +350,18 @@ def _user_message(prompt: str, image_url: str, for_template: bool) -> dict[str, 
     }
 
 
-def render_prompt(
-    tokenizer_dir: Path, prompt: str, chat_template: str | None, image: bool, trust_remote_code: bool
-) -> str | None:
+def render_prompt(tokenizer_dir: Path, prompt: str, chat_template: str | None, image: bool) -> str | None:
     """The prompt as the model sees it after its chat template; None when there is no template at all."""
-    from transformers import AutoTokenizer
+    from components import chat_template as templates
 
-    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=trust_remote_code)
-    template = chat_template or getattr(tokenizer, "chat_template", None)
+    template = chat_template or templates.find_template(tokenizer_dir)
     if not template:
         return None
-    messages = [_user_message(prompt, "x" if image else "", for_template=True)]
+    tokens = templates.special_tokens(tokenizer_dir)
     try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=True
-        )
+        return templates.render(template, [_user_message(prompt, "x" if image else "", for_template=True)], tokens)
     except Exception:  # noqa: BLE001 - text-only templates choke on content parts; show the text form instead
-        messages = [_user_message(prompt, "", for_template=True)]
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=True
-        )
+        return templates.render(template, [_user_message(prompt, "", for_template=True)], tokens)
 
 
 def image_as_url(image_url: str, project: str | None = None) -> str:
@@ -547,9 +532,7 @@ def run_smoke_test(
 
     with tempfile.TemporaryDirectory(prefix="vlp-tokenizer-") as tmp:
         tok_dir = download_tokenizer(weights_uri, Path(tmp), project)
-        templated = render_prompt(
-            tok_dir, st.prompt, cfg.serving.chat_template, bool(st.image_url), cfg.serving.trust_remote_code
-        )
+        templated = render_prompt(tok_dir, st.prompt, cfg.serving.chat_template, bool(st.image_url))
     if templated is None:
         return SmokeResult(
             passed=False,

@@ -187,17 +187,39 @@ def cleanup_op(
     project: str,
     region: str,
     config: dict,
+    preset: dict,
+    model_repo: str,
+    model_revision: str,
+    hf_token_secret: str,
+    engine: str,
+    hardware: str,
+    max_model_len: int,
+    deployment_name: str,
+    endpoint_name: str,
+    endpoint_kind: str,
+    regions: str,
+    teardown: str,
+    smoke_prompt: str,
+    smoke_expect: str,
     run_name: str,
     api_endpoint: str,
     status: dsl.PipelineTaskFinalStatus,
 ) -> None:
     """Exit handler: whatever happened, remove per the teardown policy what this run created."""
-    from components.config import config_from_dict
+    from components.config import ConfigError, config_from_dict
+    from components.run_form import FIELD_NAMES, resolve_config
     from components.runtime import label_value, setup_logging
     from components.teardown import remove_run_resources, should_remove
 
     log = setup_logging()
-    cfg = config_from_dict(config)
+    params = locals()
+    form = {name: params[name] for name in FIELD_NAMES}
+    try:
+        cfg = config_from_dict(resolve_config(preset, form, config), source="the run form and config parameter")
+    except ConfigError as exc:
+        # Preflight failed on the same input before creating anything, so there is nothing to remove.
+        log.info("nothing to remove: the run's config is not valid (%s)", str(exc).splitlines()[0])
+        return
     state = status.state
     log.info("run %s ended %s; teardown policy %s", run_name, state, cfg.teardown)
     if status.error_message:

@@ -134,22 +134,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> DeploymentConfig:
-    return load_config(args.config, args.overrides)
+    from pipelines.presets import config_path
+
+    return load_config(config_path(args.config), args.overrides)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from pipelines.compile import compile_pipeline, compile_to_temp, drift, spec_path
+    from pipelines.compile import COMPILED_DIR, check_compiled, compile_all
 
-    target = spec_path(args.out, args.image or None)
+    out = args.out or COMPILED_DIR
+    image = args.image or None
     if args.check:
-        diffs = drift(target, compile_to_temp(args.image or None))
-        if diffs:
-            print(f"{target} drifted from the code in: {', '.join(diffs)}\nfix: run `vlp compile` and commit compiled/")
+        problems = check_compiled(out, image)
+        if problems:
+            print(
+                "\n".join(problems)
+                + f"\nfix: run `vlp compile{' --image ' + image if image else ''}` and commit {out}/"
+            )
             return EXIT_FAILED
-        print(f"{target} matches the code")
+        print(f"{out}/ matches the code")
         return EXIT_OK
-    compile_pipeline(target, args.image or None)
-    print(f"wrote {target}")
+    for path in compile_all(out, image):
+        print(f"wrote {path}")
     return EXIT_OK
 
 
@@ -177,28 +183,34 @@ def check_config_against_pipeline(cfg: DeploymentConfig, pipeline_inputs: dict[s
 def cmd_check(args: argparse.Namespace) -> int:
     import yaml
 
-    from pipelines.compile import compile_to_temp
+    from pipelines.compile import compile_all, compile_to_temp, template_default_problems
+    from pipelines.presets import PRESETS_DIR
 
     spec = yaml.safe_load(compile_to_temp().read_text())
     inputs = spec["root"]["inputDefinitions"]["parameters"]
-    files = args.configs or sorted(Path("configs").glob("*.yaml"))
-    if not files:
-        raise UserError("no config files found: pass paths, or run from the repository root (configs/*.yaml)")
-    failed = 0
+    files = args.configs or sorted(Path("configs").glob("*.yaml")) or sorted(PRESETS_DIR.glob("*.yaml"))
+    checks: list[tuple[str, list[str]]] = []
     for path in files:
         try:
             cfg = load_config(path)
-            problems = check_config_against_pipeline(cfg, inputs)
+            checks.append((str(path), check_config_against_pipeline(cfg, inputs)))
         except ConfigError as exc:
-            problems = [str(exc)]
+            checks.append((str(path), [str(exc)]))
+    if not args.configs:  # every template's run form, as the console opens it
+        import tempfile
+
+        for template in compile_all(Path(tempfile.mkdtemp(prefix="vlp-check-"))):
+            checks.append((f"template {template.name}", template_default_problems(template)))
+    failed = 0
+    for what, problems in checks:
         if problems:
             failed += 1
-            print(f"FAIL {path}")
+            print(f"FAIL {what}")
             for p in problems:
                 print("  " + p.replace("\n", "\n  "))
         else:
-            print(f"ok   {path}")
-    print(f"pipeline compiled; {len(files) - failed}/{len(files)} configs valid")
+            print(f"ok   {what}")
+    print(f"pipeline compiled; {len(checks) - failed}/{len(checks)} configs and templates valid")
     return EXIT_FAILED if failed else EXIT_OK
 
 

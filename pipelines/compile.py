@@ -14,25 +14,61 @@ from typing import Any
 
 import yaml
 
-from pipelines.pipeline import PIPELINE_NAME, build_pipeline
+from pipelines.pipeline import PIPELINE_NAME, Template, build_pipeline, generic_template, preset_template
+from pipelines.presets import preset_paths
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-COMPILED_DIR = REPO_ROOT / "compiled"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `components/` and `pipelines/` are installed
+COMPILED_DIR = Path("compiled")  # relative to the working directory: the user's project, not site-packages
 _ARCHIVE_RE = re.compile(r"__KFP_EMBEDDED_ARCHIVE_B64 = '([A-Za-z0-9+/=]+)'")
+IMAGE_SUFFIX = ".image.yaml"
 
 
-def spec_path(out_dir: Path | None = None, image: str | None = None) -> Path:
-    name = f"{PIPELINE_NAME}.image.yaml" if image else f"{PIPELINE_NAME}.yaml"
-    return (out_dir or COMPILED_DIR) / name
+def templates() -> list[Template]:
+    """Every template `vlp compile` writes: the generic one first, then one per preset."""
+    return [generic_template(), *(preset_template(p) for p in preset_paths())]
 
 
-def compile_pipeline(out_path: Path, image: str | None = None) -> Path:
-    """Write the pipeline spec to out_path."""
+def spec_path(out_dir: Path | None = None, image: str | None = None, template: Template | None = None) -> Path:
+    name = (template or generic_template()).name
+    return (out_dir or COMPILED_DIR) / (f"{name}{IMAGE_SUFFIX}" if image else f"{name}.yaml")
+
+
+def _canonical_archive(b64: str) -> str:
+    """The embedded archive re-packed without what varies between compiles: kfp gzips it with the current
+    time, and tar keeps owners and modes. Same names and bytes in, same archive out."""
+    raw = gzip.decompress(base64.b64decode(b64))
+    out = io.BytesIO()
+    with (
+        tarfile.open(fileobj=io.BytesIO(raw)) as src,
+        tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as dst,
+    ):
+        for member in sorted(src.getmembers(), key=lambda m: m.name):
+            data = src.extractfile(member).read() if member.isfile() else None  # type: ignore[union-attr]
+            member.mtime = 0
+            member.uid = member.gid = 0
+            member.uname = member.gname = ""
+            member.mode = 0o755 if member.isdir() else 0o644
+            member.pax_headers = {}
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    return base64.b64encode(gzip.compress(out.getvalue(), compresslevel=9, mtime=0)).decode("ascii")
+
+
+def compile_pipeline(out_path: Path, image: str | None = None, template: Template | None = None) -> Path:
+    """Write one template's spec to out_path, byte-identical for identical code."""
     from kfp import compiler
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(image), package_path=str(out_path))
+    compiler.Compiler().compile(build_pipeline(image, template), package_path=str(out_path))
+    text = out_path.read_text()
+    out_path.write_text(
+        _ARCHIVE_RE.sub(lambda m: f"__KFP_EMBEDDED_ARCHIVE_B64 = '{_canonical_archive(m.group(1))}'", text)
+    )
     return out_path
+
+
+def compile_all(out_dir: Path | None = None, image: str | None = None) -> list[Path]:
+    """Every template into out_dir (default compiled/)."""
+    return [compile_pipeline(spec_path(out_dir, image, t), image, t) for t in templates()]
 
 
 def _code_digest(image: str | None) -> str:
@@ -40,9 +76,9 @@ def _code_digest(image: str | None) -> str:
     import kfp
 
     digest = hashlib.sha256(f"{kfp.__version__}|{image or ''}".encode())
-    components = REPO_ROOT / "components"
+    components = PACKAGE_ROOT / "components"
     for path in sorted(
-        [*components.glob("*.py"), *components.glob("contract/*.json"), REPO_ROOT / "pipelines" / "pipeline.py"]
+        [*components.glob("*.py"), *components.glob("contract/*.json"), PACKAGE_ROOT / "pipelines" / "pipeline.py"]
     ):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
@@ -102,3 +138,59 @@ def drift(committed: Path, fresh: Path) -> list[str]:
             else:
                 diffs.append(key)
     return diffs
+
+
+def check_compiled(out_dir: Path | None = None, image: str | None = None) -> list[str]:
+    """Compile every template afresh and compare with out_dir byte for byte (empty = no drift). A file
+    whose bytes differ says where, after normalisation, it differs."""
+    directory = out_dir or COMPILED_DIR
+    fresh_dir = Path(tempfile.mkdtemp(prefix="vlp-compile-check-"))
+    problems = []
+    expected = set()
+    for fresh in compile_all(fresh_dir, image):
+        committed = directory / fresh.name
+        expected.add(committed.name)
+        if not committed.is_file():
+            problems.append(f"{committed} is missing")
+        elif committed.read_bytes() != fresh.read_bytes():
+            where = drift(committed, fresh) or ["the embedded archive's encoding only"]
+            problems.append(f"{committed} differs in {', '.join(where)}")
+    suffix = IMAGE_SUFFIX if image else ".yaml"
+    for stale in sorted(directory.glob(f"*{suffix}")):
+        if stale.name not in expected and (image or not stale.name.endswith(IMAGE_SUFFIX)):
+            problems.append(f"{stale} is not a template the code compiles (a removed preset?)")
+    return problems
+
+
+def _task_input_constant(spec: dict[str, Any], task: str, name: str) -> Any:
+    """A constant a task of the spec receives (e.g. the preset preflight starts from), wherever the task sits."""
+    dags = [spec["root"].get("dag", {}), *(c.get("dag", {}) for c in spec.get("components", {}).values())]
+    for dag in dags:
+        params = dag.get("tasks", {}).get(task, {}).get("inputs", {}).get("parameters", {})
+        if name in params:
+            return params[name].get("runtimeValue", {}).get("constant")
+    return None
+
+
+def template_default_problems(path: Path) -> list[str]:
+    """What is wrong with a compiled template's run form as it opens: its defaults must make a valid config,
+    every input must say what it is for, and the form's fields must be plain strings, numbers and booleans."""
+    from components.config import ConfigError, config_from_dict
+    from components.run_form import FIELD_NAMES, resolve_config
+
+    spec = yaml.safe_load(path.read_text())
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    problems = [f"input {n} has no description" for n, p in inputs.items() if not p.get("description")]
+    problems += [
+        f"input {n} is a {p['parameterType']}, not a plain string, number or boolean"
+        for n, p in inputs.items()
+        if n != "config" and p["parameterType"] not in ("STRING", "NUMBER_INTEGER", "NUMBER_DOUBLE", "BOOLEAN")
+    ]
+    defaults = {n: p.get("defaultValue") for n, p in inputs.items()}
+    form = {n: defaults.get(n) for n in FIELD_NAMES}
+    try:
+        preset = _task_input_constant(spec, "preflight", "preset") or {}
+        config_from_dict(resolve_config(preset, form, defaults.get("config") or {}), source=f"{path.name}'s defaults")
+    except ConfigError as exc:
+        problems.append(str(exc))
+    return problems

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from components.config import ConfigError, load_config
+from pipelines.presets import config_path
 
 # The same exit codes as pipelines.cli (not imported: `python -m pipelines.cli` would load that module twice).
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -110,7 +111,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     api = args.api_endpoint
     action = args.schedule_command
     if action == "create":
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config_path(args.config), args.overrides)
         zone = args.time_zone
         info = schedules.create_schedule(
             cfg,
@@ -176,7 +177,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_teardown(args: argparse.Namespace) -> int:
     from pipelines import gc
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(config_path(args.config), args.overrides)
     project = args.project or cfg.placement.project
     if not project:
         raise UsageError("no project: pass --project or set placement.project")

@@ -1,19 +1,83 @@
-"""The deploy DAG: preflight → mirror → register → deploy → smoke test → promote or roll back, inside an exit handler."""
+"""The deploy DAG: preflight → mirror → register → deploy → smoke test → promote or roll back, inside an exit handler.
 
+One DAG, compiled as several templates: the generic one (`vlp-deploy-llm`, whose run form starts from a cheap
+default) and one per preset config, whose form starts from the preset's values (components.run_form).
+"""
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kfp import dsl
 
 from components.packaging import as_component
+from components.run_form import FIELD_NAMES, FORM_FIELDS, GENERIC_DEFAULTS, form_values
 
 PIPELINE_NAME = "vlp-deploy-llm"
 
 # Task names double as the names `--inject kill-step:NAME` and the run summary use.
 STEPS = ["preflight", "mirror-weights", "register-model", "deploy-model", "smoke-test", "promote", "roll-back"]
 
+_SUMMARY = """Deploy a Hugging Face model to a tested, serving Vertex AI endpoint.
 
-def build_pipeline(image: str | None = None) -> Any:
-    """The pipeline function; `image` swaps the public base image + embedded code for a prebuilt image."""
+1. Preflight: read the model's real size, plan the machine shape, check quota and access.
+2. Mirror weights: stream the pinned revision from the Hub into gs://BUCKET/models/ORG/NAME/SHA/.
+3. Register: upload a Model Registry version whose container loads the weights from GCS.
+4. Deploy: create or reuse the endpoint; a redeploy goes blue/green beside the serving model.
+5. Smoke test: a chat-templated prompt through the Vertex prediction path (plus a short benchmark).
+6. Promote the new model, or roll back; an exit handler removes what a failed run created.
+"""
+
+# The console shows these under each input of the run form.
+_RUN_ARGS = {
+    "project": "Google Cloud project id to deploy into. No default, so nothing deploys by accident.",
+    "bucket": "GCS bucket (name or gs://name) for the mirrored weights; in the same region as the endpoint.",
+    "region": "Region to try first; empty = the regions field in order.",
+    "service_account": "Service account the endpoint (and a big model's mirror job) runs as; empty = the default.",
+    "force": "Redeploy even when the same revision and serving spec already serve healthily.",
+    "api_endpoint": "Another Google API host (an emulator); leave empty on Vertex AI.",
+    "config": "Optional: a deployment config (a configs/*.yaml file as JSON, or any part of one) merged over the "
+    "form fields last; the way to set what the form does not show (serving flags, canary steps...).",
+}
+_PARAM_ORDER = ["project", "bucket", "region", "service_account", "force", "api_endpoint", "config", *FIELD_NAMES]
+
+
+@dataclass
+class Template:
+    """One compiled template: its pipeline name, the preset it starts from (None = generic) and its form defaults."""
+
+    name: str
+    description: str
+    preset: dict[str, Any] | None
+    form: dict[str, Any]
+
+    @property
+    def file_name(self) -> str:
+        return f"{self.name}.yaml"
+
+
+def generic_template() -> Template:
+    return Template(PIPELINE_NAME, _SUMMARY.splitlines()[0], None, dict(GENERIC_DEFAULTS))
+
+
+def preset_template(path: Path) -> Template:
+    """The template for a preset config: the preset's values are the form's defaults; project and bucket are asked."""
+    from components.config import load_config
+
+    cfg = load_config(path)
+    preset = cfg.model_dump(mode="json", exclude_none=True)
+    preset["placement"].pop("project", None)
+    preset["placement"].pop("bucket", None)
+    name = "vlp-" + re.sub(r"[^a-z0-9]+", "-", path.stem.lower()).strip("-")
+    return Template(name, cfg.description or f"Deploy {cfg.model.repo}", preset, form_values(cfg))
+
+
+def build_pipeline(image: str | None = None, template: Template | None = None) -> Any:
+    """The pipeline function for a template (default: the generic one); `image` swaps the public base image +
+    embedded code for a prebuilt image."""
+    template = template or generic_template()
+    preset_data = template.preset or {}
     from components.deploy_model import deploy_model_op
     from components.mirror_weights import mirror_weights_op
     from components.preflight import preflight_op
@@ -43,39 +107,33 @@ def build_pipeline(image: str | None = None) -> Any:
     roll_back_c = as_component(roll_back_op, image)
     cleanup_c = as_component(cleanup_op, image)
 
-    @dsl.pipeline(name=PIPELINE_NAME)
     def deploy_llm(
-        config: dict,
         project: str,
-        region: str = "",
-        bucket: str = "",
-        service_account: str = "",
-        force: bool = False,
-        api_endpoint: str = "",
+        bucket: str,
+        region: str,
+        service_account: str,
+        force: bool,
+        api_endpoint: str,
+        config: dict,
+        model_repo: str,
+        model_revision: str,
+        hf_token_secret: str,
+        engine: str,
+        hardware: str,
+        max_model_len: int,
+        deployment_name: str,
+        endpoint_name: str,
+        endpoint_kind: str,
+        regions: str,
+        teardown: str,
+        smoke_prompt: str,
+        smoke_expect: str,
     ) -> None:
-        """Deploy a Hugging Face model to a tested, serving Vertex AI endpoint.
-
-        1. Preflight: read the model's real size, plan the machine shape, check quota and access.
-        2. Mirror weights: stream the pinned revision from the Hub into gs://BUCKET/models/ORG/NAME/SHA/.
-        3. Register: upload a Model Registry version whose container loads the weights from GCS.
-        4. Deploy: create or reuse the endpoint; a redeploy goes blue/green beside the serving model.
-        5. Smoke test: a chat-templated prompt through the Vertex prediction path (plus a short benchmark).
-        6. Promote the new model, or roll back; an exit handler removes what a failed run created.
-
-        Args:
-            config: The deployment config (the contents of a configs/*.yaml file as JSON): model, serving,
-                hardware, placement, endpoint, smoke_test and teardown sections. `vlp run` fills it in.
-            project: Google Cloud project id to deploy into. No default, so nothing deploys by accident.
-            region: Region to try first; empty = the config's placement.regions in order.
-            bucket: GCS bucket (name or gs://name) for the mirrored weights; empty = placement.bucket.
-            service_account: Service account the endpoint runs as; empty = placement.service_account.
-            force: Redeploy even when the same revision and serving spec already serve healthily.
-            api_endpoint: Another Google API host (an emulator); leave empty on Vertex AI.
-        """
+        params = locals()
+        form = {name: params[name] for name in FIELD_NAMES}
+        common = dict(project=project, region=region, config=config, preset=preset_data, **form)
         cleanup = cleanup_c(
-            project=project,
-            region=region,
-            config=config,
+            **common,
             run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
             api_endpoint=api_endpoint,
         ).set_display_name("Clean up what a failed run left")
@@ -83,11 +141,9 @@ def build_pipeline(image: str | None = None) -> Any:
 
         with dsl.ExitHandler(cleanup, name="deploy"):
             pre = preflight_c(
-                project=project,
-                region=region,
+                **common,
                 bucket=bucket,
                 service_account=service_account,
-                config=config,
                 run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
                 force=force,
                 api_endpoint=api_endpoint,
@@ -152,7 +208,28 @@ def build_pipeline(image: str | None = None) -> Any:
                         "Roll back the new deployment"
                     ).set_caching_options(False)
 
-    return deploy_llm
+    _describe(deploy_llm, template)
+    return dsl.pipeline(name=template.name, description=template.description)(deploy_llm)
+
+
+def _describe(func: Any, template: Template) -> None:
+    """Defaults and the run form's descriptions for one template (KFP reads both from the function)."""
+    defaults: dict[str, Any] = {
+        "region": "",
+        "service_account": "",
+        "force": False,
+        "api_endpoint": "",
+        "config": {},
+        **template.form,
+    }
+    if template.preset is None:
+        defaults["bucket"] = ""  # the generic template also takes placement.bucket from `config`
+    first_default = next(i for i, n in enumerate(_PARAM_ORDER) if n in defaults)
+    assert all(n in defaults for n in _PARAM_ORDER[first_default:]), "defaults must trail the required inputs"
+    func.__defaults__ = tuple(defaults[n] for n in _PARAM_ORDER[first_default:])
+    docs = {**_RUN_ARGS, **{f.name: f.description for f in FORM_FIELDS}}
+    intro = _SUMMARY if template.preset is None else f"{template.description}\n\n{_SUMMARY}"
+    func.__doc__ = intro + "\nArgs:\n" + "".join(f"    {n}: {docs[n]}\n" for n in _PARAM_ORDER)
 
 
 def pipeline_parameters(
@@ -165,8 +242,10 @@ def pipeline_parameters(
     force: bool = False,
     api_endpoint: str = "",
 ) -> dict[str, Any]:
-    """The run-time parameter values for a config: what `vlp run` submits and `vlp check` validates."""
+    """The run-time parameter values for a config: what `vlp run` submits and `vlp check` validates. The form
+    fields show the config's values (what a person sees on the run's page); `config` carries all of it."""
     return {
+        **form_values(cfg),
         "config": cfg.model_dump(mode="json", exclude_none=True),
         "project": project or cfg.placement.project,
         "region": region,

@@ -290,3 +290,66 @@ def test_smoke_test_op_writes_verdict_metrics_benchmark_and_report(served: dict[
     assert metrics.metadata["smoke_passed"] == 1 and "bench_c2_ttft_p95_s" in metrics.metadata
     html = (tmp_path / "report.html").read_text()
     assert "Smoke test" in html and "passed" in html and "<svg" in html
+
+
+# Chat templates of the kinds the seed models use, beside the fixtures' own: Llama 3.1 (bos token, system
+# header, a raise_exception path), Llama 3.2 Vision (content parts with an image), and a list-form template.
+_LLAMA31 = (
+    "{{- bos_token }}{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system = 'Cutting Knowledge Date: December 2023' %}"
+    "{%- endif %}<|start_header_id|>system<|end_header_id|>\n\n{{ system }}<|eot_id|>"
+    "{%- for message in messages %}{%- if message['role'] not in ['user', 'assistant'] %}"
+    "{{- raise_exception('roles must be user or assistant') }}{%- endif %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}"
+)
+_VISION = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|image|>{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|eot|>\n{% endfor %}\n  {% if add_generation_prompt %}\n<|assistant|>\n{% endif %}"
+    "{{ {'tools': tools, 'n': messages | length} | tojson }}"
+)
+
+
+@pytest.mark.parametrize("template", [None, _LLAMA31, _VISION, "list-form"], ids=["own", "llama31", "vision", "list"])
+@pytest.mark.parametrize("image", [False, True], ids=["text", "image"])
+def test_the_chat_template_renders_as_transformers_renders_it(
+    template: str | None, image: bool, smollm2_model_dir: Path, tmp_path: Path
+) -> None:
+    """The smoke step renders templates with Jinja2 alone (no transformers in its packages); it must give the
+    same text as transformers' apply_chat_template for the same tokenizer files."""
+    from transformers import AutoTokenizer
+
+    from components.smoke_test import render_prompt
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (smollm2_model_dir / name).is_file():
+            (tok_dir / name).write_bytes((smollm2_model_dir / name).read_bytes())
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    config["bos_token"] = {"__type": "AddedToken", "content": "<|begin_of_text|>", "special": True}
+    if template == "list-form":
+        config["chat_template"] = [{"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": _LLAMA31}]
+        template = None
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
+
+    ours = render_prompt(tok_dir, "What is the capital of France?", template, image)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    content: Any = "What is the capital of France?"
+    if image:
+        content = [{"type": "image"}, {"type": "text", "text": "What is the capital of France?"}]
+    try:
+        theirs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], chat_template=template, tokenize=False, add_generation_prompt=True
+        )
+    except Exception:  # text-only templates: both fall back to the text form
+        theirs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    assert ours == theirs
+    assert "What is the capital of France?" in ours
