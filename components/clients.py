@@ -92,13 +92,6 @@ def _service_client(client_cls: Any, endpoint: str) -> Any:
     return client_cls(**kwargs)
 
 
-def secret_client(endpoint: str = "") -> Any:
-    """A Secret Manager client (the Hub token lives there)."""
-    from google.cloud import secretmanager
-
-    return _service_client(secretmanager.SecretManagerServiceClient, endpoint)
-
-
 def quotas_client(endpoint: str = "") -> Any:
     """A Cloud Quotas client (serving GPU quota per region)."""
     from google.cloud import cloudquotas_v1
@@ -120,11 +113,58 @@ def logging_client(project: str, endpoint: str = "") -> Any:
 
 
 def read_secret(project: str, secret: str, endpoint: str = "") -> str:
-    """Read a secret's value (NAME, projects/P/secrets/NAME or .../versions/V); never logged."""
+    """Read a secret's value (NAME, projects/P/secrets/NAME or .../versions/V); never logged.
+
+    Through Secret Manager's REST method projects.secrets.versions.access with google-auth, not the GAPIC
+    client: the mirror step reads one secret, and the client's gRPC stack would be a third of its install.
+    Errors are google.api_core exceptions, as the client raises them (NotFound, PermissionDenied...).
+    """
+    import base64
+
+    import google_crc32c
+    import requests
+    from google.api_core import exceptions
+
     name = secret
     if not name.startswith("projects/"):
         name = f"projects/{project}/secrets/{name}"
     if "/versions/" not in name:
         name = f"{name}/versions/latest"
-    response = secret_client(endpoint).access_secret_version(name=name)
-    return response.payload.data.decode("utf-8").strip()
+    host = api_endpoint(endpoint)
+    if _is_local(host):
+        base, session = host.rstrip("/"), requests.Session()
+    else:
+        import google.auth
+        from google.auth.transport.requests import AuthorizedSession
+
+        creds, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        base, session = f"https://{host or 'secretmanager.googleapis.com'}", AuthorizedSession(creds)
+    response = session.get(f"{base}/v1/{name}:access", timeout=60)
+    if response.status_code >= 400:
+        raise exceptions.from_http_response(response)
+    payload = response.json().get("payload") or {}
+    data = base64.b64decode(payload.get("data") or "")
+    expected = payload.get("dataCrc32c")
+    if expected is not None and int(expected) != int.from_bytes(google_crc32c.Checksum(data).digest(), "big"):
+        raise exceptions.DataLoss(f"secret {name}: the payload's CRC32C does not match; read it again")
+    return data.decode("utf-8").strip()
+
+
+def endpoint_client(deployment: dict):  # noqa: ANN201 - a GAPIC client
+    from google.cloud import aiplatform_v1
+
+    return aiplatform_v1.EndpointServiceClient(**gapic_kwargs(deployment["region"], deployment.get("api_endpoint", "")))
+
+
+def find_endpoint(deployment: dict):  # noqa: ANN201 - aiplatform_v1.Endpoint | None
+    """The endpoint named in the config, if it already exists in the run's region."""
+    from google.cloud import aiplatform_v1
+
+    name = deployment["config"]["endpoint"]["name"]
+    request = aiplatform_v1.ListEndpointsRequest(
+        parent=f"projects/{deployment['project']}/locations/{deployment['region']}",
+        filter=f'display_name="{name}"',
+    )
+    for endpoint in endpoint_client(deployment).list_endpoints(request=request):
+        return endpoint
+    return None

@@ -24,35 +24,13 @@ class Deployed:
     previous_deployed_model_ids: list[str]
 
 
-def endpoint_client(deployment: dict):  # noqa: ANN201 - a GAPIC client
-    from google.cloud import aiplatform_v1
-
-    from components import clients
-
-    return aiplatform_v1.EndpointServiceClient(
-        **clients.gapic_kwargs(deployment["region"], deployment.get("api_endpoint", ""))
-    )
-
-
-def find_endpoint(deployment: dict):  # noqa: ANN201 - aiplatform_v1.Endpoint | None
-    """The endpoint named in the config, if it already exists in the run's region."""
-    from google.cloud import aiplatform_v1
-
-    name = deployment["config"]["endpoint"]["name"]
-    request = aiplatform_v1.ListEndpointsRequest(
-        parent=f"projects/{deployment['project']}/locations/{deployment['region']}",
-        filter=f'display_name="{name}"',
-    )
-    for endpoint in endpoint_client(deployment).list_endpoints(request=request):
-        return endpoint
-    return None
-
-
 def get_or_create_endpoint(deployment: dict) -> tuple[str, bool]:
     """(endpoint resource name, created by this run)."""
     from google.cloud import aiplatform_v1
 
     cfg = deployment["config"]["endpoint"]
+    from components.clients import endpoint_client, find_endpoint
+
     existing = find_endpoint(deployment)
     if existing is not None:
         if not cfg["reuse"]:
@@ -89,10 +67,11 @@ def redeploy_split(cfg: Any, current: dict[str, int]) -> dict[str, int]:
 def deploy_model(deployment: dict, model_resource: str) -> Deployed:
     """Deploy the model version; on an endpoint that already serves, the new one starts at 0% traffic
     (blue/green: the smoke test reaches it directly, and promote moves traffic only after it passes)."""
+    from components.clients import endpoint_client
     from components.config import config_from_dict
     from components.runtime import StepError
+    from components.server_logs import deploy_failure_message
     from components.serving import deploy_model_request, needs_v1beta1
-    from components.smoke_test import deploy_failure_message
 
     endpoint_resource, created = get_or_create_endpoint(deployment)
     client = endpoint_client(deployment)

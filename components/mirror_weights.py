@@ -72,7 +72,7 @@ DEFAULT_IGNORE_PATTERNS = [
 # Recommended resources for the step as a plain pipeline task (the lead applies them with
 # .set_cpu_limit / .set_memory_limit). 4 vCPU / 16 GB is an e2-standard-4: enough for the default
 # 512 MiB transfer buffer plus Python, and ~8 Gbps of network. Models above ~20 GB should run as a
-# custom job on the machine mirror_machine_for() picks instead.
+# custom job on the machine planning.mirror_machine_for() picks instead.
 STEP_RESOURCES = {"cpu_limit": "4", "memory_limit": "16G"}
 
 # Retries: bounded exponential backoff with full jitter (AWS architecture blog's "full jitter"), and a
@@ -177,24 +177,6 @@ def select_files(
     if not allow_patterns and not any(p.endswith(".safetensors") for p in paths):
         allow += BIN_FALLBACK_PATTERNS
     return sorted(p for p in paths if _matches(p, allow) and not _matches(p, ignore))
-
-
-def mirror_machine_for(weights_bytes: int) -> dict[str, Any]:
-    """Keyword arguments for GCPC's create_custom_training_job_from_component that size the mirror step.
-
-    Network bandwidth is what matters: GCE egress scales with vCPUs (e2-standard-4 ~8 Gbps,
-    n2-standard-8 16 Gbps, n2-standard-16 32 Gbps). Disk stays at the 100 GB default: nothing is staged.
-    """
-    gb = weights_bytes / 1e9
-    if gb <= 20:
-        machine, gbps = "e2-standard-4", 8
-    elif gb <= 150:
-        machine, gbps = "n2-standard-8", 16
-    else:
-        machine, gbps = "n2-standard-16", 32
-    # Timeout: 4x the time at a quarter of line rate, at least an hour; a stuck job must not run a week.
-    seconds = max(3600, int(4 * weights_bytes / (gbps / 8 * 1e9 / 4)))
-    return {"machine_type": machine, "boot_disk_size_gb": 100, "timeout": f"{seconds}s"}
 
 
 def mirror_tuning_for(cpus: int | None = None, memory_bytes: int | None = None) -> dict[str, int]:

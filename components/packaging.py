@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -12,36 +11,155 @@ from typing import Any
 
 BASE_IMAGE = "python:3.11-slim"  # public, has pip; the project's code travels embedded in the spec
 
-# What a step installs at start on Vertex. Exact pins: a spec compiled today must run the same in a
-# year, and `vlp run --local` runs the same spec, so these equal the versions pyproject.toml pins.
-RUNTIME_PACKAGES = [
-    "google-cloud-aiplatform==1.165.1",  # Model Registry, endpoints, predict; gcpc 2.22 requires <2
-    "google-cloud-pipeline-components==2.22.0",  # google.VertexModel / google.VertexEndpoint artifact types
-    "google-cloud-storage==3.17.1",  # JSON API + resumable uploads: the path fake-gcs-server also serves
-    "google-cloud-secret-manager==2.32.0",  # Hub token read by the mirror step only
-    "google-cloud-quotas==0.6.3",  # serving GPU quota per region (Cloud Quotas API v1)
-    "google-cloud-logging==3.17.0",  # model server log lines for failed deploys and smoke tests
-    "google-crc32c==1.9.0",  # C-accelerated crc32c: verifying 400 GB in pure Python would take hours
-    "huggingface_hub==2.4.0",  # Hub metadata, LFS sha256, resolve URLs; honours HF_ENDPOINT
-    "transformers==5.23.0",  # apply_chat_template for the smoke prompt (tokenizer only, no torch)
-    "pydantic==2.14.3",  # the deployment config model
-    "PyYAML==6.0.3",  # config parsing shared with the CLI
-    "requests==2.33.0",  # streamed range requests to the Hub
-]
+# The distributions each step imports at run time, by task name, with why. A step installs these and what
+# they need in turn (the lock below), nothing else: the mirror has no use for the Vertex SDK, and only the
+# smoke test reads tokenizer files. kfp itself is installed by KFP's own launcher command (--no-deps).
+STEP_NEEDS: dict[str, tuple[str, ...]] = {
+    "preflight": (
+        "google-cloud-aiplatform",  # endpoint lookup for no-op detection, serving GPU usage (v1beta1)
+        "google-cloud-quotas",  # serving GPU quota per region (Cloud Quotas API v1)
+        "google-crc32c",  # the Hub token's payload checksum (Secret Manager REST, components/clients.py)
+        "huggingface_hub",  # model facts: config and safetensors headers from the Hub
+        "requests",  # the no-op probe's call to the serving endpoint
+        "pydantic",  # the deployment config model
+        "PyYAML",  # config parsing shared with the CLI
+    ),
+    "mirror-weights": (
+        "google-cloud-storage",  # JSON API + resumable uploads: the path fake-gcs-server also serves
+        "google-crc32c",  # C-accelerated crc32c: verifying 400 GB in pure Python would take hours
+        "huggingface_hub",  # Hub metadata, LFS sha256, resolve URLs; honours HF_ENDPOINT
+        "requests",  # streamed range requests to the Hub
+        "pydantic",
+        "PyYAML",
+    ),
+    "register-model": (
+        "google-cloud-aiplatform",  # Model Registry upload (GAPIC v1)
+        "google-cloud-pipeline-components",  # the google.VertexModel artifact type in the step's signature
+        "pydantic",
+        "PyYAML",
+    ),
+    "deploy-model": (
+        "google-cloud-aiplatform",  # endpoints, deployModel (v1, v1beta1 for multi-host)
+        "google-cloud-pipeline-components",  # google.VertexModel / google.VertexEndpoint artifact types
+        "google-cloud-logging",  # the model server's log lines for a failed deploy
+        "pydantic",
+        "PyYAML",
+    ),
+    "smoke-test": (
+        "google-cloud-aiplatform",  # endpoint description, :predict / invoke on the real prediction path
+        "google-cloud-pipeline-components",  # the google.VertexEndpoint artifact type
+        "google-cloud-storage",  # tokenizer files next to the weights
+        "google-cloud-logging",  # the model server's log lines for a failed smoke test
+        "Jinja2",  # the chat template, rendered as transformers renders it (components/chat_template.py)
+        "requests",  # the prediction calls, through google-auth's AuthorizedSession
+        "pydantic",
+        "PyYAML",
+    ),
+    "promote": ("google-cloud-aiplatform", "pydantic", "PyYAML"),  # traffic split, undeploy the old model
+    "roll-back": ("google-cloud-aiplatform", "pydantic", "PyYAML"),  # undeploy / delete what the run created
+    "cleanup": ("google-cloud-aiplatform", "pydantic", "PyYAML"),
+}
+
+# Declared dependencies no step imports. Steps install with --no-deps from the lock, so leaving these out
+# is what keeps a step small; the local runs check it (pipelines/local/import_guard.py refuses any import
+# outside a step's set) and benchmarks/step_startup.py imports each step's modules in a fresh venv.
+NOT_AT_RUN_TIME: dict[str, str] = {
+    "google-cloud-bigquery": "aiplatform's high-level SDK (datasets, feature store); the steps use the GAPIC clients",
+    "google-cloud-resource-manager": "aiplatform's high-level SDK only",
+    "google-genai": "aiplatform's generative-AI SDK (vertexai.*), never imported by the GAPIC clients",
+    "docstring_parser": "aiplatform's high-level SDK and kfp's compiler",
+    "shapely": "aiplatform's high-level SDK (vector search)",
+    "kfp": "installed by KFP's launcher command itself, --no-deps",
+    "hf-xet": "huggingface_hub's Xet transfer backend; the mirror streams files over HTTP range requests itself",
+    "fsspec": "huggingface_hub's HfFileSystem only",
+    "click": "huggingface_hub's CLI only",
+    "typer": "huggingface_hub's CLI only",
+}
+
+# The KFP function behind each step, so a component finds its package set by the function it wraps.
+STEP_OF_OP = {
+    "preflight_op": "preflight",
+    "mirror_weights_op": "mirror-weights",
+    "register_model_op": "register-model",
+    "deploy_model_op": "deploy-model",
+    "smoke_test_op": "smoke-test",
+    "promote_op": "promote",
+    "roll_back_op": "roll-back",
+    "cleanup_op": "cleanup",
+}
+
+# Imported but not declared: with NOT_AT_RUN_TIME left out, these would be missing.
+UNDECLARED: dict[str, tuple[str, ...]] = {
+    # aiplatform_v1's IAM policy mixins import google.iam.v1; aiplatform gets it only through resource-manager.
+    "google-cloud-aiplatform": ("grpc-google-iam-v1",),
+}
+
+LOCK_FILE = Path(__file__).resolve().parent / "step-packages.lock"
+
+
+def read_lock(path: Path = LOCK_FILE) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The lock: distribution -> (exact version, the steps that install it). Lines read
+    `name==version  # steps: a, b`, a form pip also takes as a constraints file (the Makefile does)."""
+    lock = {}
+    for line in path.read_text().splitlines():
+        pin, _, comment = line.partition("#")
+        pin = pin.strip()
+        if not pin:
+            continue
+        name, _, version = pin.partition("==")
+        steps = tuple(s.strip() for s in comment.removeprefix(" steps:").split(",") if s.strip())
+        lock[name] = (version, steps)
+    return lock
+
+
+def step_packages(step: str) -> list[str]:
+    """What one step's launcher installs: its locked set, exact, with --no-deps (the lock is complete)."""
+    if step not in STEP_NEEDS:
+        raise KeyError(f"no package set for step {step!r}: add it to components.packaging.STEP_NEEDS")
+    pins = sorted(f"{name}=={version}" for name, (version, steps) in read_lock().items() if step in steps)
+    return ["--no-deps", *pins]
+
 
 _EMBED_ROOT = Path(tempfile.gettempdir()) / "vlp-embedded"
 
 
-def embedded_code_dir() -> Path:
-    """A clean copy of the `components` package (sources only), to embed in each component.
+def step_modules(module: str) -> list[str]:
+    """The `components` modules a step's module can import, at module level or inside functions (read from
+    the sources, not by importing them), so a step embeds only the code it can run."""
+    import ast
 
-    kfp tars the directory into the spec and puts its root on sys.path at run time, so
-    `import components.x` works on Vertex exactly as here. Copying (not pointing at the source
-    tree) keeps __pycache__ and editor files out, and fixed mtimes keep the archive stable.
+    src = Path(__file__).resolve().parent
+    seen: set[str] = set()
+    todo = [module.removeprefix("components.")]
+    while todo:
+        name = todo.pop()
+        if name in seen or not (src / f"{name}.py").is_file():
+            continue
+        seen.add(name)
+        for node in ast.walk(ast.parse((src / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "components":
+                todo += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components."):
+                todo.append(node.module.split(".")[1])
+            elif isinstance(node, ast.Import):
+                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("components.")]
+    return sorted(seen)
+
+
+def embedded_code_dir(module: str) -> Path:
+    """A clean copy of the part of the `components` package a step's module can import, to embed in its component.
+
+    kfp tars the directory into the spec and puts its root on sys.path at run time, so `import components.x`
+    works on Vertex exactly as here. A Linux argument is at most 128 KiB and kfp passes the embedded archive
+    as one, so a step carries only its own modules. Copying (not pointing at the source tree) keeps
+    __pycache__ and editor files out.
     """
     src = Path(__file__).resolve().parent
-    # The sources, plus the upstream contract fixtures the serving presets check flags against.
-    files = sorted([*src.glob("*.py"), *src.glob("contract/*.json")])
+    modules = step_modules(module)
+    files = [src / "__init__.py", *(src / f"{m}.py" for m in modules)]
+    if "contract_fixtures" in modules:  # the upstream flag fixtures the serving presets check flags against
+        files += sorted(src.glob("contract/*.json"))
+    files = sorted(set(files))
     digest = hashlib.sha256()
     for p in files:
         digest.update(p.relative_to(src).as_posix().encode())
@@ -54,9 +172,6 @@ def embedded_code_dir() -> Path:
             dest = staging / "components" / p.relative_to(src)
             dest.parent.mkdir(exist_ok=True)
             shutil.copyfile(p, dest)
-            os.utime(dest, (0, 0))
-        for d in sorted({p.parent for p in files}, reverse=True):
-            os.utime(staging / "components" / d.relative_to(src), (0, 0))
         root.parent.mkdir(parents=True, exist_ok=True)
         try:
             staging.rename(root)
@@ -66,8 +181,8 @@ def embedded_code_dir() -> Path:
 
 
 def as_component(func: Callable[..., Any], image: str | None = None) -> Any:
-    """Wrap a step's thin KFP function as a component: public image + pins + embedded code,
-    or a prebuilt image (see Dockerfile) that already holds all of it."""
+    """Wrap a step's thin KFP function as a component: public image + the step's locked packages + embedded
+    code, or a prebuilt image (see Dockerfile) that already holds all of it."""
     import typing
 
     from kfp import dsl
@@ -83,6 +198,6 @@ def as_component(func: Callable[..., Any], image: str | None = None) -> Any:
     return dsl.component(
         func,
         base_image=BASE_IMAGE,
-        packages_to_install=RUNTIME_PACKAGES,
-        embedded_artifact_path=str(embedded_code_dir()),
+        packages_to_install=step_packages(STEP_OF_OP[func.__name__]),
+        embedded_artifact_path=str(embedded_code_dir(func.__module__)),
     )

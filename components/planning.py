@@ -1573,3 +1573,22 @@ def plan_model(
     except ModelAccessError as exc:
         return Plan(model=model, revision=revision, engine=engine, errors=[str(exc)], access="denied")
     return plan_for_facts(facts, serving, hardware, regions=regions, prices=prices, include_legacy=include_legacy)
+
+
+# Where the mirror step runs: sized by the weights (components/pipelines pick the branch at preflight).
+def mirror_machine_for(weights_bytes: int) -> dict[str, Any]:
+    """Keyword arguments for GCPC's create_custom_training_job_from_component that size the mirror step.
+
+    Network bandwidth is what matters: GCE egress scales with vCPUs (e2-standard-4 ~8 Gbps,
+    n2-standard-8 16 Gbps, n2-standard-16 32 Gbps). Disk stays at the 100 GB default: nothing is staged.
+    """
+    gb = weights_bytes / 1e9
+    if gb <= 20:
+        machine, gbps = "e2-standard-4", 8
+    elif gb <= 150:
+        machine, gbps = "n2-standard-8", 16
+    else:
+        machine, gbps = "n2-standard-16", 32
+    # Timeout: 4x the time at a quarter of line rate, at least an hour; a stuck job must not run a week.
+    seconds = max(3600, int(4 * weights_bytes / (gbps / 8 * 1e9 / 4)))
+    return {"machine_type": machine, "boot_disk_size_gb": 100, "timeout": f"{seconds}s"}

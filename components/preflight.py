@@ -334,7 +334,7 @@ def preflight_op(
         metrics.log_metric(key, value)
     # Where the mirror runs: small models on the pipeline step itself, big ones as a custom job on a
     # machine with more network (the step's e2-standard-4 egress caps at ~8 Gbps).
-    from components.mirror_weights import mirror_machine_for
+    from components.planning import mirror_machine_for
 
     machine = mirror_machine_for(int(plan.get("weights_bytes") or 0))["machine_type"]
     mirror_on = "step" if machine == "e2-standard-4" else machine

@@ -32,8 +32,8 @@ def promote(
     from google.cloud import aiplatform_v1
     from google.protobuf import field_mask_pb2
 
+    from components.clients import endpoint_client
     from components.config import config_from_dict
-    from components.deploy_model import endpoint_client
 
     client = endpoint_client(deployment)
     endpoint = client.get_endpoint(name=endpoint_resource)

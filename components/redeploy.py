@@ -14,8 +14,8 @@ def _healthy(deployment: dict, endpoint_resource: str, deployed_model_id: str) -
     """One short request to the serving model through a route its endpoint kind really serves: the per-model
     invoke route on dedicated endpoints (invokeRoutePrefix uploads), else :predict, whose answer must name it."""
     from components.config import config_from_dict
+    from components.prediction import describe_endpoint, http_session, prediction_request, smoke_route
     from components.serving import served_model_name
-    from components.smoke_test import describe_endpoint, http_session, prediction_request, smoke_route
 
     api = deployment.get("api_endpoint", "")
     cfg = config_from_dict(deployment["config"], source="deployment['config']")
@@ -48,7 +48,7 @@ def _healthy(deployment: dict, endpoint_resource: str, deployed_model_id: str) -
 
 def unchanged_deployment(deployment: dict) -> str | None:
     """A description of the deployed model that already serves exactly this deployment, or None."""
-    from components.deploy_model import endpoint_client, find_endpoint
+    from components.clients import endpoint_client, find_endpoint
     from components.serving import LABEL_REVISION, LABEL_SPEC, serving_spec_hash
 
     sha = deployment.get("revision_sha", "")

@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import mimetypes
 import re
 import tempfile
 import time
-import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint
 from kfp import dsl
+
+from components.prediction import (
+    MAX_REQUEST_BYTES,
+    EndpointError,
+    EndpointInfo,
+    Reply,
+    canary_tries,
+    describe_endpoint,
+    http_session,
+    parse_reply,
+    prediction_request,
+    smoke_route,
+)
+from components.server_logs import deploy_failure_message, format_logs, logs_hint, server_log_tail
 
 # Tokenizer files, for the chat template and its special tokens; a few KB to a few MB, never the weights.
 TOKENIZER_FILES = (
@@ -27,9 +39,6 @@ TOKENIZER_FILES = (
 # Cold endpoints answer 429 (quota / warming) and 502-504 (replica not ready yet): worth waiting for.
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
 OK_FINISH_REASONS = {"stop", "length", "eos_token", "stop_sequence", "end_of_sequence_token", "eos"}
-LOG_LINES = 30
-ENDPOINT_RESOURCE_TYPE = "aiplatform.googleapis.com/Endpoint"
-_ENDPOINT_RE = re.compile(r"^projects/(?P<project>[^/]+)/locations/(?P<region>[^/]+)/endpoints/(?P<endpoint>[^/]+)$")
 _MISSING_TEMPLATE_FIX = (
     "the tokenizer mirrored with the weights has no chat template, so there is no right way to turn the prompt into "
     "model input: deploy the -Instruct variant of the model, or set serving.chat_template in the config to the "
@@ -39,7 +48,7 @@ _MISSING_TEMPLATE_FIX = (
 )
 
 
-class SmokeTestError(RuntimeError):
+class SmokeTestError(EndpointError):
     """The smoke test could not run (endpoint unreachable, permission denied, retries spent); not a verdict."""
 
 
@@ -63,250 +72,6 @@ class SmokeResult:
 
 
 # ----------------------------------------------------------------------------- Vertex HTTP plumbing
-
-
-def parse_endpoint(endpoint_resource: str) -> dict[str, str]:
-    """Splits projects/P/locations/L/endpoints/E into project, region, endpoint; a clear error otherwise."""
-    match = _ENDPOINT_RE.match(endpoint_resource.strip())
-    if not match:
-        raise SmokeTestError(
-            f"{endpoint_resource!r} is not an endpoint resource name: pass projects/PROJECT/locations/REGION/"
-            "endpoints/ENDPOINT_ID (the deploy step's endpoint.metadata['resourceName'])"
-        )
-    return match.groupdict()
-
-
-def is_local(api_endpoint: str) -> bool:
-    """True for a plain-HTTP emulator on loopback (the local stack)."""
-    from components.clients import api_endpoint as resolve
-
-    return resolve(api_endpoint).startswith("http://")
-
-
-def _loopback_adapter(emulator_url: str) -> Any:
-    """A transport adapter that sends https://HOST/PATH to the emulator, keeping HOST in the Host header.
-
-    Prediction URLs are built exactly as for Google (regional host, or a dedicated endpoint's own DNS); the
-    emulator sees which host was called and refuses the wrong one, as Vertex does."""
-    from urllib.parse import urlsplit
-
-    from requests.adapters import HTTPAdapter
-
-    class _ToEmulator(HTTPAdapter):
-        def send(self, request: Any, **kwargs: Any) -> Any:
-            parts = urlsplit(request.url)
-            request.headers["Host"] = parts.netloc
-            request.url = emulator_url.rstrip("/") + parts.path + (f"?{parts.query}" if parts.query else "")
-            return super().send(request, **kwargs)
-
-    return _ToEmulator()
-
-
-def http_session(api_endpoint: str = "") -> Any:
-    """A requests session that authenticates as the Vertex SDK does (ADC), or anonymously for the emulator."""
-    import requests
-
-    from components.clients import api_endpoint as resolve
-
-    if is_local(api_endpoint):
-        session = requests.Session()
-        session.mount("https://", _loopback_adapter(resolve(api_endpoint)))
-        return session
-    import google.auth
-    from google.auth.transport.requests import AuthorizedSession
-
-    creds, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
-    return AuthorizedSession(creds)
-
-
-def vertex_base_url(region: str, api_endpoint: str = "", dedicated_dns: str = "") -> str:
-    """Scheme + host for prediction calls: a dedicated endpoint's own DNS, else the region's (or an override).
-
-    Dedicated endpoints refuse the shared regional domain for prediction calls (endpoint.proto
-    `dedicated_endpoint_dns`), so their DNS wins over every override; locally the session routes both to the
-    emulator (see http_session)."""
-    from components.clients import api_endpoint as resolve
-
-    host = resolve(api_endpoint)
-    if dedicated_dns:
-        return f"https://{dedicated_dns}"
-    if host.startswith("https://"):
-        return host.rstrip("/")
-    if host and not host.startswith("http://"):
-        return f"https://{host}"
-    return f"https://{region}-aiplatform.googleapis.com"
-
-
-@dataclass
-class EndpointInfo:
-    """What the prediction path depends on: where to call and how much traffic the deployed model has."""
-
-    resource: str
-    project: str
-    region: str
-    endpoint_id: str
-    base_url: str
-    traffic: dict[str, int]
-    deployed_ids: list[str]
-    dedicated: bool
-
-
-def describe_endpoint(endpoint_resource: str, api_endpoint: str = "") -> EndpointInfo:
-    """Reads the endpoint (GAPIC, honouring api_endpoint) for its traffic split and dedicated DNS."""
-    from google.api_core import exceptions as gexc
-    from google.cloud import aiplatform_v1
-
-    from components.clients import gapic_kwargs
-
-    parts = parse_endpoint(endpoint_resource)
-    client = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(parts["region"], api_endpoint))
-    try:
-        ep = client.get_endpoint(name=endpoint_resource)
-    except gexc.NotFound:
-        raise SmokeTestError(
-            f"endpoint {endpoint_resource} does not exist: was it deleted, or is the region wrong? "
-            f"List them with: gcloud ai endpoints list --region={parts['region']} --project={parts['project']}"
-        ) from None
-    except gexc.PermissionDenied as exc:
-        raise SmokeTestError(
-            f"no permission to read endpoint {endpoint_resource}: grant the pipeline's service account "
-            f"roles/aiplatform.user on project {parts['project']} ({exc.message})"
-        ) from None
-    return EndpointInfo(
-        resource=endpoint_resource,
-        project=parts["project"],
-        region=parts["region"],
-        endpoint_id=parts["endpoint"],
-        base_url=vertex_base_url(parts["region"], api_endpoint, ep.dedicated_endpoint_dns),
-        traffic={str(k): int(v) for k, v in ep.traffic_split.items()},
-        deployed_ids=[dm.id for dm in ep.deployed_models],
-        dedicated=bool(ep.dedicated_endpoint_enabled),
-    )
-
-
-def chat_completions_url(info: EndpointInfo) -> str:
-    """Vertex's OpenAI-compatible chat route: v1beta1 only (PredictionService.ChatCompletions)."""
-    return f"{info.base_url}/v1beta1/{info.resource}/chat/completions"
-
-
-def invoke_url(info: EndpointInfo, path: str, deployed_model_id: str = "") -> str:
-    """The invoke route (dedicated endpoints, models uploaded with invokeRoutePrefix): one deployed model when
-    deployed_model_id is given, else the endpoint's traffic split. `path` is the container's own route."""
-    scope = f"{info.resource}/deployedModels/{deployed_model_id}" if deployed_model_id else info.resource
-    return f"{info.base_url}/v1/{scope}/invoke{path}"
-
-
-def predict_url(info: EndpointInfo) -> str:
-    """The endpoint's :predict route (models uploaded with predictRoute); the answer names the deployed model."""
-    return f"{info.base_url}/v1/{info.resource}:predict"
-
-
-# Vertex's online prediction request limit ("The request body limit is 1.5 MB", aiplatform SDK
-# Endpoint.raw_predict / invoke docstrings).
-MAX_REQUEST_BYTES = 1_500_000
-
-
-# ----------------------------------------------------------------------------- logs
-
-
-def log_filter(endpoint_id: str, deployed_model_id: str = "") -> str:
-    """The Cloud Logging filter for a deployed model's serving container logs."""
-    parts = [f'resource.type="{ENDPOINT_RESOURCE_TYPE}"', f'resource.labels.endpoint_id="{endpoint_id}"']
-    if deployed_model_id:
-        parts.append(f'labels.deployed_model_id="{deployed_model_id}"')
-    return " AND ".join(parts)
-
-
-def logs_hint(project: str, endpoint_id: str, deployed_model_id: str = "") -> str:
-    """The gcloud command and console link that show more of the model server's log."""
-    flt = log_filter(endpoint_id, deployed_model_id)
-    console = (
-        "https://console.cloud.google.com/logs/query;query="
-        + urllib.parse.quote(flt, safe="")
-        + (f"?project={project}")
-    )
-    return f"more: gcloud logging read '{flt}' --project={project} --limit=200 --freshness=1d\n      {console}"
-
-
-def server_log_tail(
-    project: str, endpoint_id: str, deployed_model_id: str = "", api_endpoint: str = "", lines: int = LOG_LINES
-) -> list[str]:
-    """The last lines the model server wrote (oldest first), read from Cloud Logging; never raises."""
-    from components.clients import logging_client
-
-    try:
-        from google.cloud import logging as cloud_logging
-
-        client = logging_client(project, api_endpoint)
-        entries = client.list_entries(
-            resource_names=[f"projects/{project}"],
-            filter_=log_filter(endpoint_id, deployed_model_id),
-            order_by=cloud_logging.DESCENDING,
-            max_results=lines,
-        )
-        out = []
-        for entry in entries:
-            payload = entry.payload
-            if isinstance(payload, dict):
-                payload = payload.get("message") or json.dumps(payload)
-            out.append(str(payload).rstrip())
-        return list(reversed(out))
-    except Exception as exc:  # noqa: BLE001 - a log read must never hide the failure it explains
-        return [f"(could not read the logs: {type(exc).__name__}: {str(exc)[:200]})"]
-
-
-def _format_logs(lines: list[str]) -> str:
-    if not lines:
-        return "  (no log lines: the container may not have started; check the image, quota and machine type)"
-    return "\n".join(f"  | {line}" for line in lines)
-
-
-_DEPLOY_HINTS = [
-    (
-        r"CUDA out of memory|OutOfMemoryError|torch\.OutOfMemory",
-        "GPU out of memory: lower serving.max_num_seqs, "
-        "serving.max_model_len or serving.gpu_memory_utilization, or plan a bigger machine",
-    ),
-    (
-        r"max_model_len|larger than the maximum number of tokens that can be stored in KV cache",
-        "the KV cache cannot hold max_model_len tokens: lower serving.max_model_len or use more GPUs",
-    ),
-    (
-        r"403|Permission denied|storage\.objects\.(get|list)",
-        "the endpoint's service account cannot read the weights "
-        "bucket: grant it roles/storage.objectViewer on the bucket",
-    ),
-    (r"No space left on device", "the replica's disk is too small for the weights: use a machine with more disk"),
-    (r"(?i)quota", "not enough serving quota in this region: request more or add a region to placement.regions"),
-    (
-        r"(?i)stockout|resources? (are|is) not available|ZONE_RESOURCE_POOL_EXHAUSTED",
-        "no GPUs of this type free in the region right now: retry later, use Spot or another region",
-    ),
-    (r"(?i)chat template", "the model has no chat template: set serving.chat_template or use an -Instruct model"),
-    (r"trust_remote_code|trust-remote-code", "the model ships custom code: set serving.trust_remote_code: true"),
-]
-
-
-def deploy_failure_message(
-    project: str, region: str, endpoint_id: str, deployed_model_id: str, error: str, api_endpoint: str = ""
-) -> str:
-    """What a failed deploy says: the error, the model server's last log lines, a likely fix, where to read more."""
-    lines = server_log_tail(project, endpoint_id, deployed_model_id, api_endpoint)
-    text = "\n".join([error, *lines])
-    fixes = [fix for pattern, fix in _DEPLOY_HINTS if re.search(pattern, text)]
-    who = f"deployed model {deployed_model_id} on " if deployed_model_id else ""
-    parts = [
-        f"Deploying to {who}endpoint projects/{project}/locations/{region}/endpoints/{endpoint_id} failed: {error}",
-        f"Last model server log lines ({ENDPOINT_RESOURCE_TYPE}, endpoint {endpoint_id}):",
-        _format_logs(lines),
-    ]
-    if fixes:
-        parts.append("Likely fix: " + "; ".join(dict.fromkeys(fixes)))
-    parts.append(logs_hint(project, endpoint_id, deployed_model_id))
-    return "\n".join(parts)
-
-
-# ----------------------------------------------------------------------------- prompt
 
 
 def download_tokenizer(weights_uri: str, dest: Path, project: str | None = None) -> Path:
@@ -377,76 +142,6 @@ def image_as_url(image_url: str, project: str | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------- the call
-
-
-@dataclass
-class _Reply:
-    answer: str
-    finish_reason: str
-    tokens: dict[str, int]
-    raw: str
-
-
-def _parse_reply(engine: str, route_kind: str, data: Any) -> _Reply:
-    raw = json.dumps(data)[:4000]
-    if route_kind == "chat":
-        choice = (data.get("choices") or [{}])[0]
-        content = (choice.get("message") or {}).get("content") or ""
-        usage = data.get("usage") or {}
-        tokens = {k: int(usage[k]) for k in ("prompt_tokens", "completion_tokens", "total_tokens") if k in usage}
-        return _Reply(str(content), str(choice.get("finish_reason") or ""), tokens, raw)
-    # :predict (TGI DLC's Vertex route): predictions are the generated texts themselves.
-    predictions = data.get("predictions") or [""]
-    first = predictions[0]
-    if isinstance(first, dict):  # a chat-shaped prediction, as the vLLM Model Garden handler answers chat
-        return _parse_reply(engine, "chat", first)
-    return _Reply(str(first), "", {}, raw)
-
-
-def smoke_route(uses_invoke: bool, info: EndpointInfo) -> str:
-    """How the smoke test reaches one deployed model: "invoke" (dedicated endpoints, invokeRoutePrefix uploads)
-    or "predict" (:predict, whose PredictResponse.deployed_model_id says which model answered)."""
-    if uses_invoke:
-        if not info.dedicated:
-            raise SmokeTestError(
-                f"endpoint {info.resource} is shared, but the model was uploaded for invoke routes, which Vertex "
-                "serves only on dedicated endpoints: set endpoint.dedicated: true with a new endpoint.name, or "
-                "endpoint.redeploy_test: canary"
-            )
-        return "invoke"
-    return "predict"
-
-
-def canary_tries(percent: int) -> int:
-    """Requests needed to reach a model holding `percent`% of traffic with 99.9% certainty (1 at 100%)."""
-    if percent >= 100:
-        return 1
-    return math.ceil(math.log(0.001) / math.log(1 - percent / 100))
-
-
-def prediction_request(
-    engine: str,
-    route: str,
-    info: EndpointInfo,
-    deployed_model_id: str,
-    messages: list[dict[str, Any]],
-    max_tokens: int,
-    model: str,
-) -> tuple[str, dict[str, Any], str]:
-    """(url, body, reply kind) for the engine and the route. Every form decodes greedily:
-    - vLLM (Model Garden handler): a chatCompletions instance with temperature 0, on /generate or :predict;
-    - TGI on :predict (its /vertex route): a chat-shaped instance; the `inputs` form would force do_sample
-      and add special tokens again (router/src/vertex.rs, v2.4.0); on invoke, its own /v1/chat/completions."""
-    # `model`: the served model name (vLLM's OpenAI request requires it; TGI ignores it).
-    chat = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
-    if engine == "vllm":
-        body = {"instances": [{"@requestFormat": "chatCompletions", **chat}]}
-        if route == "invoke":
-            return invoke_url(info, "/generate", deployed_model_id), body, "predict"
-        return predict_url(info), body, "predict"
-    if route == "invoke":
-        return invoke_url(info, "/v1/chat/completions", deployed_model_id), chat, "chat"
-    return predict_url(info), {"instances": [chat]}, "predict"
 
 
 def _post_with_retries(
@@ -590,10 +285,10 @@ def run_smoke_test(
 
     route = url.removeprefix(info.base_url)
     if error:
-        reply = _Reply("", "", {}, json.dumps(data)[:4000])
+        reply = Reply("", "", {}, json.dumps(data)[:4000])
         problems = [f"the model server refused the request ({error[:300]})"]
     else:
-        reply = _parse_reply(cfg.serving.engine, kind, data)
+        reply = parse_reply(cfg.serving.engine, kind, data)
         problems = check_answer(
             reply.answer, reply.finish_reason, reply.tokens, st.max_tokens, st.expect, st.expect_regex
         )
@@ -623,7 +318,7 @@ def run_smoke_test(
             f"Sent: POST {route}\n  prompt after the chat template: {templated!r}\n  body: {shown_body}",
             f"Got ({latency:.2f} s): {reply.raw[:1500]}",
             f"Last model server log lines (deployed model {deployed_model_id}):",
-            _format_logs(lines),
+            format_logs(lines),
             logs_hint(project, info.endpoint_id, deployed_model_id),
         ]
     )
@@ -703,8 +398,9 @@ def smoke_test_op(
     from logging import getLogger
 
     from components.benchmark import log_benchmark_metrics, render_html, run_benchmark
+    from components.prediction import describe_endpoint
     from components.serving import served_model_name
-    from components.smoke_test import benchmark_target, describe_endpoint, run_smoke_test, smoke_report_html
+    from components.smoke_test import benchmark_target, run_smoke_test, smoke_report_html
 
     resource = endpoint.metadata["resourceName"]
     result = run_smoke_test(deployment, resource, deployed_model_id, weights_uri, api_endpoint)

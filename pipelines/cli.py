@@ -285,6 +285,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.local:
+        from pipelines.local import missing_local_extra
+
+        if problem := missing_local_extra():
+            raise UserError(problem)
         from pipelines.local.runner import run_local
 
         summary = run_local(

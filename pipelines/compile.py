@@ -78,7 +78,12 @@ def _code_digest(image: str | None) -> str:
     digest = hashlib.sha256(f"{kfp.__version__}|{image or ''}".encode())
     components = PACKAGE_ROOT / "components"
     for path in sorted(
-        [*components.glob("*.py"), *components.glob("contract/*.json"), PACKAGE_ROOT / "pipelines" / "pipeline.py"]
+        [
+            *components.glob("*.py"),
+            *components.glob("contract/*.json"),
+            components / "step-packages.lock",
+            PACKAGE_ROOT / "pipelines" / "pipeline.py",
+        ]
     ):
         digest.update(path.name.encode())
         digest.update(path.read_bytes())

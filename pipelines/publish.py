@@ -4,15 +4,13 @@ start a run from the Vertex AI console form and a schedule can follow the `lates
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from components.config import ConfigError
+from pipelines.compile import IMAGE_SUFFIX
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-IMAGE_SUFFIX = ".image.yaml"
 _TAG_RE = re.compile(r"[^a-z0-9-]")
 
 
@@ -39,9 +37,11 @@ def registry_host(project: str, region: str, repository: str) -> str:
     return f"https://{region}-kfp.pkg.dev/{project}/{repository}"
 
 
-def project_version(pyproject: Path = REPO_ROOT / "pyproject.toml") -> str:
-    """The distribution's version, the tag a template is published under by default."""
-    return tomllib.loads(pyproject.read_text())["project"]["version"]
+def project_version() -> str:
+    """The installed distribution's version, the tag a template is published under by default."""
+    import importlib.metadata
+
+    return importlib.metadata.version("vertex-llm-pipelines")
 
 
 def normalize_tag(tag: str) -> str:
@@ -58,7 +58,8 @@ def normalize_tag(tag: str) -> str:
 
 
 def template_files(compiled_dir: Path | None = None) -> list[Path]:
-    """The compiled specs `vlp publish` uploads by default: compiled/*.yaml."""
+    """The compiled specs `vlp publish` uploads by default: every template in compiled/ (the generic one and
+    one per preset; with --image variants, those too)."""
     from pipelines.compile import COMPILED_DIR
 
     directory = compiled_dir or COMPILED_DIR

@@ -170,7 +170,7 @@ ENDPOINT_KINDS = {
 def _hammer(endpoint: str, api: str, kind: str, stop: threading.Event, results: list[int]) -> None:
     """A user calling the endpoint the way its kind is called: chat completions on the regional host, or the
     endpoint-level invoke route on a dedicated endpoint's own DNS (both routed to the emulator by http_session)."""
-    from components.smoke_test import describe_endpoint, http_session
+    from components.prediction import describe_endpoint, http_session
 
     info = describe_endpoint(endpoint, api)
     session = http_session(api)

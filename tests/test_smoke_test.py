@@ -16,7 +16,9 @@ from google.cloud import aiplatform_v1
 from components import serving
 from components.clients import gapic_kwargs, storage_client
 from components.config import load_config
-from components.smoke_test import SmokeTestError, canary_tries, deploy_failure_message, log_filter, run_smoke_test
+from components.prediction import canary_tries
+from components.server_logs import deploy_failure_message, log_filter
+from components.smoke_test import SmokeTestError, run_smoke_test
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 REGION = "us-central1"

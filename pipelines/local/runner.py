@@ -379,7 +379,7 @@ def run_local(
 
     from components.clients import storage_client
     from pipelines.compile import compile_to_temp
-    from pipelines.local import kfp_fixes
+    from pipelines.local import import_guard, kfp_fixes
     from pipelines.local.peers import LocalStack
 
     kfp_fixes.apply()
@@ -396,6 +396,8 @@ def run_local(
         pipeline = kfp_components.load_component_from_file(str(template))
         hub_mode = prepare_model(cfg, stack.mirrors_dir, model_dir)
         os.environ.update(stack.env())
+        # Each step imports only what its launcher installs on Vertex (pipelines/local/import_guard.py).
+        os.environ.update(import_guard.guard_env(state_dir))
         if hub_mode == "hub":
             os.environ.pop("HF_ENDPOINT", None)
         if kill_step:

