@@ -26,11 +26,11 @@ from components.mirror_weights import (
     MirrorIntegrityError,
     MirrorProgress,
     mirror_from_config,
-    mirror_machine_for,
     mirror_weights,
     mirror_weights_op,
     select_files,
 )
+from components.planning import mirror_machine_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KiB = 1 << 10
