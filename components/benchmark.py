@@ -42,6 +42,8 @@ class BenchmarkResult:
     recommended_concurrency: int | None = None
     records: list[RequestRecord] = field(default_factory=list)
     warmup_s: float = 0.0  # the unmeasured first request, outside every level's figures
+    price_per_hour_usd: float | None = None  # what the serving shape costs, when known (add_costs)
+    price_source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for JSON (records without the answers' text)."""
@@ -265,11 +267,50 @@ def run_benchmark(
     return result
 
 
+def prompt_tokens_estimate(prompt: str) -> int:
+    """Prompt tokens for the estimate: ~4 characters a token (English, BPE tokenizers) plus ~10 for the chat
+    template's role headers. The estimate needs only the order of magnitude."""
+    return max(1, round(len(prompt) / 4)) + 10
+
+
+def add_costs(
+    result: BenchmarkResult,
+    price_per_hour: float,
+    *,
+    price_source: str = "",
+    throughput_model: dict[str, Any] | None = None,
+) -> None:
+    """Each level's USD per 1M output tokens from what it measured at `price_per_hour`, and, given the plan's
+    throughput model (Plan.throughput_model), the estimate for the same load beside it."""
+    from components.throughput import Workload, cost_per_million_output_tokens, estimate_from
+
+    result.price_per_hour_usd = price_per_hour
+    result.price_source = price_source
+    for lv in result.levels:
+        lv["cost_per_million_output_tokens_usd"] = cost_per_million_output_tokens(
+            price_per_hour, lv["output_tokens_per_s"]
+        )
+        if throughput_model:
+            answered = lv["requests"] - lv["errors"]
+            out = round(lv["output_tokens"] / answered) if answered else result.max_tokens
+            load = Workload(prompt_tokens_estimate(result.prompt), max(1, out), lv["concurrency"])
+            est = estimate_from(throughput_model, load)
+            lv["estimated_output_tokens_per_s"] = est.output_tokens_per_s
+            lv["estimated_cost_per_million_output_tokens_usd"] = cost_per_million_output_tokens(
+                price_per_hour, est.output_tokens_per_s
+            )
+
+
 def render_table(result: BenchmarkResult) -> str:
     """A fixed-width text table of the levels and the recommendation."""
     header = ["concurrency", "requests", "errors", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "output_tok/s", "wall_s"]
-    rows = [
-        [
+    costed = result.price_per_hour_usd is not None
+    estimated = any("estimated_output_tokens_per_s" in lv for lv in result.levels)
+    header += ["$/1M out"] if costed else []
+    header += ["est tok/s", "est $/1M"] if estimated else []
+    rows = []
+    for lv in result.levels:
+        row = [
             str(lv["concurrency"]),
             str(lv["requests"]),
             str(lv["errors"]),
@@ -279,11 +320,19 @@ def render_table(result: BenchmarkResult) -> str:
             f"{lv['output_tokens_per_s']:.1f}",
             f"{lv['wall_s']:.2f}",
         ]
-        for lv in result.levels
-    ]
+        if costed:
+            row.append(_usd(lv.get("cost_per_million_output_tokens_usd")))
+        if estimated:
+            row += [
+                f"{lv.get('estimated_output_tokens_per_s', 0):.1f}",
+                _usd(lv.get("estimated_cost_per_million_output_tokens_usd")),
+            ]
+        rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    if costed:
+        lines.append(f"priced at ${result.price_per_hour_usd:.2f}/h ({result.price_source or 'given'})")
     if result.recommended_concurrency is None:
         lines.append(
             f"no level kept p95 TTFT under {result.ttft_target_s:g} s without errors: "
@@ -295,6 +344,55 @@ def render_table(result: BenchmarkResult) -> str:
             f"(p95 TTFT <= {result.ttft_target_s:g} s, no errors)"
         )
     return "\n".join(lines)
+
+
+def _usd(value: Any) -> str:
+    return "" if value is None else ("inf" if value == math.inf else f"${value:,.2f}")
+
+
+def _svg_cost_plot(result: BenchmarkResult) -> str:
+    """USD per 1M output tokens against concurrency: measured (blue) and the plan's estimate (grey)."""
+    levels = [lv for lv in result.levels if lv.get("cost_per_million_output_tokens_usd") not in (None, math.inf)]
+    if not levels:
+        return ""
+    width, height, pad = 560, 280, 56
+    series = [("measured", "cost_per_million_output_tokens_usd", "#1a73e8")]
+    if any("estimated_cost_per_million_output_tokens_usd" in lv for lv in levels):
+        series.append(("estimated", "estimated_cost_per_million_output_tokens_usd", "#888"))
+    ys = [lv[key] for _, key, _ in series for lv in levels if lv.get(key) not in (None, math.inf)]
+    y_max = max(ys) * 1.15 or 1.0
+    n = len(levels)
+
+    def sx(i: int) -> float:
+        return pad + (width - 2 * pad) * (i + 0.5) / n
+
+    def sy(v: float) -> float:
+        return height - pad - (height - 2 * pad) * v / y_max
+
+    parts = [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' font-family='sans-serif' "
+        "font-size='11'>",
+        f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#444'/>",
+        f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{height - pad}' stroke='#444'/>",
+        f"<text x='{width / 2}' y='{height - 16}' text-anchor='middle'>concurrency</text>",
+        f"<text x='16' y='{height / 2}' transform='rotate(-90 16 {height / 2})' text-anchor='middle'>"
+        "USD per 1M output tokens</text>",
+    ]
+    for i in range(5):
+        yv = y_max * i / 4
+        parts.append(f"<text x='{pad - 6}' y='{sy(yv) + 4:.1f}' text-anchor='end'>{yv:,.2f}</text>")
+    for i, lv in enumerate(levels):
+        parts.append(f"<text x='{sx(i):.1f}' y='{height - pad + 14}' text-anchor='middle'>{lv['concurrency']}</text>")
+    for k, (name, key, colour) in enumerate(series):
+        points = [(sx(i), sy(lv[key])) for i, lv in enumerate(levels) if lv.get(key) not in (None, math.inf)]
+        if len(points) > 1:
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in points)
+            parts.append(f"<polyline points='{path}' fill='none' stroke='{colour}'/>")
+        for x, y in points:
+            parts.append(f"<circle cx='{x:.1f}' cy='{y:.1f}' r='4' fill='{colour}'/>")
+        parts.append(f"<text x='{width - pad}' y='{pad + 14 * k}' text-anchor='end' fill='{colour}'>{name}</text>")
+    parts.append("</svg>")
+    return "".join(parts)
 
 
 def _svg_plot(result: BenchmarkResult) -> str:
@@ -348,6 +446,15 @@ def _svg_plot(result: BenchmarkResult) -> str:
 def render_html(result: BenchmarkResult, fragment: bool = False) -> str:
     """The report: the plot (inline SVG), the table and the recommendation; `fragment` omits <html>."""
     cols = [*SUMMARY_KEYS, "requests", "wall_s"]
+    cols += [
+        c
+        for c in (
+            "cost_per_million_output_tokens_usd",
+            "estimated_output_tokens_per_s",
+            "estimated_cost_per_million_output_tokens_usd",
+        )
+        if any(c in lv for lv in result.levels)
+    ]
     head = "".join(f"<th>{c}</th>" for c in cols)
     body = "".join(
         "<tr>" + "".join(f"<td style='text-align:right'>{html.escape(str(lv.get(c, '')))}</td>" for c in cols) + "</tr>"
@@ -367,7 +474,13 @@ def render_html(result: BenchmarkResult, fragment: bool = False) -> str:
         f"<p>Target <code>{html.escape(result.target)}</code>, model <code>{html.escape(result.model)}</code>, "
         f"{result.max_tokens} max tokens per answer, closed loop.</p>"
         f"{_svg_plot(result)}"
-        f"<table border='1' cellspacing='0' cellpadding='4'><tr>{head}</tr>{body}</table><p>{verdict}</p>"
+        + (
+            f"<p>Cost per token at ${result.price_per_hour_usd:.2f}/h ({html.escape(result.price_source)}): "
+            "measured, and the plan's estimate for the same load.</p>" + _svg_cost_plot(result)
+            if result.price_per_hour_usd is not None
+            else ""
+        )
+        + f"<table border='1' cellspacing='0' cellpadding='4'><tr>{head}</tr>{body}</table><p>{verdict}</p>"
         + (f"<p>First errors:</p><ul>{error_html}</ul>" if error_html else "")
     )
     if fragment:
@@ -383,5 +496,8 @@ def log_benchmark_metrics(result: BenchmarkResult, metrics: Any) -> None:
     for lv in result.levels:
         for key in SUMMARY_KEYS[1:]:
             metrics.log_metric(f"bench_c{lv['concurrency']}_{key}", float(lv[key]))
+        for key in ("cost_per_million_output_tokens_usd", "estimated_cost_per_million_output_tokens_usd"):
+            if key in lv and lv[key] != math.inf:
+                metrics.log_metric(f"bench_c{lv['concurrency']}_{key}", float(lv[key]))
     if result.recommended_concurrency is not None:
         metrics.log_metric("bench_recommended_concurrency", result.recommended_concurrency)

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 Engine = Literal["vllm", "tgi"]
 TeardownPolicy = Literal["on_failure", "always", "never"]
 RedeployTest = Literal["auto", "invoke", "canary"]
+Objective = Literal["cost_per_token", "cost_per_hour", "latency"]
 
 # Vertex resource names and label values share these limits; checking them here turns a
 # 400 from Google twenty minutes into a run into a message at `vlp check` time.
@@ -131,7 +132,7 @@ class Serving(_Strict):
 
 
 class Hardware(_Strict):
-    """The machine shape; `auto` lets preflight pick the cheapest one that fits."""
+    """The machine shape; `auto` lets preflight pick, among the shapes that fit, the best by `objective`."""
 
     machine_type: str = Field("auto", description="Vertex machine type (g2-standard-12...) or auto.")
     accelerator_type: str = Field("", description="Vertex AcceleratorType name (NVIDIA_L4, NVIDIA_H100_80GB...).")
@@ -139,6 +140,11 @@ class Hardware(_Strict):
     replica_count: int = Field(1, ge=1, description="Replicas kept serving (min replicas).")
     max_replica_count: int | None = Field(None, ge=1, description="Autoscaling ceiling; empty = replica_count.")
     spot: bool = Field(False, description="Use Spot VMs (cheaper, can be preempted).")
+    objective: Objective = Field(
+        "cost_per_token",
+        description="How `auto` ranks the shapes that fit: cost_per_token (USD per 1M output tokens at the "
+        "workload; ties: lower latency), cost_per_hour (the cheapest machine), latency (lowest inter-token latency).",
+    )
 
     @model_validator(mode="after")
     def _shape(self) -> Hardware:
@@ -157,6 +163,24 @@ class Hardware(_Strict):
     @property
     def is_auto(self) -> bool:
         return self.machine_type == "auto"
+
+
+class Workload(_Strict):
+    """The traffic a deployment is planned for: what a request looks like and how many are in flight."""
+
+    input_tokens: int = Field(1000, ge=1, description="Prompt tokens per request.")
+    output_tokens: int = Field(250, ge=1, description="Generated tokens per request.")
+    concurrency: int | Literal["max"] = Field(
+        16,
+        description="Requests in flight at once; max = as many sequences as the KV cache holds (saturated).",
+    )
+
+    @field_validator("concurrency")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if v != "max" and int(v) < 1:
+            raise ValueError("give a positive number of requests in flight, or max")
+        return v
 
 
 class Placement(_Strict):
@@ -287,6 +311,7 @@ class DeploymentConfig(_Strict):
     model: ModelSource
     serving: Serving = Field(default_factory=Serving)
     hardware: Hardware = Field(default_factory=Hardware)
+    workload: Workload = Field(default_factory=Workload)
     placement: Placement = Field(default_factory=Placement)
     endpoint: EndpointSpec
     smoke_test: SmokeTest = Field(default_factory=SmokeTest)

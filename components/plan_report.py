@@ -5,6 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 GB = 1_000_000_000
+THROUGHPUT_NOTE = (
+    "a roofline estimate (components/throughput.py) calibrated on published TensorRT-LLM rows, within 0.7-1.4x of "
+    "them; vLLM and TGI usually run below TensorRT-LLM. `vlp bench` measures the real figure."
+)
 
 
 def _d(plan: Any) -> dict[str, Any]:
@@ -96,22 +100,51 @@ def _shape_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
             f"{lim.get('concurrent_sequences', 0)} full-length sequences fit in the KV cache at once",
         ),
         ("price", price),
+        *_throughput_rows(p),
         ("why", p.get("reason", "")),
         ("fits", "yes" if p.get("fits") else "NO"),
     ]
 
 
-def _alt_rows(p: dict[str, Any]) -> list[list[str]]:
+def _throughput_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
+    t = p.get("throughput") or {}
+    if not t:
+        return []
+    w = p.get("workload") or {}
+    flight = "as many as the KV cache holds" if w.get("concurrency") == "max" else f"{w.get('concurrency')} in flight"
     return [
-        [
-            a["shape"],
-            f"TP {a['tensor_parallel_size']} x PP {a['pipeline_parallel_size']}",
-            f"${a['price_per_hour_usd']:.2f}/h",
-            _num(a["max_model_len_limit"]),
-            _num(a["kv_cache_tokens"]),
-        ]
-        for a in p.get("alternatives") or []
+        ("workload", f"{_num(t['input_tokens'])} tokens in, {_num(t['output_tokens'])} out, {flight}"),
+        (
+            "estimate",
+            f"~{t['output_tokens_per_s']:,.0f} output tokens/s at {t['concurrency']} sequences, "
+            f"TTFT {t['ttft_s']:.2f} s, {t['itl_s'] * 1000:.0f} ms/token ({t['bound']}-bound)"
+            + ("" if t.get("holds_workload", True) else "; the KV cache does NOT hold the requests in flight"),
+        ),
+        ("cost", f"${p.get('cost_per_million_output_tokens_usd', 0):.2f} per 1M output tokens"),
     ]
+
+
+_ALT_HEADERS = ["shape", "parallel", "price", "tokens/s", "ms/token", "$/1M out", "max len", "KV tokens"]
+
+
+def _alt_rows(p: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for a in p.get("alternatives") or []:
+        t = a.get("throughput") or {}
+        cost = a.get("cost_per_million_output_tokens_usd")
+        rows.append(
+            [
+                a["shape"],
+                f"TP {a['tensor_parallel_size']} x PP {a['pipeline_parallel_size']}",
+                f"${a['price_per_hour_usd']:.2f}/h",
+                f"{t['output_tokens_per_s']:,.0f}" if t else "",
+                f"{t['itl_s'] * 1000:.0f}" if t else "",
+                f"${cost:.2f}" if cost is not None else "",
+                _num(a["max_model_len_limit"]),
+                _num(a["kv_cache_tokens"]),
+            ]
+        )
+    return rows
 
 
 def _quota_rows(p: dict[str, Any]) -> list[list[str]]:
@@ -160,7 +193,7 @@ def render_table(plan: Any) -> str:
     parts += ["", f"Shape ({p.get('hardware_mode', 'auto')}, engine {p.get('engine')})", _kv(_shape_rows(p))]
     alts = _alt_rows(p)
     if alts:
-        parts += ["", "Alternatives that fit", _table(["shape", "parallel", "price", "max len", "KV tokens"], alts)]
+        parts += ["", "Alternatives that fit", _table(_ALT_HEADERS, alts)]
     if p.get("rejected"):
         parts += ["", "Too small"] + [f"  {r['shape']}: {r['reason']}" for r in p["rejected"]]
     quota = _quota_rows(p)
@@ -171,7 +204,7 @@ def render_table(plan: Any) -> str:
         parts += ["", "Warnings"] + [f"  - {w}" for w in p["warnings"]]
     if p.get("errors"):
         parts += ["", "Errors"] + [f"  - {e}" for e in p["errors"]]
-    parts += ["", f"Prices: {p.get('prices_note', '')}"]
+    parts += ["", f"Prices: {p.get('prices_note', '')}", f"Throughput: {THROUGHPUT_NOTE}"]
     return "\n".join(parts) + "\n"
 
 
@@ -204,7 +237,7 @@ def render_markdown(plan: Any) -> str:
             "",
             "## Alternatives that fit",
             "",
-            _md_table(["shape", "parallel", "price", "max len", "KV tokens"], alts),
+            _md_table(_ALT_HEADERS, alts),
         ]
     if p.get("rejected"):
         parts += ["", "## Too small", ""] + [f"- {r['shape']}: {r['reason']}" for r in p["rejected"]]
@@ -218,5 +251,5 @@ def render_markdown(plan: Any) -> str:
         ]
     if p.get("warnings"):
         parts += ["", "## Warnings", ""] + [f"- {w}" for w in p["warnings"]]
-    parts += ["", f"_Prices: {p.get('prices_note', '')}_", ""]
+    parts += ["", f"_Prices: {p.get('prices_note', '')}_", "", f"_Throughput: {THROUGHPUT_NOTE}_", ""]
     return "\n".join(parts)

@@ -977,6 +977,65 @@ class ShapeFit:
     memory: MemoryBudget | None = None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    throughput: Any = None  # components.throughput.Estimate at the plan's workload, for shapes that fit
+    throughput_model: dict[str, Any] = field(default_factory=dict)  # its inputs: re-estimate at another workload
+    cost_per_million: float = math.inf  # USD per 1M output tokens at that throughput
+
+    @property
+    def holds_workload(self) -> bool:
+        """The KV cache (and max_num_seqs) hold the workload's requests in flight (always, for `max`)."""
+        return bool(self.throughput) and self.throughput.holds_workload
+
+    def rank(self, objective: str) -> tuple[float, ...]:
+        """Sort key for `hardware: auto` (lower is better). By tokens, a shape whose KV cache cannot hold the
+        requests in flight comes after every shape that can: its queue, not its price, sets the latency."""
+        itl = self.throughput.itl_s if self.throughput else math.inf
+        if objective == "cost_per_hour":
+            return (self.price_per_hour, self.shape.gpus)
+        short = 0.0 if self.holds_workload else 1.0
+        if objective == "latency":
+            return (short, itl, self.cost_per_million, self.price_per_hour)
+        return (short, self.cost_per_million, itl, self.price_per_hour)
+
+
+def with_throughput(fit: ShapeFit, facts: ModelFacts, settings: EngineSettings, workload: Any) -> ShapeFit:
+    """The fit with its throughput and cost per token at `workload` (a config Workload, or None = the defaults)."""
+    if not fit.fits or fit.memory is None:
+        return fit
+    from components import throughput
+
+    quant = (settings.quantization or facts.quantization or "").lower()
+    model = throughput.ServedModel(
+        active_params=throughput.active_params(
+            facts.params,
+            facts.layers,
+            facts.hidden_size,
+            facts.intermediate_size,
+            facts.moe_experts,
+            facts.moe_experts_per_token,
+        ),
+        weight_bytes=served_weight_bytes(facts, settings),
+        kv_bytes_per_token=kv_bytes_per_token(facts, settings),
+        low_precision_compute="fp8" in quant,  # W8A8; AWQ/GPTQ INT4 are weight-only (16-bit compute)
+    )
+    load = throughput.Workload()
+    if workload is not None:
+        concurrency = 0 if workload.concurrency == "max" else int(workload.concurrency)
+        load = throughput.Workload(int(workload.input_tokens), int(workload.output_tokens), concurrency)
+    fit.throughput_model = {
+        **dataclasses.asdict(model),
+        "accelerator": fit.shape.accelerator_type,
+        "gpus": fit.shape.gpus,
+        "tp": fit.tp,
+        "pp": fit.pp,
+        "kv_cache_tokens": fit.memory.kv_tokens,
+        "max_num_seqs": fit.max_num_seqs,
+    }
+    fit.throughput = throughput.estimate_from(fit.throughput_model, load)
+    fit.cost_per_million = throughput.cost_per_million_output_tokens(
+        fit.price_per_hour, fit.throughput.output_tokens_per_s
+    )
+    return fit
 
 
 def evaluate_shape(
@@ -1190,6 +1249,11 @@ class Plan:
     kv_bytes_per_token: int = 0
     gpu_memory_utilization: float = 0.9
     price_per_hour_usd: float = 0.0
+    objective: str = "cost_per_token"
+    workload: dict[str, Any] = field(default_factory=dict)
+    throughput: dict[str, Any] = field(default_factory=dict)  # the chosen shape's estimate at the workload
+    throughput_model: dict[str, Any] = field(default_factory=dict)  # its inputs (components.throughput.estimate_from)
+    cost_per_million_output_tokens_usd: float = 0.0
     price_estimated: bool = False
     prices_note: str = PRICES_AS_OF
     reason: str = ""
@@ -1223,6 +1287,8 @@ def _alt(fit: ShapeFit) -> dict[str, Any]:
         "max_model_len_limit": fit.max_model_len_limit,
         "max_num_seqs_limit": fit.max_num_seqs_limit,
         "kv_cache_tokens": fit.memory.kv_tokens if fit.memory else 0,
+        "throughput": fit.throughput.to_dict() if fit.throughput else {},
+        "cost_per_million_output_tokens_usd": fit.cost_per_million if fit.throughput else None,
         "shape": s.describe(),
     }
 
@@ -1282,9 +1348,25 @@ def plan_for_facts(
     regions: list[str] | None = None,
     prices: Mapping[str, float] | None = None,
     include_legacy: bool = False,
+    workload: Any = None,
 ) -> Plan:
-    """Choose (hardware auto) or check (explicit) a shape for the model under the config's serving settings."""
+    """Choose (hardware auto) or check (explicit) a shape for the model under the config's serving settings.
+
+    `auto` ranks the shapes that fit by hardware.objective: USD per 1M output tokens at `workload` (a config
+    Workload; None = its defaults) by default, the hourly price, or the inter-token latency."""
     settings = EngineSettings.from_serving(serving)
+    objective = getattr(hardware, "objective", "cost_per_token")
+    if workload is None:
+        from components.config import Workload
+
+        workload = Workload()
+
+    def evaluate(shape: Shape, **kwargs: Any) -> ShapeFit:
+        return with_throughput(evaluate_shape(facts, shape, settings, **kwargs), facts, settings, workload)
+
+    def ranked(fits: Iterable[ShapeFit]) -> list[ShapeFit]:
+        return sorted((f for f in fits if f.fits), key=lambda f: f.rank(objective))
+
     plan = Plan(
         model=facts.repo,
         revision=facts.revision,
@@ -1319,6 +1401,8 @@ def plan_for_facts(
         spot=hardware.spot,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         regions=list(regions or []),
+        objective=objective,
+        workload=workload.model_dump(),
     )
     if facts.quantization and serving.quantization and facts.quantization not in serving.quantization:
         plan.warnings.append(
@@ -1357,14 +1441,14 @@ def plan_for_facts(
                 f"{hardware.machine_type} has no GPU: vLLM and TGI serve LLMs on GPUs; "
                 "set hardware to auto or add a GPU"
             )
-        chosen = evaluate_shape(facts, shape, settings, **kw)
+        chosen = evaluate(shape, **kw)
         plan.reason = f"explicit shape from the config: {shape.describe()}"
         alts = [
-            evaluate_shape(facts, s, settings, **{**kw, "tensor_parallel_size": None, "pipeline_parallel_size": None})
+            evaluate(s, **{**kw, "tensor_parallel_size": None, "pipeline_parallel_size": None})
             for s in catalog_shapes(include_legacy=include_legacy)
             if s != shape and _in_regions(s, regions)
         ]
-        fitting = sorted((a for a in alts if a.fits), key=lambda a: (a.price_per_hour, a.shape.gpus))
+        fitting = ranked(alts)
     else:
         singles = [s for s in _candidates(hardware, include_legacy) if _in_regions(s, regions)]
         if not singles:
@@ -1374,28 +1458,49 @@ def plan_for_facts(
                 f" in regions {regions}: check hardware.accelerator_type/accelerator_count and placement.regions"
             )
             return plan
-        fits = [evaluate_shape(facts, s, settings, **kw) for s in singles]
-        fitting = sorted((f for f in fits if f.fits), key=lambda f: (f.price_per_hour, f.shape.gpus))
+        fits = [evaluate(s, **kw) for s in singles]
+        fitting = ranked(fits)
         multihost = False
         if not fitting and serving.tensor_parallel_size in (None, 8):
             # Nothing fits on one node: spread a replica over nodes, TP inside a node, PP across them.
             fits_mh = [
-                evaluate_shape(facts, s, settings, **{**kw, "tensor_parallel_size": 8, "pipeline_parallel_size": None})
+                evaluate(s, **{**kw, "tensor_parallel_size": 8, "pipeline_parallel_size": None})
                 for s in _multihost_candidates(singles)
             ]
-            fitting = sorted((f for f in fits_mh if f.fits), key=lambda f: (f.price_per_hour, f.shape.gpus))
+            fitting = ranked(fits_mh)
             fits += fits_mh
             multihost = bool(fitting)
         if not fitting:
-            best = max(fits, key=lambda f: f.shape.gpus * ACCELERATORS[f.shape.accelerator_type].memory_bytes)
+            # The candidate that got furthest: most GPU memory, then the longest context that fits, then the
+            # cheapest, so a host-memory refusal on the smallest machine does not hide the real limit.
+            best = max(
+                fits,
+                key=lambda f: (
+                    f.shape.gpus * ACCELERATORS[f.shape.accelerator_type].memory_bytes,
+                    f.max_model_len_limit,
+                    -f.price_per_hour,
+                ),
+            )
             # The reason most single-node shapes give is the fix (e.g. max_model_len beyond the model's
             # context); the largest machine's reason is only the fallback.
             from collections import Counter
 
-            reasons = Counter(e for f in fits[: len(singles)] for e in dict.fromkeys(f.errors))
+            # Reasons differ only in the shape they name; compare them with it taken out.
+            def _general(f: ShapeFit, e: str) -> str:
+                return e.replace(f" on {f.shape.describe()}", "")
+
+            reasons = Counter(_general(f, e) for f in fits[: len(singles)] for e in dict.fromkeys(f.errors))
             common, count = reasons.most_common(1)[0] if reasons else ("", 0)
+            where = "shape"
+            if hardware.accelerator_type:
+                where = f"{hardware.accelerator_type} x {hardware.accelerator_count or 'any count'} shape"
             if count > len(singles) // 2:
-                plan.errors.append(f"{facts.repo} fits no shape: {common}")
+                plan.errors.append(f"{facts.repo} fits no {where}: {common}")
+            elif len({f.shape.accelerator_type for f in fits}) == 1 and best.errors:
+                plan.errors.append(
+                    f"{facts.repo} fits no {best.shape.accelerator_type} shape (best candidate: "
+                    f"{best.shape.describe()}): " + "; ".join(best.errors)
+                )
             else:
                 plan.errors.append(
                     f"{facts.repo} fits no shape in the catalog (largest tried: {best.shape.describe()}): "
@@ -1406,13 +1511,16 @@ def plan_for_facts(
             return plan
         chosen = fitting[0]
         fitting = fitting[1:]
-        nxt = f"; next: {fitting[0].shape.describe()} at ${fitting[0].price_per_hour:.2f}/h" if fitting else ""
+        nxt = f"; next: {_figures(fitting[0])}" if fitting else ""
+        if fitting and objective == "cost_per_token" and fitting[0].cost_per_million <= 1.15 * chosen.cost_per_million:
+            nxt += " (within 15%, inside the estimate's accuracy: `vlp bench` both to decide)"
+        what = _OBJECTIVE_WORDS[objective].format(workload=_describe_workload(workload))
         plan.reason = (
-            f"cheapest fitting shape: {chosen.shape.describe()} at ${chosen.price_per_hour:.2f}/h{nxt}"
+            f"{what}: {_figures(chosen)}{nxt}"
             if not multihost
             else f"no single node holds the model, so a replica spans {chosen.shape.node_count} nodes "
-            f"(tensor parallel {chosen.tp} within a node, pipeline parallel {chosen.pp} across nodes): "
-            f"{chosen.shape.describe()} at ${chosen.price_per_hour:.2f}/h{nxt}"
+            f"(tensor parallel {chosen.tp} within a node, pipeline parallel {chosen.pp} across nodes); "
+            f"{what}: {_figures(chosen)}{nxt}"
         )
         _record_rejected(plan, fits)
         if not multihost:
@@ -1421,13 +1529,11 @@ def plan_for_facts(
             big = [f for f in fits if f.shape.accelerator_count == 8 and not f.fits]
             if big and over:
                 extra = [
-                    evaluate_shape(
-                        facts, s, settings, **{**kw, "tensor_parallel_size": 8, "pipeline_parallel_size": None}
-                    )
+                    evaluate(s, **{**kw, "tensor_parallel_size": 8, "pipeline_parallel_size": None})
                     for s in over
                     if any(b.shape.machine_type == s.machine_type for b in big)
                 ]
-                fitting = sorted(fitting + [e for e in extra if e.fits], key=lambda f: (f.price_per_hour, f.shape.gpus))
+                fitting = ranked(fitting + extra)
 
     _fill_from_fit(plan, chosen)
     # One row per GPU layout (the cheapest machine for it): g2-standard-8/12/16 differ only in host size.
@@ -1439,10 +1545,9 @@ def plan_for_facts(
             seen.add(key)
             unique.append(f)
     plan.alternatives = [_alt(f) for f in unique[:8]]
-    if chosen.fits and not hardware.is_auto and fitting and fitting[0].price_per_hour < chosen.price_per_hour:
+    if chosen.fits and not hardware.is_auto and fitting and fitting[0].rank(objective) < chosen.rank(objective):
         plan.warnings.append(
-            f"a cheaper shape also fits: {fitting[0].shape.describe()} at ${fitting[0].price_per_hour:.2f}/h "
-            f"(this one: ${chosen.price_per_hour:.2f}/h)"
+            f"a shape that does better by {objective} also fits: {_figures(fitting[0])} (this one: {_figures(chosen)})"
         )
     if chosen.shape.node_count > 1:
         plan.warnings.append(
@@ -1454,6 +1559,30 @@ def plan_for_facts(
             f"{facts.repo} has no chat template: /v1/chat/completions needs one; set serving.chat_template"
         )
     return plan
+
+
+_OBJECTIVE_WORDS = {
+    "cost_per_token": "lowest cost per output token at the workload ({workload})",
+    "cost_per_hour": "cheapest fitting shape per hour",
+    "latency": "lowest inter-token latency at the workload ({workload})",
+}
+
+
+def _describe_workload(workload: Any) -> str:
+    flight = "as many as the KV cache holds" if workload.concurrency == "max" else f"{workload.concurrency} in flight"
+    return f"{workload.input_tokens} tokens in, {workload.output_tokens} out, {flight}"
+
+
+def _figures(fit: ShapeFit) -> str:
+    """A shape with its price and, when estimated, its throughput and cost per token."""
+    text = f"{fit.shape.describe()} at ${fit.price_per_hour:.2f}/h"
+    if fit.throughput:
+        t = fit.throughput
+        text += (
+            f", ~{t.output_tokens_per_s:,.0f} output tokens/s, {t.itl_s * 1000:.0f} ms/token, "
+            f"${fit.cost_per_million:.2f}/1M output tokens"
+        )
+    return text
 
 
 def _record_rejected(plan: Plan, fits: list[ShapeFit]) -> None:
@@ -1496,6 +1625,10 @@ def _fill_from_fit(plan: Plan, fit: ShapeFit) -> None:
     plan.tensor_parallel_size = fit.tp
     plan.pipeline_parallel_size = fit.pp
     plan.price_per_hour_usd = round(fit.price_per_hour * plan.replica_count, 4)
+    if fit.throughput:
+        plan.throughput = fit.throughput.to_dict()
+        plan.throughput_model = dict(fit.throughput_model)
+        plan.cost_per_million_output_tokens_usd = fit.cost_per_million
     plan.price_estimated = bool(machine and machine.price_estimated)
     if plan.price_estimated:
         plan.warnings.append(f"{s.machine_type} has no recorded list price: ${fit.price_per_hour:.2f}/h is an estimate")
@@ -1542,9 +1675,13 @@ def plan_model(
     include_legacy: bool = False,
     endpoint: str = "",
     token: str | None = None,
+    input_tokens: int = 1000,
+    output_tokens: int = 250,
+    concurrency: int | str = 16,
+    objective: str = "cost_per_token",
 ) -> Plan:
     """`vlp plan --model REPO_OR_DIR`: the hardware a model needs and what it costs; no quota, no project."""
-    from components.config import Hardware, Serving
+    from components.config import Hardware, Serving, Workload
 
     serving = Serving(
         engine=engine,
@@ -1567,12 +1704,16 @@ def plan_model(
         accelerator_count=accelerator_count or 0,
         spot=spot,
         replica_count=replica_count,
+        objective=objective,
     )
+    workload = Workload(input_tokens=input_tokens, output_tokens=output_tokens, concurrency=concurrency)
     try:
         facts = read_model_facts(model, revision=revision, endpoint=endpoint, token=token)
     except ModelAccessError as exc:
         return Plan(model=model, revision=revision, engine=engine, errors=[str(exc)], access="denied")
-    return plan_for_facts(facts, serving, hardware, regions=regions, prices=prices, include_legacy=include_legacy)
+    return plan_for_facts(
+        facts, serving, hardware, regions=regions, prices=prices, include_legacy=include_legacy, workload=workload
+    )
 
 
 # Where the mirror step runs: sized by the weights (components/pipelines pick the branch at preflight).

@@ -96,7 +96,7 @@ def plan_deployment(
             regions=regions,
             errors=[str(exc)],
         )
-    plan = plan_for_facts(facts, cfg.serving, cfg.hardware, regions=regions, prices=prices)
+    plan = plan_for_facts(facts, cfg.serving, cfg.hardware, regions=regions, prices=prices, workload=cfg.workload)
     pinned = {"vllm": VLLM_IMAGE, "tgi": TGI_IMAGE}[cfg.serving.engine]
     if cfg.serving.image and cfg.serving.image != pinned:
         # Flags are rendered for the pinned image's engine version (components/contract/): a newer vLLM drops

@@ -46,7 +46,8 @@ FORM_FIELDS: tuple[FormField, ...] = (
         "hardware",
         "hardware",
         str,
-        "auto (the cheapest shape that fits, from the model's real size), or MACHINE_TYPE:GPU_TYPE:GPU_COUNT, "
+        "auto (the shape with the lowest cost per output token that fits the model's real size), or "
+        "MACHINE_TYPE:GPU_TYPE:GPU_COUNT, "
         "e.g. g2-standard-12:NVIDIA_L4:1.",
     ),
     FormField(

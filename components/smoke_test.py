@@ -352,6 +352,24 @@ def benchmark_target(cfg: Any, info: EndpointInfo, deployed_model_id: str) -> tu
     return info.resource, ""
 
 
+def benchmark_pricing(deployment: dict, api_endpoint: str) -> tuple[float, str, dict[str, Any]]:
+    """(USD/hour of one replica, where the price comes from, the throughput model to estimate with) for the
+    benchmark's cost figures: the plan's shape on Vertex; on the local stack, the local catalog's CPU server."""
+    from components import throughput
+    from components.prediction import is_local
+
+    plan = deployment.get("plan") or {}
+    model = dict(plan.get("throughput_model") or {})
+    if is_local(api_endpoint or str(deployment.get("api_endpoint") or "")):
+        if model:
+            model.update(accelerator=throughput.LOCAL_SERVER, gpus=1, tp=1, pp=1)
+        return throughput.LOCAL_PRICE_PER_HOUR, "the local catalog's nominal price for the CPU model server", model
+    replicas = max(1, int(plan.get("replica_count") or 1))
+    price = float(plan.get("price_per_hour_usd") or 0.0) / replicas
+    shape = f"{plan.get('machine_type')} with {plan.get('accelerator_count')} x {plan.get('accelerator_type')}"
+    return price, f"one replica of {shape}, {plan.get('prices_note', 'catalog price')}", model
+
+
 def smoke_report_html(result: SmokeResult, benchmark_html: str = "") -> str:
     """A small HTML page for the KFP report artifact."""
     import html
@@ -397,10 +415,10 @@ def smoke_test_op(
     from collections import namedtuple
     from logging import getLogger
 
-    from components.benchmark import log_benchmark_metrics, render_html, run_benchmark
+    from components.benchmark import add_costs, log_benchmark_metrics, render_html, run_benchmark
     from components.prediction import describe_endpoint
     from components.serving import served_model_name
-    from components.smoke_test import benchmark_target, run_smoke_test, smoke_report_html
+    from components.smoke_test import benchmark_pricing, benchmark_target, run_smoke_test, smoke_report_html
 
     resource = endpoint.metadata["resourceName"]
     result = run_smoke_test(deployment, resource, deployed_model_id, weights_uri, api_endpoint)
@@ -433,6 +451,9 @@ def smoke_test_op(
                 api_endpoint=api_endpoint,
                 ttft_target_s=st.ttft_p95_target_s,
             )
+            price, source, model = benchmark_pricing(deployment, api_endpoint)
+            if price > 0:
+                add_costs(bench, price, price_source=source, throughput_model=model)
             levels = bench.levels
             log_benchmark_metrics(bench, metrics)
             bench_html = render_html(bench, fragment=True)

@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--machine-type", default=None, help="check this shape instead of choosing one")
     p.add_argument("--accelerator", default=None, help="Vertex AcceleratorType, e.g. NVIDIA_L4")
     p.add_argument("--accelerator-count", type=int, default=None)
+    p.add_argument("--input-tokens", type=int, default=None, help="workload: prompt tokens per request (1000)")
+    p.add_argument("--output-tokens", type=int, default=None, help="workload: generated tokens per request (250)")
+    p.add_argument("--concurrency", default=None, help="workload: requests in flight, or max (16)")
+    p.add_argument(
+        "--objective",
+        choices=["cost_per_token", "cost_per_hour", "latency"],
+        default=None,
+        help="how auto ranks fitting shapes (default cost_per_token)",
+    )
     p.add_argument("--no-quota", action="store_true", help="skip the quota check (no Google credentials needed)")
 
     p = sub.add_parser("render", help="print the Model upload and deploy requests a run would send")
@@ -116,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model name to send (OpenAI servers)")
     p.add_argument("--ttft-target", type=float, default=2.0, help="p95 TTFT target in seconds")
     p.add_argument("--report", type=Path, default=Path("bench-report.html"), help="HTML report path")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="the deployment config the target serves: prices each level by its planned shape, with the plan's "
+        "estimate beside the measurement",
+    )
+    p.add_argument(
+        "--price-per-hour", type=float, default=None, help="USD/hour of the serving replica (overrides --config's)"
+    )
     p.add_argument("--json", action="store_true", help="print results as JSON")
 
     p = sub.add_parser("local", help="manage the local stack's state")
@@ -217,9 +235,20 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from components import plan_report, planning
 
+    workload = {
+        key: value
+        for key, value in (
+            ("workload.input_tokens", args.input_tokens),
+            ("workload.output_tokens", args.output_tokens),
+            ("workload.concurrency", args.concurrency),
+            ("hardware.objective", args.objective),
+        )
+        if value is not None
+    }
     if args.config:
         from components.preflight import plan_deployment
 
+        args.overrides = [*args.overrides, *(f"{k}={v}" for k, v in workload.items())]
         cfg = _load(args)
         plan = plan_deployment(
             cfg,
@@ -237,6 +266,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             machine_type=args.machine_type,
             accelerator_type=args.accelerator,
             accelerator_count=args.accelerator_count,
+            **_workload_kwargs(workload),
         )
     else:
         raise UserError("give a config file, or --model REPO_OR_DIR")
@@ -248,6 +278,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
         text += "\nRedeploys\n" + "".join(f"  {k}: {v}\n" for k, v in data["redeploy"].items())
     print(json.dumps(data, indent=2) if args.json else text)
     return EXIT_OK if data.get("fits") and not data.get("errors") else EXIT_FAILED
+
+
+def _workload_kwargs(values: dict[str, Any]) -> dict[str, Any]:
+    """--input-tokens / --output-tokens / --concurrency / --objective as plan_model's keywords, validated."""
+    from components.config import Workload
+
+    try:
+        load = Workload(**{k.split(".")[1]: v for k, v in values.items() if k.startswith("workload.")}).model_dump()
+    except ValueError as exc:
+        raise UserError(f"workload: {exc}") from None
+    if load["concurrency"] != "max":
+        load["concurrency"] = int(load["concurrency"])
+    return {**load, **({"objective": values["hardware.objective"]} if "hardware.objective" in values else {})}
 
 
 def _render_deployment(args: argparse.Namespace, cfg: DeploymentConfig) -> dict[str, Any]:
@@ -379,6 +422,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         api_endpoint=args.api_endpoint,
         ttft_target_s=args.ttft_target,
     )
+    if args.config or args.price_per_hour is not None:
+        from components.benchmark import add_costs
+
+        price, source, model = args.price_per_hour, "--price-per-hour", None
+        if args.config:
+            from components.preflight import plan_deployment
+            from pipelines.presets import config_path
+
+            plan = plan_deployment(load_config(config_path(args.config)), check_quota=False)
+            model = plan.throughput_model or None
+            if price is None:
+                price = plan.price_per_hour_usd / max(1, plan.replica_count)
+                source = f"one replica of {plan.machine_type}, as {args.config} plans it; {plan.prices_note}"
+        if price is None or price <= 0:
+            raise UserError("no price for the serving shape: pass --price-per-hour USD, or a --config that fits")
+        add_costs(result, price, price_source=source, throughput_model=model)
     args.report.write_text(render_html(result))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))

@@ -41,7 +41,7 @@ def test_every_command_has_help() -> None:
 def test_check_passes_on_every_config_and_names_the_field_on_a_broken_one(tmp_path: Path) -> None:
     ok = vlp("check")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "6/6 configs valid" in ok.stdout
+    assert "12/12 configs and templates valid" in ok.stdout  # 6 configs, and the 6 templates' run forms
     broken = tmp_path / "broken.yaml"
     broken.write_text((ROOT / "configs" / "local-demo.yaml").read_text().replace("max_num_seqs", "max_num_seq"))
     bad = vlp("check", str(broken))
@@ -88,7 +88,22 @@ def test_plan_from_a_local_model_dir_prints_json(tiny_model_dir: Path) -> None:
         "errors",
     ):
         assert key in plan
-    assert plan["fits"] and plan["accelerator_type"] == "NVIDIA_L4"
+    assert plan["fits"] and plan["objective"] == "cost_per_token"
+    assert set(plan["throughput"]) >= {
+        "input_tokens",
+        "output_tokens",
+        "concurrency",
+        "output_tokens_per_s",
+        "ttft_s",
+        "itl_s",
+    }
+    assert plan["cost_per_million_output_tokens_usd"] > 0
+    for alt in plan["alternatives"]:
+        assert alt["throughput"]["output_tokens_per_s"] > 0 and alt["cost_per_million_output_tokens_usd"] > 0
+    hourly = vlp(
+        "plan", "--model", str(tiny_model_dir), "--max-model-len", "512", "--objective", "cost_per_hour", "--json"
+    )
+    assert json.loads(hourly.stdout)["accelerator_type"] == "NVIDIA_L4"  # the cheapest machine per hour
     size = sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors"))
     assert 0 < plan["weights_bytes"] <= size
 

@@ -299,6 +299,13 @@ def test_benchmark_runs_in_the_pipeline_from_float_struct_parameters(tmp_path: P
     levels = summary["smoke"]["benchmark"]
     assert [int(lv["concurrency"]) for lv in levels] == [1, 2]
     assert all(lv["output_tokens_per_s"] > 0 for lv in levels), levels
+    # Measured and estimated USD per 1M output tokens side by side, priced at the local catalog's CPU server.
+    from components.throughput import LOCAL_PRICE_PER_HOUR
+
+    for lv in levels:
+        measured = LOCAL_PRICE_PER_HOUR / (lv["output_tokens_per_s"] * 3600) * 1e6
+        assert lv["cost_per_million_output_tokens_usd"] == pytest.approx(measured, rel=1e-3)
+        assert lv["estimated_output_tokens_per_s"] > 0 and lv["estimated_cost_per_million_output_tokens_usd"] > 0
 
 
 def test_multi_host_deploy_runs_through_the_v1beta1_route(tmp_path: Path, tiny_model_dir: Path) -> None:

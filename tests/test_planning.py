@@ -346,12 +346,13 @@ def test_8b_bf16_fits_one_l4_as_the_seed_says(seeds: dict[str, Path]) -> None:
     assert plan.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2
     assert plan.limits["concurrent_sequences"] >= 2  # "~5 GB of KV cache" in the seed
     assert plan.limits["max_model_len"] >= 16384
-    auto = plan_seed("llama-3.1-8b-vllm-l4.yaml", seeds["8b"], hardware="auto")
+    hourly = {"hardware": "{machine_type: auto, objective: cost_per_hour}"}
+    auto = plan_seed("llama-3.1-8b-vllm-l4.yaml", seeds["8b"], **hourly)
     assert auto.fits and auto.accelerator_type == "NVIDIA_L4" and auto.accelerator_count == 1
     # g2-standard-4 is cheaper but vLLM refuses 16 GiB of swap space on its 16 GB of host memory.
     assert auto.machine_type == "g2-standard-8"
     assert any("g2-standard-4" in r["shape"] and "Too large swap space" in r["reason"] for r in auto.rejected)
-    assert "cheapest fitting shape" in auto.reason
+    assert "cheapest fitting shape per hour" in auto.reason
 
 
 def test_kv_cache_smaller_than_max_model_len_mirrors_vllm(seeds: dict[str, Path]) -> None:
@@ -373,7 +374,10 @@ def test_70b_bf16_on_8_l4(seeds: dict[str, Path]) -> None:
     assert (plan.accelerator_type, plan.accelerator_count, plan.tensor_parallel_size) == ("NVIDIA_L4", 8, 8)
     assert plan.limits["concurrent_sequences"] >= 1
     auto = plan_seed(
-        "llama-3.1-70b-vllm-8xl4.yaml", seeds["70b"], hardware="auto", **{"serving.tensor_parallel_size": "null"}
+        "llama-3.1-70b-vllm-8xl4.yaml",
+        seeds["70b"],
+        hardware="{machine_type: auto, objective: cost_per_hour}",
+        **{"serving.tensor_parallel_size": "null"},
     )
     assert auto.fits and auto.machine_type == "g2-standard-96", auto.reason
     assert auto.alternatives and all(a["price_per_hour_usd"] >= auto.price_per_hour_usd for a in auto.alternatives)

@@ -249,7 +249,23 @@ def test_preflight_op_writes_report_and_metrics(
     report = dsl.Markdown(name="report", uri=str(tmp_path / "report.md"))
     metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics"))
     cfg = _cfg(**{"model.hf_token_secret": "''"}).model_dump(mode="json")
-    out = preflight_op(PROJECT, "us-east4", "vlp-bucket", "", cfg, "run-1", emulator.url, False, report, metrics)
+    from components.run_form import FORM_FIELDS
+
+    blank = {f.name: 0 if f.kind is int else "" for f in FORM_FIELDS}  # a form left empty: the config holds
+    out = preflight_op(
+        project=PROJECT,
+        region="us-east4",
+        bucket="vlp-bucket",
+        service_account="",
+        config=cfg,
+        preset={},
+        **blank,
+        run_name="run-1",
+        api_endpoint=emulator.url,
+        force=False,
+        report=report,
+        metrics=metrics,
+    )
     assert out.region == "us-east4" and out.deployment["region"] == "us-east4"
     assert out.action == "deploy"  # nothing serves this deployment yet
     text = (tmp_path / "report.md").read_text()

@@ -1,0 +1,243 @@
+"""The throughput model: output tokens/s, time to first token and inter-token latency of a model on a shape at a
+workload, and what a million output tokens costs there.
+
+A roofline with calibrated efficiencies (figures and measurements: ../shared/research/throughput.md):
+- decode step = max(bytes read / HBM bandwidth, FLOPs / compute): every step reads the weights of one GPU's
+  shard and the KV cache of the sequences in the batch; at low concurrency the bandwidth term binds, at high
+  concurrency compute (or the KV cache, which caps the batch) does;
+- prefill (the prompt) is compute-bound: 2 x active parameters FLOPs per prompt token;
+- FP8 runs at FP8 speed only on GPUs with native FP8 (L4, H100, H200, B200); elsewhere (A100) FP8 and INT4
+  checkpoints run weight-only: fewer bytes read, 16-bit compute;
+- tensor parallel splits both terms over the GPUs of a node at an all-reduce cost per doubling; pipeline
+  parallel across nodes adds a bubble; MoE models compute with their active parameters only.
+The efficiencies are fitted to published TensorRT-LLM rows (CALIBRATION, checked by tests/test_throughput.py):
+estimates land within a factor of 2 of each, and vLLM and TGI usually run below TensorRT-LLM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# Datasheet figures per GPU, dense: HBM TB/s, BF16 TFLOP/s, FP8 TFLOP/s (0 = no FP8 compute). NVIDIA datasheets
+# for L4, A100, H100, H200 and the HGX B200 table, as collected in the research note (2026-12).
+GPU_SPECS: dict[str, tuple[float, float, float]] = {
+    "NVIDIA_L4": (0.300, 121.0, 242.5),
+    "NVIDIA_TESLA_A100": (1.555, 312.0, 0.0),
+    "NVIDIA_A100_80GB": (2.039, 312.0, 0.0),
+    "NVIDIA_H100_80GB": (3.35, 989.0, 1979.0),
+    "NVIDIA_H100_MEGA_80GB": (3.35, 989.0, 1979.0),
+    "NVIDIA_H200_141GB": (4.8, 989.0, 1979.0),
+    "NVIDIA_B200": (7.7, 2250.0, 4500.0),
+    # Not in the note's sources (unverified): Blackwell RTX PRO 6000 (GDDR7 1.79 TB/s), Turing T4, Volta V100.
+    "NVIDIA_RTX_PRO_6000": (1.79, 250.0, 500.0),
+    "NVIDIA_TESLA_T4": (0.32, 65.0, 0.0),
+    "NVIDIA_TESLA_V100": (0.9, 125.0, 0.0),
+    # The local stack's model server (`transformers serve` on this machine's CPU): nominal figures for a small
+    # x86 host, so a local run's benchmark shows its estimate beside what it measured.
+    "LOCAL_CPU": (0.02, 0.2, 0.0),
+}
+# The local catalog: the local model server's "GPU" and its nominal price, so local runs exercise the cost figures.
+LOCAL_SERVER = "LOCAL_CPU"
+LOCAL_PRICE_PER_HOUR = 0.05
+
+# Fitted to CALIBRATION: the share of datasheet bandwidth a decode step gets (the note: measured inter-token
+# latencies land at 50-65%), of compute in decode and in prefill, and the cost of tensor / pipeline parallelism.
+BANDWIDTH_EFFICIENCY = 0.6
+DECODE_COMPUTE_EFFICIENCY = 0.45
+PREFILL_COMPUTE_EFFICIENCY = 0.6
+TP_OVERHEAD_PER_DOUBLING = 0.25  # all-reduces per layer: 2 GPUs +25%, 4 GPUs +50%, 8 GPUs +75%
+PP_BUBBLE = 0.15  # per extra pipeline stage (multi-host)
+
+# Published measurements the efficiencies are fitted to (TensorRT-LLM perf-overview.md@258c7540, total output
+# tokens/s at 3000 requests, infinite rate): (row, model, precision, GPU, tp, input, output, measured).
+CALIBRATION: tuple[tuple[str, str, str, str, int, int, int, float], ...] = (
+    ("A", "llama-3.1-8b", "fp8", "NVIDIA_H100_80GB", 1, 1000, 1000, 15245.0),
+    ("A", "llama-3.1-8b", "fp8", "NVIDIA_H100_80GB", 1, 128, 2048, 21109.0),
+    ("A", "llama-3.1-8b", "fp8", "NVIDIA_H100_80GB", 1, 2048, 128, 3557.0),
+    ("B", "llama-3.1-8b", "bf16", "NVIDIA_A100_80GB", 1, 1000, 1000, 3787.0),
+    ("B", "llama-3.1-8b", "bf16", "NVIDIA_A100_80GB", 1, 128, 2048, 5256.0),
+    ("G", "llama-3.1-70b", "fp8", "NVIDIA_H100_80GB", 4, 1000, 1000, 7431.0),
+    ("G", "llama-3.1-70b", "fp8", "NVIDIA_H100_80GB", 2, 1000, 1000, 4391.0),
+    ("G", "llama-3.1-70b", "fp8", "NVIDIA_H100_80GB", 8, 1000, 1000, 11451.0),
+    ("N", "mixtral-8x7b", "fp8", "NVIDIA_H100_80GB", 2, 1000, 1000, 15771.0),
+    ("N", "mixtral-8x7b", "fp8", "NVIDIA_H100_80GB", 1, 1000, 1000, 6869.0),
+    ("N", "mixtral-8x7b", "fp8", "NVIDIA_H100_80GB", 4, 1000, 1000, 27785.0),
+    ("N", "mixtral-8x7b", "bf16", "NVIDIA_A100_80GB", 2, 1000, 1000, 3155.0),
+)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the throughput model needs of a model as served: sizes and bytes, not names."""
+
+    active_params: int  # parameters one token computes with (MoE: shared + the experts it is routed to)
+    weight_bytes: int  # the whole model as it sits in GPU memory
+    kv_bytes_per_token: int  # the whole model's KV cache per token (all layers, all KV heads)
+    low_precision_compute: bool  # FP8 weights and activations (W8A8): FP8 tensor cores where the GPU has them
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Tokens per request and requests in flight; concurrency 0 = as many as the KV cache holds."""
+
+    input_tokens: int = 1000
+    output_tokens: int = 250
+    concurrency: int = 0
+
+
+@dataclass
+class Estimate:
+    """The model's figures for one shape at one workload."""
+
+    input_tokens: int
+    output_tokens: int
+    concurrency: int  # sequences in flight (a `max` workload: what the KV cache holds)
+    output_tokens_per_s: float  # the replica's total
+    ttft_s: float
+    itl_s: float
+    bound: str  # what limits decode: "bandwidth", "compute", or "kv cache" when it caps the batch
+    holds_workload: bool  # every request in flight has its KV cache (always true for a `max` workload)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def active_params(params: int, layers: int, hidden: int, intermediate: int, experts: int, per_token: int) -> int:
+    """MoE: the routed experts' MLPs a token skips come off the total (3 matrices of hidden x intermediate)."""
+    if experts <= 1 or not per_token:
+        return params
+    skipped = layers * 3 * hidden * intermediate * (experts - per_token)
+    return max(1, params - skipped)
+
+
+def estimate(
+    model: ServedModel,
+    accelerator: str,
+    *,
+    gpus: int,
+    tp: int,
+    pp: int = 1,
+    kv_cache_tokens: int,
+    max_num_seqs: int,
+    workload: Workload,
+) -> Estimate:
+    """Throughput and latency for one replica. `kv_cache_tokens` is what one GPU's KV cache holds (every GPU
+    holds its share of every sequence), `max_num_seqs` the engine's batch limit."""
+    bandwidth_tb, bf16, fp8 = GPU_SPECS.get(accelerator, (1.0, 100.0, 0.0))
+    flops = (fp8 if model.low_precision_compute and fp8 else bf16) * 1e12
+    bandwidth = bandwidth_tb * 1e12 * BANDWIDTH_EFFICIENCY
+    overhead = (1 + TP_OVERHEAD_PER_DOUBLING * math.log2(max(1, tp))) * (1 + PP_BUBBLE * (pp - 1))
+
+    seq_tokens = workload.input_tokens + workload.output_tokens
+    holds = max(1, kv_cache_tokens // max(1, seq_tokens))
+    cap = min(holds, max(1, max_num_seqs))
+    batch = min(workload.concurrency, cap) if workload.concurrency else cap
+    bound_by_kv = bool(workload.concurrency) and workload.concurrency > cap
+    if not workload.concurrency:
+        bound_by_kv = holds <= max_num_seqs
+
+    def step_time(b: int) -> tuple[float, str]:
+        context = workload.input_tokens + workload.output_tokens / 2  # the average sequence length while decoding
+        read = (model.weight_bytes + b * context * model.kv_bytes_per_token) / gpus
+        memory_s = read / bandwidth
+        compute_s = b * 2 * model.active_params / (gpus * flops * DECODE_COMPUTE_EFFICIENCY)
+        return max(memory_s, compute_s) * overhead, "bandwidth" if memory_s >= compute_s else "compute"
+
+    step, bound = step_time(batch)
+    prefill_s = workload.input_tokens * 2 * model.active_params / (gpus * flops * PREFILL_COMPUTE_EFFICIENCY)
+    prefill_s = prefill_s * overhead + model.weight_bytes / gpus / bandwidth  # one pass reads the weights too
+    # Continuous batching: over one request's life the batch spends `output_tokens` decode steps and, spread
+    # over the same time, the prefill of `batch` new prompts.
+    cycle = workload.output_tokens * step + batch * prefill_s
+    tokens_per_s = batch * workload.output_tokens / cycle
+    # A new request waits for its prompt's pass, slowed by the decode steps it is interleaved with.
+    ttft = prefill_s + (step if batch > 1 else 0.0)
+    itl = step * (1 + batch * prefill_s / max(cycle, 1e-9))
+    return Estimate(
+        input_tokens=workload.input_tokens,
+        output_tokens=workload.output_tokens,
+        concurrency=batch,
+        output_tokens_per_s=round(tokens_per_s, 1),
+        ttft_s=round(ttft, 4),
+        itl_s=round(itl, 5),
+        bound="kv cache" if bound_by_kv else bound,
+        holds_workload=not workload.concurrency or workload.concurrency <= cap,
+    )
+
+
+def estimate_from(inputs: dict[str, Any], workload: Workload) -> Estimate:
+    """estimate() from the plan's `throughput_model` dict (what the planner used), at another workload: how the
+    benchmark puts the estimate beside what it measured at each concurrency."""
+    fields = ("active_params", "weight_bytes", "kv_bytes_per_token", "low_precision_compute")
+    model = ServedModel(**{k: inputs[k] for k in fields})
+    return estimate(
+        model,
+        str(inputs["accelerator"]),
+        gpus=int(inputs["gpus"]),
+        tp=int(inputs["tp"]),
+        pp=int(inputs.get("pp", 1)),
+        kv_cache_tokens=int(inputs["kv_cache_tokens"]),
+        max_num_seqs=int(inputs["max_num_seqs"]),
+        workload=workload,
+    )
+
+
+def cost_per_million_output_tokens(price_per_hour: float, output_tokens_per_s: float) -> float:
+    """USD per 1M output tokens at a sustained rate: the replica's hourly price over what it serves in an hour."""
+    if output_tokens_per_s <= 0:
+        return math.inf
+    return round(price_per_hour / (output_tokens_per_s * 3600) * 1e6, 4)
+
+
+# The calibration rows' models: (params, layers, hidden, intermediate, KV heads, head dim, vocab, experts, top-k).
+_CALIBRATION_MODELS = {
+    "llama-3.1-8b": (8_030_261_248, 32, 4096, 14336, 8, 128, 128256, 0, 0),
+    "llama-3.1-70b": (70_553_706_496, 80, 8192, 28672, 8, 128, 128256, 0, 0),
+    "mixtral-8x7b": (46_702_792_704, 32, 4096, 14336, 8, 128, 32000, 8, 2),
+}
+_GPU_MEMORY = {"NVIDIA_H100_80GB": 80e9, "NVIDIA_A100_80GB": 80e9}
+
+
+def calibration() -> list[dict[str, Any]]:
+    """Each published row beside the model's estimate for it, as TensorRT-LLM ran it: FP8 rows with FP8 weights,
+    activations and KV cache; KV cache in 95% of the memory the weights leave (trtllm-bench's default)."""
+    rows = []
+    for row, name, precision, gpu, tp, inp, out, measured in CALIBRATION:
+        params, layers, hidden, inter, kv_heads, head_dim, vocab, experts, top_k = _CALIBRATION_MODELS[name]
+        width = 1 if precision == "fp8" else 2
+        embeddings = 2 * vocab * hidden
+        weights = (params - embeddings) * width + embeddings * 2  # embeddings and lm_head stay 16-bit
+        kv_per_token = 2 * layers * kv_heads * head_dim * width
+        model = ServedModel(
+            active_params=active_params(params, layers, hidden, inter, experts, top_k),
+            weight_bytes=weights,
+            kv_bytes_per_token=kv_per_token,
+            low_precision_compute=precision == "fp8",
+        )
+        free = 0.95 * (_GPU_MEMORY[gpu] - weights / tp) - 2e9  # activations and runtime
+        kv_tokens = int(free / (kv_per_token / tp))
+        got = estimate(
+            model,
+            gpu,
+            gpus=tp,
+            tp=tp,
+            kv_cache_tokens=kv_tokens,
+            max_num_seqs=2048,
+            workload=Workload(inp, out, 0),
+        )
+        rows.append(
+            {
+                "row": row,
+                "model": name,
+                "precision": precision,
+                "gpus": f"{tp} x {gpu}",
+                "input_tokens": inp,
+                "output_tokens": out,
+                "measured_output_tokens_per_s": measured,
+                "estimated_output_tokens_per_s": got.output_tokens_per_s,
+                "estimate_over_measured": round(got.output_tokens_per_s / measured, 2),
+            }
+        )
+    return rows

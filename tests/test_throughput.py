@@ -1,0 +1,197 @@
+"""The throughput model and planning by cost per token: calibration, the seeds' choices, the honest limits."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components import throughput
+from components.benchmark import BenchmarkResult, add_costs, render_html, render_table
+from components.planning import plan_model
+from components.throughput import ServedModel, Workload, estimate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_planning import LLAMA_8B, LLAMA_8B_AWQ, LLAMA_70B, LLAMA_405B_FP8, write_header_only_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tp-models")
+    return {
+        "8b": write_header_only_model(root / "8b", LLAMA_8B),
+        "8b-awq": write_header_only_model(root / "8b-awq", LLAMA_8B_AWQ),
+        "70b": write_header_only_model(root / "70b", LLAMA_70B),
+        "405b-fp8": write_header_only_model(root / "405b-fp8", LLAMA_405B_FP8),
+    }
+
+
+def test_estimates_fall_within_a_factor_of_two_of_every_published_row() -> None:
+    rows = throughput.calibration()
+    assert len(rows) == len(throughput.CALIBRATION)
+    for row in rows:
+        ratio = row["estimate_over_measured"]
+        assert 0.5 <= ratio <= 2.0, row
+    spread = math.exp(sum(abs(math.log(r["estimate_over_measured"])) for r in rows) / len(rows))
+    print(f"mean deviation from the published rows: x{spread:.2f}")  # README's figure
+    assert spread < 1.35
+
+
+def _llama8b(fp8: bool = False) -> ServedModel:
+    return ServedModel(
+        active_params=8_030_000_000,
+        weight_bytes=8_030_000_000 * (1 if fp8 else 2),
+        kv_bytes_per_token=131072,
+        low_precision_compute=fp8,
+    )
+
+
+def test_decode_is_bandwidth_bound_alone_and_the_kv_cache_caps_the_batch() -> None:
+    one = estimate(
+        _llama8b(),
+        "NVIDIA_H100_80GB",
+        gpus=1,
+        tp=1,
+        kv_cache_tokens=400_000,
+        max_num_seqs=256,
+        workload=Workload(1000, 250, 1),
+    )
+    assert one.bound == "bandwidth"
+    # One token's step reads the weights: 16 GB at 60% of 3.35 TB/s is about 8 ms.
+    assert one.itl_s == pytest.approx(16.06e9 / (3.35e12 * 0.6), rel=0.1)
+    many = estimate(
+        _llama8b(),
+        "NVIDIA_H100_80GB",
+        gpus=1,
+        tp=1,
+        kv_cache_tokens=400_000,
+        max_num_seqs=256,
+        workload=Workload(1000, 250, 64),
+    )
+    assert many.output_tokens_per_s > 20 * one.output_tokens_per_s
+    small = estimate(
+        _llama8b(),
+        "NVIDIA_L4",
+        gpus=1,
+        tp=1,
+        kv_cache_tokens=26_000,
+        max_num_seqs=256,
+        workload=Workload(1000, 250, 64),
+    )
+    assert small.concurrency == 20 and small.bound == "kv cache" and not small.holds_workload
+    saturated = estimate(
+        _llama8b(), "NVIDIA_L4", gpus=1, tp=1, kv_cache_tokens=26_000, max_num_seqs=256, workload=Workload(1000, 250, 0)
+    )
+    assert saturated.concurrency == 20 and saturated.holds_workload  # `max`: as many as the cache holds
+
+
+def test_fp8_runs_at_fp8_speed_only_where_the_gpu_has_fp8() -> None:
+    args = dict(gpus=1, tp=1, kv_cache_tokens=2_000_000, max_num_seqs=1024, workload=Workload(2048, 128, 1))
+    h100_fp8 = estimate(_llama8b(fp8=True), "NVIDIA_H100_80GB", **args)
+    h100_bf16 = estimate(_llama8b(), "NVIDIA_H100_80GB", **args)
+    a100_fp8 = estimate(_llama8b(fp8=True), "NVIDIA_A100_80GB", **args)
+    # Prefill-heavy: FP8 doubles the H100's compute; on the A100 the FP8 checkpoint computes in BF16.
+    assert h100_fp8.ttft_s < 0.6 * h100_bf16.ttft_s
+    assert a100_fp8.ttft_s > 2.5 * h100_fp8.ttft_s
+
+
+def test_seed_choices_by_cost_per_token(models: dict[str, Path]) -> None:
+    big = plan_model(str(models["405b-fp8"]), engine="tgi", max_model_len=8192)
+    assert big.fits and big.node_count == 1 and big.accelerator_count == 8
+    assert big.accelerator_type in ("NVIDIA_H100_80GB", "NVIDIA_H100_MEGA_80GB", "NVIDIA_H200_141GB", "NVIDIA_B200")
+    assert "lowest cost per output token" in big.reason
+    awq = plan_model(str(models["8b-awq"]), engine="tgi", max_model_len=8192)
+    assert awq.fits and (awq.accelerator_type, awq.accelerator_count) == ("NVIDIA_L4", 1)
+    large = plan_model(str(models["70b"]), max_model_len=4096)
+    assert large.fits and large.throughput["holds_workload"], large.throughput
+    assert large.throughput["concurrency"] == 16
+    cheapest_per_hour = plan_model(str(models["70b"]), max_model_len=4096, objective="cost_per_hour")
+    assert cheapest_per_hour.price_per_hour_usd <= large.price_per_hour_usd
+    assert cheapest_per_hour.cost_per_million_output_tokens_usd >= large.cost_per_million_output_tokens_usd
+    fast = plan_model(str(models["8b"]), max_model_len=4096, objective="latency")
+    assert all(fast.throughput["itl_s"] <= a["throughput"]["itl_s"] for a in fast.alternatives)
+    assert "lowest inter-token latency" in fast.reason
+
+
+def test_the_ranking_follows_the_workload(models: dict[str, Path]) -> None:
+    plan = plan_model(str(models["8b"]), max_model_len=4096, concurrency="max")
+    costs = [plan.cost_per_million_output_tokens_usd] + [
+        a["cost_per_million_output_tokens_usd"] for a in plan.alternatives
+    ]
+    assert costs == sorted(costs)
+    assert plan.workload["concurrency"] == "max" and plan.throughput["concurrency"] > 16
+
+
+def test_8b_at_128k_on_one_l4_refuses_with_the_kv_cache_and_the_longest_length_that_fits(
+    models: dict[str, Path],
+) -> None:
+    """Every machine carrying one L4 is tried; the reason is the KV cache, not g2-standard-4's host memory."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.cli",
+            "plan",
+            "--model",
+            str(models["8b"]),
+            "--accelerator",
+            "NVIDIA_L4",
+            "--accelerator-count",
+            "1",
+            "--max-model-len",
+            "131072",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 1, done.stderr
+    plan = json.loads(done.stdout)
+    (error,) = plan["errors"]
+    assert "fits no NVIDIA_L4 x 1 shape" in error and "KV cache" in error and "swap space" not in error
+    longest = int(error.split("lower serving.max_model_len to ")[1].split(",")[0])
+    assert 16_000 < longest < 131072
+    fits = plan_model(str(models["8b"]), max_model_len=longest, accelerator_type="NVIDIA_L4", accelerator_count=1)
+    assert fits.fits and fits.max_model_len == longest
+
+
+def test_the_benchmark_puts_measured_and_estimated_cost_side_by_side() -> None:
+    result = BenchmarkResult("http://x", "m", "Write a short story about a lighthouse keeper.", 64, 2.0)
+    result.levels = [
+        {
+            "concurrency": c,
+            "ttft_p50_s": 0.1,
+            "ttft_p95_s": 0.2,
+            "itl_p50_s": 0.02,
+            "output_tokens_per_s": tps,
+            "errors": 0,
+            "requests": 8,
+            "output_tokens": 8 * 64,
+            "wall_s": 1.0,
+        }
+        for c, tps in ((1, 40.0), (4, 150.0))
+    ]
+    inputs = {
+        **{k: v for k, v in vars(_llama8b()).items()},
+        "accelerator": "NVIDIA_L4",
+        "gpus": 1,
+        "tp": 1,
+        "pp": 1,
+        "kv_cache_tokens": 26_000,
+        "max_num_seqs": 256,
+    }
+    add_costs(result, 0.98, price_source="g2-standard-8", throughput_model=inputs)
+    one, four = result.levels
+    assert one["cost_per_million_output_tokens_usd"] == pytest.approx(0.98 / (40 * 3600) * 1e6, rel=1e-3)
+    assert four["estimated_output_tokens_per_s"] > one["estimated_output_tokens_per_s"] > 0
+    table = render_table(result)
+    assert "$/1M out" in table and "est $/1M" in table and "$0.98/h" in table
+    page = render_html(result)
+    assert page.count("<svg") == 2 and "USD per 1M output tokens" in page and "estimated" in page
