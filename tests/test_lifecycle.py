@@ -749,7 +749,7 @@ def test_cloudbuild_schema() -> None:
     data = yaml.safe_load(CLOUDBUILD.read_text())
     assert cloudbuild_problems(data) == []
     ids = [s["id"] for s in data["steps"]]
-    assert ids == ["setup", "test", "compile", "publish", "run"]
+    assert ids == ["setup", "test", "image", "push-image", "compile", "publish", "run"]
     # The checker itself catches the mistakes it is there for.
     bad = {"steps": [{"args": [1]}, {"name": "x", "args": ["$_UNDECLARED"]}], "substitutions": {"region": "x"}}
     found = "\n".join(cloudbuild_problems(bad))
@@ -831,6 +831,7 @@ def test_the_workflows_run_command_runs_against_the_emulator(
         "REGION": REGION,
         "BUCKET": f"ci-bucket-{time.time_ns()}",
         "PIPELINE_SA": f"vlp-pipeline@{PROJECT}.iam.gserviceaccount.com",
+        "IMAGE": "us-central1-docker.pkg.dev/p/vlp-images/vlp-components:git-0123456789ab",
     }
     local = _local_argv(argv, values)
     summary = tmp_path / "run-summary.json"
@@ -843,6 +844,7 @@ def test_the_workflows_run_command_runs_against_the_emulator(
     params = job["runtimeConfig"]["parameterValues"]
     assert params["config"]["teardown"] == "always" and params["bucket"] == values["BUCKET"]
     assert job["serviceAccount"] == values["PIPELINE_SA"]
+    assert values["IMAGE"] in json.dumps(job["pipelineSpec"])  # CI runs on the image it just pushed
 
     emu.faults.add("pipeline-fail")
     local[local.index("--bucket") + 1] += "-2"
