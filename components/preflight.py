@@ -6,16 +6,10 @@ from typing import Any, NamedTuple
 from kfp import dsl
 
 from components import clients
+from components.catalog import ACCELERATORS, MACHINE_TYPES
 from components.config import DeploymentConfig
-from components.planning import (
-    ACCELERATORS,
-    MACHINE_TYPES,
-    ModelAccessError,
-    Plan,
-    plan_for_facts,
-    plan_model,
-    read_model_facts,
-)
+from components.model_facts import ModelAccessError, read_model_facts
+from components.planning import Plan, plan_for_facts, plan_model
 from components.runtime import label_value
 from components.serving import TGI_IMAGE, VLLM_IMAGE
 
@@ -334,7 +328,7 @@ def preflight_op(
         metrics.log_metric(key, value)
     # Where the mirror runs: small models on the pipeline step itself, big ones as a custom job on a
     # machine with more network (the step's e2-standard-4 egress caps at ~8 Gbps).
-    from components.planning import mirror_machine_for
+    from components.catalog import mirror_machine_for
 
     machine = mirror_machine_for(int(plan.get("weights_bytes") or 0))["machine_type"]
     mirror_on = "step" if machine == "e2-standard-4" else machine

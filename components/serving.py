@@ -277,7 +277,7 @@ def _probe(path: str, failure_threshold: int) -> Any:
 
 def shared_memory_mb(machine_type: str) -> int:
     """/dev/shm for the machine: Model Garden's 16 GiB, capped at half the host's RAM on small hosts."""
-    from components.planning import MACHINE_TYPES
+    from components.catalog import MACHINE_TYPES
 
     machine = MACHINE_TYPES.get(machine_type)
     if machine is None:

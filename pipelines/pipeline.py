@@ -89,10 +89,10 @@ def build_pipeline(image: str | None = None, template: Template | None = None) -
     preflight_c = as_component(preflight_op, image)
     mirror_c = as_component(mirror_weights_op, image)
     # The same mirror component as a Vertex custom job on machines with more network, for big models;
-    # preflight picks the branch from the model's real size (components.planning.mirror_machine_for).
+    # preflight picks the branch from the model's real size (components.catalog.mirror_machine_for).
     from google_cloud_pipeline_components.v1.custom_job import create_custom_training_job_from_component
 
-    from components.planning import mirror_machine_for
+    from components.catalog import mirror_machine_for
 
     mirror_jobs = {
         size: create_custom_training_job_from_component(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from google.cloud import aiplatform_v1
 
-from components import planning, quota, serving
+from components import catalog, quota, serving
 from components.config import load_config
 from components.deploy_model import redeploy_split
 from components.register_model import upload_wait_s
@@ -51,10 +51,10 @@ def test_quota_ids_as_googles_check_builds_them() -> None:
 
 
 def test_a3_highgpu_2g_and_4g_only_where_model_garden_lists_them() -> None:
-    offered = planning.offered_regions("a3-highgpu-2g", "NVIDIA_H100_80GB") or ()
+    offered = catalog.offered_regions("a3-highgpu-2g", "NVIDIA_H100_80GB") or ()
     assert offered and set(offered) <= {"us-west1", "asia-southeast1", "europe-west4"}
-    assert "us-central1" not in (planning.offered_regions("a3-highgpu-4g", "NVIDIA_H100_80GB") or ())
-    assert "us-central1" in (planning.offered_regions("a3-highgpu-8g", "NVIDIA_H100_80GB") or ())
+    assert "us-central1" not in (catalog.offered_regions("a3-highgpu-4g", "NVIDIA_H100_80GB") or ())
+    assert "us-central1" in (catalog.offered_regions("a3-highgpu-8g", "NVIDIA_H100_80GB") or ())
 
 
 def test_waits_cover_what_vertex_may_still_be_doing() -> None:

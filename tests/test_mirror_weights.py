@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.hub_server import HubServer
+from components.catalog import mirror_machine_for
 from components.clients import storage_client
 from components.mirror_weights import (
     MANIFEST_NAME,
@@ -30,7 +31,6 @@ from components.mirror_weights import (
     mirror_weights_op,
     select_files,
 )
-from components.planning import mirror_machine_for
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KiB = 1 << 10

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from components import planning
+from components import model_facts
+from components.catalog import GB
 from components.config import load_config
+from components.model_facts import read_local_facts
 from components.plan_report import render_markdown, render_table
-from components.planning import GB, plan_for_facts, plan_model, read_local_facts
+from components.planning import Plan, plan_for_facts, plan_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +187,7 @@ def llama_tensors(config: dict[str, Any]) -> list[tuple[str, str, list[int]]]:
 
 
 def _nbytes(dtype: str, shape: list[int]) -> int:
-    return int(np.prod(shape)) * int(planning.DTYPE_BYTES[dtype])
+    return int(np.prod(shape)) * int(model_facts.DTYPE_BYTES[dtype])
 
 
 def write_header_only_model(
@@ -265,7 +267,7 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-def plan_seed(config_file: str, model_dir: Path, **overrides: Any) -> planning.Plan:
+def plan_seed(config_file: str, model_dir: Path, **overrides: Any) -> Plan:
     cfg = load_config(REPO_ROOT / "configs" / config_file, [f"{k}={v}" for k, v in overrides.items()])
     facts = read_local_facts(model_dir)
     return plan_for_facts(facts, cfg.serving, cfg.hardware, regions=cfg.placement.regions)

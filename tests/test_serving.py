@@ -335,7 +335,7 @@ def test_render_requests_is_rest_json_the_api_parses(name: str) -> None:
     assert int(spec["deploymentTimeout"].rstrip("s")) <= 7200
     assert not ("predictRoute" in spec and "invokeRoutePrefix" in spec)
     machine = rendered["deploy_model"]["deployedModel"]["dedicatedResources"]["machineSpec"]["machineType"]
-    from components.planning import MACHINE_TYPES
+    from components.catalog import MACHINE_TYPES
 
     assert int(spec["sharedMemorySizeMb"]) * 1024**2 < MACHINE_TYPES[machine].memory_gb * 1e9
     # Every flag and env name the container gets is one the pinned image accepts (upstream fixtures).
