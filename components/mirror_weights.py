@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import logging
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -384,6 +383,7 @@ def mirror_weights_op(deployment: dict, api_endpoint: str) -> NamedTuple(
 ):  # noqa: UP014 - KFP reads this form
     """Mirror the deployment's model from the Hub to gs://BUCKET/models/ORG/NAME/SHA/ (skips a complete mirror)."""
     import json
+    import logging
     from collections import namedtuple
 
     from components.config import config_from_dict

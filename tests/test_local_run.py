@@ -101,6 +101,16 @@ FAULTS = [
     ("kill-step:deploy-model", "step deploy-model was killed by SIGKILL"),
     ("kill-step:smoke-test", "step smoke-test was killed by SIGKILL"),
 ]
+# Faults that strike after a model version is uploaded: the summary must list it as created and deleted.
+CREATES_BEFORE_FAILING = {
+    "deploy-error",
+    "deploy-timeout",
+    "server-crash",
+    "smoke-fail",
+    "kill-step:register-model",
+    "kill-step:deploy-model",
+    "kill-step:smoke-test",
+}
 
 
 @pytest.mark.parametrize(("fault", "message"), FAULTS, ids=[f[0] for f in FAULTS])
@@ -114,7 +124,12 @@ def test_fault_leaves_nothing_behind(tmp_path: Path, tiny_model_dir: Path, fault
     held = vertex_resources(state)
     assert held == {"models": [], "endpoints": [], "deployed_models": []}, held
     assert summary["left_running"] == []
-    assert set(summary["created"]) <= set(summary["deleted"]) | set(), summary
+    # From the emulator's audit log: everything the run created, it also removed (and both are reported).
+    assert set(summary["created"]) <= set(summary["deleted"]), summary
+    if fault in CREATES_BEFORE_FAILING:
+        assert any("/models/" in n for n in summary["created"]), summary["created"]
+        if fault not in ("kill-step:register-model", "upload-error"):
+            assert any(n.endswith("/endpoints/" + n.rsplit("/", 1)[1]) for n in summary["created"]), summary
     # The failing step, its last lines and its log on disk; for a kill, what the exit handler removed.
     failed = summary["failed_step"]
     assert Path(failed["log"]).is_file() and failed["last_lines"]

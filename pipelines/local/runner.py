@@ -285,18 +285,17 @@ def build_summary(
     steps: list[dict[str, Any]],
     error: str | None,
     api: str,
-    before: dict[str, Any],
     smoke: dict[str, Any],
 ) -> dict[str, Any]:
-    """The run summary from the steps and what the emulator holds after the run compared with before it."""
+    """The run summary from the steps, the emulator's audit log of this run's calls (what they created and
+    removed, so a resource a failed run created and its exit handler removed shows in both) and its state."""
     summary = empty_summary()
     summary["steps"] = steps
     summary["error"] = error
     state = _emulator_json(api, "state")
-    names_before = _resource_names(before)
-    names_after = _resource_names(state)
-    summary["created"] = sorted(n for n in names_after - names_before)
-    summary["deleted"] = sorted(n for n in names_before - names_after)
+    audit = _emulator_json(api, "audit")["entries"]
+    summary["created"] = list(dict.fromkeys(e["resourceName"] for e in audit if e["action"] == "created"))
+    summary["deleted"] = list(dict.fromkeys(e["resourceName"] for e in audit if e["action"] == "deleted"))
     calls = _emulator_json(api, "calls")["calls"]
     # Google API calls only; the Hub requests the emulator's /hf gate proxied are listed apart.
     summary["api_calls"] = [c for c in calls if " /hf/" not in c]
@@ -328,17 +327,6 @@ def build_summary(
         summary["model"] = {"resource_name": model["name"], "version_id": model.get("versionId")}
     summary["smoke"] = smoke
     return summary
-
-
-def _resource_names(state: dict[str, Any]) -> set[str]:
-    names = set()
-    for m in state.get("models", []):
-        names.add(f"{m['name']}@{m.get('versionId', '1')}")
-    for e in state.get("endpoints", []):
-        names.add(e["name"])
-        for dm in e.get("deployedModels", []):
-            names.add(f"{e['name']}/deployedModels/{dm['id']}")
-    return names
 
 
 def _smoke_outputs(pipeline_root: Path, run_dir: str) -> dict[str, Any]:
@@ -409,7 +397,6 @@ def run_local(
             gcs.create_bucket(bucket)
         api = stack.api_endpoint
         requests.post(f"{api}/_emulator/calls:clear", timeout=10)
-        before = _emulator_json(api, "state")
         pipeline_root = state_dir / "pipeline-root"
         local.init(
             runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False
@@ -435,9 +422,7 @@ def run_local(
         run_dir = new_runs[-1] if new_runs else ""
         text = tee.buffer_text.getvalue()
         steps, error = parse_task_log(text)
-        summary = build_summary(
-            cfg, label_value(run_dir), steps, error, api, before, _smoke_outputs(pipeline_root, run_dir)
-        )
+        summary = build_summary(cfg, label_value(run_dir), steps, error, api, _smoke_outputs(pipeline_root, run_dir))
         _write_step_logs(summary, text, state_dir / "logs" / (run_dir or "run"))
         summary["run"] = run_dir
         summary["seconds"] = round(time.monotonic() - started, 1)

@@ -66,6 +66,7 @@ class EndpointsService:
                     f"{endpoint_id}.{p['location']}-{p['project']}{contract.DEDICATED_DNS_SUFFIX}"
                 )
             self._endpoints[name] = ep
+            self._audit("created", "EndpointService.CreateEndpoint", name)
             response = json_format.ParseDict(ep, v1.Endpoint.pb()())
             return self._done_op(name, v1.CreateEndpointOperationMetadata, response)
 
@@ -140,6 +141,7 @@ class EndpointsService:
                     "Undeploy them first (the SDK: endpoint.delete(force=True)).",
                 )
             del self._endpoints[name]
+            self._audit("deleted", "EndpointService.DeleteEndpoint", name)
             return self._done_op(name, v1.DeleteOperationMetadata, empty_pb2.Empty())
 
     def _deploy_model_beta(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
@@ -261,6 +263,7 @@ class EndpointsService:
                 error = ApiError("NOT_FOUND", f"Endpoint {job['endpoint']} was deleted during deployment.")
             if error is None and ep is not None:
                 ep.setdefault("deployedModels", []).append(job["dm"])
+                self._audit("created", "EndpointService.DeployModel", f"{job['endpoint']}/deployedModels/{dm_id}")
                 ids = {dm["id"] for dm in ep["deployedModels"]}
                 if job["split"]:
                     split = {(dm_id if k == "0" else k): v for k, v in job["split"].items()}
@@ -305,6 +308,7 @@ class EndpointsService:
         with self._lock:
             ep_name, ep = self._endpoint(p)
             ep["deployedModels"] = [dm for dm in ep.get("deployedModels", []) if dm["id"] != req.deployed_model_id]
+            self._audit("deleted", "EndpointService.UndeployModel", f"{ep_name}/deployedModels/{req.deployed_model_id}")
             ep["trafficSplit"] = split if ep["deployedModels"] else {}
             ep["updateTime"] = ep["etag"] = _now()
             self._serving_status.pop(req.deployed_model_id, None)

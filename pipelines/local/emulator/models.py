@@ -158,6 +158,7 @@ class ModelsService:
                 # What Vertex reports for custom-container models; the SDK's deploy() reads it.
                 version["supportedDeploymentResourcesTypes"] = ["DEDICATED_RESOURCES", "SHARED_RESOURCES"]
             entry["versions"][vid] = version
+            self._audit("created", "ModelService.UploadModel", f"{name}@{vid}")
             aliases = list(dict.fromkeys(req.model.version_aliases))
             # The first version is always the default; later ones only when asked, as on Vertex.
             if vid == "1" and "default" not in aliases:
@@ -243,6 +244,8 @@ class ModelsService:
                     f"Model {name} has deployed or being deployed version(s): {where or 'deploy in progress'}. "
                     "Undeploy them before deleting the model.",
                 )
+            for vid in self._models[name]["versions"]:
+                self._audit("deleted", "ModelService.DeleteModel", f"{name}@{vid}")
             del self._models[name]
             return self._done_op(name, v1.DeleteOperationMetadata, empty_pb2.Empty())
 
@@ -263,6 +266,7 @@ class ModelsService:
             if self._deployments_of(name, vid):
                 raise ApiError("FAILED_PRECONDITION", f"{name}@{vid} is deployed: undeploy it first.")
             del entry["versions"][vid]
+            self._audit("deleted", "ModelService.DeleteModelVersion", f"{name}@{vid}")
             return self._done_op(name, v1.DeleteOperationMetadata, empty_pb2.Empty())
 
     def _merge_version_aliases(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:

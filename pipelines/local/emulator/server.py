@@ -57,6 +57,9 @@ class Emulator(ModelsService, EndpointsService, PredictionService, OperationsSer
         self.hub_upstream = hub_upstream
         self.faults: set[str] = set(faults)
         self.calls: list[str] = []
+        # What each call created or removed, as Cloud Audit Logs records it (methodName, resourceName):
+        # the run summary's created / deleted come from here, not from comparing state before and after.
+        self.audit: list[dict[str, str]] = []
         self.serving = serving
         self.deploy_timeout_s = deploy_timeout_s
         self.url = ""
@@ -203,7 +206,10 @@ class Emulator(ModelsService, EndpointsService, PredictionService, OperationsSer
             return 200, json.dumps({"calls": list(self.calls)}).encode()
         if path == "/_emulator/calls:clear" and method == "POST":
             self.calls.clear()
+            self.audit.clear()
             return 200, b"{}"
+        if path == "/_emulator/audit" and method == "GET":
+            return 200, json.dumps({"entries": list(self.audit)}).encode()
         if path == "/_emulator/faults":
             if method == "POST":
                 wanted = json.loads(body or b"{}").get("faults", [])
@@ -275,6 +281,10 @@ class Emulator(ModelsService, EndpointsService, PredictionService, OperationsSer
 
     def _proto(self, proto_cls: Any, data: dict[str, Any]) -> tuple[int, bytes, str, dict[str, str]]:
         return self._json(_conform(proto_cls, data))
+
+    def _audit(self, action: str, method: str, resource: str) -> None:
+        """One audit entry: `action` is created or deleted, `method` the API method (google.cloud.aiplatform.v1...)."""
+        self.audit.append({"action": action, "methodName": method, "resourceName": resource})
 
     def _record_op(self, name: str, op: dict[str, Any]) -> dict[str, Any]:
         self._operations[name.rsplit("/", 1)[1]] = op

@@ -1,0 +1,65 @@
+"""The code's shape: no two modules import each other, and every step's KFP function is self-contained."""
+
+from __future__ import annotations
+
+import ast
+import builtins
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = {
+    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+    for p in [*(ROOT / "components").glob("*.py"), *(ROOT / "pipelines").rglob("*.py")]
+}
+
+
+def _imports(path: Path) -> set[str]:
+    """The project modules a module imports, at module level or inside functions."""
+    deps = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in MODULES]
+            deps.update(subs)
+            if node.module in MODULES and len(subs) < len(node.names):
+                deps.add(node.module)
+        elif isinstance(node, ast.Import):
+            deps.update(a.name for a in node.names if a.name in MODULES)
+    return deps
+
+
+def test_no_two_modules_import_each_other() -> None:
+    graph = {name: _imports(path) - {name} for name, path in MODULES.items()}
+    mutual = sorted({tuple(sorted((a, b))) for a in graph for b in graph[a] if a in graph.get(b, set())})
+    assert mutual == []
+
+
+def _step_functions() -> list[tuple[str, ast.FunctionDef]]:
+    found = []
+    for path in sorted((ROOT / "components").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_op"):
+                found.append((f"{path.stem}.{node.name}", node))
+    return found
+
+
+@pytest.mark.parametrize(("name", "func"), _step_functions(), ids=[n for n, _ in _step_functions()])
+def test_each_step_function_imports_what_its_body_uses(name: str, func: ast.FunctionDef) -> None:
+    """KFP runs a lightweight component's function alone, without its module: a name the body reads from the
+    module (an import that lives only at module level) is a NameError on Vertex."""
+    bound = {a.arg for a in [*func.args.args, *func.args.kwonlyargs]}
+    for node in ast.walk(func):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            bound.add(node.id)
+        elif isinstance(node, ast.FunctionDef | ast.ClassDef) and node is not func:
+            bound.add(node.name)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    body = ast.Module(body=func.body, type_ignores=[])
+    read = {n.id for n in ast.walk(body) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assert read - bound - set(dir(builtins)) == set()
