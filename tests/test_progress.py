@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from pipelines.local.runner import _Tee, parse_task_log, split_task_logs
+from pipelines.local.runner import _Tee, split_task_logs, steps_from_records
 from pipelines.progress import StepView
 
 # kfp.local's own lines, as the runner's log handler formats them, with a step's output in between.
@@ -76,9 +76,16 @@ def test_verbose_streams_the_raw_output_and_keeps_it() -> None:
 
 
 def test_a_killed_step_says_which_signal_and_each_step_has_its_own_log() -> None:
+    """The steps' own records (a killed step wrote no end; the runner added the exit code), not the log text."""
     text = "\n".join(KFP_LINES)
-    steps, error = parse_task_log(text)
+    records = [
+        {"name": "preflight", "op": "preflight_op", "started": 1.0, "ended": 3.5, "status": "succeeded"},
+        {"name": "mirror-weights", "op": "mirror_weights_op", "started": 4.0, "status": "failed", "exit_code": 137},
+        {"name": "cleanup", "op": "cleanup_op", "started": 9.0, "ended": 10.0, "status": "succeeded"},
+    ]
+    steps, error = steps_from_records(records)
     assert error == "step mirror-weights was killed by SIGKILL (exit code 137)"
+    assert [s["seconds"] for s in steps] == [2.5, None, 1.0]
     assert {s["name"]: s["status"] for s in steps} == {
         "preflight": "succeeded",
         "mirror-weights": "failed",

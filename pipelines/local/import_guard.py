@@ -94,9 +94,13 @@ def install(argv: list[str] | None = None) -> str | None:
     if "--function_to_execute" not in argv or argv.index("--function_to_execute") + 1 >= len(argv):
         return None
     op = argv[argv.index("--function_to_execute") + 1]
-    allowed = json.loads(Path(os.environ[ENV_FLAG]).read_text()).get(op)
+    sets = json.loads(Path(os.environ[ENV_FLAG]).read_text())
+    allowed = sets["packages"].get(op)
     if allowed is None:
         raise RuntimeError(f"import guard: no package set for step function {op}; add it to packaging.STEP_OF_OP")
+    from pipelines.local import step_records
+
+    step_records.install(sets["steps"][op], argv)  # the step's own record for the run summary
     for module in blocked_modules(set(allowed)):
         if module not in sys.modules:
             sys.modules[module] = None  # type: ignore[assignment]
@@ -107,9 +111,11 @@ def guard_env(state_dir: Path) -> dict[str, str]:
     """The environment that turns the guard on for the steps of a local run."""
     import json
 
+    from components.packaging import STEP_OF_OP
+
     sets = state_dir / "step-packages.json"
     sets.parent.mkdir(parents=True, exist_ok=True)
-    sets.write_text(json.dumps(allowed_by_op(), indent=1))
+    sets.write_text(json.dumps({"packages": allowed_by_op(), "steps": STEP_OF_OP}, indent=1))
     path = [str(sitecustomize_dir()), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     return {ENV_FLAG: str(sets), "PYTHONPATH": os.pathsep.join(path)}
 

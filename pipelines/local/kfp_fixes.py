@@ -43,8 +43,12 @@ def apply() -> None:
     eo.ConditionEvaluator._resolve_pipeline_channel = staticmethod(resolve)
 
     # kfp.local turns a step's exit status into SUCCESS/FAILURE and drops it; the run summary says how a step
-    # died (a signal, an exit code), so print it where the step's own output ends.
+    # died (a signal, an exit code): add it to the step's record, and print it where the step's output ends.
+    import os
+
     from kfp.local import subprocess_task_handler as sth
+
+    from pipelines.local import step_records
 
     run = sth.run_local_subprocess
 
@@ -52,6 +56,7 @@ def apply() -> None:
         code = run(full_command, env_vars)
         if code:
             print(f"[vlp] step process exited with code {code}", flush=True)
+            step_records.add_exit_code(os.environ.get(step_records.ENV_DIR, ""), full_command, code)
         return code
 
     sth.run_local_subprocess = run_and_report

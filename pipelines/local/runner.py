@@ -38,7 +38,6 @@ KILLABLE_STEPS = {"preflight", "mirror-weights", "register-model", "deploy-model
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK_START = re.compile(r"Executing task '?([\w-]+)'?")
 _TASK_END = re.compile(r"Task '?([\w-]+)'? finished with status (\w+)")
-_EXC_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Exit)\w*): (.*)$")
 
 log = logging.getLogger("vlp.local")
 
@@ -93,7 +92,6 @@ def prepare_model(cfg: DeploymentConfig, mirrors_dir: Path, model_dir: Path | No
 # A record of the steps' own loggers (components.runtime.setup_logging), as kfp.local relays it.
 _STEP_LOG = re.compile(r"^\s*\d{4}-\d\d-\d\d [\d:,.]+ (?:INFO|WARNING|ERROR) vlp[\w.]*: (.*)$")
 _SKIPPED = re.compile(r"Skipping task '?([\w-]+)'?: upstream")
-_EXITED = re.compile(r"\[vlp\] step process exited with code (-?\d+)")
 
 
 class _Tee(io.TextIOBase):
@@ -170,71 +168,29 @@ def _signal_text(code: int) -> str:
         return f"killed by signal {number} (exit code {code})"
 
 
-def parse_task_log(text: str) -> tuple[list[dict[str, Any]], str | None]:
-    """Steps (name, status, seconds) and the first failing step's error message, from kfp.local's output."""
-    text = _ANSI.sub("", text)
-    steps: dict[str, dict[str, Any]] = {}
-    outputs: dict[str, list[str]] = {}
-    current = None
-    error = None
-    for line in text.splitlines():
-        m = _TASK_START.search(line)
-        if m:
-            current = m.group(1)
-            steps[current] = {"name": current.removesuffix("-op"), "status": "running", "_t": _ts(line)}
-            outputs[current] = []
-            continue
-        m = _TASK_END.search(line)
-        if m and m.group(1) in steps:
-            step = steps[m.group(1)]
-            step["status"] = "succeeded" if m.group(2) == "SUCCESS" else "failed"
-            t0, t1 = step.pop("_t", None), _ts(line)
-            step["seconds"] = round(t1 - t0, 1) if t0 is not None and t1 is not None else None
-            if step["status"] == "failed" and error is None:
-                lines = outputs.get(m.group(1), [])
-                exited = next((int(x.group(1)) for x in map(_EXITED.search, reversed(lines)) if x), None)
-                if exited is not None and _killed_by(exited) is not None:
-                    step["exit"] = _signal_text(exited)
-                    error = f"step {step['name']} was {step['exit']}"
-                else:
-                    error = _error_from_output(lines) or f"step {step['name']} failed"
-            current = None
-            continue
-        if current:
-            outputs[current].append(line)
-    for step in steps.values():
-        step.pop("_t", None)
-        step.setdefault("seconds", None)
-        if step["status"] == "running":
-            step["status"] = "failed"  # killed: kfp.local never reported an end
-            error = error or f"step {step['name']} was killed"
-    return list(steps.values()), error
-
-
-_TIME = re.compile(r"(\d\d):(\d\d):(\d\d)(?:[.,](\d+))?")
-
-
-def _ts(line: str) -> float | None:
-    m = _TIME.search(line)
-    if not m:
-        return time.time()
-    h, mi, s, frac = m.groups()
-    return int(h) * 3600 + int(mi) * 60 + int(s) + (float(f"0.{frac}") if frac else 0.0)
-
-
-def _error_from_output(lines: list[str]) -> str | None:
-    """The exception message at the end of a failed step's traceback (it may span several lines)."""
-    lines = [ln[4:] if ln.startswith("    ") else ln for ln in lines]  # kfp.local indents step output
-    for i in range(len(lines) - 1, -1, -1):
-        m = _EXC_LINE.match(lines[i])
-        if m and not lines[i].startswith(" "):
-            rest = [m.group(2)]
-            for ln in lines[i + 1 :]:
-                if not ln.strip() or ln.startswith(("[KFP", "Traceback")):
-                    break
-                rest.append(ln)
-            return "\n".join(rest).strip()
-    return None
+def steps_from_records(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str | None]:
+    """Steps (name, status, seconds) and the first failing step's error, from the records the steps wrote
+    (pipelines/local/step_records.py), in the order they started."""
+    steps, error = [], None
+    for r in records:
+        step: dict[str, Any] = {"name": r.get("name") or r["op"].removesuffix("_op").replace("_", "-")}
+        ended = r.get("ended")
+        step["seconds"] = round(ended - r["started"], 1) if ended and r.get("started") else None
+        code = r.get("exit_code")
+        killed = code is not None and _killed_by(int(code)) is not None
+        step["status"] = "succeeded" if r.get("status") == "succeeded" and not code else "failed"
+        if step["status"] == "failed" and error is None:
+            if killed:
+                step["exit"] = _signal_text(int(code))
+                error = f"step {step['name']} was {step['exit']}"
+            elif r.get("error"):
+                error = r["error"]
+            elif ended is None:
+                error = f"step {step['name']} was killed"
+            else:
+                error = f"step {step['name']} failed" + (f" ({_signal_text(int(code))})" if code else "")
+        steps.append(step)
+    return steps, error
 
 
 LAST_LINES = 15
@@ -367,7 +323,7 @@ def run_local(
 
     from components.clients import storage_client
     from pipelines.compile import compile_to_temp
-    from pipelines.local import import_guard, kfp_fixes
+    from pipelines.local import import_guard, kfp_fixes, step_records
     from pipelines.local.peers import LocalStack
 
     kfp_fixes.apply()
@@ -386,6 +342,9 @@ def run_local(
         os.environ.update(stack.env())
         # Each step imports only what its launcher installs on Vertex (pipelines/local/import_guard.py).
         os.environ.update(import_guard.guard_env(state_dir))
+        records_dir = state_dir / "records" / str(time.time_ns())
+        records_dir.mkdir(parents=True)
+        os.environ[step_records.ENV_DIR] = str(records_dir)
         if hub_mode == "hub":
             os.environ.pop("HF_ENDPOINT", None)
         if kill_step:
@@ -421,7 +380,7 @@ def run_local(
         new_runs = sorted(set(os.listdir(pipeline_root)) - runs_before) if pipeline_root.exists() else []
         run_dir = new_runs[-1] if new_runs else ""
         text = tee.buffer_text.getvalue()
-        steps, error = parse_task_log(text)
+        steps, error = steps_from_records(step_records.read_records(records_dir))
         summary = build_summary(cfg, label_value(run_dir), steps, error, api, _smoke_outputs(pipeline_root, run_dir))
         _write_step_logs(summary, text, state_dir / "logs" / (run_dir or "run"))
         summary["run"] = run_dir
