@@ -10,36 +10,20 @@ from pathlib import Path
 from typing import Any
 
 from components.config import ConfigError, DeploymentConfig, load_config
-
-# Exit codes CI can trust.
-EXIT_OK = 0
-EXIT_FAILED = 1  # the run (or check) ran and failed
-EXIT_USAGE = 2  # bad arguments or config: nothing was started
+from pipelines.cli_options import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_config_args,
+    add_json,
+    add_placement_args,
+)
 
 DEFAULT_STATE_DIR = Path(".vlp/local")
 
 
 class UserError(Exception):
     """Wrong input the user can fix; printed without a traceback, exit code 2."""
-
-
-def _add_config_args(p: argparse.ArgumentParser, config_required: bool = True) -> None:
-    p.add_argument("config", nargs=None if config_required else "?", help="deployment config YAML (configs/*.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set serving.max_model_len=4096 (repeatable)",
-    )
-
-
-def _add_placement_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--project", default="", help="Google Cloud project id (overrides placement.project)")
-    p.add_argument("--region", default="", help="region to try first (default: placement.regions in order)")
-    p.add_argument("--bucket", default="", help="GCS bucket for weights and pipeline root (overrides placement.bucket)")
-    p.add_argument("--service-account", default="", help="service account for the pipeline and the endpoint")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("configs", nargs="*", type=Path, help="config files (default: configs/*.yaml)")
 
     p = sub.add_parser("plan", help="plan hardware from the model itself; check quota")
-    _add_config_args(p, config_required=False)
-    _add_placement_args(p)
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    add_config_args(p, config_required=False)
+    add_placement_args(p)
+    add_json(p, "the plan")
     p.add_argument("--model", default="", help="Hub repo id or local directory (instead of a config)")
     p.add_argument("--engine", choices=["vllm", "tgi"], default="vllm")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -86,13 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-quota", action="store_true", help="skip the quota check (no Google credentials needed)")
 
     p = sub.add_parser("render", help="print the Model upload and deploy requests a run would send")
-    _add_config_args(p)
-    _add_placement_args(p)
-    p.add_argument("--json", action="store_true", help="print JSON (the default)")
+    add_config_args(p)
+    add_placement_args(p)
+    add_json(p, "the requests (the default)")
 
     p = sub.add_parser("run", help="run the pipeline on Vertex AI Pipelines, or locally with --local")
-    _add_config_args(p)
-    _add_placement_args(p)
+    add_config_args(p)
+    add_placement_args(p)
     p.add_argument("--local", action="store_true", help="run on the local stack (no cloud account needed)")
     p.add_argument("--wait", action="store_true", help="wait for the Vertex run and stream task states")
     p.add_argument("--force", action="store_true", help="redeploy even when nothing changed")
@@ -113,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, default=None, help="local runs: serve this model directory as model.repo")
 
     p = sub.add_parser("mirror", help="mirror a config's model weights Hub → GCS (the mirror step on its own)")
-    _add_config_args(p)
-    _add_placement_args(p)
+    add_config_args(p)
+    add_placement_args(p)
 
     p = sub.add_parser("bench", help="load-benchmark an OpenAI-compatible server or a Vertex endpoint")
     p.add_argument("target", help="http://HOST:PORT (OpenAI-compatible) or projects/P/locations/L/endpoints/E")
@@ -134,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--price-per-hour", type=float, default=None, help="USD/hour of the serving replica (overrides --config's)"
     )
-    p.add_argument("--json", action="store_true", help="print results as JSON")
+    add_json(p, "the results")
 
     p = sub.add_parser("local", help="manage the local stack's state")
     lsub = p.add_subparsers(dest="local_command", metavar="ACTION")
@@ -147,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         lifecycle_cli = None  # type: ignore[assignment]
     if lifecycle_cli is not None:
-        lifecycle_cli.add_commands(sub, _add_config_args, _add_placement_args)
+        lifecycle_cli.add_commands(sub)
     return parser
 
 

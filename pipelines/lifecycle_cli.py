@@ -11,12 +11,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 from components.config import ConfigError, load_config
+from pipelines.cli_options import (
+    EXIT_FAILED,
+    EXIT_OK,
+    add_config_args,
+    add_dry_run,
+    add_json,
+    add_placement_args,
+    add_where_args,
+)
 from pipelines.presets import config_path
-
-# The same exit codes as pipelines.cli (not imported: `python -m pipelines.cli` would load that module twice).
-EXIT_OK, EXIT_FAILED = 0, 1
-
-ArgAdder = Callable[..., None]
 
 
 class UsageError(ConfigError):
@@ -42,7 +46,7 @@ def _explain_google_errors(handler: Callable[[argparse.Namespace], int]) -> Call
     return run
 
 
-def add_commands(sub: argparse._SubParsersAction, add_config_args: ArgAdder, add_placement_args: ArgAdder) -> None:
+def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the lifecycle commands on the `vlp` parser."""
     p = sub.add_parser("schedule", help="redeploy a config on a cron with Vertex AI pipeline schedules")
     ssub = p.add_subparsers(dest="schedule_command", metavar="ACTION")
@@ -62,11 +66,11 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: ArgAdder, add
         help="a published template instead (https://REGION-kfp.pkg.dev/PROJECT/REPO/vlp-deploy-llm/latest): "
         "each run then takes what `vlp publish` last tagged",
     )
-    c.add_argument("--json", action="store_true", help="print the created schedule as JSON")
+    add_json(c, "the created schedule")
     ls = ssub.add_parser("list", help="list the vlp schedules in a region")
-    _add_where(ls)
+    add_where_args(ls)
     ls.add_argument("--all", action="store_true", help="also schedules not made by vlp")
-    ls.add_argument("--json", action="store_true")
+    add_json(ls, "the schedules")
     for action, text in (
         ("pause", "pause a schedule (no new runs)"),
         ("resume", "resume a paused schedule"),
@@ -75,7 +79,7 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: ArgAdder, add
     ):
         a = ssub.add_parser(action, help=text)
         a.add_argument("schedule", help="resource name, numeric id, or display name (vlp-NAME or NAME)")
-        _add_where(a)
+        add_where_args(a)
 
     p = sub.add_parser("publish", help="upload compiled/*.yaml to an Artifact Registry KFP repository (console runs)")
     p.add_argument("files", nargs="*", type=Path, help="compiled specs (default: compiled/*.yaml)")
@@ -89,7 +93,7 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: ArgAdder, add
     p = sub.add_parser("teardown", help="remove everything a deployment's runs created (undeploy, delete)")
     add_config_args(p)
     add_placement_args(p)
-    p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
+    add_dry_run(p)
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     p = sub.add_parser("gc", help="remove labelled leftovers of old runs that serve no traffic")
@@ -97,12 +101,7 @@ def add_commands(sub: argparse._SubParsersAction, add_config_args: ArgAdder, add
     p.add_argument("--project", required=True)
     p.add_argument("--region", action="append", default=[], required=True, help="region to sweep; repeatable")
     p.add_argument("--deployment", default="", help="only this vlp-deployment label")
-    p.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
-
-
-def _add_where(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--project", default="", help="Google Cloud project id (not needed with a resource name)")
-    p.add_argument("--region", default="", help="region (not needed with a resource name)")
+    add_dry_run(p)
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
