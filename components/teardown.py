@@ -2,6 +2,7 @@
 
 import logging
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kfp import dsl
 
@@ -204,13 +205,17 @@ def cleanup_op(
     run_name: str,
     api_endpoint: str,
     status: dsl.PipelineTaskFinalStatus,
-) -> None:
-    """Exit handler: whatever happened, remove per the teardown policy what this run created."""
+) -> NamedTuple("CleanupOutputs", [("removed", list)]):  # noqa: F821, UP014
+    """Exit handler: whatever happened, remove per the teardown policy what this run created. Its output lists
+    what it removed (the local run summary reads it from the step's executor output)."""
+    from collections import namedtuple
+
     from components.config import ConfigError, config_from_dict
     from components.run_form import FIELD_NAMES, resolve_config
     from components.runtime import label_value, setup_logging
     from components.teardown import remove_run_resources, should_remove
 
+    outputs = namedtuple("CleanupOutputs", ["removed"])
     log = setup_logging()
     params = locals()
     form = {name: params[name] for name in FIELD_NAMES}
@@ -219,13 +224,13 @@ def cleanup_op(
     except ConfigError as exc:
         # Preflight failed on the same input before creating anything, so there is nothing to remove.
         log.info("nothing to remove: the run's config is not valid (%s)", str(exc).splitlines()[0])
-        return
+        return outputs([])
     state = status.state
     log.info("run %s ended %s; teardown policy %s", run_name, state, cfg.teardown)
     if status.error_message:
         log.info("run error: %s", status.error_message)
     if not should_remove(cfg.teardown, state):
-        return
+        return outputs([])
     regions = [r for r in [region, *cfg.placement.regions] if r]
     removed = remove_run_resources(
         project or cfg.placement.project, regions, cfg.name, label_value(run_name), api_endpoint
@@ -234,3 +239,4 @@ def cleanup_op(
         log.info("removed %s", name)
     if not removed.undeployed and not removed.deleted:
         log.info("nothing to remove: the run left no resources behind")
+    return outputs(removed.undeployed + removed.deleted)

@@ -95,3 +95,20 @@ def test_a_bad_value_is_reported_by_the_config_model_with_the_field() -> None:
         "accelerator_type": "",
         "accelerator_count": 0,
     }
+
+
+def test_every_function_that_takes_the_form_takes_all_of_it() -> None:
+    """KFP reads each component's inputs from its function's signature, so the form's fields are written out in
+    the pipeline, preflight and the exit handler; they must stay the same list."""
+    import inspect
+
+    from components.preflight import preflight_op
+    from components.teardown import cleanup_op
+    from pipelines.pipeline import build_pipeline
+
+    pipeline_inputs = build_pipeline().component_spec.inputs
+    for name in FIELD_NAMES:
+        assert name in pipeline_inputs, name
+    for func in (preflight_op, cleanup_op):
+        params = inspect.signature(func).parameters
+        assert [n for n in params if n in FIELD_NAMES] == list(FIELD_NAMES), func.__name__

@@ -211,8 +211,8 @@ def _without_executor_input(lines: list[str]) -> list[str]:
 
 
 def _write_step_logs(summary: dict[str, Any], text: str, log_dir: Path) -> None:
-    """Each step's log to LOG_DIR/STEP.log (and the whole run to run.log), named in the summary; for the failing
-    step its last lines, and what the exit handler removed."""
+    """Each step's log to LOG_DIR/STEP.log (and the whole run to run.log), named in the summary, and the failing
+    step's last lines."""
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "run.log").write_text(_ANSI.sub("", text))
     summary["log_dir"] = str(log_dir)
@@ -225,10 +225,6 @@ def _write_step_logs(summary: dict[str, Any], text: str, log_dir: Path) -> None:
         if step["status"] == "failed" and "failed_step" not in summary:
             body = [ln for ln in _without_executor_input(lines[1:]) if ln.strip() and not _TASK_END.search(ln)]
             summary["failed_step"] = {"name": step["name"], "log": str(path), "last_lines": body[-LAST_LINES:]}
-    cleanup = logs.get("cleanup", [])
-    summary["removed_by_exit_handler"] = [
-        m.group(1) for m in (re.search(r"\bremoved (\S+)", ln) for ln in cleanup) if m
-    ]
 
 
 def _emulator_json(api: str, path: str) -> Any:
@@ -283,6 +279,13 @@ def build_summary(
         summary["model"] = {"resource_name": model["name"], "version_id": model.get("versionId")}
     summary["smoke"] = smoke
     return summary
+
+
+def _exit_handler_removed(pipeline_root: Path, run_dir: str) -> list[str]:
+    """What the exit handler removed: its `removed` output, from kfp.local's executor output file."""
+    for path in (pipeline_root / run_dir).glob("cleanup*/executor_output.json"):
+        return list(json.loads(path.read_text()).get("parameterValues", {}).get("removed") or [])
+    return []
 
 
 def _smoke_outputs(pipeline_root: Path, run_dir: str) -> dict[str, Any]:
@@ -383,6 +386,7 @@ def run_local(
         steps, error = steps_from_records(step_records.read_records(records_dir))
         summary = build_summary(cfg, label_value(run_dir), steps, error, api, _smoke_outputs(pipeline_root, run_dir))
         _write_step_logs(summary, text, state_dir / "logs" / (run_dir or "run"))
+        summary["removed_by_exit_handler"] = _exit_handler_removed(pipeline_root, run_dir)
         summary["run"] = run_dir
         summary["seconds"] = round(time.monotonic() - started, 1)
         summary["logs"] = [str(p) for p in stack.log_paths()]
