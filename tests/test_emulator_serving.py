@@ -182,13 +182,15 @@ def test_tgi_container_speaks_the_hugging_face_dlc_format(manager: ServingManage
             {"instances": [{"inputs": "The capital of France is", "parameters": {"max_new_tokens": 6}}]},
         )
         assert answer["deployedModelId"] == "dm-tgi"
+        # The `inputs` form samples (below), and a tiny random model may sample only whitespace or stop at once:
+        # the shape is checked here, non-empty text on the greedy form further down.
         [text] = answer["predictions"]
-        assert isinstance(text, str) and text.strip()
+        assert isinstance(text, str)
 
         generated = _forward_json(
             manager, "dm-tgi", "rawPredict", {"inputs": "Hello", "parameters": {"max_new_tokens": 4}}
         )
-        assert generated["generated_text"].strip()
+        assert isinstance(generated["generated_text"], str)
 
         # TGI's /vertex route (router/src/vertex.rs, v2.4.0): the `inputs` form forces do_sample, so two seeds
         # sample differently even with do_sample: false; a chat-shaped instance at temperature 0 is greedy.
