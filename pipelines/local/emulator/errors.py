@@ -13,6 +13,7 @@ _CODES: dict[str, tuple[int, int]] = {
     "ALREADY_EXISTS": (6, 409),
     "RESOURCE_EXHAUSTED": (8, 429),
     "FAILED_PRECONDITION": (9, 400),
+    "ABORTED": (10, 409),
     "UNIMPLEMENTED": (12, 501),
     "INTERNAL": (13, 500),
     "UNAVAILABLE": (14, 503),

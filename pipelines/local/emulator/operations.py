@@ -63,8 +63,8 @@ class OperationsService:
         return self._json({"operations": ops})
 
     def _operation_routes(self) -> list[_Route]:
-        # The REST operations client tries its http_options in order, and the /ui/ ones come first.
-        ops = _LOC.replace("/v1/", "/(?:v1|v1beta1|ui)/", 1) + r"(?P<scope>/[^:]+?)?/operations"
+        # The REST operations client tries its http_options in order, and the /ui/ ones come first; Cloud Run uses /v2/.
+        ops = _LOC.replace("/v1/", "/(?:v1|v1beta1|v2|ui)/", 1) + r"(?P<scope>/[^:]+?)?/operations"
         r = _Route
         return [
             r("GET", ops + r"/(?P<op>[^/:]+)", self._get_operation),

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from google.cloud import aiplatform_v1 as v1
 
+from pipelines.local.emulator.cloud_run import CloudRunService
 from pipelines.local.emulator.core import (
     _ID_BASE,
     _LOG,
@@ -34,7 +35,9 @@ from pipelines.local.emulator.pipeline_jobs import PipelineJobsService
 from pipelines.local.emulator.prediction import PredictionService
 
 
-class Emulator(ModelsService, EndpointsService, PredictionService, OperationsService, PipelineJobsService):
+class Emulator(
+    ModelsService, EndpointsService, PredictionService, OperationsService, PipelineJobsService, CloudRunService
+):
     """The emulator: state, routes, and the HTTP server that serves them from a background thread."""
 
     def __init__(
@@ -76,6 +79,10 @@ class Emulator(ModelsService, EndpointsService, PredictionService, OperationsSer
         self._pipeline_jobs: dict[str, dict[str, Any]] = {}
         self._schedules: dict[str, dict[str, Any]] = {}
         self._operations: dict[str, dict[str, Any]] = {}  # op id -> Operation JSON
+        # Cloud Run Admin API v2 (cloud_run.py): services, revisions (by full name) and IAM policies.
+        self._run_services: dict[str, dict[str, Any]] = {}
+        self._run_revisions: dict[str, dict[str, Any]] = {}
+        self._run_policies: dict[str, dict[str, Any]] = {}
         # Runtime-only state.
         self._pending_deploys: dict[str, set[str]] = {}  # endpoint name -> deployed model ids being deployed
         self._serving_status: dict[str, str] = {}  # deployed model id -> "starting" | "ready" | failure text
@@ -143,6 +150,9 @@ class Emulator(ModelsService, EndpointsService, PredictionService, OperationsSer
         self._pipeline_jobs = data.get("pipelineJobs", {})
         self._schedules = data.get("schedules", {})
         self._operations = data.get("operations", {})
+        self._run_services = data.get("runServices", {})
+        self._run_revisions = data.get("runRevisions", {})
+        self._run_policies = data.get("runPolicies", {})
         self._multihost = data.get("multihost", {})
         self._logging_off = set(data.get("loggingOff", []))
         # Work that was in flight when the last run ended will never finish; say so instead of hanging pollers.
@@ -166,6 +176,9 @@ class Emulator(ModelsService, EndpointsService, PredictionService, OperationsSer
             "pipelineJobs": self._pipeline_jobs,
             "schedules": self._schedules,
             "operations": self._operations,
+            "runServices": self._run_services,
+            "runRevisions": self._run_revisions,
+            "runPolicies": self._run_policies,
             # v1beta1-only facts of deployed models, kept beside the v1 resources.
             "multihost": self._multihost,
             "loggingOff": sorted(self._logging_off),
@@ -271,6 +284,7 @@ class Emulator(ModelsService, EndpointsService, PredictionService, OperationsSer
             *self._prediction_routes(),
             *self._operation_routes(),
             *self._pipeline_routes(),
+            *self._cloud_run_routes(),
         ]
 
     # ------------------------------------------------------------------ helpers

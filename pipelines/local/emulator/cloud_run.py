@@ -1,0 +1,390 @@
+"""The emulator's Cloud Run Admin API v2 service: services, revisions, traffic with tags, IAM policies and the
+service's long-running operations, as google-cloud-run's REST transport calls them.
+
+Rules, with their sources (../shared/research/cloud-run.md; googleapis google/cloud/run/v2/*.proto):
+- a service id is a lowercase name under 50 characters that starts with a letter (service.proto `service_id`);
+- a revision a template names must start with "SERVICE-", and a revision name is never reused with another
+  template: 409 "with different configuration already exists" (knative/serving#3562, google-cloud-python#14259);
+- traffic may name only existing revisions or the template's own (terraform-docs-samples#269), and each named
+  target's percents must add up to 100 (vendor.proto TrafficTarget; unverified for 0 targets);
+- labels with run.googleapis.com/ keys are refused (service.proto `labels`);
+- a GPU takes `nvidia.com/gpu: "1"` with a node selector, at least 4 CPU and 16 GiB (L4) or 20 CPU and 80 GiB
+  (RTX PRO 6000), and CPU always allocated (cpu_idle false) (run/docs/configuring/services/gpu);
+- a startup probe's period and initial delay are at most 240 s (vendor.proto Probe).
+It also stands in for the metadata server's identity endpoint, so google.oauth2.id_token.fetch_id_token works
+offline. Model servers per revision, startup-probe failures and invoker checks are not emulated yet (issue 11).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import re
+from typing import Any
+
+from google.cloud import run_v2
+from google.protobuf import json_format
+
+from pipelines.local.emulator.core import _now, _pack_op, _paginate, _parse_request, _Route
+from pipelines.local.emulator.errors import ApiError
+
+_RUN_LOC = r"/v2/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
+_SERVICE_ID = re.compile(r"^[a-z]([-a-z0-9]{0,47}[a-z0-9])?$")
+GPU_MINIMUMS = {"nvidia-l4": (4.0, 16 * 2**30), "nvidia-rtx-pro-6000": (20.0, 80 * 2**30)}
+_MEMORY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+def _cpu(value: str) -> float:
+    return float(value[:-1]) / 1000 if value.endswith("m") else float(value)
+
+
+def _memory(value: str) -> int:
+    for unit, factor in _MEMORY_UNITS.items():
+        if value.endswith(unit):
+            return int(float(value[: -len(unit)]) * factor)
+    return int(value)
+
+
+def _check_template(service_id: str, template: dict[str, Any]) -> None:
+    revision = template.get("revision", "")
+    if revision and not revision.startswith(f"{service_id}-"):
+        raise ApiError(
+            "INVALID_ARGUMENT", f"Revision name {revision!r} must be prefixed by the service name '{service_id}-'."
+        )
+    accelerator = (template.get("nodeSelector") or {}).get("accelerator", "")
+    for container in template.get("containers") or []:
+        limits = (container.get("resources") or {}).get("limits") or {}
+        gpu = limits.get("nvidia.com/gpu")
+        if gpu is not None and gpu != "1":
+            raise ApiError("INVALID_ARGUMENT", f"nvidia.com/gpu must be '1' (one GPU per instance), not {gpu!r}.")
+        if gpu and not accelerator:
+            raise ApiError("INVALID_ARGUMENT", "A GPU limit needs template.nodeSelector.accelerator (the GPU type).")
+        if accelerator:
+            if accelerator not in GPU_MINIMUMS:
+                raise ApiError(
+                    "INVALID_ARGUMENT", f"GPU type {accelerator!r} is not offered; use {sorted(GPU_MINIMUMS)}."
+                )
+            cpu_min, mem_min = GPU_MINIMUMS[accelerator]
+            if _cpu(limits.get("cpu", "1")) < cpu_min or _memory(limits.get("memory", "512Mi")) < mem_min:
+                raise ApiError(
+                    "INVALID_ARGUMENT",
+                    f"{accelerator} needs at least {cpu_min:g} CPU and {mem_min // 2**30} GiB of memory per instance.",
+                )
+            if (container.get("resources") or {}).get("cpuIdle", False):
+                raise ApiError("INVALID_ARGUMENT", "GPU services need CPU always allocated: set cpu_idle to false.")
+        probe = container.get("startupProbe") or {}
+        for key in ("periodSeconds", "initialDelaySeconds"):
+            if int(probe.get(key, 0)) > 240:
+                raise ApiError("INVALID_ARGUMENT", f"startup_probe.{key} must be a number between 0 and 240.")
+
+
+def _template_key(template: dict[str, Any]) -> str:
+    """A revision's configuration: its template without the name, to tell a reused name from a new one."""
+    return json.dumps({k: v for k, v in template.items() if k != "revision"}, sort_keys=True)
+
+
+class CloudRunService:
+    """Mixed into Emulator (server.py), whose state and helpers its handlers use."""
+
+    # ------------------------------------------------------------------ state helpers
+
+    def _run_service(self, p: dict[str, str]) -> tuple[str, dict[str, Any]]:
+        name = f"projects/{p['project']}/locations/{p['location']}/services/{p['service']}"
+        service = self._run_services.get(name)
+        if service is None:
+            raise ApiError("NOT_FOUND", f"Resource '{p['service']}' of kind 'SERVICE' does not exist.")
+        return name, service
+
+    def _run_uri(self, p: dict[str, str], service_id: str, tag: str = "") -> str:
+        # A *.run.app address in Google; on loopback, the emulator's own (so a client calls it unchanged).
+        return f"{self.url}/_run/{p['project']}/{p['location']}/{service_id}" + (f"/{tag}" if tag else "")
+
+    def _run_apply(self, p: dict[str, str], name: str, service: dict[str, Any], creating: bool) -> dict[str, Any]:
+        """The template as a revision (new, or the same one again), the traffic and the output-only fields."""
+        service_id = name.rsplit("/", 1)[1]
+        template = service.setdefault("template", {})
+        _check_template(service_id, template)
+        labels = {**(service.get("labels") or {}), **(template.get("labels") or {})}
+        if any(key.startswith("run.googleapis.com/") for key in labels):
+            raise ApiError("INVALID_ARGUMENT", "Labels with the run.googleapis.com/ prefix are reserved.")
+        key = _template_key(template)
+        rev_id = template.get("revision") or ""
+        if rev_id:
+            existing = self._run_revisions.get(f"{name}/revisions/{rev_id}")
+            if existing is not None and existing["_key"] != key:
+                raise ApiError(
+                    "ALREADY_EXISTS",
+                    f"Revision named '{rev_id}' with different configuration already exists.",
+                )
+        else:
+            latest = self._run_revisions.get(
+                f"{name}/revisions/{service.get('latestCreatedRevision', '').rsplit('/', 1)[-1]}"
+            )
+            if latest is not None and latest["_key"] == key:
+                rev_id = latest["name"].rsplit("/", 1)[1]
+            else:
+                generation = int(service.get("generation", 0)) + 1
+                suffix = hashlib.sha1(f"{name}{generation}{key}".encode()).hexdigest()[:3]
+                rev_id = f"{service_id}-{generation:05d}-{suffix}"
+        rev_name = f"{name}/revisions/{rev_id}"
+        if rev_name not in self._run_revisions:
+            self._run_revisions[rev_name] = {
+                "name": rev_name,
+                "uid": hashlib.sha1(rev_name.encode()).hexdigest(),
+                "service": name,
+                "createTime": _now(),
+                "labels": template.get("labels") or {},
+                "containers": copy.deepcopy(template.get("containers") or []),
+                "scaling": template.get("scaling") or {},
+                "nodeSelector": template.get("nodeSelector") or {},
+                "serviceAccount": template.get("serviceAccount", ""),
+                "maxInstanceRequestConcurrency": template.get("maxInstanceRequestConcurrency", 80),
+                "volumes": template.get("volumes") or [],
+                "gpuZonalRedundancyDisabled": template.get("gpuZonalRedundancyDisabled", False),
+                "conditions": [{"type": "Ready", "state": "CONDITION_SUCCEEDED"}],
+                "_key": key,
+            }
+            self._audit("created", "Services.CreateRevision", rev_name)
+        traffic = service.get("traffic") or [{"type": "TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST", "percent": 100}]
+        statuses = []
+        for target in traffic:
+            kind = target.get("type", "TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION")
+            if kind in (2, "TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION"):
+                target_rev = target.get("revision", "")
+                if f"{name}/revisions/{target_rev}" not in self._run_revisions:
+                    raise ApiError(
+                        "INTERNAL",
+                        f"Revision '{target_rev}' referenced in traffic not found: it does not exist or is deleted.",
+                    )
+            else:
+                target_rev = rev_id
+            status = {"type": "TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION", "revision": target_rev}
+            if target.get("percent"):
+                status["percent"] = int(target["percent"])
+            if target.get("tag"):
+                status["tag"] = target["tag"]
+                status["uri"] = self._run_uri(p, service_id, target["tag"])
+            statuses.append(status)
+        if sum(int(t.get("percent", 0)) for t in traffic) != 100:
+            raise ApiError("INVALID_ARGUMENT", "Traffic percents must add up to 100.")
+        now = _now()
+        service.update(
+            name=name,
+            uid=service.get("uid") or hashlib.sha1(name.encode()).hexdigest(),
+            generation=str(int(service.get("generation", 0)) + 1),
+            createTime=service.get("createTime") or now,
+            updateTime=now,
+            uri=self._run_uri(p, service_id),
+            urls=[self._run_uri(p, service_id)],
+            latestCreatedRevision=rev_name,
+            latestReadyRevision=rev_name,
+            traffic=traffic,
+            trafficStatuses=statuses,
+            terminalCondition={"type": "Ready", "state": "CONDITION_SUCCEEDED"},
+            reconciling=False,
+            etag=base64.b64encode(now.encode()).decode(),
+        )
+        if creating:
+            self._audit("created", "Services.CreateService", name)
+        return service
+
+    def _run_view(self, service: dict[str, Any]) -> dict[str, Any]:
+        return json_format.MessageToDict(json_format.ParseDict(service, run_v2.Service.pb()()))
+
+    def _run_done_op(self, p: dict[str, str], response: dict[str, Any], proto: Any) -> Any:
+        name = f"projects/{p['project']}/locations/{p['location']}/operations/{self._new_id()}"
+        message = json_format.ParseDict(response, proto.pb()())
+        op = _pack_op(name, message, response=message, done=True)
+        self._record_op(name, op)
+        self._save()
+        return self._json(op)
+
+    # ------------------------------------------------------------------ services
+
+    def _create_run_service(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        req = _parse_request(run_v2.CreateServiceRequest, body, body_field="service", query=query)
+        service_id = req.service_id
+        if not _SERVICE_ID.match(service_id):
+            raise ApiError(
+                "INVALID_ARGUMENT",
+                f"service_id {service_id!r} must be lowercase letters, digits and dashes, start with a letter, "
+                "end with a letter or digit, and be under 50 characters.",
+            )
+        name = f"projects/{p['project']}/locations/{p['location']}/services/{service_id}"
+        with self._lock:
+            if name in self._run_services:
+                raise ApiError("ALREADY_EXISTS", f"Resource '{service_id}' already exists.")
+            service = json_format.MessageToDict(req.service)
+            service = self._run_apply(p, name, service, creating=True)
+            if req.validate_only:
+                return self._run_done_op(p, self._run_view(service), run_v2.Service)
+            self._run_services[name] = service
+            return self._run_done_op(p, self._run_view(service), run_v2.Service)
+
+    def _get_run_service(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        with self._lock:
+            _, service = self._run_service(p)
+            return self._json(self._run_view(service))
+
+    def _list_run_services(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        prefix = f"projects/{p['project']}/locations/{p['location']}/services/"
+        with self._lock:
+            items = [self._run_view(s) for n, s in self._run_services.items() if n.startswith(prefix)]
+        page, token = _paginate(items, int((query.get("pageSize") or ["100"])[0]), (query.get("pageToken") or [""])[0])
+        return self._json({"services": page, **({"nextPageToken": token} if token else {})})
+
+    def _update_run_service(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        req = _parse_request(run_v2.UpdateServiceRequest, body, body_field="service", query=query)
+        with self._lock:
+            name, current = self._run_service(p)
+            sent = json_format.MessageToDict(req.service)
+            updated = copy.deepcopy(current)
+            paths = list(req.update_mask.paths)
+            # Output-only fields a client echoes back are ignored; with a mask, only the named fields change.
+            for key in ("template", "traffic", "labels", "annotations", "scaling", "ingress", "invokerIamDisabled"):
+                if paths and key not in {q.split(".")[0] for q in map(_camel, paths)}:
+                    continue
+                if key in sent:
+                    updated[key] = sent[key]
+                elif not paths and key in ("traffic",):
+                    updated.pop(key, None)
+            updated = self._run_apply(p, name, updated, creating=False)
+            if not req.validate_only:
+                self._run_services[name] = updated
+            return self._run_done_op(p, self._run_view(updated), run_v2.Service)
+
+    def _delete_run_service(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        with self._lock:
+            name, service = self._run_service(p)
+            for rev in [r for r in self._run_revisions if r.startswith(f"{name}/revisions/")]:
+                del self._run_revisions[rev]
+            del self._run_services[name]
+            self._run_policies.pop(name, None)
+            self._audit("deleted", "Services.DeleteService", name)
+            return self._run_done_op(p, self._run_view(service), run_v2.Service)
+
+    # ------------------------------------------------------------------ revisions
+
+    @staticmethod
+    def _revision_view(revision: dict[str, Any]) -> dict[str, Any]:
+        public = {k: v for k, v in revision.items() if not k.startswith("_")}
+        return json_format.MessageToDict(json_format.ParseDict(public, run_v2.Revision.pb()()))
+
+    def _list_run_revisions(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        with self._lock:
+            name, _ = self._run_service(p)
+            items = [
+                self._revision_view(r) for n, r in self._run_revisions.items() if n.startswith(f"{name}/revisions/")
+            ]
+        return self._json({"revisions": items})
+
+    def _get_run_revision(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        with self._lock:
+            name, _ = self._run_service(p)
+            revision = self._run_revisions.get(f"{name}/revisions/{p['revision']}")
+            if revision is None:
+                raise ApiError("NOT_FOUND", f"Resource '{p['revision']}' of kind 'REVISION' does not exist.")
+            return self._json(self._revision_view(revision))
+
+    # ------------------------------------------------------------------ IAM
+
+    def _get_run_policy(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        with self._lock:
+            name, _ = self._run_service(p)
+            return self._json(self._run_policies.get(name) or {"etag": base64.b64encode(b"\0").decode()})
+
+    def _set_run_policy(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        data = json.loads(body or b"{}")
+        policy = data.get("policy") or {}
+        with self._lock:
+            name, _ = self._run_service(p)
+            current = self._run_policies.get(name) or {"etag": base64.b64encode(b"\0").decode()}
+            if policy.get("etag") and policy["etag"] != current["etag"]:
+                raise ApiError("ABORTED", "There were concurrent policy changes: get the policy again and retry.")
+            stored = {
+                "version": policy.get("version", 1),
+                "bindings": policy.get("bindings") or [],
+                "etag": base64.b64encode(_now().encode()).decode(),
+            }
+            self._run_policies[name] = stored
+            self._save()
+            return self._json(stored)
+
+    def _test_run_permissions(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        with self._lock:
+            self._run_service(p)
+        asked = json.loads(body or b"{}").get("permissions") or []
+        return self._json({"permissions": asked})  # the local caller holds every permission it asks about
+
+    # ------------------------------------------------------------------ metadata server (ID tokens)
+
+    # GCE_METADATA_HOST / GCE_METADATA_IP pointed here make google.oauth2.id_token.fetch_id_token work offline:
+    # google-auth pings "/" for the Metadata-Flavor header, then asks the identity endpoint for a token.
+    LOCAL_ACCOUNT = "vlp-local@local-project.iam.gserviceaccount.com"
+
+    def _metadata_answer(self, data: Any, ctype: str) -> Any:
+        body = data if isinstance(data, bytes) else json.dumps(data).encode()
+        return 200, body, ctype, {"Metadata-Flavor": "Google"}
+
+    def _metadata_ping(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        return self._metadata_answer(b"", "application/text")
+
+    def _metadata_account(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        info = {
+            "aliases": ["default"],
+            "email": self.LOCAL_ACCOUNT,
+            "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
+        }
+        return self._metadata_answer(info, "application/json")
+
+    def _metadata_identity(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        """An ID token for `audience`: a JWT whose claims are real and whose signature is not (the local
+        invoker check reads the email; nothing here verifies signatures)."""
+        import time
+
+        audience = (query.get("audience") or [""])[0]
+        if not audience:
+            raise ApiError("INVALID_ARGUMENT", "audience is required")
+        now = int(time.time())
+        claims = {
+            "aud": audience,
+            "azp": self.LOCAL_ACCOUNT,
+            "email": self.LOCAL_ACCOUNT,
+            "email_verified": True,
+            "exp": now + 3600,
+            "iat": now,
+            "iss": "https://accounts.google.com",
+            "sub": "100000000000000000001",
+        }
+
+        def part(data: dict[str, Any]) -> str:
+            return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+        token = f"{part({'alg': 'RS256', 'typ': 'JWT', 'kid': 'local'})}.{part(claims)}.{part({'sig': 'local'})}"
+        return self._metadata_answer(token.encode(), "application/text")
+
+    def _cloud_run_routes(self) -> list[_Route]:
+        svc = _RUN_LOC + r"/services/(?P<service>[^/:]+)"
+        r = _Route
+        return [
+            r("POST", _RUN_LOC + r"/services", self._create_run_service),
+            r("GET", _RUN_LOC + r"/services", self._list_run_services),
+            r("GET", svc + r":getIamPolicy", self._get_run_policy),
+            r("POST", svc + r":setIamPolicy", self._set_run_policy),
+            r("POST", svc + r":testIamPermissions", self._test_run_permissions),
+            r("GET", svc + r"/revisions", self._list_run_revisions),
+            r("GET", svc + r"/revisions/(?P<revision>[^/:]+)", self._get_run_revision),
+            r("GET", svc, self._get_run_service),
+            r("PATCH", svc, self._update_run_service),
+            r("DELETE", svc, self._delete_run_service),
+            r("GET", r"/", self._metadata_ping),
+            r("GET", r"/computeMetadata/v1/instance/service-accounts/default/?", self._metadata_account),
+            r("GET", r"/computeMetadata/v1/instance/service-accounts/default/identity", self._metadata_identity),
+        ]
+
+
+def _camel(snake: str) -> str:
+    head, *rest = snake.split("_")
+    return head + "".join(w.title() for w in rest)
