@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +26,31 @@ TGI = (
 )
 
 
+class _Servers:
+    """Model servers that are ready at once: these tests are about the API, not serving (see the end of the file)."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, str] = {}
+
+    def start(self, serving_id: str, weights: str, spec: dict, timeout_s: float) -> None:
+        self.running[serving_id] = weights
+
+    def stop(self, serving_id: str) -> None:
+        self.running.pop(serving_id, None)
+
+    def stop_all(self) -> None:
+        self.running.clear()
+
+    def is_healthy(self, serving_id: str) -> bool:
+        return serving_id in self.running
+
+    def known_ids(self) -> list[str]:
+        return sorted(self.running)
+
+
 @pytest.fixture
 def emu(tmp_path: Path) -> Iterator[Emulator]:
-    emulator = create_emulator(tmp_path / "state")  # a real serving manager; no model server starts here
+    emulator = create_emulator(tmp_path / "state", serving=_Servers())
     emulator.start()
     try:
         yield emulator
@@ -68,6 +91,17 @@ def _service(
         containers=[container],
         labels={"vlp-deployment": "llama-awq"},
     )
+    # The weights, as the pipeline mirrors them, mounted read-only (the research note's section 3).
+    template.volumes = [
+        run_v2.Volume(
+            name="weights",
+            gcs=run_v2.GCSVolumeSource(
+                bucket="vlp-run-test", read_only=True, mount_options=["only-dir=models/acme/tiny/rev1"]
+            ),
+        )
+    ]
+    container.volume_mounts = [run_v2.VolumeMount(name="weights", mount_path="/mnt/model")]
+    template.containers = [container]
     return run_v2.Service(template=template, labels={"vlp-deployment": "llama-awq"}, **overrides)
 
 
@@ -88,9 +122,14 @@ def test_create_get_list_and_delete_a_gpu_service(client: run_v2.ServicesClient,
     )
     [revision] = revisions.list_revisions(parent=created.name)
     assert revision.max_instance_request_concurrency == 64 and revision.scaling.max_instance_count == 3
+    assert list(emu.serving.running.values()) == ["gs://vlp-run-test/models/acme/tiny/rev1/"]  # the mounted dir
     client.delete_service(name=created.name).result(timeout=30)
     with pytest.raises(gexc.NotFound):
         client.get_service(name=created.name)
+    deadline = time.monotonic() + 10
+    while emu.serving.running and time.monotonic() < deadline:  # stopped in the background
+        time.sleep(0.05)
+    assert emu.serving.running == {}
     audit = [(e["action"], e["resourceName"].rsplit("/", 1)[1]) for e in emu.audit]
     assert ("created", "llama-awq") in audit and ("deleted", "llama-awq") in audit
 
@@ -197,3 +236,108 @@ def test_fetch_id_token_works_unchanged_against_the_metadata_stand_in(emu: Emula
     assert done.returncode == 0, done.stderr
     claims = json.loads(done.stdout)
     assert claims["aud"] == "https://svc.a.run.app" and claims["email"].endswith(".iam.gserviceaccount.com")
+
+
+# ----- revisions that serve: a model server per revision with traffic or a tag, and the invoker check -----
+
+BUCKET = "vlp-run-test"
+
+
+@pytest.fixture(scope="module")
+def run_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    from google.cloud import storage
+
+    from pipelines.local.models import build_tiny_llama
+    from pipelines.local.peers import start_fake_gcs
+
+    work = tmp_path_factory.mktemp("run-serving")
+    model = build_tiny_llama(work / "tiny-llama")
+    peer = start_fake_gcs(None, work / "logs")
+    client = storage.Client(
+        project="local", credentials=AnonymousCredentials(), client_options={"api_endpoint": peer.url}
+    )
+    bucket = client.create_bucket(BUCKET)
+    for path in sorted(model.iterdir()):
+        bucket.blob(f"models/acme/tiny/rev1/{path.name}").upload_from_filename(str(path))
+        broken = b"{ this is not json" if path.name == "config.json" else path.read_bytes()
+        bucket.blob(f"models/acme/broken/rev1/{path.name}").upload_from_string(broken)
+    yield peer.url
+    peer.stop()
+
+
+@pytest.fixture
+def serving_emu(tmp_path: Path, run_gcs: str) -> Iterator[Emulator]:
+    emulator = create_emulator(tmp_path / "state", storage_endpoint=run_gcs, deploy_timeout_s=120)
+    emulator.start()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+def _mounted(revision: str, only_dir: str) -> run_v2.Service:
+    service = _service(revision)
+    service.template.volumes = [
+        run_v2.Volume(
+            name="weights",
+            gcs=run_v2.GCSVolumeSource(bucket=BUCKET, read_only=True, mount_options=[f"only-dir={only_dir}"]),
+        )
+    ]
+    service.template.containers[0].volume_mounts = [run_v2.VolumeMount(name="weights", mount_path="/mnt/model")]
+    service.template.containers[0].args[:] = ["--model-id=/mnt/model"]
+    return service
+
+
+def _id_token(emu: Emulator, audience: str) -> str:
+    import requests
+
+    url = f"{emu.url}/computeMetadata/v1/instance/service-accounts/default/identity"
+    return requests.get(url, params={"audience": audience}, headers={"Metadata-Flavor": "Google"}, timeout=10).text
+
+
+def test_a_private_service_answers_only_its_invokers_and_a_broken_revision_keeps_the_old_traffic(
+    serving_emu: Emulator,
+) -> None:
+    import requests
+
+    client = run_v2.ServicesClient(
+        client_options=ClientOptions(api_endpoint=serving_emu.url), transport="rest", credentials=AnonymousCredentials()
+    )
+    svc = client.create_service(
+        parent=PARENT, service=_mounted("llama-awq-0000001-1", "models/acme/tiny/rev1"), service_id="llama-awq"
+    ).result(timeout=180)
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}
+    url = svc.uri + "/v1/chat/completions"
+    token = _id_token(serving_emu, svc.uri)
+    assert requests.post(url, json=chat, timeout=60).status_code == 403  # private: no token
+    assert requests.post(url, json=chat, headers={"Authorization": f"Bearer {token}"}, timeout=60).status_code == 403
+    policy = client.get_iam_policy(request=iam_policy_pb2.GetIamPolicyRequest(resource=svc.name))
+    policy.bindings.append(
+        policy_pb2.Binding(role="roles/run.invoker", members=[f"serviceAccount:{serving_emu.LOCAL_ACCOUNT}"])
+    )
+    client.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=svc.name, policy=policy))
+    answer = requests.post(url, json=chat, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] is not None
+
+    # A candidate whose weights do not load: the update fails with code 9 and the old revision keeps 100%.
+    candidate = _mounted("llama-awq-0000002-1", "models/acme/broken/rev1")
+    candidate.name = svc.name
+    candidate.traffic = [
+        run_v2.TrafficTarget(
+            type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION,
+            revision="llama-awq-0000001-1",
+            percent=100,
+        ),
+        run_v2.TrafficTarget(
+            type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION,
+            revision="llama-awq-0000002-1",
+            percent=0,
+            tag="cand",
+        ),
+    ]
+    with pytest.raises(gexc.GoogleAPICallError, match="is not ready and cannot serve traffic"):
+        client.update_service(service=candidate).result(timeout=180)
+    after = client.get_service(name=svc.name)
+    assert [(t.revision, t.percent, t.tag) for t in after.traffic_statuses] == [("llama-awq-0000001-1", 100, "")]
+    again = requests.post(url, json=chat, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    assert again.status_code == 200  # the service answered throughout

@@ -12,7 +12,10 @@ Rules, with their sources (../shared/research/cloud-run.md; googleapis google/cl
   (RTX PRO 6000), and CPU always allocated (cpu_idle false) (run/docs/configuring/services/gpu);
 - a startup probe's period and initial delay are at most 240 s (vendor.proto Probe).
 It also stands in for the metadata server's identity endpoint, so google.oauth2.id_token.fetch_id_token works
-offline. Model servers per revision, startup-probe failures and invoker checks are not emulated yet (issue 11).
+offline. Each revision with traffic or a tag gets a model server (serving.py) on the weights its Cloud Storage volume or
+AIP_STORAGE_URI names; the create/update operation ends when they answer, or fails with code 9 and the service
+keeps its traffic. A call to the service URL is refused with 403 unless its ID token's email holds
+roles/run.invoker. Cloud Run quotas are not emulated yet (issue 11).
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ class CloudRunService:
 
     def _run_uri(self, p: dict[str, str], service_id: str, tag: str = "") -> str:
         # A *.run.app address in Google; on loopback, the emulator's own (so a client calls it unchanged).
-        return f"{self.url}/_run/{p['project']}/{p['location']}/{service_id}" + (f"/{tag}" if tag else "")
+        return f"{self.url}/_run/{p['project']}/{p['location']}/{service_id}" + (f"/_tag/{tag}" if tag else "")
 
     def _run_apply(self, p: dict[str, str], name: str, service: dict[str, Any], creating: bool) -> dict[str, Any]:
         """The template as a revision (new, or the same one again), the traffic and the output-only fields."""
@@ -221,7 +224,7 @@ class CloudRunService:
             if req.validate_only:
                 return self._run_done_op(p, self._run_view(service), run_v2.Service)
             self._run_services[name] = service
-            return self._run_done_op(p, self._run_view(service), run_v2.Service)
+            return self._run_rollout(p, name, None, service)
 
     def _get_run_service(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         with self._lock:
@@ -250,20 +253,174 @@ class CloudRunService:
                     updated[key] = sent[key]
                 elif not paths and key in ("traffic",):
                     updated.pop(key, None)
+            previous = copy.deepcopy(current)
             updated = self._run_apply(p, name, updated, creating=False)
-            if not req.validate_only:
-                self._run_services[name] = updated
-            return self._run_done_op(p, self._run_view(updated), run_v2.Service)
+            if req.validate_only:
+                return self._run_done_op(p, self._run_view(updated), run_v2.Service)
+            self._run_services[name] = updated
+            return self._run_rollout(p, name, previous, updated)
 
     def _delete_run_service(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         with self._lock:
             name, service = self._run_service(p)
-            for rev in [r for r in self._run_revisions if r.startswith(f"{name}/revisions/")]:
+            revisions = [r for r in self._run_revisions if r.startswith(f"{name}/revisions/")]
+            for rev in revisions:
                 del self._run_revisions[rev]
             del self._run_services[name]
             self._run_policies.pop(name, None)
             self._audit("deleted", "Services.DeleteService", name)
+            if getattr(self.serving, "stop", None):
+                for rev in revisions:
+                    self._spawn(self.serving.stop, self._serving_id(rev))
             return self._run_done_op(p, self._run_view(service), run_v2.Service)
+
+    # ------------------------------------------------------------------ serving revisions
+
+    @staticmethod
+    def _serving_id(revision_name: str) -> str:
+        return "run-" + hashlib.sha1(revision_name.encode()).hexdigest()[:16]
+
+    @staticmethod
+    def _serving_revisions(name: str, service: dict[str, Any]) -> list[str]:
+        """The revisions Cloud Run keeps an instance ready for here: those with traffic or a tag."""
+        return sorted(
+            {
+                f"{name}/revisions/{t['revision']}"
+                for t in service.get("trafficStatuses") or []
+                if t.get("percent") or t.get("tag")
+            }
+        )
+
+    def _weights_of(self, revision: dict[str, Any]) -> str:
+        """Where a revision's weights are: a Cloud Storage volume (bucket + only-dir), or the TGI DLC's
+        AIP_STORAGE_URI, which its entrypoint copies before starting."""
+        for volume in revision.get("volumes") or []:
+            gcs = volume.get("gcs") or {}
+            if gcs.get("bucket"):
+                only = next(
+                    (o.split("=", 1)[1] for o in gcs.get("mountOptions") or [] if o.startswith("only-dir=")), ""
+                )
+                return f"gs://{gcs['bucket']}/{only.strip('/')}/" if only else f"gs://{gcs['bucket']}/"
+        for container in revision.get("containers") or []:
+            for env in container.get("env") or []:
+                if env.get("name") == "AIP_STORAGE_URI" and str(env.get("value", "")).startswith("gs://"):
+                    return str(env["value"]).rstrip("/") + "/"
+        raise ApiError(
+            "FAILED_PRECONDITION",
+            f"Revision '{revision['name'].rsplit('/', 1)[1]}' has no weights the emulator can serve: mount them "
+            "with a Cloud Storage volume, or set AIP_STORAGE_URI (the TGI DLC copies it before starting).",
+        )
+
+    def _run_rollout(
+        self, p: dict[str, str], name: str, previous: dict[str, Any] | None, service: dict[str, Any]
+    ) -> Any:
+        """The service's LRO, done once every revision with traffic or a tag answers its health route; when one
+        does not, the operation fails with code 9 and the service's traffic stays as it was."""
+        op_name = f"projects/{p['project']}/locations/{p['location']}/operations/{self._new_id()}"
+        message = json_format.ParseDict(self._run_view(service), run_v2.Service.pb()())
+        self._record_op(op_name, _pack_op(op_name, message))
+        self._save()
+        self._spawn(self._run_rollout_job, op_name, name, previous, self._serving_revisions(name, service))
+        return self._json(self._operations[op_name.rsplit("/", 1)[1]])
+
+    def _run_rollout_job(self, op_name: str, name: str, previous: dict[str, Any] | None, wanted: list[str]) -> None:
+        error = self._run_sync_servers(name, wanted)
+        with self._lock:
+            service = self._run_services.get(name)
+            if error is not None:
+                if previous is not None:
+                    self._run_services[name] = previous
+                else:
+                    self._run_services.pop(name, None)
+                final = previous or service or {}
+            else:
+                final = service or {}
+            message = json_format.ParseDict(self._run_view(final), run_v2.Service.pb()()) if final else None
+            self._operations[op_name.rsplit("/", 1)[1]] = _pack_op(op_name, message, response=message, error=error)
+            self._save()
+
+    def _run_sync_servers(self, name: str, wanted: list[str]) -> ApiError | None:
+        """Start a model server for each wanted revision of the service that has none; stop the others."""
+        serving = getattr(self, "serving", None)
+        if serving is None or not hasattr(serving, "start"):
+            return None
+        ids = {self._serving_id(r): r for r in wanted}
+        prefix = f"{name}/revisions/"
+        with self._lock:
+            revisions = [r for r in self._run_revisions if r.startswith(prefix)]
+        for rev_name in revisions:
+            if self._serving_id(rev_name) not in ids and self._serving_id(rev_name) in serving.known_ids():
+                serving.stop(self._serving_id(rev_name))
+        for serving_id, rev_name in ids.items():
+            if serving.is_healthy(serving_id):
+                continue
+            with self._lock:
+                revision = self._run_revisions.get(rev_name)
+            if revision is None:
+                continue
+            try:
+                container = (revision.get("containers") or [{}])[0]
+                spec = {"imageUri": container.get("image", ""), "args": container.get("args") or []}
+                serving.start(serving_id, self._weights_of(revision), spec, self.deploy_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - any failure to start is the revision's failure
+                tail = list(getattr(exc, "log_tail", []) or [])
+                message = (
+                    f"Revision '{rev_name.rsplit('/', 1)[1]}' is not ready and cannot serve traffic. "
+                    f"{getattr(exc, 'message', None) or exc}" + ("\n" + "\n".join(tail) if tail else "")
+                )
+                with self._lock:
+                    revision["conditions"] = [{"type": "Ready", "state": "CONDITION_FAILED", "message": message}]
+                return ApiError("FAILED_PRECONDITION", message)
+        return None
+
+    # ------------------------------------------------------------------ invoking a service
+
+    def _run_caller(self, authorization: str) -> str:
+        """The email in an ID token (its signature is not checked here: tokens come from the local stand-in)."""
+        token = authorization.removeprefix("Bearer ").strip()
+        try:
+            payload = token.split(".")[1]
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        except (IndexError, ValueError):
+            return ""
+        return str(claims.get("email") or "")
+
+    def _invoke_run(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        """A call to a service URL: 403 unless the caller holds roles/run.invoker (or invokers are not checked),
+        then the tagged revision, or a revision picked by the traffic percents, answers."""
+        import random
+
+        with self._lock:
+            name = f"projects/{p['project']}/locations/{p['location']}/services/{p['service']}"
+            service = self._run_services.get(name)
+            if service is None:
+                return 404, b"Page not found", "text/html", {}
+            email = self._run_caller(p.get("_authorization", ""))
+            members = {
+                m
+                for b in (self._run_policies.get(name) or {}).get("bindings") or []
+                if b.get("role") == "roles/run.invoker"
+                for m in b.get("members") or []
+            }
+            allowed = (
+                service.get("invokerIamDisabled")
+                or "allUsers" in members
+                or (email and ({f"serviceAccount:{email}", f"user:{email}", "allAuthenticatedUsers"} & members))
+            )
+            if not allowed:
+                return 403, b"Your client does not have permission to get URL from this server.", "text/html", {}
+            statuses = service.get("trafficStatuses") or []
+            if p.get("tag"):
+                chosen = next((t["revision"] for t in statuses if t.get("tag") == p["tag"]), None)
+                if chosen is None:
+                    return 404, b"Page not found", "text/html", {}
+            else:
+                weighted = [(t["revision"], int(t.get("percent") or 0)) for t in statuses if t.get("percent")]
+                chosen = random.choices([r for r, _ in weighted], weights=[w for _, w in weighted])[0]
+        status, out, ctype = self.serving.forward(
+            self._serving_id(f"{name}/revisions/{chosen}"), "invoke", body, p.get("subpath") or "/"
+        )
+        return status, out, ctype, {}
 
     # ------------------------------------------------------------------ revisions
 
@@ -379,6 +536,16 @@ class CloudRunService:
             r("GET", svc, self._get_run_service),
             r("PATCH", svc, self._update_run_service),
             r("DELETE", svc, self._delete_run_service),
+            r(
+                "POST",
+                r"/_run/(?P<project>[^/]+)/(?P<location>[^/]+)/(?P<service>[^/]+)(?:/_tag/(?P<tag>[^/]+))?(?P<subpath>/.*)?",
+                self._invoke_run,
+            ),
+            r(
+                "GET",
+                r"/_run/(?P<project>[^/]+)/(?P<location>[^/]+)/(?P<service>[^/]+)(?:/_tag/(?P<tag>[^/]+))?(?P<subpath>/.*)?",
+                self._invoke_run,
+            ),
             r("GET", r"/", self._metadata_ping),
             r("GET", r"/computeMetadata/v1/instance/service-accounts/default/?", self._metadata_account),
             r("GET", r"/computeMetadata/v1/instance/service-accounts/default/identity", self._metadata_identity),

@@ -254,7 +254,11 @@ class Emulator(
                 m = route.regex.match(path)
                 if m:
                     # The host the client called: prediction routes check it (dedicated DNS vs regional host).
-                    params = {**m.groupdict(), "_host": (headers.get("Host") if headers is not None else "") or ""}
+                    params = {
+                        **{k: v or "" for k, v in m.groupdict().items()},
+                        "_host": (headers.get("Host") if headers is not None else "") or "",
+                        "_authorization": (headers.get("Authorization") if headers is not None else "") or "",
+                    }
                     return route.handler(params, query, body)
             answer = self._side_apis(method, raw_path, query, body, headers)
             if answer is not None:
