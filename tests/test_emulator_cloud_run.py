@@ -48,10 +48,26 @@ class _Servers:
         return sorted(self.running)
 
 
+# Enough for two revisions of the tutorial's service at once (a blue/green rollout): 2 x 3 instances of 8 CPU,
+# 32 GiB and one L4 with zonal redundancy. A new project's quotas are far below (test_quotas_…).
+ROLLOUT_QUOTAS = {
+    "CpuAllocPerProjectRegion": {"us-central1": 48000},
+    "MemAllocPerProjectRegion": {"us-central1": 6 * 32 * 2**30},
+    "NvidiaL4GpuAllocPerProjectRegion": {"us-central1": 6},
+}
+
+
+def _set_quotas(emu: Emulator, quotas: dict) -> None:
+    import requests
+
+    assert requests.post(f"{emu.url}/_emulator/quotas", json={"quotas": quotas, "default": 8}, timeout=10).ok
+
+
 @pytest.fixture
 def emu(tmp_path: Path) -> Iterator[Emulator]:
     emulator = create_emulator(tmp_path / "state", serving=_Servers())
     emulator.start()
+    _set_quotas(emulator, ROLLOUT_QUOTAS)
     try:
         yield emulator
     finally:
@@ -223,6 +239,35 @@ def test_iam_policy_round_trips_its_etag(client: run_v2.ServicesClient) -> None:
         client.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=svc.name, policy=policy))
 
 
+def test_quotas_count_max_instances_and_both_revisions_of_a_rollout(
+    client: run_v2.ServicesClient, emu: Emulator
+) -> None:
+    """A new project's quotas refuse the tutorial's 3 x (8 CPU, 32 GiB) (the codelab's error); GPU quota with and
+    without zonal redundancy are separate; a candidate at 0% with a tag counts beside the serving revision."""
+    _set_quotas(emu, {})
+    with pytest.raises(gexc.TooManyRequests, match="CpuAllocPerProjectRegion requested: 24000 allowed: 20000"):
+        client.create_service(parent=PARENT, service=_service("llama-awq-q-1"), service_id="llama-awq").result(
+            timeout=30
+        )
+    _set_quotas(emu, {k: v for k, v in ROLLOUT_QUOTAS.items() if not k.startswith("Nvidia")})
+    with pytest.raises(gexc.TooManyRequests, match="NvidiaL4GpuAllocPerProjectRegion requested: 3 allowed: 0"):
+        client.create_service(parent=PARENT, service=_service("llama-awq-q-1"), service_id="llama-awq").result(
+            timeout=30
+        )
+    no_zr = _service("llama-awq-q-1")
+    no_zr.template.gpu_zonal_redundancy_disabled = True
+    svc = client.create_service(parent=PARENT, service=no_zr, service_id="llama-awq").result(timeout=30)
+    svc.template.revision = "llama-awq-q-2"
+    svc.template.containers[0].args.append("--changed")
+    pin = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
+    svc.traffic = [
+        run_v2.TrafficTarget(type_=pin, revision="llama-awq-q-1", percent=100),
+        run_v2.TrafficTarget(type_=pin, revision="llama-awq-q-2", percent=0, tag="cand"),
+    ]
+    with pytest.raises(gexc.TooManyRequests, match="NoZonalRedundancyPerProjectRegion requested: 6 allowed: 3"):
+        client.update_service(service=svc).result(timeout=30)
+
+
 def test_fetch_id_token_works_unchanged_against_the_metadata_stand_in(emu: Emulator) -> None:
     host = emu.url.removeprefix("http://")
     code = (
@@ -269,6 +314,7 @@ def run_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def serving_emu(tmp_path: Path, run_gcs: str) -> Iterator[Emulator]:
     emulator = create_emulator(tmp_path / "state", storage_endpoint=run_gcs, deploy_timeout_s=120)
     emulator.start()
+    _set_quotas(emulator, ROLLOUT_QUOTAS)
     try:
         yield emulator
     finally:

@@ -83,6 +83,27 @@ def _check_template(service_id: str, template: dict[str, Any]) -> None:
                 raise ApiError("INVALID_ARGUMENT", f"startup_probe.{key} must be a number between 0 and 240.")
 
 
+_GPU_QUOTA = {"nvidia-l4": "NvidiaL4GpuAlloc", "nvidia-rtx-pro-6000": "NvidiaRtxPro6000GpuAlloc"}
+DEFAULT_MAX_INSTANCES = 100  # a revision without scaling.max_instance_count (run/docs/configuring/max-instances)
+
+
+def revision_allocation(revision: dict[str, Any]) -> dict[str, int]:
+    """What a serving revision can hold at its max instances: milli-CPU, memory bytes and GPUs, by quota id."""
+    instances = int((revision.get("scaling") or {}).get("maxInstanceCount") or DEFAULT_MAX_INSTANCES)
+    need: dict[str, int] = {}
+    for container in revision.get("containers") or []:
+        limits = (container.get("resources") or {}).get("limits") or {}
+        cpu, memory = _cpu(limits.get("cpu", "1")), _memory(limits.get("memory", "512Mi"))
+        need["CpuAllocPerProjectRegion"] = need.get("CpuAllocPerProjectRegion", 0) + int(cpu * 1000) * instances
+        need["MemAllocPerProjectRegion"] = need.get("MemAllocPerProjectRegion", 0) + memory * instances
+        accelerator = (revision.get("nodeSelector") or {}).get("accelerator", "")
+        if limits.get("nvidia.com/gpu") and accelerator in _GPU_QUOTA:
+            zonal = "NoZonalRedundancy" if revision.get("gpuZonalRedundancyDisabled") else ""
+            key = f"{_GPU_QUOTA[accelerator]}{zonal}PerProjectRegion"
+            need[key] = need.get(key, 0) + int(limits["nvidia.com/gpu"]) * instances
+    return need
+
+
 def _template_key(template: dict[str, Any]) -> str:
     """A revision's configuration: its template without the name, to tell a reused name from a new one."""
     return json.dumps({k: v for k, v in template.items() if k != "revision"}, sort_keys=True)
@@ -132,7 +153,8 @@ class CloudRunService:
                 suffix = hashlib.sha1(f"{name}{generation}{key}".encode()).hexdigest()[:3]
                 rev_id = f"{service_id}-{generation:05d}-{suffix}"
         rev_name = f"{name}/revisions/{rev_id}"
-        if rev_name not in self._run_revisions:
+        added = rev_name not in self._run_revisions
+        if added:
             self._run_revisions[rev_name] = {
                 "name": rev_name,
                 "uid": hashlib.sha1(rev_name.encode()).hexdigest(),
@@ -149,7 +171,40 @@ class CloudRunService:
                 "conditions": [{"type": "Ready", "state": "CONDITION_SUCCEEDED"}],
                 "_key": key,
             }
+        try:
+            traffic, statuses = self._run_traffic(p, name, service, rev_id, service_id)
+        except ApiError:
+            if added:  # a refused request leaves no revision behind
+                del self._run_revisions[rev_name]
+            raise
+        if added:
             self._audit("created", "Services.CreateRevision", rev_name)
+        now = _now()
+        service.update(
+            name=name,
+            uid=service.get("uid") or hashlib.sha1(name.encode()).hexdigest(),
+            generation=str(int(service.get("generation", 0)) + 1),
+            createTime=service.get("createTime") or now,
+            updateTime=now,
+            uri=self._run_uri(p, service_id),
+            urls=[self._run_uri(p, service_id)],
+            latestCreatedRevision=rev_name,
+            latestReadyRevision=rev_name,
+            traffic=traffic,
+            trafficStatuses=statuses,
+            terminalCondition={"type": "Ready", "state": "CONDITION_SUCCEEDED"},
+            reconciling=False,
+            etag=base64.b64encode(now.encode()).decode(),
+        )
+        if creating:
+            self._audit("created", "Services.CreateService", name)
+        return service
+
+    def _run_traffic(
+        self, p: dict[str, str], name: str, service: dict[str, Any], rev_id: str, service_id: str
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The traffic targets (LATEST = the template's revision), each checked, their statuses with tag URLs,
+        and the region's quotas for every revision that will serve."""
         traffic = service.get("traffic") or [{"type": "TRAFFIC_TARGET_ALLOCATION_TYPE_LATEST", "percent": 100}]
         statuses = []
         for target in traffic:
@@ -172,26 +227,34 @@ class CloudRunService:
             statuses.append(status)
         if sum(int(t.get("percent", 0)) for t in traffic) != 100:
             raise ApiError("INVALID_ARGUMENT", "Traffic percents must add up to 100.")
-        now = _now()
-        service.update(
-            name=name,
-            uid=service.get("uid") or hashlib.sha1(name.encode()).hexdigest(),
-            generation=str(int(service.get("generation", 0)) + 1),
-            createTime=service.get("createTime") or now,
-            updateTime=now,
-            uri=self._run_uri(p, service_id),
-            urls=[self._run_uri(p, service_id)],
-            latestCreatedRevision=rev_name,
-            latestReadyRevision=rev_name,
-            traffic=traffic,
-            trafficStatuses=statuses,
-            terminalCondition={"type": "Ready", "state": "CONDITION_SUCCEEDED"},
-            reconciling=False,
-            etag=base64.b64encode(now.encode()).decode(),
+        self._run_check_quota(
+            p, name, {f"{name}/revisions/{t['revision']}" for t in statuses if t.get("percent") or t.get("tag")}
         )
-        if creating:
-            self._audit("created", "Services.CreateService", name)
-        return service
+        return traffic, statuses
+
+    def _run_check_quota(self, p: dict[str, str], name: str, serving: set[str]) -> None:
+        """Every serving revision in the region at its max instances, this service's as it will be, within the
+        region's CPU, memory and GPU quotas: during a blue/green rollout both revisions count."""
+        from pipelines.local.emulator.side_apis import quota_limit
+
+        region_prefix = f"projects/{p['project']}/locations/{p['location']}/services/"
+        revisions = set(serving)
+        for other, service in self._run_services.items():
+            if other != name and other.startswith(region_prefix):
+                revisions |= self._serving_revisions(other, service)
+        need: dict[str, int] = {}
+        for rev_name in revisions:
+            for key, amount in revision_allocation(self._run_revisions.get(rev_name) or {}).items():
+                need[key] = need.get(key, 0) + amount
+        for quota_id, requested in sorted(need.items()):
+            allowed = quota_limit(self, quota_id, p["location"])
+            if requested > allowed:
+                raise ApiError(
+                    "RESOURCE_EXHAUSTED",
+                    f"Max instances exceed the region's quota for {p['location']}: Quota violated: {quota_id} "
+                    f"requested: {requested} allowed: {allowed}. Request more quota (Cloud Quotas, service "
+                    "run.googleapis.com), or lower max instances.",
+                )
 
     def _run_view(self, service: dict[str, Any]) -> dict[str, Any]:
         return json_format.MessageToDict(json_format.ParseDict(service, run_v2.Service.pb()()))

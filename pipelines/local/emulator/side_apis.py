@@ -64,6 +64,35 @@ VERTEX_SERVING_QUOTAS = {
     "CustomModelServingV5ETPUPerProjectPerRegion": "custom_model_serving_tpu_v5e",
 }
 
+# Cloud Run's regional quotas (service run.googleapis.com) and a new project's limits: CPU in milli-CPU and memory
+# in bytes from the errors users quote (googlecodelabs/feedback#1856, #2311: allowed 20000 and 42949672960); GPU
+# quota is 0 with zonal redundancy and 3 L4s without (unverified: reports of an automatic grant on first deploy).
+CLOUD_RUN_QUOTAS = {
+    "CpuAllocPerProjectRegion": ("cpu_allocation", 20000),
+    "MemAllocPerProjectRegion": ("mem_allocation", 42949672960),
+    "NvidiaL4GpuAllocPerProjectRegion": ("nvidia_l4_gpu_allocation", 0),
+    "NvidiaL4GpuAllocNoZonalRedundancyPerProjectRegion": ("nvidia_l4_gpu_allocation_no_zonal_redundancy", 3),
+    "NvidiaRtxPro6000GpuAllocPerProjectRegion": ("nvidia_rtx_pro_6000_gpu_allocation", 0),
+    "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion": (
+        "nvidia_rtx_pro_6000_gpu_allocation_no_zonal_redundancy",
+        0,
+    ),
+}
+
+
+def quota_limit(emu: Any, quota_id: str, region: str) -> int:
+    """A quota's limit in a region as the emulator grants it (set with POST /_emulator/quotas)."""
+    state = _read_state(_quotas_path(emu), {"quotas": {}, "default": DEFAULT_QUOTA_LIMIT})
+    if "quota-exhausted" in emu.faults:
+        return 0
+    configured = state["quotas"].get(quota_id) or {}
+    if region in configured:
+        return int(configured[region])
+    if quota_id in CLOUD_RUN_QUOTAS:
+        return CLOUD_RUN_QUOTAS[quota_id][1]
+    return int(state["default"])
+
+
 PREDICTION_LOG = "aiplatform.googleapis.com%2Fprediction_container"
 ENDPOINT_RESOURCE = "aiplatform.googleapis.com/Endpoint"
 
@@ -340,7 +369,13 @@ def _quota_info(emu: Any, project: str, location: str, service: str, quota_id: s
     default_limit = state["default"]
     if "CPUs" in quota_id and state["default"] == DEFAULT_QUOTA_LIMIT:
         default_limit = DEFAULT_CPU_QUOTA_LIMIT
-    metric = VERTEX_SERVING_QUOTAS.get(quota_id) or re.sub(r"(?<!^)(?=[A-Z])", "_", quota_id).lower()
+    if quota_id in CLOUD_RUN_QUOTAS:
+        default_limit = CLOUD_RUN_QUOTAS[quota_id][1]
+    metric = (
+        VERTEX_SERVING_QUOTAS.get(quota_id)
+        or (CLOUD_RUN_QUOTAS.get(quota_id) or ("",))[0]
+        or re.sub(r"(?<!^)(?=[A-Z])", "_", quota_id).lower()
+    )
     info = cq.QuotaInfo(
         name=f"projects/{project}/locations/{location}/services/{service}/quotaInfos/{quota_id}",
         quota_id=quota_id,
@@ -386,9 +421,8 @@ def _quota_infos(
     if quota_id is not None:
         return _ok(_quota_info(emu, project, location, service, quota_id, state))
 
-    ids = sorted(
-        set(state["quotas"]) | (set(VERTEX_SERVING_QUOTAS) if service == "aiplatform.googleapis.com" else set())
-    )
+    known = {"aiplatform.googleapis.com": set(VERTEX_SERVING_QUOTAS), "run.googleapis.com": set(CLOUD_RUN_QUOTAS)}
+    ids = sorted(set(state["quotas"]) | known.get(service, set()))
     page_size = int((query.get("pageSize") or ["0"])[0] or 0) or 100
     start = int((query.get("pageToken") or ["0"])[0] or 0)
     page = ids[start : start + page_size]
