@@ -387,3 +387,25 @@ def test_a_private_service_answers_only_its_invokers_and_a_broken_revision_keeps
     assert [(t.revision, t.percent, t.tag) for t in after.traffic_statuses] == [("llama-awq-0000001-1", 100, "")]
     again = requests.post(url, json=chat, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert again.status_code == 200  # the service answered throughout
+
+
+def test_cloud_quotas_lists_cloud_runs_quotas_at_a_new_projects_limits(emu: Emulator) -> None:
+    """What preflight will read for the Cloud Run target: Cloud Quotas v1, service run.googleapis.com."""
+    from google.cloud import cloudquotas_v1
+
+    _set_quotas(emu, {})
+    quotas = cloudquotas_v1.CloudQuotasClient(
+        client_options=ClientOptions(api_endpoint=emu.url), transport="rest", credentials=AnonymousCredentials()
+    )
+    infos = {
+        q.quota_id: q
+        for q in quotas.list_quota_infos(parent="projects/local-project/locations/global/services/run.googleapis.com")
+    }
+    assert {
+        "CpuAllocPerProjectRegion",
+        "MemAllocPerProjectRegion",
+        "NvidiaL4GpuAllocNoZonalRedundancyPerProjectRegion",
+    } <= set(infos)
+    cpu = {d.dimensions["region"]: d.details.value for d in infos["CpuAllocPerProjectRegion"].dimensions_infos}
+    assert cpu["us-central1"] == 20000
+    assert infos["MemAllocPerProjectRegion"].metric == "run.googleapis.com/mem_allocation"
