@@ -134,9 +134,8 @@ def estimate(
     holds = max(1, kv_cache_tokens // max(1, seq_tokens))
     cap = min(holds, max(1, max_num_seqs))
     batch = min(workload.concurrency, cap) if workload.concurrency else cap
-    bound_by_kv = bool(workload.concurrency) and workload.concurrency > cap
-    if not workload.concurrency:
-        bound_by_kv = holds <= max_num_seqs
+    # The KV cache binds when it holds fewer sequences than asked for (or, for `max`, than the engine would batch).
+    bound_by_kv = workload.concurrency > cap if workload.concurrency else holds <= max_num_seqs
 
     def step_time(b: int) -> tuple[float, str]:
         context = workload.input_tokens + workload.output_tokens / 2  # the average sequence length while decoding
@@ -163,7 +162,7 @@ def estimate(
         ttft_s=round(ttft, 4),
         itl_s=round(itl, 5),
         bound="kv cache" if bound_by_kv else bound,
-        holds_workload=not workload.concurrency or workload.concurrency <= cap,
+        holds_workload=not (workload.concurrency and workload.concurrency > cap),
     )
 
 

@@ -188,7 +188,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from pipelines.compile import compile_all, compile_to_temp, template_default_problems
     from pipelines.presets import PRESETS_DIR
 
-    spec = yaml.safe_load(compile_to_temp().read_text())
+    # The generic template from the code-digest cache (local runs share it): compile_all below is the fresh compile.
+    spec = yaml.safe_load(compile_to_temp(reuse=True).read_text())
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     files = args.configs or sorted(Path("configs").glob("*.yaml")) or sorted(PRESETS_DIR.glob("*.yaml"))
     checks: list[tuple[str, list[str]]] = []

@@ -82,7 +82,10 @@ def client(emu: Emulator) -> run_v2.ServicesClient:
 
 
 def _service(
-    revision: str = "", args: tuple[str, ...] = ("--max-concurrent-requests=64",), **overrides
+    revision: str = "",
+    args: tuple[str, ...] = ("--max-concurrent-requests=64",),
+    only_dir: str = "models/acme/tiny/rev1",
+    **overrides,
 ) -> run_v2.Service:
     """The tutorial's service: one L4, 8 CPU / 32 GiB, CPU always allocated, max 3 instances, concurrency 64."""
     container = run_v2.Container(
@@ -111,14 +114,21 @@ def _service(
     template.volumes = [
         run_v2.Volume(
             name="weights",
-            gcs=run_v2.GCSVolumeSource(
-                bucket="vlp-run-test", read_only=True, mount_options=["only-dir=models/acme/tiny/rev1"]
-            ),
+            gcs=run_v2.GCSVolumeSource(bucket="vlp-run-test", read_only=True, mount_options=[f"only-dir={only_dir}"]),
         )
     ]
     container.volume_mounts = [run_v2.VolumeMount(name="weights", mount_path="/mnt/model")]
     template.containers = [container]
     return run_v2.Service(template=template, labels={"vlp-deployment": "llama-awq"}, **overrides)
+
+
+def _pinned(serving: str, candidate: str, tag: str = "cand") -> list[run_v2.TrafficTarget]:
+    """Traffic pinned to the serving revision, with the candidate at 0% behind a tag (the research note's step 2)."""
+    pin = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
+    return [
+        run_v2.TrafficTarget(type_=pin, revision=serving, percent=100),
+        run_v2.TrafficTarget(type_=pin, revision=candidate, percent=0, tag=tag),
+    ]
 
 
 def test_create_get_list_and_delete_a_gpu_service(client: run_v2.ServicesClient, emu: Emulator) -> None:
@@ -157,19 +167,7 @@ def test_blue_green_candidate_at_zero_with_a_tag_then_promoted(client: run_v2.Se
     )
     svc.template.revision = "llama-awq-0000002-1"
     svc.template.containers[0].args.append("--max-total-tokens=4096")
-    svc.traffic = [
-        run_v2.TrafficTarget(
-            type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION,
-            revision="llama-awq-0000001-1",
-            percent=100,
-        ),
-        run_v2.TrafficTarget(
-            type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION,
-            revision="llama-awq-0000002-1",
-            percent=0,
-            tag="cand",
-        ),
-    ]
+    svc.traffic = _pinned("llama-awq-0000001-1", "llama-awq-0000002-1")
     updated = client.update_service(service=svc).result(timeout=30)
     statuses = {t.revision: t for t in updated.traffic_statuses}
     assert statuses["llama-awq-0000001-1"].percent == 100 and statuses["llama-awq-0000002-1"].percent == 0
@@ -259,11 +257,7 @@ def test_quotas_count_max_instances_and_both_revisions_of_a_rollout(
     svc = client.create_service(parent=PARENT, service=no_zr, service_id="llama-awq").result(timeout=30)
     svc.template.revision = "llama-awq-q-2"
     svc.template.containers[0].args.append("--changed")
-    pin = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
-    svc.traffic = [
-        run_v2.TrafficTarget(type_=pin, revision="llama-awq-q-1", percent=100),
-        run_v2.TrafficTarget(type_=pin, revision="llama-awq-q-2", percent=0, tag="cand"),
-    ]
+    svc.traffic = _pinned("llama-awq-q-1", "llama-awq-q-2")
     with pytest.raises(gexc.TooManyRequests, match="NoZonalRedundancyPerProjectRegion requested: 6 allowed: 3"):
         client.update_service(service=svc).result(timeout=30)
 
@@ -322,16 +316,7 @@ def serving_emu(tmp_path: Path, run_gcs: str) -> Iterator[Emulator]:
 
 
 def _mounted(revision: str, only_dir: str) -> run_v2.Service:
-    service = _service(revision)
-    service.template.volumes = [
-        run_v2.Volume(
-            name="weights",
-            gcs=run_v2.GCSVolumeSource(bucket=BUCKET, read_only=True, mount_options=[f"only-dir={only_dir}"]),
-        )
-    ]
-    service.template.containers[0].volume_mounts = [run_v2.VolumeMount(name="weights", mount_path="/mnt/model")]
-    service.template.containers[0].args[:] = ["--model-id=/mnt/model"]
-    return service
+    return _service(revision, args=("--model-id=/mnt/model",), only_dir=only_dir)
 
 
 def _id_token(emu: Emulator, audience: str) -> str:
@@ -368,19 +353,7 @@ def test_a_private_service_answers_only_its_invokers_and_a_broken_revision_keeps
     # A candidate whose weights do not load: the update fails with code 9 and the old revision keeps 100%.
     candidate = _mounted("llama-awq-0000002-1", "models/acme/broken/rev1")
     candidate.name = svc.name
-    candidate.traffic = [
-        run_v2.TrafficTarget(
-            type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION,
-            revision="llama-awq-0000001-1",
-            percent=100,
-        ),
-        run_v2.TrafficTarget(
-            type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION,
-            revision="llama-awq-0000002-1",
-            percent=0,
-            tag="cand",
-        ),
-    ]
+    candidate.traffic = _pinned("llama-awq-0000001-1", "llama-awq-0000002-1")
     with pytest.raises(gexc.GoogleAPICallError, match="is not ready and cannot serve traffic"):
         client.update_service(service=candidate).result(timeout=180)
     after = client.get_service(name=svc.name)

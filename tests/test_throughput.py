@@ -52,42 +52,29 @@ def _llama8b(fp8: bool = False) -> ServedModel:
     )
 
 
-def test_decode_is_bandwidth_bound_alone_and_the_kv_cache_caps_the_batch() -> None:
-    one = estimate(
+def _at(accelerator: str, kv_cache_tokens: int, concurrency: int) -> throughput.Estimate:
+    """Llama 3.1 8B BF16 on one GPU, 1000 tokens in and 250 out, at `concurrency` (0 = max)."""
+    return estimate(
         _llama8b(),
-        "NVIDIA_H100_80GB",
+        accelerator,
         gpus=1,
         tp=1,
-        kv_cache_tokens=400_000,
+        kv_cache_tokens=kv_cache_tokens,
         max_num_seqs=256,
-        workload=Workload(1000, 250, 1),
+        workload=Workload(1000, 250, concurrency),
     )
+
+
+def test_decode_is_bandwidth_bound_alone_and_the_kv_cache_caps_the_batch() -> None:
+    one = _at("NVIDIA_H100_80GB", 400_000, 1)
     assert one.bound == "bandwidth"
     # One token's step reads the weights: 16 GB at 60% of 3.35 TB/s is about 8 ms.
     assert one.itl_s == pytest.approx(16.06e9 / (3.35e12 * 0.6), rel=0.1)
-    many = estimate(
-        _llama8b(),
-        "NVIDIA_H100_80GB",
-        gpus=1,
-        tp=1,
-        kv_cache_tokens=400_000,
-        max_num_seqs=256,
-        workload=Workload(1000, 250, 64),
-    )
+    many = _at("NVIDIA_H100_80GB", 400_000, 64)
     assert many.output_tokens_per_s > 20 * one.output_tokens_per_s
-    small = estimate(
-        _llama8b(),
-        "NVIDIA_L4",
-        gpus=1,
-        tp=1,
-        kv_cache_tokens=26_000,
-        max_num_seqs=256,
-        workload=Workload(1000, 250, 64),
-    )
+    small = _at("NVIDIA_L4", 26_000, 64)
     assert small.concurrency == 20 and small.bound == "kv cache" and not small.holds_workload
-    saturated = estimate(
-        _llama8b(), "NVIDIA_L4", gpus=1, tp=1, kv_cache_tokens=26_000, max_num_seqs=256, workload=Workload(1000, 250, 0)
-    )
+    saturated = _at("NVIDIA_L4", 26_000, 0)
     assert saturated.concurrency == 20 and saturated.holds_workload  # `max`: as many as the cache holds
 
 

@@ -30,7 +30,7 @@ from typing import Any
 from google.cloud import run_v2
 from google.protobuf import json_format
 
-from pipelines.local.emulator.core import _now, _pack_op, _paginate, _parse_request, _Route
+from pipelines.local.emulator.core import _camel, _now, _pack_op, _paginate, _parse_request, _Route
 from pipelines.local.emulator.errors import ApiError
 
 _RUN_LOC = r"/v2/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
@@ -613,8 +613,3 @@ class CloudRunService:
             r("GET", r"/computeMetadata/v1/instance/service-accounts/default/?", self._metadata_account),
             r("GET", r"/computeMetadata/v1/instance/service-accounts/default/identity", self._metadata_identity),
         ]
-
-
-def _camel(snake: str) -> str:
-    head, *rest = snake.split("_")
-    return head + "".join(w.title() for w in rest)
