@@ -87,7 +87,9 @@ def _serves_invoke(endpoint_resource: str, api_endpoint: str) -> bool:
     )
 
 
-def _resolve_target(target: str, model: str | None, api_endpoint: str) -> _Target:
+def _resolve_target(
+    target: str, model: str | None, api_endpoint: str, headers: dict[str, str] | None = None
+) -> _Target:
     """An OpenAI base URL, or a Vertex endpoint (optionally /deployedModels/ID) mapped to its chat route."""
     import requests
 
@@ -114,6 +116,7 @@ def _resolve_target(target: str, model: str | None, api_endpoint: str) -> _Targe
     base = target.rstrip("/")
     base = base[: -len("/v1")] if base.endswith("/v1") else base
     session = requests.Session()
+    session.headers.update(headers or {})  # e.g. a Cloud Run service's ID token
     if model is None:
         # The server names its model; when it cannot, requests go without one and single-model servers use theirs.
         try:
@@ -246,13 +249,14 @@ def run_benchmark(
     api_endpoint: str = "",
     ttft_target_s: float = 2.0,
     timeout_s: float = 300.0,
+    headers: dict[str, str] | None = None,
 ) -> BenchmarkResult:
     """Runs the closed-loop load at each concurrency level against an OpenAI base URL or a Vertex endpoint."""
     if not concurrency or any(c < 1 for c in concurrency):
         raise ValueError(f"concurrency levels must be positive integers, got {concurrency}")
     if requests_per_level < 1:
         raise ValueError("requests_per_level must be at least 1")
-    resolved = _resolve_target(target, model, api_endpoint)
+    resolved = _resolve_target(target, model, api_endpoint, headers)
     result = BenchmarkResult(target, resolved.model, prompt, max_tokens, ttft_target_s)
     # One unmeasured request first, as vLLM's benchmark_serving does: the first call pays for lazy loading and
     # kernel warm-up, which would otherwise land in the lowest concurrency level's figures.

@@ -14,6 +14,8 @@ Engine = Literal["vllm", "tgi"]
 TeardownPolicy = Literal["on_failure", "always", "never"]
 RedeployTest = Literal["auto", "invoke", "canary"]
 Objective = Literal["cost_per_token", "cost_per_hour", "latency"]
+Target = Literal["vertex", "cloud_run"]
+CloudRunGpu = Literal["nvidia-l4", "nvidia-rtx-pro-6000"]
 
 # Vertex resource names and label values share these limits; checking them here turns a
 # 400 from Google twenty minutes into a run into a message at `vlp check` time.
@@ -275,6 +277,85 @@ class EndpointSpec(_Strict):
         return v
 
 
+# Per instance, the GPU's minimums (run/docs/configuring/services/gpu: "a minimum of 4 CPU and 16 GiB" for L4, "20 CPU
+# and 80 GiB" for RTX PRO 6000) and, for L4, Cloud Run's general maximums (8 CPU, 32 GiB: run/docs/configuring/
+# services/cpu and memory-limits). The RTX PRO 6000's maximums are not documented for services (unverified): none.
+CLOUD_RUN_GPU_LIMITS: dict[str, tuple[int, int, int | None, int | None]] = {
+    "nvidia-l4": (4, 16, 8, 32),
+    "nvidia-rtx-pro-6000": (20, 80, None, None),
+}
+_MEMORY_RE = re.compile(r"^(\d+)(Gi|Mi)$")
+
+
+class CloudRunSpec(_Strict):
+    """The Cloud Run service a `target: cloud_run` deployment serves from: one GPU per instance, scale to zero."""
+
+    service: str = Field("", description="Service id; empty = the deployment name.")
+    gpu_type: CloudRunGpu = Field("nvidia-l4", description="GPU per instance: nvidia-l4 or nvidia-rtx-pro-6000.")
+    cpu: int = Field(8, ge=1, description="vCPUs per instance (always allocated: GPU services bill per instance).")
+    memory: str = Field("32Gi", description="Memory per instance, e.g. 32Gi (holds the weights with weights: copy).")
+    max_instances: int = Field(3, ge=1, le=1000, description="Instances at most; quota is reserved for all of them.")
+    min_instances: int = Field(0, ge=0, description="Instances kept warm (billed while idle); 0 = scale to zero.")
+    concurrency: int = Field(64, ge=1, le=1000, description="Requests one instance takes at once.")
+    zonal_redundancy: bool = Field(
+        True, description="Reserve failover capacity in other zones (gcloud's default; costs more, other quota)."
+    )
+    service_account: str = Field(
+        "", description="Account the service runs as (reads the weights bucket); empty = placement.service_account."
+    )
+    ingress: Literal["all", "internal", "internal-and-cloud-load-balancing"] = Field(
+        "all", description="Who may reach the URL at the network level; IAM (roles/run.invoker) still applies."
+    )
+    weights: Literal["copy", "mount"] = Field(
+        "copy",
+        description="copy: the TGI DLC copies gs://…/SHA into its in-memory /tmp at start (parallel, fastest cold "
+        "start; the weights use instance memory); mount: a read-only Cloud Storage volume (no copy, reads on demand).",
+    )
+    startup_timeout_s: int = Field(
+        1800, ge=60, le=3600, description="How long an instance may take to load the model before it counts failed."
+    )
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        if not _MEMORY_RE.match(v):
+            raise ValueError(f"{v!r}: write memory as a number of Gi or Mi, e.g. 32Gi")
+        return v
+
+    @field_validator("service")
+    @classmethod
+    def _service(cls, v: str) -> str:
+        # service.proto service_id: lowercase, starts with a letter, under 50 characters; 48 at most here, so
+        # revision names (SERVICE-SHA7-RUN6) stay within 63.
+        if v and not re.match(r"^[a-z]([-a-z0-9]{0,46}[a-z0-9])?$", v):
+            raise ValueError(
+                f"{v!r}: use lowercase letters, digits and dashes, starting with a letter, under 50 characters"
+            )
+        return v
+
+    @property
+    def memory_gib(self) -> float:
+        number, unit = _MEMORY_RE.match(self.memory).groups()  # type: ignore[union-attr]
+        return int(number) / (1024 if unit == "Mi" else 1)
+
+    @model_validator(mode="after")
+    def _limits(self) -> CloudRunSpec:
+        cpu_min, mem_min, cpu_max, mem_max = CLOUD_RUN_GPU_LIMITS[self.gpu_type]
+        if self.cpu < cpu_min or self.memory_gib < mem_min:
+            raise ValueError(
+                f"{self.gpu_type} needs at least {cpu_min} CPU and {mem_min}Gi of memory per instance "
+                f"(cpu is {self.cpu}, memory {self.memory}): raise cloud_run.cpu / cloud_run.memory"
+            )
+        if (cpu_max and self.cpu > cpu_max) or (mem_max and self.memory_gib > mem_max):
+            raise ValueError(
+                f"Cloud Run instances with {self.gpu_type} take at most {cpu_max} CPU and {mem_max}Gi "
+                f"(cpu is {self.cpu}, memory {self.memory}): lower them"
+            )
+        if self.min_instances > self.max_instances:
+            raise ValueError("min_instances is above max_instances: lower min_instances or raise max_instances")
+        return self
+
+
 class SmokeTest(_Strict):
     """What the deployed model must answer before traffic moves to it."""
 
@@ -319,8 +400,42 @@ class DeploymentConfig(_Strict):
         "on_failure",
         description="on_failure: remove what a failed run created; always: also after success (CI); never.",
     )
+    target: Target = Field(
+        "vertex",
+        description="Where the model serves: vertex (a Vertex AI endpoint) or cloud_run (a Cloud Run service).",
+    )
+    cloud_run: CloudRunSpec = Field(default_factory=CloudRunSpec, description="The service, for target: cloud_run.")
 
     _name = field_validator("name")(classmethod(lambda cls, v: _resource_name(v)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _endpoint_for_cloud_run(cls, data: Any) -> Any:
+        # A Cloud Run deployment has no Vertex endpoint: the section is optional there (named after the deployment).
+        if isinstance(data, dict) and data.get("target") == "cloud_run" and not data.get("endpoint"):
+            data = {**data, "endpoint": {"name": data.get("name", "")}}
+        return data
+
+    @model_validator(mode="after")
+    def _cloud_run_fits(self) -> DeploymentConfig:
+        if self.target != "cloud_run":
+            return self
+        if self.serving.engine != "tgi":
+            raise ValueError(
+                "target cloud_run serves with TGI: the Hugging Face DLC copies the weights from GCS itself and serves "
+                "/v1/chat/completions, while the pinned vLLM image is Vertex's (AIP_* routes); set serving.engine: tgi"
+            )
+        if not self.hardware.is_auto:
+            raise ValueError(
+                "hardware is for Vertex machines; on target cloud_run the GPU and size are cloud_run.gpu_type, "
+                "cloud_run.cpu and cloud_run.memory: set hardware: auto"
+            )
+        return self
+
+    @property
+    def service_id(self) -> str:
+        """The Cloud Run service id (target cloud_run)."""
+        return self.cloud_run.service or self.name[:48].rstrip("-")
 
     @field_validator("hardware", mode="before")
     @classmethod

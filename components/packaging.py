@@ -17,6 +17,7 @@ BASE_IMAGE = "python:3.11-slim"  # public, has pip; the project's code travels e
 STEP_NEEDS: dict[str, tuple[str, ...]] = {
     "preflight": (
         "google-cloud-aiplatform",  # endpoint lookup for no-op detection, serving GPU usage (v1beta1)
+        "google-cloud-run",  # target cloud_run: the service for no-op detection, the region's Cloud Run usage
         "google-cloud-quotas",  # serving GPU quota per region (Cloud Quotas API v1)
         "google-crc32c",  # the Hub token's payload checksum (Secret Manager REST, components/clients.py)
         "huggingface_hub",  # model facts: config and safetensors headers from the Hub
@@ -57,7 +58,29 @@ STEP_NEEDS: dict[str, tuple[str, ...]] = {
     ),
     "promote": ("google-cloud-aiplatform", "pydantic", "PyYAML"),  # traffic split, undeploy the old model
     "roll-back": ("google-cloud-aiplatform", "pydantic", "PyYAML"),  # undeploy / delete what the run created
-    "cleanup": ("google-cloud-aiplatform", "pydantic", "PyYAML"),
+    "cleanup": (
+        "google-cloud-aiplatform",
+        "google-cloud-run",  # a Cloud Run run's services and revisions (target cloud_run)
+        "pydantic",
+        "PyYAML",
+    ),
+    "deploy-service": (
+        "google-cloud-run",  # Cloud Run Admin API v2: services, revisions, IAM policy, operations
+        "google-cloud-logging",  # the revision's log lines for a failed deploy
+        "requests",  # the step's own account, from the metadata server (roles/run.invoker for it)
+        "pydantic",
+        "PyYAML",
+    ),
+    "smoke-test-service": (
+        "google-cloud-storage",  # tokenizer files next to the weights
+        "google-cloud-logging",  # the revision's log lines for a failed smoke test
+        "Jinja2",  # the chat template (components/chat_template.py)
+        "requests",  # the calls to the tag URL, and google-auth's ID token fetch
+        "pydantic",
+        "PyYAML",
+    ),
+    "promote-service": ("google-cloud-run", "pydantic", "PyYAML"),  # the service's traffic
+    "roll-back-service": ("google-cloud-run", "pydantic", "PyYAML"),  # traffic back, the revision deleted
 }
 
 # Declared dependencies no step imports. Steps install with --no-deps from the lock, so leaving these out
@@ -86,6 +109,10 @@ STEP_OF_OP = {
     "promote_op": "promote",
     "roll_back_op": "roll-back",
     "cleanup_op": "cleanup",
+    "deploy_service_op": "deploy-service",
+    "smoke_test_service_op": "smoke-test-service",
+    "promote_service_op": "promote-service",
+    "roll_back_service_op": "roll-back-service",
 }
 
 # Imported but not declared: with NOT_AT_RUN_TIME left out, these would be missing.

@@ -253,3 +253,30 @@ def render_markdown(plan: Any) -> str:
         parts += ["", "## Warnings", ""] + [f"- {w}" for w in p["warnings"]]
     parts += ["", f"_Prices: {p.get('prices_note', '')}_", "", f"_Throughput: {THROUGHPUT_NOTE}_", ""]
     return "\n".join(parts)
+
+
+def render_cloud_run(plan: Any) -> str:
+    """The Cloud Run part of a plan: the instance, its prices (per second and hour, dated) and the quota per region."""
+    p = _d(plan)
+    run = p.get("cloud_run") or {}
+    if not run:
+        return ""
+    lines = [
+        "",
+        "Cloud Run",
+        f"  instance: 1 x {run['gpu_type']}, {run['cpu']} CPU, {run['memory']}, "
+        f"{'with' if run['zonal_redundancy'] else 'without'} zonal redundancy; weights: {run['weights']}",
+        f"  instances: {run['min_instances']}..{run['max_instances']}, {run['concurrency']} requests each",
+        f"  price: ${run['price_per_second_usd']:.7f}/s = ${run['price_per_hour_usd']:.2f}/h per instance; "
+        f"${run['idle_price_per_hour_usd']:.2f}/h idle, ${run['max_price_per_hour_usd']:.2f}/h at max instances",
+        f"  prices: {run['prices_note']}",
+        f"  regions offering {run['gpu_type']}: {', '.join(run['regions_offering_gpu'])}",
+    ]
+    for region, q in (p.get("quota") or {}).items():
+        for c in [q, *q.get("companions", [])]:
+            state = "ok" if c.get("ok") else ("unknown" if c.get("ok") is None else "SHORT")
+            limit = "unknown" if c.get("limit") is None else c["limit"]
+            lines.append(
+                f"  quota {region}: {c['quota_id']} limit {limit}, in use {c['usage']}, need {c['need']} -> {state}"
+            )
+    return "\n".join(lines) + "\n"

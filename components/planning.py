@@ -350,6 +350,8 @@ class Plan:
     regions: list[str] = field(default_factory=list)
     quota: dict[str, dict[str, Any]] = field(default_factory=dict)
     quota_checked: bool = False
+    target: str = "vertex"  # or cloud_run (components.cloud_run.adapt_plan)
+    cloud_run: dict[str, Any] = field(default_factory=dict)  # the Cloud Run instance, its prices and regions
     alternatives: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)

@@ -77,7 +77,10 @@ def plan_deployment(
     serving.chat_template is empty, a shape that does not fit, no quota in any candidate region. The one
     exception: a weights bucket in none of the candidate regions raises PreflightError.
     """
-    regions = _regions_for_bucket(_candidate_regions(cfg, regions), bucket, project)
+    cloud_run = cfg.target == "cloud_run"
+    regions = _candidate_regions(cfg, regions)
+    if not cloud_run:  # a Cloud Run service reads its weights from any bucket (the copy is the DLC's)
+        regions = _regions_for_bucket(regions, bucket, project)
     try:
         facts = read_model_facts(cfg.model.repo, revision=cfg.model.revision, endpoint=hub_endpoint, token=hf_token)
     except ModelAccessError as exc:
@@ -90,7 +93,18 @@ def plan_deployment(
             regions=regions,
             errors=[str(exc)],
         )
-    plan = plan_for_facts(facts, cfg.serving, cfg.hardware, regions=regions, prices=prices, workload=cfg.workload)
+    if cloud_run:
+        from components.cloud_run import RUN_GPUS, adapt_plan
+        from components.config import Hardware
+
+        # One GPU of the instance's type: the same memory and throughput model as on Vertex, then Cloud Run's shape.
+        one_gpu = Hardware(accelerator_type=RUN_GPUS[cfg.cloud_run.gpu_type].accelerator, accelerator_count=1)
+        plan = plan_for_facts(facts, cfg.serving, one_gpu, prices=prices, workload=cfg.workload)
+        plan.regions = list(regions)
+        if plan.fits:
+            adapt_plan(plan, cfg)
+    else:
+        plan = plan_for_facts(facts, cfg.serving, cfg.hardware, regions=regions, prices=prices, workload=cfg.workload)
     pinned = {"vllm": VLLM_IMAGE, "tgi": TGI_IMAGE}[cfg.serving.engine]
     if cfg.serving.image and cfg.serving.image != pinned:
         # Flags are rendered for the pinned image's engine version (components/contract/): a newer vLLM drops
@@ -106,10 +120,14 @@ def plan_deployment(
             f"{cfg.model.repo} has no chat template: set serving.chat_template (a Jinja template, e.g. the "
             "base model's) so /v1/chat/completions and the smoke test can format prompts"
         )
-    if plan.fits and check_quota:
+    if plan.fits and check_quota and cloud_run:
+        from components.cloud_run import check_quota as check_cloud_run_quota
+
+        check_cloud_run_quota(plan, cfg, project, regions, api_endpoint)
+    elif plan.fits and check_quota:
         _check_quota(plan, cfg, project, regions, api_endpoint)
     elif regions:
-        plan.region = regions[0]
+        plan.region = (plan.regions or regions)[0]
     plan.fits = plan.fits and not plan.errors
     return plan
 
@@ -267,7 +285,9 @@ def preflight_op(
     force: bool,
     report: dsl.Output[dsl.Markdown],
     metrics: dsl.Output[dsl.Metrics],
-) -> NamedTuple("PreflightOutputs", [("deployment", dict), ("region", str), ("action", str), ("mirror_on", str)]):  # noqa: F821, UP014
+) -> NamedTuple(
+    "PreflightOutputs", [("deployment", dict), ("region", str), ("action", str), ("mirror_on", str), ("target", str)]
+):  # noqa: F821, UP014
     """Preflight: plan the hardware, check quota and Hub access, and fail before anything costs money."""
     from collections import namedtuple
 
@@ -299,7 +319,12 @@ def preflight_op(
             candidate = run_preflight(cfg, check_quota=False, **args)
         except PreflightError:
             candidate = None  # the full preflight below reports it
-        unchanged = unchanged_deployment(candidate) if candidate else None
+        if candidate and cfg.target == "cloud_run":
+            from components.cloud_run_service import unchanged_service
+
+            unchanged = unchanged_service(candidate)
+        else:
+            unchanged = unchanged_deployment(candidate) if candidate else None
         if unchanged:
             log.info("nothing changed: %s; pass force to redeploy anyway", unchanged)
             action, deployment = "noop", candidate
@@ -343,5 +368,5 @@ def preflight_op(
             "pipeline's service account roles/iam.serviceAccountUser on it (docs/iam.md)"
         )
     checkpoint("preflight")
-    outputs = namedtuple("PreflightOutputs", ["deployment", "region", "action", "mirror_on"])
-    return outputs(without_nulls(deployment), deployment["region"], action, mirror_on)
+    outputs = namedtuple("PreflightOutputs", ["deployment", "region", "action", "mirror_on", "target"])
+    return outputs(without_nulls(deployment), deployment["region"], action, mirror_on, cfg.target)

@@ -176,11 +176,13 @@ def console_url(project: str, metric: str) -> str:
     return "https://console.cloud.google.com/iam-admin/quotas?" + urllib.parse.urlencode(query)
 
 
-def read_quota_limit(project: str, quota_id: str, region: str, api_endpoint: str = "") -> tuple[int | None, str]:
+def read_quota_limit(
+    project: str, quota_id: str, region: str, api_endpoint: str = "", service: str = SERVICE
+) -> tuple[int | None, str]:
     """A quota's limit in a region from the Cloud Quotas API: (limit or None when unknown, a note)."""
     from google.api_core import exceptions as gexc
 
-    name = f"projects/{project}/locations/global/services/{SERVICE}/quotaInfos/{quota_id}"
+    name = f"projects/{project}/locations/global/services/{service}/quotaInfos/{quota_id}"
     try:
         info = clients.quotas_client(api_endpoint).get_quota_info(name=name)
     except gexc.NotFound:

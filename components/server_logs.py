@@ -20,9 +20,20 @@ def log_filter(endpoint_id: str, deployed_model_id: str = "") -> str:
     return " AND ".join(parts)
 
 
-def logs_hint(project: str, endpoint_id: str, deployed_model_id: str = "") -> str:
+def revision_log_filter(service_id: str, revision: str = "") -> str:
+    """The Cloud Logging filter for a Cloud Run revision's container logs (resource type cloud_run_revision)."""
+    parts = [f'resource.type="{RUN_RESOURCE_TYPE}"', f'resource.labels.service_name="{service_id}"']
+    if revision:
+        parts.append(f'resource.labels.revision_name="{revision}"')
+    return " AND ".join(parts)
+
+
+RUN_RESOURCE_TYPE = "cloud_run_revision"
+
+
+def logs_hint(project: str, endpoint_id: str, deployed_model_id: str = "", flt: str = "") -> str:
     """The gcloud command and console link that show more of the model server's log."""
-    flt = log_filter(endpoint_id, deployed_model_id)
+    flt = flt or log_filter(endpoint_id, deployed_model_id)
     console = (
         "https://console.cloud.google.com/logs/query;query="
         + urllib.parse.quote(flt, safe="")
@@ -32,9 +43,15 @@ def logs_hint(project: str, endpoint_id: str, deployed_model_id: str = "") -> st
 
 
 def server_log_tail(
-    project: str, endpoint_id: str, deployed_model_id: str = "", api_endpoint: str = "", lines: int = LOG_LINES
+    project: str,
+    endpoint_id: str,
+    deployed_model_id: str = "",
+    api_endpoint: str = "",
+    lines: int = LOG_LINES,
+    flt: str = "",
 ) -> list[str]:
-    """The last lines the model server wrote (oldest first), read from Cloud Logging; never raises."""
+    """The last lines the model server wrote (oldest first), read from Cloud Logging (`flt`: another filter, e.g.
+    a Cloud Run revision's); never raises."""
     from components.clients import logging_client
 
     try:
@@ -43,7 +60,7 @@ def server_log_tail(
         client = logging_client(project, api_endpoint)
         entries = client.list_entries(
             resource_names=[f"projects/{project}"],
-            filter_=log_filter(endpoint_id, deployed_model_id),
+            filter_=flt or log_filter(endpoint_id, deployed_model_id),
             order_by=cloud_logging.DESCENDING,
             max_results=lines,
         )
@@ -106,6 +123,26 @@ def deploy_failure_message(
     if fixes:
         parts.append("Likely fix: " + "; ".join(dict.fromkeys(fixes)))
     parts.append(logs_hint(project, endpoint_id, deployed_model_id))
+    return "\n".join(parts)
+
+
+def revision_failure_message(project: str, service_id: str, revision: str, error: str, api_endpoint: str = "") -> str:
+    """What a failed Cloud Run deploy says: the error, the revision's last log lines, a likely fix, where to read
+    more."""
+    flt = revision_log_filter(service_id, revision)
+    lines = server_log_tail(project, "", api_endpoint=api_endpoint, flt=flt)
+    text = "\n".join([error, *lines])
+    fixes = [fix for pattern, fix in _DEPLOY_HINTS if re.search(pattern, text)]
+    if re.search(r"(?i)startup probe|timed out|not ready", text):
+        fixes.append("the model did not load in time: raise cloud_run.startup_timeout_s or read the log above")
+    parts = [
+        f"Deploying revision {revision} of Cloud Run service {service_id} failed: {error}",
+        f"Last log lines of revision {revision} ({RUN_RESOURCE_TYPE}):",
+        format_logs(lines),
+    ]
+    if fixes:
+        parts.append("Likely fix: " + "; ".join(dict.fromkeys(fixes)))
+    parts.append(logs_hint(project, "", flt=flt))
     return "\n".join(parts)
 
 

@@ -213,7 +213,7 @@ def cleanup_op(
     from components.config import ConfigError, config_from_dict
     from components.run_form import FIELD_NAMES, resolve_config
     from components.runtime import label_value, setup_logging
-    from components.teardown import remove_run_resources, should_remove
+    from components.teardown import Removed, remove_run_resources, should_remove
 
     outputs = namedtuple("CleanupOutputs", ["removed"])
     log = setup_logging()
@@ -232,9 +232,13 @@ def cleanup_op(
     if not should_remove(cfg.teardown, state):
         return outputs([])
     regions = [r for r in [region, *cfg.placement.regions] if r]
-    removed = remove_run_resources(
-        project or cfg.placement.project, regions, cfg.name, label_value(run_name), api_endpoint
-    )
+    project = project or cfg.placement.project
+    if cfg.target == "cloud_run":
+        from components.cloud_run_service import remove_run_services
+
+        removed = Removed(deleted=remove_run_services(project, regions, cfg.name, label_value(run_name), api_endpoint))
+    else:
+        removed = remove_run_resources(project, regions, cfg.name, label_value(run_name), api_endpoint)
     for name in removed.undeployed + removed.deleted:
         log.info("removed %s", name)
     if not removed.undeployed and not removed.deleted:

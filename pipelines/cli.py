@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-quota", action="store_true", help="skip the quota check (no Google credentials needed)")
 
-    p = sub.add_parser("render", help="print the Model upload and deploy requests a run would send")
+    p = sub.add_parser(
+        "render", help="print the requests a run would send (Model upload + deploy; a Cloud Run Service)"
+    )
     add_config_args(p)
     add_placement_args(p)
     add_json(p, "the requests (the default)")
@@ -257,7 +259,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise UserError("give a config file, or --model REPO_OR_DIR")
     data = plan.to_dict()
     text = plan_report.render_table(plan)
-    if args.config:
+    if args.config and cfg.target == "cloud_run":
+        text += plan_report.render_cloud_run(plan)
+    elif args.config:
         # Which route a blue/green redeploy's smoke test takes (and what clients call) depends on the endpoint kind.
         data["redeploy"] = cfg.endpoint.redeploy_path(cfg.serving.engine)
         text += "\nRedeploys\n" + "".join(f"  {k}: {v}\n" for k, v in data["redeploy"].items())
@@ -306,6 +310,12 @@ def cmd_render(args: argparse.Namespace) -> int:
     deployment = _render_deployment(args, cfg)
     bucket = deployment["bucket"]
     uri = f"gs://{bucket}/models/{cfg.model.repo}/REVISION_SHA/"
+    if cfg.target == "cloud_run":
+        from components.cloud_run import render_service
+
+        deployment["revision_sha"] = "REVISION_SHA"
+        print(json.dumps(render_service(deployment, uri), indent=2))
+        return EXIT_OK
     print(json.dumps(render_requests(deployment, uri, "REVISION_SHA"), indent=2))
     return EXIT_OK
 

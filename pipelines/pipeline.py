@@ -18,6 +18,8 @@ PIPELINE_NAME = "vlp-deploy-llm"
 
 # Task names double as the names `--inject kill-step:NAME` and the run summary use.
 STEPS = ["preflight", "mirror-weights", "register-model", "deploy-model", "smoke-test", "promote", "roll-back"]
+# target: cloud_run takes these after the mirror instead (no Model Registry: the service reads the weights itself).
+CLOUD_RUN_STEPS = ["deploy-service", "smoke-test-service", "promote-service", "roll-back-service"]
 
 _SUMMARY = """Deploy a Hugging Face model to a tested, serving Vertex AI endpoint.
 
@@ -78,6 +80,8 @@ def build_pipeline(image: str | None = None, template: Template | None = None) -
     embedded code for a prebuilt image."""
     template = template or generic_template()
     preset_data = template.preset or {}
+    from components.cloud_run_service import deploy_service_op, promote_service_op, roll_back_service_op
+    from components.cloud_run_smoke import smoke_test_service_op
     from components.deploy_model import deploy_model_op
     from components.mirror_weights import mirror_weights_op
     from components.preflight import preflight_op
@@ -106,6 +110,10 @@ def build_pipeline(image: str | None = None, template: Template | None = None) -
     promote_c = as_component(promote_op, image)
     roll_back_c = as_component(roll_back_op, image)
     cleanup_c = as_component(cleanup_op, image)
+    deploy_service_c = as_component(deploy_service_op, image)
+    smoke_service_c = as_component(smoke_test_service_op, image)
+    promote_service_c = as_component(promote_service_op, image)
+    roll_back_service_c = as_component(roll_back_service_op, image)
 
     def deploy_llm(
         project: str,
@@ -176,37 +184,65 @@ def build_pipeline(image: str | None = None, template: Template | None = None) -
                 weights_uri = dsl.OneOf(*(t.outputs["weights_uri"] for t in mirrors))
                 revision_sha = dsl.OneOf(*(t.outputs["revision_sha"] for t in mirrors))
 
-                register = register_c(
-                    deployment=deployment,
-                    weights_uri=weights_uri,
-                    revision_sha=revision_sha,
-                ).set_display_name("Register model version")
-                register.set_caching_options(False)
-
-                deploy = deploy_c(deployment=deployment, model=register.outputs["model"]).set_display_name(
-                    "Deploy to endpoint"
-                )
-                deploy.set_caching_options(False)
-
-                smoke = smoke_c(
-                    deployment=deployment,
-                    endpoint=deploy.outputs["endpoint"],
-                    deployed_model_id=deploy.outputs["deployed_model_id"],
-                    weights_uri=weights_uri,
-                    api_endpoint=api_endpoint,
-                ).set_display_name("Smoke test the new deployment")
-                smoke.set_caching_options(False)  # a cached smoke test would report a stale pass
-
-                with dsl.If(smoke.outputs["verdict"] == "passed", name="smoke-passed"):
-                    promote_c(
+                with dsl.If(pre.outputs["target"] == "vertex", name="on-vertex"):
+                    register = register_c(
                         deployment=deployment,
-                        endpoint_resource=deploy.outputs["endpoint_resource"],
+                        weights_uri=weights_uri,
+                        revision_sha=revision_sha,
+                    ).set_display_name("Register model version")
+                    register.set_caching_options(False)
+
+                    deploy = deploy_c(deployment=deployment, model=register.outputs["model"]).set_display_name(
+                        "Deploy to endpoint"
+                    )
+                    deploy.set_caching_options(False)
+
+                    smoke = smoke_c(
+                        deployment=deployment,
+                        endpoint=deploy.outputs["endpoint"],
                         deployed_model_id=deploy.outputs["deployed_model_id"],
-                    ).set_display_name("Promote: move traffic, retire old").set_caching_options(False)
-                with dsl.Else(name="smoke-failed"):
-                    roll_back_c(deployment=deployment, reason=smoke.outputs["message"]).set_display_name(
-                        "Roll back the new deployment"
-                    ).set_caching_options(False)
+                        weights_uri=weights_uri,
+                        api_endpoint=api_endpoint,
+                    ).set_display_name("Smoke test the new deployment")
+                    smoke.set_caching_options(False)  # a cached smoke test would report a stale pass
+
+                    with dsl.If(smoke.outputs["verdict"] == "passed", name="smoke-passed"):
+                        promote_c(
+                            deployment=deployment,
+                            endpoint_resource=deploy.outputs["endpoint_resource"],
+                            deployed_model_id=deploy.outputs["deployed_model_id"],
+                        ).set_display_name("Promote: move traffic, retire old").set_caching_options(False)
+                    with dsl.Else(name="smoke-failed"):
+                        roll_back_c(deployment=deployment, reason=smoke.outputs["message"]).set_display_name(
+                            "Roll back the new deployment"
+                        ).set_caching_options(False)
+                with dsl.Else(name="on-cloud-run"):
+                    service = deploy_service_c(deployment=deployment, weights_uri=weights_uri).set_display_name(
+                        "Deploy a Cloud Run revision (0%, candidate tag)"
+                    )
+                    service.set_caching_options(False)
+                    run_smoke = smoke_service_c(
+                        deployment=deployment,
+                        service=service.outputs["service"],
+                        revision=service.outputs["revision"],
+                        url=service.outputs["url"],
+                        service_url=service.outputs["service_url"],
+                        weights_uri=weights_uri,
+                    ).set_display_name("Smoke test the new revision (tag URL)")
+                    run_smoke.set_caching_options(False)
+                    with dsl.If(run_smoke.outputs["verdict"] == "passed", name="revision-passed"):
+                        promote_service_c(
+                            deployment=deployment,
+                            service=service.outputs["service"],
+                            revision=service.outputs["revision"],
+                        ).set_display_name("Promote: move the service's traffic").set_caching_options(False)
+                    with dsl.Else(name="revision-failed"):
+                        roll_back_service_c(
+                            deployment=deployment,
+                            service=service.outputs["service"],
+                            revision=service.outputs["revision"],
+                            reason=run_smoke.outputs["message"],
+                        ).set_display_name("Roll back the new revision").set_caching_options(False)
 
     _describe(deploy_llm, template)
     return dsl.pipeline(name=template.name, description=template.description)(deploy_llm)

@@ -45,6 +45,13 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"endpoint: {summary['endpoint']}")
     for dm in summary.get("deployed_models", []):
         print(f"  deployed model {dm['id']}: {dm['model']} at {dm['traffic_percent']}%")
+    if summary.get("service"):
+        print(f"service:  {summary['service']}")
+    for rev in summary.get("revisions", []):
+        print(
+            f"  revision {rev['name']} at {rev['traffic_percent']}%"
+            + (f" (tag {rev['tag']})" if rev.get("tag") else "")
+        )
     smoke = summary.get("smoke") or {}
     if smoke.get("answer") is not None:
         verdict = "passed" if smoke.get("passed") else "failed"

@@ -411,6 +411,10 @@ class LocalStack:
             "HF_ENDPOINT": self.hf_endpoint,
             "HF_HUB_DISABLE_TELEMETRY": "1",
             "VLP_API_ENDPOINT": self.api_endpoint,
+            # google-auth's metadata server (read at import): the emulator's stand-in issues the ID tokens a
+            # private Cloud Run service takes (google.oauth2.id_token.fetch_id_token).
+            "GCE_METADATA_HOST": self.api_endpoint.removeprefix("http://"),
+            "GCE_METADATA_IP": self.api_endpoint.removeprefix("http://"),
         }
 
     def log_paths(self) -> list[Path]:

@@ -34,7 +34,17 @@ EMULATOR_FAULTS = {
     "predict-429",
     "smoke-fail",
 }
-KILLABLE_STEPS = {"preflight", "mirror-weights", "register-model", "deploy-model", "smoke-test", "promote"}
+KILLABLE_STEPS = {
+    "preflight",
+    "mirror-weights",
+    "register-model",
+    "deploy-model",
+    "smoke-test",
+    "promote",
+    "deploy-service",
+    "smoke-test-service",
+    "promote-service",
+}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK_START = re.compile(r"Executing task '?([\w-]+)'?")
 _TASK_END = re.compile(r"Task '?([\w-]+)'? finished with status (\w+)")
@@ -238,6 +248,7 @@ def build_summary(
     error: str | None,
     api: str,
     smoke: dict[str, Any],
+    project: str = "local-project",
 ) -> dict[str, Any]:
     """The run summary from the steps, the emulator's audit log of this run's calls (what they created and
     removed, so a resource a failed run created and its exit handler removed shows in both) and its state."""
@@ -269,6 +280,8 @@ def build_summary(
         summary["left_running"] = [
             f"{endpoint['name']}/deployedModels/{dm['id']}" for dm in endpoint.get("deployedModels", [])
         ]
+    if cfg.target == "cloud_run":
+        _service_summary(summary, cfg, project, api)
     serving = [dm["model"] for dm in summary["deployed_models"] if dm["traffic_percent"] > 0]
     ours = [m for m in state["models"] if m.get("labels", {}).get("vlp-run") == run_label]
     model = ours[0] if ours else None
@@ -279,6 +292,33 @@ def build_summary(
         summary["model"] = {"resource_name": model["name"], "version_id": model.get("versionId")}
     summary["smoke"] = smoke
     return summary
+
+
+def _service_summary(summary: dict[str, Any], cfg: DeploymentConfig, project: str, api: str) -> None:
+    """`service` and `revisions` ({name, traffic_percent, tag}) from the Cloud Run Admin API, as a user reads them;
+    what serves (traffic or a tag) is what is left running."""
+    from components.cloud_run import revisions_client, services_client
+    from components.cloud_run_service import get_service
+
+    summary["service"], summary["revisions"] = None, []
+    for region in cfg.placement.regions:
+        name = f"projects/{project}/locations/{region}/services/{cfg.service_id}"
+        service = get_service(services_client(api), name)
+        if service is None:
+            continue
+        summary["service"] = name
+        traffic = {t.revision: t for t in service.traffic_statuses}
+        for revision in revisions_client(api).list_revisions(parent=name):
+            rev = revision.name.rsplit("/", 1)[1]
+            target = traffic.get(rev)
+            entry = {"name": rev, "traffic_percent": int(target.percent) if target else 0}
+            if target is not None and target.tag:
+                entry["tag"] = target.tag
+            summary["revisions"].append(entry)
+        summary["left_running"] = [
+            f"{name}/revisions/{r['name']}" for r in summary["revisions"] if r["traffic_percent"] or r.get("tag")
+        ]
+        break
 
 
 def _exit_handler_removed(pipeline_root: Path, run_dir: str) -> list[str]:
@@ -384,7 +424,9 @@ def run_local(
         run_dir = new_runs[-1] if new_runs else ""
         text = tee.buffer_text.getvalue()
         steps, error = steps_from_records(step_records.read_records(records_dir))
-        summary = build_summary(cfg, label_value(run_dir), steps, error, api, _smoke_outputs(pipeline_root, run_dir))
+        summary = build_summary(
+            cfg, label_value(run_dir), steps, error, api, _smoke_outputs(pipeline_root, run_dir), project
+        )
         _write_step_logs(summary, text, state_dir / "logs" / (run_dir or "run"))
         summary["removed_by_exit_handler"] = _exit_handler_removed(pipeline_root, run_dir)
         summary["run"] = run_dir

@@ -15,7 +15,8 @@ It also stands in for the metadata server's identity endpoint, so google.oauth2.
 offline. Each revision with traffic or a tag gets a model server (serving.py) on the weights its Cloud Storage volume or
 AIP_STORAGE_URI names; the create/update operation ends when they answer, or fails with code 9 and the service
 keeps its traffic. A call to the service URL is refused with 403 unless its ID token's email holds
-roles/run.invoker. Cloud Run quotas are not emulated yet (issue 11).
+roles/run.invoker. Quotas: every revision with traffic or a tag counts at its max instances against the region's
+CPU, memory and GPU quota (run/docs/configuring/max-instances-limits).
 """
 
 from __future__ import annotations
@@ -422,8 +423,25 @@ class CloudRunService:
             if revision is None:
                 continue
             try:
+                if "deploy-error" in self.faults:
+                    raise ApiError(
+                        "FAILED_PRECONDITION",
+                        "The user-provided container failed to start and listen on the port defined provided by the "
+                        "PORT=8080 environment variable (injected fault deploy-error).",
+                    )
+                if "deploy-timeout" in self.faults:
+                    self._stopping.wait(2)
+                    raise ApiError(
+                        "DEADLINE_EXCEEDED",
+                        "The user-provided container failed the configured startup probe checks: the startup probe "
+                        "timed out (injected fault deploy-timeout).",
+                    )
                 container = (revision.get("containers") or [{}])[0]
-                spec = {"imageUri": container.get("image", ""), "args": container.get("args") or []}
+                spec = {
+                    "imageUri": container.get("image", ""),
+                    "args": container.get("args") or [],
+                    "env": container.get("env") or [],
+                }
                 serving.start(serving_id, self._weights_of(revision), spec, self.deploy_timeout_s)
             except Exception as exc:  # noqa: BLE001 - any failure to start is the revision's failure
                 tail = list(getattr(exc, "log_tail", []) or [])
@@ -473,6 +491,10 @@ class CloudRunService:
             if not allowed:
                 return 403, b"Your client does not have permission to get URL from this server.", "text/html", {}
             statuses = service.get("trafficStatuses") or []
+            if "predict-429" in self.faults and self._throttled.get(name, 0) < 2:
+                # No instance free to take the request yet (a cold start): Cloud Run answers 429.
+                self._throttled[name] = self._throttled.get(name, 0) + 1
+                return 429, b"Rate exceeded. (injected fault predict-429)", "text/plain", {}
             if p.get("tag"):
                 chosen = next((t["revision"] for t in statuses if t.get("tag") == p["tag"]), None)
                 if chosen is None:
@@ -507,6 +529,37 @@ class CloudRunService:
             if revision is None:
                 raise ApiError("NOT_FOUND", f"Resource '{p['revision']}' of kind 'REVISION' does not exist.")
             return self._json(self._revision_view(revision))
+
+    def _delete_run_revision(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        """A revision that serves (traffic or a tag) cannot be deleted (run/docs/managing/revisions: "you cannot
+        delete a revision that is receiving traffic"; the tag rule is unverified, so strict)."""
+        with self._lock:
+            name, service = self._run_service(p)
+            rev_name = f"{name}/revisions/{p['revision']}"
+            revision = self._run_revisions.get(rev_name)
+            if revision is None:
+                raise ApiError("NOT_FOUND", f"Resource '{p['revision']}' of kind 'REVISION' does not exist.")
+            if rev_name in self._serving_revisions(name, service):
+                raise ApiError(
+                    "FAILED_PRECONDITION",
+                    f"Revision '{p['revision']}' is receiving traffic or has a tag: move its traffic and tag to "
+                    "another revision before deleting it.",
+                )
+            del self._run_revisions[rev_name]
+            self._audit("deleted", "Revisions.DeleteRevision", rev_name)
+            view = self._revision_view(revision)
+            if getattr(self.serving, "stop", None):
+                self._spawn(self.serving.stop, self._serving_id(rev_name))
+            return self._run_done_op(p, view, run_v2.Revision)
+
+    def run_revision_of(self, serving_id: str) -> tuple[str, str, str] | None:
+        """(location, service id, revision id) of the revision a model server serves, for its log entries."""
+        with self._lock:
+            for rev_name in self._run_revisions:
+                if self._serving_id(rev_name) == serving_id:
+                    parts = rev_name.split("/")
+                    return parts[3], parts[5], parts[7]
+        return None
 
     # ------------------------------------------------------------------ IAM
 
@@ -558,6 +611,9 @@ class CloudRunService:
             "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
         }
         return self._metadata_answer(info, "application/json")
+
+    def _metadata_email(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        return self._metadata_answer(self.LOCAL_ACCOUNT.encode(), "application/text")
 
     def _metadata_identity(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         """An ID token for `audience`: a JWT whose claims are real and whose signature is not (the local
@@ -612,4 +668,6 @@ class CloudRunService:
             r("GET", r"/", self._metadata_ping),
             r("GET", r"/computeMetadata/v1/instance/service-accounts/default/?", self._metadata_account),
             r("GET", r"/computeMetadata/v1/instance/service-accounts/default/identity", self._metadata_identity),
+            r("GET", r"/computeMetadata/v1/instance/service-accounts/default/email", self._metadata_email),
+            r("DELETE", svc + r"/revisions/(?P<revision>[^/:]+)", self._delete_run_revision),
         ]

@@ -469,6 +469,8 @@ def _list_log_entries(emu: Any, method: str, body: bytes) -> Answer:
     if project is None:
         raise _ApiError(400, "INVALID_ARGUMENT", 'resourceNames must name a project: ["projects/PROJECT_ID"].')
     filter_ = request.filter
+    if _filter_value(filter_, "resource.type") == "cloud_run_revision":
+        return _list_revision_log_entries(emu, project, request)
     log_name = f"projects/{project}/logs/{PREDICTION_LOG}"
     wanted_log = _filter_value(filter_, "logName")
     wanted_type = _filter_value(filter_, "resource.type")
@@ -529,6 +531,48 @@ def _list_log_entries(emu: Any, method: str, body: bytes) -> Answer:
         response.entries.append(entry)
     if start + page_size < len(entries):
         response.next_page_token = str(start + page_size)
+    return _ok(response)
+
+
+def _list_revision_log_entries(emu: Any, project: str, request: Any) -> Answer:
+    """A Cloud Run revision's container output as run.googleapis.com/stdout entries of resource type
+    cloud_run_revision (labels service_name, revision_name, location, project_id), newest first when asked."""
+    from google.cloud.logging_v2.types import ListLogEntriesResponse, LogEntry
+
+    filter_ = request.filter
+    wanted_service = _filter_value(filter_, "resource.labels.service_name")
+    wanted_revision = _filter_value(filter_, "resource.labels.revision_name")
+    serving = getattr(emu, "serving", None)
+    entries: list[tuple[datetime, int, tuple[str, str, str], str]] = []
+    for serving_id in serving.logged_ids() if serving is not None else []:
+        where = emu.run_revision_of(serving_id) if hasattr(emu, "run_revision_of") else None
+        if where is None or (wanted_service and where[1] != wanted_service):
+            continue
+        if wanted_revision and where[2] != wanted_revision:
+            continue
+        try:
+            mtime = serving.log_path(serving_id).stat().st_mtime
+        except FileNotFoundError:
+            continue
+        lines = serving.logs(serving_id, limit=10_000)
+        for index, line in enumerate(lines):
+            stamp = datetime.fromtimestamp(mtime - (len(lines) - 1 - index) * 1e-6, tz=UTC)
+            entries.append((stamp, index, where, line))
+    entries.sort(key=lambda e: (e[0], e[1]), reverse="desc" in request.order_by.lower())
+    page_size = request.page_size or 50
+    response = ListLogEntriesResponse.pb(ListLogEntriesResponse())
+    for stamp, index, (location, service_id, revision), line in entries[:page_size]:
+        entry = LogEntry.pb(LogEntry())
+        entry.log_name = f"projects/{project}/logs/run.googleapis.com%2Fstdout"
+        entry.resource.type = "cloud_run_revision"
+        entry.resource.labels.update(
+            {"service_name": service_id, "revision_name": revision, "location": location, "project_id": project}
+        )
+        entry.text_payload = line
+        entry.insert_id = f"{revision}-{index:08d}"
+        entry.timestamp.FromDatetime(stamp)
+        entry.receive_timestamp.FromDatetime(stamp)
+        response.entries.append(entry)
     return _ok(response)
 
 
