@@ -258,6 +258,18 @@ class CloudRunService:
                 )
 
     def _run_view(self, service: dict[str, Any]) -> dict[str, Any]:
+        # URLs name the emulator as it listens now: its port changes between local runs, a service's URL does not.
+        service = copy.deepcopy(service)
+
+        def here(uri: str) -> str:
+            return re.sub(r"^http://[^/]+", self.url, uri)
+
+        if service.get("uri"):
+            service["uri"] = here(service["uri"])
+        service["urls"] = [here(u) for u in service.get("urls") or []]
+        for status in service.get("trafficStatuses") or []:
+            if status.get("uri"):
+                status["uri"] = here(status["uri"])
         return json_format.MessageToDict(json_format.ParseDict(service, run_v2.Service.pb()()))
 
     def _run_done_op(self, p: dict[str, str], response: dict[str, Any], proto: Any) -> Any:
@@ -436,13 +448,7 @@ class CloudRunService:
                         "The user-provided container failed the configured startup probe checks: the startup probe "
                         "timed out (injected fault deploy-timeout).",
                     )
-                container = (revision.get("containers") or [{}])[0]
-                spec = {
-                    "imageUri": container.get("image", ""),
-                    "args": container.get("args") or [],
-                    "env": container.get("env") or [],
-                }
-                serving.start(serving_id, self._weights_of(revision), spec, self.deploy_timeout_s)
+                self._run_start(revision)
             except Exception as exc:  # noqa: BLE001 - any failure to start is the revision's failure
                 tail = list(getattr(exc, "log_tail", []) or [])
                 message = (
@@ -453,6 +459,16 @@ class CloudRunService:
                     revision["conditions"] = [{"type": "Ready", "state": "CONDITION_FAILED", "message": message}]
                 return ApiError("FAILED_PRECONDITION", message)
         return None
+
+    def _run_start(self, revision: dict[str, Any]) -> None:
+        """Start a model server for a revision: its container's image, args and env, on its weights."""
+        container = (revision.get("containers") or [{}])[0]
+        spec = {
+            "imageUri": container.get("image", ""),
+            "args": container.get("args") or [],
+            "env": container.get("env") or [],
+        }
+        self.serving.start(self._serving_id(revision["name"]), self._weights_of(revision), spec, self.deploy_timeout_s)
 
     # ------------------------------------------------------------------ invoking a service
 
@@ -502,9 +518,16 @@ class CloudRunService:
             else:
                 weighted = [(t["revision"], int(t.get("percent") or 0)) for t in statuses if t.get("percent")]
                 chosen = random.choices([r for r, _ in weighted], weights=[w for _, w in weighted])[0]
-        status, out, ctype = self.serving.forward(
-            self._serving_id(f"{name}/revisions/{chosen}"), "invoke", body, p.get("subpath") or "/"
-        )
+        serving_id = self._serving_id(f"{name}/revisions/{chosen}")
+        if not self.serving.is_healthy(serving_id):
+            # Scaled to zero (or the emulator restarted): the request waits for a cold start, as on Cloud Run.
+            with self._lock:
+                revision = self._run_revisions.get(f"{name}/revisions/{chosen}")
+            try:
+                self._run_start(revision)
+            except Exception as exc:  # noqa: BLE001 - a failed cold start answers 503, as Cloud Run does
+                return 503, f"The instance failed to start: {exc}".encode(), "text/plain", {}
+        status, out, ctype = self.serving.forward(serving_id, "invoke", body, p.get("subpath") or "/")
         return status, out, ctype, {}
 
     # ------------------------------------------------------------------ revisions

@@ -1,0 +1,276 @@
+"""The Cloud Run target end to end on the local stack (the compiled DAG through kfp.local, the emulator's Cloud Run
+Admin API v2), and its config, plan and render without one."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from components.config import ConfigError, load_config
+from pipelines.local.runner import run_local
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_REPO = "vlp-test/tiny-llama"
+ACCOUNT = "vlp-local@local-project.iam.gserviceaccount.com"  # the emulator's metadata stand-in's account
+
+
+def run_config(name: str = "tiny-run", *overrides: str) -> Any:
+    """The Cloud Run local demo pointed at the tiny random Llama: structure, not semantics."""
+    return load_config(
+        ROOT / "configs" / "local-demo-cloud-run.yaml",
+        [
+            f"name={name}",
+            f"model.repo={TINY_REPO}",
+            "smoke_test.expect=",
+            "smoke_test.max_tokens=8",
+            "smoke_test.attempts=3",
+            "serving.max_model_len=512",
+            *overrides,
+        ],
+    )
+
+
+def run(state: Path, cfg: Any, model_dir: Path, **kwargs: Any) -> dict[str, Any]:
+    return run_local(cfg, state_dir=state, model_dir=model_dir, quiet=True, **kwargs)
+
+
+def _token(email: str) -> str:
+    def part(data: dict) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'RS256'})}.{part({'email': email, 'aud': 'x', 'exp': 9999999999})}.{part({})}"
+
+
+def _chat(url: str, token: str | None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    body = {"model": TINY_REPO, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    return requests.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120).status_code
+
+
+def _service_url(api: str, name: str) -> str:
+    return f"{api}/_run/local-project/us-central1/{name}"
+
+
+# ----------------------------------------------------------------------------- config, plan, render (no stack)
+
+
+def _cfg(**cloud_run: Any) -> dict[str, Any]:
+    return {
+        "name": "svc",
+        "target": "cloud_run",
+        "model": {"repo": "a/b"},
+        "serving": {"engine": "tgi"},
+        "cloud_run": cloud_run,
+    }
+
+
+@pytest.mark.parametrize(
+    ("cloud_run", "words"),
+    [
+        ({"cpu": 2}, "cloud_run: nvidia-l4 needs at least 4 CPU and 16Gi"),
+        ({"memory": "8Gi"}, "cloud_run: nvidia-l4 needs at least 4 CPU and 16Gi"),
+        ({"gpu_type": "nvidia-rtx-pro-6000"}, "nvidia-rtx-pro-6000 needs at least 20 CPU and 80Gi"),
+        ({"cpu": 16}, "take at most 8 CPU and 32Gi"),
+        ({"concurrency": 0}, "cloud_run.concurrency"),
+        ({"concurrency": 1001}, "cloud_run.concurrency"),
+        ({"min_instances": 4, "max_instances": 3}, "min_instances is above max_instances"),
+        ({"memory": "32GB"}, "cloud_run.memory: '32GB': write memory as a number of Gi or Mi"),
+        ({"service": "Bad_Name"}, "cloud_run.service"),
+        ({"gpu_type": "nvidia-h100"}, "cloud_run.gpu_type"),
+    ],
+)
+def test_cloud_run_config_errors_name_the_field(cloud_run: dict, words: str) -> None:
+    from components.config import config_from_dict
+
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(_cfg(**cloud_run))
+    assert words in str(exc.value)
+
+
+def test_cloud_run_target_takes_tgi_and_no_vertex_hardware() -> None:
+    from components.config import config_from_dict
+
+    with pytest.raises(ConfigError, match="target cloud_run serves with TGI"):
+        config_from_dict({**_cfg(), "serving": {"engine": "vllm"}})
+    with pytest.raises(ConfigError, match="hardware is for Vertex machines"):
+        config_from_dict(
+            {
+                **_cfg(),
+                "hardware": {"machine_type": "g2-standard-8", "accelerator_type": "NVIDIA_L4", "accelerator_count": 1},
+            }
+        )
+    cfg = config_from_dict(_cfg())
+    assert cfg.endpoint.name == "svc" and cfg.service_id == "svc"  # no endpoint section needed on this target
+
+
+def test_render_shows_the_tutorials_service() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "render", "configs/llama-3.1-8b-awq-int4-tgi-cloud-run.yaml", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    service = data["service"]
+    template = service["template"]
+    [container] = template["containers"]
+    assert container["resources"]["limits"] == {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"}
+    assert container["resources"]["cpuIdle"] is False  # CPU always allocated (--no-cpu-throttling)
+    assert template["nodeSelector"] == {"accelerator": "nvidia-l4"}
+    assert template["scaling"]["maxInstanceCount"] == 3
+    assert template["maxInstanceRequestConcurrency"] == 64
+    assert "--max-concurrent-requests=64" in container["args"] and "--quantize=awq" in container["args"]
+    assert container["startupProbe"]["httpGet"]["path"] == "/health"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["AIP_STORAGE_URI"].startswith("gs://") and "HF_TOKEN" not in out.stdout
+    assert service["ingress"] == "INGRESS_TRAFFIC_ALL" and "allUsers" not in json.dumps(service)  # IAM decides
+    assert "invokerIamDisabled" not in service
+    assert [t["tag"] for t in service["traffic"]] == ["candidate"]
+
+
+def test_plan_shows_the_instance_price_and_regions(tiny_model_dir: Path, hub_mirror: Any) -> None:
+    from components.config import config_from_dict
+    from components.preflight import plan_deployment
+
+    hub_mirror.publish(tiny_model_dir, TINY_REPO)
+    placement = {"regions": ["us-west1", "us-central1"]}
+    cfg = config_from_dict({**_cfg(cpu=8, memory="32Gi"), "model": {"repo": TINY_REPO}, "placement": placement})
+    plan = plan_deployment(cfg, check_quota=False, hub_endpoint=hub_mirror.url)
+    assert plan.fits, plan.errors
+    run = plan.cloud_run
+    # 8 vCPU x $0.000018 + 32 GiB x $0.000002 + L4 with zonal redundancy.
+    assert run["price_per_second_usd"] == pytest.approx(8 * 0.000018 + 32 * 0.000002 + 0.0002909, rel=1e-4)
+    assert run["price_per_hour_usd"] == pytest.approx(run["price_per_second_usd"] * 3600, rel=1e-3)
+    assert "2026-12" in run["prices_note"] and plan.machine_type == "cloud-run-nvidia-l4"
+    assert plan.region == "us-central1"  # us-west1 has no Cloud Run L4
+
+
+# ----------------------------------------------------------------------------- on the local stack
+
+
+def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Done-when of issue 11, in order: Paris; a no-op; a failing redeploy that keeps the old revision while the
+    service answers throughout; a forced redeploy that moves all traffic; 403 without roles/run.invoker."""
+    state = tmp_path / "state"
+    cfg = load_config(ROOT / "configs" / "local-demo-cloud-run.yaml")
+    first = run_local(cfg, state_dir=state, quiet=True)
+    assert first["status"] == "succeeded", first["error"]
+    assert "paris" in first["smoke"]["answer"].lower()
+    [old] = first["revisions"]
+    assert old["traffic_percent"] == 100 and first["service"].endswith("/services/smollm2-demo-run")
+    assert first["left_running"] == [f"{first['service']}/revisions/{old['name']}"]
+
+    second = run_local(cfg, state_dir=state, quiet=True)
+    assert second["status"] == "noop", second
+    assert [s["name"] for s in second["steps"]] == ["preflight", "cleanup"]
+
+    # A failing redeploy, with the service called every 0.2 s from the moment the stack is up.
+    from pipelines.local import peers
+
+    results: list[int] = []
+    stop = threading.Event()
+    original_start, original_stop = peers.LocalStack.start, peers.LocalStack.stop
+
+    def hammer(url: str) -> None:
+        while not stop.is_set():
+            results.append(_chat(url, _token(ACCOUNT)))
+            stop.wait(0.2)
+
+    def start_and_hammer(self: Any) -> Any:
+        out = original_start(self)
+        threading.Thread(
+            target=hammer, args=(_service_url(self.api_endpoint, "smollm2-demo-run"),), daemon=True
+        ).start()
+        return out
+
+    def stop_hammer_then_stack(self: Any) -> None:
+        stop.set()
+        original_stop(self)
+
+    monkeypatch.setattr(peers.LocalStack, "start", start_and_hammer)
+    monkeypatch.setattr(peers.LocalStack, "stop", stop_hammer_then_stack)
+    failed = run_local(cfg, state_dir=state, quiet=True, force=True, faults=["smoke-fail"])
+    monkeypatch.undo()
+    assert failed["status"] == "failed" and "smoke test failed" in failed["error"]
+    assert failed["revisions"] == [old], failed["revisions"]  # no trace of the new revision
+    [candidate] = [n for n in failed["created"] if "/revisions/" in n]
+    assert candidate in failed["deleted"]
+    assert len(results) > 5 and all(s == 200 for s in results), results
+
+    forced = run_local(cfg, state_dir=state, quiet=True, force=True)
+    assert forced["status"] == "succeeded", forced["error"]
+    serving = [r for r in forced["revisions"] if r["traffic_percent"]]
+    assert len(serving) == 1 and serving[0]["traffic_percent"] == 100 and serving[0]["name"] != old["name"]
+    assert {r["name"] for r in forced["revisions"]} == {old["name"], serving[0]["name"]}
+
+    # Private: the emulator's Cloud Run answers 403 without an ID token of an account holding roles/run.invoker.
+    from pipelines.local.peers import LocalStack
+
+    with LocalStack(state) as stack:
+        url = _service_url(stack.api_endpoint, "smollm2-demo-run")
+        assert _chat(url, None) == 403
+        assert _chat(url, _token("someone@example.com")) == 403
+        assert _chat(url, _token(ACCOUNT)) == 200
+
+
+def test_quota_shortfall_fails_preflight_before_the_mirror(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # The tutorial's size: 3 x 8 CPU / 32 GiB with zonal-redundant L4s, above a new project's Cloud Run quotas.
+    cfg = run_config(
+        "tiny-big",
+        "cloud_run.cpu=8",
+        "cloud_run.memory=32Gi",
+        "cloud_run.max_instances=3",
+        "cloud_run.zonal_redundancy=true",
+    )
+    summary = run(tmp_path / "state", cfg, tiny_model_dir)
+    assert summary["status"] == "failed"
+    assert [s["name"] for s in summary["steps"]] == ["preflight", "cleanup"]
+    error = summary["error"]
+    for quota in ("NvidiaL4GpuAllocPerProjectRegion", "CpuAllocPerProjectRegion", "MemAllocPerProjectRegion"):
+        assert quota in error, error
+    assert "SHORT" in error and "gcloud beta quotas preferences create --service=run.googleapis.com" in error
+    assert summary["created"] == []
+
+
+FAULTS = [
+    # (fault, words the error must contain, whether a service is created before the failure)
+    ("quota-exhausted", "quota", False),
+    ("hub-gated", "gated", False),
+    ("deploy-error", "failed to start and listen on the port", True),
+    ("deploy-timeout", "timed out", True),
+    ("server-crash", "exited with code", True),
+    ("smoke-fail", "smoke test failed", True),
+    ("kill-step:deploy-service", "step deploy-service was killed by SIGKILL", True),
+    ("kill-step:smoke-test-service", "step smoke-test-service was killed by SIGKILL", True),
+]
+
+
+@pytest.mark.parametrize(("fault", "message", "creates"), FAULTS, ids=[f[0] for f in FAULTS])
+def test_fault_leaves_nothing_behind(
+    tmp_path: Path, tiny_model_dir: Path, fault: str, message: str, creates: bool
+) -> None:
+    cfg = run_config("tiny-run", "smoke_test.expect_regex=^(?!I am not sure)")
+    summary = run(tmp_path / "state", cfg, tiny_model_dir, faults=[fault])
+    assert summary["status"] == "failed"
+    assert message.lower() in (summary["error"] or "").lower(), summary["error"]
+    assert summary["service"] is None and summary["revisions"] == [] and summary["left_running"] == []
+    assert set(summary["created"]) <= set(summary["deleted"]), summary
+    assert any(n.endswith("/services/tiny-run") for n in summary["created"]) == creates, summary["created"]
+    if fault.startswith("kill-step:"):
+        assert any(n.endswith("/services/tiny-run") for n in summary["removed_by_exit_handler"]), summary
+
+
+def test_cold_service_429_is_retried_and_passes(tmp_path: Path, tiny_model_dir: Path) -> None:
+    summary = run(tmp_path / "state", run_config(), tiny_model_dir, faults=["predict-429"])
+    assert summary["status"] == "succeeded", summary["error"]
+    assert summary["revisions"][0]["traffic_percent"] == 100
