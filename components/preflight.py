@@ -271,6 +271,7 @@ def preflight_op(
     model_revision: str,
     hf_token_secret: str,
     engine: str,
+    target: str,
     hardware: str,
     max_model_len: int,
     deployment_name: str,

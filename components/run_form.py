@@ -43,6 +43,13 @@ FORM_FIELDS: tuple[FormField, ...] = (
     ),
     FormField("engine", "serving.engine", str, "Serving engine: vllm or tgi."),
     FormField(
+        "target",
+        "target",
+        str,
+        "Where the model serves: vertex (a Vertex AI endpoint) or cloud_run (a private Cloud Run GPU service; "
+        "engine tgi; its size is the config's cloud_run section).",
+    ),
+    FormField(
         "hardware",
         "hardware",
         str,
@@ -102,6 +109,7 @@ GENERIC_DEFAULTS: dict[str, Any] = {
     "model_revision": "main",
     "hf_token_secret": "hf-token",
     "engine": "vllm",
+    "target": "vertex",
     "hardware": "auto",
     "max_model_len": 4096,
     "deployment_name": "",
@@ -161,6 +169,7 @@ def form_values(cfg: DeploymentConfig) -> dict[str, Any]:
         "model_revision": cfg.model.revision,
         "hf_token_secret": cfg.model.hf_token_secret,
         "engine": cfg.serving.engine,
+        "target": cfg.target,
         "hardware": hardware_value(cfg),
         "max_model_len": cfg.serving.max_model_len or 0,
         "deployment_name": cfg.name,
@@ -206,6 +215,8 @@ def _as_field_value(field: FormField, raw: Any) -> Any:
         if text not in ("shared", "dedicated"):
             raise FormError(f"endpoint_kind is {text!r}: write shared or dedicated")
         return text == "dedicated"
+    if field.name == "target" and text not in ("vertex", "cloud_run"):
+        raise FormError(f"target is {text!r}: write vertex or cloud_run")
     if field.name == "regions":
         return [r.strip() for r in text.split(",") if r.strip()]
     if field.name == "hardware":

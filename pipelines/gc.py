@@ -45,7 +45,9 @@ class RunResources:
     endpoints: list[str] = field(default_factory=list)  # endpoints the run created
     model_versions: list[str] = field(default_factory=list)  # MODEL@VERSION
     deployed_models: list[str] = field(default_factory=list)  # ENDPOINT/deployedModels/ID
-    serving: list[str] = field(default_factory=list)  # deployed models with traffic > 0
+    serving: list[str] = field(default_factory=list)  # deployed models (and Cloud Run revisions) with traffic > 0
+    services: list[str] = field(default_factory=list)  # Cloud Run services the run created
+    revisions: list[str] = field(default_factory=list)  # Cloud Run revisions the run deployed
     newest: datetime | None = None  # the most recent create time among the above
 
     def saw(self, region: str, created: Any) -> None:
@@ -61,6 +63,8 @@ class RunResources:
             f"{len(self.endpoints)} endpoint(s)",
             f"{len(self.model_versions)} model version(s)",
         ]
+        if self.services or self.revisions:
+            parts += [f"{len(self.services)} Cloud Run service(s)", f"{len(self.revisions)} revision(s)"]
         age = self.newest.isoformat(timespec="seconds") if self.newest else "unknown"
         return f"run {self.run_label} of {self.deployment} ({', '.join(parts)}; newest {age})"
 
@@ -129,7 +133,49 @@ def find_runs(project: str, regions: list[str], deployment: str = "", api_endpoi
                 run.saw(region, dm.create_time)
                 if ep.traffic_split.get(dm.id, 0) > 0:
                     run.serving.append(ref)
+        _find_cloud_run(project, region, run_for, api_endpoint)
     return sorted(runs.values(), key=lambda r: (r.deployment, r.newest or datetime.min.replace(tzinfo=UTC)))
+
+
+def _find_cloud_run(project: str, region: str, run_for: Any, api_endpoint: str) -> None:
+    """The labelled Cloud Run services (by the run that created them) and revisions (by the run that deployed them)
+    in a region; skipped, with a note, where the Cloud Run API is off or not readable."""
+    from google.api_core import exceptions
+
+    from components.cloud_run import revisions_client, services_client
+
+    services, revisions = services_client(api_endpoint), revisions_client(api_endpoint)
+    try:
+        found = list(services.list_services(parent=f"projects/{project}/locations/{region}"))
+    except (exceptions.PermissionDenied, exceptions.Forbidden) as exc:
+        log.info("Cloud Run services in %s not read (%s): skipped", region, str(exc).splitlines()[0])
+        return
+    for service in found:
+        if not service.labels.get("vlp-deployment"):
+            continue
+        owner = run_for(service.labels)
+        if owner is not None:
+            owner.services.append(service.name)
+            owner.saw(region, service.create_time)
+        traffic = {t.revision: t.percent for t in service.traffic_statuses}
+        for revision in revisions.list_revisions(parent=service.name):
+            run = run_for(revision.labels)
+            if run is None:
+                continue
+            run.revisions.append(revision.name)
+            run.saw(region, revision.create_time)
+            if traffic.get(revision.name.rsplit("/", 1)[1], 0) > 0:
+                run.serving.append(revision.name)
+
+
+def remove_run(project: str, run: RunResources, deployment: str, api_endpoint: str = "") -> Removed:
+    """Everything one run left: its Vertex resources and its Cloud Run services and revisions."""
+    from components.cloud_run_service import remove_run_services
+
+    removed = remove_run_resources(project, run.regions, deployment, run.run_label, api_endpoint)
+    if run.services or run.revisions:
+        removed.deleted += remove_run_services(project, run.regions, deployment, run.run_label, api_endpoint)
+    return removed
 
 
 def pipeline_job_state(project: str, regions: list[str], run_label: str, api_endpoint: str = "") -> str:
@@ -157,11 +203,11 @@ def teardown_deployment(
     runs = find_runs(project, regions, deployment, api_endpoint)
     removed = Removed()
     # Runs that created endpoints go last: an endpoint is deleted only once every run's model is off it.
-    for run in sorted(runs, key=lambda r: bool(r.endpoints)):
-        removed.extend(remove_run_resources(project, run.regions, deployment, run.run_label, api_endpoint))
+    for run in sorted(runs, key=lambda r: bool(r.endpoints or r.services)):
+        removed.extend(remove_run(project, run, deployment, api_endpoint))
     for run in find_runs(project, regions, deployment, api_endpoint):
         # A second pass catches an endpoint an earlier run created that a later run's model still held.
-        removed.extend(remove_run_resources(project, run.regions, deployment, run.run_label, api_endpoint))
+        removed.extend(remove_run(project, run, deployment, api_endpoint))
     return runs, removed
 
 
@@ -215,7 +261,5 @@ def collect_garbage(
         report.collected.append(run)
         if not dry_run:
             log.info("removing %s", run.describe())
-            report.removed.extend(
-                remove_run_resources(project, run.regions, run.deployment, run.run_label, api_endpoint)
-            )
+            report.removed.extend(remove_run(project, run, run.deployment, api_endpoint))
     return report

@@ -127,6 +127,7 @@ def build_pipeline(image: str | None = None, template: Template | None = None) -
         model_revision: str,
         hf_token_secret: str,
         engine: str,
+        target: str,
         hardware: str,
         max_model_len: int,
         deployment_name: str,

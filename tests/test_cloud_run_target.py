@@ -221,6 +221,14 @@ def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: 
         assert _chat(url, None) == 403
         assert _chat(url, _token("someone@example.com")) == 403
         assert _chat(url, _token(ACCOUNT)) == 200
+        # `vlp teardown` knows Cloud Run: the runs' revisions and the service the first run created all go.
+        from pipelines.cli import main
+
+        config = str(ROOT / "configs" / "local-demo-cloud-run.yaml")
+        assert main(["--api-endpoint", stack.api_endpoint, "teardown", config, "--dry-run"]) == 0
+        assert _chat(url, _token(ACCOUNT)) == 200
+        assert main(["--api-endpoint", stack.api_endpoint, "teardown", config, "--yes"]) == 0
+        assert _chat(url, _token(ACCOUNT)) == 404
 
 
 def test_quota_shortfall_fails_preflight_before_the_mirror(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -342,6 +342,7 @@ class CloudRunService:
             revisions = [r for r in self._run_revisions if r.startswith(f"{name}/revisions/")]
             for rev in revisions:
                 del self._run_revisions[rev]
+                self._audit("deleted", "Services.DeleteService", rev)  # a service's revisions go with it
             del self._run_services[name]
             self._run_policies.pop(name, None)
             self._audit("deleted", "Services.DeleteService", name)
@@ -406,8 +407,14 @@ class CloudRunService:
             if error is not None:
                 if previous is not None:
                     self._run_services[name] = previous
-                else:
-                    self._run_services.pop(name, None)
+                elif service is not None:
+                    # A service whose first revision never became ready stays, failed and serving nothing, until it
+                    # is deleted (gcloud: "Deployment failed"; the service is listed with Ready False).
+                    service.update(
+                        terminalCondition={"type": "Ready", "state": "CONDITION_FAILED", "message": error.message},
+                        trafficStatuses=[],
+                        latestReadyRevision="",
+                    )
                 final = previous or service or {}
             else:
                 final = service or {}
