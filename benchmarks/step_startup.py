@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from components.packaging import STEP_NEEDS, STEP_OF_OP, embedded_code_dir, step_packages  # noqa: E402
+from components.packaging import MODULE_OF_OP, STEP_NEEDS, STEP_OF_OP, embedded_code_dir, step_packages  # noqa: E402
 
 KFP = "kfp==2.17.0"
 # What every step installed before per-step sets (components/packaging.py RUNTIME_PACKAGES at commit 13d336b).
@@ -46,6 +46,7 @@ IMPORTS = {
     "google-cloud-aiplatform": ["google.cloud.aiplatform_v1", "google.cloud.aiplatform_v1beta1"],
     "google-cloud-pipeline-components": ["google_cloud_pipeline_components.types.artifact_types"],
     "google-cloud-quotas": ["google.cloud.cloudquotas_v1"],
+    "google-cloud-run": ["google.cloud.run_v2", "google.iam.v1.iam_policy_pb2"],
     "google-cloud-storage": ["google.cloud.storage"],
     "google-cloud-logging": ["google.cloud.logging"],
     "google-crc32c": ["google_crc32c", "google.auth.transport.requests"],
@@ -93,16 +94,7 @@ def install(packages: list[str]) -> tuple[float, int, Path]:
 def imports_work(step: str, venv: Path) -> str:
     """Import the step's module (embedded copy) and the modules it uses, as the launcher would; '' = fine."""
     op = OP_OF_STEP[step]
-    module = {
-        "preflight_op": "components.preflight",
-        "mirror_weights_op": "components.mirror_weights",
-        "register_model_op": "components.register_model",
-        "deploy_model_op": "components.deploy_model",
-        "smoke_test_op": "components.smoke_test",
-        "promote_op": "components.promote",
-        "roll_back_op": "components.teardown",
-        "cleanup_op": "components.teardown",
-    }[op]
+    module = MODULE_OF_OP[op]
     modules = ["kfp.dsl.executor_main", module, *(m for dist in STEP_NEEDS[step] for m in IMPORTS.get(dist, []))]
     code = "import importlib\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
     env = {"PATH": os.environ.get("PATH", ""), "_KFP_RUNTIME": "true", "PYTHONPATH": str(embedded_code_dir(module))}

@@ -115,6 +115,22 @@ STEP_OF_OP = {
     "roll_back_service_op": "roll-back-service",
 }
 
+# The module each KFP function lives in (what a step's program imports first).
+MODULE_OF_OP = {
+    "preflight_op": "components.preflight",
+    "mirror_weights_op": "components.mirror_weights",
+    "register_model_op": "components.register_model",
+    "deploy_model_op": "components.deploy_model",
+    "smoke_test_op": "components.smoke_test",
+    "promote_op": "components.promote",
+    "roll_back_op": "components.teardown",
+    "cleanup_op": "components.teardown",
+    "deploy_service_op": "components.cloud_run_service",
+    "smoke_test_service_op": "components.cloud_run_smoke",
+    "promote_service_op": "components.cloud_run_service",
+    "roll_back_service_op": "components.cloud_run_service",
+}
+
 # Imported but not declared: with NOT_AT_RUN_TIME left out, these would be missing.
 UNDECLARED: dict[str, tuple[str, ...]] = {
     # aiplatform_v1's IAM policy mixins import google.iam.v1; aiplatform gets it only through resource-manager.

@@ -274,6 +274,9 @@ def test_fault_leaves_nothing_behind(
     assert summary["service"] is None and summary["revisions"] == [] and summary["left_running"] == []
     assert set(summary["created"]) <= set(summary["deleted"]), summary
     assert any(n.endswith("/services/tiny-run") for n in summary["created"]) == creates, summary["created"]
+    if fault == "server-crash":
+        # The revision's own output, read back from Cloud Logging (resource.type cloud_run_revision).
+        assert "Last log lines of revision" in summary["error"] and "(no log lines" not in summary["error"]
     if fault.startswith("kill-step:"):
         assert any(n.endswith("/services/tiny-run") for n in summary["removed_by_exit_handler"]), summary
 

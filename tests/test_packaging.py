@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.packaging import LOCK_FILE, STEP_NEEDS, STEP_OF_OP, read_lock, step_packages
+from components.packaging import LOCK_FILE, MODULE_OF_OP, STEP_NEEDS, STEP_OF_OP, read_lock, step_packages
 from pipelines.compile import spec_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,8 +96,7 @@ def test_each_step_imports_what_it_uses_within_its_set(step: str, tmp_path: Path
     finally:
         sys.path.pop(0)
     op = {v: k for k, v in STEP_OF_OP.items()}[step]
-    module = {"roll_back_op": "teardown", "cleanup_op": "teardown"}.get(op, op.removesuffix("_op"))
-    modules = [f"components.{module}", *(m for dist in STEP_NEEDS[step] for m in IMPORTS.get(dist, []))]
+    modules = [MODULE_OF_OP[op], *(m for dist in STEP_NEEDS[step] for m in IMPORTS.get(dist, []))]
     done = _import_under_guard(op, modules, tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
 

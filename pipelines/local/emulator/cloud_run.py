@@ -526,8 +526,9 @@ class CloudRunService:
                 weighted = [(t["revision"], int(t.get("percent") or 0)) for t in statuses if t.get("percent")]
                 chosen = random.choices([r for r, _ in weighted], weights=[w for _, w in weighted])[0]
         serving_id = self._serving_id(f"{name}/revisions/{chosen}")
-        if not self.serving.is_healthy(serving_id):
-            # Scaled to zero (or the emulator restarted): the request waits for a cold start, as on Cloud Run.
+        if serving_id not in self.serving.known_ids():
+            # Scaled to zero (or the emulator restarted): the request waits for a cold start, as on Cloud Run. An
+            # instance that crashed is not restarted here: its requests fail (503) while the fault lasts.
             with self._lock:
                 revision = self._run_revisions.get(f"{name}/revisions/{chosen}")
             try:
