@@ -220,6 +220,10 @@ def remove_revision(deployment: dict[str, Any], name: str, revision: str) -> lis
         newest = max(others, key=lambda r: r.create_time.timestamp() if r.create_time else 0)
         pin = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
         rest = [run_v2.TrafficTarget(type_=pin, revision=newest.name.rsplit("/", 1)[1], percent=100)]
+    total = sum(t.percent for t in rest)
+    if rest and total != 100:
+        # The revision held a canary share (a run stopped mid-promotion): the others take it back, the largest first.
+        max(rest, key=lambda t: t.percent).percent += 100 - total
     if any(t.revision == revision for t in service.traffic_statuses):
         update = run_v2.Service(name=name, traffic=rest)
         mask = field_mask_pb2.FieldMask(paths=["traffic"])

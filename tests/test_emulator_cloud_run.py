@@ -382,3 +382,42 @@ def test_cloud_quotas_lists_cloud_runs_quotas_at_a_new_projects_limits(emu: Emul
     cpu = {d.dimensions["region"]: d.details.value for d in infos["CpuAllocPerProjectRegion"].dimensions_infos}
     assert cpu["us-central1"] == 20000
     assert infos["MemAllocPerProjectRegion"].metric == "run.googleapis.com/mem_allocation"
+
+
+def test_a_serving_revision_cannot_be_deleted_and_gc_collects_a_crashed_runs_candidate(
+    client: run_v2.ServicesClient, emu: Emulator
+) -> None:
+    """D14, and `vlp gc` on Cloud Run: a candidate a crashed run left (0%, tagged) is a leftover; the revision
+    another run serves is kept."""
+    from datetime import UTC, datetime, timedelta
+
+    from pipelines import gc
+
+    run_a = {"vlp-deployment": "llama-awq", "vlp-run": "run-a"}
+    svc = _service("llama-awq-0000001-1")
+    svc.labels = run_a
+    svc.template.labels = run_a
+    created = client.create_service(parent=PARENT, service=svc, service_id="llama-awq").result(timeout=30)
+    created.template.revision = "llama-awq-0000002-1"
+    created.template.labels = {"vlp-deployment": "llama-awq", "vlp-run": "run-b"}
+    created.traffic = _pinned("llama-awq-0000001-1", "llama-awq-0000002-1", tag="candidate")
+    client.update_service(service=created).result(timeout=30)
+    revisions = run_v2.RevisionsClient(
+        client_options=ClientOptions(api_endpoint=emu.url), transport="rest", credentials=AnonymousCredentials()
+    )
+    with pytest.raises(gexc.BadRequest, match="receiving traffic or has a tag"):  # FAILED_PRECONDITION is HTTP 400
+        revisions.delete_revision(name=f"{created.name}/revisions/llama-awq-0000002-1").result(timeout=30)
+
+    later = datetime.now(UTC) + timedelta(days=2)
+    dry = gc.collect_garbage(
+        "local-project", ["us-central1"], timedelta(hours=1), dry_run=True, api_endpoint=emu.url, now=later
+    )
+    assert [r.run_label for r in dry.collected] == ["run-b"] and dry.collected[0].revisions
+    assert [(r.run_label, why.split(" (")[0]) for r, why in dry.kept] == [("run-a", "serving traffic")]
+    assert len(list(revisions.list_revisions(parent=created.name))) == 2  # a dry run removes nothing
+
+    report = gc.collect_garbage("local-project", ["us-central1"], timedelta(hours=1), api_endpoint=emu.url, now=later)
+    assert report.removed.deleted == [f"{created.name}/revisions/llama-awq-0000002-1"]
+    assert [r.name.rsplit("/", 1)[1] for r in revisions.list_revisions(parent=created.name)] == ["llama-awq-0000001-1"]
+    after = client.get_service(name=created.name)
+    assert [(t.revision, t.percent, t.tag) for t in after.traffic_statuses] == [("llama-awq-0000001-1", 100, "")]
