@@ -412,8 +412,10 @@ class DeploymentConfig(_Strict):
     @classmethod
     def _endpoint_for_cloud_run(cls, data: Any) -> Any:
         # A Cloud Run deployment has no Vertex endpoint: the section is optional there (named after the deployment).
-        if isinstance(data, dict) and data.get("target") == "cloud_run" and not data.get("endpoint"):
-            data = {**data, "endpoint": {"name": data.get("name", "")}}
+        if isinstance(data, dict) and data.get("target") == "cloud_run":
+            endpoint = data.get("endpoint") or {}
+            if isinstance(endpoint, dict) and not endpoint.get("name"):
+                data = {**data, "endpoint": {**endpoint, "name": data.get("name", "")}}
         return data
 
     @model_validator(mode="after")

@@ -281,7 +281,17 @@ def test_fault_leaves_nothing_behind(
         assert any(n.endswith("/services/tiny-run") for n in summary["removed_by_exit_handler"]), summary
 
 
-def test_cold_service_429_is_retried_and_passes(tmp_path: Path, tiny_model_dir: Path) -> None:
-    summary = run(tmp_path / "state", run_config(), tiny_model_dir, faults=["predict-429"])
-    assert summary["status"] == "succeeded", summary["error"]
-    assert summary["revisions"][0]["traffic_percent"] == 100
+def test_cold_service_429_is_retried_and_a_canary_redeploy_moves_in_steps(tmp_path: Path, tiny_model_dir: Path) -> None:
+    state = tmp_path / "state"
+    first = run(state, run_config(), tiny_model_dir, faults=["predict-429"])
+    assert first["status"] == "succeeded", first["error"]
+    [old] = first["revisions"]
+    assert old["traffic_percent"] == 100
+    canary = run(state, run_config("tiny-run", "endpoint.traffic_steps=[50, 100]"), tiny_model_dir, force=True)
+    assert canary["status"] == "succeeded", canary["error"]
+    new = next(r for r in canary["revisions"] if r["name"] != old["name"])
+    assert new["traffic_percent"] == 100 and "tag" not in new
+    promoted = Path(next(s["log"] for s in canary["steps"] if s["name"] == "promote-service")).read_text()
+    # The canary step held half the traffic, the old revision the other half, before all of it moved.
+    assert f"'{new['name']}': 50, '{old['name']}': 50" in promoted, promoted[-2000:]
+    assert f"{{'{new['name']}': 100}}" in promoted
