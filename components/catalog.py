@@ -303,3 +303,58 @@ def mirror_machine_for(weights_bytes: int) -> dict[str, Any]:
     # Timeout: 4x the time at a quarter of line rate, at least an hour; a stuck job must not run a week.
     seconds = max(3600, int(4 * weights_bytes / (gbps / 8 * 1e9 / 4)))
     return {"machine_type": machine, "boot_disk_size_gb": 100, "timeout": f"{seconds}s"}
+
+
+# ----------------------------------------------------------------------------- Cloud Run (target: cloud_run)
+
+
+# Cloud Run GPUs: the planner's accelerator, the regions the services GPU page lists (asia-south1 / asia-south2
+# by invitation only, so left out), and the Cloud Quotas ids (with and without zonal redundancy) they draw on.
+# The RTX PRO 6000 regions come from the worker-pools GPU page (the services page does not list it yet).
+@dataclass(frozen=True)
+class RunGpu:
+    accelerator: str
+    regions: tuple[str, ...]
+    quota: str  # + "PerProjectRegion" (zonal redundancy) or "NoZonalRedundancyPerProjectRegion"
+    price_per_second: float  # USD, without zonal redundancy
+    price_per_second_zonal: float  # USD, with zonal redundancy
+    launch_stage: str = ""  # "" = GA
+
+
+RUN_GPUS: dict[str, RunGpu] = {
+    "nvidia-l4": RunGpu(
+        "NVIDIA_L4",
+        ("us-central1", "us-east4", "europe-west1", "europe-west4", "asia-southeast1"),
+        "NvidiaL4GpuAlloc",
+        0.0001867,
+        0.0002909,
+    ),
+    "nvidia-rtx-pro-6000": RunGpu(
+        "NVIDIA_RTX_PRO_6000",
+        ("us-central1", "europe-west4", "asia-southeast1"),
+        "NvidiaRtxPro6000GpuAlloc",
+        0.00055,
+        0.00085,
+        launch_stage="BETA",  # Preview on the services GPU page
+    ),
+}
+# Tier 1, instance-based billing (the only billing GPU services take): cloud.google.com/run/pricing, read 2026-12.
+# The L4 price without zonal redundancy ($0.67/h) matches two public 2025-26 write-ups; the zonal-redundancy price
+# and both RTX PRO 6000 prices are unverified estimates.
+RUN_CPU_PER_SECOND = 0.000018
+RUN_GIB_PER_SECOND = 0.000002
+RUN_PRICES_NOTE = (
+    "Cloud Run Tier 1 instance-based prices as of 2026-12 (cloud.google.com/run/pricing): $0.000018/vCPU-s, "
+    "$0.000002/GiB-s, L4 $0.0001867/s without zonal redundancy; L4 with zonal redundancy and RTX PRO 6000 "
+    "unverified"
+)
+
+
+def instance_shape(gpu_type: str) -> dict[str, Any]:
+    """A Cloud Run instance as a plan's shape fields: one GPU, one node (what the TGI flags are rendered for)."""
+    return {
+        "machine_type": f"cloud-run-{gpu_type}",
+        "accelerator_type": RUN_GPUS[gpu_type].accelerator,
+        "accelerator_count": 1,
+        "node_count": 1,
+    }

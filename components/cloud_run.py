@@ -1,4 +1,4 @@
-"""The Cloud Run target's shape: GPUs, regions and dated prices, the plan for an instance, the region's quotas, and
+"""The Cloud Run target: the plan for an instance (GPUs, regions and prices are in catalog.py), the region's quotas, and
 the `google.cloud.run.v2.Service` request a deployment becomes (../shared/research/cloud-run.md)."""
 
 from __future__ import annotations
@@ -6,50 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
 from typing import Any
 
-
-# Cloud Run GPUs: the planner's accelerator, the regions the services GPU page lists (asia-south1 / asia-south2
-# by invitation only, so left out), and the Cloud Quotas ids (with and without zonal redundancy) they draw on.
-# The RTX PRO 6000 regions come from the worker-pools GPU page (the services page does not list it yet).
-@dataclass(frozen=True)
-class RunGpu:
-    accelerator: str
-    regions: tuple[str, ...]
-    quota: str  # + "PerProjectRegion" (zonal redundancy) or "NoZonalRedundancyPerProjectRegion"
-    price_per_second: float  # USD, without zonal redundancy
-    price_per_second_zonal: float  # USD, with zonal redundancy
-    launch_stage: str = ""  # "" = GA
-
-
-RUN_GPUS: dict[str, RunGpu] = {
-    "nvidia-l4": RunGpu(
-        "NVIDIA_L4",
-        ("us-central1", "us-east4", "europe-west1", "europe-west4", "asia-southeast1"),
-        "NvidiaL4GpuAlloc",
-        0.0001867,
-        0.0002909,
-    ),
-    "nvidia-rtx-pro-6000": RunGpu(
-        "NVIDIA_RTX_PRO_6000",
-        ("us-central1", "europe-west4", "asia-southeast1"),
-        "NvidiaRtxPro6000GpuAlloc",
-        0.00055,
-        0.00085,
-        launch_stage="BETA",  # Preview on the services GPU page
-    ),
-}
-# Tier 1, instance-based billing (the only billing GPU services take): cloud.google.com/run/pricing, read 2026-12.
-# The L4 price without zonal redundancy ($0.67/h) matches two public 2025-26 write-ups; the zonal-redundancy price
-# and both RTX PRO 6000 prices are unverified estimates.
-RUN_CPU_PER_SECOND = 0.000018
-RUN_GIB_PER_SECOND = 0.000002
-RUN_PRICES_NOTE = (
-    "Cloud Run Tier 1 instance-based prices as of 2026-12 (cloud.google.com/run/pricing): $0.000018/vCPU-s, "
-    "$0.000002/GiB-s, L4 $0.0001867/s without zonal redundancy; L4 with zonal redundancy and RTX PRO 6000 "
-    "unverified"
+from components.catalog import (
+    RUN_CPU_PER_SECOND,
+    RUN_GIB_PER_SECOND,
+    RUN_GPUS,
+    RUN_PRICES_NOTE,
+    instance_shape,
 )
+
 RUN_SERVICE = "run.googleapis.com"
 CPU_QUOTA = "CpuAllocPerProjectRegion"  # milli-CPU (run.googleapis.com/cpu_allocation)
 MEM_QUOTA = "MemAllocPerProjectRegion"  # bytes (run.googleapis.com/mem_allocation)
@@ -94,8 +60,8 @@ def adapt_plan(plan: Any, cfg: Any) -> None:
     spec = cfg.cloud_run
     gpu = RUN_GPUS[spec.gpu_type]
     per_s = price_per_second(spec)
-    plan.machine_type = f"cloud-run-{spec.gpu_type}"
-    plan.node_count = 1
+    for key, value in instance_shape(spec.gpu_type).items():
+        setattr(plan, key, value)
     plan.replica_count = spec.min_instances
     plan.max_replica_count = spec.max_instances
     plan.price_per_hour_usd = round(per_s * 3600, 4)
@@ -231,8 +197,18 @@ def check_quota(plan: Any, cfg: Any, project: str, regions: list[str], api_endpo
         )
         results[region] = RegionQuota(region, check)
     chosen = ""
+    from google.api_core import exceptions
+
     for region in offered:
-        usage = region_usage(project, region, api_endpoint)
+        try:
+            usage = region_usage(project, region, api_endpoint)
+        except (exceptions.PermissionDenied, exceptions.Forbidden) as exc:
+            plan.errors.append(
+                f"cannot list the Cloud Run services in {region} of {project} to count what they hold against quota "
+                f"({str(exc).splitlines()[0][:200]}): enable the API (gcloud services enable run.googleapis.com "
+                f"--project={project}) and grant the pipeline's service account roles/run.viewer"
+            )
+            return
         checks = []
         for quota_id in (gpu_id, CPU_QUOTA, MEM_QUOTA):
             limit, note = read_quota_limit(project, quota_id, region, api_endpoint, service=RUN_SERVICE)
@@ -304,20 +280,6 @@ def revision_id(deployment: dict[str, Any]) -> str:
     return f"{cfg.service_id}-{sha}-{run}"
 
 
-def _with_shape(deployment: dict[str, Any], gpu_type: str) -> dict[str, Any]:
-    """The deployment with the instance's one GPU as its shape, when the plan has none (`vlp render` offline): the
-    TGI flags depend only on the config's values and the plan's max_model_len / max_num_seqs."""
-    plan = dict(deployment.get("plan") or {})
-    if not plan.get("machine_type") or plan.get("machine_type") == "auto":
-        plan.update(
-            machine_type=f"cloud-run-{gpu_type}",
-            accelerator_type=RUN_GPUS[gpu_type].accelerator,
-            accelerator_count=1,
-            node_count=1,
-        )
-    return {**deployment, "plan": plan}
-
-
 def revision_template(deployment: dict[str, Any], weights_uri: str, labels: dict[str, str]) -> Any:
     """The run_v2.RevisionTemplate: the TGI DLC on one GPU, weights from GCS with no Hub token, a startup probe that
     gives the model `cloud_run.startup_timeout_s` to load."""
@@ -327,7 +289,7 @@ def revision_template(deployment: dict[str, Any], weights_uri: str, labels: dict
 
     cfg = _config(deployment)
     spec = cfg.cloud_run
-    env, args = tgi_env_and_args(_with_shape(deployment, spec.gpu_type))
+    env, args = tgi_env_and_args(deployment)
     env = {**env, "HF_HUB_OFFLINE": "1", **cfg.serving.env}
     container = run_v2.Container(
         image=cfg.serving.image or TGI_IMAGE,

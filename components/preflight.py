@@ -94,7 +94,8 @@ def plan_deployment(
             errors=[str(exc)],
         )
     if cloud_run:
-        from components.cloud_run import RUN_GPUS, adapt_plan
+        from components.catalog import RUN_GPUS
+        from components.cloud_run import adapt_plan
         from components.config import Hardware
 
         # One GPU of the instance's type: the same memory and throughput model as on Vertex, then Cloud Run's shape.

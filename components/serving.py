@@ -93,6 +93,12 @@ def resolve_shape(deployment: dict[str, Any]) -> ServingShape:
         plan.update(
             machine_type=hw.machine_type, accelerator_type=hw.accelerator_type, accelerator_count=hw.accelerator_count
         )
+    if cfg.target == "cloud_run":
+        # One GPU per instance, whatever the plan says (and with no plan at all, as `vlp render` offline): the TGI
+        # flags then depend only on the config's values and the plan's max_model_len / max_num_seqs.
+        from components.catalog import instance_shape
+
+        plan.update(instance_shape(cfg.cloud_run.gpu_type))
     machine_type = plan.get("machine_type") or ""
     if not machine_type or machine_type == "auto":
         raise ServingSpecError(
