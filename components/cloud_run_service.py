@@ -6,7 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 log = logging.getLogger("vlp.cloud_run")
@@ -24,8 +24,6 @@ class DeployedRevision:
     revision: str  # revision id
     url: str  # the candidate tag's URL: the new revision alone
     service_url: str
-    created_service: bool
-    previous: list[str] = field(default_factory=list)  # revisions that served before
 
 
 def _clients(deployment: dict[str, Any]) -> tuple[Any, Any]:
@@ -54,11 +52,13 @@ def pinned(targets: Any) -> list[Any]:
     """Traffic as run_v2.TrafficTargets pinned to revisions (LATEST resolved), without the candidate tag."""
     from google.cloud import run_v2
 
+    from components.cloud_run import CANDIDATE_TAG
+
     pin = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
     return [
         run_v2.TrafficTarget(type_=pin, revision=t.revision, percent=t.percent, tag=t.tag)
         for t in targets
-        if (t.percent or t.tag) and t.tag != "candidate"
+        if (t.percent or t.tag) and t.tag != CANDIDATE_TAG
     ]
 
 
@@ -159,14 +159,20 @@ def deploy_revision(deployment: dict[str, Any], weights_uri: str) -> DeployedRev
         ) from None
     member = caller_member(deployment.get("api_endpoint", ""))
     if member:
-        grant_invoker(services, name, member)
+        from google.api_core import exceptions
+
+        try:
+            grant_invoker(services, name, member)
+        except exceptions.PermissionDenied as exc:
+            raise StepError(
+                f"cannot grant {INVOKER} on {name} to {member} ({exc.message}): give the pipeline's service account "
+                "roles/run.admin on the project (setIamPolicy), or grant it roles/run.invoker on the service yourself"
+            ) from None
     url = next((t.uri for t in service.traffic_statuses if t.tag == CANDIDATE_TAG), "")
     if not url:
         raise StepError(f"{what} has no URL for the {CANDIDATE_TAG} tag: traffic is {list(service.traffic_statuses)}")
     log.info("revision %s is ready at %s", request.template.revision, url)
-    return DeployedRevision(
-        name, request.template.revision, url, service.uri, current is None, [t.revision for t in previous]
-    )
+    return DeployedRevision(name, request.template.revision, url, service.uri)
 
 
 def move_traffic(deployment: dict[str, Any], name: str, revision: str, pause_s: float | None = None) -> None:
@@ -174,20 +180,19 @@ def move_traffic(deployment: dict[str, Any], name: str, revision: str, pause_s: 
     from google.cloud import run_v2
     from google.protobuf import field_mask_pb2
 
-    from components.promote import STEP_PAUSE_S, split_with
+    from components.cloud_run import CANDIDATE_TAG
+    from components.promote import split_with, step_pause
 
     cfg = _config(deployment)
     services, _ = _clients(deployment)
     service = services.get_service(name=name)
     others = {t.revision: t.percent for t in service.traffic_statuses if t.revision != revision and t.percent}
     steps = cfg.endpoint.traffic_steps or [100]
-    pause = STEP_PAUSE_S if pause_s is None else pause_s
-    if deployment.get("api_endpoint", "").startswith("http://") and pause_s is None:
-        pause = 1.0
+    pause = step_pause(deployment, pause_s)
     pin = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
     for i, percent in enumerate(steps):
         split = split_with(revision, percent, others)
-        tag = "candidate" if percent < 100 else ""
+        tag = CANDIDATE_TAG if percent < 100 else ""
         traffic = [
             run_v2.TrafficTarget(type_=pin, revision=rev, percent=share, tag=tag if rev == revision else "")
             for rev, share in split.items()
@@ -200,13 +205,12 @@ def move_traffic(deployment: dict[str, Any], name: str, revision: str, pause_s: 
             time.sleep(pause)
 
 
-def remove_revision(deployment: dict[str, Any], name: str, revision: str) -> list[str]:
+def remove_revision(services: Any, revisions: Any, name: str, revision: str) -> list[str]:
     """Roll back: the service's traffic without the revision (the old one keeps 100%), then the revision itself, or
     the whole service when the revision was its only one. Returns what was removed."""
     from google.cloud import run_v2
     from google.protobuf import field_mask_pb2
 
-    services, revisions = _clients(deployment)
     service = get_service(services, name)
     if service is None:
         return []
@@ -247,7 +251,6 @@ def remove_run_services(
 
     services, revisions = services_client(api_endpoint), revisions_client(api_endpoint)
     removed: list[str] = []
-    deployment = {"api_endpoint": api_endpoint}
     for region in dict.fromkeys(regions):
         for service in services.list_services(parent=f"projects/{project}/locations/{region}"):
             if service.labels.get("vlp-deployment") != deployment_name:
@@ -259,7 +262,7 @@ def remove_run_services(
                 continue
             for revision in revisions.list_revisions(parent=service.name):
                 if revision.labels.get("vlp-run") == run_label:
-                    removed += remove_revision(deployment, service.name, revision.name.rsplit("/", 1)[1])
+                    removed += remove_revision(services, revisions, service.name, revision.name.rsplit("/", 1)[1])
     return removed
 
 
@@ -291,10 +294,20 @@ def unchanged_service(deployment: dict[str, Any]) -> str | None:
 def id_token_headers(audience: str) -> dict[str, str]:
     """An Authorization header with an ID token for the service: the step's account, from the metadata server (or
     a service-account key in GOOGLE_APPLICATION_CREDENTIALS), as google.oauth2.id_token.fetch_id_token finds it."""
+    import google.auth.exceptions
     import google.auth.transport.requests
     import google.oauth2.id_token
 
-    token = google.oauth2.id_token.fetch_id_token(google.auth.transport.requests.Request(), audience)
+    try:
+        token = google.oauth2.id_token.fetch_id_token(google.auth.transport.requests.Request(), audience)
+    except google.auth.exceptions.GoogleAuthError as exc:
+        from components.runtime import StepError
+
+        raise StepError(
+            f"cannot get an ID token for {audience} ({str(exc)[:200]}): a private Cloud Run service takes only ID "
+            "tokens, which a service account mints (the metadata server on Vertex AI, or a key file in "
+            "GOOGLE_APPLICATION_CREDENTIALS); user credentials from `gcloud auth application-default login` cannot"
+        ) from None
     return {"Authorization": f"Bearer {token}"}
 
 
@@ -348,13 +361,13 @@ def promote_service_op(deployment: dict, service: str, revision: str) -> None:
 
 def roll_back_service_op(deployment: dict, service: str, revision: str, reason: str) -> None:
     """Roll back after a failed smoke test: the old revision keeps its traffic, the new one is deleted."""
-    from components.cloud_run_service import remove_revision
+    from components.cloud_run_service import _clients, remove_revision
     from components.runtime import StepError, setup_logging
 
     log = setup_logging()
     if deployment["config"]["teardown"] == "never":
         log.warning("teardown: never — leaving revision %s in place (0%% traffic) for debugging", revision)
     else:
-        for name in remove_revision(deployment, service, revision):
+        for name in remove_revision(*_clients(deployment), service, revision):
             log.info("removed %s", name)
     raise StepError(f"smoke test failed, deployment rolled back: {reason}")

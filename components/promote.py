@@ -24,6 +24,14 @@ def split_with(new_id: str, percent: int, others: dict[str, int]) -> dict[str, i
     return split
 
 
+def step_pause(deployment: dict, pause_s: float | None = None) -> float:
+    """Seconds between canary steps: `pause_s` when given, else STEP_PAUSE_S, or 1 s on the local stack (the canary
+    logic is exercised, the minutes are not)."""
+    if pause_s is not None:
+        return pause_s
+    return 1.0 if deployment.get("api_endpoint", "").startswith("http://") else STEP_PAUSE_S
+
+
 def promote(
     deployment: dict, endpoint_resource: str, deployed_model_id: str, pause_s: float | None = None
 ) -> list[str]:
@@ -40,9 +48,7 @@ def promote(
     others = {k: v for k, v in endpoint.traffic_split.items() if k != deployed_model_id}
     # Typed: a KFP struct carries traffic_steps as floats, and a traffic split takes integers.
     steps = config_from_dict(deployment["config"], source="deployment['config']").endpoint.traffic_steps or [100]
-    pause = STEP_PAUSE_S if pause_s is None else pause_s
-    if deployment.get("api_endpoint", "").startswith("http://") and pause_s is None:
-        pause = 1.0  # local stack: the canary logic is exercised, the minutes are not
+    pause = step_pause(deployment, pause_s)
     for i, percent in enumerate(steps):
         split = split_with(deployed_model_id, percent, others)
         update = aiplatform_v1.Endpoint(name=endpoint_resource, traffic_split=split)
