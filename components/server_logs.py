@@ -93,7 +93,7 @@ _DEPLOY_HINTS = [
     ),
     (
         r"403|Permission denied|storage\.objects\.(get|list)",
-        "the endpoint's service account cannot read the weights "
+        "the serving account (the endpoint's, or the Cloud Run service's) cannot read the weights "
         "bucket: grant it roles/storage.objectViewer on the bucket",
     ),
     (r"No space left on device", "the replica's disk is too small for the weights: use a machine with more disk"),
@@ -107,43 +107,42 @@ _DEPLOY_HINTS = [
 ]
 
 
+def _failure_message(
+    head: str, logs_title: str, lines: list[str], error: str, hint: str, *extra: tuple[str, str]
+) -> str:
+    """The error, the server's last log lines, the likely fixes their text points to, and where to read more."""
+    text = "\n".join([error, *lines])
+    fixes = [fix for pattern, fix in (*_DEPLOY_HINTS, *extra) if re.search(pattern, text)]
+    parts = [f"{head} failed: {error}", logs_title, format_logs(lines)]
+    if fixes:
+        parts.append("Likely fix: " + "; ".join(dict.fromkeys(fixes)))
+    parts.append(hint)
+    return "\n".join(parts)
+
+
 def deploy_failure_message(
     project: str, region: str, endpoint_id: str, deployed_model_id: str, error: str, api_endpoint: str = ""
 ) -> str:
     """What a failed deploy says: the error, the model server's last log lines, a likely fix, where to read more."""
-    lines = server_log_tail(project, endpoint_id, deployed_model_id, api_endpoint)
-    text = "\n".join([error, *lines])
-    fixes = [fix for pattern, fix in _DEPLOY_HINTS if re.search(pattern, text)]
     who = f"deployed model {deployed_model_id} on " if deployed_model_id else ""
-    parts = [
-        f"Deploying to {who}endpoint projects/{project}/locations/{region}/endpoints/{endpoint_id} failed: {error}",
+    return _failure_message(
+        f"Deploying to {who}endpoint projects/{project}/locations/{region}/endpoints/{endpoint_id}",
         f"Last model server log lines ({ENDPOINT_RESOURCE_TYPE}, endpoint {endpoint_id}):",
-        format_logs(lines),
-    ]
-    if fixes:
-        parts.append("Likely fix: " + "; ".join(dict.fromkeys(fixes)))
-    parts.append(logs_hint(project, endpoint_id, deployed_model_id))
-    return "\n".join(parts)
+        server_log_tail(project, endpoint_id, deployed_model_id, api_endpoint),
+        error,
+        logs_hint(project, endpoint_id, deployed_model_id),
+    )
 
 
 def revision_failure_message(project: str, service_id: str, revision: str, error: str, api_endpoint: str = "") -> str:
     """What a failed Cloud Run deploy says: the error, the revision's last log lines, a likely fix, where to read
     more."""
     flt = revision_log_filter(service_id, revision)
-    lines = server_log_tail(project, "", api_endpoint=api_endpoint, flt=flt)
-    text = "\n".join([error, *lines])
-    fixes = [fix for pattern, fix in _DEPLOY_HINTS if re.search(pattern, text)]
-    if re.search(r"(?i)startup probe|timed out|not ready", text):
-        fixes.append("the model did not load in time: raise cloud_run.startup_timeout_s or read the log above")
-    parts = [
-        f"Deploying revision {revision} of Cloud Run service {service_id} failed: {error}",
+    return _failure_message(
+        f"Deploying revision {revision} of Cloud Run service {service_id}",
         f"Last log lines of revision {revision} ({RUN_RESOURCE_TYPE}):",
-        format_logs(lines),
-    ]
-    if fixes:
-        parts.append("Likely fix: " + "; ".join(dict.fromkeys(fixes)))
-    parts.append(logs_hint(project, "", flt=flt))
-    return "\n".join(parts)
-
-
-# ----------------------------------------------------------------------------- prompt
+        server_log_tail(project, "", api_endpoint=api_endpoint, flt=flt),
+        error,
+        logs_hint(project, "", flt=flt),
+        (r"(?i)startup probe|timed out|not ready", "the model did not load in time: raise cloud_run.startup_timeout_s"),
+    )
