@@ -354,6 +354,18 @@ def _usd(value: Any) -> str:
     return "" if value is None else ("inf" if value == math.inf else f"${value:,.2f}")
 
 
+def _svg_axes(width: int, height: int, pad: int, x_label: str, y_label: str) -> list[str]:
+    """An SVG's opening tag, its two axes and their labels: what every plot in the report starts with."""
+    return [
+        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' font-family='sans-serif' "
+        "font-size='11'>",
+        f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#444'/>",
+        f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{height - pad}' stroke='#444'/>",
+        f"<text x='{width / 2}' y='{height - 16}' text-anchor='middle'>{x_label}</text>",
+        f"<text x='16' y='{height / 2}' transform='rotate(-90 16 {height / 2})' text-anchor='middle'>{y_label}</text>",
+    ]
+
+
 def _svg_cost_plot(result: BenchmarkResult) -> str:
     """USD per 1M output tokens against concurrency: measured (blue) and the plan's estimate (grey)."""
     levels = [lv for lv in result.levels if lv.get("cost_per_million_output_tokens_usd") not in (None, math.inf)]
@@ -373,15 +385,7 @@ def _svg_cost_plot(result: BenchmarkResult) -> str:
     def sy(v: float) -> float:
         return height - pad - (height - 2 * pad) * v / y_max
 
-    parts = [
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' font-family='sans-serif' "
-        "font-size='11'>",
-        f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#444'/>",
-        f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{height - pad}' stroke='#444'/>",
-        f"<text x='{width / 2}' y='{height - 16}' text-anchor='middle'>concurrency</text>",
-        f"<text x='16' y='{height / 2}' transform='rotate(-90 16 {height / 2})' text-anchor='middle'>"
-        "USD per 1M output tokens</text>",
-    ]
+    parts = _svg_axes(width, height, pad, "concurrency", "USD per 1M output tokens")
     for i in range(5):
         yv = y_max * i / 4
         parts.append(f"<text x='{pad - 6}' y='{sy(yv) + 4:.1f}' text-anchor='end'>{yv:,.2f}</text>")
@@ -414,15 +418,7 @@ def _svg_plot(result: BenchmarkResult) -> str:
     def sy(v: float) -> float:
         return height - pad - (height - 2 * pad) * v / y_max
 
-    parts = [
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' font-family='sans-serif' "
-        "font-size='11'>",
-        f"<line x1='{pad}' y1='{height - pad}' x2='{width - pad}' y2='{height - pad}' stroke='#444'/>",
-        f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{height - pad}' stroke='#444'/>",
-        f"<text x='{width / 2}' y='{height - 16}' text-anchor='middle'>output tokens/s</text>",
-        f"<text x='16' y='{height / 2}' transform='rotate(-90 16 {height / 2})' text-anchor='middle'>"
-        "p95 time to first token (s)</text>",
-    ]
+    parts = _svg_axes(width, height, pad, "output tokens/s", "p95 time to first token (s)")
     for i in range(5):
         xv, yv = x_max * i / 4, y_max * i / 4
         parts.append(f"<text x='{sx(xv):.1f}' y='{height - pad + 14}' text-anchor='middle'>{xv:.1f}</text>")
