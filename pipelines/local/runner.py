@@ -301,14 +301,15 @@ def _service_summary(summary: dict[str, Any], cfg: DeploymentConfig, project: st
     from components.cloud_run_service import get_service
 
     summary["service"], summary["revisions"] = None, []
+    services, revisions = services_client(api), revisions_client(api)
     for region in cfg.placement.regions:
         name = f"projects/{project}/locations/{region}/services/{cfg.service_id}"
-        service = get_service(services_client(api), name)
+        service = get_service(services, name)
         if service is None:
             continue
         summary["service"] = name
         traffic = {t.revision: t for t in service.traffic_statuses}
-        for revision in revisions_client(api).list_revisions(parent=name):
+        for revision in revisions.list_revisions(parent=name):
             rev = revision.name.rsplit("/", 1)[1]
             target = traffic.get(rev)
             entry = {"name": rev, "traffic_percent": int(target.percent) if target else 0}
