@@ -16,17 +16,72 @@ def api_endpoint(explicit: str = "") -> str:
     return explicit or os.environ.get(API_ENDPOINT_ENV, "")
 
 
+api_endpoint_of = api_endpoint  # for functions whose own parameter is named api_endpoint
+
+
 def _is_local(endpoint: str) -> bool:
     return endpoint.startswith("http://")
 
 
 def credentials(endpoint: str = "") -> Any:
-    """Anonymous credentials for a plain-HTTP emulator, else Application Default Credentials (None)."""
+    """The step's own credentials: Application Default Credentials (None) on Google; against a plain-HTTP emulator,
+    compute credentials from the local metadata server (GCE_METADATA_HOST), as on a Vertex AI worker."""
     if _is_local(api_endpoint(endpoint)):
+        return local_credentials()
+    return None
+
+
+def local_credentials() -> Any:
+    """Compute Engine credentials from the metadata server GCE_METADATA_HOST names (the local stack's stand-in
+    answers for the account the process runs as). Without one, anonymous: the emulator then answers 401."""
+    host = sync_metadata_host()
+    if not host:
         from google.auth.credentials import AnonymousCredentials
 
         return AnonymousCredentials()
-    return None
+    from google.auth import compute_engine
+
+    return compute_engine.Credentials()
+
+
+def sync_metadata_host() -> str:
+    """google-auth reads GCE_METADATA_HOST once, at import; a local stack started later in the same process (the
+    CLI's own calls, tests) sets it afterwards, so the module's copy follows the environment here."""
+    host = os.environ.get("GCE_METADATA_HOST", "")
+    if host:
+        from google.auth.compute_engine import _metadata
+
+        if _metadata._GCE_METADATA_HOST != host:
+            _metadata._GCE_METADATA_HOST = host
+    return host
+
+
+def own_account(api_endpoint: str = "") -> str:
+    """The service account this step runs as, from the metadata server (Vertex AI's, or the local stand-in that
+    GCE_METADATA_HOST names); empty when there is none (a developer's own credentials)."""
+    import os
+
+    import requests
+
+    host = "http://metadata.google.internal"
+    if _is_local(api_endpoint_of(api_endpoint)):
+        host = "http://" + os.environ.get("GCE_METADATA_HOST", "metadata.google.internal")
+    try:
+        email = requests.get(
+            f"{host}/computeMetadata/v1/instance/service-accounts/default/email",
+            headers={"Metadata-Flavor": "Google"},
+            timeout=5,
+        ).text.strip()
+    except requests.RequestException:
+        return ""
+    return email if "@" in email else ""
+
+
+def serving_account(deployment: dict, cfg: Any) -> str:
+    """The account a deployed model (or a Cloud Run revision) runs as: the run's, the config's, else the step's own."""
+    return deployment.get("service_account") or cfg.placement.service_account or own_account(
+        deployment.get("api_endpoint", "")
+    )
 
 
 def regional_endpoint(region: str, endpoint: str = "") -> str:
@@ -71,11 +126,9 @@ def storage_client(project: str | None = None) -> Any:
 
     emulator = os.environ.get(STORAGE_ENDPOINT_ENV, "")
     if emulator:
-        from google.auth.credentials import AnonymousCredentials
-
         return storage.Client(
             project=project or "local",
-            credentials=AnonymousCredentials(),
+            credentials=local_credentials(),
             client_options={"api_endpoint": emulator},
         )
     return storage.Client(project=project)
@@ -122,7 +175,6 @@ def read_secret(project: str, secret: str, endpoint: str = "") -> str:
     import base64
 
     import google_crc32c
-    import requests
     from google.api_core import exceptions
 
     name = secret
@@ -132,7 +184,9 @@ def read_secret(project: str, secret: str, endpoint: str = "") -> str:
         name = f"{name}/versions/latest"
     host = api_endpoint(endpoint)
     if _is_local(host):
-        base, session = host.rstrip("/"), requests.Session()
+        from google.auth.transport.requests import AuthorizedSession
+
+        base, session = host.rstrip("/"), AuthorizedSession(local_credentials())
     else:
         import google.auth
         from google.auth.transport.requests import AuthorizedSession

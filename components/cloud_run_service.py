@@ -93,26 +93,12 @@ def grant_invoker(services: Any, name: str, member: str) -> None:
 
 
 def caller_member(api_endpoint: str) -> str:
-    """The IAM member the pipeline's steps call as: the step's service account (metadata server, or the emulator's
-    stand-in). Empty when it cannot be read (then only accounts already granted can call)."""
-    import requests
+    """The IAM member the pipeline's steps call as (empty when it cannot be read: then only accounts already
+    granted can call)."""
+    from components.clients import own_account
 
-    from components.prediction import is_local
-
-    host = "http://metadata.google.internal"
-    if is_local(api_endpoint):
-        import os
-
-        host = "http://" + os.environ.get("GCE_METADATA_HOST", "metadata.google.internal")
-    try:
-        email = requests.get(
-            f"{host}/computeMetadata/v1/instance/service-accounts/default/email",
-            headers={"Metadata-Flavor": "Google"},
-            timeout=5,
-        ).text.strip()
-    except requests.RequestException:
-        return ""
-    return f"serviceAccount:{email}" if "@" in email else ""
+    email = own_account(api_endpoint)
+    return f"serviceAccount:{email}" if email else ""
 
 
 def deploy_revision(deployment: dict[str, Any], weights_uri: str) -> DeployedRevision:
@@ -125,6 +111,11 @@ def deploy_revision(deployment: dict[str, Any], weights_uri: str) -> DeployedRev
     name = service_name(deployment)
     current = get_service(services, name)
     previous = pinned(current.traffic_statuses) if current is not None else []
+    if not cfg.cloud_run.service_account:
+        from components.clients import serving_account
+
+        # The revision runs as the pipeline's account unless the config names one (else the Compute Engine default).
+        deployment = {**deployment, "service_account": serving_account(deployment, cfg)}
     request = service_request(deployment, weights_uri, previous)
     deadline = cfg.cloud_run.startup_timeout_s + IMAGE_IMPORT_S
     what = f"revision {request.template.revision} of Cloud Run service {name}"
@@ -292,23 +283,74 @@ def unchanged_service(deployment: dict[str, Any]) -> str | None:
 
 
 def id_token_headers(audience: str) -> dict[str, str]:
-    """An Authorization header with an ID token for the service: the step's account, from the metadata server (or
-    a service-account key in GOOGLE_APPLICATION_CREDENTIALS), as google.oauth2.id_token.fetch_id_token finds it."""
+    """An Authorization header with an ID token for the service, minted for the step's own account.
+
+    Through IAM Credentials `generateIdToken` (the documented way for a service account to get an ID token, which
+    needs iam.serviceAccounts.getOpenIdToken on itself): no source says a Vertex AI worker's metadata server serves
+    `identity?audience=`. Without a metadata account (a developer's key file in GOOGLE_APPLICATION_CREDENTIALS),
+    google.oauth2.id_token.fetch_id_token."""
     import google.auth.exceptions
     import google.auth.transport.requests
     import google.oauth2.id_token
 
+    from components.clients import own_account
+    from components.runtime import StepError
+
+    account = own_account()
+    if account:
+        return {"Authorization": f"Bearer {_generate_id_token(account, audience)}"}
     try:
         token = google.oauth2.id_token.fetch_id_token(google.auth.transport.requests.Request(), audience)
     except google.auth.exceptions.GoogleAuthError as exc:
-        from components.runtime import StepError
-
         raise StepError(
             f"cannot get an ID token for {audience} ({str(exc)[:200]}): a private Cloud Run service takes only ID "
             "tokens, which a service account mints (the metadata server on Vertex AI, or a key file in "
             "GOOGLE_APPLICATION_CREDENTIALS); user credentials from `gcloud auth application-default login` cannot"
         ) from None
     return {"Authorization": f"Bearer {token}"}
+
+
+def _generate_id_token(account: str, audience: str) -> str:
+    """IAM Credentials projects.serviceAccounts.generateIdToken for `account`, called as the step itself."""
+    from google.auth.transport.requests import AuthorizedSession
+
+    from components.clients import api_endpoint, credentials
+    from components.prediction import is_local
+    from components.runtime import StepError
+
+    host = api_endpoint()
+    base = host.rstrip("/") if is_local(host) else "https://iamcredentials.googleapis.com"
+    creds = credentials(host)
+    if creds is None:
+        import google.auth
+
+        creds, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    response = AuthorizedSession(creds).post(
+        f"{base}/v1/projects/-/serviceAccounts/{account}:generateIdToken",
+        json={"audience": audience, "includeEmail": True},
+        timeout=30,
+    )
+    if response.status_code == 403:
+        raise StepError(
+            f"{account} may not mint an ID token for itself (IAM Credentials generateIdToken answered 403: "
+            f"{_error_message(response)}). The smoke test calls the private service with one: grant it "
+            "roles/iam.serviceAccountOpenIdTokenCreator on itself: gcloud iam service-accounts add-iam-policy-binding "
+            f"{account} --member serviceAccount:{account} --role roles/iam.serviceAccountOpenIdTokenCreator "
+            "(or run `vlp setup`)"
+        )
+    if response.status_code >= 400:
+        raise StepError(
+            f"IAM Credentials generateIdToken for {account} answered {response.status_code}: "
+            f"{_error_message(response)}"
+        )
+    return str(response.json()["token"])
+
+
+def _error_message(response: Any) -> str:
+    try:
+        return str(response.json()["error"]["message"])[:300]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:300]
 
 
 def id_token_session(audience: str) -> Any:

@@ -67,7 +67,7 @@ def redeploy_split(cfg: Any, current: dict[str, int]) -> dict[str, int]:
 def deploy_model(deployment: dict, model_resource: str) -> Deployed:
     """Deploy the model version; on an endpoint that already serves, the new one starts at 0% traffic
     (blue/green: the smoke test reaches it directly, and promote moves traffic only after it passes)."""
-    from components.clients import endpoint_client
+    from components.clients import endpoint_client, serving_account
     from components.config import config_from_dict
     from components.runtime import StepError
     from components.server_logs import deploy_failure_message
@@ -84,6 +84,10 @@ def deploy_model(deployment: dict, model_resource: str) -> Deployed:
             "(a dedicated endpoint is created), or set endpoint.redeploy_test: canary (and dedicated: false)"
         )
     previous = [dm.id for dm in current.deployed_models]
+    # The model server runs as the pipeline's account unless the config names one: without an account it would
+    # run as a Vertex-managed identity that reads only AIP_STORAGE_URI (Vertex AI docs, "Use a custom service
+    # account"), and vLLM downloads `--model=gs://...` itself.
+    deployment = {**deployment, "service_account": serving_account(deployment, cfg)}
     request = deploy_model_request(deployment, model_resource)
     request.endpoint = endpoint_resource
     request.traffic_split.clear()

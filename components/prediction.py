@@ -56,17 +56,18 @@ def _loopback_adapter(emulator_url: str) -> Any:
 
 
 def http_session(api_endpoint: str = "") -> Any:
-    """A requests session that authenticates as the Vertex SDK does (ADC), or anonymously for the emulator."""
-    import requests
+    """A requests session that authenticates as the Vertex SDK does (ADC), or, for the emulator, as the process's
+    account from the local metadata server."""
+    from google.auth.transport.requests import AuthorizedSession
 
     from components.clients import api_endpoint as resolve
+    from components.clients import local_credentials
 
     if is_local(api_endpoint):
-        session = requests.Session()
+        session = AuthorizedSession(local_credentials())
         session.mount("https://", _loopback_adapter(resolve(api_endpoint)))
         return session
     import google.auth
-    from google.auth.transport.requests import AuthorizedSession
 
     creds, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
     return AuthorizedSession(creds)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 DEFAULT_STATE_DIR = Path(".vlp") / "local"
 READY_LINE = re.compile(r"^READY (http://\S+)\s*$", re.MULTILINE)
@@ -396,7 +397,13 @@ class LocalStack:
 
     @property
     def storage_endpoint(self) -> str:
-        """GCS endpoint (fake-gcs-server), the value for STORAGE_EMULATOR_HOST."""
+        """Cloud Storage as the clients reach it, the value for STORAGE_EMULATOR_HOST: the emulator, which checks
+        IAM and forwards to fake-gcs-server (whose own address no client is given)."""
+        return self._require(self.emulator, "emulator").url
+
+    @property
+    def gcs_backend(self) -> str:
+        """fake-gcs-server itself, behind the emulator's IAM check (the stack's own plumbing only)."""
         return self._require(self.gcs, "fake GCS").url
 
     @property
@@ -404,8 +411,10 @@ class LocalStack:
         """Hub endpoint for HF_ENDPOINT: the emulator's /hf proxy to the mirror, where Hub faults are injected."""
         return self.api_endpoint + "/hf"
 
-    def env(self) -> dict[str, str]:
-        """Environment variables that point the google-cloud and huggingface_hub clients at this stack."""
+    def env(self, principal: str) -> dict[str, str]:
+        """Environment variables that point the google-cloud and huggingface_hub clients at this stack, calling as
+        `principal` (a service account's email): the metadata stand-in hands out its access and ID tokens."""
+        metadata = f"{self.api_endpoint.removeprefix('http://')}/_md/{principal}"
         return {
             "STORAGE_EMULATOR_HOST": self.storage_endpoint,
             "HF_ENDPOINT": self.hf_endpoint,
@@ -413,9 +422,55 @@ class LocalStack:
             "VLP_API_ENDPOINT": self.api_endpoint,
             # google-auth's metadata server (read at import): the emulator's stand-in issues the ID tokens a
             # private Cloud Run service takes (google.oauth2.id_token.fetch_id_token).
-            "GCE_METADATA_HOST": self.api_endpoint.removeprefix("http://"),
-            "GCE_METADATA_IP": self.api_endpoint.removeprefix("http://"),
+            "GCE_METADATA_HOST": metadata,
+            "GCE_METADATA_IP": metadata,
         }
+
+    def token(self, principal: str) -> str:
+        """An access token for `principal` (what its metadata server would hand it), for in-process clients."""
+        import json
+        import urllib.request
+
+        request = urllib.request.Request(
+            f"{self.api_endpoint}/_emulator/token",
+            data=json.dumps({"principal": principal}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())["token"]
+
+    def credentials(self, principal: str) -> Any:
+        """google-auth credentials that call as `principal`."""
+        from google.oauth2.credentials import Credentials
+
+        return Credentials(token=self.token(principal))
+
+    def bootstrap_owner(self, project: str, bucket: str = "") -> str:
+        """The project's creator: roles/owner on it, as a new project's creator has (runs `vlp setup` locally).
+        A local bucket already there (an earlier run's state) belongs to this project."""
+        import json
+        import urllib.request
+
+        if bucket:
+            request = urllib.request.Request(
+                f"{self.api_endpoint}/_emulator/iam",
+                data=json.dumps({"resource": f"buckets/{bucket}", "project_of_bucket": project}).encode(),
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
+            urllib.request.urlopen(request, timeout=10).close()
+        owner = f"vlp-admin@{project}.iam.gserviceaccount.com"
+        request = urllib.request.Request(
+            f"{self.api_endpoint}/_emulator/iam:grant",
+            data=json.dumps(
+                {"resource": f"projects/{project}", "role": "roles/owner", "member": f"serviceAccount:{owner}"}
+            ).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        urllib.request.urlopen(request, timeout=10).close()
+        return owner
 
     def log_paths(self) -> list[Path]:
         """Log files of the peers started so far."""

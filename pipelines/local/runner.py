@@ -344,6 +344,23 @@ def _smoke_outputs(pipeline_root: Path, run_dir: str) -> dict[str, Any]:
     return smoke
 
 
+def setup_local(
+    stack: Any, cfg: DeploymentConfig, *, project: str, bucket: str, region: str
+) -> tuple[str, str]:
+    """`vlp setup` on the local stack, as the project's owner; returns (the owner, the pipeline's service account)."""
+    from google.cloud import storage
+
+    from pipelines.local.emulator.iam import project_number
+    from pipelines.setup import apply, default_pipeline_account, plan_setup
+
+    owner = stack.bootstrap_owner(project, bucket)
+    credentials = stack.credentials(owner)
+    plan = plan_setup(cfg, project=project, bucket=bucket, region=region, project_number=project_number(project))
+    gcs = storage.Client(project=project, credentials=credentials, client_options={"api_endpoint": stack.storage_endpoint})
+    apply(plan, api_endpoint=stack.api_endpoint, credentials=credentials, storage_client=gcs, log=log.info)
+    return owner, cfg.placement.service_account or default_pipeline_account(project)
+
+
 def run_local(
     cfg: DeploymentConfig,
     *,
@@ -365,7 +382,6 @@ def run_local(
     from kfp import components as kfp_components
     from kfp import local
 
-    from components.clients import storage_client
     from pipelines.compile import compile_to_temp
     from pipelines.local import import_guard, kfp_fixes, step_records
     from pipelines.local.peers import LocalStack
@@ -383,7 +399,12 @@ def run_local(
         template = compile_to_temp(reuse=True)  # the same compiler as `vlp compile`: the run executes the spec
         pipeline = kfp_components.load_component_from_file(str(template))
         hub_mode = prepare_model(cfg, stack.mirrors_dir, model_dir)
-        os.environ.update(stack.env())
+        # Least privilege, as on Google: the project's owner runs `vlp setup` (the APIs, the bucket, the accounts and
+        # exactly the policy's grants), then every step runs as the pipeline's service account.
+        owner, pipeline_sa = setup_local(
+            stack, cfg, project=project, bucket=bucket, region=region or cfg.placement.regions[0]
+        )
+        os.environ.update(stack.env(pipeline_sa))
         # Each step imports only what its launcher installs on Vertex (pipelines/local/import_guard.py).
         os.environ.update(import_guard.guard_env(state_dir))
         records_dir = state_dir / "records" / str(time.time_ns())
@@ -395,9 +416,6 @@ def run_local(
             os.environ[KILL_STEP_ENV] = kill_step
         else:
             os.environ.pop(KILL_STEP_ENV, None)
-        gcs = storage_client(project)
-        if gcs.lookup_bucket(bucket) is None:
-            gcs.create_bucket(bucket)
         api = stack.api_endpoint
         requests.post(f"{api}/_emulator/calls:clear", timeout=10)
         pipeline_root = state_dir / "pipeline-root"
@@ -425,9 +443,15 @@ def run_local(
         run_dir = new_runs[-1] if new_runs else ""
         text = tee.buffer_text.getvalue()
         steps, error = steps_from_records(step_records.read_records(records_dir))
-        summary = build_summary(
-            cfg, label_value(run_dir), steps, error, api, _smoke_outputs(pipeline_root, run_dir), project
-        )
+        # The summary reads what the run left as the project's owner (the person who started the run).
+        os.environ.update(stack.env(owner))
+        try:
+            summary = build_summary(
+                cfg, label_value(run_dir), steps, error, api, _smoke_outputs(pipeline_root, run_dir), project
+            )
+        finally:
+            os.environ.clear()
+            os.environ.update(saved_env)
         _write_step_logs(summary, text, state_dir / "logs" / (run_dir or "run"))
         summary["removed_by_exit_handler"] = _exit_handler_removed(pipeline_root, run_dir)
         summary["run"] = run_dir

@@ -33,6 +33,7 @@ from google.protobuf import json_format
 
 from pipelines.local.emulator.core import _camel, _now, _pack_op, _paginate, _parse_request, _Route
 from pipelines.local.emulator.errors import ApiError
+from pipelines.local.emulator.iam import compute_default_account
 
 _RUN_LOC = r"/v2/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
 _SERVICE_ID = re.compile(r"^[a-z]([-a-z0-9]{0,47}[a-z0-9])?$")
@@ -475,7 +476,20 @@ class CloudRunService:
             "args": container.get("args") or [],
             "env": container.get("env") or [],
         }
-        self.serving.start(self._serving_id(revision["name"]), self._weights_of(revision), spec, self.deploy_timeout_s)
+        weights = self._weights_of(revision)
+        project = revision["name"].split("/")[1]
+        # The DLC's `gcloud storage cp` and the Cloud Storage volume both read as the revision's account.
+        account = revision.get("serviceAccount") or compute_default_account(project)
+        if not self.can_read_objects(account, weights):
+            raise ApiError(
+                "FAILED_PRECONDITION",
+                f"The user-provided container failed to start: it runs as {account}, which cannot read {weights}. "
+                f"Revision log: ERROR: (gcloud.storage.cp) [{account}] does not have permission to access b "
+                f"instance [{weights[5:].split('/', 1)[0]}] (or it may not exist): {account} does not have "
+                "storage.objects.list access to the Google Cloud Storage bucket. Fix: grant "
+                f"roles/storage.objectViewer on the bucket to serviceAccount:{account}.",
+            )
+        self.serving.start(self._serving_id(revision["name"]), weights, spec, self.deploy_timeout_s)
 
     # ------------------------------------------------------------------ invoking a service
 
@@ -500,16 +514,9 @@ class CloudRunService:
             if service is None:
                 return 404, b"Page not found", "text/html", {}
             email = self._run_caller(p.get("_authorization", ""))
-            members = {
-                m
-                for b in (self._run_policies.get(name) or {}).get("bindings") or []
-                if b.get("role") == "roles/run.invoker"
-                for m in b.get("members") or []
-            }
-            allowed = (
-                service.get("invokerIamDisabled")
-                or "allUsers" in members
-                or (email and ({f"serviceAccount:{email}", f"user:{email}", "allAuthenticatedUsers"} & members))
+            # run.routes.invoke on the service or its project (roles/run.invoker, run.developer, run.admin...).
+            allowed = service.get("invokerIamDisabled") or self.allowed(
+                email, "run.routes.invoke", [name, f"projects/{p['project']}"]
             )
             if not allowed:
                 return 403, b"Your client does not have permission to get URL from this server.", "text/html", {}
@@ -600,77 +607,18 @@ class CloudRunService:
             return self._json(self._run_policies.get(name) or {"etag": base64.b64encode(b"\0").decode()})
 
     def _set_run_policy(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
-        data = json.loads(body or b"{}")
-        policy = data.get("policy") or {}
+        policy = json.loads(body or b"{}").get("policy") or {}
         with self._lock:
             name, _ = self._run_service(p)
-            current = self._run_policies.get(name) or {"etag": base64.b64encode(b"\0").decode()}
-            if policy.get("etag") and policy["etag"] != current["etag"]:
-                raise ApiError("ABORTED", "There were concurrent policy changes: get the policy again and retry.")
-            stored = {
-                "version": policy.get("version", 1),
-                "bindings": policy.get("bindings") or [],
-                "etag": base64.b64encode(_now().encode()).decode(),
-            }
-            self._run_policies[name] = stored
-            self._save()
-            return self._json(stored)
+            return self._json(self.set_policy(name, policy))
 
     def _test_run_permissions(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         with self._lock:
             self._run_service(p)
+            name = f"projects/{p['project']}/locations/{p['location']}/services/{p['service']}"
         asked = json.loads(body or b"{}").get("permissions") or []
-        return self._json({"permissions": asked})  # the local caller holds every permission it asks about
-
-    # ------------------------------------------------------------------ metadata server (ID tokens)
-
-    # GCE_METADATA_HOST / GCE_METADATA_IP pointed here make google.oauth2.id_token.fetch_id_token work offline:
-    # google-auth pings "/" for the Metadata-Flavor header, then asks the identity endpoint for a token.
-    LOCAL_ACCOUNT = "vlp-local@local-project.iam.gserviceaccount.com"
-
-    def _metadata_answer(self, data: Any, ctype: str) -> Any:
-        body = data if isinstance(data, bytes) else json.dumps(data).encode()
-        return 200, body, ctype, {"Metadata-Flavor": "Google"}
-
-    def _metadata_ping(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
-        return self._metadata_answer(b"", "application/text")
-
-    def _metadata_account(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
-        info = {
-            "aliases": ["default"],
-            "email": self.LOCAL_ACCOUNT,
-            "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
-        }
-        return self._metadata_answer(info, "application/json")
-
-    def _metadata_email(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
-        return self._metadata_answer(self.LOCAL_ACCOUNT.encode(), "application/text")
-
-    def _metadata_identity(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
-        """An ID token for `audience`: a JWT whose claims are real and whose signature is not (the local
-        invoker check reads the email; nothing here verifies signatures)."""
-        import time
-
-        audience = (query.get("audience") or [""])[0]
-        if not audience:
-            raise ApiError("INVALID_ARGUMENT", "audience is required")
-        now = int(time.time())
-        claims = {
-            "aud": audience,
-            "azp": self.LOCAL_ACCOUNT,
-            "email": self.LOCAL_ACCOUNT,
-            "email_verified": True,
-            "exp": now + 3600,
-            "iat": now,
-            "iss": "https://accounts.google.com",
-            "sub": "100000000000000000001",
-        }
-
-        def part(data: dict[str, Any]) -> str:
-            return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
-
-        token = f"{part({'alg': 'RS256', 'typ': 'JWT', 'kid': 'local'})}.{part(claims)}.{part({'sig': 'local'})}"
-        return self._metadata_answer(token.encode(), "application/text")
+        scopes = [name, f"projects/{p['project']}"]
+        return self._json({"permissions": [x for x in asked if self.allowed(p["_principal"], x, scopes)]})
 
     def _cloud_run_routes(self) -> list[_Route]:
         svc = _RUN_LOC + r"/services/(?P<service>[^/:]+)"
@@ -696,9 +644,5 @@ class CloudRunService:
                 r"/_run/(?P<project>[^/]+)/(?P<location>[^/]+)/(?P<service>[^/]+)(?:/_tag/(?P<tag>[^/]+))?(?P<subpath>/.*)?",
                 self._invoke_run,
             ),
-            r("GET", r"/", self._metadata_ping),
-            r("GET", r"/computeMetadata/v1/instance/service-accounts/default/?", self._metadata_account),
-            r("GET", r"/computeMetadata/v1/instance/service-accounts/default/identity", self._metadata_identity),
-            r("GET", r"/computeMetadata/v1/instance/service-accounts/default/email", self._metadata_email),
             r("DELETE", svc + r"/revisions/(?P<revision>[^/:]+)", self._delete_run_revision),
         ]

@@ -213,6 +213,8 @@ class EndpointsService:
             "dm": dm,
             "split": split,
             "artifact_uri": _weights_source(version),
+            # Vertex copied artifactUri at upload (as its service agent) and serves it from AIP_STORAGE_URI.
+            "copied": bool(version.get("artifactUri")),
             "container_spec": version.get("containerSpec", {}),
             "meta": meta,
             "api": api,
@@ -224,6 +226,34 @@ class EndpointsService:
         worker.join(timeout=0.2)
         with self._lock:
             return self._json(self._public_op(self._operations[op_name.rsplit("/", 1)[1]]))
+
+    def _check_serving_reads(self, job: dict[str, Any]) -> None:
+        """The model server reads its weights as the deployed model's service account; without one, as a
+        Vertex-managed identity that "has permission to read model artifacts ... at AIP_STORAGE_URI. Do not rely on
+        the service account having any other permissions" (Vertex AI docs, "Use a custom service account")."""
+        uri = job["artifact_uri"]
+        if not uri.startswith("gs://"):
+            return
+        account = job["dm"].get("serviceAccount", "")
+        copied = job.get("copied", False)
+        if account and self.can_read_objects(account, uri):
+            return
+        if not account and copied:
+            return
+        who = account or "the Vertex-managed serving identity (no DeployedModel.service_account)"
+        fix = (
+            f"grant roles/storage.objectViewer on gs://{uri[5:].split('/', 1)[0]} to serviceAccount:{account}"
+            if account
+            else "deploy with a service account that can read the bucket (DeployedModel.service_account), or "
+            "upload the Model with artifactUri so Vertex copies the weights to AIP_STORAGE_URI"
+        )
+        raise ApiError(
+            "FAILED_PRECONDITION",
+            f"Model server never became ready: it runs as {who}, which cannot read {uri}.\n"
+            f"Model server log (last lines):\nERROR: 403 GET {uri}: {account or 'The caller'} does not have "
+            "storage.objects.list access to the Google Cloud Storage bucket. Permission 'storage.objects.list' "
+            f"denied on resource (or it may not exist).\nFix: {fix}.",
+        )
 
     def _run_deploy(self, job: dict[str, Any]) -> None:
         dm_id = job["dm"]["id"]
@@ -241,6 +271,7 @@ class EndpointsService:
                 waited = 2
                 self._stopping.wait(waited)
                 raise ApiError("DEADLINE_EXCEEDED", f"Deployment of {dm_id} timed out after {waited} s.")
+            self._check_serving_reads(job)
             try:
                 self.serving.start(dm_id, job["artifact_uri"], job["container_spec"], self.deploy_timeout_s)
                 started = True

@@ -17,16 +17,19 @@ _CODES: dict[str, tuple[int, int]] = {
     "UNIMPLEMENTED": (12, 501),
     "INTERNAL": (13, 500),
     "UNAVAILABLE": (14, 503),
+    "PERMISSION_DENIED": (7, 403),
+    "UNAUTHENTICATED": (16, 401),
 }
 
 
 class ApiError(Exception):
     """An error answered in Google's JSON error shape (and stored in failed operations)."""
 
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: str, message: str, details: list[dict] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.details = details or []
 
     @property
     def http_code(self) -> int:
@@ -37,4 +40,7 @@ class ApiError(Exception):
         return _CODES[self.status][0]
 
     def body(self) -> bytes:
-        return json.dumps({"error": {"code": self.http_code, "message": self.message, "status": self.status}}).encode()
+        error = {"code": self.http_code, "message": self.message, "status": self.status}
+        if self.details:
+            error["details"] = self.details
+        return json.dumps({"error": error}).encode()

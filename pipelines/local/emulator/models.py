@@ -26,6 +26,7 @@ from pipelines.local.emulator.core import (
     _to_dict,
 )
 from pipelines.local.emulator.errors import ApiError
+from pipelines.local.emulator.iam import vertex_service_agent
 
 
 class ModelsService:
@@ -131,6 +132,18 @@ class ModelsService:
                     "INTERNAL",
                     f"Upload of model {req.model.display_name!r} ({name}) failed: internal error "
                     "(injected fault upload-error).",
+                )
+                op = self._record_op(op_name, _pack_op(op_name, meta, error=err))
+                self._save()
+                return self._json(op)
+            agent = vertex_service_agent(p["project"])
+            if req.model.artifact_uri and not self.can_read_objects(agent, req.model.artifact_uri):
+                # Vertex copies artifactUri as its service agent while the upload runs; the operation fails.
+                err = ApiError(
+                    "FAILED_PRECONDITION",
+                    f"Vertex AI Service Agent {agent} does not have permission to read {req.model.artifact_uri}: "
+                    f"storage.objects.list and storage.objects.get are needed on the bucket. Grant "
+                    f"roles/storage.objectViewer on it to serviceAccount:{agent}.",
                 )
                 op = self._record_op(op_name, _pack_op(op_name, meta, error=err))
                 self._save()

@@ -29,14 +29,23 @@ from pipelines.local.emulator.core import (
 )
 from pipelines.local.emulator.endpoints import EndpointsService
 from pipelines.local.emulator.errors import _CODES, ApiError
+from pipelines.local.emulator.iam import IamService
 from pipelines.local.emulator.models import ModelsService
 from pipelines.local.emulator.operations import OperationsService
 from pipelines.local.emulator.pipeline_jobs import PipelineJobsService
 from pipelines.local.emulator.prediction import PredictionService
+from pipelines.local.emulator.storage_gate import GCS_PATH, StorageGate
 
 
 class Emulator(
-    ModelsService, EndpointsService, PredictionService, OperationsService, PipelineJobsService, CloudRunService
+    ModelsService,
+    EndpointsService,
+    PredictionService,
+    OperationsService,
+    PipelineJobsService,
+    CloudRunService,
+    IamService,
+    StorageGate,
 ):
     """The emulator: state, routes, and the HTTP server that serves them from a background thread."""
 
@@ -83,6 +92,12 @@ class Emulator(
         self._run_services: dict[str, dict[str, Any]] = {}
         self._run_revisions: dict[str, dict[str, Any]] = {}
         self._run_policies: dict[str, dict[str, Any]] = {}
+        # IAM (iam.py): policies on projects, buckets, secrets and service accounts; access tokens -> principals;
+        # APIs turned off per project.
+        self._iam_policies: dict[str, dict[str, Any]] = {}
+        self._tokens: dict[str, str] = {}
+        self._disabled_apis: dict[str, list[str]] = {}
+        self._upload_sessions: dict[str, str] = {}  # resumable upload id -> who started it (runtime only)
         # Runtime-only state.
         self._pending_deploys: dict[str, set[str]] = {}  # endpoint name -> deployed model ids being deployed
         self._serving_status: dict[str, str] = {}  # deployed model id -> "starting" | "ready" | failure text
@@ -153,6 +168,9 @@ class Emulator(
         self._run_services = data.get("runServices", {})
         self._run_revisions = data.get("runRevisions", {})
         self._run_policies = data.get("runPolicies", {})
+        self._iam_policies = data.get("iamPolicies", {})
+        self._tokens = data.get("tokens", {})
+        self._disabled_apis = data.get("disabledApis", {})
         self._multihost = data.get("multihost", {})
         self._logging_off = set(data.get("loggingOff", []))
         # Work that was in flight when the last run ended will never finish; say so instead of hanging pollers.
@@ -179,6 +197,9 @@ class Emulator(
             "runServices": self._run_services,
             "runRevisions": self._run_revisions,
             "runPolicies": self._run_policies,
+            "iamPolicies": self._iam_policies,
+            "tokens": self._tokens,
+            "disabledApis": self._disabled_apis,
             # v1beta1-only facts of deployed models, kept beside the v1 resources.
             "multihost": self._multihost,
             "loggingOff": sorted(self._logging_off),
@@ -232,7 +253,7 @@ class Emulator(
             return 200, json.dumps({"faults": sorted(self.faults)}).encode()
         if path == "/_emulator/state" and method == "GET":
             return 200, json.dumps(self.snapshot()).encode()
-        return None
+        return self._iam_control(method, path, body)
 
     # ------------------------------------------------------------------ dispatch
 
@@ -248,6 +269,10 @@ class Emulator(
         if not path.startswith("/_emulator/"):
             self.calls.append(f"{method} {path}")
         try:
+            # Who is calling, and may they (iam.py): Google answers 401 / 403 before anything else.
+            principal = self.authorize(method, path, query, body, headers)
+            if GCS_PATH.match(path):
+                return self.storage(method, raw_path, query, body, headers, principal)
             for route in self._routes:
                 if route.method != method:
                     continue
@@ -258,6 +283,7 @@ class Emulator(
                         **{k: v or "" for k, v in m.groupdict().items()},
                         "_host": (headers.get("Host") if headers is not None else "") or "",
                         "_authorization": (headers.get("Authorization") if headers is not None else "") or "",
+                        "_principal": principal,
                     }
                     return route.handler(params, query, body)
             answer = self._side_apis(method, raw_path, query, body, headers)
@@ -283,6 +309,7 @@ class Emulator(
     def _build_routes(self) -> list[_Route]:
         # Each service module declares its own routes; the first match answers, so the order is kept.
         return [
+            *self._iam_routes(),
             *self._model_routes(),
             *self._endpoint_routes(),
             *self._prediction_routes(),

@@ -1,0 +1,780 @@
+"""Who is calling, and may they: the emulator's principals, IAM policies and the check every API call goes through.
+
+- Principals: the metadata-server stand-in serves `/_md/EMAIL/computeMetadata/v1/...` (a step's GCE_METADATA_HOST
+  points there), so google-auth's compute credentials fetch an access token for that service account; every request
+  then carries `Authorization: Bearer TOKEN`, which the emulator maps back to the account. A call without a token
+  answers 401, as Google does.
+- Policies: on projects, buckets, secrets and service accounts (here), and on Cloud Run services (cloud_run.py keeps
+  those). A permission on a resource is held when a binding on the resource or on its project grants a role that
+  contains it.
+- Facts: which permission each REST method needs and which permissions each predefined role holds come from
+  components/contract/gcp-iam.json (scripts/iam_fixture.py, from iann0036/iam-dataset at a recorded commit).
+- Answers: 403 PERMISSION_DENIED "Permission 'P' denied on resource 'R' (or it may not exist)." with an ErrorInfo
+  (reason IAM_PERMISSION_DENIED), and 403 SERVICE_DISABLED for an API turned off in the project.
+Rules and sources: docs/vertex-contract.md section E.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import secrets
+import zlib
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pipelines.local.emulator.core import _now, _Route
+from pipelines.local.emulator.errors import ApiError
+
+FIXTURE = Path(__file__).resolve().parents[3] / "components" / "contract" / "gcp-iam.json"
+
+# The Google API each REST method family belongs to: what SERVICE_DISABLED names.
+API_OF = {
+    "aiplatform": "aiplatform.googleapis.com",
+    "run": "run.googleapis.com",
+    "secretmanager": "secretmanager.googleapis.com",
+    "cloudquotas": "cloudquotas.googleapis.com",
+    "logging": "logging.googleapis.com",
+    "iamcredentials": "iamcredentials.googleapis.com",
+    "iam": "iam.googleapis.com",
+    "cloudresourcemanager": "cloudresourcemanager.googleapis.com",
+    "serviceusage": "serviceusage.googleapis.com",
+    "storage": "storage.googleapis.com",
+}
+
+_V = r"/v1(?:beta1)?/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
+# The REST operations client tries its http_options in order, and the /ui/ ones come first.
+_VOPS = r"/(?:v1|v1beta1|ui)/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)(?:/[a-zA-Z]+/[^/:]+)*/operations"
+_ROPS = r"/v2/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/operations"
+_RUN = r"/v2/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/services"
+_SVC = _RUN + r"/(?P<service>[^/:]+)"
+_EP = _V + r"/endpoints/[^/:]+"
+_MODEL = _V + r"/models/[^/:]+"
+
+# (HTTP method, path, REST method id). The first match decides; every API route the emulator serves has one
+# (tests/test_iam.py), so nothing is reachable without a principal. Paths are matched decoded.
+METHOD_TABLE: list[tuple[str, str, str]] = [
+    ("POST", _V + r"/models:upload", "aiplatform.projects.locations.models.upload"),
+    ("GET", _V + r"/models", "aiplatform.projects.locations.models.list"),
+    ("GET", _MODEL + r":listVersions", "aiplatform.projects.locations.models.listVersions"),
+    ("GET", _MODEL, "aiplatform.projects.locations.models.get"),
+    ("PATCH", _MODEL, "aiplatform.projects.locations.models.patch"),
+    ("DELETE", _MODEL + r":deleteVersion", "aiplatform.projects.locations.models.deleteVersion"),
+    ("DELETE", _MODEL, "aiplatform.projects.locations.models.delete"),
+    ("POST", _MODEL + r":mergeVersionAliases", "aiplatform.projects.locations.models.mergeVersionAliases"),
+    ("POST", _V + r"/endpoints", "aiplatform.projects.locations.endpoints.create"),
+    ("GET", _V + r"/endpoints", "aiplatform.projects.locations.endpoints.list"),
+    ("GET", _EP, "aiplatform.projects.locations.endpoints.get"),
+    ("PATCH", _EP, "aiplatform.projects.locations.endpoints.patch"),
+    ("DELETE", _EP, "aiplatform.projects.locations.endpoints.delete"),
+    ("POST", _EP + r":deployModel", "aiplatform.projects.locations.endpoints.deployModel"),
+    ("POST", _EP + r":undeployModel", "aiplatform.projects.locations.endpoints.undeployModel"),
+    ("POST", _EP + r":mutateDeployedModel", "aiplatform.projects.locations.endpoints.mutateDeployedModel"),
+    ("POST", _EP + r":predict", "aiplatform.projects.locations.endpoints.predict"),
+    ("POST", _EP + r":rawPredict", "aiplatform.projects.locations.endpoints.rawPredict"),
+    (
+        "POST",
+        _EP + r"/deployedModels/[^/:]+[:/]invoke(?:/.*)?",
+        "aiplatform.projects.locations.endpoints.deployedModels.invoke.invoke",
+    ),
+    ("POST", _EP + r"[:/]invoke(?:/.*)?", "aiplatform.projects.locations.endpoints.invoke.invoke"),
+    ("POST", _EP + r"/chat/completions", "aiplatform.projects.locations.endpoints.chat.completions"),
+    ("GET", _ROPS + r"/[^/:]+", "run.projects.locations.operations.get"),
+    ("POST", _ROPS + r"/[^/:]+:wait", "run.projects.locations.operations.wait"),
+    ("DELETE", _ROPS + r"/[^/:]+", "run.projects.locations.operations.delete"),
+    ("GET", _ROPS, "run.projects.locations.operations.list"),
+    ("GET", _VOPS + r"/[^/:]+", "aiplatform.projects.locations.operations.get"),
+    ("POST", _VOPS + r"/[^/:]+:wait", "aiplatform.projects.locations.operations.wait"),
+    ("POST", _VOPS + r"/[^/:]+:cancel", "aiplatform.projects.locations.operations.cancel"),
+    ("DELETE", _VOPS + r"/[^/:]+", "aiplatform.projects.locations.operations.delete"),
+    ("GET", _VOPS, "aiplatform.projects.locations.operations.list"),
+    ("POST", _V + r"/pipelineJobs", "aiplatform.projects.locations.pipelineJobs.create"),
+    ("GET", _V + r"/pipelineJobs", "aiplatform.projects.locations.pipelineJobs.list"),
+    ("GET", _V + r"/pipelineJobs/[^/:]+", "aiplatform.projects.locations.pipelineJobs.get"),
+    ("POST", _V + r"/pipelineJobs/[^/:]+:cancel", "aiplatform.projects.locations.pipelineJobs.cancel"),
+    ("DELETE", _V + r"/pipelineJobs/[^/:]+", "aiplatform.projects.locations.pipelineJobs.delete"),
+    ("POST", _V + r"/schedules", "aiplatform.projects.locations.schedules.create"),
+    ("GET", _V + r"/schedules", "aiplatform.projects.locations.schedules.list"),
+    ("GET", _V + r"/schedules/[^/:]+", "aiplatform.projects.locations.schedules.get"),
+    ("PATCH", _V + r"/schedules/[^/:]+", "aiplatform.projects.locations.schedules.patch"),
+    ("POST", _V + r"/schedules/[^/:]+:pause", "aiplatform.projects.locations.schedules.pause"),
+    ("POST", _V + r"/schedules/[^/:]+:resume", "aiplatform.projects.locations.schedules.resume"),
+    ("DELETE", _V + r"/schedules/[^/:]+", "aiplatform.projects.locations.schedules.delete"),
+    ("POST", _RUN, "run.projects.locations.services.create"),
+    ("GET", _RUN, "run.projects.locations.services.list"),
+    ("GET", _SVC + r":getIamPolicy", "run.projects.locations.services.getIamPolicy"),
+    ("POST", _SVC + r":setIamPolicy", "run.projects.locations.services.setIamPolicy"),
+    ("POST", _SVC + r":testIamPermissions", "run.projects.locations.services.testIamPermissions"),
+    ("GET", _SVC + r"/revisions", "run.projects.locations.services.revisions.list"),
+    ("GET", _SVC + r"/revisions/[^/:]+", "run.projects.locations.services.revisions.get"),
+    ("DELETE", _SVC + r"/revisions/[^/:]+", "run.projects.locations.services.revisions.delete"),
+    ("GET", _SVC, "run.projects.locations.services.get"),
+    ("PATCH", _SVC, "run.projects.locations.services.patch"),
+    ("DELETE", _SVC, "run.projects.locations.services.delete"),
+    (
+        "GET",
+        r"/v1/projects/(?P<project>[^/]+)/(?:locations/[^/]+/)?secrets/(?P<secret>[^/:]+)/versions/[^/:]+:access",
+        "secretmanager.projects.secrets.versions.access",
+    ),
+    (
+        "(?:GET|POST)",
+        r"/v1/projects/(?P<project>[^/]+)/secrets/(?P<secret>[^/:]+):getIamPolicy",
+        "secretmanager.projects.secrets.getIamPolicy",
+    ),
+    (
+        "POST",
+        r"/v1/projects/(?P<project>[^/]+)/secrets/(?P<secret>[^/:]+):setIamPolicy",
+        "secretmanager.projects.secrets.setIamPolicy",
+    ),
+    (
+        "GET",
+        r"/v1/projects/(?P<project>[^/]+)/locations/[^/]+/services/[^/]+/quotaInfos/[^/]+",
+        "cloudquotas.projects.locations.services.quotaInfos.get",
+    ),
+    (
+        "GET",
+        r"/v1/projects/(?P<project>[^/]+)/locations/[^/]+/services/[^/]+/quotaInfos",
+        "cloudquotas.projects.locations.services.quotaInfos.list",
+    ),
+    ("POST", r"/v2/entries:list", "logging.entries.list"),
+    (
+        "POST",
+        r"/v1/projects/[^/]+/serviceAccounts/(?P<account>[^/:]+):generateIdToken",
+        "iamcredentials.projects.serviceAccounts.generateIdToken",
+    ),
+    (
+        "POST",
+        r"/v1/projects/[^/]+/serviceAccounts/(?P<account>[^/:]+):generateAccessToken",
+        "iamcredentials.projects.serviceAccounts.generateAccessToken",
+    ),
+    (
+        "POST",
+        r"/v1/projects/[^/]+/serviceAccounts/(?P<account>[^/:]+):getIamPolicy",
+        "iam.projects.serviceAccounts.getIamPolicy",
+    ),
+    (
+        "POST",
+        r"/v1/projects/[^/]+/serviceAccounts/(?P<account>[^/:]+):setIamPolicy",
+        "iam.projects.serviceAccounts.setIamPolicy",
+    ),
+    # Cloud Storage JSON API (storage_gate.py forwards to fake-gcs-server once the check passes).
+    ("GET", r"/storage/v1/b", "storage.buckets.list"),
+    ("POST", r"/storage/v1/b", "storage.buckets.insert"),
+    ("GET", r"/storage/v1/b/(?P<bucket>[^/]+)/iam/testPermissions", "storage.buckets.testIamPermissions"),
+    ("GET", r"/storage/v1/b/(?P<bucket>[^/]+)/iam", "storage.buckets.getIamPolicy"),
+    ("PUT", r"/storage/v1/b/(?P<bucket>[^/]+)/iam", "storage.buckets.setIamPolicy"),
+    ("GET", r"/storage/v1/b/(?P<bucket>[^/]+)", "storage.buckets.get"),
+    ("GET", r"/storage/v1/b/(?P<bucket>[^/]+)/o", "storage.objects.list"),
+    ("GET", r"/(?:download/)?storage/v1/b/(?P<bucket>[^/]+)/o/(?P<object>.+)", "storage.objects.get"),
+    ("POST", r"/upload/storage/v1/b/(?P<bucket>[^/]+)/o", "storage.objects.insert"),
+    ("(?:PUT|DELETE)", r"/upload/storage/v1/b/(?P<bucket>[^/]+)/o", "storage.objects.insert"),
+    ("POST", r"/storage/v1/b/(?P<bucket>[^/]+)/o/(?P<object>.+)/compose", "storage.objects.compose"),
+    ("PATCH", r"/storage/v1/b/(?P<bucket>[^/]+)/o/(?P<object>.+)", "storage.objects.patch"),
+    ("DELETE", r"/storage/v1/b/(?P<bucket>[^/]+)/o/(?P<object>.+)", "storage.objects.delete"),
+    ("POST", r"/v1/projects/(?P<project>[^/]+)/serviceAccounts", "iam.projects.serviceAccounts.create"),
+    ("GET", r"/v1/projects/(?P<project>[^/:]+)", "cloudresourcemanager.projects.get"),
+    ("POST", r"/v1/projects/(?P<project>[^/:]+):getIamPolicy", "cloudresourcemanager.projects.getIamPolicy"),
+    ("POST", r"/v1/projects/(?P<project>[^/:]+):setIamPolicy", "cloudresourcemanager.projects.setIamPolicy"),
+    ("POST", r"/v1/projects/(?P<project>[^/]+)/services/[^/:]+:enable", "serviceusage.services.enable"),
+    ("GET", r"/v1/projects/(?P<project>[^/]+)/services/[^/:]+", "serviceusage.services.get"),
+]
+_COMPILED = [(re.compile("^" + m + "$"), re.compile("^" + p + "$"), mid) for m, p, mid in METHOD_TABLE]
+
+# Paths that are not Google APIs: the metadata server (reachable only from inside the machine on Google), the
+# emulator's own test plumbing, the Hub gate, and Cloud Run service URLs (checked with the ID token: cloud_run.py).
+_UNCHECKED = re.compile(r"^(?:/_md/.*|/_emulator/.*|/healthz|/hf(?:/.*)?|/_run/.*)$")
+
+
+@cache
+def fixture() -> dict[str, Any]:
+    """The role/permission facts (components/contract/gcp-iam.json)."""
+    return json.loads(FIXTURE.read_text())
+
+
+def permissions_of(method_id: str) -> list[str]:
+    """The permissions a REST method needs."""
+    return list(fixture()["methods"][method_id]["permissions"])
+
+
+def role_permissions(role: str) -> set[str]:
+    """The permissions a predefined role holds (of those the fixture tracks); an unknown role holds none."""
+    return set(fixture()["roles"].get(role, []))
+
+
+def method_of(http_method: str, path: str) -> tuple[str, dict[str, str]] | None:
+    """The REST method id a request calls and its path parameters, or None for a path that is not a Google API."""
+    for method, regex, method_id in _COMPILED:
+        if method.match(http_method):
+            match = regex.match(path)
+            if match:
+                return method_id, {k: v for k, v in match.groupdict().items() if v}
+    return None
+
+
+def project_number(project: str) -> str:
+    """A stable 12-digit project number for a local project id (Google assigns one per project)."""
+    return str(100_000_000_000 + zlib.crc32(project.encode()) % 900_000_000_000)
+
+
+def vertex_service_agent(project: str) -> str:
+    """The Vertex AI Service Agent: copies a Model's artifactUri at upload, resolves template tags."""
+    return f"service-{project_number(project)}@gcp-sa-aiplatform.iam.gserviceaccount.com"
+
+
+def custom_code_service_agent(project: str) -> str:
+    """The Vertex AI Custom Code Service Agent: runs a custom job that names no service account."""
+    return f"service-{project_number(project)}@gcp-sa-aiplatform-cc.iam.gserviceaccount.com"
+
+
+def compute_default_account(project: str) -> str:
+    """The Compute Engine default service account: a Cloud Run revision's identity when it names none."""
+    return f"{project_number(project)}-compute@developer.gserviceaccount.com"
+
+
+def member(principal: str) -> str:
+    """The IAM member string of a principal's email."""
+    return f"serviceAccount:{principal}" if principal.endswith("gserviceaccount.com") else f"user:{principal}"
+
+
+def denied(permission: str, resource: str, domain: str = "") -> ApiError:
+    """Google's 403 for a missing permission (the resource may also not exist: Google does not say which)."""
+    return ApiError(
+        "PERMISSION_DENIED",
+        f"Permission '{permission}' denied on resource '{resource}' (or it may not exist).",
+        details=[
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "IAM_PERMISSION_DENIED",
+                "domain": domain or "iam.googleapis.com",
+                "metadata": {"permission": permission, "resource": resource},
+            }
+        ],
+    )
+
+
+class IamService:
+    """Principals, policies and the per-call check; mixed into the Emulator (server.py)."""
+
+    _lock: Any
+    _run_policies: dict[str, dict[str, Any]]
+    _iam_policies: dict[str, dict[str, Any]]
+    _tokens: dict[str, str]
+    _disabled_apis: dict[str, list[str]]
+    _upload_sessions: dict[str, str]
+
+    # ------------------------------------------------------------------ principals
+
+    def token_for(self, principal: str) -> str:
+        """An access token for `principal` (what the metadata server hands a process running as it)."""
+        with self._lock:
+            for token, who in self._tokens.items():
+                if who == principal:
+                    return token
+            token = "ya29.local-" + secrets.token_urlsafe(24)
+            self._tokens[token] = principal
+            self._save()
+            return token
+
+    def principal_of(self, authorization: str) -> str:
+        """The principal a request's Authorization header names; 401 when it names none, as Google answers."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(
+                "UNAUTHENTICATED",
+                "Request is missing required authentication credential. Expected OAuth 2 access token, login cookie "
+                "or other valid authentication credential.",
+            )
+        principal = self._tokens.get(token.strip())
+        if principal is None:
+            raise ApiError(
+                "UNAUTHENTICATED",
+                "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or "
+                "other valid authentication credential.",
+            )
+        return principal
+
+    # ------------------------------------------------------------------ policies
+
+    def policy_of(self, resource: str) -> dict[str, Any]:
+        """The IAM policy on a resource: projects/P, buckets/B, projects/P/secrets/S, projects/P/serviceAccounts/E,
+        or a Cloud Run service's full name."""
+        with self._lock:
+            store = self._run_policies if "/services/" in resource else self._iam_policies
+            return store.get(resource) or {"version": 1, "bindings": [], "etag": base64.b64encode(b"\0").decode()}
+
+    def set_policy(self, resource: str, policy: dict[str, Any], *, check_etag: bool = True) -> dict[str, Any]:
+        """Replace a resource's policy (etag checked as setIamPolicy does); roles the fixture does not know are
+        refused, since the emulator could not say what they grant."""
+        with self._lock:
+            current = self.policy_of(resource)
+            if check_etag and policy.get("etag") and policy["etag"] != current["etag"]:
+                raise ApiError("ABORTED", "There were concurrent policy changes: get the policy again and retry.")
+            for binding in policy.get("bindings") or []:
+                if binding.get("role") not in fixture()["roles"]:
+                    raise ApiError(
+                        "INVALID_ARGUMENT",
+                        f"Role {binding.get('role')} is not known to the local emulator (components/contract/"
+                        "gcp-iam.json): add it to scripts/iam_fixture.py ROLES and regenerate the fixture.",
+                    )
+            stored = {
+                "version": policy.get("version", 1),
+                "bindings": [
+                    {"role": b["role"], "members": sorted(set(b.get("members") or []))}
+                    for b in policy.get("bindings") or []
+                    if b.get("members")
+                ],
+                "etag": base64.b64encode(_now().encode()).decode(),
+            }
+            store = self._run_policies if "/services/" in resource else self._iam_policies
+            # Facts kept beside a policy (a bucket's project) outlive its replacement.
+            stored.update({k: v for k, v in (store.get(resource) or {}).items() if k.startswith("_")})
+            store[resource] = stored
+            self._save()
+            return stored
+
+    def grant(self, resource: str, role: str, principal_member: str) -> None:
+        """Add one binding (what `gcloud ... add-iam-policy-binding` does)."""
+        with self._lock:
+            policy = self.policy_of(resource)
+            bindings = [dict(b) for b in policy.get("bindings") or []]
+            for b in bindings:
+                if b["role"] == role:
+                    b["members"] = sorted(set(b["members"]) | {principal_member})
+                    break
+            else:
+                bindings.append({"role": role, "members": [principal_member]})
+            self.set_policy(resource, {"bindings": bindings}, check_etag=False)
+
+    def allowed(self, principal: str, permission: str, resources: list[str]) -> bool:
+        """Whether a binding on any of `resources` (the resource, then its project) grants `permission`."""
+        members = {"allUsers"} | ({member(principal), "allAuthenticatedUsers"} if principal else set())
+        with self._lock:
+            for resource in resources:
+                for b in self.policy_of(resource).get("bindings") or []:
+                    if permission not in role_permissions(b["role"]):
+                        continue
+                    granted = set(b.get("members") or [])
+                    if members & granted or any(self._convenience(principal, m) for m in granted):
+                        return True
+        return False
+
+    def _convenience(self, principal: str, value: str) -> bool:
+        """A bucket's convenience members (projectOwner:P, projectEditor:P, projectViewer:P): whoever holds that
+        basic role on the project (Cloud Storage docs, "IAM roles for Cloud Storage", convenience values)."""
+        kind, _, project = value.partition(":")
+        role = {"projectOwner": "roles/owner", "projectEditor": "roles/editor", "projectViewer": "roles/viewer"}.get(kind)
+        if not role or not principal:
+            return False
+        return any(
+            b["role"] == role and member(principal) in (b.get("members") or [])
+            for b in self.policy_of(f"projects/{project}").get("bindings") or []
+        )
+
+    def record_bucket(self, bucket: str, project: str) -> None:
+        """A bucket belongs to `project`; a new one gets Cloud Storage's default policy: the project's owners and
+        editors own it and its objects, its viewers read them (Cloud Storage docs, "IAM roles for Cloud Storage":
+        the convenience values a new bucket's policy grants)."""
+        resource = f"buckets/{bucket}"
+        with self._lock:
+            entry = self._iam_policies.setdefault(resource, dict(self.policy_of(resource)))
+            entry["_project"] = project
+            if not entry.get("bindings"):
+                owners = [f"projectEditor:{project}", f"projectOwner:{project}"]
+                entry["bindings"] = [
+                    {"role": "roles/storage.legacyBucketOwner", "members": owners},
+                    {"role": "roles/storage.legacyBucketReader", "members": [f"projectViewer:{project}"]},
+                    {"role": "roles/storage.legacyObjectOwner", "members": owners},
+                    {"role": "roles/storage.legacyObjectReader", "members": [f"projectViewer:{project}"]},
+                ]
+            self._save()
+
+    def bucket_project(self, bucket: str) -> str:
+        """The project a bucket belongs to (recorded when it was created through the storage API)."""
+        with self._lock:
+            return self._iam_policies.get(f"buckets/{bucket}", {}).get("_project", "")
+
+    def can_read_objects(self, principal: str, uri: str) -> bool:
+        """Whether `principal` may list and read the objects under a gs:// URI (what a serving container does)."""
+        bucket = uri[5:].split("/", 1)[0]
+        project = self.bucket_project(bucket)
+        scopes = [f"buckets/{bucket}"] + ([f"projects/{project}"] if project else [])
+        return all(self.allowed(principal, p, scopes) for p in ("storage.objects.get", "storage.objects.list"))
+
+    # ------------------------------------------------------------------ the check
+
+    def authorize(self, http_method: str, path: str, query: dict[str, list[str]], body: bytes, headers: Any) -> str:
+        """The caller of an API request, once it may make it; raises Google's 401 / 403 otherwise. Returns "" for
+        paths that are not Google APIs (the metadata server, test plumbing)."""
+        if _UNCHECKED.match(path):
+            return ""
+        found = method_of(http_method, path)
+        authorization = (headers.get("Authorization") if headers is not None else "") or ""
+        if found is not None and found[0].startswith("storage."):
+            return self._authorize_storage(found[0], found[1], query, authorization)
+        principal = self.principal_of(authorization)
+        if found is None:
+            return principal  # the route table answers 404 for what the emulator does not serve
+        method_id, params = found
+        api = API_OF[method_id.split(".", 1)[0]]
+        project = params.get("project", "")
+        if project and project != "-" and api in self._disabled_apis.get(project, []):
+            raise ApiError(
+                "PERMISSION_DENIED",
+                f"{_api_title(api)} has not been used in project {project_number(project)} before or it is disabled. "
+                f"Enable it by visiting https://console.developers.google.com/apis/api/{api}/overview?project="
+                f"{project_number(project)} then retry.",
+                details=[
+                    {
+                        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                        "reason": "SERVICE_DISABLED",
+                        "domain": "googleapis.com",
+                        "metadata": {"service": api, "consumer": f"projects/{project_number(project)}"},
+                    }
+                ],
+            )
+        resource, scopes = _resource_of(path, params, api)
+        for permission in permissions_of(method_id):
+            if not self.allowed(principal, permission, scopes):
+                raise denied(permission, resource, api)
+        mask = ",".join(query.get("updateMask") or query.get("update_mask") or [])
+        if mask and not any(path.strip().startswith("template") for path in mask.split(",")):
+            return principal  # an update that leaves the template alone creates no revision: no one runs as anyone
+        for account in _acts_as(method_id, body, project):
+            self.check_act_as(principal, account)
+        return principal
+
+    def _authorize_storage(
+        self, method_id: str, params: dict[str, str], query: dict[str, list[str]], authorization: str
+    ) -> str:
+        """Cloud Storage's check: the bucket's policy, then its project's; GCS words its denials its own way."""
+        from pipelines.local.emulator.storage_gate import storage_denied
+
+        try:
+            principal = self.principal_of(authorization)
+        except ApiError:
+            principal = ""
+        upload_id = (query.get("upload_id") or [""])[0]
+        if upload_id:
+            # "The session URI acts as an authentication token" (Cloud Storage docs, resumable uploads): the check
+            # happened when the session started.
+            with self._lock:
+                starter = self._upload_sessions.get(upload_id)
+            if starter is None:
+                raise ApiError("NOT_FOUND", f"No such upload session: {upload_id}.")
+            return starter
+        bucket = params.get("bucket", "")
+        project = (query.get("project") or [""])[0] if not bucket else self.bucket_project(bucket)
+        scopes = ([f"buckets/{bucket}"] if bucket else []) + ([f"projects/{project}"] if project else [])
+        what = "object" if params.get("object") or ".objects." in method_id else "bucket"
+        if bucket and principal and not self.bucket_exists(bucket):
+            return principal  # Cloud Storage answers 404 for a bucket that does not exist (fake-gcs-server does)
+        if not principal and permissions_of(method_id):
+            raise storage_denied("", permissions_of(method_id)[0], what)
+        for permission in permissions_of(method_id):
+            if not self.allowed(principal, permission, scopes):
+                raise storage_denied(principal, permission, what)
+        return principal
+
+    def check_act_as(self, principal: str, account: str) -> None:
+        """iam.serviceAccounts.actAs on `account`: needed to make anything run as another identity. Asked even when
+        the account is the caller's own (strict: no source says Google waives it; docs/vertex-contract.md E4)."""
+        project = _account_project(account)
+        scopes = [f"projects/{project}/serviceAccounts/{account}"] + ([f"projects/{project}"] if project else [])
+        if not self.allowed(principal, "iam.serviceAccounts.actAs", scopes):
+            raise ApiError(
+                "PERMISSION_DENIED",
+                f"Permission 'iam.serviceAccounts.actAs' denied on service account {account} (or it may not exist).",
+                details=[
+                    {
+                        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                        "reason": "IAM_PERMISSION_DENIED",
+                        "domain": "iam.googleapis.com",
+                        "metadata": {
+                            "permission": "iam.serviceAccounts.actAs",
+                            "resource": f"projects/-/serviceAccounts/{account}",
+                        },
+                    }
+                ],
+            )
+
+    # ------------------------------------------------------------------ routes
+
+    def _md_answer(self, data: Any, ctype: str) -> Any:
+        body = data if isinstance(data, bytes) else json.dumps(data).encode()
+        return 200, body, ctype, {"Metadata-Flavor": "Google"}
+
+    def _md_ping(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        return self._md_answer(b"", "application/text")
+
+    def _md_account(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        info = {
+            "aliases": ["default"],
+            "email": p["principal"],
+            "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
+        }
+        return self._md_answer(info, "application/json")
+
+    def _md_email(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        return self._md_answer(p["principal"].encode(), "application/text")
+
+    def _md_token(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        answer = {"access_token": self.token_for(p["principal"]), "expires_in": 3599, "token_type": "Bearer"}
+        return self._md_answer(answer, "application/json")
+
+    def _md_identity(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        audience = (query.get("audience") or [""])[0]
+        if not audience:
+            raise ApiError("INVALID_ARGUMENT", "audience is required")
+        return self._md_answer(id_token(p["principal"], audience).encode(), "application/text")
+
+    def _project_policy_get(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        return 200, json.dumps(_public(self.policy_of(f"projects/{p['project']}"))).encode(), "application/json", {}
+
+    def _project_policy_set(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        policy = (json.loads(body or b"{}").get("policy")) or {}
+        stored = self.set_policy(f"projects/{p['project']}", policy)
+        return 200, json.dumps(_public(stored)).encode(), "application/json", {}
+
+    def _project_get(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        project = p["project"]
+        answer = {"projectId": project, "projectNumber": project_number(project), "lifecycleState": "ACTIVE"}
+        return 200, json.dumps(answer).encode(), "application/json", {}
+
+    def _account_policy_get(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        resource = f"projects/{_account_project(p['account'])}/serviceAccounts/{p['account']}"
+        return 200, json.dumps(_public(self.policy_of(resource))).encode(), "application/json", {}
+
+    def _account_policy_set(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        resource = f"projects/{_account_project(p['account'])}/serviceAccounts/{p['account']}"
+        stored = self.set_policy(resource, (json.loads(body or b"{}").get("policy")) or {})
+        return 200, json.dumps(_public(stored)).encode(), "application/json", {}
+
+    def _generate_id_token(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        """IAM Credentials generateIdToken: an ID token for a service account, asked by a caller that holds
+        iam.serviceAccounts.getOpenIdToken on it (checked in authorize through the account's policy)."""
+        audience = json.loads(body or b"{}").get("audience") or ""
+        if not audience:
+            raise ApiError("INVALID_ARGUMENT", "audience is required.")
+        return 200, json.dumps({"token": id_token(p["account"], audience)}).encode(), "application/json", {}
+
+    def _enable_service(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        with self._lock:
+            disabled = self._disabled_apis.get(p["project"], [])
+            if p["service"] in disabled:
+                disabled.remove(p["service"])
+            self._save()
+        done = {"name": "operations/noop.DONE_OPERATION", "done": True}
+        return 200, json.dumps(done).encode(), "application/json", {}
+
+    def _get_service_state(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        state = "DISABLED" if p["service"] in self._disabled_apis.get(p["project"], []) else "ENABLED"
+        answer = {"name": f"projects/{project_number(p['project'])}/services/{p['service']}", "state": state}
+        return 200, json.dumps(answer).encode(), "application/json", {}
+
+    def _create_account(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        """IAM projects.serviceAccounts.create: the emulator keeps no account list (any email can be a principal),
+        so this answers what Google would, 409 included for an account created before."""
+        account_id = json.loads(body or b"{}").get("accountId", "")
+        if not re.fullmatch(r"[a-z][a-z0-9-]{4,28}[a-z0-9]", account_id):
+            raise ApiError("INVALID_ARGUMENT", f"accountId {account_id!r} must be 6-30 of [a-z0-9-], from a letter.")
+        email = f"{account_id}@{p['project']}.iam.gserviceaccount.com"
+        resource = f"projects/{p['project']}/serviceAccounts/{email}"
+        with self._lock:
+            if resource in self._iam_policies and self._iam_policies[resource].get("_created"):
+                raise ApiError("ALREADY_EXISTS", f"Service account {account_id} already exists within project.")
+            self._iam_policies.setdefault(resource, dict(self.policy_of(resource)))["_created"] = _now()
+            self._save()
+        answer = {
+            "name": resource,
+            "projectId": p["project"],
+            "email": email,
+            "uniqueId": str(zlib.crc32(email.encode())),
+        }
+        return 200, json.dumps(answer).encode(), "application/json", {}
+
+    def _secret_policy_get(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        resource = f"projects/{p['project']}/secrets/{p['secret']}"
+        return 200, json.dumps(_public(self.policy_of(resource))).encode(), "application/json", {}
+
+    def _secret_policy_set(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        resource = f"projects/{p['project']}/secrets/{p['secret']}"
+        stored = self.set_policy(resource, (json.loads(body or b"{}").get("policy")) or {})
+        return 200, json.dumps(_public(stored)).encode(), "application/json", {}
+
+    def _iam_routes(self) -> list[_Route]:
+        md = r"/_md/(?P<principal>[^/]+)"
+        sa = r"/computeMetadata/v1/instance/service-accounts/(?:default|(?P=principal))"
+        acct = r"/v1/projects/[^/]+/serviceAccounts/(?P<account>[^/:]+)"
+        r = _Route
+        return [
+            r("GET", md + r"/?", self._md_ping),
+            # google-auth asks for "default" first, then for the account by its email.
+            r("GET", md + sa + r"/?", self._md_account),
+            r("GET", md + sa + r"/email", self._md_email),
+            r("GET", md + sa + r"/token", self._md_token),
+            r("GET", md + sa + r"/identity", self._md_identity),
+            r("GET", r"/v1/projects/(?P<project>[^/:]+)", self._project_get),
+            r("POST", r"/v1/projects/(?P<project>[^/:]+):getIamPolicy", self._project_policy_get),
+            r("POST", r"/v1/projects/(?P<project>[^/:]+):setIamPolicy", self._project_policy_set),
+            r("POST", acct + r":getIamPolicy", self._account_policy_get),
+            r("POST", acct + r":setIamPolicy", self._account_policy_set),
+            r("POST", acct + r":generateIdToken", self._generate_id_token),
+            r("POST", r"/v1/projects/(?P<project>[^/]+)/services/(?P<service>[^/:]+):enable", self._enable_service),
+            r("POST", r"/v1/projects/(?P<project>[^/]+)/serviceAccounts", self._create_account),
+            r(
+                "GET",
+                r"/v1/projects/(?P<project>[^/]+)/secrets/(?P<secret>[^/:]+):getIamPolicy",
+                self._secret_policy_get,
+            ),
+            r(
+                "POST",
+                r"/v1/projects/(?P<project>[^/]+)/secrets/(?P<secret>[^/:]+):getIamPolicy",
+                self._secret_policy_get,
+            ),
+            r(
+                "POST",
+                r"/v1/projects/(?P<project>[^/]+)/secrets/(?P<secret>[^/:]+):setIamPolicy",
+                self._secret_policy_set,
+            ),
+            r("GET", r"/v1/projects/(?P<project>[^/]+)/services/(?P<service>[^/:]+)", self._get_service_state),
+        ]
+
+    def _iam_control(self, method: str, path: str, body: bytes) -> tuple[int, bytes] | None:
+        """Test plumbing: mint a token, read or set any policy, turn an API off or on."""
+        if not path.startswith(("/_emulator/token", "/_emulator/iam", "/_emulator/apis")):
+            return None
+        data = json.loads(body or b"{}") if method == "POST" else {}
+        if path == "/_emulator/token" and method == "POST":
+            return 200, json.dumps({"token": self.token_for(data["principal"])}).encode()
+        if path == "/_emulator/iam" and method == "GET":
+            with self._lock:
+                policies = {**self._iam_policies, **self._run_policies}
+                return 200, json.dumps({k: _public(v) for k, v in policies.items()}).encode()
+        if path == "/_emulator/iam" and method == "POST":
+            resource = data["resource"]
+            if data.get("project_of_bucket"):
+                self.record_bucket(resource.split("/", 1)[1], data["project_of_bucket"])
+            if "policy" in data:
+                project = self._iam_policies.get(resource, {}).get("_project")
+                stored = self.set_policy(resource, data["policy"], check_etag=False)
+                if project:
+                    stored["_project"] = project
+            return 200, json.dumps(_public(self.policy_of(resource))).encode()
+        if path == "/_emulator/iam:grant" and method == "POST":
+            self.grant(data["resource"], data["role"], data["member"])
+            return 200, json.dumps(_public(self.policy_of(data["resource"]))).encode()
+        if path == "/_emulator/iam:revoke" and method == "POST":
+            with self._lock:
+                policy = self.policy_of(data["resource"])
+                kept = [
+                    {"role": b["role"], "members": [m for m in b["members"] if m != data["member"]]}
+                    if b["role"] == data["role"]
+                    else b
+                    for b in policy.get("bindings") or []
+                ]
+                self.set_policy(data["resource"], {"bindings": kept}, check_etag=False)
+            return 200, json.dumps(_public(self.policy_of(data["resource"]))).encode()
+        if path == "/_emulator/apis" and method == "POST":
+            with self._lock:
+                self._disabled_apis[data["project"]] = sorted(set(data.get("disabled") or []))
+                self._save()
+            return 200, b"{}"
+        return None
+
+
+def id_token(principal: str, audience: str) -> str:
+    """An ID token for `audience`: a JWT whose claims are real and whose signature is not (the emulator reads the
+    email; nothing here verifies signatures: issue 21 covers that)."""
+    import time
+
+    now = int(time.time())
+    claims = {
+        "aud": audience,
+        "azp": principal,
+        "email": principal,
+        "email_verified": True,
+        "exp": now + 3600,
+        "iat": now,
+        "iss": "https://accounts.google.com",
+        "sub": str(100_000_000_000_000_000_000 + zlib.crc32(principal.encode())),
+    }
+
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'RS256', 'typ': 'JWT', 'kid': 'local'})}.{part(claims)}.{part({'sig': 'local'})}"
+
+
+def _public(policy: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in policy.items() if not k.startswith("_")}
+
+
+def _api_title(api: str) -> str:
+    titles = {
+        "aiplatform.googleapis.com": "Vertex AI API",
+        "run.googleapis.com": "Cloud Run Admin API",
+        "cloudquotas.googleapis.com": "Cloud Quotas API",
+        "secretmanager.googleapis.com": "Secret Manager API",
+        "logging.googleapis.com": "Cloud Logging API",
+        "iamcredentials.googleapis.com": "IAM Service Account Credentials API",
+    }
+    return titles.get(api, api)
+
+
+def _account_project(account: str) -> str:
+    match = re.fullmatch(r"[^@]+@([^.]+)\.iam\.gserviceaccount\.com", account)
+    return match.group(1) if match else ""
+
+
+def _resource_of(path: str, params: dict[str, str], api: str) -> tuple[str, list[str]]:
+    """The full resource name a denial names, and the policies that may grant it (the resource's own, the project's)."""
+    project = params.get("project", "")
+    project_scope = [f"projects/{project}"] if project and project != "-" else []
+    if params.get("service"):
+        name = f"projects/{project}/locations/{params['location']}/services/{params['service']}"
+        return f"//{api}/{name}", [name, *project_scope]
+    if params.get("secret"):
+        name = f"projects/{project}/secrets/{params['secret']}"
+        return f"//{api}/{name}", [name, *project_scope]
+    if params.get("account"):
+        account_project = _account_project(params["account"])
+        name = f"projects/{account_project}/serviceAccounts/{params['account']}"
+        return f"//iam.googleapis.com/{name}", [name] + ([f"projects/{account_project}"] if account_project else [])
+    match = re.match(r"^/v[0-9a-z]+/(projects/.*?)(?::[a-zA-Z]+)?$", path)
+    name = match.group(1) if match else path
+    # Vertex names the location (or the project) in a denial on a collection; the path's resource otherwise.
+    return f"//{api}/{name}", project_scope
+
+
+def _acts_as(method_id: str, body: bytes, project: str) -> list[str]:
+    """The service accounts a request would make something run as (each needs iam.serviceAccounts.actAs)."""
+    if method_id not in _ACT_AS_FIELDS:
+        return []
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:
+        return []
+    account = _dig(data, _ACT_AS_FIELDS[method_id])
+    if not account and method_id.startswith("run."):
+        # A revision that names no account runs as the Compute Engine default service account.
+        account = compute_default_account(project)
+    return [account] if account else []
+
+
+_ACT_AS_FIELDS = {
+    "aiplatform.projects.locations.endpoints.deployModel": ("deployedModel", "serviceAccount"),
+    "aiplatform.projects.locations.pipelineJobs.create": ("serviceAccount",),
+    "aiplatform.projects.locations.schedules.create": ("createPipelineJobRequest", "pipelineJob", "serviceAccount"),
+    "run.projects.locations.services.create": ("template", "serviceAccount"),
+    "run.projects.locations.services.patch": ("template", "serviceAccount"),
+}
+
+
+def _dig(data: Any, keys: tuple[str, ...]) -> str:
+    for key in keys:
+        if not isinstance(data, dict):
+            return ""
+        data = data.get(key) or data.get(re.sub(r"[A-Z]", lambda m: "_" + m.group(0).lower(), key))
+    return data if isinstance(data, str) else ""

@@ -1,0 +1,145 @@
+"""Cloud Storage behind IAM: the emulator answers the JSON API's paths for the local stack's clients, checks the
+caller's permission on the bucket (iam.py, with the bucket's policy and its project's), serves bucket IAM policies
+itself (fake-gcs-server keeps none), and forwards the rest to fake-gcs-server, pointing the upload-session and media
+URLs it returns back at the emulator so no later call goes around the check."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import urllib.parse
+from typing import Any
+
+from pipelines.local.emulator.errors import ApiError
+
+GCS_PATH = re.compile(r"^/(?:upload/|download/)?storage/v1/")
+_BUCKET_IAM = re.compile(r"^/storage/v1/b/(?P<bucket>[^/]+)/iam(?P<test>/testPermissions)?$")
+# Request and response headers that carry meaning for uploads, ranges and preconditions.
+_REQUEST_HEADERS = ("content-type", "content-range", "range", "x-upload-content-type", "x-upload-content-length")
+_RESPONSE_HEADERS = ("location", "range", "etag", "content-range", "x-goog-generation", "x-goog-hash")
+
+
+def storage_denied(principal: str, permission: str, what: str) -> ApiError:
+    """Cloud Storage's own wording of a missing permission (401 for an anonymous caller, as GCS answers)."""
+    who = principal or "Anonymous caller"
+    message = (
+        f"{who} does not have {permission} access to the Google Cloud Storage {what}. "
+        f"Permission '{permission}' denied on resource (or it may not exist)."
+    )
+    return ApiError(
+        "UNAUTHENTICATED" if not principal else "PERMISSION_DENIED",
+        message,
+        details=[
+            {
+                "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                "reason": "IAM_PERMISSION_DENIED",
+                "domain": "storage.googleapis.com",
+                "metadata": {"permission": permission, "principal": principal},
+            }
+        ],
+    )
+
+
+class StorageGate:
+    """Mixed into the Emulator (server.py): `storage_endpoint` is fake-gcs-server's URL, `url` the emulator's."""
+
+    storage_endpoint: str | None
+    url: str
+    _lock: Any
+    _iam_policies: dict[str, dict[str, Any]]
+    _upload_sessions: dict[str, str]
+
+    def storage(
+        self, method: str, raw_path: str, query: dict[str, list[str]], body: bytes, headers: Any, principal: str
+    ) -> tuple[int, bytes, str, dict[str, str]]:
+        """Answer one Cloud Storage request the caller may make (authorize() has checked it)."""
+        path = urllib.parse.unquote(raw_path)
+        iam = _BUCKET_IAM.match(path)
+        if iam:
+            return self._gcs_bucket_iam(method, iam.group("bucket"), bool(iam.group("test")), query, body, principal)
+        if method == "POST" and path == "/storage/v1/b":
+            self._gcs_record_bucket(body, query)
+        return self._gcs_forward(method, raw_path, query, body, headers, principal)
+
+    def bucket_exists(self, bucket: str) -> bool:
+        """Whether fake-gcs-server holds the bucket (asked directly: the gate's own plumbing)."""
+        if not self.storage_endpoint:
+            return False
+        backend = urllib.parse.urlsplit(self.storage_endpoint)
+        conn = http.client.HTTPConnection(backend.hostname or "127.0.0.1", backend.port, timeout=30)
+        try:
+            conn.request("GET", f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}")
+            response = conn.getresponse()
+            response.read()
+            return response.status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
+    def _gcs_record_bucket(self, body: bytes, query: dict[str, list[str]]) -> None:
+        """A bucket belongs to the project it is created in: project-level roles reach it."""
+        try:
+            name = json.loads(body or b"{}").get("name", "")
+        except ValueError:
+            return
+        project = (query.get("project") or [""])[0]
+        if name and project:
+            self.record_bucket(name, project)
+
+    def _gcs_bucket_iam(
+        self, method: str, bucket: str, test: bool, query: dict[str, list[str]], body: bytes, principal: str
+    ) -> tuple[int, bytes, str, dict[str, str]]:
+        resource = f"buckets/{bucket}"
+        if test:
+            project = self.bucket_project(bucket)
+            scopes = [resource] + ([f"projects/{project}"] if project else [])
+            held = [p for p in query.get("permissions", []) if self.allowed(principal, p, scopes)]
+            answer: dict[str, Any] = {"kind": "storage#testIamPermissionsResponse", "permissions": held}
+            return 200, json.dumps(answer).encode(), "application/json", {}
+        if method == "PUT":
+            stored = self.set_policy(resource, json.loads(body or b"{}"))
+        else:
+            stored = self.policy_of(resource)
+        answer = {"kind": "storage#policy", "resourceId": f"projects/_/buckets/{bucket}"}
+        answer.update({k: v for k, v in stored.items() if not k.startswith("_")})
+        return 200, json.dumps(answer).encode(), "application/json", {}
+
+    def _gcs_forward(
+        self, method: str, raw_path: str, query: dict[str, list[str]], body: bytes, headers: Any, principal: str
+    ) -> tuple[int, bytes, str, dict[str, str]]:
+        if not self.storage_endpoint:
+            raise ApiError("UNAVAILABLE", "No Cloud Storage behind the emulator: start it with storage_endpoint.")
+        backend = urllib.parse.urlsplit(self.storage_endpoint)
+        url = raw_path + ("?" + urllib.parse.urlencode(query, doseq=True) if query else "")
+        forward = {}
+        for name in _REQUEST_HEADERS:
+            value = headers.get(name) if headers is not None else None
+            if value:
+                forward[name] = value
+        conn = http.client.HTTPConnection(backend.hostname or "127.0.0.1", backend.port, timeout=300)
+        try:
+            conn.request(
+                method, url, body=body if body or method in ("POST", "PUT", "PATCH") else None, headers=forward
+            )
+            response = conn.getresponse()
+            data = response.read()
+            status = response.status
+            reply = {name: value for name, value in response.getheaders() if name.lower() in _RESPONSE_HEADERS}
+            content_type = response.getheader("content-type") or "application/octet-stream"
+        except OSError as exc:
+            raise ApiError("UNAVAILABLE", f"Cloud Storage (fake-gcs-server) did not answer: {exc}") from exc
+        finally:
+            conn.close()
+        base = self.storage_endpoint.rstrip("/")
+        for name, value in reply.items():
+            upload_id = urllib.parse.parse_qs(urllib.parse.urlsplit(value).query).get("upload_id")
+            if name.lower() == "location" and upload_id:
+                with self._lock:
+                    self._upload_sessions[upload_id[0]] = principal
+            reply = {k: (v.replace(base, self.url) if k.lower() == "location" else v) for k, v in reply.items()}
+        if content_type.startswith("application/json") and "media" not in query.get("alt", []):
+            # selfLink / mediaLink name fake-gcs-server; the client downloads from mediaLink when it has one.
+            data = data.replace(base.encode(), self.url.encode())
+        return status, data, content_type, reply

@@ -1,0 +1,227 @@
+"""`vlp setup`: make a project ready for a deployment, exactly as the policy in components/iam_policy.py says: enable
+the APIs, create the bucket in the region and the pipeline's service account, and grant each binding, idempotently
+(read, add, write back with the etag). `--dry-run` prints the equivalent gcloud commands instead. The local stack runs
+the same code before every `vlp run --local`, so local runs hold exactly these grants."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from components.iam_policy import APIS, Binding, Identities, bindings, conditions
+
+GOOGLE_HOSTS = {
+    "serviceusage": "https://serviceusage.googleapis.com",
+    "iam": "https://iam.googleapis.com",
+    "cloudresourcemanager": "https://cloudresourcemanager.googleapis.com",
+    "secretmanager": "https://secretmanager.googleapis.com",
+}
+
+
+def default_pipeline_account(project: str) -> str:
+    """The pipeline's service account when the config names none: created by `vlp setup`."""
+    return f"vlp-pipeline@{project}.iam.gserviceaccount.com"
+
+
+@dataclass
+class SetupPlan:
+    """What `vlp setup` makes sure of, in order."""
+
+    project: str
+    region: str
+    bucket: str
+    apis: list[str]
+    accounts: list[str]
+    bindings: list[Binding] = field(default_factory=list)
+
+    def gcloud(self) -> list[str]:
+        """The equivalent gcloud commands (what --dry-run prints)."""
+        lines = [f"gcloud services enable {' '.join(self.apis)} --project {self.project}"]
+        lines.append(
+            f"gcloud storage buckets create gs://{self.bucket} --project {self.project} --location {self.region} "
+            "--uniform-bucket-level-access"
+        )
+        for account in self.accounts:
+            account_id = account.split("@", 1)[0]
+            lines.append(f"gcloud iam service-accounts create {account_id} --project {self.project}")
+        lines += [b.gcloud() for b in self.bindings]
+        return lines
+
+
+def plan_setup(
+    cfg: Any,
+    *,
+    project: str,
+    bucket: str,
+    region: str,
+    project_number: str,
+    submitter: str = "",
+    mirror_job: bool = False,
+    templates: bool = False,
+    image: bool = False,
+) -> SetupPlan:
+    """The APIs, accounts and bindings a deployment config needs in a project."""
+    pipeline_sa = cfg.placement.service_account or default_pipeline_account(project)
+    runtime_sa = cfg.cloud_run.service_account if getattr(cfg, "target", "vertex") == "cloud_run" else ""
+    ids = Identities(
+        project=project,
+        project_number=project_number,
+        bucket=bucket,
+        pipeline_sa=pipeline_sa,
+        runtime_sa=runtime_sa,
+        secret=_secret_id(cfg.model.hf_token_secret),
+        submitter=submitter,
+    )
+    held = conditions(cfg, mirror_job=mirror_job, templates=templates, image=image)
+    accounts = [
+        a for a in dict.fromkeys([pipeline_sa, runtime_sa]) if a and a.endswith(f"@{project}.iam.gserviceaccount.com")
+    ]
+    return SetupPlan(
+        project=project,
+        region=region,
+        bucket=bucket,
+        apis=list(APIS[getattr(cfg, "target", "vertex") or "vertex"]),
+        accounts=accounts,
+        bindings=bindings(ids, held),
+    )
+
+
+def _secret_id(secret: str) -> str:
+    # model.hf_token_secret is NAME, projects/P/secrets/NAME or .../versions/V.
+    if not secret:
+        return ""
+    return secret.split("/secrets/", 1)[1].split("/", 1)[0] if "/secrets/" in secret else secret
+
+
+class _Api:
+    """Authorised REST calls to Google's admin APIs (or all of them to one emulator host)."""
+
+    def __init__(self, api_endpoint: str, credentials: Any) -> None:
+        from google.auth.transport.requests import AuthorizedSession
+
+        if credentials is None:
+            import google.auth
+
+            credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        self.session = AuthorizedSession(credentials)
+        self.api_endpoint = api_endpoint.rstrip("/")
+
+    def call(self, service: str, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        base = self.api_endpoint or GOOGLE_HOSTS[service]
+        response = self.session.request(method, f"{base}{path}", json=body, timeout=60)
+        if response.status_code >= 400:
+            from google.api_core import exceptions
+
+            raise exceptions.from_http_response(response)
+        return response.json() if response.content else {}
+
+
+def project_number(project: str, *, api_endpoint: str = "", credentials: Any = None) -> str:
+    """The project's number (Resource Manager projects.get): service agents' emails are named by it."""
+    return str(
+        _Api(api_endpoint, credentials).call("cloudresourcemanager", "GET", f"/v1/projects/{project}")["projectNumber"]
+    )
+
+
+def apply(
+    plan: SetupPlan,
+    *,
+    api_endpoint: str = "",
+    credentials: Any = None,
+    storage_client: Any = None,
+    log: Any = print,
+) -> list[str]:
+    """Make it so; returns what changed (nothing on a second run)."""
+    from google.api_core import exceptions
+
+    api = _Api(api_endpoint, credentials)
+    changed: list[str] = []
+    for service in plan.apis:
+        state = api.call("serviceusage", "GET", f"/v1/projects/{plan.project}/services/{service}").get("state")
+        if state != "ENABLED":
+            api.call("serviceusage", "POST", f"/v1/projects/{plan.project}/services/{service}:enable", {})
+            changed.append(f"enabled {service}")
+    gcs = storage_client
+    if gcs is None:
+        from google.cloud import storage
+
+        gcs = storage.Client(project=plan.project, credentials=credentials)
+    if gcs.lookup_bucket(plan.bucket) is None:
+        gcs.create_bucket(plan.bucket, project=plan.project, location=plan.region)
+        changed.append(f"created gs://{plan.bucket} in {plan.region}")
+    for account in plan.accounts:
+        account_id = account.split("@", 1)[0]
+        try:
+            api.call("iam", "POST", f"/v1/projects/{plan.project}/serviceAccounts", {"accountId": account_id})
+            changed.append(f"created {account}")
+        except exceptions.Conflict:
+            pass
+    by_resource: dict[str, list[Binding]] = {}
+    for binding in plan.bindings:
+        by_resource.setdefault(binding.resource, []).append(binding)
+    for resource, wanted in by_resource.items():
+        if "/repositories/" in resource:
+            log(f"not granted here (grant it with gcloud): {'; '.join(b.gcloud() for b in wanted)}")
+            continue
+        policy = _get_policy(api, gcs, resource)
+        added = _add(policy, wanted)
+        if added:
+            _set_policy(api, gcs, resource, policy)
+            changed += [f"granted {b.role} on {resource} to {b.member}" for b in added]
+    for line in changed:
+        log(line)
+    return changed
+
+
+def _add(policy: dict[str, Any], wanted: list[Binding]) -> list[Binding]:
+    added = []
+    entries = policy.setdefault("bindings", [])
+    for b in wanted:
+        entry = next((e for e in entries if e.get("role") == b.role and not e.get("condition")), None)
+        if entry is None:
+            entry = {"role": b.role, "members": []}
+            entries.append(entry)
+        if b.member not in entry["members"]:
+            entry["members"].append(b.member)
+            added.append(b)
+    return added
+
+
+def _get_policy(api: _Api, gcs: Any, resource: str) -> dict[str, Any]:
+    if resource.startswith("buckets/"):
+        policy = gcs.bucket(resource.split("/", 1)[1]).get_iam_policy(requested_policy_version=3)
+        return {"bindings": [dict(b) for b in policy.bindings], "etag": policy.etag, "_policy": policy}
+    service, method, path = _policy_call(resource, "get")
+    return api.call(service, method, path, {} if method == "POST" else None)
+
+
+def _set_policy(api: _Api, gcs: Any, resource: str, policy: dict[str, Any]) -> None:
+    if resource.startswith("buckets/"):
+        bucket_policy = policy.pop("_policy")
+        bucket_policy.bindings = [{"role": b["role"], "members": set(b["members"])} for b in policy["bindings"]]
+        gcs.bucket(resource.split("/", 1)[1]).set_iam_policy(bucket_policy)
+        return
+    service, method, path = _policy_call(resource, "set")
+    api.call(service, "POST", path, {"policy": policy})
+
+
+def _policy_call(resource: str, verb: str) -> tuple[str, str, str]:
+    if "/serviceAccounts/" in resource:
+        return "iam", "POST", f"/v1/{resource}:{verb}IamPolicy"
+    if "/secrets/" in resource:
+        return "secretmanager", "GET" if verb == "get" else "POST", f"/v1/{resource}:{verb}IamPolicy"
+    return "cloudresourcemanager", "POST", f"/v1/{resource}:{verb}IamPolicy"
+
+
+def describe(plan: SetupPlan) -> str:
+    """The plan for people: one line per API, account and binding."""
+    return json.dumps(
+        {
+            "apis": plan.apis,
+            "bucket": f"gs://{plan.bucket} ({plan.region})",
+            "accounts": plan.accounts,
+            "bindings": [{"member": b.member, "role": b.role, "resource": b.resource} for b in plan.bindings],
+        },
+        indent=2,
+    )
