@@ -52,6 +52,8 @@ class Rule:
     steps: str
     why: str
     when: str = ""
+    # The permissions preflight tests (testIamPermissions) to know the grant is there; each is in the role.
+    checks: tuple[str, ...] = ()
 
 
 RULES: tuple[Rule, ...] = (
@@ -63,14 +65,28 @@ RULES: tuple[Rule, ...] = (
         "Vertex AI Pipelines runs the job's tasks; register, deploy, smoke test (`endpoints.predict`), promote, "
         "roll back, clean up; preflight lists what serves and probes it (`endpoints.predict`, which "
         "roles/aiplatform.viewer lacks)",
+        checks=(
+            "aiplatform.endpoints.list",
+            "aiplatform.endpoints.predict",
+            "aiplatform.models.upload",
+            "aiplatform.endpoints.deploy",
+        ),
     ),
-    Rule("pipeline", "roles/cloudquotas.viewer", "project", "preflight", "GPU, CPU and memory quota per region"),
+    Rule(
+        "pipeline",
+        "roles/cloudquotas.viewer",
+        "project",
+        "preflight",
+        "GPU, CPU and memory quota per region",
+        checks=("cloudquotas.quotas.get",),
+    ),
     Rule(
         "pipeline",
         "roles/logging.viewer",
         "project",
         "deploy, smoke test",
         "the model server's log lines in a failed deploy or smoke test",
+        checks=("logging.logEntries.list",),
     ),
     Rule(
         "pipeline",
@@ -78,6 +94,7 @@ RULES: tuple[Rule, ...] = (
         "bucket",
         "mirror weights, smoke test, all (pipeline root)",
         "write and verify `gs://BUCKET/models/...`, overwrite the manifest, the pipeline root; read the tokenizer",
+        checks=("storage.objects.create", "storage.objects.get", "storage.objects.list", "storage.objects.delete"),
     ),
     Rule(
         "pipeline",
@@ -85,6 +102,7 @@ RULES: tuple[Rule, ...] = (
         "bucket",
         "preflight",
         "`storage.buckets.get`: the bucket's region must match the run's (roles/storage.objectAdmin has no bucket get)",
+        checks=("storage.buckets.get",),
     ),
     Rule(
         "pipeline",
@@ -93,6 +111,7 @@ RULES: tuple[Rule, ...] = (
         "preflight, mirror weights",
         "check gated-model access and download it",
         "gated",
+        checks=("secretmanager.versions.access",),
     ),
     Rule(
         "pipeline",
@@ -103,6 +122,7 @@ RULES: tuple[Rule, ...] = (
         "`--model=gs://...` itself); deploying as an account needs `iam.serviceAccounts.actAs` on it, asked even for "
         "the caller's own (strict: unverified whether Google waives it)",
         "vertex",
+        checks=("iam.serviceAccounts.actAs",),
     ),
     Rule(
         "pipeline",
@@ -112,6 +132,7 @@ RULES: tuple[Rule, ...] = (
         "create, update and delete the service and its revisions, and grant itself roles/run.invoker "
         "(`setIamPolicy`, which roles/run.developer lacks)",
         "cloud_run",
+        checks=("run.services.create", "run.services.setIamPolicy", "run.revisions.delete"),
     ),
     Rule(
         "pipeline",
@@ -120,6 +141,7 @@ RULES: tuple[Rule, ...] = (
         "deploy service",
         "a revision runs as the runtime SA (`iam.serviceAccounts.actAs`)",
         "cloud_run",
+        checks=("iam.serviceAccounts.actAs",),
     ),
     Rule(
         "pipeline",
@@ -128,6 +150,7 @@ RULES: tuple[Rule, ...] = (
         "smoke test service, preflight (no-op probe)",
         "mint an ID token for itself with IAM Credentials `generateIdToken` to call the private service",
         "cloud_run",
+        checks=("iam.serviceAccounts.getOpenIdToken",),
     ),
     Rule(
         "runtime",
@@ -333,18 +356,6 @@ def bindings(ids: Identities, held: set[str], *, who: set[str] | None = None) ->
             seen.add(key)
             out.append(Binding(member_of(email), rule.role, resource, rule))
     return out
-
-
-def role_for(permission: str, who: str = "pipeline") -> Rule | None:
-    """The rule of the policy that grants `permission` to an identity (for error messages), if any."""
-    import json
-    from pathlib import Path
-
-    roles = json.loads((Path(__file__).parent / "contract" / "gcp-iam.json").read_text())["roles"]
-    for rule in RULES:
-        if rule.who == who and permission in roles.get(rule.role, []):
-            return rule
-    return None
 
 
 def markdown() -> str:

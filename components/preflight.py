@@ -42,8 +42,12 @@ def _regions_for_bucket(regions: list[str], bucket: str, project: str) -> list[s
         return regions
     try:
         found = clients.storage_client(project).lookup_bucket(bucket)
-    except Exception:  # noqa: BLE001 - no permission to read the bucket: the mirror step will say so
-        return regions
+    except Exception as exc:  # noqa: BLE001 - the region guard must not be skipped in silence
+        raise PreflightError(
+            f"cannot read bucket gs://{bucket} ({str(exc)[:300]}): the run needs its region. Grant the pipeline's "
+            f"service account roles/storage.bucketViewer on it (gcloud storage buckets add-iam-policy-binding "
+            f"gs://{bucket} --member serviceAccount:ACCOUNT --role roles/storage.bucketViewer), or run `vlp setup`"
+        ) from None
     location = (getattr(found, "location", "") or "").upper() if found is not None else ""
     if not location:
         return regions
@@ -221,6 +225,7 @@ def run_preflight(
     hub_endpoint: str = "",
     prices: Mapping[str, float] | None = None,
     check_quota: bool = True,
+    check_grants: bool = True,
 ) -> dict[str, Any]:
     """Plan, check quota and access, and return the `deployment` dict every later step takes.
 
@@ -231,6 +236,14 @@ def run_preflight(
         raise PreflightError("no project: pass project (the pipeline's run-time parameter) or set placement.project")
     regions = _candidate_regions(cfg, [region] if region else None)
     bucket = (bucket or cfg.placement.bucket).removeprefix("gs://").rstrip("/")
+    if check_grants:
+        # Every grant the policy gives the pipeline's account, before the Hub, the mirror or a GPU is touched.
+        from components.access import check_access
+
+        problems = check_access(cfg, project=project, bucket=bucket, api_endpoint=api_endpoint)
+        if problems:
+            head = f"preflight failed for deployment {cfg.name}: the pipeline's service account lacks grants it needs:"
+            raise PreflightError("\n".join([head] + [f"- {p}" for p in problems]))
     token = hf_token if hf_token is not None else _read_hf_token(cfg, project, api_endpoint)
     plan = plan_deployment(
         cfg,
@@ -318,7 +331,7 @@ def preflight_op(
     deployment = None
     if not force:
         try:
-            candidate = run_preflight(cfg, check_quota=False, **args)
+            candidate = run_preflight(cfg, check_quota=False, check_grants=False, **args)
         except PreflightError:
             candidate = None  # the full preflight below reports it
         if candidate and cfg.target == "cloud_run":

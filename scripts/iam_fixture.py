@@ -100,6 +100,9 @@ METHODS = [
     "iam.projects.serviceAccounts.getIamPolicy",
     "iam.projects.serviceAccounts.setIamPolicy",
     "cloudresourcemanager.projects.get",
+    "cloudresourcemanager.projects.testIamPermissions",
+    "iam.projects.serviceAccounts.testIamPermissions",
+    "secretmanager.projects.secrets.testIamPermissions",
     "cloudresourcemanager.projects.getIamPolicy",
     "cloudresourcemanager.projects.setIamPolicy",
     "serviceusage.services.enable",
@@ -161,6 +164,14 @@ METHOD_GAPS: dict[str, tuple[list[str], str]] = {
         [],
         "IAM docs, testIamPermissions: 'There are no permissions required for making this API call'",
     ),
+    **{
+        method: ([], "IAM docs, testIamPermissions: 'There are no permissions required for making this API call'")
+        for method in (
+            "cloudresourcemanager.projects.testIamPermissions",
+            "iam.projects.serviceAccounts.testIamPermissions",
+            "secretmanager.projects.secrets.testIamPermissions",
+        )
+    },
     "run.projects.locations.services.revisions.list": (["run.revisions.list"], "run.projects.locations.revisions.list"),
     "run.projects.locations.services.revisions.get": (["run.revisions.get"], "run.projects.locations.revisions.get"),
     "run.projects.locations.services.revisions.delete": (

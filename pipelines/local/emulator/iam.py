@@ -175,6 +175,21 @@ METHOD_TABLE: list[tuple[str, str, str]] = [
     ("DELETE", r"/storage/v1/b/(?P<bucket>[^/]+)/o/(?P<object>.+)", "storage.objects.delete"),
     ("POST", r"/v1/projects/(?P<project>[^/]+)/serviceAccounts", "iam.projects.serviceAccounts.create"),
     ("GET", r"/v1/projects/(?P<project>[^/:]+)", "cloudresourcemanager.projects.get"),
+    (
+        "POST",
+        r"/v1/projects/(?P<project>[^/:]+):testIamPermissions",
+        "cloudresourcemanager.projects.testIamPermissions",
+    ),
+    (
+        "POST",
+        r"/v1/projects/[^/]+/serviceAccounts/(?P<account>[^/:]+):testIamPermissions",
+        "iam.projects.serviceAccounts.testIamPermissions",
+    ),
+    (
+        "POST",
+        r"/v1/projects/(?P<project>[^/]+)/secrets/(?P<secret>[^/:]+):testIamPermissions",
+        "secretmanager.projects.secrets.testIamPermissions",
+    ),
     ("POST", r"/v1/projects/(?P<project>[^/:]+):getIamPolicy", "cloudresourcemanager.projects.getIamPolicy"),
     ("POST", r"/v1/projects/(?P<project>[^/:]+):setIamPolicy", "cloudresourcemanager.projects.setIamPolicy"),
     ("POST", r"/v1/projects/(?P<project>[^/]+)/services/[^/:]+:enable", "serviceusage.services.enable"),
@@ -364,7 +379,9 @@ class IamService:
         """A bucket's convenience members (projectOwner:P, projectEditor:P, projectViewer:P): whoever holds that
         basic role on the project (Cloud Storage docs, "IAM roles for Cloud Storage", convenience values)."""
         kind, _, project = value.partition(":")
-        role = {"projectOwner": "roles/owner", "projectEditor": "roles/editor", "projectViewer": "roles/viewer"}.get(kind)
+        role = {"projectOwner": "roles/owner", "projectEditor": "roles/editor", "projectViewer": "roles/viewer"}.get(
+            kind
+        )
         if not role or not principal:
             return False
         return any(
@@ -603,6 +620,15 @@ class IamService:
         stored = self.set_policy(resource, (json.loads(body or b"{}").get("policy")) or {})
         return 200, json.dumps(_public(stored)).encode(), "application/json", {}
 
+    def _test_permissions(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        """testIamPermissions on a project, a service account or a secret: which of the asked permissions the
+        caller holds there (a permission asked that the fixture does not know is simply not held)."""
+        params = {k: v for k, v in p.items() if not k.startswith("_")}
+        _, scopes = _resource_of("", params, "")
+        asked = json.loads(body or b"{}").get("permissions") or []
+        held = [x for x in asked if self.allowed(p["_principal"], x, scopes)]
+        return 200, json.dumps({"permissions": held} if held else {}).encode(), "application/json", {}
+
     def _iam_routes(self) -> list[_Route]:
         md = r"/_md/(?P<principal>[^/]+)"
         sa = r"/computeMetadata/v1/instance/service-accounts/(?:default|(?P=principal))"
@@ -623,6 +649,13 @@ class IamService:
             r("POST", acct + r":generateIdToken", self._generate_id_token),
             r("POST", r"/v1/projects/(?P<project>[^/]+)/services/(?P<service>[^/:]+):enable", self._enable_service),
             r("POST", r"/v1/projects/(?P<project>[^/]+)/serviceAccounts", self._create_account),
+            r("POST", r"/v1/projects/(?P<project>[^/:]+):testIamPermissions", self._test_permissions),
+            r("POST", acct + r":testIamPermissions", self._test_permissions),
+            r(
+                "POST",
+                r"/v1/projects/(?P<project>[^/]+)/secrets/(?P<secret>[^/:]+):testIamPermissions",
+                self._test_permissions,
+            ),
             r(
                 "GET",
                 r"/v1/projects/(?P<project>[^/]+)/secrets/(?P<secret>[^/:]+):getIamPolicy",
