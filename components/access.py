@@ -121,13 +121,19 @@ def _secret_id(secret: str) -> str:
 
 def disabled_api(exc: BaseException) -> str:
     """A fix for Google's SERVICE_DISABLED answer ("" for any other error): which API, in which project."""
+    if getattr(exc, "reason", None) == "SERVICE_DISABLED":
+        service = dict(getattr(exc, "metadata", None) or {}).get("service", "the API")
+        return _enable_fix(service)
     for detail in getattr(exc, "details", None) or []:
         reason = getattr(detail, "reason", None) or (detail.get("reason") if isinstance(detail, dict) else None)
         if reason == "SERVICE_DISABLED":
             metadata = getattr(detail, "metadata", None) or (detail.get("metadata") if isinstance(detail, dict) else {})
-            service = dict(metadata or {}).get("service", "the API")
-            return (
-                f"{service} is disabled in this project: enable it (gcloud services enable {service} --project "
-                "PROJECT, or `vlp setup`), wait a minute for it to take effect, then run again"
-            )
+            return _enable_fix(dict(metadata or {}).get("service", "the API"))
     return ""
+
+
+def _enable_fix(service: str) -> str:
+    return (
+        f"{service} is disabled in this project: enable it (gcloud services enable {service} --project PROJECT, or "
+        "`vlp setup`), wait a minute for it to take effect, then run again"
+    )

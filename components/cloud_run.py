@@ -203,6 +203,11 @@ def check_quota(plan: Any, cfg: Any, project: str, regions: list[str], api_endpo
         try:
             usage = region_usage(project, region, api_endpoint)
         except (exceptions.PermissionDenied, exceptions.Forbidden) as exc:
+            from components.access import disabled_api
+
+            if disabled_api(exc):
+                plan.errors.append(f"cannot list the Cloud Run services in {region}: {disabled_api(exc)}")
+                return
             plan.errors.append(
                 f"cannot list the Cloud Run services in {region} of {project} to count what they hold against quota "
                 f"({str(exc).splitlines()[0][:200]}): enable the API (gcloud services enable run.googleapis.com "

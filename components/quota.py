@@ -187,8 +187,13 @@ def read_quota_limit(
         info = clients.quotas_client(api_endpoint).get_quota_info(name=name)
     except gexc.NotFound:
         return 0, f"{quota_id} not found for the project (limit 0)"
-    except gexc.PermissionDenied:
-        return None, "cannot read quotas: grant roles/cloudquotas.viewer to the pipeline's service account"
+    except gexc.PermissionDenied as exc:
+        from components.access import disabled_api
+
+        # A disabled API answers 403 too: say which fix applies.
+        return None, disabled_api(exc) or (
+            "cannot read quotas: grant roles/cloudquotas.viewer to the pipeline's service account"
+        )
     # A region-less DimensionsInfo applies only to the regions in its applicable_locations; anywhere else the
     # quota is 0, as Google's own check reads it (common_util.get_quota).
     for d in info.dimensions_infos:

@@ -6,6 +6,7 @@ import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -82,3 +83,36 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
     stack = LocalStack(tmp_path_factory.mktemp("local-stack"))
     with stack:
         yield stack
+
+
+# Every call to the emulator is made by someone (pipelines/local/emulator/iam.py). Tests of the API's own rules call
+# as a tester who owns the test's projects; tests of IAM itself call as the identities they are about.
+TESTER = "tester@example.com"
+
+
+def as_tester(emulator: Any, *projects: str) -> Any:
+    """Credentials of a tester granted roles/owner on `projects` of an in-process emulator."""
+    for project in projects:
+        emulator.grant(f"projects/{project}", "roles/owner", f"user:{TESTER}")
+    return emulator.credentials_for(TESTER)
+
+
+def auth_header(emulator: Any, *projects: str) -> dict[str, str]:
+    """The Authorization header of the tester (for raw HTTP calls)."""
+    return {"Authorization": f"Bearer {as_tester(emulator, *projects).token}"}
+
+
+def let_vertex_read(emulator: Any, bucket: str, project: str) -> None:
+    """Grant the project's Vertex AI Service Agent roles/storage.objectViewer on a bucket made behind the emulator's
+    back (directly in fake-gcs-server): Vertex copies a Model's artifactUri as that agent."""
+    from pipelines.local.emulator.iam import vertex_service_agent
+
+    emulator.grant(f"buckets/{bucket}", "roles/storage.objectViewer", f"serviceAccount:{vertex_service_agent(project)}")
+
+
+def run_as(monkeypatch: pytest.MonkeyPatch, api_url: str, principal: str) -> None:
+    """Make this process's own Google clients (components.clients) call as `principal`, through the metadata
+    stand-in, as a step process on the local stack does."""
+    metadata = f"{api_url.removeprefix('http://')}/_md/{principal}"
+    monkeypatch.setenv("GCE_METADATA_HOST", metadata)
+    monkeypatch.setenv("GCE_METADATA_IP", metadata)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import TESTER, as_tester, auth_header, let_vertex_read, run_as
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
@@ -95,24 +96,36 @@ def emu(tmp_path: Path, serving: ServingDouble) -> Iterator[Emulator]:
 
 
 def _init_sdk(emulator: Emulator) -> None:
+    _auth(emulator)
     aiplatform.init(
         project=PROJECT,
         location=LOCATION,
         api_endpoint=emulator.url,
         api_transport="rest",
-        credentials=AnonymousCredentials(),
+        credentials=as_tester(emulator, PROJECT),
     )
 
 
 def _gapic(cls: Any, emulator: Emulator) -> Any:
     return cls(
-        client_options=ClientOptions(api_endpoint=emulator.url), transport="rest", credentials=AnonymousCredentials()
+        client_options=ClientOptions(api_endpoint=emulator.url),
+        transport="rest",
+        credentials=as_tester(emulator, PROJECT),
     )
+
+
+_AUTH: dict[str, str] = {}  # the tester's Authorization header, set by _init_sdk's callers through _auth()
+
+
+def _auth(emulator: Emulator) -> None:
+    _AUTH.clear()
+    _AUTH.update(auth_header(emulator, PROJECT))
 
 
 def _http(method: str, url: str, body: Any = None) -> tuple[int, dict[str, Any], dict[str, str]]:
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **_AUTH}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read() or b"{}"), dict(response.headers)
@@ -310,7 +323,8 @@ def test_unknown_or_mistyped_fields_answer_400_invalid_argument(emu: Emulator) -
         {"model": {"displayName": "m", "labels": ["not", "a", "map"]}},
         b"{not json",
     ):
-        request = urllib.request.Request(url, data=bad if isinstance(bad, bytes) else json.dumps(bad).encode())
+        data = bad if isinstance(bad, bytes) else json.dumps(bad).encode()
+        request = urllib.request.Request(url, data=data, headers=_AUTH)
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(request, timeout=10)
         payload = json.loads(caught.value.read())
@@ -539,6 +553,7 @@ def test_real_model_server_answers_through_the_emulator(tmp_path: Path, fake_gcs
     emulator.start()
     try:
         _init_sdk(emulator)
+        let_vertex_read(emulator, bucket.name, PROJECT)
         model = _upload(artifact_uri=f"gs://{bucket.name}/models/acme/tiny/rev1/")
         endpoint = aiplatform.Endpoint.create(display_name="tiny")
         endpoint.deploy(model, machine_type="n1-standard-4")
@@ -562,7 +577,7 @@ def _host_http(url: str, host: str, body: Any) -> tuple[int, dict[str, Any]]:
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    conn.request("POST", parts.path, body=data, headers={"Host": host, "Content-Type": "application/json"})
+    conn.request("POST", parts.path, body=data, headers={"Host": host, "Content-Type": "application/json", **_AUTH})
     response = conn.getresponse()
     out = json.loads(response.read() or b"{}")
     conn.close()
@@ -658,7 +673,9 @@ def test_invoke_models_deploy_to_dedicated_endpoints_and_answer_on_their_dns_onl
     assert status == 400 and "exceeds the limit" in body["error"]["message"]
 
 
-def test_v1beta1_deploy_takes_multihost_nodes_and_logs_only_when_asked(emu: Emulator, serving: ServingDouble) -> None:
+def test_v1beta1_deploy_takes_multihost_nodes_and_logs_only_when_asked(
+    emu: Emulator, serving: ServingDouble, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from google.cloud import aiplatform_v1beta1
 
     models = _gapic(aiplatform_v1.ModelServiceClient, emu)
@@ -690,15 +707,20 @@ def test_v1beta1_deploy_takes_multihost_nodes_and_logs_only_when_asked(emu: Emul
     assert {dm.dedicated_resources.machine_spec.multihost_gpu_node_count for dm in listed.deployed_models} == {2}
     from components.quota import serving_usage
 
+    run_as(monkeypatch, emu.url, TESTER)
+
     assert serving_usage(PROJECT, LOCATION, {"a3-highgpu-8g": 208}, emu.url)[("CPU", False)] == 2 * 2 * 208
 
 
-def test_cleanup_waits_for_a_deploy_still_running_and_removes_what_lands(tmp_path: Path) -> None:
+def test_cleanup_waits_for_a_deploy_still_running_and_removes_what_lands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A deploy the step gave up on keeps going on Vertex; the exit handler waits for it, then removes it."""
     from components.teardown import remove_run_resources
 
     emulator = create_emulator(tmp_path / "state", serving=ServingDouble(start_delay=3.0))
     emulator.start()
+    run_as(monkeypatch, emulator.url, TESTER)
     try:
         models = _gapic(aiplatform_v1.ModelServiceClient, emulator)
         endpoints = _gapic(aiplatform_v1.EndpointServiceClient, emulator)
@@ -732,6 +754,7 @@ def test_artifacts_must_be_in_a_bucket_of_the_models_region(tmp_path: Path, fake
     emulator = create_emulator(tmp_path / "state", serving=ServingDouble(), storage_endpoint=fake_gcs.url)
     emulator.start()
     try:
+        let_vertex_read(emulator, "weights-region", PROJECT)
         models = _gapic(aiplatform_v1.ModelServiceClient, emulator)
         model = {"artifact_uri": "gs://weights-region/m", "container_spec": {"image_uri": "x/tgi:1"}}
         with pytest.raises(gexc.BadRequest, match="same region"):

@@ -292,6 +292,12 @@ class IamService:
             self._save()
             return token
 
+    def credentials_for(self, principal: str) -> Any:
+        """google-auth credentials that call this emulator as `principal` (tests, in-process tools)."""
+        from google.oauth2.credentials import Credentials
+
+        return Credentials(token=self.token_for(principal))
+
     def principal_of(self, authorization: str) -> str:
         """The principal a request's Authorization header names; 401 when it names none, as Google answers."""
         scheme, _, token = (authorization or "").partition(" ")
@@ -414,6 +420,8 @@ class IamService:
 
     def can_read_objects(self, principal: str, uri: str) -> bool:
         """Whether `principal` may list and read the objects under a gs:// URI (what a serving container does)."""
+        if not getattr(self, "storage_endpoint", None):
+            return True  # an emulator without Cloud Storage (API-only tests) has no bucket to decide on
         bucket = uri[5:].split("/", 1)[0]
         project = self.bucket_project(bucket)
         scopes = [f"buckets/{bucket}"] + ([f"projects/{project}"] if project else [])
