@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import as_tester, run_as
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
@@ -19,8 +20,10 @@ from google.cloud import run_v2
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 
 from pipelines.local.emulator import Emulator, create_emulator
+from pipelines.local.emulator.iam import compute_default_account
 
-PARENT = "projects/local-project/locations/us-central1"
+PROJECT = "local-project"
+PARENT = f"projects/{PROJECT}/locations/us-central1"
 TGI = (
     "us-docker.pkg.dev/deeplearning-platform-release/gcr.io/huggingface-text-generation-inference-cu124.2-4.ubuntu2204"
 )
@@ -77,7 +80,7 @@ def emu(tmp_path: Path) -> Iterator[Emulator]:
 @pytest.fixture
 def client(emu: Emulator) -> run_v2.ServicesClient:
     return run_v2.ServicesClient(
-        client_options=ClientOptions(api_endpoint=emu.url), transport="rest", credentials=AnonymousCredentials()
+        client_options=ClientOptions(api_endpoint=emu.url), transport="rest", credentials=as_tester(emu, PROJECT)
     )
 
 
@@ -144,7 +147,7 @@ def test_create_get_list_and_delete_a_gpu_service(client: run_v2.ServicesClient,
     assert got.template.containers[0].resources.limits["nvidia.com/gpu"] == "1"
     assert [s.name for s in client.list_services(parent=PARENT)] == [created.name]
     revisions = run_v2.RevisionsClient(
-        client_options=ClientOptions(api_endpoint=emu.url), transport="rest", credentials=AnonymousCredentials()
+        client_options=ClientOptions(api_endpoint=emu.url), transport="rest", credentials=as_tester(emu, PROJECT)
     )
     [revision] = revisions.list_revisions(parent=created.name)
     assert revision.max_instance_request_concurrency == 64 and revision.scaling.max_instance_count == 3
@@ -263,7 +266,7 @@ def test_quotas_count_max_instances_and_both_revisions_of_a_rollout(
 
 
 def test_fetch_id_token_works_unchanged_against_the_metadata_stand_in(emu: Emulator) -> None:
-    host = emu.url.removeprefix("http://")
+    host = emu.url.removeprefix("http://") + f"/_md/{INVOKER}"
     code = (
         "import google.auth.transport.requests, google.oauth2.id_token, google.auth.jwt, json\n"
         "t = google.oauth2.id_token.fetch_id_token(google.auth.transport.requests.Request(), 'https://svc.a.run.app')\n"
@@ -274,12 +277,13 @@ def test_fetch_id_token_works_unchanged_against_the_metadata_stand_in(emu: Emula
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     claims = json.loads(done.stdout)
-    assert claims["aud"] == "https://svc.a.run.app" and claims["email"].endswith(".iam.gserviceaccount.com")
+    assert claims["aud"] == "https://svc.a.run.app" and claims["email"] == INVOKER
 
 
 # ----- revisions that serve: a model server per revision with traffic or a tag, and the invoker check -----
 
 BUCKET = "vlp-run-test"
+INVOKER = "invoker@local-project.iam.gserviceaccount.com"  # a caller of the service (its metadata server's account)
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +312,10 @@ def run_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def serving_emu(tmp_path: Path, run_gcs: str) -> Iterator[Emulator]:
     emulator = create_emulator(tmp_path / "state", storage_endpoint=run_gcs, deploy_timeout_s=120)
     emulator.start()
+    # The revisions run as the Compute Engine default account (they name none), which reads the weights.
+    emulator.grant(
+        f"buckets/{BUCKET}", "roles/storage.objectViewer", f"serviceAccount:{compute_default_account(PROJECT)}"
+    )
     _set_quotas(emulator, ROLLOUT_QUOTAS)
     try:
         yield emulator
@@ -322,7 +330,7 @@ def _mounted(revision: str, only_dir: str) -> run_v2.Service:
 def _id_token(emu: Emulator, audience: str) -> str:
     import requests
 
-    url = f"{emu.url}/computeMetadata/v1/instance/service-accounts/default/identity"
+    url = f"{emu.url}/_md/{INVOKER}/computeMetadata/v1/instance/service-accounts/default/identity"
     return requests.get(url, params={"audience": audience}, headers={"Metadata-Flavor": "Google"}, timeout=10).text
 
 
@@ -332,7 +340,9 @@ def test_a_private_service_answers_only_its_invokers_and_a_broken_revision_keeps
     import requests
 
     client = run_v2.ServicesClient(
-        client_options=ClientOptions(api_endpoint=serving_emu.url), transport="rest", credentials=AnonymousCredentials()
+        client_options=ClientOptions(api_endpoint=serving_emu.url),
+        transport="rest",
+        credentials=as_tester(serving_emu, PROJECT),
     )
     svc = client.create_service(
         parent=PARENT, service=_mounted("llama-awq-0000001-1", "models/acme/tiny/rev1"), service_id="llama-awq"
@@ -343,9 +353,7 @@ def test_a_private_service_answers_only_its_invokers_and_a_broken_revision_keeps
     assert requests.post(url, json=chat, timeout=60).status_code == 403  # private: no token
     assert requests.post(url, json=chat, headers={"Authorization": f"Bearer {token}"}, timeout=60).status_code == 403
     policy = client.get_iam_policy(request=iam_policy_pb2.GetIamPolicyRequest(resource=svc.name))
-    policy.bindings.append(
-        policy_pb2.Binding(role="roles/run.invoker", members=[f"serviceAccount:{serving_emu.LOCAL_ACCOUNT}"])
-    )
+    policy.bindings.append(policy_pb2.Binding(role="roles/run.invoker", members=[f"serviceAccount:{INVOKER}"]))
     client.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=svc.name, policy=policy))
     answer = requests.post(url, json=chat, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] is not None
@@ -368,7 +376,7 @@ def test_cloud_quotas_lists_cloud_runs_quotas_at_a_new_projects_limits(emu: Emul
 
     _set_quotas(emu, {})
     quotas = cloudquotas_v1.CloudQuotasClient(
-        client_options=ClientOptions(api_endpoint=emu.url), transport="rest", credentials=AnonymousCredentials()
+        client_options=ClientOptions(api_endpoint=emu.url), transport="rest", credentials=as_tester(emu, PROJECT)
     )
     infos = {
         q.quota_id: q
@@ -385,7 +393,7 @@ def test_cloud_quotas_lists_cloud_runs_quotas_at_a_new_projects_limits(emu: Emul
 
 
 def test_a_serving_revision_cannot_be_deleted_and_gc_collects_a_crashed_runs_candidate(
-    client: run_v2.ServicesClient, emu: Emulator
+    client: run_v2.ServicesClient, emu: Emulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """D14, and `vlp gc` on Cloud Run: a candidate a crashed run left (0%, tagged) is a leftover; the revision
     another run serves is kept."""
@@ -403,12 +411,13 @@ def test_a_serving_revision_cannot_be_deleted_and_gc_collects_a_crashed_runs_can
     created.traffic = _pinned("llama-awq-0000001-1", "llama-awq-0000002-1", tag="candidate")
     client.update_service(service=created).result(timeout=30)
     revisions = run_v2.RevisionsClient(
-        client_options=ClientOptions(api_endpoint=emu.url), transport="rest", credentials=AnonymousCredentials()
+        client_options=ClientOptions(api_endpoint=emu.url), transport="rest", credentials=as_tester(emu, PROJECT)
     )
     with pytest.raises(gexc.BadRequest, match="receiving traffic or has a tag"):  # FAILED_PRECONDITION is HTTP 400
         revisions.delete_revision(name=f"{created.name}/revisions/llama-awq-0000002-1").result(timeout=30)
 
     later = datetime.now(UTC) + timedelta(days=2)
+    run_as(monkeypatch, emu.url, "tester@example.com")
     dry = gc.collect_garbage(
         "local-project", ["us-central1"], timedelta(hours=1), dry_run=True, api_endpoint=emu.url, now=later
     )

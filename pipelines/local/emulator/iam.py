@@ -228,9 +228,14 @@ def method_of(http_method: str, path: str) -> tuple[str, dict[str, str]] | None:
     return None
 
 
+_PROJECT_OF_NUMBER: dict[str, str] = {}
+
+
 def project_number(project: str) -> str:
     """A stable 12-digit project number for a local project id (Google assigns one per project)."""
-    return str(100_000_000_000 + zlib.crc32(project.encode()) % 900_000_000_000)
+    number = str(100_000_000_000 + zlib.crc32(project.encode()) % 900_000_000_000)
+    _PROJECT_OF_NUMBER[number] = project
+    return number
 
 
 def vertex_service_agent(project: str) -> str:
@@ -444,6 +449,8 @@ class IamService:
         method_id, params = found
         api = API_OF[method_id.split(".", 1)[0]]
         project = params.get("project", "")
+        if project and project != "-":
+            project_number(project)  # known from now on: accounts named by its number resolve to it
         if project and project != "-" and api in self._disabled_apis.get(project, []):
             raise ApiError(
                 "PERMISSION_DENIED",
@@ -765,8 +772,13 @@ def _api_title(api: str) -> str:
 
 
 def _account_project(account: str) -> str:
+    """The project a service account lives in: in its email, or, for the Compute Engine default account and the
+    service agents, the project whose number the email carries."""
     match = re.fullmatch(r"[^@]+@([^.]+)\.iam\.gserviceaccount\.com", account)
-    return match.group(1) if match else ""
+    if match:
+        return match.group(1)
+    number = re.fullmatch(r"(?:service-)?(\d+)(?:-compute)?@.*", account)
+    return _PROJECT_OF_NUMBER.get(number.group(1), "") if number else ""
 
 
 def _resource_of(path: str, params: dict[str, str], api: str) -> tuple[str, list[str]]:
