@@ -303,7 +303,7 @@ class Identities:
     def resource(self, scope: str) -> str:
         return {
             "project": f"projects/{self.project}",
-            "bucket": f"buckets/{self.bucket}",
+            "bucket": f"buckets/{self.bucket}" if self.bucket else "",
             "secret": f"projects/{self.project}/secrets/{self.secret}" if self.secret else "",
             "pipeline_sa": f"projects/{self.project}/serviceAccounts/{self.pipeline_sa}",
             "runtime_sa": f"projects/{self.project}/serviceAccounts/{self.runtime_sa or self.pipeline_sa}",

@@ -1,4 +1,4 @@
-"""The lifecycle commands of `vlp`: schedule (create/list/pause/resume/delete), publish, teardown and gc."""
+"""The lifecycle commands of `vlp`: setup, schedule (create/list/pause/resume/delete), publish, teardown and gc."""
 
 from __future__ import annotations
 
@@ -48,6 +48,17 @@ def _explain_google_errors(handler: Callable[[argparse.Namespace], int]) -> Call
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register the lifecycle commands on the `vlp` parser."""
+    p = sub.add_parser(
+        "setup", help="enable the APIs, create the bucket and accounts, grant exactly the policy (docs/iam.md)"
+    )
+    add_config_args(p, config_required=False)
+    add_placement_args(p)
+    p.add_argument("--target", choices=["vertex", "cloud_run"], default="", help="overrides the config's target")
+    p.add_argument("--submitter", default="", help="email of who starts runs (gets its roles too)")
+    p.add_argument("--templates", action="store_true", help="runs start from a published template tag")
+    p.add_argument("--repository", default="vlp-templates", help="the KFP template repository (with --templates)")
+    p.add_argument("--dry-run", action="store_true", help="print the equivalent gcloud commands; change nothing")
+
     p = sub.add_parser("schedule", help="redeploy a config on a cron with Vertex AI pipeline schedules")
     ssub = p.add_subparsers(dest="schedule_command", metavar="ACTION")
     ssub.required = True
@@ -248,7 +259,41 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_explain_google_errors
+def cmd_setup(args: argparse.Namespace) -> int:
+    from pipelines.setup import apply, plan_setup, project_number
+
+    cfg = load_config(config_path(args.config or "llama-3.1-8b-vllm-l4.yaml"), args.overrides)
+    if args.target:
+        cfg = cfg.model_copy(update={"target": args.target})
+    if args.service_account:
+        cfg.placement.service_account = args.service_account
+    project = args.project or cfg.placement.project
+    bucket = (args.bucket or cfg.placement.bucket).removeprefix("gs://").rstrip("/")
+    if not project or not bucket:
+        raise UsageError("vlp setup needs --project and --bucket (or placement.project / placement.bucket)")
+    region = args.region or cfg.placement.regions[0]
+    number = "PROJECT_NUMBER" if args.dry_run else project_number(project, api_endpoint=args.api_endpoint)
+    plan = plan_setup(
+        cfg,
+        project=project,
+        bucket=bucket,
+        region=region,
+        project_number=number,
+        submitter=args.submitter,
+        templates=args.templates,
+        kfp_repository=f"projects/{project}/locations/{region}/repositories/{args.repository}",
+    )
+    if args.dry_run:
+        print("\n".join(plan.gcloud()))
+        return EXIT_OK
+    changed = apply(plan, api_endpoint=args.api_endpoint)
+    print(f"{project} is set up for {cfg.name}: {len(plan.bindings)} bindings, {len(changed)} changes")
+    return EXIT_OK
+
+
 COMMANDS = {
+    "setup": cmd_setup,
     "schedule": cmd_schedule,
     "publish": cmd_publish,
     "teardown": cmd_teardown,

@@ -60,6 +60,8 @@ def plan_setup(
     mirror_job: bool = False,
     templates: bool = False,
     image: bool = False,
+    kfp_repository: str = "",
+    image_repository: str = "",
 ) -> SetupPlan:
     """The APIs, accounts and bindings a deployment config needs in a project."""
     pipeline_sa = cfg.placement.service_account or default_pipeline_account(project)
@@ -72,6 +74,8 @@ def plan_setup(
         runtime_sa=runtime_sa,
         secret=_secret_id(cfg.model.hf_token_secret),
         submitter=submitter,
+        kfp_repository=kfp_repository,
+        image_repository=image_repository,
     )
     held = conditions(cfg, mirror_job=mirror_job, templates=templates, image=image)
     accounts = [

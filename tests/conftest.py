@@ -116,3 +116,37 @@ def run_as(monkeypatch: pytest.MonkeyPatch, api_url: str, principal: str) -> Non
     metadata = f"{api_url.removeprefix('http://')}/_md/{principal}"
     monkeypatch.setenv("GCE_METADATA_HOST", metadata)
     monkeypatch.setenv("GCE_METADATA_IP", metadata)
+
+
+def pipeline_identity(
+    monkeypatch: pytest.MonkeyPatch, emulator: Any, project: str, *, cfg: Any = None, bucket: str = ""
+) -> str:
+    """Grant the policy (components/iam_policy.py) for `cfg` in `project` of an in-process emulator, as `vlp setup`
+    would, and make this process call as the pipeline's service account; returns the account."""
+    from components.config import load_config
+    from pipelines.local.emulator.iam import project_number
+    from pipelines.setup import default_pipeline_account, plan_setup
+
+    if cfg is None:
+        cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "llama-3.1-8b-vllm-l4.yaml", [])
+    plan = plan_setup(cfg, project=project, bucket=bucket, region="us-central1", project_number=project_number(project))
+    for binding in plan.bindings:
+        if binding.resource and "/repositories/" not in binding.resource:
+            emulator.grant(binding.resource, binding.role, binding.member)
+    account = cfg.placement.service_account or default_pipeline_account(project)
+    run_as(monkeypatch, emulator.url, account)
+    return account
+
+
+def project_bucket(emulator: Any, gcs_url: str, name: str, project: str, location: str = "") -> None:
+    """A bucket of `project` in fake-gcs-server behind an in-process emulator (created there when missing, then
+    recorded as the project's: its default policy gives the project's owners and viewers their legacy roles)."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    backend = storage.Client(
+        project=project, credentials=AnonymousCredentials(), client_options={"api_endpoint": gcs_url}
+    )
+    if backend.lookup_bucket(name) is None:
+        backend.create_bucket(name)
+    emulator.record_bucket(name, project, location)

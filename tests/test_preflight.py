@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import auth_header, let_vertex_read, pipeline_identity, project_bucket
 from kfp import dsl
 
 from components import clients
@@ -66,9 +67,18 @@ def models(tmp_path_factory: pytest.TempPathFactory, hub_mirror: Any) -> dict[st
 
 
 @pytest.fixture
-def emulator(tmp_path: Path, hub_mirror: Any) -> Iterator[Any]:
-    emu = create_emulator(tmp_path / "emulator", hub_upstream=hub_mirror.url, serving=_NoServing())
+def emulator(tmp_path: Path, hub_mirror: Any, fake_gcs: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    emu = create_emulator(
+        tmp_path / "emulator", hub_upstream=hub_mirror.url, serving=_NoServing(), storage_endpoint=fake_gcs.url
+    )
     emu.start()
+    # Preflight runs as the pipeline's account, holding what `vlp setup` grants (the preset's Hub token included),
+    # and reaches Cloud Storage through the emulator's IAM gate.
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.url)
+    # A multi-region bucket: these tests are about quota, and the region fallback may go anywhere in the US.
+    project_bucket(emu, fake_gcs.url, "vlp-us-bucket", PROJECT, location="US")
+    pipeline_identity(monkeypatch, emu, PROJECT, bucket="vlp-us-bucket")
+    _post(emu, "/_emulator/secrets", {"name": "hf-token", "value": "hf_local_test_token"})
     try:
         yield emu
     finally:
@@ -76,9 +86,8 @@ def emulator(tmp_path: Path, hub_mirror: Any) -> Iterator[Any]:
 
 
 def _post(emu: Any, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    req = urllib.request.Request(
-        f"{emu.url}{path}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
-    )
+    headers = {"Content-Type": "application/json", **auth_header(emu, PROJECT)}
+    req = urllib.request.Request(f"{emu.url}{path}", data=json.dumps(body).encode(), headers=headers, method="POST")
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read() or b"{}")
 
@@ -97,13 +106,16 @@ def _deploy_l4(emu: Any, region: str, replicas: int = 1) -> None:
 
     kwargs = clients.gapic_kwargs(region, emu.url)
     parent = f"projects/{PROJECT}/locations/{region}"
+    # The other team's artifacts sit in a bucket of their region; Vertex copies them as its service agent.
+    project_bucket(emu, emu.storage_endpoint, f"other-team-{region}", PROJECT, location=region)
+    let_vertex_read(emu, f"other-team-{region}", PROJECT)
     model = (
         v1.ModelServiceClient(**kwargs)
         .upload_model(
             parent=parent,
             model=v1.Model(
                 display_name="other-team",
-                artifact_uri="gs://other/model",
+                artifact_uri=f"gs://other-team-{region}/model",
                 container_spec=v1.ModelContainerSpec(image_uri="vllm/vllm-openai:latest"),
             ),
         )
@@ -136,7 +148,7 @@ def test_quota_exhausted_in_a_region_picks_the_next(emulator: Any, hub_mirror: A
         cfg,
         project=PROJECT,
         region="",
-        bucket="gs://vlp-bucket/",
+        bucket="gs://vlp-us-bucket/",
         service_account="sa@x",
         run_name="Run 2026/11 #7",
         api_endpoint=emulator.url,
@@ -148,7 +160,7 @@ def test_quota_exhausted_in_a_region_picks_the_next(emulator: Any, hub_mirror: A
     assert quota["us-east4"]["ok"] and quota["us-east4"]["need"] == 1
     assert any("no quota in us-central1" in w for w in dep["plan"]["warnings"])
     assert dep["revision_sha"] == models["sha"]
-    assert dep["bucket"] == "vlp-bucket" and dep["project"] == PROJECT
+    assert dep["bucket"] == "vlp-us-bucket" and dep["project"] == PROJECT
     assert dep["labels"] == {"vlp-deployment": "llama-3-1-8b-vllm", "vlp-run": "run-2026-11-7"}
     assert dep["config"]["name"] == cfg.name and dep["api_endpoint"] == emulator.url
     assert dep["plan"]["fits"] and dep["plan"]["machine_type"] == "g2-standard-12"
@@ -255,7 +267,7 @@ def test_preflight_op_writes_report_and_metrics(
     out = preflight_op(
         project=PROJECT,
         region="us-east4",
-        bucket="vlp-bucket",
+        bucket="vlp-us-bucket",
         service_account="",
         config=cfg,
         preset={},
@@ -284,15 +296,9 @@ def test_the_weights_bucket_bounds_the_candidate_regions(
     emulator: Any, hub_mirror: Any, models: dict[str, Any], fake_gcs: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Vertex serves a model's artifacts from a bucket in the endpoint's region: the quota fallback stays there."""
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
 
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", fake_gcs.url)
-    gcs = storage.Client(
-        project=PROJECT, credentials=AnonymousCredentials(), client_options={"api_endpoint": fake_gcs.url}
-    )
-    if gcs.lookup_bucket("vlp-regional") is None:
-        gcs.create_bucket("vlp-regional")  # fake-gcs-server: US-CENTRAL1
+    project_bucket(emulator, fake_gcs.url, "vlp-regional", PROJECT)  # fake-gcs-server: US-CENTRAL1
+    pipeline_identity(monkeypatch, emulator, PROJECT, bucket="vlp-regional")
     _post(
         emulator, "/_emulator/quotas", {"quotas": {L4: {"us-central1": 0, "europe-west4": 8}, CPUS: {}}, "default": 48}
     )

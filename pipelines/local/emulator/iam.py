@@ -400,7 +400,7 @@ class IamService:
             for b in self.policy_of(f"projects/{project}").get("bindings") or []
         )
 
-    def record_bucket(self, bucket: str, project: str) -> None:
+    def record_bucket(self, bucket: str, project: str, location: str = "") -> None:
         """A bucket belongs to `project`; a new one gets Cloud Storage's default policy: the project's owners and
         editors own it and its objects, its viewers read them (Cloud Storage docs, "IAM roles for Cloud Storage":
         the convenience values a new bucket's policy grants)."""
@@ -408,6 +408,9 @@ class IamService:
         with self._lock:
             entry = self._iam_policies.setdefault(resource, dict(self.policy_of(resource)))
             entry["_project"] = project
+            if location:
+                # fake-gcs-server puts every bucket in US-CENTRAL1; the gate keeps and reports the one asked for.
+                entry["_location"] = location.upper()
             if not entry.get("bindings"):
                 owners = [f"projectEditor:{project}", f"projectOwner:{project}"]
                 entry["bindings"] = [
@@ -417,6 +420,11 @@ class IamService:
                     {"role": "roles/storage.legacyObjectReader", "members": [f"projectViewer:{project}"]},
                 ]
             self._save()
+
+    def bucket_location(self, bucket: str) -> str:
+        """The location a bucket was created in (recorded by the gate), or "" when it was not created through it."""
+        with self._lock:
+            return self._iam_policies.get(f"buckets/{bucket}", {}).get("_location", "")
 
     def bucket_project(self, bucket: str) -> str:
         """The project a bucket belongs to (recorded when it was created through the storage API)."""
@@ -639,6 +647,11 @@ class IamService:
         """testIamPermissions on a project, a service account or a secret: which of the asked permissions the
         caller holds there (a permission asked that the fixture does not know is simply not held)."""
         params = {k: v for k, v in p.items() if not k.startswith("_")}
+        if params.get("secret"):
+            from pipelines.local.emulator.side_apis import _read_state, _secrets_path
+
+            if params["secret"] not in _read_state(_secrets_path(self), {}):
+                raise ApiError("NOT_FOUND", f"Secret [projects/{params['project']}/secrets/{params['secret']}] not found.")
         _, scopes = _resource_of("", params, "")
         asked = json.loads(body or b"{}").get("permissions") or []
         held = [x for x in asked if self.allowed(p["_principal"], x, scopes)]
@@ -703,7 +716,7 @@ class IamService:
         if path == "/_emulator/iam" and method == "POST":
             resource = data["resource"]
             if data.get("project_of_bucket"):
-                self.record_bucket(resource.split("/", 1)[1], data["project_of_bucket"])
+                self.record_bucket(resource.split("/", 1)[1], data["project_of_bucket"], data.get("location", ""))
             if "policy" in data:
                 project = self._iam_policies.get(resource, {}).get("_project")
                 stored = self.set_policy(resource, data["policy"], check_etag=False)

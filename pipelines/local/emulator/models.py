@@ -186,6 +186,8 @@ class ModelsService:
         """The location of a gs:// URI's bucket in fake GCS ("" when there is no GCS peer or no such bucket)."""
         if not self.storage_endpoint or not uri.startswith("gs://"):
             return ""
+        if self.bucket_location(uri[5:].split("/", 1)[0]):
+            return self.bucket_location(uri[5:].split("/", 1)[0])
         from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 

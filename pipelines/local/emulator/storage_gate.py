@@ -81,12 +81,13 @@ class StorageGate:
     def _gcs_record_bucket(self, body: bytes, query: dict[str, list[str]]) -> None:
         """A bucket belongs to the project it is created in: project-level roles reach it."""
         try:
-            name = json.loads(body or b"{}").get("name", "")
+            data = json.loads(body or b"{}")
         except ValueError:
             return
+        name, location = data.get("name", ""), data.get("location", "")
         project = (query.get("project") or [""])[0]
         if name and project:
-            self.record_bucket(name, project)
+            self.record_bucket(name, project, location)
 
     def _gcs_bucket_iam(
         self, method: str, bucket: str, test: bool, query: dict[str, list[str]], body: bytes, principal: str
@@ -105,6 +106,22 @@ class StorageGate:
         answer = {"kind": "storage#policy", "resourceId": f"projects/_/buckets/{bucket}"}
         answer.update({k: v for k, v in stored.items() if not k.startswith("_")})
         return 200, json.dumps(answer).encode(), "application/json", {}
+
+    def _gcs_with_location(self, data: bytes) -> bytes:
+        """A bucket resource (or a list of them) with the location it was created in, not fake-gcs-server's."""
+        try:
+            parsed = json.loads(data)
+        except ValueError:
+            return data
+        buckets = parsed.get("items", []) if parsed.get("kind") == "storage#buckets" else [parsed]
+        changed = False
+        for bucket in buckets:
+            if isinstance(bucket, dict) and bucket.get("kind") == "storage#bucket":
+                location = self.bucket_location(bucket.get("name", ""))
+                if location:
+                    bucket["location"] = location
+                    changed = True
+        return json.dumps(parsed).encode() if changed else data
 
     def _gcs_forward(
         self, method: str, raw_path: str, query: dict[str, list[str]], body: bytes, headers: Any, principal: str
@@ -142,4 +159,5 @@ class StorageGate:
         if content_type.startswith("application/json") and "media" not in query.get("alt", []):
             # selfLink / mediaLink name fake-gcs-server; the client downloads from mediaLink when it has one.
             data = data.replace(base.encode(), self.url.encode())
+            data = self._gcs_with_location(data)
         return status, data, content_type, reply
