@@ -89,6 +89,11 @@ METHODS = [
     ),
     "run.invoke",  # calling a service URL (not a REST method of the Admin API)
     "secretmanager.projects.secrets.versions.access",
+    "secretmanager.projects.secrets.versions.get",
+    "secretmanager.projects.secrets.create",
+    "secretmanager.projects.secrets.get",
+    "secretmanager.projects.secrets.delete",
+    "secretmanager.projects.secrets.addVersion",
     "secretmanager.projects.secrets.getIamPolicy",
     "secretmanager.projects.secrets.setIamPolicy",
     "cloudquotas.projects.locations.services.quotaInfos.get",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import google_crc32c
 import pytest
+from conftest import as_tester
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
@@ -313,8 +314,10 @@ def emu(work: Path, gcs: Peer, manager: ServingManager, hub: tuple[Peer, str]) -
     emulator.stop()
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+def _post(url: str, body: dict, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(request) as response:
             return response.status, json.loads(response.read())
@@ -327,7 +330,7 @@ def test_secret_manager_client_reads_and_writes_secrets(emu: Emulator) -> None:
 
     assert _post(emu.url + "/_emulator/secrets", {"name": "hf-token", "value": "hf_seeded"})[0] == 200
     client = secretmanager.SecretManagerServiceClient(
-        transport="rest", client_options={"api_endpoint": emu.url}, credentials=AnonymousCredentials()
+        transport="rest", client_options={"api_endpoint": emu.url}, credentials=as_tester(emu, PROJECT)
     )
     seeded = client.access_secret_version(name=f"projects/{PROJECT}/secrets/hf-token/versions/latest")
     assert seeded.payload.data == b"hf_seeded"
@@ -353,6 +356,7 @@ def test_secret_manager_client_reads_and_writes_secrets(emu: Emulator) -> None:
     status, error = _post(
         f"{emu.url}/v1/projects/{PROJECT}/secrets/api-key:addVersion",
         {"payload": {"data": base64.b64encode(b"x").decode()}, "bogusField": 1},
+        {"Authorization": f"Bearer {as_tester(emu, PROJECT).token}"},
     )
     assert (
         status == 400 and error["error"]["status"] == "INVALID_ARGUMENT" and "bogusField" in error["error"]["message"]
@@ -366,7 +370,7 @@ def test_cloud_quotas_client_reads_limits_and_the_exhausted_fault(emu: Emulator)
     status, _ = _post(emu.url + "/_emulator/quotas", {"quotas": {l4: {"us-central1": 4, "us-east4": 0}}, "default": 8})
     assert status == 200
     client = cloudquotas_v1.CloudQuotasClient(
-        transport="rest", client_options={"api_endpoint": emu.url}, credentials=AnonymousCredentials()
+        transport="rest", client_options={"api_endpoint": emu.url}, credentials=as_tester(emu, PROJECT)
     )
     parent = f"projects/{PROJECT}/locations/global/services/aiplatform.googleapis.com"
 
@@ -395,7 +399,7 @@ def test_cloud_logging_client_lists_model_server_logs(emu: Emulator, vllm_model:
 
     client = cloud_logging.Client(
         project=PROJECT,
-        credentials=AnonymousCredentials(),
+        credentials=as_tester(emu, PROJECT),
         _use_grpc=False,
         client_options={"api_endpoint": emu.url},
     )

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import requests
 import yaml
+from conftest import TESTER, as_tester, auth_header, run_as
 from google.api_core.client_options import ClientOptions
-from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform_v1
 
 from components.config import ConfigError, load_config
@@ -77,9 +77,14 @@ def servers() -> ModelServers:
 
 
 @pytest.fixture
-def emu(tmp_path: Path, servers: ModelServers) -> Iterator[Emulator]:
+def emu(tmp_path: Path, servers: ModelServers, monkeypatch: pytest.MonkeyPatch) -> Iterator[Emulator]:
     emulator = create_emulator(tmp_path / "emulator", serving=servers)
     emulator.start()
+    # The CLI and the lifecycle code call as a developer who owns the project (its own Google credentials).
+    as_tester(emulator, PROJECT)
+    run_as(monkeypatch, emulator.url, TESTER)
+    _AUTH.clear()
+    _AUTH.update(auth_header(emulator, PROJECT))
     try:
         yield emulator
     finally:
@@ -97,9 +102,12 @@ def compiled_spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return compile_pipeline(tmp_path_factory.mktemp("compiled") / committed.name)
 
 
+_AUTH: dict[str, str] = {}  # the tester's Authorization header (set by the emu fixture)
+
+
 def _get(url: str) -> tuple[int, dict[str, Any]]:
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=_AUTH), timeout=10) as response:
             return response.status, json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read() or b"{}")
@@ -415,7 +423,7 @@ def _clients(emu: Emulator) -> tuple[Any, Any, Any]:
     kw = {
         "client_options": ClientOptions(api_endpoint=emu.url),
         "transport": "rest",
-        "credentials": AnonymousCredentials(),
+        "credentials": as_tester(emu, PROJECT),
     }
     return (
         aiplatform_v1.ModelServiceClient(**kw),

@@ -118,6 +118,19 @@ METHOD_TABLE: list[tuple[str, str, str]] = [
         r"/v1/projects/(?P<project>[^/]+)/(?:locations/[^/]+/)?secrets/(?P<secret>[^/:]+)/versions/[^/:]+:access",
         "secretmanager.projects.secrets.versions.access",
     ),
+    ("POST", r"/v1/projects/(?P<project>[^/]+)/secrets", "secretmanager.projects.secrets.create"),
+    (
+        "POST",
+        r"/v1/projects/(?P<project>[^/]+)/secrets/(?P<secret>[^/:]+):addVersion",
+        "secretmanager.projects.secrets.addVersion",
+    ),
+    (
+        "GET",
+        r"/v1/projects/(?P<project>[^/]+)/secrets/(?P<secret>[^/:]+)/versions/[^/:]+",
+        "secretmanager.projects.secrets.versions.get",
+    ),
+    ("GET", r"/v1/projects/(?P<project>[^/]+)/secrets/(?P<secret>[^/:]+)", "secretmanager.projects.secrets.get"),
+    ("DELETE", r"/v1/projects/(?P<project>[^/]+)/secrets/(?P<secret>[^/:]+)", "secretmanager.projects.secrets.delete"),
     (
         "(?:GET|POST)",
         r"/v1/projects/(?P<project>[^/]+)/secrets/(?P<secret>[^/:]+):getIamPolicy",
@@ -455,6 +468,8 @@ class IamService:
         if found is None:
             return principal  # the route table answers 404 for what the emulator does not serve
         method_id, params = found
+        if method_id == "logging.entries.list":
+            params = {**params, "project": _logging_project(body)}
         api = API_OF[method_id.split(".", 1)[0]]
         project = params.get("project", "")
         if project and project != "-":
@@ -651,7 +666,9 @@ class IamService:
             from pipelines.local.emulator.side_apis import _read_state, _secrets_path
 
             if params["secret"] not in _read_state(_secrets_path(self), {}):
-                raise ApiError("NOT_FOUND", f"Secret [projects/{params['project']}/secrets/{params['secret']}] not found.")
+                raise ApiError(
+                    "NOT_FOUND", f"Secret [projects/{params['project']}/secrets/{params['secret']}] not found."
+                )
         _, scopes = _resource_of("", params, "")
         asked = json.loads(body or b"{}").get("permissions") or []
         held = [x for x in asked if self.allowed(p["_principal"], x, scopes)]
@@ -784,6 +801,15 @@ def _api_title(api: str) -> str:
     return titles.get(api, api)
 
 
+def _logging_project(body: bytes) -> str:
+    """entries.list names its projects in the body (resourceNames: ["projects/P"])."""
+    try:
+        names = json.loads(body or b"{}").get("resourceNames") or []
+    except ValueError:
+        return ""
+    return next((n.split("/")[1] for n in names if n.startswith("projects/")), "")
+
+
 def _account_project(account: str) -> str:
     """The project a service account lives in: in its email, or, for the Compute Engine default account and the
     service agents, the project whose number the email carries."""
@@ -809,7 +835,7 @@ def _resource_of(path: str, params: dict[str, str], api: str) -> tuple[str, list
         name = f"projects/{account_project}/serviceAccounts/{params['account']}"
         return f"//iam.googleapis.com/{name}", [name] + ([f"projects/{account_project}"] if account_project else [])
     match = re.match(r"^/v[0-9a-z]+/(projects/.*?)(?::[a-zA-Z]+)?$", path)
-    name = match.group(1) if match else path
+    name = match.group(1) if match else (f"projects/{project}" if project else path)
     # Vertex names the location (or the project) in a denial on a collection; the path's resource otherwise.
     return f"//{api}/{name}", project_scope
 
