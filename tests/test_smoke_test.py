@@ -19,6 +19,8 @@ from components.config import load_config
 from components.prediction import canary_tries
 from components.server_logs import deploy_failure_message, log_filter
 from components.smoke_test import SmokeTestError, run_smoke_test
+from pipelines.local.runner import setup_local
+from pipelines.setup import default_pipeline_account
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 REGION = "us-central1"
@@ -35,7 +37,8 @@ def _deployment(api_endpoint: str, overrides: tuple[str, ...] = (), **smoke: Any
         "project": PROJECT,
         "region": REGION,
         "bucket": BUCKET,
-        "service_account": "",
+        # The model server runs as the pipeline's account, which `vlp setup` let read the bucket.
+        "service_account": default_pipeline_account(PROJECT),
         "run_name": "smoke-run",
         "labels": {"vlp-deployment": cfg.name},
         # The local stack serves on CPU: the plan the preflight gives for `hardware: auto` there.
@@ -76,12 +79,17 @@ def _deploy(deployment: dict[str, Any], weights_uri: str, endpoint: str, traffic
 @pytest.fixture(scope="module")
 def served(local_stack: Any, smollm2_model_dir: Path) -> Iterator[dict[str, Any]]:
     """SmolLM2 mirrored to fake GCS, registered and deployed on an emulated endpoint through our own requests."""
-    saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "VLP_API_ENDPOINT")}
+    saved = {
+        k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "VLP_API_ENDPOINT", "GCE_METADATA_HOST", "GCE_METADATA_IP")
+    }
     os.environ["STORAGE_EMULATOR_HOST"] = local_stack.storage_endpoint
     try:
-        client = storage_client(PROJECT)
-        if client.lookup_bucket(BUCKET) is None:
-            client.create_bucket(BUCKET)
+        # `vlp setup` for the demo in this project (the bucket too), then call as the pipeline's account, as a step.
+        # The TGI tests' uploads carry artifactUri, which Vertex copies as its service agent: its grant too.
+        for sets in ([], ["serving.engine=tgi"]):
+            cfg = load_config(CONFIGS / "local-demo.yaml", sets)
+            _, account = setup_local(local_stack, cfg, project=PROJECT, bucket=BUCKET, region=REGION)
+        os.environ.update({k: v for k, v in local_stack.env(account).items() if k.startswith("GCE_METADATA")})
         weights = _upload_dir(smollm2_model_dir, f"models/HuggingFaceTB/SmolLM2-135M-Instruct/{SHA}")
         deployment = _deployment(local_stack.api_endpoint)
         endpoints = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(REGION, local_stack.api_endpoint))
