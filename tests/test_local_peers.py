@@ -6,6 +6,7 @@ import filecmp
 import json
 import os
 import shutil
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,12 +157,21 @@ def test_local_stack_starts_and_stops(tmp_path: Path) -> None:
     with LocalStack(tmp_path / "state") as stack:
         peers = [stack.gcs, stack.hub, stack.emulator]
         assert all(p is not None and p.alive() for p in peers)
-        env = stack.env()
-        assert env["STORAGE_EMULATOR_HOST"] == stack.gcs.url
+        account = "vlp-pipeline@local-project.iam.gserviceaccount.com"
+        env = stack.env(account)
+        # Cloud Storage is reached through the emulator, which checks IAM before fake-gcs-server sees a request.
+        assert env["STORAGE_EMULATOR_HOST"] == stack.storage_endpoint == stack.emulator.url != stack.gcs_backend
         assert env["HF_ENDPOINT"] == stack.emulator.url + "/hf"
         assert env["VLP_API_ENDPOINT"] == stack.api_endpoint == stack.emulator.url
+        assert env["GCE_METADATA_HOST"] == stack.emulator.url.removeprefix("http://") + f"/_md/{account}"
         assert "HF_HUB_OFFLINE" not in env
-        with urllib.request.urlopen(f"{stack.storage_endpoint}/storage/v1/b") as resp:
+        listing = f"{stack.storage_endpoint}/storage/v1/b?project=local-project"
+        with pytest.raises(urllib.error.HTTPError) as anonymous:
+            urllib.request.urlopen(listing)
+        assert anonymous.value.code == 401
+        owner = stack.bootstrap_owner("local-project")
+        request = urllib.request.Request(listing, headers={"Authorization": f"Bearer {stack.token(owner)}"})
+        with urllib.request.urlopen(request) as resp:
             assert resp.status == 200
     assert not any(p.alive() for p in peers)
     assert all(p.log_path.is_file() for p in peers)

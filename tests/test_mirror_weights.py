@@ -318,11 +318,23 @@ def test_gated_repo_needs_a_token_with_access(hub_root: Path, bucket: str) -> No
 
 def test_gated_repo_through_the_emulator_hub_gate(local_stack, tiny_model_dir: Path, monkeypatch) -> None:
     from components.config import config_from_dict
+    from pipelines.local.models import publish_to_hub_mirror
+    from pipelines.local.runner import setup_local
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", local_stack.storage_endpoint)
     bucket = f"gated-{uuid.uuid4().hex[:8]}"
-    storage_client().create_bucket(bucket)
-    from pipelines.local.models import publish_to_hub_mirror
+    gated = config_from_dict(
+        {
+            "name": "gated",
+            "model": {"repo": "meta-llama/Tiny-Gated", "hf_token_secret": "hf-token"},
+            "endpoint": {"name": "gated"},
+        }
+    )
+    # `vlp setup` (the bucket, the secret's grant), then the mirror runs as the pipeline's account.
+    _, account = setup_local(local_stack, gated, project="local-project", bucket=bucket, region="us-central1")
+    for key, value in local_stack.env(account).items():
+        if key.startswith("GCE_METADATA"):
+            monkeypatch.setenv(key, value)
 
     publish_to_hub_mirror(tiny_model_dir, local_stack.mirrors_dir, "meta-llama/Tiny-Gated")
     api = local_stack.api_endpoint
