@@ -187,7 +187,7 @@ def read_quota_limit(
         info = clients.quotas_client(api_endpoint).get_quota_info(name=name)
     except gexc.NotFound:
         return 0, f"{quota_id} not found for the project (limit 0)"
-    except gexc.PermissionDenied as exc:
+    except (gexc.PermissionDenied, gexc.Forbidden) as exc:  # REST answers Forbidden, gRPC PermissionDenied
         from components.access import disabled_api
 
         # A disabled API answers 403 too: say which fix applies.

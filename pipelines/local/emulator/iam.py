@@ -386,6 +386,18 @@ class IamService:
                 bindings.append({"role": role, "members": [principal_member]})
             self.set_policy(resource, {"bindings": bindings}, check_etag=False)
 
+    def revoke(self, resource: str, role: str, principal_member: str) -> None:
+        """Remove one binding (what `gcloud ... remove-iam-policy-binding` does)."""
+        with self._lock:
+            policy = self.policy_of(resource)
+            kept = [
+                {"role": b["role"], "members": [m for m in b["members"] if m != principal_member]}
+                if b["role"] == role
+                else b
+                for b in policy.get("bindings") or []
+            ]
+            self.set_policy(resource, {"bindings": kept}, check_etag=False)
+
     def allowed(self, principal: str, permission: str, resources: list[str]) -> bool:
         """Whether a binding on any of `resources` (the resource, then its project) grants `permission`."""
         members = {"allUsers"} | ({member(principal), "allAuthenticatedUsers"} if principal else set())
@@ -744,15 +756,7 @@ class IamService:
             self.grant(data["resource"], data["role"], data["member"])
             return 200, json.dumps(_public(self.policy_of(data["resource"]))).encode()
         if path == "/_emulator/iam:revoke" and method == "POST":
-            with self._lock:
-                policy = self.policy_of(data["resource"])
-                kept = [
-                    {"role": b["role"], "members": [m for m in b["members"] if m != data["member"]]}
-                    if b["role"] == data["role"]
-                    else b
-                    for b in policy.get("bindings") or []
-                ]
-                self.set_policy(data["resource"], {"bindings": kept}, check_etag=False)
+            self.revoke(data["resource"], data["role"], data["member"])
             return 200, json.dumps(_public(self.policy_of(data["resource"]))).encode()
         if path == "/_emulator/apis" and method == "POST":
             with self._lock:
@@ -813,11 +817,11 @@ def _logging_project(body: bytes) -> str:
 def _account_project(account: str) -> str:
     """The project a service account lives in: in its email, or, for the Compute Engine default account and the
     service agents, the project whose number the email carries."""
+    number = re.fullmatch(r"(?:service-)?(\d+)(?:-compute)?@(?:developer|gcp-sa-[a-z-]+)\..*", account)
+    if number:
+        return _PROJECT_OF_NUMBER.get(number.group(1), "")
     match = re.fullmatch(r"[^@]+@([^.]+)\.iam\.gserviceaccount\.com", account)
-    if match:
-        return match.group(1)
-    number = re.fullmatch(r"(?:service-)?(\d+)(?:-compute)?@.*", account)
-    return _PROJECT_OF_NUMBER.get(number.group(1), "") if number else ""
+    return match.group(1) if match else ""
 
 
 def _resource_of(path: str, params: dict[str, str], api: str) -> tuple[str, list[str]]:
