@@ -18,16 +18,6 @@ from google.api_core import exceptions as gexc
 from google.cloud import aiplatform_v1, run_v2, storage
 from test_preflight import _NoServing
 
-
-class _Serving(_NoServing):
-    """No model servers: these tests are about who may start one, not what it answers."""
-
-    def is_healthy(self, serving_id: str) -> bool:
-        return False
-
-    def known_ids(self) -> list[str]:
-        return []
-
 from components import clients
 from components.config import load_config
 from components.iam_policy import RULES, Binding, markdown
@@ -42,6 +32,17 @@ from pipelines.local.emulator.iam import (
     vertex_service_agent,
 )
 from pipelines.setup import apply, default_pipeline_account, plan_setup
+
+
+class _Serving(_NoServing):
+    """No model servers: these tests are about who may start one, not what it answers."""
+
+    def is_healthy(self, serving_id: str) -> bool:
+        return False
+
+    def known_ids(self) -> list[str]:
+        return []
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = REPO_ROOT / "configs"
