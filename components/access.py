@@ -8,6 +8,7 @@ from typing import Any
 
 from components.iam_policy import RULES, Identities, conditions, member_of
 
+GOOGLE_API = {"aiplatform": "https://{region}-aiplatform.googleapis.com", "run": "https://run.googleapis.com"}
 GOOGLE = {
     "cloudresourcemanager": "https://cloudresourcemanager.googleapis.com",
     "iam": "https://iam.googleapis.com",
@@ -33,7 +34,7 @@ def check_access(cfg: Any, *, project: str, bucket: str, api_endpoint: str = "")
     )
     held = conditions(cfg)
     asker = _Asker(api_endpoint, project)
-    problems = []
+    problems = asker.disabled_apis(cfg, project)
     for rule in RULES:
         if rule.who != "pipeline" or rule.when not in held or not rule.checks:
             continue
@@ -78,6 +79,26 @@ class _Asker:
         self.session = AuthorizedSession(creds)
         self.project = project
 
+    def disabled_apis(self, cfg: Any, project: str) -> list[str]:
+        """One cheap list call per API the steps drive: a disabled one answers SERVICE_DISABLED whoever asks."""
+        region = cfg.placement.regions[0] if cfg.placement.regions else "us-central1"
+        probes = {"aiplatform": f"/v1/projects/{project}/locations/{region}/endpoints?pageSize=1"}
+        if cfg.target == "cloud_run":
+            probes["run"] = f"/v2/projects/{project}/locations/{region}/services?pageSize=1"
+        problems = []
+        for service, path in probes.items():
+            base = self.host.rstrip("/") if self.local else GOOGLE_API[service].format(region=region)
+            response = self.session.get(f"{base}{path}", timeout=30)
+            if response.status_code == 403:
+                try:
+                    details = response.json().get("error", {}).get("details") or []
+                except ValueError:
+                    details = []
+                fix = disabled_api(_Details(details))
+                if fix:
+                    problems.append(fix.replace("PROJECT", project))
+        return problems
+
     def held(self, resource: str, permissions: list[str]) -> set[str]:
         """The permissions of `permissions` the caller holds on `resource`."""
         if resource.startswith("buckets/"):
@@ -105,6 +126,13 @@ class _Asker:
             raise _Missing(f"{_pretty(resource)} does not exist (or cannot be seen): create it, or run `vlp setup`")
         response.raise_for_status()
         return set(response.json().get("permissions") or [])
+
+
+class _Details:
+    """An error's details as disabled_api reads them."""
+
+    def __init__(self, details: list[dict[str, Any]]) -> None:
+        self.details = details
 
 
 def _pretty(resource: str) -> str:

@@ -376,6 +376,15 @@ def test_a_disabled_api_is_named_with_its_fix(emu: Any, monkeypatch: pytest.Monk
     with pytest.raises(gexc.GoogleAPICallError) as caught:
         list(endpoints.list_endpoints(parent=f"projects/{ctx['project']}/locations/{REGION}"))
     assert caught.value.code == 403 and "aiplatform.googleapis.com" in disabled_api(caught.value)
+    # Preflight says so before anything else, with the command that fixes it.
+    from components.access import check_access
+
+    problems = check_access(ctx["cfg"], project=ctx["project"], bucket=ctx["bucket"], api_endpoint=emu.url)
+    assert problems == [
+        "aiplatform.googleapis.com is disabled in this project: enable it (gcloud services enable "
+        f"aiplatform.googleapis.com --project {ctx['project']}, or `vlp setup`), wait a minute for it to take effect, "
+        "then run again"
+    ]
 
 
 def test_storage_gate_session_uris_media_links_and_the_default_bucket_policy(
