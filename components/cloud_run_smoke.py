@@ -67,7 +67,7 @@ def run_service_smoke_test(
     flt = revision_log_filter(cfg.service_id, revision)
     # The token's audience is the service's own URL: Cloud Run accepts it on every URL of the service, tags too
     # (run/docs/authenticating/service-to-service; unverified for tag URLs, so the emulator checks only the account).
-    from components.cloud_run_service import id_token_session
+    from components.cloud_run_probe import id_token_session
 
     session = id_token_session(service_url or url)
     try:
@@ -134,7 +134,7 @@ def smoke_test_service_op(
     from logging import getLogger
 
     from components.benchmark import add_costs, log_benchmark_metrics, render_html, run_benchmark
-    from components.cloud_run_service import id_token_headers
+    from components.cloud_run_probe import id_token_headers
     from components.cloud_run_smoke import run_service_smoke_test
     from components.config import config_from_dict
     from components.runtime import checkpoint

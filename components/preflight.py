@@ -335,7 +335,7 @@ def preflight_op(
         except PreflightError:
             candidate = None  # the full preflight below reports it
         if candidate and cfg.target == "cloud_run":
-            from components.cloud_run_service import unchanged_service
+            from components.cloud_run_probe import unchanged_service
 
             unchanged = unchanged_service(candidate)
         else:

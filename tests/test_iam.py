@@ -20,7 +20,8 @@ from test_preflight import _NoServing
 
 from components import clients
 from components.config import load_config
-from components.iam_policy import RULES, Binding, markdown
+from components.iam_policy import RULES, Binding
+from pipelines.iam_docs import markdown
 from pipelines.local.emulator import create_emulator
 from pipelines.local.emulator.iam import (
     FIXTURE,
@@ -274,7 +275,7 @@ def _the_real_call_is_refused(emu: Any, ctx: dict[str, Any], binding: Binding) -
         with pytest.raises(gexc.GoogleAPICallError, match=f"iam.serviceAccounts.actAs.*{runtime}"):
             _create_service(ctx, api, runtime)
     elif key == ("pipeline", "roles/iam.serviceAccountOpenIdTokenCreator", "pipeline_sa"):
-        from components.cloud_run_service import _generate_id_token
+        from components.cloud_run_probe import _generate_id_token
         from components.runtime import StepError
 
         with pytest.raises(StepError, match="roles/iam.serviceAccountOpenIdTokenCreator") as caught:

@@ -1,0 +1,61 @@
+"""The policy of components/iam_policy.py for people: the tables docs/iam.md shows between its `policy` markers
+(tests/test_iam.py keeps the two equal). Kept out of components/ so the steps do not carry it: kfp passes a step's
+code as one command-line argument, which Linux caps at 128 KiB."""
+
+from __future__ import annotations
+
+from components.iam_policy import APIS, RULES
+
+# The identities, in the user's words.
+IDENTITIES = {
+    "pipeline": "pipeline SA: the account the pipeline runs as (`placement.service_account`); every step of a "
+    "Vertex AI pipeline runs as it, and so does a Vertex endpoint's model server (vlp deploys it as this account)",
+    "runtime": "Cloud Run runtime SA: the account a revision runs as (`cloud_run.service_account`, else the "
+    "pipeline SA)",
+    "vertex_agent": "Vertex AI Service Agent (`service-PROJECT_NUMBER@gcp-sa-aiplatform.iam.gserviceaccount.com`)",
+    "custom_code_agent": "Vertex AI Custom Code Service Agent "
+    "(`service-PROJECT_NUMBER@gcp-sa-aiplatform-cc.iam.gserviceaccount.com`)",
+    "submitter": "submitter: whoever starts runs or creates schedules (a person, CI, Cloud Build)",
+    "publisher": "publisher: whoever runs `vlp publish` (usually CI)",
+}
+# Where a role is granted.
+SCOPES = {
+    "project": "the project",
+    "bucket": "the bucket",
+    "secret": "the Hub token secret",
+    "pipeline_sa": "the pipeline SA",
+    "runtime_sa": "the runtime SA",
+    "kfp_repository": "the KFP template repository (Artifact Registry)",
+    "image_repository": "the component image's Docker repository",
+}
+# When a rule applies (empty: always).
+CONDITIONS = {
+    "": "always",
+    "vertex": "`target: vertex`",
+    "cloud_run": "`target: cloud_run`",
+    "gated": "`model.hf_token_secret` is set",
+    "tgi_vertex": "TGI on Vertex (the Model has `artifactUri`)",
+    "runtime_separate": "`cloud_run.service_account` is another account",
+    "mirror_job_agent": "a big model's mirror runs as a custom job and no `placement.service_account` is set",
+    "templates": "runs from a template tag (console, `--template-uri` schedules)",
+    "image": "steps compiled with `--image`",
+}
+
+
+def markdown() -> str:
+    """The policy as the tables docs/iam.md shows between its `policy` markers (tests keep the two equal)."""
+    lines: list[str] = []
+    for who, title in IDENTITIES.items():
+        rules = [r for r in RULES if r.who == who]
+        lines += [
+            f"### {title[0].upper()}{title[1:]}",
+            "",
+            "| Role | On | When | Steps | Why |",
+            "|---|---|---|---|---|",
+        ]
+        for r in rules:
+            lines.append(f"| `{r.role}` | {SCOPES[r.on]} | {CONDITIONS[r.when]} | {r.steps} | {r.why} |")
+        lines.append("")
+    lines += ["### APIs `vlp setup` enables", "", "| Target | APIs |", "|---|---|"]
+    lines += [f"| `{target}` | {', '.join(f'`{a}`' for a in apis)} |" for target, apis in APIS.items()]
+    return "\n".join(lines).rstrip() + "\n"
