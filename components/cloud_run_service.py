@@ -140,7 +140,7 @@ def deploy_revision(deployment: dict[str, Any], weights_uri: str) -> DeployedRev
 
         try:
             grant_invoker(services, name, member)
-        except exceptions.PermissionDenied as exc:
+        except exceptions.Forbidden as exc:  # PermissionDenied (gRPC) is a Forbidden (REST) too
             raise StepError(
                 f"cannot grant {INVOKER} on {name} to {member} ({exc.message}): give the pipeline's service account "
                 "roles/run.admin on the project (setIamPolicy), or grant it roles/run.invoker on the service yourself"

@@ -121,7 +121,7 @@ def describe_endpoint(endpoint_resource: str, api_endpoint: str = "") -> Endpoin
             f"endpoint {endpoint_resource} does not exist: was it deleted, or is the region wrong? "
             f"List them with: gcloud ai endpoints list --region={parts['region']} --project={parts['project']}"
         ) from None
-    except gexc.PermissionDenied as exc:
+    except gexc.Forbidden as exc:  # REST answers Forbidden; gRPC PermissionDenied, a subclass
         raise EndpointError(
             f"no permission to read endpoint {endpoint_resource}: grant the pipeline's service account "
             f"roles/aiplatform.user on project {parts['project']} ({exc.message})"

@@ -201,7 +201,7 @@ def _read_hf_token(cfg: DeploymentConfig, project: str, api_endpoint: str) -> st
             f'enabled version: create it with `printf %s "$HF_TOKEN" | gcloud secrets create {secret.split("/")[-1]} '
             f"--data-file=- --project={project}`, or correct model.hf_token_secret"
         ) from None
-    except gexc.PermissionDenied:
+    except gexc.Forbidden:  # REST answers Forbidden; gRPC PermissionDenied, a subclass
         raise PreflightError(
             f"cannot read Secret Manager secret {secret!r} (model.hf_token_secret): grant the pipeline's service "
             "account roles/secretmanager.secretAccessor on it"
@@ -265,7 +265,9 @@ def run_preflight(
         "project": project,
         "region": plan.region,
         "bucket": bucket,
-        "service_account": service_account or cfg.placement.service_account,
+        # Who the model server (or revision) will run as, decided once: every later step, and the no-op check's spec
+        # hash, see the same account (the pipeline's own unless the run or the config names one).
+        "service_account": service_account or cfg.placement.service_account or clients.own_account(api_endpoint),
         "run_name": run_name,
         "labels": {"vlp-deployment": label_value(cfg.name), "vlp-run": label_value(run_name or "manual")},
         "plan": plan.to_dict(),

@@ -128,15 +128,19 @@ def test_mirror_command_against_the_local_stack(tmp_path: Path, tiny_model_dir: 
     from pipelines.local.peers import LocalStack
 
     with LocalStack(tmp_path / "state") as stack:
-        stack_env = stack.env()
+        # A developer who owns the project runs `vlp mirror` with their own credentials; the bucket they create
+        # gives the project's owners its objects (Cloud Storage's default bucket policy).
+        owner = stack.bootstrap_owner("local-project")
+        stack_env = stack.env(owner)
         from pipelines.local.models import publish_to_hub_mirror
 
         sha = publish_to_hub_mirror(tiny_model_dir, stack.mirrors_dir, "vlp-test/tiny-llama")
-        from google.auth.credentials import AnonymousCredentials
         from google.cloud import storage
 
         storage.Client(
-            project="p", credentials=AnonymousCredentials(), client_options={"api_endpoint": stack.storage_endpoint}
+            project="local-project",
+            credentials=stack.credentials(owner),
+            client_options={"api_endpoint": stack.storage_endpoint},
         ).create_bucket("mirror-bucket")
         args = [
             "--api-endpoint",

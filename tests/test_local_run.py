@@ -182,21 +182,39 @@ ENDPOINT_KINDS = {
 }
 
 
-def _hammer(endpoint: str, api: str, kind: str, stop: threading.Event, results: list[int]) -> None:
+def _hammer(endpoint: str, stack: Any, kind: str, stop: threading.Event, results: list[Any]) -> None:
     """A user calling the endpoint the way its kind is called: chat completions on the regional host, or the
-    endpoint-level invoke route on a dedicated endpoint's own DNS (both routed to the emulator by http_session)."""
-    from components.prediction import describe_endpoint, http_session
+    endpoint-level invoke route on a dedicated endpoint's own DNS (both routed to the emulator by http_session).
+    The user is the project's owner, with credentials of its own (the run's steps call as the pipeline's account).
+    Any error lands in `results`, so the test sees it."""
+    try:
+        _hammer_as_owner(endpoint, stack, kind, stop, results)
+    except Exception as exc:  # noqa: BLE001 - reported to the test through results
+        results.append(repr(exc))
 
-    info = describe_endpoint(endpoint, api)
+
+def _hammer_as_owner(endpoint: str, stack: Any, kind: str, stop: threading.Event, results: list[Any]) -> None:
+    from google.cloud import aiplatform_v1
+
+    from components.prediction import http_session, parse_endpoint, vertex_base_url
+
+    api = stack.api_endpoint
+    credentials = stack.credentials(stack.bootstrap_owner(parse_endpoint(endpoint)["project"]))
+    parts = parse_endpoint(endpoint)
+    endpoints = aiplatform_v1.EndpointServiceClient(
+        client_options={"api_endpoint": api}, transport="rest", credentials=credentials
+    )
+    base_url = vertex_base_url(parts["region"], api, endpoints.get_endpoint(name=endpoint).dedicated_endpoint_dns)
     session = http_session(api)
+    session.credentials = credentials
     messages = [{"role": "user", "content": "hi"}]
     if kind == "invoke":
-        url = f"{info.base_url}/v1/{endpoint}/invoke/generate"
+        url = f"{base_url}/v1/{endpoint}/invoke/generate"
         body: dict[str, Any] = {
             "instances": [{"@requestFormat": "chatCompletions", "messages": messages, "max_tokens": 2}]
         }
     else:
-        url = f"{info.base_url}/v1beta1/{endpoint}/chat/completions"
+        url = f"{base_url}/v1beta1/{endpoint}/chat/completions"
         body = {"messages": messages, "max_tokens": 2}
     while not stop.is_set():
         try:
@@ -225,7 +243,7 @@ def test_redeploy_new_revision_is_blue_green_without_downtime(
     (changed / "generation_config.json").write_text(json.dumps(gen))
 
     # Keep the endpoint busy from another thread for the whole redeploy, through a fresh emulator start.
-    results: list[int] = []
+    results: list[Any] = []  # status codes, or the error that stopped the caller
     stop = threading.Event()
     from pipelines.local import peers
 
@@ -235,7 +253,7 @@ def test_redeploy_new_revision_is_blue_green_without_downtime(
     def start_and_hammer(self: Any) -> Any:
         out = original_start(self)
         thread = threading.Thread(
-            target=_hammer, args=(first["endpoint"], self.api_endpoint, call, stop, results), daemon=True
+            target=_hammer, args=(first["endpoint"], self, call, stop, results), daemon=True
         )
         thread.start()
         threads.append(thread)
@@ -264,6 +282,7 @@ def test_redeploy_new_revision_is_blue_green_without_downtime(
     assert second["deployed_models"][0]["id"] != old_id
     assert second["deployed_models"][0]["traffic_percent"] == 100
     # The restarted emulator brings the old model back up first; count from its first answer on.
+    assert not [r for r in results if isinstance(r, str)], results  # the caller's thread never failed
     answered = results[next((i for i, s in enumerate(results) if s == 200), len(results)) :]
     assert len(answered) > 5
     assert all(s == 200 for s in answered), results
