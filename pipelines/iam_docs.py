@@ -4,6 +4,9 @@ code as one command-line argument, which Linux caps at 128 KiB."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from components.iam_policy import APIS, RULES
 
 # The identities, in the user's words.
@@ -59,3 +62,19 @@ def markdown() -> str:
     lines += ["### APIs `vlp setup` enables", "", "| Target | APIs |", "|---|---|"]
     lines += [f"| `{target}` | {', '.join(f'`{a}`' for a in apis)} |" for target, apis in APIS.items()]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def fix_for(permission: str, who: str = "submitter") -> str:
+    """The role of the policy that holds `permission` (for `who` first, then any identity), said for people."""
+    roles = json.loads(
+        (Path(__file__).resolve().parent.parent / "components" / "contract" / "gcp-iam.json").read_text()
+    )
+    held = [r for r in RULES if permission in roles["roles"].get(r.role, [])]
+    held.sort(key=lambda r: r.who != who)
+    if not held:
+        return ""
+    rule = held[0]
+    return (
+        f"grant {rule.role} on {SCOPES[rule.on]} to the {IDENTITIES[rule.who].split(':')[0]} (docs/iam.md; "
+        "`vlp setup --dry-run` prints the gcloud lines)"
+    )

@@ -28,9 +28,11 @@ def permission_hint(exc: Exception) -> str:
             r"([a-z]+\.[a-zA-Z]+\.[a-zA-Z]+) denied", str(exc)
         )
         missing = perm.group(1) if perm else "(see the message above)"
-        return (
-            f"Google refused the call (403): missing permission {missing}. Grant the caller a role that has it "
-            "(README.md lists the roles per step), e.g. roles/aiplatform.user for aiplatform.* permissions."
+        from pipelines.iam_docs import fix_for
+
+        fix = fix_for(missing) if perm else ""
+        return f"Google refused the call (403): missing permission {missing}. " + (
+            f"Fix: {fix}." if fix else "Grant the caller a role that has it (docs/iam.md lists them)."
         )
     return ""
 

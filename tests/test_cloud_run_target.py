@@ -19,7 +19,8 @@ from pipelines.local.runner import run_local
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_REPO = "vlp-test/tiny-llama"
-ACCOUNT = "vlp-local@local-project.iam.gserviceaccount.com"  # the emulator's metadata stand-in's account
+# The pipeline's account: the deploy step grants it roles/run.invoker on the service it deploys.
+ACCOUNT = "vlp-pipeline@local-project.iam.gserviceaccount.com"
 
 
 def run_config(name: str = "tiny-run", *overrides: str) -> Any:
@@ -221,9 +222,13 @@ def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: 
         assert _chat(url, None) == 403
         assert _chat(url, _token("someone@example.com")) == 403
         assert _chat(url, _token(ACCOUNT)) == 200
-        # `vlp teardown` knows Cloud Run: the runs' revisions and the service the first run created all go.
+        # `vlp teardown` knows Cloud Run: the runs' revisions and the service the first run created all go. The
+        # project's owner runs it, with credentials of its own.
         from pipelines.cli import main
 
+        for key, value in stack.env(stack.bootstrap_owner("local-project")).items():
+            if key.startswith("GCE_METADATA"):
+                monkeypatch.setenv(key, value)
         config = str(ROOT / "configs" / "local-demo-cloud-run.yaml")
         assert main(["--api-endpoint", stack.api_endpoint, "teardown", config, "--dry-run"]) == 0
         assert _chat(url, _token(ACCOUNT)) == 200

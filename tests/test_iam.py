@@ -151,10 +151,14 @@ def _configs() -> dict[str, Any]:
     }
 
 
-def _project_setup(emu: Any, monkeypatch: pytest.MonkeyPatch, cfg: Any, name: str) -> dict[str, Any]:
-    """A fresh project with `vlp setup` applied by its owner; this process then calls as the pipeline's account."""
+def _project_setup(
+    emu: Any, monkeypatch: pytest.MonkeyPatch, cfg: Any, name: str, *, submitter: str = ""
+) -> dict[str, Any]:
+    """A fresh project with `vlp setup` applied by its owner; this process then calls as the pipeline's account
+    (or as `submitter`, when one is named: who starts runs)."""
     n = next(_COUNTER)
     project, bucket = f"iam-{name}-{n}", f"iam-{name}-{n}-bucket"
+    submitter = submitter.replace("PROJECT", project)
     if cfg.target == "cloud_run" and name.endswith("runtime"):
         cfg = cfg.model_copy(deep=True)
         cfg.cloud_run.service_account = f"{RUNTIME}@{project}.iam.gserviceaccount.com"
@@ -162,7 +166,9 @@ def _project_setup(emu: Any, monkeypatch: pytest.MonkeyPatch, cfg: Any, name: st
     emu.grant(f"projects/{project}", "roles/owner", f"serviceAccount:{owner}")
     creds = emu.credentials_for(owner)
     gcs = storage.Client(project=project, credentials=creds, client_options={"api_endpoint": emu.url})
-    plan = plan_setup(cfg, project=project, bucket=bucket, region=REGION, project_number=project_number(project))
+    plan = plan_setup(
+        cfg, project=project, bucket=bucket, region=REGION, project_number=project_number(project), submitter=submitter
+    )
     changed = apply(plan, api_endpoint=emu.url, credentials=creds, storage_client=gcs, log=lambda _: None)
     assert changed and not apply(plan, api_endpoint=emu.url, credentials=creds, storage_client=gcs, log=lambda _: None)
     if cfg.model.hf_token_secret:
@@ -176,8 +182,16 @@ def _project_setup(emu: Any, monkeypatch: pytest.MonkeyPatch, cfg: Any, name: st
     account = default_pipeline_account(project)
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emu.url)
     monkeypatch.setenv("VLP_API_ENDPOINT", emu.url)
-    run_as(monkeypatch, emu.url, account)
-    return {"cfg": cfg, "project": project, "bucket": bucket, "account": account, "plan": plan, "gcs": gcs}
+    run_as(monkeypatch, emu.url, submitter or account)
+    return {
+        "cfg": cfg,
+        "project": project,
+        "bucket": bucket,
+        "account": account,
+        "submitter": submitter,
+        "plan": plan,
+        "gcs": gcs,
+    }
 
 
 def _bindings() -> list[tuple[str, str, str, str]]:
@@ -422,3 +436,26 @@ def test_the_demo_identities_are_principals(emu: Any) -> None:
 
     assert _account_project(compute_default_account(project)) == project
     assert _account_project(vertex_service_agent(project)) == project
+
+
+@pytest.mark.parametrize("role", ["roles/aiplatform.user", "roles/iam.serviceAccountUser"])
+def test_each_submitter_binding_removed_refuses_the_run_naming_the_permission_and_role(
+    emu: Any, monkeypatch: pytest.MonkeyPatch, role: str
+) -> None:
+    """`vlp run` on Vertex (here: the emulator's pipelineJobs) as CI: with the policy's two submitter grants the job
+    is created; without either, the submit fails naming the missing permission and the role that holds it."""
+    from pipelines.submit import submit_run
+
+    monkeypatch.chdir(REPO_ROOT)
+    ctx = _project_setup(
+        emu, monkeypatch, _configs()["vertex"], "submit", submitter="ci@PROJECT.iam.gserviceaccount.com"
+    )
+    args = dict(project=ctx["project"], region=REGION, bucket=ctx["bucket"], api_endpoint=emu.url)
+    assert submit_run(ctx["cfg"], service_account=ctx["account"], **args)["pipeline_job"]
+    (binding,) = [b for b in ctx["plan"].bindings if b.rule.who == "submitter" and b.role == role]
+    emu.revoke(binding.resource, binding.role, binding.member)
+    permission = {"roles/aiplatform.user": "aiplatform.pipelineJobs.create"}.get(role, "iam.serviceAccounts.actAs")
+    with pytest.raises(RuntimeError) as caught:
+        submit_run(ctx["cfg"], service_account=ctx["account"], **args)
+    message = str(caught.value)
+    assert permission in message and role in message and "docs/iam.md" in message, message
