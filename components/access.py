@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.iam_policy import RULES, Identities, conditions, member_of
+from components.iam_policy import RULES, Identities, conditions, member_of, secret_id
 
 GOOGLE_API = {"aiplatform": "https://{region}-aiplatform.googleapis.com", "run": "https://run.googleapis.com"}
 GOOGLE = {
@@ -30,7 +30,7 @@ def check_access(cfg: Any, *, project: str, bucket: str, api_endpoint: str = "")
         bucket=bucket,
         pipeline_sa=account,
         runtime_sa=cfg.cloud_run.service_account if cfg.target == "cloud_run" else "",
-        secret=_secret_id(cfg.model.hf_token_secret),
+        secret=secret_id(cfg.model.hf_token_secret),
     )
     held = conditions(cfg)
     asker = _Asker(api_endpoint, project)
@@ -139,12 +139,6 @@ def _pretty(resource: str) -> str:
     if resource.startswith("buckets/"):
         return "gs://" + resource.split("/", 1)[1]
     return resource
-
-
-def _secret_id(secret: str) -> str:
-    if not secret:
-        return ""
-    return secret.split("/secrets/", 1)[1].split("/", 1)[0] if "/secrets/" in secret else secret
 
 
 def disabled_api(exc: BaseException) -> str:

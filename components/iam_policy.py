@@ -277,6 +277,13 @@ class Identities:
         }[scope]
 
 
+def secret_id(secret: str) -> str:
+    """The secret's id in `model.hf_token_secret` (NAME, projects/P/secrets/NAME or .../versions/V)."""
+    if not secret:
+        return ""
+    return secret.split("/secrets/", 1)[1].split("/", 1)[0] if "/secrets/" in secret else secret
+
+
 def member_of(email: str) -> str:
     """The IAM member string for an email: service accounts and agents, else a user."""
     return f"serviceAccount:{email}" if email.endswith("gserviceaccount.com") else f"user:{email}"

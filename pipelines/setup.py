@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from components.iam_policy import APIS, Binding, Identities, bindings, conditions
+from components.iam_policy import APIS, Binding, Identities, bindings, conditions, secret_id
 
 GOOGLE_HOSTS = {
     "serviceusage": "https://serviceusage.googleapis.com",
@@ -72,7 +72,7 @@ def plan_setup(
         bucket=bucket,
         pipeline_sa=pipeline_sa,
         runtime_sa=runtime_sa,
-        secret=_secret_id(cfg.model.hf_token_secret),
+        secret=secret_id(cfg.model.hf_token_secret),
         submitter=submitter,
         kfp_repository=kfp_repository,
         image_repository=image_repository,
@@ -89,13 +89,6 @@ def plan_setup(
         accounts=accounts,
         bindings=bindings(ids, held),
     )
-
-
-def _secret_id(secret: str) -> str:
-    # model.hf_token_secret is NAME, projects/P/secrets/NAME or .../versions/V.
-    if not secret:
-        return ""
-    return secret.split("/secrets/", 1)[1].split("/", 1)[0] if "/secrets/" in secret else secret
 
 
 class _Api:
