@@ -11,11 +11,10 @@ Rules, with their sources (../shared/research/cloud-run.md; googleapis google/cl
 - a GPU takes `nvidia.com/gpu: "1"` with a node selector, at least 4 CPU and 16 GiB (L4) or 20 CPU and 80 GiB
   (RTX PRO 6000), and CPU always allocated (cpu_idle false) (run/docs/configuring/services/gpu);
 - a startup probe's period and initial delay are at most 240 s (vendor.proto Probe).
-It also stands in for the metadata server's identity endpoint, so google.oauth2.id_token.fetch_id_token works
-offline. Each revision with traffic or a tag gets a model server (serving.py) on the weights its Cloud Storage volume or
+The metadata server's stand-in (ID tokens included) is iam.py's. Each revision with traffic or a tag gets a model server (serving.py) on the weights its Cloud Storage volume or
 AIP_STORAGE_URI names; the create/update operation ends when they answer, or fails with code 9 and the service
 keeps its traffic. A call to the service URL is refused with 403 unless its ID token's email holds
-roles/run.invoker. Quotas: every revision with traffic or a tag counts at its max instances against the region's
+run.routes.invoke on the service or its project (roles/run.invoker, ...). Quotas: every revision with traffic or a tag counts at its max instances against the region's
 CPU, memory and GPU quota (run/docs/configuring/max-instances-limits).
 """
 
