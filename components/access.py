@@ -94,7 +94,7 @@ class _Asker:
                     details = response.json().get("error", {}).get("details") or []
                 except ValueError:
                     details = []
-                fix = disabled_api(_Details(details))
+                fix = _disabled_in(details)
                 if fix:
                     problems.append(fix.replace("PROJECT", project))
         return problems
@@ -128,13 +128,6 @@ class _Asker:
         return set(response.json().get("permissions") or [])
 
 
-class _Details:
-    """An error's details as disabled_api reads them."""
-
-    def __init__(self, details: list[dict[str, Any]]) -> None:
-        self.details = details
-
-
 def _pretty(resource: str) -> str:
     if resource.startswith("buckets/"):
         return "gs://" + resource.split("/", 1)[1]
@@ -144,9 +137,13 @@ def _pretty(resource: str) -> str:
 def disabled_api(exc: BaseException) -> str:
     """A fix for Google's SERVICE_DISABLED answer ("" for any other error): which API, in which project."""
     if getattr(exc, "reason", None) == "SERVICE_DISABLED":
-        service = dict(getattr(exc, "metadata", None) or {}).get("service", "the API")
-        return _enable_fix(service)
-    for detail in getattr(exc, "details", None) or []:
+        return _enable_fix(dict(getattr(exc, "metadata", None) or {}).get("service", "the API"))
+    return _disabled_in(getattr(exc, "details", None) or [])
+
+
+def _disabled_in(details: list[Any]) -> str:
+    """The same fix, read from an error's details (ErrorInfo protos, or the JSON of a REST answer)."""
+    for detail in details:
         reason = getattr(detail, "reason", None) or (detail.get("reason") if isinstance(detail, dict) else None)
         if reason == "SERVICE_DISABLED":
             metadata = getattr(detail, "metadata", None) or (detail.get("metadata") if isinstance(detail, dict) else {})

@@ -16,9 +16,6 @@ def api_endpoint(explicit: str = "") -> str:
     return explicit or os.environ.get(API_ENDPOINT_ENV, "")
 
 
-api_endpoint_of = api_endpoint  # for functions whose own parameter is named api_endpoint
-
-
 def _is_local(endpoint: str) -> bool:
     return endpoint.startswith("http://")
 
@@ -56,16 +53,27 @@ def sync_metadata_host() -> str:
     return host
 
 
-def own_account(api_endpoint: str = "") -> str:
+def own_account(endpoint: str = "") -> str:
     """The service account this step runs as, from the metadata server (Vertex AI's, or the local stand-in that
     GCE_METADATA_HOST names); empty when there is none (a developer's own credentials)."""
-    import os
+    host = "http://metadata.google.internal"
+    if _is_local(api_endpoint(endpoint)):
+        host = "http://" + os.environ.get("GCE_METADATA_HOST", "metadata.google.internal")
+    if host not in _ACCOUNTS:
+        account = _account_at(host)
+        if not account:
+            return ""  # not remembered: the next call asks again
+        _ACCOUNTS[host] = account
+    return _ACCOUNTS[host]
 
+
+# Asked once per metadata server: preflight needs it for the grant check, the deployment and the no-op probe.
+_ACCOUNTS: dict[str, str] = {}
+
+
+def _account_at(host: str) -> str:
     import requests
 
-    host = "http://metadata.google.internal"
-    if _is_local(api_endpoint_of(api_endpoint)):
-        host = "http://" + os.environ.get("GCE_METADATA_HOST", "metadata.google.internal")
     try:
         email = requests.get(
             f"{host}/computeMetadata/v1/instance/service-accounts/default/email",
@@ -79,8 +87,10 @@ def own_account(api_endpoint: str = "") -> str:
 
 def serving_account(deployment: dict, cfg: Any) -> str:
     """The account a deployed model (or a Cloud Run revision) runs as: the run's, the config's, else the step's own."""
-    return deployment.get("service_account") or cfg.placement.service_account or own_account(
-        deployment.get("api_endpoint", "")
+    return (
+        deployment.get("service_account")
+        or cfg.placement.service_account
+        or own_account(deployment.get("api_endpoint", ""))
     )
 
 

@@ -426,19 +426,23 @@ class LocalStack:
             "GCE_METADATA_IP": metadata,
         }
 
-    def token(self, principal: str) -> str:
-        """An access token for `principal` (what its metadata server would hand it), for in-process clients."""
+    def _control(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST to the emulator's test plumbing (/_emulator/...)."""
         import json
         import urllib.request
 
         request = urllib.request.Request(
-            f"{self.api_endpoint}/_emulator/token",
-            data=json.dumps({"principal": principal}).encode(),
+            f"{self.api_endpoint}/_emulator/{path}",
+            data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"},
             method="POST",
         )
         with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())["token"]
+            return json.loads(response.read() or b"{}")
+
+    def token(self, principal: str) -> str:
+        """An access token for `principal` (what its metadata server would hand it), for in-process clients."""
+        return self._control("token", {"principal": principal})["token"]
 
     def credentials(self, principal: str) -> Any:
         """google-auth credentials that call as `principal`."""
@@ -449,27 +453,11 @@ class LocalStack:
     def bootstrap_owner(self, project: str, bucket: str = "") -> str:
         """The project's creator: roles/owner on it, as a new project's creator has (runs `vlp setup` locally).
         A local bucket already there (an earlier run's state) belongs to this project."""
-        import json
-        import urllib.request
-
         if bucket:
-            request = urllib.request.Request(
-                f"{self.api_endpoint}/_emulator/iam",
-                data=json.dumps({"resource": f"buckets/{bucket}", "project_of_bucket": project}).encode(),
-                headers={"Content-Type": "application/json"},
-                method="POST",
-            )
-            urllib.request.urlopen(request, timeout=10).close()
+            self._control("iam", {"resource": f"buckets/{bucket}", "project_of_bucket": project})
         owner = f"vlp-admin@{project}.iam.gserviceaccount.com"
-        request = urllib.request.Request(
-            f"{self.api_endpoint}/_emulator/iam:grant",
-            data=json.dumps(
-                {"resource": f"projects/{project}", "role": "roles/owner", "member": f"serviceAccount:{owner}"}
-            ).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        urllib.request.urlopen(request, timeout=10).close()
+        member = f"serviceAccount:{owner}"
+        self._control("iam:grant", {"resource": f"projects/{project}", "role": "roles/owner", "member": member})
         return owner
 
     def log_paths(self) -> list[Path]:
