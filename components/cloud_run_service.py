@@ -272,9 +272,10 @@ def promote_service_op(deployment: dict, service: str, revision: str) -> None:
 def roll_back_service_op(deployment: dict, service: str, revision: str, reason: str) -> None:
     """Roll back after a failed smoke test: the old revision keeps its traffic, the new one is deleted."""
     from components.cloud_run_service import _clients, remove_revision
-    from components.runtime import StepError, setup_logging
+    from components.runtime import StepError, checkpoint, setup_logging
 
     log = setup_logging()
+    checkpoint("roll-back-service")
     if deployment["config"]["teardown"] == "never":
         log.warning("teardown: never — leaving revision %s in place (0%% traffic) for debugging", revision)
     else:

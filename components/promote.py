@@ -5,6 +5,7 @@ import time
 
 log = logging.getLogger("vlp.promote")
 
+PROMOTED_LABEL = "vlp-promoted"  # on a model version once its deployed model holds the endpoint
 STEP_PAUSE_S = 60.0  # between canary steps on Vertex: long enough for errors to show in monitoring
 
 
@@ -56,6 +57,40 @@ def promote(
         log.info("traffic on %s: %s", endpoint_resource, split)
         if i < len(steps) - 1:
             time.sleep(pause)
+    # The commit point: from here on the new model is the endpoint's, and an exit handler that finds the run
+    # failed finishes retiring the old ones instead of removing the new (teardown.remove_run_resources).
+    mark_promoted(deployment, endpoint_resource, deployed_model_id)
+    return retire_others(client, endpoint_resource, deployed_model_id)
+
+
+def mark_promoted(deployment: dict, endpoint_resource: str, deployed_model_id: str) -> None:
+    """Label the model version behind `deployed_model_id` as promoted (PROMOTED_LABEL). Version labels, because the
+    version is what the run created and what the exit handler looks at; UpdateModel on MODEL@VERSION updates the
+    version's labels (UpdateModelRequest.model's documentation)."""
+    from google.cloud import aiplatform_v1
+    from google.protobuf import field_mask_pb2
+
+    from components import clients
+    from components.runtime import deployed_version_name
+
+    endpoint = clients.endpoint_client(deployment).get_endpoint(name=endpoint_resource)
+    dm = next((d for d in endpoint.deployed_models if d.id == deployed_model_id), None)
+    if dm is None:
+        return
+    models = aiplatform_v1.ModelServiceClient(
+        **clients.gapic_kwargs(deployment["region"], deployment.get("api_endpoint", ""))
+    )
+    version = models.get_model(name=deployed_version_name(dm))
+    labels = {**version.labels, PROMOTED_LABEL: "true"}
+    models.update_model(
+        model=aiplatform_v1.Model(name=deployed_version_name(dm), labels=labels),
+        update_mask=field_mask_pb2.FieldMask(paths=["labels"]),
+    )
+    log.info("deployed model %s (%s) is promoted: it keeps the endpoint whatever happens next", dm.id, dm.model)
+
+
+def retire_others(client, endpoint_resource: str, deployed_model_id: str) -> list[str]:  # noqa: ANN001
+    """Undeploy every deployed model but `deployed_model_id`, which holds 100% by now. Returns the ids undeployed."""
     retired = []
     for dm in client.get_endpoint(name=endpoint_resource).deployed_models:
         if dm.id == deployed_model_id:

@@ -35,11 +35,41 @@ def label_value(value: str) -> str:
 
 def checkpoint(step: str) -> None:
     """A fault point: `vlp run --local --inject kill-step:STEP` kills the step here, after its main
-    side effect, to prove the exit handler cleans up after a crashed step."""
-    if os.environ.get(KILL_STEP_ENV, "") == step:
-        logging.getLogger("vlp").error("fault injected: killing step %s", step)
-        sys.stdout.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
+    side effect, to prove the exit handler cleans up after a crashed step. `kill-step:STEP@N` kills it
+    instead right after the N-th Google API call it makes from here on has been answered: between two
+    calls, where a crash is most likely to leave a half-done change."""
+    for wanted in os.environ.get(KILL_STEP_ENV, "").split(","):
+        if wanted == step:
+            _kill(f"fault injected: killing step {step}")
+        name, _, calls = wanted.partition("@")
+        if name == step and calls.isdigit():
+            _kill_after_calls(step, int(calls))
+
+
+def _kill(message: str) -> None:
+    logging.getLogger("vlp").error(message)
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_after_calls(step: str, calls: int) -> None:
+    """Count every HTTP request the step sends (the google clients' REST transports and the prediction session
+    all go through requests), except token fetches from the metadata server, whose timing depends on caching."""
+    import requests
+
+    send = requests.Session.send
+    answered = 0
+
+    def counting_send(self: requests.Session, request: requests.PreparedRequest, **kwargs: object) -> object:
+        nonlocal answered
+        response = send(self, request, **kwargs)
+        if "/computeMetadata/" not in (request.url or ""):
+            answered += 1
+            if answered >= calls:
+                _kill(f"fault injected: killing step {step} after call {answered} ({request.method} {request.url})")
+        return response
+
+    requests.Session.send = counting_send  # type: ignore[method-assign]
 
 
 def without_nulls(value: object) -> object:

@@ -92,12 +92,18 @@ def remove_run_resources(
     run_label: str,
     api_endpoint: str = "",
     pending_wait_s: float = PENDING_DEPLOY_WAIT_S,
+    keep_promoted: bool = False,
 ) -> Removed:
     """Remove what the run labelled `run_label` created: its deployed models (from any endpoint), the
     endpoints it created once empty, and its model versions. Safe to call twice; never touches what
-    other runs created, so the model that served before a failed redeploy keeps serving."""
+    other runs created, so the model that served before a failed redeploy keeps serving.
+
+    `keep_promoted` (the exit handler of a failed run under `teardown: on_failure`): a model version that promote
+    labelled promoted holds its endpoint's traffic and the old models may be gone already, so removing it could
+    leave the endpoint serving nothing. It stays, and promote's unfinished part (retiring the others) is done."""
     from google.cloud import aiplatform_v1
 
+    from components.promote import PROMOTED_LABEL
     from components.runtime import deployed_version_name
 
     removed = Removed()
@@ -107,12 +113,12 @@ def remove_run_resources(
         for ep in endpoints.list_endpoints(request=aiplatform_v1.ListEndpointsRequest(parent=parent)):
             if _wait_for_pending_deploys(endpoints, ep.name, pending_wait_s):
                 ep = endpoints.get_endpoint(name=ep.name)  # what landed while we waited
-            mine = [
-                dm
-                for dm in ep.deployed_models
-                if _model_labels(models, deployed_version_name(dm)).get("vlp-run") == run_label
-            ]
-            if mine:
+            labels = {dm.id: _model_labels(models, deployed_version_name(dm)) for dm in ep.deployed_models}
+            mine = [dm for dm in ep.deployed_models if labels[dm.id].get("vlp-run") == run_label]
+            promoted = [dm for dm in mine if keep_promoted and labels[dm.id].get(PROMOTED_LABEL)]
+            if promoted:
+                removed.undeployed += _finish_promotion(endpoints, ep, promoted[0].id, run_label)
+            elif mine:
                 split = _reassigned_split(ep, {dm.id for dm in mine})
                 for dm in mine:
                     log.info("undeploying %s from %s (created by run %s)", dm.id, ep.name, run_label)
@@ -130,7 +136,11 @@ def remove_run_resources(
         model_filter = f"labels.vlp-deployment={deployment_name}"
         for model in models.list_models(request=aiplatform_v1.ListModelsRequest(parent=parent, filter=model_filter)):
             versions = list(models.list_model_versions(name=model.name))
-            ours = [v for v in versions if v.labels.get("vlp-run") == run_label]
+            ours = [
+                v
+                for v in versions
+                if v.labels.get("vlp-run") == run_label and not (keep_promoted and v.labels.get(PROMOTED_LABEL))
+            ]
             if not ours:
                 continue
             if len(ours) == len(versions):
@@ -138,7 +148,7 @@ def remove_run_resources(
                 models.delete_model(name=model.name).result(timeout=600)
                 removed.deleted.append(model.name)
                 continue
-            survivors = [v for v in versions if v.labels.get("vlp-run") != run_label]
+            survivors = [v for v in versions if v not in ours]
             for v in ours:
                 if "default" in v.version_aliases:
                     # Vertex refuses to delete the default version; hand the alias back first.
@@ -148,6 +158,28 @@ def remove_run_resources(
                 models.delete_model_version(name=f"{model.name}@{v.version_id}").result(timeout=600)
                 removed.deleted.append(f"{model.name}@{v.version_id}")
     return removed
+
+
+def _finish_promotion(endpoints, ep, keeper: str, run_label: str) -> list[str]:  # noqa: ANN001
+    """Promote died after its commit point: the run's promoted model takes all traffic and the others go, as promote
+    would have done. Each undeploy hands the leaving model's traffic to the keeper in the same request, so a crash
+    here too leaves the endpoint serving. Returns ENDPOINT/deployedModels/ID of what went."""
+    log.info(
+        "run %s promoted deployed model %s on %s before it failed: keeping it and retiring the others",
+        run_label,
+        keeper,
+        ep.name,
+    )
+    undeployed = []
+    for dm in ep.deployed_models:
+        if dm.id == keeper:
+            continue
+        log.info("undeploying previous deployed model %s (%s)", dm.id, dm.model)
+        endpoints.undeploy_model(endpoint=ep.name, deployed_model_id=dm.id, traffic_split={keeper: 100}).result(
+            timeout=1800
+        )
+        undeployed.append(f"{ep.name}/deployedModels/{dm.id}")
+    return undeployed
 
 
 def should_remove(policy: str, run_state: str) -> bool:
@@ -174,10 +206,11 @@ def roll_back(deployment: dict, reason: str) -> Removed:
 
 def roll_back_op(deployment: dict, reason: str) -> None:
     """Roll back after a failed smoke test, then fail the run with the smoke test's message."""
-    from components.runtime import StepError, setup_logging
+    from components.runtime import StepError, checkpoint, setup_logging
     from components.teardown import roll_back
 
     log = setup_logging()
+    checkpoint("roll-back")
     removed = roll_back(deployment, reason)
     for name in removed.undeployed + removed.deleted:
         log.info("removed %s", name)
@@ -213,11 +246,12 @@ def cleanup_op(
 
     from components.config import ConfigError, config_from_dict
     from components.run_form import FIELD_NAMES, resolve_config
-    from components.runtime import label_value, setup_logging
+    from components.runtime import checkpoint, label_value, setup_logging
     from components.teardown import Removed, remove_run_resources, should_remove
 
     outputs = namedtuple("CleanupOutputs", ["removed"])
     log = setup_logging()
+    checkpoint("cleanup")
     params = locals()
     form = {name: params[name] for name in FIELD_NAMES}
     try:
@@ -239,7 +273,10 @@ def cleanup_op(
 
         removed = Removed(deleted=remove_run_services(project, regions, cfg.name, label_value(run_name), api_endpoint))
     else:
-        removed = remove_run_resources(project, regions, cfg.name, label_value(run_name), api_endpoint)
+        # A failed run whose model was promoted keeps it (teardown: always removes it, as after a success).
+        removed = remove_run_resources(
+            project, regions, cfg.name, label_value(run_name), api_endpoint, keep_promoted=cfg.teardown != "always"
+        )
     for name in removed.undeployed + removed.deleted:
         log.info("removed %s", name)
     if not removed.undeployed and not removed.deleted:

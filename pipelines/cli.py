@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FAULT",
         help="local runs: inject a fault (quota-exhausted, hub-gated, upload-error, deploy-error, deploy-timeout, "
-        "server-crash, predict-429, smoke-fail, kill-step:STEP); repeatable",
+        "server-crash, predict-429, smoke-fail, kill-step:STEP, kill-step:STEP@N: after its N-th API call); repeatable",
     )
     p.add_argument("--model-dir", type=Path, default=None, help="local runs: serve this model directory as model.repo")
 

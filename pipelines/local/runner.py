@@ -44,6 +44,9 @@ KILLABLE_STEPS = {
     "deploy-service",
     "smoke-test-service",
     "promote-service",
+    "roll-back",
+    "roll-back-service",
+    "cleanup",
 }
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _TASK_START = re.compile(r"Executing task '?([\w-]+)'?")
@@ -53,19 +56,23 @@ log = logging.getLogger("vlp.local")
 
 
 def split_faults(faults: list[str]) -> tuple[list[str], str]:
-    """Emulator faults, and the step to kill (kill-step:STEP), validated with a message that lists the choices."""
-    emulator, kill = [], ""
+    """Emulator faults, and the steps to kill (kill-step:STEP[@N], comma-joined for the steps' environment),
+    validated with a message that lists the choices."""
+    emulator, kills = [], []
     for fault in faults:
         if fault.startswith("kill-step:"):
-            kill = fault.split(":", 1)[1]
-            if kill not in KILLABLE_STEPS:
+            kills.append(fault.split(":", 1)[1])
+            step, at, calls = kills[-1].partition("@")
+            if step not in KILLABLE_STEPS:
                 raise ConfigError(f"--inject {fault}: unknown step; choose one of {', '.join(sorted(KILLABLE_STEPS))}")
+            if at and not (calls.isdigit() and int(calls) > 0):
+                raise ConfigError(f"--inject {fault}: after '@' comes a number of API calls (1 or more)")
         elif fault in EMULATOR_FAULTS:
             emulator.append(fault)
         else:
-            choices = ", ".join(sorted(EMULATOR_FAULTS | {"kill-step:STEP"}))
+            choices = ", ".join(sorted(EMULATOR_FAULTS | {"kill-step:STEP", "kill-step:STEP@N"}))
             raise ConfigError(f"--inject {fault}: unknown fault; choose one of {choices}")
-    return emulator, kill
+    return emulator, ",".join(kills)
 
 
 def _hub_reachable() -> bool:
