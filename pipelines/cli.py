@@ -18,6 +18,7 @@ from pipelines.cli_options import (
     add_json,
     add_placement_args,
 )
+from pipelines.local.peers import StateDirBusy
 
 DEFAULT_STATE_DIR = Path(".vlp/local")
 
@@ -358,6 +359,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             image=args.image or None,
             summary_json=args.summary_json,
         )
+    if summary.get("interrupted"):
+        import signal
+
+        return 128 + int(signal.Signals[summary["interrupted"]])  # as the shell reports a signal's end
     return EXIT_OK if summary.get("status") in {"succeeded", "noop", "submitted"} else EXIT_FAILED
 
 
@@ -445,8 +450,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_local(args: argparse.Namespace) -> int:
     import shutil
 
+    from pipelines.local.peers import lock_state_dir
+
     state = args.state_dir
     if state.exists():
+        # Not under a running stack's feet: the lock refuses while a run holds the dir.
+        lock_state_dir(state, "vlp local reset").close()
         shutil.rmtree(state)
         print(f"removed local state {state}")
     else:
@@ -479,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = lifecycle_cli.COMMANDS[args.command]
     try:
         return handler(args)
-    except (ConfigError, UserError) as exc:
+    except (ConfigError, UserError, StateDirBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -48,12 +48,13 @@ def apply() -> None:
 
     from kfp.local import subprocess_task_handler as sth
 
-    from pipelines.local import step_records
-
-    run = sth.run_local_subprocess
+    from pipelines.local import interrupts, step_records
 
     def run_and_report(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
-        code = run(full_command, env_vars)
+        # kfp.local's own call, in a session of its own so that SIGINT/SIGTERM reach the runner first
+        # (pipelines/local/interrupts.py).
+        env = {**os.environ, **env_vars} if env_vars else None
+        code = interrupts.run_step(full_command, env, step_records.op_of(full_command))
         if code:
             print(f"[vlp] step process exited with code {code}", flush=True)
             step_records.add_exit_code(os.environ.get(step_records.ENV_DIR, ""), full_command, code)

@@ -303,6 +303,41 @@ def start_emulator(
     return peer
 
 
+class StateDirBusy(RuntimeError):
+    """Another process holds the state dir: two stacks on one dir would share ports' records, resource ids and
+    serving directories, and the last save of the emulator's state would win."""
+
+
+def lock_state_dir(state_dir: Path, holder: str) -> Any:
+    """An exclusive lock on STATE_DIR/lock, held by the returned open file until it is closed or the process ends
+    (SIGKILL included: flock locks die with their process, so a crashed run never leaves a stale lock). The file
+    says who holds it. Raises StateDirBusy, naming the holder, when another process has it."""
+    import fcntl
+    import json
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    handle = (state_dir / "lock").open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        try:
+            other = json.loads(handle.read() or "{}")
+        except ValueError:
+            other = {}
+        handle.close()
+        who = f"{other.get('holder', 'another vlp process')} (pid {other.get('pid', '?')}, since {other.get('since', '?')})"
+        raise StateDirBusy(
+            f"the local state dir {state_dir} is in use by {who}: wait for it to finish, or give this run a state "
+            "dir of its own with --state-dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"holder": holder, "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
+    handle.flush()
+    return handle
+
+
 class LocalStack:
     """The whole local cloud: fake GCS, the Hub mirror and the Vertex emulator in front of both.
 
@@ -316,8 +351,11 @@ class LocalStack:
         *,
         faults: Iterable[str] = (),
         persist_gcs: bool = True,
+        holder: str = "a local stack",
     ) -> None:
         self.state_dir = Path(state_dir if state_dir is not None else DEFAULT_STATE_DIR).resolve()
+        self.holder = holder
+        self._lock: Any = None
         self.log_dir = self.state_dir / "logs"
         self.mirrors_dir = self.state_dir / "hub-mirrors"
         self.faults = list(faults)
@@ -327,7 +365,9 @@ class LocalStack:
         self.emulator: Peer | None = None
 
     def start(self) -> LocalStack:
-        """Starts the three peers, stopping any already started if one fails."""
+        """Starts the three peers, stopping any already started if one fails. Refuses (StateDirBusy) while another
+        process holds the state dir."""
+        self._lock = lock_state_dir(self.state_dir, self.holder)
         try:
             gcs_data = self.state_dir / "gcs" if self.persist_gcs else None
             self.gcs = start_fake_gcs(gcs_data, self.log_dir)
@@ -384,6 +424,9 @@ class LocalStack:
             thread.start()
         for thread in threads:
             thread.join()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def _require(self, peer: Peer | None, name: str) -> Peer:
         if peer is None:

@@ -351,6 +351,22 @@ def _smoke_outputs(pipeline_root: Path, run_dir: str) -> dict[str, Any]:
     return smoke
 
 
+def interrupted_error(summary: dict[str, Any], at_once: bool) -> str:
+    """What a stopped run tells its user: which signal, where it struck, and what may be left."""
+    failed = next((s["name"] for s in summary["steps"] if s["status"] == "failed" and s["name"] != "cleanup"), "")
+    text = f"the run was stopped by {summary['interrupted']}" + (f" during step {failed}" if failed else "")
+    if at_once:
+        left = ", ".join(summary.get("left_running") or []) or "nothing found running"
+        return (
+            f"{text}, and stopped again before the exit handler finished: what it may have left: {left}. "
+            "It stays in the local state: the next run replaces the deployment, `vlp local reset` clears it all."
+        )
+    cleanup = next((s for s in summary["steps"] if s["name"] == "cleanup"), None)
+    if cleanup is None or cleanup["status"] != "succeeded":
+        return f"{text}; the exit handler did not run to the end: see left running below"
+    return f"{text}; the exit handler removed what the run created"
+
+
 def setup_local(
     stack: Any, cfg: DeploymentConfig, *, project: str, bucket: str, region: str
 ) -> tuple[str, str]:
@@ -390,7 +406,7 @@ def run_local(
     from kfp import local
 
     from pipelines.compile import compile_to_temp
-    from pipelines.local import import_guard, kfp_fixes, step_records
+    from pipelines.local import import_guard, interrupts, kfp_fixes, step_records
     from pipelines.local.peers import LocalStack
 
     kfp_fixes.apply()
@@ -402,7 +418,9 @@ def run_local(
     started = time.monotonic()
     saved_env = dict(os.environ)
     # The stack first: the emulator restarts the model servers of earlier runs while the rest is set up.
-    with LocalStack(state_dir, faults=emulator_faults) as stack:
+    holder = f"vlp run --local of deployment {cfg.name}"
+    # SIGINT/SIGTERM from here on stop the run like a failed step: the exit handler still runs (interrupts.py).
+    with interrupts.handled(), LocalStack(state_dir, faults=emulator_faults, holder=holder) as stack:
         template = compile_to_temp(reuse=True)  # the same compiler as `vlp compile`: the run executes the spec
         pipeline = kfp_components.load_component_from_file(str(template))
         hub_mode = prepare_model(cfg, stack.mirrors_dir, model_dir)
@@ -441,7 +459,10 @@ def run_local(
             with contextlib.redirect_stdout(tee), view or contextlib.nullcontext(), warnings.catch_warnings():
                 # kfp.local warns, per task, that display names and resource limits mean nothing locally.
                 warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
-                pipeline(**params)
+                if interrupts.signal_name() is None:  # a signal while the stack started: nothing to run
+                    pipeline(**params)
+        except interrupts.StopNow:
+            pass  # a second signal: the summary below says what the unfinished exit handler may have left
         finally:
             root.removeHandler(handler)
             os.environ.clear()
@@ -462,6 +483,10 @@ def run_local(
         _write_step_logs(summary, text, state_dir / "logs" / (run_dir or "run"))
         summary["removed_by_exit_handler"] = _exit_handler_removed(pipeline_root, run_dir)
         summary["run"] = run_dir
+        if interrupts.signal_name():
+            summary["interrupted"] = interrupts.signal_name()
+            summary["status"] = "failed"
+            summary["error"] = interrupted_error(summary, interrupts.stopped_at_once())
         summary["seconds"] = round(time.monotonic() - started, 1)
         summary["logs"] = [str(p) for p in stack.log_paths()]
     if summary["status"] == "failed" and not summary["error"]:
