@@ -20,7 +20,52 @@ CloudRunGpu = Literal["nvidia-l4", "nvidia-rtx-pro-6000"]
 # Vertex resource names and label values share these limits; checking them here turns a
 # 400 from Google twenty minutes into a run into a message at `vlp check` time.
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
-_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# huggingface_hub's validate_repo_id (utils/_validators.py): each part [\w.-], 1-96 characters, starting and ending
+# with a word character, no "--" or "..". Stricter than the regex alone: `a/..` would name the parent directory in
+# every local path built from the repo id (the Hub mirror's, the cache's).
+_REPO_PART = r"\w(?:[\w.-]{0,94}\w)?"
+_REPO_RE = re.compile(rf"^{_REPO_PART}/{_REPO_PART}$")
+# Git's check-ref-format rules for a branch or tag, plus the Hub's refs/pr/N; a commit is its full 40-hex sha
+# (the Hub resolves no abbreviated sha: /api/models/REPO/revision/abc1234 answers 404 "Revision Not Found").
+_BAD_REF = re.compile(r"(^[-/.])|([/.]$)|\.\.|//|@\{|[\x00-\x20\x7f~^:?*\[\\]|\.lock(/|$)|/\.")
+_SHORT_SHA = re.compile(r"^[0-9a-f]{7,39}$")
+# Resource Manager's project ID rules: 6-30 lowercase letters, digits and hyphens, starting with a letter, not
+# ending with a hyphen; legacy domain-scoped ids are DOMAIN:ID.
+_PROJECT_RE = re.compile(r"^(?:[a-z][-a-z0-9.]*[a-z0-9]:)?[a-z][-a-z0-9]{4,28}[a-z0-9]$")
+# Cloud Storage bucket names (cloud.google.com/storage/docs/buckets#naming): 3-63 characters (222 with dots, 63 per
+# dot-separated part) of lowercase letters, digits, -, _ and ., starting and ending with a letter or digit.
+_BUCKET_RE = re.compile(r"^[a-z0-9](?:[-a-z0-9_.]{1,220}[a-z0-9])$")
+
+
+def check_project_id(value: str, field: str = "placement.project") -> str:
+    """A Google Cloud project id, or ValueError naming `field` and the rule."""
+    if value and not _PROJECT_RE.match(value):
+        raise ValueError(
+            f"{field} {value!r} is not a Google Cloud project id: 6-30 lowercase letters, digits and hyphens, "
+            "starting with a letter (the ID, not the project's display name or number)"
+        )
+    return value
+
+
+def check_bucket(value: str, field: str = "placement.bucket") -> str:
+    """A bucket name (gs:// and trailing slashes dropped), or ValueError naming `field` and the rule."""
+    name = value.strip().removeprefix("gs://").rstrip("/")
+    if not name:
+        return name
+    parts = name.split(".")
+    if (
+        not _BUCKET_RE.match(name)
+        or (len(name) > 63 and "." not in name)
+        or any(not part or len(part) > 63 for part in parts)
+        or re.match(r"^\d+\.\d+\.\d+\.\d+$", name)
+        or name.startswith("goog")
+        or "google" in name
+    ):
+        raise ValueError(
+            f"{field} {value!r} is not a Cloud Storage bucket name: 3-63 lowercase letters, digits, dashes, "
+            "underscores and dots, starting and ending with a letter or digit (gs://NAME or NAME, no path)"
+        )
+    return name
 
 
 def _resource_name(value: str) -> str:
@@ -64,7 +109,27 @@ class ModelSource(_Strict):
     @classmethod
     def _repo_shape(cls, v: str) -> str:
         if not _REPO_RE.match(v):
-            raise ValueError(f"{v!r} is not a Hub repo id: write it as ORG/NAME, e.g. meta-llama/Llama-3.1-8B-Instruct")
+            raise ValueError(
+                f"{v!r} is not a Hub repo id: write it as ORG/NAME, e.g. meta-llama/Llama-3.1-8B-Instruct (letters, "
+                "digits, '-', '_' and '.', each part starting and ending with a letter or digit, no '..' or '--')"
+            )
+        if "--" in v or ".." in v:
+            raise ValueError(f"{v!r} is not a Hub repo id: '--' and '..' are not allowed in repo ids")
+        return v
+
+    @field_validator("revision")
+    @classmethod
+    def _revision_shape(cls, v: str) -> str:
+        if _SHORT_SHA.match(v):
+            raise ValueError(
+                f"{v!r} looks like an abbreviated commit sha, which the Hub does not resolve: give all 40 characters "
+                "(the Hub's 'Files and versions' tab, or `git rev-parse` in a clone), or a branch or tag"
+            )
+        if not v or _BAD_REF.search(v) or len(v) > 255:
+            raise ValueError(
+                f"{v!r} is not a branch, tag or commit: use a branch (main), a tag (v1.0), refs/pr/N or a 40-character "
+                "commit sha (no spaces, '..', '~', '^', ':', '?', '*', '[', '\\' or leading '-')"
+            )
         return v
 
     @field_validator("hf_token_secret")
@@ -92,8 +157,10 @@ class Serving(_Strict):
     pipeline_parallel_size: int | None = Field(
         None, ge=1, description="Nodes a replica spans (multi-host); empty = plan."
     )
+    # The upper bound is the longest context a public checkpoint declares (Llama 4 Scout's max_position_embeddings,
+    # 10,485,760); preflight then holds it to the model's own context length.
     max_model_len: int | None = Field(
-        None, ge=16, description="Longest sequence (prompt + answer) in tokens; empty = plan."
+        None, ge=16, le=10_485_760, description="Longest sequence (prompt + answer) in tokens; empty = plan."
     )
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of GPU memory the engine may use.")
     max_num_seqs: int | None = Field(None, ge=1, description="Sequences batched at once; empty = plan.")
@@ -209,7 +276,12 @@ class Placement(_Strict):
     @field_validator("bucket")
     @classmethod
     def _bucket(cls, v: str) -> str:
-        return v.removeprefix("gs://").rstrip("/")
+        return check_bucket(v)
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, v: str) -> str:
+        return check_project_id(v)
 
 
 class EndpointSpec(_Strict):
@@ -366,7 +438,8 @@ class SmokeTest(_Strict):
     expect_regex: str = Field("", description="Regex the answer must match; empty = no regex check.")
     image_url: str = Field("", description="Image for vision models (gs:// or https://), sent with the prompt.")
     max_tokens: int = Field(64, ge=1, le=4096, description="Tokens the smoke answer may use.")
-    attempts: int = Field(5, ge=1, description="Tries for a cold endpoint before the smoke test fails.")
+    # Bounded: each try may wait minutes on a cold or dead server, and a run must end.
+    attempts: int = Field(5, ge=1, le=30, description="Tries for a cold endpoint before the smoke test fails (1-30).")
     benchmark: bool = Field(False, description="Run a short load benchmark after the smoke test.")
     benchmark_concurrency: list[int] = Field(default_factory=lambda: [1, 4, 16], description="Concurrency levels.")
     benchmark_requests: int = Field(16, ge=1, description="Requests per concurrency level.")
@@ -511,7 +584,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Deploym
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: pass a path such as configs/local-demo.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}): save it as UTF-8 (YAML files are UTF-8)"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     return config_from_dict(data or {}, overrides, source=str(path))

@@ -485,6 +485,13 @@ def plan_for_facts(
         )
     if facts.weights_source == "index total_size":
         plan.warnings.append("weight bytes come from model.safetensors.index.json (no shard headers were read)")
+    if serving.max_model_len and facts.context_length and serving.max_model_len > facts.context_length:
+        # The model's limit, not any shape's: said once, before per-shape checks bury it under their own reasons.
+        plan.errors.append(
+            f"serving.max_model_len {serving.max_model_len} is longer than {facts.repo}'s context length "
+            f"({facts.context_length}): lower serving.max_model_len to {facts.context_length} or less"
+        )
+        return plan
     kw: dict[str, Any] = {
         "max_model_len": serving.max_model_len,
         "max_num_seqs": serving.max_num_seqs,

@@ -481,6 +481,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.api_endpoint:
         # Every Google client in this process and in local steps reads it (components.clients).
         os.environ["VLP_API_ENDPOINT"] = args.api_endpoint
+    from components.config import check_bucket, check_project_id
+
+    # Checked before anything starts, as the config's own fields are; a bucket arrives as NAME either way.
+    for option, check in (("project", check_project_id), ("bucket", check_bucket)):
+        if getattr(args, option, ""):
+            try:
+                setattr(args, option, check(getattr(args, option), f"--{option}"))
+            except ValueError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_USAGE
     handler = COMMANDS.get(args.command)
     if handler is None:
         from pipelines import lifecycle_cli

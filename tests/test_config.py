@@ -87,3 +87,69 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+BAD_INPUTS = [
+    # (the CLI arguments after the config, the field the error must name, words of the fix)
+    (["--set", "model.repo=a/.."], "model.repo", "not a Hub repo id"),
+    (["--set", "model.repo=../x"], "model.repo", "not a Hub repo id"),
+    (["--set", "model.repo=org--x/y"], "model.repo", "'--' and '..'"),
+    (["--set", "model.revision=abc1234"], "model.revision", "give all 40 characters"),
+    (["--set", "model.revision=main..x"], "model.revision", "not a branch, tag or commit"),
+    (["--set", "placement.project=../../x"], "placement.project", "not a Google Cloud project id"),
+    (["--project", "../../x"], "--project", "not a Google Cloud project id"),
+    (["--project", "My Project"], "--project", "not a Google Cloud project id"),
+    (["--set", "placement.bucket=gs://../x"], "placement.bucket", "not a Cloud Storage bucket name"),
+    (["--bucket", "gs://../x"], "--bucket", "not a Cloud Storage bucket name"),
+    (["--bucket", "gs://b/with/path"], "--bucket", "no path"),
+    (["--set", "smoke_test.attempts=1000"], "smoke_test.attempts", "less than or equal to 30"),
+    (["--set", "serving.max_model_len=100000000"], "serving.max_model_len", "less than or equal to 10485760"),
+]
+
+
+@pytest.mark.parametrize(("args", "field", "words"), BAD_INPUTS, ids=[" ".join(a) for a, _, _ in BAD_INPUTS])
+def test_bad_inputs_exit_2_before_anything_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], field: str, words: str
+) -> None:
+    from pipelines.cli import main
+
+    state = tmp_path / "state"
+    code = main(["run", "--local", "configs/local-demo.yaml", "--state-dir", str(state), *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert field in err and words in err, err
+    assert "Traceback" not in err
+    assert not state.exists()  # no stack, no lock, nothing
+
+
+def test_good_names_pass() -> None:
+    good = [
+        "model.repo=meta-llama/Llama-3.1-8B-Instruct",
+        "model.repo=HuggingFaceTB/SmolLM2-135M-Instruct",
+        "model.revision=refs/pr/12",
+        "model.revision=v1.0",
+        "model.revision=" + "0123456789abcdef0123456789abcdef01234567",
+        "placement.project=my-project-123",
+        "placement.project=example.com:my-project",
+        "placement.bucket=gs://vlp-weights.example_1/",
+    ]
+    for override in good:
+        load_config(CONFIGS[0], [override])
+    assert load_config(CONFIGS[0], ["placement.bucket=gs://b-1/"]).placement.bucket == "b-1"
+
+
+def test_a_config_that_is_not_utf8_is_named_and_the_others_still_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipelines.cli import main
+
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("name: d\u00e9mo\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(byte 7"):
+        load_config(bad)
+    good = Path(__file__).resolve().parent.parent / "configs" / "local-demo.yaml"
+    code = main(["check", str(bad), str(good)])
+    out = capsys.readouterr().out
+    assert code != 0
+    assert f"FAIL {bad}" in out and "save it as UTF-8" in out
+    assert f"ok   {good}" in out

@@ -510,3 +510,14 @@ def test_plan_json_and_reports(seeds: dict[str, Path]) -> None:
     assert "g2-standard-12" in table and "16.06 GB" in table and "KV cache" in table
     md = render_markdown(plan)
     assert md.startswith("# ") and "| " in md and "g2-standard-12" in md
+
+
+@pytest.mark.parametrize("config_file", ["llama-3.1-8b-vllm-l4.yaml", "llama-3.1-70b-vllm-8xl4.yaml"])
+def test_max_model_len_beyond_the_models_context_is_named_as_such(seeds: dict[str, Path], config_file: str) -> None:
+    """Not buried under a shape's own reason (an attention-head split, a memory shortfall)."""
+    model = seeds["70b" if "70b" in config_file else "8b"]
+    plan = plan_seed(config_file, model, **{"serving.max_model_len": 2_000_000})
+    assert plan.errors == [
+        f"serving.max_model_len 2000000 is longer than {plan.model}'s context length (131072): "
+        "lower serving.max_model_len to 131072 or less"
+    ], plan.errors

@@ -245,7 +245,12 @@ def publish_to_hub_mirror(model_dir: Path, mirrors_dir: Path, repo_id: str) -> s
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    repo = Path(mirrors_dir) / "models" / org / name
+    models_root = (Path(mirrors_dir) / "models").resolve()
+    repo = (models_root / org / name).resolve()
+    # The working tree below is emptied first: a repo id that steps out of the mirror (a/.., ../x) must not
+    # name a directory outside it (the config refuses such ids too; this holds for every caller).
+    if repo.parent.parent != models_root or org in (".", "..") or name in (".", ".."):
+        raise ValueError(f"repo_id {repo_id!r} names a directory outside the Hub mirror: use ORG/NAME")
     repo.mkdir(parents=True, exist_ok=True)
     if not (repo / ".git").exists():
         _git(repo, "init", "-q", "-b", "main")
