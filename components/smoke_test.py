@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,6 +36,73 @@ from components.smoke_checks import (
 )
 
 __all__ = ["SmokeResult", "SmokeTestError", "check_answer", "render_prompt", "run_smoke_test", "smoke_test_op"]
+
+
+CANARY_PAUSE_S = 1.0  # after a failed canary request: long enough not to hammer a restarting server
+
+
+def _canary_post(
+    session: Any,
+    url: str,
+    body: dict[str, Any],
+    deployed_model_id: str,
+    share: int,
+    attempts: int,
+    backoff_s: float,
+    timeout_s: float,
+) -> tuple[Any, float, str]:
+    """:predict on a canary split until the new model answers. Vertex routes each request by the split, and only a
+    successful PredictResponse says which deployed model answered (deployed_model_id); a failed one cannot be
+    told apart, and most of them come from the models already serving. So failures do not use up `attempts`: the
+    bound is on requests (canary_tries(share), the requests that reach a `share`% model with 99.9% certainty,
+    per attempt) and on time (what `attempts` tries with their backoff and timeout could take). A non-retryable
+    answer ends the test, as it does without a split."""
+    import requests
+
+    from components.smoke_checks import RETRYABLE_STATUS
+
+    budget = canary_tries(share) * attempts
+    deadline = time.monotonic() + sum(min(backoff_s * 2**i, 60.0) for i in range(attempts)) + attempts * timeout_s
+    started = time.monotonic()
+    others: dict[str, int] = {}
+    failed, last = 0, ""
+    for _ in range(budget):
+        if time.monotonic() > deadline:
+            break
+        start = time.perf_counter()
+        try:
+            resp = session.post(url, json=body, timeout=timeout_s)
+        except requests.RequestException as exc:
+            failed, last = failed + 1, f"{type(exc).__name__}: {exc}"
+            time.sleep(CANARY_PAUSE_S)
+            continue
+        latency = time.perf_counter() - start
+        if resp.status_code != 200:
+            if resp.status_code in RETRYABLE_STATUS:
+                failed, last = failed + 1, f"HTTP {resp.status_code}: {resp.text[:300]}"
+                time.sleep(CANARY_PAUSE_S)
+                continue
+            if resp.status_code in (401, 403, 404):  # about the caller or the endpoint, not a model: explained there
+                return _post_with_retries(session, url, body, 1, backoff_s, timeout_s)
+            # A model's refusal of a request every model takes alike: the smoke test judges it.
+            last = f"HTTP {resp.status_code}: {resp.text[:2000]}"
+            return {"_http_error": resp.status_code, "_body": resp.text[:4000]}, latency, last
+        try:
+            data = resp.json()
+        except ValueError:
+            return {"_unparsed": resp.text[:4000]}, latency, ""
+        answered_by = str(data.get("deployedModelId") or "")
+        if answered_by in ("", deployed_model_id):
+            return data, latency, ""
+        others[answered_by] = others.get(answered_by, 0) + 1
+    sent = sum(others.values()) + failed
+    raise SmokeTestError(
+        f"{sent} requests to {url} in {time.monotonic() - started:.0f} s never reached deployed model "
+        f"{deployed_model_id} at {share}% traffic: {sum(others.values())} were answered by the models already "
+        f"serving ({others or 'none'}), {failed} failed ({last or 'none'}; a failed :predict does not say which "
+        "model it reached). If the new model is healthy, raise endpoint.canary_percent, or use a dedicated endpoint "
+        "(endpoint.dedicated: true), whose invoke route reaches it alone"
+    )
 
 
 def run_smoke_test(
@@ -98,21 +166,13 @@ def run_smoke_test(
             "use a smaller smoke_test.image_url, or an https:// URL the server fetches itself"
         )
     session = http_session(api_endpoint)
-    tries = canary_tries(share) if route_kind == "predict" else 1
-    others: dict[str, int] = {}
     try:
-        for _ in range(tries):
-            data, latency, error = _post_with_retries(session, url, body, st.attempts, backoff_s, timeout_s)
-            # PredictResponse.deployed_model_id: on a canary split, answers from the serving model do not count.
-            answered_by = str(data.get("deployedModelId") or "") if route_kind == "predict" else deployed_model_id
-            if error or answered_by in ("", deployed_model_id):
-                break
-            others[answered_by] = others.get(answered_by, 0) + 1
-        else:
-            raise SmokeTestError(
-                f"{tries} requests to {url} were all answered by other deployed models ({others}), never by "
-                f"{deployed_model_id} at {share}% traffic: raise endpoint.canary_percent"
+        if route_kind == "predict" and share < 100:
+            data, latency, error = _canary_post(
+                session, url, body, deployed_model_id, share, st.attempts, backoff_s, timeout_s
             )
+        else:
+            data, latency, error = _post_with_retries(session, url, body, st.attempts, backoff_s, timeout_s)
     except SmokeTestError as exc:
         raise SmokeTestError(
             deploy_failure_message(project, info.region, info.endpoint_id, deployed_model_id, str(exc), api_endpoint)

@@ -26,6 +26,9 @@ def serving(state_dir: Path, *, only: bool = False) -> dict[str, int]:
     assert sum(split.values()) == 100 and set(split) <= deployed, (split, deployed)
     if only:
         assert set(split) == deployed, (split, deployed)
+        # Serving copies of the weights go with their deployed models (the logs stay).
+        copies = {p.name for p in (state_dir / "emulator" / "serving").iterdir() if p.is_dir()}
+        assert copies == deployed, (copies, deployed)
     return split
 
 

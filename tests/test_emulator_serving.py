@@ -347,6 +347,7 @@ def test_secret_manager_client_reads_and_writes_secrets(emu: Emulator) -> None:
     assert client.access_secret_version(name=f"{created.name}/versions/latest").payload.data == b"v2"
     assert client.access_secret_version(name=f"{created.name}/versions/1").payload.data == b"v1"
     assert (emu.state_dir / "secrets.json").is_file()  # secrets survive an emulator restart
+    assert (emu.state_dir / "secrets.json").stat().st_mode & 0o777 == 0o600  # the owner's only
 
     with pytest.raises(gexc.NotFound, match="missing"):
         client.access_secret_version(name=f"projects/{PROJECT}/secrets/missing/versions/latest")

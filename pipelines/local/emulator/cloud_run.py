@@ -348,7 +348,7 @@ class CloudRunService:
             self._audit("deleted", "Services.DeleteService", name)
             if getattr(self.serving, "stop", None):
                 for rev in revisions:
-                    self._spawn(self.serving.stop, self._serving_id(rev))
+                    self._spawn(self.serving.stop, self._serving_id(rev), True)  # and its copy of the weights
             return self._run_done_op(p, self._run_view(service), run_v2.Service)
 
     # ------------------------------------------------------------------ serving revisions
@@ -586,7 +586,7 @@ class CloudRunService:
             self._audit("deleted", "Revisions.DeleteRevision", rev_name)
             view = self._revision_view(revision)
             if getattr(self.serving, "stop", None):
-                self._spawn(self.serving.stop, self._serving_id(rev_name))
+                self._spawn(self.serving.stop, self._serving_id(rev_name), True)  # and its copy of the weights
             return self._run_done_op(p, view, run_v2.Revision)
 
     def run_revision_of(self, serving_id: str) -> tuple[str, str, str] | None:

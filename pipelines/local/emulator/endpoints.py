@@ -311,7 +311,7 @@ class EndpointsService:
                 self._operations[op_key] = _pack_op(job["op"], job["meta"], error=error)
             self._save()
         if error is not None and started:
-            self.serving.stop(dm_id)
+            self.serving.stop(dm_id, remove_copy=True)
 
     def _undeploy_model(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         req = _parse_request(v1.UndeployModelRequest, body, query=query)
@@ -335,7 +335,7 @@ class EndpointsService:
                     )
         # Stopping a server can take seconds; do it outside the lock so predictions keep flowing.
         if self.serving is not None:
-            self.serving.stop(req.deployed_model_id)
+            self.serving.stop(req.deployed_model_id, remove_copy=True)
         with self._lock:
             ep_name, ep = self._endpoint(p)
             ep["deployedModels"] = [dm for dm in ep.get("deployedModels", []) if dm["id"] != req.deployed_model_id]

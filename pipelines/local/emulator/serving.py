@@ -209,11 +209,17 @@ class ServingManager:
             timer.daemon = True
             timer.start()
 
-    def stop(self, deployed_model_id: str) -> None:
-        """Stops a model server: SIGTERM to its process group, SIGKILL if it lingers."""
+    def stop(self, deployed_model_id: str, remove_copy: bool = False) -> None:
+        """Stops a model server: SIGTERM to its process group, SIGKILL if it lingers. `remove_copy` (the model
+        is undeployed or its revision deleted, not just scaled to zero) also deletes its copy of the weights;
+        the log stays, as Cloud Logging keeps it."""
         server = self._forget(deployed_model_id)
         if server is not None:
             self._terminate(server.process)
+        if remove_copy:
+            import shutil
+
+            shutil.rmtree(self.serving_dir / deployed_model_id, ignore_errors=True)
 
     def stop_all(self) -> None:
         """Stops every model server this manager started, at once: the emulator is shutting down, and a

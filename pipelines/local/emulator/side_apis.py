@@ -174,9 +174,16 @@ def _read_state(path: Path, default: dict) -> dict:
 
 
 def _write_state(path: Path, state: dict) -> None:
+    """Written whole, then renamed; readable by its owner only (0600: the secret store holds Hub tokens, and
+    the file is created with that mode, so there is no moment it is readable by others)."""
+    import os
+
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(state, indent=1))
+    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # an older .partial may exist with looser bits
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(json.dumps(state, indent=1))
     partial.replace(path)
 
 
