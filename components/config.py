@@ -294,6 +294,13 @@ class EndpointSpec(_Strict):
         default_factory=list,
         description="Canary: traffic percentages for the new model, in order (e.g. [10, 50, 100]); empty = all at once.",
     )
+    drain_s: int | None = Field(
+        None,
+        ge=0,
+        le=3600,
+        description="Seconds the old model stays deployed after the new one takes all traffic, so requests already "
+        "routed to it finish; empty = the endpoint's request timeout (10 min on dedicated endpoints, 60 s on shared).",
+    )
     redeploy_test: RedeployTest = Field(
         "auto",
         description="How a redeploy's smoke test reaches the new model alone: invoke (dedicated endpoints: the "

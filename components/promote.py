@@ -7,6 +7,14 @@ log = logging.getLogger("vlp.promote")
 
 PROMOTED_LABEL = "vlp-promoted"  # on a model version once its deployed model holds the endpoint
 STEP_PAUSE_S = 60.0  # between canary steps on Vertex: long enough for errors to show in monitoring
+# How long a request already routed to the old model may still run: Vertex's default request timeout on dedicated
+# endpoints is 10 minutes (cloud.google.com/vertex-ai/docs/predictions/create-public-endpoint: "The default request
+# timeout for a dedicated public endpoint is 10 minutes"; clientConnectionConfig.inferenceTimeout changes it). For
+# shared endpoints no Google page states one: 60 s is an unverified choice. The local stack drains for 2 s (its
+# requests take under a second; the drain is exercised, the minutes are not).
+DEDICATED_DRAIN_S = 600.0
+SHARED_DRAIN_S = 60.0
+LOCAL_DRAIN_S = 2.0
 
 
 def split_with(new_id: str, percent: int, others: dict[str, int]) -> dict[str, int]:
@@ -31,6 +39,20 @@ def step_pause(deployment: dict, pause_s: float | None = None) -> float:
     if pause_s is not None:
         return pause_s
     return 1.0 if deployment.get("api_endpoint", "").startswith("http://") else STEP_PAUSE_S
+
+
+def drain_seconds(deployment: dict, endpoint: object) -> float:
+    """endpoint.drain_s, else the endpoint's request timeout (its inferenceTimeout when set), else the defaults
+    above; LOCAL_DRAIN_S against the local stack unless the config sets one."""
+    configured = (deployment["config"].get("endpoint") or {}).get("drain_s")
+    if configured is not None:
+        return float(configured)
+    if deployment.get("api_endpoint", "").startswith("http://"):
+        return LOCAL_DRAIN_S
+    timeout = endpoint.client_connection_config.inference_timeout  # type: ignore[attr-defined]
+    if timeout.seconds:
+        return float(timeout.seconds)
+    return DEDICATED_DRAIN_S if endpoint.dedicated_endpoint_enabled else SHARED_DRAIN_S  # type: ignore[attr-defined]
 
 
 def promote(
@@ -60,6 +82,10 @@ def promote(
     # The commit point: from here on the new model is the endpoint's, and an exit handler that finds the run
     # failed finishes retiring the old ones instead of removing the new (teardown.remove_run_resources).
     mark_promoted(deployment, endpoint_resource, deployed_model_id)
+    if others:
+        drain = drain_seconds(deployment, endpoint)
+        log.info("draining: the previous models stay deployed %.0f s so requests routed to them finish", drain)
+        time.sleep(drain)
     return retire_others(client, endpoint_resource, deployed_model_id)
 
 

@@ -309,3 +309,22 @@ def test_a_second_signal_stops_at_once_and_says_what_may_be_left(tmp_path: Path,
     for name in summary["left_running"]:
         assert name in summary["error"]
     assert processes_of(state) == []
+
+
+def test_a_broken_serving_model_does_not_block_its_replacement(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """On a shared endpoint the new model is tested as a 5% canary, so most smoke requests reach the old model. When
+    the old model is broken (503), those failures must not count against the new one's attempts."""
+    state = tmp_path / "state"
+    cfg = tiny_config("tiny")  # smoke_test.attempts=3: without the fix, 3 failed requests roll the new model back
+    first = run(state, cfg, tiny_model_dir)
+    assert first["status"] == "succeeded", first["error"]
+    [old] = first["deployed_models"]
+    # Break the old model's copy of its weights (same size, so the emulator's restart keeps it): it answers 503.
+    weights = state / "emulator" / "serving" / old["id"] / "model" / "model.safetensors"
+    weights.write_bytes(bytes(weights.stat().st_size))
+    second = run(state, cfg, tiny_model_dir)
+    # Not a no-op: preflight's health probe found the serving model broken, so the same revision is redeployed.
+    assert second["status"] == "succeeded", second["error"]
+    [new] = second["deployed_models"]
+    assert new["id"] != old["id"] and new["traffic_percent"] == 100
+    assert any(c.endswith(":predict") for c in second["api_calls"])

@@ -208,20 +208,24 @@ def _hammer_as_owner(endpoint: str, stack: Any, kind: str, stop: threading.Event
     session = http_session(api)
     session.credentials = credentials
     messages = [{"role": "user", "content": "hi"}]
+    # Long enough answers that some request is always in flight when the old model is retired (the drain's case).
     if kind == "invoke":
         url = f"{base_url}/v1/{endpoint}/invoke/generate"
         body: dict[str, Any] = {
-            "instances": [{"@requestFormat": "chatCompletions", "messages": messages, "max_tokens": 2}]
+            "instances": [{"@requestFormat": "chatCompletions", "messages": messages, "max_tokens": 48}]
         }
     else:
         url = f"{base_url}/v1beta1/{endpoint}/chat/completions"
-        body = {"messages": messages, "max_tokens": 2}
+        body = {"messages": messages, "max_tokens": 48}
     while not stop.is_set():
         try:
             results.append(session.post(url, json=body, timeout=60).status_code)
         except requests.RequestException:
             results.append(-1)
-        time.sleep(0.2)
+        time.sleep(0.05)
+
+
+HAMMERS = 3  # callers at once: constant load, so the cutover always has requests in flight
 
 
 @pytest.mark.parametrize("kind", list(ENDPOINT_KINDS))
@@ -252,11 +256,10 @@ def test_redeploy_new_revision_is_blue_green_without_downtime(
 
     def start_and_hammer(self: Any) -> Any:
         out = original_start(self)
-        thread = threading.Thread(
-            target=_hammer, args=(first["endpoint"], self, call, stop, results), daemon=True
-        )
-        thread.start()
-        threads.append(thread)
+        for _ in range(HAMMERS):
+            thread = threading.Thread(target=_hammer, args=(first["endpoint"], self, call, stop, results), daemon=True)
+            thread.start()
+            threads.append(thread)
         return out
 
     def stop_hammer_then_stack(self: Any) -> None:
