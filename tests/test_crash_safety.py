@@ -124,7 +124,8 @@ def test_a_kill_between_any_two_calls_of_the_exit_handler_or_roll_back_keeps_the
         split = serving(state)
         [(old_id, _)] = old.items()
         assert split.get(old_id, 0) > 50, split
-        assert all(share == cfg.endpoint.canary_percent for dm, share in split.items() if dm != old_id), split
+        # Each killed handler leaves its candidate; the next canary takes its share from all of them in their ratio.
+        assert all(0 < share <= cfg.endpoint.canary_percent for dm, share in split.items() if dm != old_id), split
         return "old" if split == old else "candidate left"
 
     # A killed smoke test leaves the new model to the exit handler, which is then killed at each of its calls.

@@ -105,6 +105,9 @@ def handled() -> Iterator[None]:
     """SIGINT and SIGTERM handled as above for the duration (main thread only), the previous handlers after."""
     global _state
     _state = _State()
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers; a run started elsewhere keeps the process's own
+        return
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
