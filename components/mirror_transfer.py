@@ -126,16 +126,24 @@ class _Hasher:
         return md
 
 
+CRC32C_KEY = "vlp-crc32c"  # object metadata: the crc32c of the bytes that were verified against the Hub
+
+
 def _verified_in_gcs(f: HubFile, blob: Any) -> bool:
     """True when an object already holds exactly this file.
 
     The mirror's objects carry the Hub checksum they were streamed against, and exist only if the bytes
-    matched it (the upload is not finished otherwise); so size + that checksum equal to the Hub's
-    current metadata means the object is this file. Objects written by anything else are transferred again.
+    matched it (the upload is not finished otherwise), plus the crc32c of those bytes (CRC32C_KEY); so size +
+    that checksum equal to the Hub's current metadata, and that crc32c equal to the one GCS computes of the
+    object's content, mean the object is this file. Anything else is transferred again.
     """
     if blob is None or blob.size != f.size or not blob.crc32c:
         return False
     md = blob.metadata or {}
+    # The crc32c the mirror computed while it checked the bytes against the Hub, against the crc32c GCS computes
+    # of what the object holds now: metadata alone can be copied onto other content (`gcloud storage cp` keeps it).
+    if md.get(CRC32C_KEY) != blob.crc32c:
+        return False
     if f.sha256:
         return md.get("vlp-sha256") == f.sha256
     if f.git_sha1:
@@ -604,6 +612,9 @@ class _Transfer:
                 f"size {got_size} crc32c {got_crc}, the stream had size {hasher.size} crc32c {hasher.crc32c_b64()}; "
                 "run again to re-transfer it"
             )
+        # Vouch for exactly these bytes: a later run trusts this object only while GCS's crc32c still equals it.
+        blob.metadata = {**hasher.metadata(), CRC32C_KEY: got_crc}
+        blob.patch(retry=Retry(deadline=120))
         return {"crc32c": got_crc, "size": got_size}
 
     def _cancel_session(self, session: str) -> None:

@@ -298,6 +298,28 @@ def test_object_changed_in_gcs_is_transferred_again(hub: HubServer, hub_root: Pa
     _assert_mirrored(bucket, second.weights_uri, hub_root / SYNTH, SYNTH_SELECTED)
 
 
+def test_other_bytes_under_the_mirrors_metadata_are_transferred_again(
+    hub: HubServer, hub_root: Path, bucket: str
+) -> None:
+    """Metadata can be copied onto other content (`gcloud storage cp` keeps it): the mirror's own mark says which
+    bytes it verified (their crc32c), and GCS's crc32c of what the object holds now must still equal it."""
+    first = mirror_weights(SYNTH, "main", bucket, hf_endpoint=hub.url, part_size=256 * KiB)
+    prefix = _prefix(first.weights_uri, bucket)
+    victim = "model-00002-of-00004.safetensors"
+    blob = storage_client().bucket(bucket).get_blob(prefix + victim)
+    assert blob is not None and blob.metadata["vlp-crc32c"] == blob.crc32c
+    size = blob.size
+    forged = storage_client().bucket(bucket).blob(prefix + victim)
+    forged.metadata = dict(blob.metadata)  # every vlp-* key as the mirror wrote it
+    forged.upload_from_string(b"\1" * size)
+    storage_client().bucket(bucket).blob(prefix + MANIFEST_NAME).delete()  # as after a crash mid-mirror
+
+    second = mirror_weights(SYNTH, "main", bucket, hf_endpoint=hub.url, part_size=256 * KiB)
+    assert second.kept_files == len(SYNTH_SELECTED) - 1
+    assert second.transferred_bytes == size
+    _assert_mirrored(bucket, second.weights_uri, hub_root / SYNTH, SYNTH_SELECTED)
+
+
 def test_gated_repo_needs_a_token_with_access(hub_root: Path, bucket: str) -> None:
     with HubServer(hub_root, gated_tokens={"hf_granted"}) as hub:
         with pytest.raises(GatedRepoAccessError) as no_token:
@@ -399,3 +421,34 @@ def test_kfp_op_mirrors_the_deployment(hub: HubServer, hub_root: Path, bucket: s
     assert outputs.weights_uri == f"gs://{bucket}/models/{SYNTH}/{sha}/"
     expected = [p for p in SYNTH_SELECTED if p.endswith(".safetensors")] + ["config.json"]
     _assert_mirrored(bucket, outputs.weights_uri, hub_root / SYNTH, expected)
+
+
+def test_bytes_changed_under_the_local_gcs_are_found_and_sent_again(
+    local_stack, tiny_model_dir: Path, monkeypatch
+) -> None:
+    """GCS computes crc32c from an object's content; so does the local stack's storage gate (fake-gcs-server keeps
+    the upload-time value): a complete manifest over changed bytes is not a no-op, and the object is sent again."""
+    from components.config import config_from_dict
+    from pipelines.local.models import publish_to_hub_mirror
+    from pipelines.local.runner import setup_local
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", local_stack.storage_endpoint)
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    bucket = f"rot-{uuid.uuid4().hex[:8]}"
+    cfg = config_from_dict({"name": "rot", "model": {"repo": "acme/rot-tiny"}, "endpoint": {"name": "rot"}})
+    _, account = setup_local(local_stack, cfg, project="local-project", bucket=bucket, region="us-central1")
+    for key, value in local_stack.env(account).items():
+        if key.startswith("GCE_METADATA"):
+            monkeypatch.setenv(key, value)
+    publish_to_hub_mirror(tiny_model_dir, local_stack.mirrors_dir, "acme/rot-tiny")
+    first = mirror_weights("acme/rot-tiny", "main", bucket, hf_endpoint=local_stack.hf_endpoint)
+    prefix = _prefix(first.weights_uri, bucket)
+    on_disk = local_stack.state_dir / "gcs" / bucket / prefix / "model.safetensors"
+    original = on_disk.read_bytes()
+    on_disk.write_bytes(bytes(len(original)))  # the same size, other bytes: only a checksum of the content sees it
+
+    second = mirror_weights("acme/rot-tiny", "main", bucket, hf_endpoint=local_stack.hf_endpoint)
+    assert not second.skipped
+    assert second.transferred_bytes == len(original)
+    assert second.kept_files == first.files - 1
+    assert on_disk.read_bytes() == original

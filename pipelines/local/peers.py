@@ -272,6 +272,7 @@ def start_emulator(
     faults: Iterable[str] = (),
     timeout: float = START_TIMEOUT_S,
     hub_mirrors_dir: Path | None = None,
+    gcs_data_dir: Path | None = None,
 ) -> Peer:
     """Starts the project's Vertex AI emulator (`python -m pipelines.local.emulator`) and waits for its READY line.
 
@@ -296,6 +297,9 @@ def start_emulator(
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if hub_mirrors_dir is not None:
         env["VLP_HUB_MIRRORS_DIR"] = str(Path(hub_mirrors_dir).resolve())
+    if gcs_data_dir is not None:
+        # Where fake-gcs-server keeps object bytes: the storage gate computes crc32c from them, as GCS does.
+        env["VLP_GCS_DATA_DIR"] = str(Path(gcs_data_dir).resolve())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root), env.get("PYTHONPATH", "")) if p)
     process, offset = _spawn("emulator", argv, log_path, cwd=repo_root, env=env)
     peer = Peer("emulator", "", process, log_path)
@@ -398,6 +402,7 @@ class LocalStack:
                     hub_upstream=f"http://127.0.0.1:{hub_port}",
                     faults=self.faults,
                     hub_mirrors_dir=self.mirrors_dir,
+                    gcs_data_dir=gcs_data,
                 )
             finally:
                 hub_thread.join()

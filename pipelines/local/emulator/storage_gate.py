@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 from pipelines.local.emulator.errors import ApiError
@@ -18,6 +20,31 @@ _BUCKET_IAM = re.compile(r"^/storage/v1/b/(?P<bucket>[^/]+)/iam(?P<test>/testPer
 # Request and response headers that carry meaning for uploads, ranges and preconditions.
 _REQUEST_HEADERS = ("content-type", "content-range", "range", "x-upload-content-type", "x-upload-content-length")
 _RESPONSE_HEADERS = ("location", "range", "etag", "content-range", "x-goog-generation", "x-goog-hash")
+
+
+_CRC_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _content_crc32c(path: Path) -> str:
+    """Base64 big-endian crc32c of a file (GCS's form), or "" when it is not a plain file under the root."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return ""
+    if not path.is_file():
+        return ""
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _CRC_CACHE:
+        import base64
+
+        import google_crc32c
+
+        checksum = google_crc32c.Checksum()
+        with path.open("rb") as handle:
+            while chunk := handle.read(8 << 20):
+                checksum.update(chunk)
+        _CRC_CACHE[key] = base64.b64encode(checksum.digest()).decode()
+    return _CRC_CACHE[key]
 
 
 def storage_denied(principal: str, permission: str, what: str) -> ApiError:
@@ -107,11 +134,39 @@ class StorageGate:
         answer.update({k: v for k, v in stored.items() if not k.startswith("_")})
         return 200, json.dumps(answer).encode(), "application/json", {}
 
+    def _gcs_with_content_crc32c(self, data: bytes) -> bytes:
+        """Object resources (one, or a listing) with the crc32c of the bytes fake-gcs-server holds now. GCS computes
+        an object's crc32c from its content; fake-gcs-server stores the one it computed at upload, so bytes changed
+        under it would keep a stale checksum and a check against it would vouch for them. Computed from its
+        filesystem backend (VLP_GCS_DATA_DIR/BUCKET/NAME), cached per file size and mtime."""
+        root = os.environ.get("VLP_GCS_DATA_DIR")
+        if not root:
+            return data
+        try:
+            parsed = json.loads(data)
+        except ValueError:
+            return data
+        if not isinstance(parsed, dict):  # a DELETE's empty answer reads as null
+            return data
+        objects = parsed.get("items", []) if parsed.get("kind") == "storage#objects" else [parsed]
+        changed = False
+        for item in objects:
+            if not isinstance(item, dict) or item.get("kind") != "storage#object":
+                continue
+            path = (Path(root) / str(item.get("bucket", "")) / str(item.get("name", ""))).resolve()
+            crc = _content_crc32c(path) if path.is_relative_to(Path(root).resolve()) else ""
+            if crc and crc != item.get("crc32c"):
+                item["crc32c"] = crc
+                changed = True
+        return json.dumps(parsed).encode() if changed else data
+
     def _gcs_with_location(self, data: bytes) -> bytes:
         """A bucket resource (or a list of them) with the location it was created in, not fake-gcs-server's."""
         try:
             parsed = json.loads(data)
         except ValueError:
+            return data
+        if not isinstance(parsed, dict):  # a DELETE's empty answer reads as null
             return data
         buckets = parsed.get("items", []) if parsed.get("kind") == "storage#buckets" else [parsed]
         changed = False
@@ -160,4 +215,5 @@ class StorageGate:
             # selfLink / mediaLink name fake-gcs-server; the client downloads from mediaLink when it has one.
             data = data.replace(base.encode(), self.url.encode())
             data = self._gcs_with_location(data)
+            data = self._gcs_with_content_crc32c(data)
         return status, data, content_type, reply
