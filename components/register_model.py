@@ -27,7 +27,7 @@ def find_parent_model(deployment: dict) -> str | None:
     client = aiplatform_v1.ModelServiceClient(**clients.gapic_kwargs(region, deployment.get("api_endpoint", "")))
     name = deployment["config"]["name"]
     request = aiplatform_v1.ListModelsRequest(
-        parent=f"projects/{project}/locations/{region}", filter=f"labels.vlp-deployment={name}"
+        parent=f"projects/{project}/locations/{region}", filter=f'labels.vlp-deployment="{name}"'
     )
     for model in client.list_models(request=request):
         return model.name

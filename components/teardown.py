@@ -37,6 +37,17 @@ def _model_labels(models, model_name: str) -> dict[str, str]:  # noqa: ANN001
         return {}
 
 
+def _version_labels(models, run_versions: dict[str, dict[str, str]], dm) -> dict[str, str]:  # noqa: ANN001
+    """The labels of a deployed model's version: from the run's versions listed up front (none: not the run's), or
+    read when the deployed model names no version (the default version answers)."""
+    from components.runtime import deployed_version_name
+
+    name = deployed_version_name(dm)
+    if "@" in name:
+        return run_versions.get(name, {})
+    return _model_labels(models, name)
+
+
 def _reassigned_split(endpoint, leaving: set[str]) -> dict[str, int]:  # noqa: ANN001 - aiplatform_v1.Endpoint
     """The split to undeploy `leaving` with: Vertex undeploys a model that holds traffic only when the request
     reassigns it (UndeployModelRequest.traffic_split), so the models that stay get all of it, in their ratio,
@@ -104,16 +115,26 @@ def remove_run_resources(
     from google.cloud import aiplatform_v1
 
     from components.promote import PROMOTED_LABEL
-    from components.runtime import deployed_version_name
 
     removed = Removed()
     for region in dict.fromkeys(regions):
         endpoints, models = _clients(region, api_endpoint)
         parent = f"projects/{project}/locations/{region}"
+        # The run's versions first, in two listings however many models are deployed: each call before the
+        # undeploy is one more place for a crash to leave the run's model holding traffic (and quota).
+        # Filters in the documented form, values quoted (AIP-160; ListModelVersionsRequest.filter).
+        model_filter = f'labels.vlp-deployment="{deployment_name}"'
+        listed = list(models.list_models(request=aiplatform_v1.ListModelsRequest(parent=parent, filter=model_filter)))
+        run_versions: dict[str, dict[str, str]] = {}  # MODEL@VERSION -> its labels
+        for model in listed:
+            request = aiplatform_v1.ListModelVersionsRequest(name=model.name, filter=f'labels.vlp-run="{run_label}"')
+            for v in models.list_model_versions(request=request):
+                run_versions[f"{model.name}@{v.version_id}"] = dict(v.labels)
+
         for ep in endpoints.list_endpoints(request=aiplatform_v1.ListEndpointsRequest(parent=parent)):
             if _wait_for_pending_deploys(endpoints, ep.name, pending_wait_s):
                 ep = endpoints.get_endpoint(name=ep.name)  # what landed while we waited
-            labels = {dm.id: _model_labels(models, deployed_version_name(dm)) for dm in ep.deployed_models}
+            labels = {dm.id: _version_labels(models, run_versions, dm) for dm in ep.deployed_models}
             mine = [dm for dm in ep.deployed_models if labels[dm.id].get("vlp-run") == run_label]
             promoted = [dm for dm in mine if keep_promoted and labels[dm.id].get(PROMOTED_LABEL)]
             if promoted:
@@ -133,8 +154,9 @@ def remove_run_resources(
                 log.info("deleting endpoint %s (created by run %s)", ep.name, run_label)
                 endpoints.delete_endpoint(name=ep.name).result(timeout=600)
                 removed.deleted.append(ep.name)
-        model_filter = f"labels.vlp-deployment={deployment_name}"
-        for model in models.list_models(request=aiplatform_v1.ListModelsRequest(parent=parent, filter=model_filter)):
+        for model in listed:
+            if not any(name.startswith(f"{model.name}@") for name in run_versions):
+                continue
             versions = list(models.list_model_versions(name=model.name))
             ours = [
                 v

@@ -105,7 +105,7 @@ def find_runs(project: str, regions: list[str], deployment: str = "", api_endpoi
             return None
         return runs.setdefault((dep, run), RunResources(dep, run))
 
-    label_filter = f"labels.vlp-deployment={deployment}" if deployment else "labels.vlp-deployment:*"
+    label_filter = f'labels.vlp-deployment="{deployment}"' if deployment else "labels.vlp-deployment:*"
     for region in dict.fromkeys(regions):
         endpoints, models = _clients(region, api_endpoint)
         parent = f"projects/{project}/locations/{region}"

@@ -53,7 +53,7 @@ class ServingDouble:
             raise self.fail_with
         self.started[deployed_model_id] = (artifact_uri, container_spec, timeout_s)
 
-    def stop(self, deployed_model_id: str) -> None:
+    def stop(self, deployed_model_id: str, remove_copy: bool = False) -> None:
         self.stopped.append(deployed_model_id)
         self.started.pop(deployed_model_id, None)
 

@@ -56,7 +56,7 @@ class ModelServers:
     def start(self, deployed_model_id: str, artifact_uri: str, container_spec: dict, timeout_s: float) -> None:
         self.running.add(deployed_model_id)
 
-    def stop(self, deployed_model_id: str) -> None:
+    def stop(self, deployed_model_id: str, remove_copy: bool = False) -> None:
         self.stopped.append(deployed_model_id)
         self.running.discard(deployed_model_id)
 
@@ -584,7 +584,7 @@ def test_teardown_removes_the_whole_deployment_and_nothing_else(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = yaml.safe_load((REPO_ROOT / "configs" / "local-demo.yaml").read_text())
-    config.update(name="demo", placement={"project": PROJECT, "regions": [REGION], "bucket": "b"})
+    config.update(name="demo", placement={"project": PROJECT, "regions": [REGION], "bucket": "vlp-b"})
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump(config))
     api = ["--api-endpoint", emu.url]

@@ -35,7 +35,7 @@ class _NoServing:
     def start(self, deployed_model_id: str, artifact_uri: str, container_spec: dict, timeout_s: float = 300) -> None:
         return None
 
-    def stop(self, deployed_model_id: str) -> None:
+    def stop(self, deployed_model_id: str, remove_copy: bool = False) -> None:
         return None
 
     def stop_all(self) -> None:
