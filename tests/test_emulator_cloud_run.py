@@ -38,7 +38,7 @@ class _Servers:
     def start(self, serving_id: str, weights: str, spec: dict, timeout_s: float) -> None:
         self.running[serving_id] = weights
 
-    def stop(self, serving_id: str) -> None:
+    def stop(self, serving_id: str, remove_copy: bool = False) -> None:
         self.running.pop(serving_id, None)
 
     def stop_all(self) -> None:
