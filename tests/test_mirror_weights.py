@@ -100,6 +100,10 @@ def _object_bytes(bucket: str, name: str) -> bytes:
     return storage_client().bucket(bucket).blob(name).download_as_bytes()
 
 
+def _vouched(blob: object) -> bool:
+    return (getattr(blob, "metadata", None) or {}).get("vlp-crc32c") == getattr(blob, "crc32c", None)
+
+
 def _prefix(result_uri: str, bucket: str) -> str:
     return result_uri.removeprefix(f"gs://{bucket}/")
 
@@ -244,7 +248,7 @@ def test_resume_after_kill_mid_file_transfers_only_what_is_missing(hub_root: Pat
             deadline = time.monotonic() + 30
             done: dict[str, object] = {}
             while time.monotonic() < deadline and proc.poll() is None:
-                done = {n: b for n, b in _objects(bucket).items() if n.endswith(".safetensors")}
+                done = {n: b for n, b in _objects(bucket).items() if n.endswith(".safetensors") and _vouched(b)}
                 if done:
                     break
                 time.sleep(0.05)
@@ -256,7 +260,9 @@ def test_resume_after_kill_mid_file_transfers_only_what_is_missing(hub_root: Pat
         assert done, "the mirror finished no file within 30 s"
         fetched_before_kill = hub.stats()["body_bytes"]
 
-        kept = {n.rsplit("/", 1)[1] for n in _objects(bucket) if n.endswith(".safetensors")}
+        # What the mirror vouched for (its crc32c mark written after the checked upload) is kept; an object killed
+        # between its upload and that mark is sent again.
+        kept = {n.rsplit("/", 1)[1] for n, b in _objects(bucket).items() if n.endswith(".safetensors") and _vouched(b)}
         sizes = {p: (src / p).stat().st_size for p in SYNTH_SELECTED}
         kept_bytes = sum(sizes[p] for p in kept)
         assert 1 <= len(kept) < 4, kept
