@@ -58,8 +58,15 @@ RULES: tuple[Rule, ...] = (
         "roles/storage.objectAdmin",
         "bucket",
         "mirror weights, smoke test, all (pipeline root)",
-        "write and verify `gs://BUCKET/models/...`, overwrite the manifest, the pipeline root; read the tokenizer",
-        checks=("storage.objects.create", "storage.objects.get", "storage.objects.list", "storage.objects.delete"),
+        "write and verify `gs://BUCKET/models/...` (and mark each verified object), overwrite the manifest, the "
+        "pipeline root; read the tokenizer",
+        checks=(
+            "storage.objects.create",
+            "storage.objects.get",
+            "storage.objects.list",
+            "storage.objects.delete",
+            "storage.objects.update",
+        ),
     ),
     Rule(
         "pipeline",
