@@ -212,6 +212,44 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path: Path) -> None:
     lock_state_dir(state, "after the kill").close()  # flock dies with its process
 
 
+def test_a_refused_run_names_the_holder_even_in_the_instant_before_it_writes_its_name(tmp_path: Path) -> None:
+    """The race CI met: the winner has the flock but has not yet written who it is (the file is empty, or still names
+    the previous, ended holder). The refusal must still name the live holder, not '(pid ?)' or a dead pid."""
+    import fcntl
+    import json
+    import os
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    from pipelines.local.peers import StateDirBusy, lock_state_dir
+
+    state = tmp_path / "state"
+    state.mkdir()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(ended.stdout)
+    (state / "lock").write_text(json.dumps({"holder": "an ended run", "pid": dead_pid, "since": "earlier"}))
+    winner = (state / "lock").open("a+", encoding="utf-8")
+    fcntl.flock(winner, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, the previous holder's name still in the file
+
+    def write_name_late() -> None:
+        time.sleep(0.5)
+        winner.seek(0)
+        winner.truncate()
+        winner.write(json.dumps({"holder": "the winner", "pid": os.getpid(), "since": "now"}))
+        winner.flush()
+
+    writer = threading.Thread(target=write_name_late)
+    writer.start()
+    try:
+        with pytest.raises(StateDirBusy, match=rf"in use by the winner \(pid {os.getpid()}, since now\)"):
+            lock_state_dir(state, "the loser")
+    finally:
+        writer.join()
+        winner.close()
+
+
 def processes_of(state: Path) -> list[str]:
     """Processes whose command line or environment names the state dir: the peers, model servers, steps."""
     import os

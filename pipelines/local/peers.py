@@ -324,11 +324,7 @@ def lock_state_dir(state_dir: Path, holder: str) -> Any:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        handle.seek(0)
-        try:
-            other = json.loads(handle.read() or "{}")
-        except ValueError:
-            other = {}
+        other = _lock_holder(handle)
         handle.close()
         who = f"{other.get('holder', 'another vlp process')} (pid {other.get('pid', '?')}, since {other.get('since', '?')})"
         raise StateDirBusy(
@@ -340,6 +336,37 @@ def lock_state_dir(state_dir: Path, holder: str) -> Any:
     handle.write(json.dumps({"holder": holder, "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}))
     handle.flush()
     return handle
+
+
+def _lock_holder(handle: Any, wait_s: float = 3.0) -> dict[str, Any]:
+    """Who holds the lock, as the holder wrote it. The holder writes only after it has the lock, so for a moment the
+    file is empty or still names the previous (ended) holder: read again until it names a live process, or give up
+    after wait_s and say only that someone holds it."""
+    import json
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        handle.seek(0)
+        try:
+            other = json.loads(handle.read() or "{}")
+        except ValueError:
+            other = {}
+        pid = other.get("pid")
+        if isinstance(pid, int) and _alive(pid):
+            return other
+        if time.monotonic() >= deadline:
+            return {}
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 class LocalStack:
