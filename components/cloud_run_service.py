@@ -35,17 +35,102 @@ def _config(deployment: dict[str, Any]) -> Any:
 
 
 def pinned(targets: Any) -> list[Any]:
-    """Traffic as run_v2.TrafficTargets pinned to revisions (LATEST resolved), without the candidate tag."""
+    """Traffic as run_v2.TrafficTargets pinned to revisions (LATEST resolved), without the candidate tag: a revision
+    that held it and still has a share (a canary a killed run left) keeps its share untagged, so the percents still
+    add up to 100; other revisions' tags (set outside vlp) stay."""
     from google.cloud import run_v2
 
     from components.cloud_run import CANDIDATE_TAG
 
     pin = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
-    return [
-        run_v2.TrafficTarget(type_=pin, revision=t.revision, percent=t.percent, tag=t.tag)
-        for t in targets
-        if (t.percent or t.tag) and t.tag != CANDIDATE_TAG
-    ]
+    kept = []
+    for t in targets:
+        tag = "" if t.tag == CANDIDATE_TAG else t.tag
+        if t.percent or tag:
+            kept.append(run_v2.TrafficTarget(type_=pin, revision=t.revision, percent=t.percent, tag=tag))
+    return kept
+
+
+# Labels and annotations Cloud Run sets itself on a revision; a template may not carry them.
+_SYSTEM_KEYS = ("run.googleapis.com/", "cloud.googleapis.com/", "serving.knative.dev/", "client.knative.dev/")
+# The template fields a deployment config decides; every other field of a service's template (VPC access,
+# annotations, timeout, encryption key, session affinity...) is kept as the service has it.
+_OWNED_TEMPLATE_FIELDS = (
+    "revision",
+    "containers",
+    "volumes",
+    "scaling",
+    "max_instance_request_concurrency",
+    "node_selector",
+    "gpu_zonal_redundancy_disabled",
+    "service_account",
+)
+
+
+def template_of(revision: Any) -> Any:
+    """The run_v2.RevisionTemplate that names `revision` again with its own configuration: what a service's template
+    goes back to before its latest revision can be removed (Cloud Run refuses to delete the latest created revision;
+    a template naming an existing revision with the same configuration creates nothing new)."""
+    from google.cloud import run_v2
+    from google.protobuf import json_format
+
+    data = json_format.MessageToDict(run_v2.Revision.pb(revision), preserving_proto_field_name=True)
+    fields = {f.name for f in run_v2.RevisionTemplate.pb().DESCRIPTOR.fields}
+    kept = {k: v for k, v in data.items() if k in fields}
+    for key in ("labels", "annotations"):
+        kept[key] = {k: v for k, v in (kept.get(key) or {}).items() if not k.startswith(_SYSTEM_KEYS)}
+    message = run_v2.RevisionTemplate.pb()()
+    json_format.ParseDict(kept, message)
+    template = run_v2.RevisionTemplate.wrap(message)
+    template.revision = revision.name.rsplit("/", 1)[1]
+    return template
+
+
+def merged_service(current: Any, request: Any) -> Any:
+    """The service as read (etag included) with what the deployment decides: its template's owned fields, the
+    traffic, ingress and launch stage. Fields set outside vlp (custom audiences, Binary Authorization, IAP,
+    annotations, the template's VPC access...) stay, and the etag makes a concurrent change refuse the write."""
+    from google.cloud import run_v2
+
+    merged = run_v2.Service.wrap(type(run_v2.Service.pb(current))())
+    run_v2.Service.pb(merged).CopyFrom(run_v2.Service.pb(current))
+    template = merged.template
+    for field in _OWNED_TEMPLATE_FIELDS:
+        setattr(template, field, getattr(request.template, field))
+    template.labels = {**{k: v for k, v in current.template.labels.items()}, **dict(request.template.labels)}
+    merged.template = template
+    merged.traffic = list(request.traffic)
+    merged.ingress = request.ingress
+    if request.launch_stage:
+        merged.launch_stage = request.launch_stage
+    if not merged.description:
+        merged.description = request.description
+    return merged
+
+
+def stale_etag(exc: Exception) -> bool:
+    """Whether an update was refused because the service changed since it was read (ABORTED, AIP-154)."""
+    response = getattr(exc, "response", None)
+    try:
+        return response is not None and response.json()["error"]["status"] == "ABORTED"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def update_read_service(services: Any, name: str, change: Any, what: str, timeout_s: float, tries: int = 3) -> Any:
+    """Read the service, `change(service)` it, and write it back with its etag, reading again when another writer
+    got there first. Returns the finished operation's Service."""
+    from google.api_core import exceptions
+
+    for attempt in range(tries):
+        current = services.get_service(name=name)
+        try:
+            return wait_for(services.update_service(service=change(current)), what, timeout_s)
+        except exceptions.Conflict as exc:
+            if not stale_etag(exc) or attempt == tries - 1:
+                raise
+            log.info("%s changed while being updated (etag): reading it again", name)
+    raise AssertionError("unreachable")
 
 
 def wait_for(operation: Any, what: str, timeout_s: float) -> Any:
@@ -115,11 +200,15 @@ def deploy_revision(deployment: dict[str, Any], weights_uri: str) -> DeployedRev
         if current is None:
             parent, _, service_id = name.rpartition("/services/")
             operation = services.create_service(parent=parent, service=request, service_id=service_id)
+            service = wait_for(operation, f"deploying {what}", deadline)
         else:
-            request.name = name
-            request.labels = dict(current.labels)  # the service keeps the labels of the run that created it
-            operation = services.update_service(service=request)
-        service = wait_for(operation, f"deploying {what}", deadline)
+            # Read, modify, write with the etag: a maskless update replaces the whole service, so it starts from
+            # the service as it is (the labels of the run that created it, and fields vlp does not own).
+            def change(latest: Any) -> Any:
+                request.traffic = [*pinned(latest.traffic_statuses), request.traffic[-1]]
+                return merged_service(latest, request)
+
+            service = update_read_service(services, name, change, f"deploying {what}", deadline)
     except StepError:
         raise
     except Exception as exc:
@@ -191,6 +280,7 @@ def remove_revision(services: Any, revisions: Any, name: str, revision: str) -> 
     service = get_service(services, name)
     if service is None:
         return []
+    rev_name = f"{name}/revisions/{revision}"
     rest = [t for t in pinned(service.traffic_statuses) if t.revision != revision]
     if not any(t.percent for t in rest):
         others = [r for r in revisions.list_revisions(parent=name) if r.name.rsplit("/", 1)[1] != revision]
@@ -205,7 +295,22 @@ def remove_revision(services: Any, revisions: Any, name: str, revision: str) -> 
     if rest and total != 100:
         # The revision held a canary share (a run stopped mid-promotion): the others take it back, the largest first.
         max(rest, key=lambda t: t.percent).percent += 100 - total
-    if any(t.revision == revision for t in service.traffic_statuses):
+    named = any(t.revision == revision for t in [*service.traffic_statuses, *service.traffic])
+    if service.latest_created_revision == rev_name:
+        # Its template names the revision (after a failed rollout too: the spec stays as submitted), and Cloud Run
+        # will not delete the latest created revision: the template goes back to the revision that keeps the most
+        # traffic, which creates nothing new, in the same write as the traffic.
+        keeper = max(rest, key=lambda t: t.percent).revision
+        back = template_of(revisions.get_revision(name=f"{name}/revisions/{keeper}"))
+
+        def restore(latest: Any) -> Any:
+            latest.template = back
+            latest.traffic = rest
+            return latest
+
+        update_read_service(services, name, restore, f"restoring {name} to revision {keeper}", 1800)
+        log.info("%s is back on revision %s; traffic %s", name, keeper, {t.revision: t.percent for t in rest})
+    elif named:
         update = run_v2.Service(name=name, traffic=rest)
         mask = field_mask_pb2.FieldMask(paths=["traffic"])
         wait_for(services.update_service(service=update, update_mask=mask), f"moving traffic off {revision}", 1800)

@@ -364,6 +364,7 @@ CLOUD_RUN_GPU_LIMITS: dict[str, tuple[int, int, int | None, int | None]] = {
     "nvidia-rtx-pro-6000": (20, 80, None, None),
 }
 _MEMORY_RE = re.compile(r"^(\d+)(Gi|Mi)$")
+MAX_SERVICE_ID = 46 - len("candidate")  # see CloudRunSpec._service
 
 
 class CloudRunSpec(_Strict):
@@ -391,7 +392,11 @@ class CloudRunSpec(_Strict):
         "start; the weights use instance memory); mount: a read-only Cloud Storage volume (no copy, reads on demand).",
     )
     startup_timeout_s: int = Field(
-        1800, ge=60, le=3600, description="How long an instance may take to load the model before it counts failed."
+        1800,
+        ge=60,
+        # The startup probe's window (failure_threshold x period): Cloud Run's health-check pages cap it at 1800 s
+        # for GPU instances (run/docs/configuring/jobs/healthchecks; the services page is not explicit: unverified).
+        le=1800, description="How long an instance may take to load the model before it counts failed."
     )
 
     @field_validator("memory")
@@ -404,11 +409,30 @@ class CloudRunSpec(_Strict):
     @field_validator("service")
     @classmethod
     def _service(cls, v: str) -> str:
-        # service.proto service_id: lowercase, starts with a letter, under 50 characters; 48 at most here, so
-        # revision names (SERVICE-SHA7-RUN6) stay within 63.
-        if v and not re.match(r"^[a-z]([-a-z0-9]{0,46}[a-z0-9])?$", v):
+        # service.proto service_id: lowercase, starts with a letter, under 50 characters. Cloud Run also refuses a
+        # traffic tag whose length plus the service id's exceeds 46 (they form the tag URL's DNS label), and every
+        # redeploy tags its revision `candidate`: 37 at most.
+        if v and not re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", v):
+            raise ValueError(f"{v!r}: use lowercase letters, digits and dashes, starting with a letter")
+        if len(v) > MAX_SERVICE_ID:
             raise ValueError(
-                f"{v!r}: use lowercase letters, digits and dashes, starting with a letter, under 50 characters"
+                f"{v!r} is {len(v)} characters: Cloud Run refuses a traffic tag whose length plus the service id's "
+                f"exceeds 46, and redeploys tag the new revision `candidate`; use at most {MAX_SERVICE_ID} characters"
+            )
+        return v
+
+    @field_validator("ingress")
+    @classmethod
+    def _ingress(cls, v: str) -> str:
+        # run/docs/securing/ingress: internal ingress admits only requests from VPC networks (and, for the second,
+        # Google Cloud load balancers); the smoke test calls the URL from a Vertex AI Pipelines worker, which is
+        # neither, so Cloud Run would refuse it with 404 and every deploy would roll back. (vlp writes ingress on
+        # every deploy, so it cannot be narrowed afterwards either.)
+        if v != "all":
+            raise ValueError(
+                f"ingress {v!r}: the smoke test calls the service from a Vertex AI Pipelines worker, which internal "
+                "ingress refuses (404); use ingress: all: the service stays private, only accounts with "
+                "roles/run.invoker may call it"
             )
         return v
 
@@ -517,7 +541,7 @@ class DeploymentConfig(_Strict):
     @property
     def service_id(self) -> str:
         """The Cloud Run service id (target cloud_run)."""
-        return self.cloud_run.service or self.name[:48].rstrip("-")
+        return self.cloud_run.service or self.name[:MAX_SERVICE_ID].rstrip("-")
 
     @field_validator("hardware", mode="before")
     @classmethod

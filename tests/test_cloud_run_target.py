@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import requests
+from conftest import run_as
 
 from components.config import ConfigError, load_config
 from pipelines.local.runner import run_local
@@ -86,6 +87,10 @@ def _cfg(**cloud_run: Any) -> dict[str, Any]:
         ({"memory": "32GB"}, "cloud_run.memory: '32GB': write memory as a number of Gi or Mi"),
         ({"service": "Bad_Name"}, "cloud_run.service"),
         ({"gpu_type": "nvidia-h100"}, "cloud_run.gpu_type"),
+        ({"service": "a" * 38}, "is 38 characters: Cloud Run refuses a traffic tag whose length plus"),
+        ({"ingress": "internal"}, "which internal ingress refuses (404)"),
+        ({"ingress": "internal-and-cloud-load-balancing"}, "use ingress: all"),
+        ({"startup_timeout_s": 3600}, "cloud_run.startup_timeout_s"),
     ],
 )
 def test_cloud_run_config_errors_name_the_field(cloud_run: dict, words: str) -> None:
@@ -292,6 +297,27 @@ def test_cold_service_429_is_retried_and_a_canary_redeploy_moves_in_steps(tmp_pa
     assert first["status"] == "succeeded", first["error"]
     [old] = first["revisions"]
     assert old["traffic_percent"] == 100
+    # Someone sets fields vlp does not own; the redeploys below must keep them (read, modify, write with the etag).
+    outside = {"annotations": {"example.com/owner": "team-a"}, "custom_audiences": ["https://llm.example.com"]}
+
+    def service_now(change: Any = None) -> Any:
+        from components.cloud_run import services_client
+        from pipelines.local.peers import LocalStack
+
+        with LocalStack(state) as stack, pytest.MonkeyPatch.context() as mp:
+            run_as(mp, stack.api_endpoint, stack.bootstrap_owner("local-project"))
+            services = services_client(stack.api_endpoint)
+            name = "projects/local-project/locations/us-central1/services/tiny-run"
+            if change is not None:
+                services.update_service(service=change(services.get_service(name=name))).result(timeout=60)
+            return services.get_service(name=name)
+
+    def set_outside(svc: Any) -> Any:
+        svc.annotations = outside["annotations"]
+        svc.custom_audiences = outside["custom_audiences"]
+        return svc
+
+    service_now(set_outside)
     canary = run(state, run_config("tiny-run", "endpoint.traffic_steps=[50, 100]"), tiny_model_dir, force=True)
     assert canary["status"] == "succeeded", canary["error"]
     new = next(r for r in canary["revisions"] if r["name"] != old["name"])
@@ -300,3 +326,21 @@ def test_cold_service_429_is_retried_and_a_canary_redeploy_moves_in_steps(tmp_pa
     # The canary step held half the traffic, the old revision the other half, before all of it moved.
     assert f"'{new['name']}': 50, '{old['name']}': 50" in promoted, promoted[-2000:]
     assert f"{{'{new['name']}': 100}}" in promoted
+    kept = service_now()
+    assert dict(kept.annotations) == outside["annotations"], kept
+    assert list(kept.custom_audiences) == outside["custom_audiences"]
+
+    # A redeploy whose revision never starts: Cloud Run keeps the submitted template (the failed revision is the
+    # latest created, which it will not delete); the exit handler puts the template back on the serving revision,
+    # then deletes the candidate. Nothing is refused, the service is Ready on its revision, nothing else is lost.
+    broken = run(state, run_config(), tiny_model_dir, force=True, faults=["deploy-error"])
+    assert broken["status"] == "failed" and "failed to start" in broken["error"], broken["error"]
+    [candidate] = [n for n in broken["created"] if "/revisions/" in n]
+    assert candidate in broken["deleted"], broken
+    after = service_now()
+    assert [(t.revision, t.percent) for t in after.traffic_statuses] == [(new["name"], 100)]
+    assert after.latest_created_revision.endswith(f"/{new['name']}") and after.template.revision == new["name"]
+    assert after.terminal_condition.state.name == "CONDITION_SUCCEEDED", after.terminal_condition
+    assert dict(after.annotations) == outside["annotations"]
+    again = run(state, run_config(), tiny_model_dir, force=True)  # the next run trips over nothing
+    assert again["status"] == "succeeded", again["error"]

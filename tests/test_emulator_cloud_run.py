@@ -368,6 +368,33 @@ def test_a_private_service_answers_only_its_invokers_and_a_broken_revision_keeps
     assert [(t.revision, t.percent, t.tag) for t in after.traffic_statuses] == [("llama-awq-0000001-1", 100, "")]
     again = requests.post(url, json=chat, headers={"Authorization": f"Bearer {token}"}, timeout=60)
     assert again.status_code == 200  # the service answered throughout
+    # service.proto `reconciling`: the spec stays as submitted, the failed revision is the latest created, and the
+    # service is not Ready; Cloud Run will not delete that revision while the template names it.
+    assert after.template.revision == "llama-awq-0000002-1"
+    assert after.latest_created_revision.endswith("/llama-awq-0000002-1")
+    assert after.latest_ready_revision.endswith("/llama-awq-0000001-1")
+    assert after.terminal_condition.state == run_v2.Condition.State.CONDITION_FAILED
+    revisions = run_v2.RevisionsClient(
+        client_options=ClientOptions(api_endpoint=serving_emu.url),
+        transport="rest",
+        credentials=as_tester(serving_emu, PROJECT),
+    )
+    with pytest.raises(gexc.BadRequest, match="it is the latest revision of service"):
+        revisions.delete_revision(name=f"{svc.name}/revisions/llama-awq-0000002-1").result(timeout=30)
+
+    # Roll-back as the pipeline does it: the template goes back to the serving revision, then the candidate goes.
+    from components.cloud_run_service import remove_revision
+
+    assert remove_revision(client, revisions, svc.name, "llama-awq-0000002-1") == [
+        f"{svc.name}/revisions/llama-awq-0000002-1"
+    ]
+    back = client.get_service(name=svc.name)
+    assert back.terminal_condition.state == run_v2.Condition.State.CONDITION_SUCCEEDED
+    assert back.latest_created_revision.endswith("/llama-awq-0000001-1") and back.template.revision == "llama-awq-0000001-1"
+    assert [(t.revision, t.percent) for t in back.traffic_statuses] == [("llama-awq-0000001-1", 100)]
+    assert [r.name.rsplit("/", 1)[1] for r in revisions.list_revisions(parent=svc.name)] == ["llama-awq-0000001-1"]
+    last = requests.post(url, json=chat, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    assert last.status_code == 200
 
 
 def test_cloud_quotas_lists_cloud_runs_quotas_at_a_new_projects_limits(emu: Emulator) -> None:
@@ -430,3 +457,44 @@ def test_a_serving_revision_cannot_be_deleted_and_gc_collects_a_crashed_runs_can
     assert [r.name.rsplit("/", 1)[1] for r in revisions.list_revisions(parent=created.name)] == ["llama-awq-0000001-1"]
     after = client.get_service(name=created.name)
     assert [(t.revision, t.percent, t.tag) for t in after.traffic_statuses] == [("llama-awq-0000001-1", 100, "")]
+
+
+def test_a_maskless_update_replaces_the_service_and_a_stale_etag_is_refused(client: run_v2.ServicesClient) -> None:
+    """AIP-134 (update without a mask replaces the resource) and AIP-154 (a stale etag is ABORTED, HTTP 409)."""
+    svc = client.create_service(parent=PARENT, service=_service("llama-awq-0000001-1"), service_id="llama-awq")
+    svc = svc.result(timeout=30)
+    svc.annotations = {"example.com/owner": "team-a"}
+    svc.custom_audiences = ["https://llm.example.com"]
+    read = client.update_service(service=svc).result(timeout=30)
+    assert dict(read.annotations) == {"example.com/owner": "team-a"} and list(read.custom_audiences)
+    stale = run_v2.Service.wrap(type(run_v2.Service.pb(svc))())
+    run_v2.Service.pb(stale).CopyFrom(run_v2.Service.pb(svc))  # the etag of before the last write
+    with pytest.raises(gexc.Conflict, match="modified since it was read"):
+        client.update_service(service=stale).result(timeout=30)
+
+    rebuilt = _service("llama-awq-0000001-1")  # built from scratch, as if the service had nothing else
+    rebuilt.name = read.name
+    after = client.update_service(service=rebuilt).result(timeout=30)
+    assert not after.annotations and not after.custom_audiences  # what a from-scratch write wipes
+
+
+def test_tags_the_service_name_leaves_no_room_for_and_internal_ingress(
+    client: run_v2.ServicesClient, emu: Emulator
+) -> None:
+    import requests
+
+    long_id = "a" * 38  # + "candidate" = 47
+    svc = _service(f"{long_id}-0000001-1")
+    svc.traffic = [
+        run_v2.TrafficTarget(
+            type_=run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION,
+            revision=f"{long_id}-0000001-1",
+            percent=100,
+            tag="candidate",
+        )
+    ]
+    with pytest.raises(gexc.BadRequest, match="cannot exceed 46 characters"):
+        client.create_service(parent=PARENT, service=svc, service_id=long_id).result(timeout=30)
+    inner = _service("inner-0000001-1", ingress=run_v2.IngressTraffic.INGRESS_TRAFFIC_INTERNAL_ONLY)
+    created = client.create_service(parent=PARENT, service=inner, service_id="inner").result(timeout=30)
+    assert requests.post(created.uri + "/v1/chat/completions", json={}, timeout=30).status_code == 404
