@@ -130,14 +130,30 @@ def id_token_session(audience: str) -> Any:
     return session
 
 
-def answers(deployment: dict[str, Any], url: str) -> bool:
-    """One short chat request to the service answers 200 (the no-op check's health probe)."""
+# A scaled-to-zero GPU revision takes minutes to start, and Cloud Run answers 429 ("no available instance") or 503
+# meanwhile: the no-op probe waits that long before it calls an unchanged, healthy service broken and redeploys it.
+COLD_START_WAIT_S = 600
+
+
+def answers(deployment: dict[str, Any], url: str, wait_s: float = COLD_START_WAIT_S, backoff_s: float = 2.0) -> bool:
+    """A short chat request to the service answers 200 (the no-op check's health probe), 429s and 503s of a cold
+    start retried for up to `wait_s`."""
+    import time
+
     from components.serving import served_model_name
 
     body = {"model": served_model_name(deployment), "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
+    deadline = time.monotonic() + wait_s
     try:
-        return id_token_session(url).post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code == 200
-    except Exception:  # noqa: BLE001 - any failure just means "redeploy"
+        session = id_token_session(url)
+        while True:
+            status = session.post(f"{url}/v1/chat/completions", json=body, timeout=120).status_code
+            if status not in (429, 503) or time.monotonic() + backoff_s > deadline:
+                return status == 200
+            log.info("%s answered %d (starting an instance): asking again in %.0f s", url, status, backoff_s)
+            time.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 30.0)
+    except Exception:  # noqa: BLE001 - any other failure just means "redeploy"
         return False
 
 

@@ -297,6 +297,9 @@ def test_cold_service_429_is_retried_and_a_canary_redeploy_moves_in_steps(tmp_pa
     assert first["status"] == "succeeded", first["error"]
     [old] = first["revisions"]
     assert old["traffic_percent"] == 100
+    # The no-op probe meets the cold start's 429s too (a fresh stack: the revision is scaled to zero): it waits.
+    noop = run(state, run_config(), tiny_model_dir, faults=["predict-429"])
+    assert noop["status"] == "noop", noop
     # Someone sets fields vlp does not own; the redeploys below must keep them (read, modify, write with the etag).
     outside = {"annotations": {"example.com/owner": "team-a"}, "custom_audiences": ["https://llm.example.com"]}
 

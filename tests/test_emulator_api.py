@@ -63,7 +63,7 @@ class ServingDouble:
 
     def forward(self, deployed_model_id: str, kind: str, body: bytes, subpath: str | None = None) -> tuple:
         self.forwarded.append((deployed_model_id, kind, body, subpath))
-        if kind == "predict":
+        if kind in ("predict", "rawPredict"):  # a Vertex-format container answers both alike
             answer: dict[str, Any] = {"predictions": [f"answer from {deployed_model_id}"]}
         else:
             answer = {"object": "chat.completion", "served_by": deployed_model_id, "kind": kind, "path": subpath}
@@ -203,6 +203,22 @@ def test_endpoint_deploy_traffic_split_predict_undeploy_and_delete(emu: Emulator
 
     served = {endpoint.predict(instances=[{"prompt": "hi"}]).deployed_model_id for _ in range(40)}
     assert served == {first.id, second.id}
+
+    # The SDK's raw path reads which model answered from the answer's headers (KeyError without them). Its URL is
+    # Google's host, hard-coded: the session is pointed at the emulator underneath, the SDK's code runs unchanged.
+    import requests
+    from google.auth.transport.requests import AuthorizedSession
+
+    class _ToEmulator(requests.adapters.HTTPAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            request.url = request.url.replace("https://us-central1-aiplatform.googleapis.com", emu.url)
+            return super().send(request, **kwargs)
+
+    endpoint.authorized_session = AuthorizedSession(aiplatform.initializer.global_config.credentials)
+    endpoint.authorized_session.mount("https://", _ToEmulator())
+    raw = endpoint.predict(instances=[{"prompt": "hi"}], use_raw_predict=True)
+    assert raw.deployed_model_id in {first.id, second.id} and raw.model_resource_name == model.resource_name
+    assert raw.model_version_id in {"1", "2", "3"}
 
     # ChatCompletions is a v1beta1 method only.
     status, body, _ = _http("POST", f"{emu.url}/v1/{endpoint.resource_name}/chat/completions", {"messages": []})

@@ -68,7 +68,13 @@ class PredictionService:
         self, ep_name: str, dm: dict[str, Any], kind: str, body: bytes, subpath: str
     ) -> tuple[int, bytes, str, dict[str, str]]:
         dm_id = dm["id"]
-        headers = {"X-Vertex-AI-Deployed-Model-Id": dm_id}
+        # Which deployed model answered, as the SDK reads it back from a raw answer (aiplatform models.py
+        # _RAW_PREDICT_*_KEY: Endpoint.predict(use_raw_predict=True) indexes the first two, KeyError without them).
+        headers = {
+            "X-Vertex-AI-Deployed-Model-Id": dm_id,
+            "X-Vertex-AI-Model": dm.get("model", ""),
+            "X-Vertex-AI-Model-Version-Id": dm.get("modelVersionId", ""),
+        }
         with self._lock:
             status = self._serving_status.get(dm_id, "ready")
             throttle = "predict-429" in self.faults and self._throttled.get(dm_id, 0) < 2
