@@ -260,7 +260,7 @@ def run_preflight(
         errors = plan.errors or [f"{cfg.model.repo} does not fit the planned shape"]
         head = f"preflight failed for deployment {cfg.name} ({cfg.model.repo}):"
         raise PreflightError("\n".join([head] + [f"- {e}" for e in errors]), plan)
-    return {
+    deployment = {
         "config": cfg.model_dump(mode="json"),
         "project": project,
         "region": plan.region,
@@ -274,6 +274,28 @@ def run_preflight(
         "revision_sha": _revision_sha(plan),
         "api_endpoint": api_endpoint,
     }
+    _render_or_fail(deployment, cfg)
+    return deployment
+
+
+def _render_or_fail(deployment: dict[str, Any], cfg: DeploymentConfig) -> None:
+    """Build the requests deploy will send (upload and deploy, or the Cloud Run service) now: a setting the serving
+    presets cannot turn into a container fails here, before the weights are mirrored, not at register."""
+    from components.serving import ServingSpecError
+
+    uri = f"gs://{deployment['bucket'] or 'BUCKET'}/models/{cfg.model.repo}/{deployment['revision_sha'] or 'SHA'}/"
+    try:
+        if cfg.target == "cloud_run":
+            from components.cloud_run import service_request
+
+            service_request(deployment, uri)
+        else:
+            from components.serving import deploy_model_request, upload_model_request
+
+            upload_model_request(deployment, uri, deployment["revision_sha"] or "SHA")
+            deploy_model_request(deployment, f"projects/{deployment['project']}/locations/REGION/models/{cfg.name}")
+    except ServingSpecError as exc:
+        raise PreflightError(f"preflight failed for deployment {cfg.name} ({cfg.model.repo}):\n- {exc}") from None
 
 
 def preflight_op(

@@ -251,6 +251,12 @@ def test_seed_common_issues_fail_before_spending(emulator: Any, hub_mirror: Any,
     with pytest.raises(PreflightError) as err:
         run_preflight(too_long, project=PROJECT, api_endpoint=emulator.url, hub_endpoint=hub_mirror.url)
     assert "The model's max seq len (65536) is larger than the maximum number of tokens" in str(err.value)
+    # What register would refuse (a setting the TGI preset cannot render) is refused here, before the mirror.
+    float32 = _load_with(
+        "serving.engine=tgi", "serving.dtype=float32", "model.hf_token_secret=", "hardware=auto"
+    )
+    with pytest.raises(PreflightError, match="TGI serves float16 or bfloat16 only, not serving.dtype=float32"):
+        run_preflight(float32, project=PROJECT, api_endpoint=emulator.url, hub_endpoint=hub_mirror.url)
 
 
 def test_preflight_op_writes_report_and_metrics(
