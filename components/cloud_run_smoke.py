@@ -15,6 +15,10 @@ RUN_REFUSED = (
     "account), or the request carried no ID token for the service's URL"
 )
 RUN_MISSING = "the service or its candidate tag is gone"
+# The deploy step grants the pipeline's account roles/run.invoker just before this step; IAM changes "typically"
+# propagate within 2 minutes and sometimes take 7 or more (iam/docs/access-change-propagation): 403s are asked again
+# for that long before they count as a refusal.
+INVOKER_PROPAGATION_S = 420.0
 
 
 def run_service_smoke_test(
@@ -72,7 +76,15 @@ def run_service_smoke_test(
     session = id_token_session(service_url or url)
     try:
         data, latency, error = _post_with_retries(
-            session, f"{url}/v1/chat/completions", body, st.attempts, backoff_s, timeout_s, RUN_REFUSED, RUN_MISSING
+            session,
+            f"{url}/v1/chat/completions",
+            body,
+            st.attempts,
+            backoff_s,
+            timeout_s,
+            RUN_REFUSED,
+            RUN_MISSING,
+            propagation_s=INVOKER_PROPAGATION_S,
         )
     except SmokeTestError as exc:
         lines = server_log_tail(project, "", api_endpoint=deployment.get("api_endpoint", ""), flt=flt)

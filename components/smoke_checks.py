@@ -5,6 +5,7 @@ neither aiplatform nor the pipeline components."""
 from __future__ import annotations
 
 import base64
+import logging
 import mimetypes
 import re
 import time
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from components.prediction import EndpointError
+
+log = logging.getLogger("vlp.smoke_test")
 
 # Tokenizer files, for the chat template and its special tokens; a few KB to a few MB, never the weights.
 TOKENIZER_FILES = (
@@ -145,12 +148,18 @@ def _post_with_retries(
     timeout_s: float,
     refused_fix: str = VERTEX_REFUSED,
     missing_fix: str = VERTEX_MISSING,
+    propagation_s: float = 0.0,
 ) -> tuple[Any, float, str]:
-    """POSTs until a non-retryable answer; returns (json, latency of the answering call, last error text)."""
+    """POSTs until a non-retryable answer; returns (json, latency of the answering call, last error text).
+
+    A 403 within `propagation_s` of the first call is a grant not yet propagated (IAM: typically 2 minutes): it is
+    asked again without using up an attempt."""
     import requests
 
     last = ""
-    for attempt in range(1, attempts + 1):
+    first = time.monotonic()
+    attempt = 0
+    while attempt < attempts:
         start = time.perf_counter()
         try:
             resp = session.post(url, json=body, timeout=timeout_s)
@@ -164,12 +173,17 @@ def _post_with_retries(
                 except ValueError:
                     return {"_unparsed": resp.text[:4000]}, latency, ""
             last = f"HTTP {resp.status_code}: {resp.text[:2000]}"
+            if resp.status_code == 403 and time.monotonic() - first < propagation_s:
+                log.info("%s answered 403: the invoker grant may not have propagated yet; asking again", url)
+                time.sleep(min(backoff_s, 10.0))
+                continue
             if resp.status_code in (401, 403):
                 raise SmokeTestError(f"{url} refused the call ({last}): {refused_fix}")
             if resp.status_code == 404:
                 raise SmokeTestError(f"{url} does not exist ({last}): {missing_fix}")
             if resp.status_code not in RETRYABLE_STATUS:
                 return {"_http_error": resp.status_code, "_body": resp.text[:4000]}, latency, last
+        attempt += 1
         if attempt < attempts:
             time.sleep(min(backoff_s * 2 ** (attempt - 1), 60.0))
     raise SmokeTestError(f"no answer from {url} after {attempts} attempts: {last}")

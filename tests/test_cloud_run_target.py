@@ -3,7 +3,6 @@ Admin API v2), and its config, plan and render without one."""
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import sys
@@ -44,11 +43,17 @@ def run(state: Path, cfg: Any, model_dir: Path, **kwargs: Any) -> dict[str, Any]
     return run_local(cfg, state_dir=state, model_dir=model_dir, quiet=True, **kwargs)
 
 
-def _token(email: str) -> str:
-    def part(data: dict) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
-
-    return f"{part({'alg': 'RS256'})}.{part({'email': email, 'aud': 'x', 'exp': 9999999999})}.{part({})}"
+def _token(url: str, email: str) -> str:
+    """An ID token for the service at `url`, signed by the stack's metadata stand-in, as `email` would fetch it."""
+    api = url.split("/_run/")[0]
+    answer = requests.get(
+        f"{api}/_md/{email}/computeMetadata/v1/instance/service-accounts/default/identity",
+        params={"audience": url},
+        headers={"Metadata-Flavor": "Google"},
+        timeout=30,
+    )
+    answer.raise_for_status()
+    return answer.text
 
 
 def _chat(url: str, token: str | None) -> int:
@@ -188,8 +193,9 @@ def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: 
     original_start, original_stop = peers.LocalStack.start, peers.LocalStack.stop
 
     def hammer(url: str) -> None:
+        token = _token(url, ACCOUNT)
         while not stop.is_set():
-            results.append(_chat(url, _token(ACCOUNT)))
+            results.append(_chat(url, token))
             stop.wait(0.2)
 
     def start_and_hammer(self: Any) -> Any:
@@ -225,8 +231,8 @@ def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: 
     with LocalStack(state) as stack:
         url = _service_url(stack.api_endpoint, "smollm2-demo-run")
         assert _chat(url, None) == 403
-        assert _chat(url, _token("someone@example.com")) == 403
-        assert _chat(url, _token(ACCOUNT)) == 200
+        assert _chat(url, _token(url, "someone@example.com")) == 403
+        assert _chat(url, _token(url, ACCOUNT)) == 200
         # `vlp teardown` knows Cloud Run: the runs' revisions and the service the first run created all go. The
         # project's owner runs it, with credentials of its own.
         from pipelines.cli import main
@@ -236,9 +242,9 @@ def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: 
                 monkeypatch.setenv(key, value)
         config = str(ROOT / "configs" / "local-demo-cloud-run.yaml")
         assert main(["--api-endpoint", stack.api_endpoint, "teardown", config, "--dry-run"]) == 0
-        assert _chat(url, _token(ACCOUNT)) == 200
+        assert _chat(url, _token(url, ACCOUNT)) == 200
         assert main(["--api-endpoint", stack.api_endpoint, "teardown", config, "--yes"]) == 0
-        assert _chat(url, _token(ACCOUNT)) == 404
+        assert _chat(url, _token(url, ACCOUNT)) == 404
 
 
 def test_quota_shortfall_fails_preflight_before_the_mirror(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -291,10 +297,18 @@ def test_fault_leaves_nothing_behind(
         assert any(n.endswith("/services/tiny-run") for n in summary["removed_by_exit_handler"]), summary
 
 
-def test_cold_service_429_is_retried_and_a_canary_redeploy_moves_in_steps(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_cold_service_429_is_retried_and_a_canary_redeploy_moves_in_steps(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     state = tmp_path / "state"
+    # The invoker grant the deploy step makes is honoured only after 15 s (IAM propagation): the smoke test's
+    # first calls get 403 and must be asked again, not failed.
+    monkeypatch.setenv("VLP_IAM_PROPAGATION_S", "15")
     first = run(state, run_config(), tiny_model_dir, faults=["predict-429"])
+    monkeypatch.delenv("VLP_IAM_PROPAGATION_S")
     assert first["status"] == "succeeded", first["error"]
+    smoked = Path(next(s["log"] for s in first["steps"] if s["name"] == "smoke-test-service")).read_text()
+    assert "may not have propagated yet" in smoked, smoked[-3000:]
     [old] = first["revisions"]
     assert old["traffic_percent"] == 100
     # The no-op probe meets the cold start's 429s too (a fresh stack: the revision is scaled to zero): it waits.

@@ -355,8 +355,42 @@ def test_a_private_service_answers_only_its_invokers_and_a_broken_revision_keeps
     policy = client.get_iam_policy(request=iam_policy_pb2.GetIamPolicyRequest(resource=svc.name))
     policy.bindings.append(policy_pb2.Binding(role="roles/run.invoker", members=[f"serviceAccount:{INVOKER}"]))
     client.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=svc.name, policy=policy))
-    answer = requests.post(url, json=chat, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    granted = time.monotonic()
+    # The grant takes a while to be honoured (access change propagation): 403 at first, then 200.
+    assert requests.post(url, json=chat, headers={"Authorization": f"Bearer {token}"}, timeout=60).status_code == 403
+    while (answer := requests.post(url, json=chat, headers={"Authorization": f"Bearer {token}"}, timeout=60)).status_code == 403:
+        assert time.monotonic() - granted < 30, "the grant never took effect"
+        time.sleep(0.5)
+    assert time.monotonic() - granted >= 2.5  # VLP_IAM_PROPAGATION_S defaults to 3
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] is not None
+
+    # An ID token is checked as Cloud Run checks it: signature, expiry, audience (401), then the invoker (403).
+    def refused(bad: str) -> int:
+        return requests.post(url, json=chat, headers={"Authorization": f"Bearer {bad}"}, timeout=60).status_code
+
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from google.auth import crypt, jwt
+
+    from pipelines.local.emulator.iam import ID_TOKEN_KEY_ID, id_token_claims
+
+    assert refused(_id_token(serving_emu, "https://elsewhere.example.com")) == 401  # another audience
+    header, payload, signature = token.split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    forged = base64.urlsafe_b64encode(json.dumps({**claims, "email": "mallory@example.com"}).encode()).decode()
+    assert refused(f"{header}.{forged.rstrip('=')}.{signature}") == 401  # claims changed under the signature
+    key_file = (serving_emu.state_dir / "id-token-key.pem").read_bytes()
+    expired = {**id_token_claims(INVOKER, svc.uri), "iat": int(time.time()) - 7200, "exp": int(time.time()) - 3600}
+    signer = crypt.RSASigner.from_string(key_file, key_id=ID_TOKEN_KEY_ID)
+    assert refused(jwt.encode(signer, expired).decode()) == 401  # past its exp
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    impostor = crypt.RSASigner.from_string(other_key, key_id=ID_TOKEN_KEY_ID)
+    assert refused(jwt.encode(impostor, id_token_claims(INVOKER, svc.uri)).decode()) == 401  # signed by another key
+    assert refused(jwt.encode(signer, id_token_claims(INVOKER, svc.uri)).decode()) == 200  # the same, signed right
 
     # A candidate whose weights do not load: the update fails with code 9 and the old revision keeps 100%.
     candidate = _mounted("llama-awq-0000002-1", "models/acme/broken/rev1")

@@ -25,6 +25,7 @@ import copy
 import hashlib
 import json
 import re
+import time
 from typing import Any
 
 from google.cloud import run_v2
@@ -32,7 +33,7 @@ from google.protobuf import json_format
 
 from pipelines.local.emulator.core import _camel, _now, _pack_op, _paginate, _parse_request, _Route
 from pipelines.local.emulator.errors import ApiError
-from pipelines.local.emulator.iam import compute_default_account
+from pipelines.local.emulator.iam import compute_default_account, member
 
 _RUN_LOC = r"/v2/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
 _SERVICE_ID = re.compile(r"^[a-z]([-a-z0-9]{0,47}[a-z0-9])?$")
@@ -138,6 +139,15 @@ _OUTPUT_ONLY = {
 # characters ("Combined traffic tag and service name cannot exceed 46 characters", quoted from a real deploy in
 # PolicyEngine/policyengine-api#3729); the wording is from gcloud, the limit the API's.
 TAG_AND_SERVICE_MAX = 46
+def iam_propagation_s() -> float:
+    """How long a new grant on a service takes to be honoured locally: VLP_IAM_PROPAGATION_S, 3 s by default (on
+    Google typically 2 minutes; short here so runs stay quick, long enough that the first call after a grant meets
+    it)."""
+    import os
+
+    return float(os.environ.get("VLP_IAM_PROPAGATION_S") or 3.0)
+
+
 _INTERNAL_INGRESS = ("INGRESS_TRAFFIC_INTERNAL_ONLY", "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER")
 
 
@@ -545,15 +555,31 @@ class CloudRunService:
 
     # ------------------------------------------------------------------ invoking a service
 
-    def _run_caller(self, authorization: str) -> str:
-        """The email in an ID token (its signature is not checked here: tokens come from the local stand-in)."""
+    def _run_caller(self, authorization: str, service: dict[str, Any]) -> tuple[int, str]:
+        """Who calls the service: (0, email) for an ID token the metadata stand-in signed, not expired, whose
+        audience is one of the service's URLs (its own, a tag's) or a custom audience; (401, why) for a token that
+        is none of that; (0, "") with no token (then the invoker check answers 403).
+        Sources: run/docs/authenticating/service-to-service (the audience is the service's URL or a custom
+        audience); run/docs/troubleshooting (401 for a token Cloud Run cannot accept, 403 for a caller without
+        run.routes.invoke: the split is unverified wording)."""
         token = authorization.removeprefix("Bearer ").strip()
+        if not token:
+            return 0, ""
         try:
-            payload = token.split(".")[1]
-            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-        except (IndexError, ValueError):
-            return ""
-        return str(claims.get("email") or "")
+            claims = self.verify_id_token(token)
+        except (ValueError, TypeError) as exc:
+            return 401, f"the ID token is not valid ({str(exc).splitlines()[0][:120]})"
+
+        def path(url: str) -> str:  # the emulator's port changes between starts; a service's URLs do not
+            return re.sub(r"^https?://[^/]+", "", url).rstrip("/")
+
+        accepted = {path(u) for u in [service.get("uri", ""), *(service.get("urls") or [])] if u}
+        accepted |= {path(t["uri"]) for t in service.get("trafficStatuses") or [] if t.get("uri")}
+        accepted |= set(service.get("customAudiences") or [])
+        audience = str(claims.get("aud") or "")
+        if path(audience) not in accepted and audience not in accepted:
+            return 401, f"the ID token's audience {audience!r} is not this service's URL or a custom audience"
+        return 0, str(claims.get("email") or "")
 
     def _invoke_run(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         """A call to a service URL: 403 unless the caller holds roles/run.invoker (or invokers are not checked),
@@ -569,11 +595,17 @@ class CloudRunService:
                 # Every caller of the emulator is outside any VPC network: internal ingress answers 404
                 # (run/docs/securing/ingress: requests from disallowed sources get 404; unverified wording).
                 return 404, b"Page not found", "text/html", {}
-            email = self._run_caller(p.get("_authorization", ""))
+            refused, email = self._run_caller(p.get("_authorization", ""), service)
+            if refused:
+                message = f"Your client does not have permission to the requested URL: {email}."
+                return 401, message.encode(), "text/html", {}
             # run.routes.invoke on the service or its project (roles/run.invoker, run.developer, run.admin...).
             allowed = service.get("invokerIamDisabled") or self.allowed(
                 email, "run.routes.invoke", [name, f"projects/{p['project']}"]
             )
+            until, added = getattr(self, "_run_pending_grants", {}).get(name, (0.0, set()))
+            if allowed and time.monotonic() < until and (member(email) in added or "allUsers" in added):
+                allowed = False  # granted, not yet propagated
             if not allowed:
                 return 403, b"Your client does not have permission to get URL from this server.", "text/html", {}
             statuses = service.get("trafficStatuses") or []
@@ -674,7 +706,18 @@ class CloudRunService:
         policy = json.loads(body or b"{}").get("policy") or {}
         with self._lock:
             name, _ = self._run_service(p)
-            return self._json(self.set_policy(name, policy))
+
+            def members(pol: dict[str, Any]) -> set[str]:
+                return {m for b in pol.get("bindings") or [] for m in b.get("members") or []}
+
+            before = members(self._run_policies.get(name) or {})
+            stored = self.set_policy(name, policy)
+            # Access change propagation (iam/docs/access-change-propagation: "typically 2 minutes", sometimes 7 or
+            # more): members this change adds are not yet honoured for IAM_PROPAGATION_S seconds.
+            pending = getattr(self, "_run_pending_grants", {})
+            pending[name] = (time.monotonic() + iam_propagation_s(), members(stored) - before)
+            self._run_pending_grants = pending
+            return self._json(stored)
 
     def _test_run_permissions(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         with self._lock:

@@ -334,6 +334,54 @@ class IamService:
             )
         return principal
 
+    # ------------------------------------------------------------------ ID tokens
+
+    def _id_token_key(self) -> tuple[Any, bytes]:
+        """The RSA key the stand-in signs ID tokens with (RS256, as Google's are), kept in the state dir so tokens
+        outlive a restart of the stack; (signer, public key PEM)."""
+        import os
+
+        from google.auth import crypt
+
+        cached = getattr(self, "_id_key", None)
+        if cached is not None:
+            return cached
+        path = Path(self.state_dir) / "id-token-key.pem"  # type: ignore[attr-defined]
+        if not path.exists():
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric import rsa
+
+            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            pem = key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(pem)
+        from cryptography.hazmat.primitives import serialization
+
+        private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        public = private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        self._id_key = (crypt.RSASigner.from_string(path.read_bytes(), key_id=ID_TOKEN_KEY_ID), public)
+        return self._id_key
+
+    def id_token(self, principal: str, audience: str) -> str:
+        """A signed ID token for `audience`, as the metadata server or IAM Credentials hand one out."""
+        from google.auth import jwt
+
+        signer, _ = self._id_token_key()
+        return jwt.encode(signer, id_token_claims(principal, audience)).decode()
+
+    def verify_id_token(self, token: str) -> dict[str, Any]:
+        """The claims of an ID token this stand-in signed and that has not expired; ValueError otherwise (a forged
+        signature, another key, a token past its `exp`)."""
+        from google.auth import jwt
+
+        _, public = self._id_token_key()
+        return dict(jwt.decode(token, certs={ID_TOKEN_KEY_ID: public}, verify=True, clock_skew_in_seconds=10))
+
     # ------------------------------------------------------------------ policies
 
     def policy_of(self, resource: str) -> dict[str, Any]:
@@ -594,7 +642,7 @@ class IamService:
         audience = (query.get("audience") or [""])[0]
         if not audience:
             raise ApiError("INVALID_ARGUMENT", "audience is required")
-        return self._md_answer(id_token(p["principal"], audience).encode(), "application/text")
+        return self._md_answer(self.id_token(p["principal"], audience).encode(), "application/text")
 
     def _project_policy_get(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         return 200, json.dumps(_public(self.policy_of(f"projects/{p['project']}"))).encode(), "application/json", {}
@@ -624,7 +672,7 @@ class IamService:
         audience = json.loads(body or b"{}").get("audience") or ""
         if not audience:
             raise ApiError("INVALID_ARGUMENT", "audience is required.")
-        return 200, json.dumps({"token": id_token(p["account"], audience)}).encode(), "application/json", {}
+        return 200, json.dumps({"token": self.id_token(p["account"], audience)}).encode(), "application/json", {}
 
     def _enable_service(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         with self._lock:
@@ -766,13 +814,15 @@ class IamService:
         return None
 
 
-def id_token(principal: str, audience: str) -> str:
-    """An ID token for `audience`: a JWT whose claims are real and whose signature is not (the emulator reads the
-    email; nothing here verifies signatures: issue 21 covers that)."""
+ID_TOKEN_KEY_ID = "vlp-local"
+
+
+def id_token_claims(principal: str, audience: str) -> dict[str, Any]:
+    """The claims of an ID token for `audience`, as Google's identity endpoint fills them."""
     import time
 
     now = int(time.time())
-    claims = {
+    return {
         "aud": audience,
         "azp": principal,
         "email": principal,
@@ -782,11 +832,6 @@ def id_token(principal: str, audience: str) -> str:
         "iss": "https://accounts.google.com",
         "sub": str(100_000_000_000_000_000_000 + zlib.crc32(principal.encode())),
     }
-
-    def part(data: dict[str, Any]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
-
-    return f"{part({'alg': 'RS256', 'typ': 'JWT', 'kid': 'local'})}.{part(claims)}.{part({'sig': 'local'})}"
 
 
 def _public(policy: dict[str, Any]) -> dict[str, Any]:
