@@ -363,6 +363,12 @@ def test_a_private_service_answers_only_its_invokers_and_a_broken_revision_keeps
         time.sleep(0.5)
     assert time.monotonic() - granted >= 2.5  # VLP_IAM_PROPAGATION_S defaults to 3
     assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] is not None
+    assert answer.json()["model"] == "/mnt/model"  # TGI answers with its own model id
+    # The URL reaches TGI's router as it is: its routes only, each with its own method.
+    auth = {"Authorization": f"Bearer {token}"}
+    assert requests.post(svc.uri + "/chat/completions", json=chat, headers=auth, timeout=60).status_code == 404
+    assert requests.get(url, headers=auth, timeout=60).status_code == 405
+    assert requests.get(svc.uri + "/health", headers=auth, timeout=60).status_code == 200
 
     # An ID token is checked as Cloud Run checks it: signature, expiry, audience (401), then the invoker (403).
     def refused(bad: str) -> int:

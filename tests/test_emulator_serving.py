@@ -31,7 +31,7 @@ GOOD_URI = f"gs://{BUCKET}/models/acme/tiny/rev1/"
 BROKEN_URI = f"gs://{BUCKET}/models/acme/broken/rev1/"
 VLLM_SPEC = {
     "imageUri": "us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:latest",
-    "args": ["python", "-m", "vllm.entrypoints.api_server", "--model=gs://x"],
+    "args": ["python", "-m", "vllm.entrypoints.api_server", "--model=gs://x", "--served-model-name=acme/tiny"],
     "predictRoute": "/generate",
     "healthRoute": "/ping",
 }
@@ -149,8 +149,18 @@ def test_chat_and_raw_routes(manager: ServingManager, vllm_model: str) -> None:
     chunks = [json.loads(line[6:]) for line in data.decode().splitlines() if line.startswith("data: {")]
     assert chunks and "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
 
-    invoked = _forward_json(manager, vllm_model, "invoke", {"prompt": "Hello", "max_tokens": 3}, "/v1/completions")
+    invoked = _forward_json(
+        manager, vllm_model, "invoke", {"model": "acme/tiny", "prompt": "Hello", "max_tokens": 3}, "/v1/completions"
+    )
     assert invoked["object"] == "text_completion"
+    # vLLM answers only to its --served-model-name (serving_engine._check_model): another name is 404.
+    status, data, _ = manager.forward(vllm_model, "chat", json.dumps({**body, "model": "gpt-4o"}).encode())
+    assert status == 404 and json.loads(data)["message"] == "The model `gpt-4o` does not exist."
+    # Image content for a text-only model is refused, not silently dropped.
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    with_image = {**body, "messages": [{"role": "user", "content": [{"type": "text", "text": "What?"}, image]}]}
+    status, data, _ = manager.forward(vllm_model, "chat", json.dumps(with_image).encode())
+    assert status == 400 and "is not a multimodal model" in json.loads(data)["message"]
 
     raw = _forward_json(manager, vllm_model, "rawPredict", {"instances": [{"prompt": "Hi", "max_tokens": 3}]})
     assert raw["predictions"][0].startswith("Prompt:\nHi\n") and "deployedModelId" not in raw
@@ -165,7 +175,10 @@ def test_smoke_fail_fault_makes_the_model_answer_wrongly(manager: ServingManager
         answer = _forward_json(manager, vllm_model, "predict", {"instances": [{"prompt": "Capital?", "max_tokens": 4}]})
         assert answer["predictions"][0].endswith("Output:\n" + WRONG_ANSWER)
         chat = _forward_json(
-            manager, vllm_model, "chat", {"messages": [{"role": "user", "content": "Capital?"}], "max_tokens": 4}
+            manager,
+            vllm_model,
+            "chat",
+            {"model": "acme/tiny", "messages": [{"role": "user", "content": "Capital?"}], "max_tokens": 4},
         )
         assert chat["choices"][0]["message"]["content"] == WRONG_ANSWER
     finally:
@@ -188,10 +201,26 @@ def test_tgi_container_speaks_the_hugging_face_dlc_format(manager: ServingManage
         [text] = answer["predictions"]
         assert isinstance(text, str)
 
+        # rawPredict reaches TGI's predict route (vertex_compatibility): `instances` only, as /generate- and
+        # OpenAI-shaped bodies get axum's 422.
+        for shape in ({"inputs": "Hello", "parameters": {"max_new_tokens": 4}}, {"messages": [], "model": "tgi"}):
+            status, data, _ = manager.forward("dm-tgi", "rawPredict", json.dumps(shape).encode())
+            assert status == 422 and b"missing field `instances`" in data, (status, data)
+        raw = _forward_json(manager, "dm-tgi", "rawPredict", {"instances": [{"inputs": "Hello"}]})
+        assert isinstance(raw["predictions"][0], str) and "deployedModelId" not in raw
+        # TGI's own routes, as a Cloud Run URL or invoke reaches them: /generate answers a dict, / a list; an unknown
+        # path is 404, a GET on a POST route 405, /health answers GET.
         generated = _forward_json(
-            manager, "dm-tgi", "rawPredict", {"inputs": "Hello", "parameters": {"max_new_tokens": 4}}
+            manager, "dm-tgi", "invoke", {"inputs": "Hello", "parameters": {"max_new_tokens": 4}}, "/generate"
         )
         assert isinstance(generated["generated_text"], str)
+        assert isinstance(_forward_json(manager, "dm-tgi", "invoke", {"inputs": "Hi"}, "/")[0]["generated_text"], str)
+        assert manager.forward("dm-tgi", "invoke", b"{}", "/chat/completions")[0] == 404  # no /v1: not a route
+        assert manager.forward("dm-tgi", "invoke", b"", "/generate", method="GET")[0] == 405
+        assert manager.forward("dm-tgi", "invoke", b"", "/health", method="GET")[0] == 200
+        chat = {"model": "whatever-the-client-sent", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        answered = _forward_json(manager, "dm-tgi", "invoke", chat, "/v1/chat/completions")
+        assert answered["model"] == "/tmp/model"  # TGI's own model id, not an echo of the request
 
         # TGI's /vertex route (router/src/vertex.rs, v2.4.0): the `inputs` form forces do_sample, so two seeds
         # sample differently even with do_sample: false; a chat-shaped instance at temperature 0 is greedy.

@@ -630,8 +630,16 @@ class CloudRunService:
                 self._run_start(revision)
             except Exception as exc:  # noqa: BLE001 - a failed cold start answers 503, as Cloud Run does
                 return 503, f"The instance failed to start: {exc}".encode(), "text/plain", {}
-        status, out, ctype = self.serving.forward(serving_id, "invoke", body, p.get("subpath") or "/")
+        method = p.get("_method", "POST")
+        if method == "POST":  # test stand-ins of the serving manager take no method
+            status, out, ctype = self.serving.forward(serving_id, "invoke", body, p.get("subpath") or "/")
+        else:
+            status, out, ctype = self.serving.forward(serving_id, "invoke", body, p.get("subpath") or "/", method=method)
         return status, out, ctype, {}
+
+    def _invoke_run_get(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        """A GET to a service URL reaches the container as a GET (TGI's /health, /info, /metrics)."""
+        return self._invoke_run({**p, "_method": "GET"}, query, b"")
 
     # ------------------------------------------------------------------ revisions
 
@@ -749,7 +757,7 @@ class CloudRunService:
             r(
                 "GET",
                 r"/_run/(?P<project>[^/]+)/(?P<location>[^/]+)/(?P<service>[^/]+)(?:/_tag/(?P<tag>[^/]+))?(?P<subpath>/.*)?",
-                self._invoke_run,
+                self._invoke_run_get,
             ),
             r("DELETE", svc + r"/revisions/(?P<revision>[^/:]+)", self._delete_run_revision),
         ]
