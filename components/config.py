@@ -155,7 +155,7 @@ class Serving(_Strict):
         None, ge=1, description="GPUs a replica shards over; empty = GPUs per node."
     )
     pipeline_parallel_size: int | None = Field(
-        None, ge=1, description="Nodes a replica spans (multi-host); empty = plan."
+        None, ge=1, description="Pipeline-parallel stages; more than 1 means multi-host, which is refused: leave empty."
     )
     # The upper bound is the longest context a public checkpoint declares (Llama 4 Scout's max_position_embeddings,
     # 10,485,760); preflight then holds it to the model's own context length.

@@ -541,16 +541,23 @@ def plan_for_facts(
             return plan
         fits = [evaluate(s, **kw) for s in singles]
         fitting = ranked(fits)
-        multihost = False
+        spread = ""
         if not fitting and serving.tensor_parallel_size in (None, 8):
-            # Nothing fits on one node: spread a replica over nodes, TP inside a node, PP across them.
-            fits_mh = [
-                evaluate(s, **{**kw, "tensor_parallel_size": 8, "pipeline_parallel_size": None})
-                for s in _multihost_candidates(singles)
-            ]
-            fitting = ranked(fits_mh)
-            fits += fits_mh
-            multihost = bool(fitting)
+            # Nothing fits on one node. A replica over several nodes is not offered (serving.multi_host_refusal:
+            # no documented public deploy path); say whether it would have fit, so the error is complete.
+            fits_mh = ranked(
+                [
+                    evaluate(s, **{**kw, "tensor_parallel_size": 8, "pipeline_parallel_size": None})
+                    for s in _multihost_candidates(singles)
+                ]
+            )
+            if fits_mh:
+                spread = (
+                    f"; it would fit spread over {fits_mh[0].shape.node_count} x {fits_mh[0].shape.machine_type} "
+                    "nodes, but multi-host serving is not offered (Google documents no public way to deploy it): "
+                    "use one node with more GPU memory (e.g. 8 x H200, a3-ultragpu-8g), a quantized checkpoint, "
+                    "or a shorter serving.max_model_len"
+                )
         if not fitting:
             # The candidate that got furthest: most GPU memory, then the longest context that fits, then the
             # cheapest, so a host-memory refusal on the smallest machine does not hide the real limit.
@@ -576,16 +583,17 @@ def plan_for_facts(
             if hardware.accelerator_type:
                 where = f"{hardware.accelerator_type} x {hardware.accelerator_count or 'any count'} shape"
             if count > len(singles) // 2:
-                plan.errors.append(f"{facts.repo} fits no {where}: {common}")
+                plan.errors.append(f"{facts.repo} fits no {where}: {common}{spread}")
             elif len({f.shape.accelerator_type for f in fits}) == 1 and best.errors:
                 plan.errors.append(
                     f"{facts.repo} fits no {best.shape.accelerator_type} shape (best candidate: "
-                    f"{best.shape.describe()}): " + "; ".join(best.errors)
+                    f"{best.shape.describe()}): " + "; ".join(best.errors) + spread
                 )
             else:
                 plan.errors.append(
                     f"{facts.repo} fits no shape in the catalog (largest tried: {best.shape.describe()}): "
                     + "; ".join(best.errors)
+                    + spread
                 )
             _record_rejected(plan, fits)
             _fill_facts_only(plan, best)
@@ -596,25 +604,8 @@ def plan_for_facts(
         if fitting and objective == "cost_per_token" and fitting[0].cost_per_million <= 1.15 * chosen.cost_per_million:
             nxt += " (within 15%, inside the estimate's accuracy: `vlp bench` both to decide)"
         what = _OBJECTIVE_WORDS[objective].format(workload=_describe_workload(workload))
-        plan.reason = (
-            f"{what}: {_figures(chosen)}{nxt}"
-            if not multihost
-            else f"no single node holds the model, so a replica spans {chosen.shape.node_count} nodes "
-            f"(tensor parallel {chosen.tp} within a node, pipeline parallel {chosen.pp} across nodes); "
-            f"{what}: {_figures(chosen)}{nxt}"
-        )
+        plan.reason = f"{what}: {_figures(chosen)}{nxt}"
         _record_rejected(plan, fits)
-        if not multihost:
-            # Large models: show what spreading over nodes would cost, for comparison.
-            over = [s for s in _multihost_candidates(singles) if s.node_count == 2]
-            big = [f for f in fits if f.shape.accelerator_count == 8 and not f.fits]
-            if big and over:
-                extra = [
-                    evaluate(s, **{**kw, "tensor_parallel_size": 8, "pipeline_parallel_size": None})
-                    for s in over
-                    if any(b.shape.machine_type == s.machine_type for b in big)
-                ]
-                fitting = ranked(fitting + extra)
 
     _fill_from_fit(plan, chosen)
     # One row per GPU layout (the cheapest machine for it): g2-standard-8/12/16 differ only in host size.
@@ -629,11 +620,6 @@ def plan_for_facts(
     if chosen.fits and not hardware.is_auto and fitting and fitting[0].rank(objective) < chosen.rank(objective):
         plan.warnings.append(
             f"a shape that does better by {objective} also fits: {_figures(fitting[0])} (this one: {_figures(chosen)})"
-        )
-    if chosen.shape.node_count > 1:
-        plan.warnings.append(
-            "multi-host serving (multihostGpuNodeCount > 1) is a preview feature set through the v1beta1 API; "
-            "the replica's nodes talk over the machine family's GPU network"
         )
     if not facts.has_chat_template and not serving.chat_template:
         plan.warnings.append(

@@ -111,6 +111,8 @@ def resolve_shape(deployment: dict[str, Any]) -> ServingShape:
     s = cfg.serving
     tp = s.tensor_parallel_size or plan.get("tensor_parallel_size") or max(accelerator_count, 1)
     pp = s.pipeline_parallel_size or plan.get("pipeline_parallel_size") or node_count
+    if node_count > 1 or pp > 1:
+        raise ServingSpecError(multi_host_refusal(cfg.name, node_count, pp))
     if s.engine == "tgi" and (node_count > 1 or pp > 1):
         raise ServingSpecError(
             f"deployment {cfg.name!r}: TGI shards over the GPUs of one node only, but the plan spans {node_count} "
@@ -157,6 +159,20 @@ def _check_no_token(env: dict[str, str], extra_args: list[str], name: str) -> No
 
 # Model Garden's multi-host recipe (model_garden_pytorch_deepseek_deployment.ipynb): the args start with the
 # image's Ray launcher, which only images from 2025-01-30 on carry.
+def multi_host_refusal(name: str, nodes: int, pipeline_parallel: int) -> str:
+    """Why a replica spanning nodes is refused: the only API field for it (v1beta1 MachineSpec.
+    multihost_gpu_node_count) has no documented public deploy path; every Model Garden multi-host sample deploys
+    through another, undocumented surface."""
+    return (
+        f"deployment {name!r} spans {max(nodes, pipeline_parallel)} nodes (pipeline parallel {pipeline_parallel}), "
+        "but multi-host serving is not offered: Google documents no public way to deploy a replica over several "
+        "nodes (the v1beta1 MachineSpec.multihost_gpu_node_count field is not enough; Model Garden's multi-host "
+        "samples use an undocumented surface). Use one node with more GPU memory (8 x H200 on a3-ultragpu-8g holds "
+        "a 405B model in BF16), a quantized checkpoint, or a shorter serving.max_model_len; leave "
+        "serving.pipeline_parallel_size empty"
+    )
+
+
 RAY_LAUNCHER = "/vllm-workspace/ray_launcher.sh"
 RAY_LAUNCHER_SINCE = "20250130"
 

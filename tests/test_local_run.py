@@ -345,11 +345,11 @@ def test_benchmark_runs_in_the_pipeline_from_float_struct_parameters(tmp_path: P
         assert lv["estimated_output_tokens_per_s"] > 0 and lv["estimated_cost_per_million_output_tokens_usd"] > 0
 
 
-def test_multi_host_deploy_runs_through_the_v1beta1_route(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """The DAG's multi-host branch: two nodes per replica, Model Garden's Ray launcher, v1beta1 DeployModel."""
+def test_multi_host_is_refused_at_preflight_before_anything_is_created(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A replica over two nodes has no documented public deploy path (serving.multi_host_refusal): preflight
+    renders the requests and refuses it, with the fix, before the mirror or any deploy."""
     state = tmp_path / "state"
     (state / "emulator").mkdir(parents=True)
-    # 8 L4s for one replica of 2 x g2-standard-48 (the emulator's default quota is 8 per GPU type; raised).
     (state / "emulator" / "quotas.json").write_text(json.dumps({"quotas": {}, "default": 64}))
     cfg = tiny_config(
         "tiny",
@@ -360,11 +360,8 @@ def test_multi_host_deploy_runs_through_the_v1beta1_route(tmp_path: Path, tiny_m
         "serving.image=us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:20250130_0916_RC00",
     )
     summary = run(state, cfg, tiny_model_dir)
-    assert summary["status"] == "succeeded", summary["error"]
-    assert any(c.startswith("POST /v1beta1/") and c.endswith(":deployModel") for c in summary["api_calls"])
-    saved = emulator_state(state)
-    (dm_id,) = saved["multihost"]
-    assert saved["multihost"][dm_id] == 2 and dm_id not in saved["loggingOff"]  # container logging asked for
-    model = next(iter(saved["models"].values()))
-    args = next(iter(model["versions"].values()))["containerSpec"]["args"]
-    assert args[0] == "/vllm-workspace/ray_launcher.sh" and "--pipeline-parallel-size=2" in args
+    assert summary["status"] == "failed"
+    assert "multi-host serving is not offered" in summary["error"] and "8 x H200" in summary["error"]
+    assert [s["name"] for s in summary["steps"]] == ["preflight", "cleanup"]
+    assert summary["created"] == []
+    assert not any(":deployModel" in c for c in summary["api_calls"])

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.cloud import aiplatform_v1, aiplatform_v1beta1
+from google.cloud import aiplatform_v1
 from google.protobuf import json_format
 
 from components import serving
@@ -300,27 +300,15 @@ def test_deploy_request_machine_replicas_spot_and_traffic() -> None:
     assert dict(blue_green.traffic_split) == {"0": 0, "123": 100}
 
 
-def test_multi_host_uses_v1beta1_and_pipeline_parallel() -> None:
-    deployment = seed(
-        "llama-3.1-405b-fp8-tgi-a3",
-        {"node_count": 2, "pipeline_parallel_size": 2},
-        overrides=["serving.engine=vllm", "serving.tensor_parallel_size=8"],
-    )
-    assert serving.needs_v1beta1(deployment)
-    # The pinned 2024 image has no Ray launcher: multi-host is refused with the fix.
-    with pytest.raises(serving.ServingSpecError, match="ray_launcher.sh"):
-        serving.vllm_args(deployment)
-    deployment["config"]["serving"]["image"] = serving.VLLM_IMAGE.rsplit(":", 1)[0] + ":20250130_0916_RC00"
-    args = serving.vllm_args(deployment)
-    assert args[:4] == [serving.RAY_LAUNCHER, "python", "-m", "vllm.entrypoints.api_server"]
-    assert "--pipeline-parallel-size=2" in args
-    request = serving.deploy_model_request(deployment, "m")
-    assert isinstance(request, aiplatform_v1beta1.DeployModelRequest)
-    assert request.deployed_model.dedicated_resources.machine_spec.multihost_gpu_node_count == 2
-    assert request.deployed_model.enable_container_logging  # off by default on v1beta1
-    tgi = seed("llama-3.1-405b-fp8-tgi-a3", {"node_count": 2})
-    with pytest.raises(serving.ServingSpecError, match="one node only"):
-        serving.container_spec(tgi)
+def test_multi_host_is_refused_with_the_fix() -> None:
+    """A replica over several nodes has no documented public deploy path: every render refuses it, preflight too
+    (it renders the requests), whatever the engine or image."""
+    for overrides in (["serving.engine=vllm", "serving.tensor_parallel_size=8"], []):
+        deployment = seed("llama-3.1-405b-fp8-tgi-a3", {"node_count": 2, "pipeline_parallel_size": 2}, overrides)
+        deployment["config"]["serving"]["image"] = serving.VLLM_IMAGE.rsplit(":", 1)[0] + ":20250130_0916_RC00"
+        for render in (serving.container_spec, lambda d: serving.deploy_model_request(d, "m")):
+            with pytest.raises(serving.ServingSpecError, match="multi-host serving is not offered.*8 x H200"):
+                render(deployment)
 
 
 # Vertex configs only: a Cloud Run config renders a run_v2 Service (test_cloud_run_target.py).
