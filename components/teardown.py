@@ -104,6 +104,7 @@ def remove_run_resources(
     api_endpoint: str = "",
     pending_wait_s: float = PENDING_DEPLOY_WAIT_S,
     keep_promoted: bool = False,
+    endpoint_name: str = "",
 ) -> Removed:
     """Remove what the run labelled `run_label` created: its deployed models (from any endpoint), the
     endpoints it created once empty, and its model versions. Safe to call twice; never touches what
@@ -115,6 +116,7 @@ def remove_run_resources(
     from google.cloud import aiplatform_v1
 
     from components.promote import PROMOTED_LABEL
+    from components.runtime import label_value
 
     removed = Removed()
     for region in dict.fromkeys(regions):
@@ -132,7 +134,15 @@ def remove_run_resources(
                 run_versions[f"{model.name}@{v.version_id}"] = dict(v.labels)
 
         for ep in endpoints.list_endpoints(request=aiplatform_v1.ListEndpointsRequest(parent=parent)):
-            if _wait_for_pending_deploys(endpoints, ep.name, pending_wait_s):
+            # Only an endpoint the run may have deployed to can have a deploy of the run's still landing: the
+            # config's endpoint (by display name) or one a vlp run of this deployment created. Other teams' deploys
+            # are theirs to wait for (each can run for hours).
+            could_be_ours = (
+                (endpoint_name and ep.display_name == endpoint_name)
+                or ep.labels.get("vlp-deployment") == label_value(deployment_name)
+                or ep.labels.get("vlp-run") == run_label
+            )
+            if could_be_ours and _wait_for_pending_deploys(endpoints, ep.name, pending_wait_s):
                 ep = endpoints.get_endpoint(name=ep.name)  # what landed while we waited
             labels = {dm.id: _version_labels(models, run_versions, dm) for dm in ep.deployed_models}
             mine = [dm for dm in ep.deployed_models if labels[dm.id].get("vlp-run") == run_label]
@@ -223,6 +233,7 @@ def roll_back(deployment: dict, reason: str) -> Removed:
         cfg["name"],
         deployment["labels"]["vlp-run"],
         deployment.get("api_endpoint", ""),
+        endpoint_name=cfg["endpoint"]["name"],
     )
 
 
@@ -297,7 +308,13 @@ def cleanup_op(
     else:
         # A failed run whose model was promoted keeps it (teardown: always removes it, as after a success).
         removed = remove_run_resources(
-            project, regions, cfg.name, label_value(run_name), api_endpoint, keep_promoted=cfg.teardown != "always"
+            project,
+            regions,
+            cfg.name,
+            label_value(run_name),
+            api_endpoint,
+            keep_promoted=cfg.teardown != "always",
+            endpoint_name=cfg.endpoint.name,
         )
     for name in removed.undeployed + removed.deleted:
         log.info("removed %s", name)

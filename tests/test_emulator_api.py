@@ -734,12 +734,23 @@ def test_cleanup_waits_for_a_deploy_still_running_and_removes_what_lands(
     """A deploy the step gave up on keeps going on Vertex; the exit handler waits for it, then removes it."""
     from components.teardown import remove_run_resources
 
-    emulator = create_emulator(tmp_path / "state", serving=ServingDouble(start_delay=3.0))
+    serving = ServingDouble(start_delay=30.0)
+    emulator = create_emulator(tmp_path / "state", serving=serving)
     emulator.start()
     run_as(monkeypatch, emulator.url, TESTER)
     try:
         models = _gapic(aiplatform_v1.ModelServiceClient, emulator)
         endpoints = _gapic(aiplatform_v1.EndpointServiceClient, emulator)
+        # Another team's slow deploy in the same region: not the run's to wait for.
+        theirs = models.upload_model(
+            parent=PARENT, model={"display_name": "theirs", "container_spec": _spec(predict_route="/g")}
+        ).result()
+        other = endpoints.create_endpoint(parent=PARENT, endpoint={"display_name": "theirs"}).result()
+        machine = {"machine_spec": {"machine_type": "g2-standard-12"}}
+        their_deploy = endpoints.deploy_model(
+            endpoint=other.name, deployed_model={"model": theirs.model, "dedicated_resources": machine}
+        )
+        serving.start_delay = 3.0
         labels = {"vlp-deployment": "late", "vlp-run": "run-late"}
         model = models.upload_model(
             parent=PARENT, model={"display_name": "late", "labels": labels, "container_spec": _spec(predict_route="/g")}
@@ -754,7 +765,9 @@ def test_cleanup_waits_for_a_deploy_still_running_and_removes_what_lands(
         assert not operation.done()  # the step stops waiting here
         removed = remove_run_resources(PROJECT, [LOCATION], "late", "run-late", emulator.url, pending_wait_s=60)
         assert len(removed.undeployed) == 1 and endpoint.name in removed.deleted
-        assert not emulator.snapshot()["endpoints"]
+        assert [e["name"] for e in emulator.snapshot()["endpoints"]] == [other.name]  # theirs stays
+        # It returned without waiting for the other team's deploy (30 s), which is still running.
+        assert not their_deploy.done()
     finally:
         emulator.stop()
 
