@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from typing import Any, TextIO
@@ -20,9 +21,21 @@ STATES = {
 }
 
 
+# KFP names a component's task after its function (`mirror_weights_op` -> `mirror-weights-op`) and numbers the
+# repeats (`mirror-weights-op-2`: the custom-job mirrors); DAG groups are `exit-handler-N`, `condition-N`,
+# `condition-branches-N`.
+_STEP = re.compile(r"^(?P<name>.+)-op(?P<repeat>-\d+)?$")
+
+
+def is_step(task: str) -> bool:
+    """Whether a task is a step (a container or custom job), not one of the DAG's groups."""
+    return bool(_STEP.match(task))
+
+
 def step_name(task: str) -> str:
-    """The step name a person reads: kfp's task name without the `-op` suffix."""
-    return task.removesuffix("-op")
+    """The step name a person reads: kfp's task name without the `-op` suffix (a repeat keeps its number)."""
+    match = _STEP.match(task)
+    return f"{match['name']}{match['repeat'] or ''}" if match else task
 
 
 class StepView:

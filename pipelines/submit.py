@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import ConfigError, DeploymentConfig
-from pipelines.progress import StepView
+from pipelines.progress import StepView, is_step
 from pipelines.summary import empty_summary, print_summary
 
 # The aiplatform SDK's _PIPELINE_COMPLETE_STATES: PAUSED ends the wait too (PipelineState in pipeline_state.proto).
@@ -122,7 +122,7 @@ def submit_run(
         while True:
             job_proto = aiplatform.PipelineJob.get(job.resource_name).gca_resource
             for task in job_proto.job_detail.task_details:
-                if task.task_name.endswith("-op"):  # steps, not the DAG's groups (exit handler, conditions)
+                if is_step(task.task_name):  # steps (custom-job mirrors too), not the DAG's groups
                     view.update(task.task_name, task.state.name)
             if job_proto.state.name in _TERMINAL:
                 break

@@ -152,3 +152,35 @@ def test_the_core_installs_without_the_local_stack_and_works_from_any_directory(
         [vlp, "run", "--local", "configs/local-demo.yaml"], cwd=elsewhere, capture_output=True, text=True
     )
     assert local.returncode == 2 and "pip install 'vertex-llm-pipelines[local]'" in local.stderr, local.stderr
+
+
+def test_embedded_code_is_the_same_program_without_comments_and_docstrings() -> None:
+    """Every module a step embeds, made lean: the same syntax tree (docstrings emptied), every statement on its
+    line, no comment left; so a step on Vertex runs exactly the repository's code."""
+    import ast
+    import io
+    import tokenize
+
+    from components.packaging import embedded_code_dir, lean_source, step_modules
+
+    root = Path(__file__).resolve().parent.parent / "components"
+    modules = {m for module in MODULE_OF_OP.values() for m in step_modules(module)} | {"packaging"}
+    for name in sorted(m for m in modules if (root / f"{m}.py").is_file()):
+        text = (root / f"{name}.py").read_text(encoding="utf-8")
+        lean = lean_source(text)
+        original, stripped = ast.parse(text), ast.parse(lean)
+        for tree in (original, stripped):
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+                    first = node.body[0]
+                    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                        if isinstance(first.value.value, str):
+                            first.value.value = ""
+        assert ast.dump(stripped) == ast.dump(original), name
+        lines = lambda tree: [getattr(n, "lineno", None) for n in ast.walk(tree) if isinstance(n, ast.stmt)]  # noqa: E731
+        assert lines(stripped) == lines(original), name
+        assert not [t for t in tokenize.generate_tokens(io.StringIO(lean).readline) if t.type == tokenize.COMMENT]
+        assert len(lean) < len(text)
+    # What the compiled spec carries is the lean form.
+    embedded = embedded_code_dir("components.preflight") / "components" / "preflight.py"
+    assert embedded.read_text() == lean_source((root / "preflight.py").read_text())

@@ -95,3 +95,31 @@ def test_a_killed_step_says_which_signal_and_each_step_has_its_own_log() -> None
     assert logs["mirror-weights"][5].strip().endswith("mirror: 3/7 files, 40%")
     assert any("removed projects/p/locations/l/endpoints/1" in ln for ln in logs["cleanup"])
     assert not any("planned" in ln for ln in logs["cleanup"])
+
+
+def test_every_step_of_the_compiled_pipeline_shows_in_wait_and_no_group_does() -> None:
+    """`vlp run --wait` lists Vertex's task details by name: the custom-job mirrors (`mirror-weights-op-2`, -3) are
+    steps too; exit handlers and conditions are not."""
+    from pathlib import Path
+
+    import yaml
+
+    from pipelines.progress import is_step, step_name
+
+    spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "compiled" / "vlp-deploy-llm.yaml").read_text())
+    components = spec["components"]
+    steps, groups = set(), set()
+
+    def walk(dag: dict) -> None:
+        for task, body in dag.get("tasks", {}).items():
+            component = components[body["componentRef"]["name"]]
+            if "dag" in component:
+                groups.add(task)
+                walk(component["dag"])
+            else:
+                steps.add(task)
+
+    walk(spec["root"]["dag"])
+    assert {"mirror-weights-op-2", "mirror-weights-op-3", "cleanup-op"} <= steps and "exit-handler-1" in groups
+    assert all(is_step(t) for t in steps) and not any(is_step(t) for t in groups)
+    assert step_name("mirror-weights-op-2") == "mirror-weights-2" and step_name("preflight-op") == "preflight"
