@@ -253,6 +253,9 @@ def move_traffic(deployment: dict[str, Any], name: str, revision: str, pause_s: 
     services, _ = _clients(deployment)
     service = services.get_service(name=name)
     others = {t.revision: t.percent for t in service.traffic_statuses if t.revision != revision and t.percent}
+    # Tags set outside vlp (on the old revision or any other) stay where they are, at 0% when their revision
+    # gives up its share; only the candidate tag is vlp's to move and drop.
+    tags = {t.revision: t.tag for t in pinned(service.traffic_statuses) if t.tag and t.revision != revision}
     steps = cfg.endpoint.traffic_steps or [100]
     pause = step_pause(deployment, pause_s)
     pin = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
@@ -260,8 +263,15 @@ def move_traffic(deployment: dict[str, Any], name: str, revision: str, pause_s: 
         split = split_with(revision, percent, others)
         tag = CANDIDATE_TAG if percent < 100 else ""
         traffic = [
-            run_v2.TrafficTarget(type_=pin, revision=rev, percent=share, tag=tag if rev == revision else "")
+            run_v2.TrafficTarget(
+                type_=pin, revision=rev, percent=share, tag=tag if rev == revision else tags.get(rev, "")
+            )
             for rev, share in split.items()
+        ]
+        traffic += [
+            run_v2.TrafficTarget(type_=pin, revision=rev, percent=0, tag=kept)
+            for rev, kept in tags.items()
+            if rev not in split
         ]
         update = run_v2.Service(name=name, traffic=traffic)
         mask = field_mask_pb2.FieldMask(paths=["traffic"])

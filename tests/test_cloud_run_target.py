@@ -301,6 +301,14 @@ def test_cold_service_429_is_retried_and_a_canary_redeploy_moves_in_steps(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = tmp_path / "state"
+    # Room for three revisions at once: a tag someone puts on the old revision (below) keeps it counted.
+    (state / "emulator").mkdir(parents=True)
+    quotas = {
+        "CpuAllocPerProjectRegion": {"us-central1": 3 * 4000},
+        "MemAllocPerProjectRegion": {"us-central1": 3 * 16 * 2**30},
+        "NvidiaL4GpuAllocNoZonalRedundancyPerProjectRegion": {"us-central1": 3},
+    }
+    (state / "emulator" / "quotas.json").write_text(json.dumps({"quotas": quotas, "default": 8}))
     # The invoker grant the deploy step makes is honoured only after 15 s (IAM propagation): the smoke test's
     # first calls get 403 and must be asked again, not failed.
     monkeypatch.setenv("VLP_IAM_PROPAGATION_S", "15")
@@ -330,8 +338,12 @@ def test_cold_service_429_is_retried_and_a_canary_redeploy_moves_in_steps(
             return services.get_service(name=name)
 
     def set_outside(svc: Any) -> Any:
+        from google.cloud import run_v2
+
         svc.annotations = outside["annotations"]
         svc.custom_audiences = outside["custom_audiences"]
+        pin = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
+        svc.traffic = [run_v2.TrafficTarget(type_=pin, revision=old["name"], percent=100, tag="stable")]
         return svc
 
     service_now(set_outside)
@@ -346,6 +358,8 @@ def test_cold_service_429_is_retried_and_a_canary_redeploy_moves_in_steps(
     kept = service_now()
     assert dict(kept.annotations) == outside["annotations"], kept
     assert list(kept.custom_audiences) == outside["custom_audiences"]
+    # A tag someone put on the old revision stays through the redeploy and the promotion (at 0%).
+    assert (old["name"], 0, "stable") in [(t.revision, t.percent, t.tag) for t in kept.traffic_statuses], kept
 
     # A redeploy whose revision never starts: Cloud Run keeps the submitted template (the failed revision is the
     # latest created, which it will not delete); the exit handler puts the template back on the serving revision,
@@ -355,7 +369,8 @@ def test_cold_service_429_is_retried_and_a_canary_redeploy_moves_in_steps(
     [candidate] = [n for n in broken["created"] if "/revisions/" in n]
     assert candidate in broken["deleted"], broken
     after = service_now()
-    assert [(t.revision, t.percent) for t in after.traffic_statuses] == [(new["name"], 100)]
+    assert [(t.revision, t.percent) for t in after.traffic_statuses if t.percent] == [(new["name"], 100)]
+    assert (old["name"], "stable") in [(t.revision, t.tag) for t in after.traffic_statuses]
     assert after.latest_created_revision.endswith(f"/{new['name']}") and after.template.revision == new["name"]
     assert after.terminal_condition.state.name == "CONDITION_SUCCEEDED", after.terminal_condition
     assert dict(after.annotations) == outside["annotations"]
