@@ -35,6 +35,57 @@ def test_no_two_modules_import_each_other() -> None:
     assert mutual == []
 
 
+def _import_time_deps(name: str, path: Path) -> set[str]:
+    """What importing a module imports right away: its module-level imports (not those inside functions or under
+    `if TYPE_CHECKING:`), each with the packages above it, whose `__init__` runs first."""
+    deps: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        targets: list[str] = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in MODULES else node.module for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        for target in targets:
+            parts = target.split(".")
+            deps.update(".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) in MODULES)
+    parts = name.split(".")
+    deps.update(".".join(parts[:i]) for i in range(1, len(parts)) if ".".join(parts[:i]) in MODULES)
+    return deps - {name}
+
+
+def test_no_import_cycles_at_import_time() -> None:
+    """No chain of module-level imports leads back to where it started, counting the package `__init__`s every
+    import of a submodule runs first (a cycle works only while the import order happens to allow it)."""
+    graph = {name: _import_time_deps(name, path) for name, path in MODULES.items()}
+    cycles, index, low, stack, on_stack = [], {}, {}, [], set()
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for dep in graph.get(node, ()):
+            if dep not in index:
+                visit(dep)
+                low[node] = min(low[node], low[dep])
+            elif dep in on_stack:
+                low[node] = min(low[node], index[dep])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for name in sorted(graph):
+        if name not in index:
+            visit(name)
+    assert cycles == []
+
+
 def _step_functions() -> list[tuple[str, ast.FunctionDef]]:
     found = []
     for path in sorted((ROOT / "components").glob("*.py")):

@@ -8,7 +8,7 @@ from typing import Any
 
 from google.cloud import aiplatform_v1 as v1
 
-from pipelines.local.emulator import contract
+import pipelines.local.emulator.contract as contract
 from pipelines.local.emulator.core import (
     _LOC,
     _LOG,
