@@ -319,6 +319,10 @@ class RunGpu:
     price_per_second: float  # USD, without zonal redundancy
     price_per_second_zonal: float  # USD, with zonal redundancy
     launch_stage: str = ""  # "" = GA
+    # Quota units per GPU: the RTX PRO 6000 quotas count milli-GPUs (issue 21's reading of Cloud Run's quota page;
+    # no Google page found that states either unit: unverified, and the strict choice, since reading a GPU count
+    # as milli-GPUs refuses a deploy rather than letting one through that the API would refuse).
+    quota_per_gpu: int = 1
 
 
 RUN_GPUS: dict[str, RunGpu] = {
@@ -336,6 +340,7 @@ RUN_GPUS: dict[str, RunGpu] = {
         0.00055,
         0.00085,
         launch_stage="BETA",  # Preview on the services GPU page
+        quota_per_gpu=1000,
     ),
 }
 # Tier 1, instance-based billing (the only billing GPU services take): cloud.google.com/run/pricing, read 2026-12.

@@ -47,7 +47,7 @@ def instance_allocation(spec: Any) -> dict[str, int]:
     return {
         CPU_QUOTA: spec.cpu * 1000 * n,
         MEM_QUOTA: int(spec.memory_gib * 2**30) * n,
-        gpu_quota_id(spec.gpu_type, spec.zonal_redundancy): n,
+        gpu_quota_id(spec.gpu_type, spec.zonal_redundancy): n * RUN_GPUS[spec.gpu_type].quota_per_gpu,
     }
 
 
@@ -158,7 +158,7 @@ def revision_allocation(revision: Any) -> dict[str, int]:
         need[MEM_QUOTA] = need.get(MEM_QUOTA, 0) + _memory(limits.get("memory", "512Mi")) * n
         if limits.get("nvidia.com/gpu") and accelerator in RUN_GPUS:
             key = gpu_quota_id(accelerator, not revision.gpu_zonal_redundancy_disabled)
-            need[key] = need.get(key, 0) + n
+            need[key] = need.get(key, 0) + n * RUN_GPUS[accelerator].quota_per_gpu
     return need
 
 
@@ -243,7 +243,7 @@ def check_quota(plan: Any, cfg: Any, project: str, regions: list[str], api_endpo
     for region, rq in results.items():
         for c in [rq.gpu, *rq.companions]:
             state = "ok" if c.ok else ("unknown" if c.ok is None else "SHORT")
-            unit = _UNITS.get(c.quota_id, "GPUs")
+            unit = _UNITS.get(c.quota_id, "milli-GPUs" if spec.gpu_type == "nvidia-rtx-pro-6000" else "GPUs")
             lines.append(
                 f"  {region}: {c.quota_id} limit {c.limit if c.limit is not None else 'unknown'}, in use {c.usage}, "
                 f"need {c.need} {unit} -> {state}" + (f" ({c.note})" if c.note else "")

@@ -203,6 +203,11 @@ def test_blue_green_candidate_at_zero_with_a_tag_then_promoted(client: run_v2.Se
         (lambda s: s.template.containers[0].resources.limits.update({"cpu": "2"}), gexc.BadRequest, "at least 4 CPU"),
         (lambda s: setattr(s.template.containers[0].resources, "cpu_idle", True), gexc.BadRequest, "always allocated"),
         (lambda s: setattr(s.template.containers[0].startup_probe, "period_seconds", 300), gexc.BadRequest, "240"),
+        (  # 181 x 10 s: over the 1800 s a GPU instance's startup probe may take in all
+            lambda s: setattr(s.template.containers[0].startup_probe, "failure_threshold", 181),
+            gexc.BadRequest,
+            "1800",
+        ),
         (lambda s: s.labels.update({"run.googleapis.com/x": "y"}), gexc.BadRequest, "reserved"),
     ],
 )
@@ -538,3 +543,26 @@ def test_tags_the_service_name_leaves_no_room_for_and_internal_ingress(
     inner = _service("inner-0000001-1", ingress=run_v2.IngressTraffic.INGRESS_TRAFFIC_INTERNAL_ONLY)
     created = client.create_service(parent=PARENT, service=inner, service_id="inner").result(timeout=30)
     assert requests.post(created.uri + "/v1/chat/completions", json={}, timeout=30).status_code == 404
+
+
+def test_rtx_pro_6000_quota_counts_milli_gpus(client: run_v2.ServicesClient, emu: Emulator) -> None:
+    """One RTX PRO 6000 instance draws 1000 of its quota (milli-GPUs; unverified, strict): a limit of 3 refuses
+    it, 1000 takes it; the plan's check asks for the same amount."""
+    from components.cloud_run import instance_allocation
+    from components.config import CloudRunSpec
+
+    quota_id = "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion"
+    _set_quotas(emu, {**ROLLOUT_QUOTAS, quota_id: {"us-central1": 3}, "CpuAllocPerProjectRegion": {"us-central1": 20000},
+                      "MemAllocPerProjectRegion": {"us-central1": 80 * 2**30}})  # fmt: skip
+    svc = _service("rtx-0000001-1")
+    svc.template.node_selector.accelerator = "nvidia-rtx-pro-6000"
+    svc.template.gpu_zonal_redundancy_disabled = True
+    svc.template.scaling.max_instance_count = 1
+    svc.template.containers[0].resources.limits.update({"cpu": "20", "memory": "80Gi"})
+    with pytest.raises(gexc.GoogleAPICallError, match=f"{quota_id} requested: 1000 allowed: 3"):
+        client.create_service(parent=PARENT, service=svc, service_id="rtx").result(timeout=30)
+    _set_quotas(emu, {**ROLLOUT_QUOTAS, quota_id: {"us-central1": 1000}, "CpuAllocPerProjectRegion": {"us-central1": 20000},
+                      "MemAllocPerProjectRegion": {"us-central1": 80 * 2**30}})  # fmt: skip
+    client.create_service(parent=PARENT, service=svc, service_id="rtx").result(timeout=30)
+    spec = CloudRunSpec(gpu_type="nvidia-rtx-pro-6000", cpu=20, memory="80Gi", max_instances=1, zonal_redundancy=False)
+    assert instance_allocation(spec)[quota_id] == 1000
