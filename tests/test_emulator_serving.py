@@ -162,6 +162,12 @@ def test_chat_and_raw_routes(manager: ServingManager, vllm_model: str) -> None:
     status, data, _ = manager.forward(vllm_model, "chat", json.dumps(with_image).encode())
     assert status == 400 and "is not a multimodal model" in json.loads(data)["message"]
 
+    # vLLM's predict route (/generate, api_server): upstream's own shape answers {"text": [...]}; an OpenAI body
+    # is an unexpected SamplingParams keyword there (500).
+    native = _forward_json(manager, vllm_model, "rawPredict", {"prompt": "Hi", "max_tokens": 3})
+    assert native["text"][0].startswith("Hi")
+    openai_body = {"model": "acme/tiny", "prompt": "Hi", "max_tokens": 3}
+    assert manager.forward(vllm_model, "rawPredict", json.dumps(openai_body).encode())[0] == 500
     raw = _forward_json(manager, vllm_model, "rawPredict", {"instances": [{"prompt": "Hi", "max_tokens": 3}]})
     assert raw["predictions"][0].startswith("Prompt:\nHi\n") and "deployedModelId" not in raw
 

@@ -453,6 +453,8 @@ class ServingManager:
         # rawPredict sends the body to the container's predict route untouched; invoke names the route.
         # Routes are told apart by the body's shape, as the containers' own routers do.
         route = subpath or str(server.container_spec.get("predictRoute") or "")
+        if server.engine == "vllm" and not subpath and "instances" not in payload:
+            return self._vllm_generate(server, payload)
         openai_body = not subpath and "instances" not in payload
         if route.endswith("/chat/completions") or (openai_body and "messages" in payload):
             return self._openai(server, "/v1/chat/completions", payload)
@@ -467,6 +469,30 @@ class ServingManager:
         if subpath:
             return self._send(server, "POST", subpath, json.dumps(payload).encode())
         raise _BadRequest("rawPredict body is neither a PredictRequest, a TGI /generate body nor an OpenAI body.")
+
+    def _vllm_generate(self, server: _Server, payload: dict) -> tuple[int, bytes, str]:
+        """A body without `instances` on the vLLM image's predict route (/generate): vLLM 0.6.2's api_server pops
+        `prompt` and `stream` and builds SamplingParams from the rest, so an OpenAI body (`model`, `messages`) is
+        an unexpected keyword: 500 Internal Server Error; a `prompt` body answers {"text": [prompt + output]}
+        (vllm/entrypoints/api_server.py at v0.6.2; what Model Garden's build adds on this route besides
+        `instances` is not published: unverified, so only upstream's shape is answered)."""
+        body = dict(payload)
+        prompt = body.pop("prompt", None)
+        body.pop("stream", None)
+        unknown = sorted(set(body) - _VLLM_SAMPLING_PARAMS)
+        if not isinstance(prompt, str) or unknown:
+            return 500, b"Internal Server Error", "text/plain; charset=utf-8"
+        text = self._complete(
+            server,
+            prompt,
+            max_tokens=body.get("max_tokens", _VLLM_DEFAULT_MAX_TOKENS),
+            temperature=body.get("temperature"),
+            top_p=body.get("top_p"),
+            top_k=body.get("top_k"),
+            stop=body.get("stop"),
+            seed=body.get("seed"),
+        )
+        return 200, json.dumps({"text": [prompt + text]}).encode(), _JSON
 
     def _openai(self, server: _Server, path: str, payload: dict) -> tuple[int, bytes, str]:
         body = dict(payload)
@@ -670,6 +696,15 @@ TGI_POST_ROUTES = frozenset(
     {"/", "/generate", "/generate_stream", "/v1/chat/completions", "/v1/completions", "/vertex", "/tokenize", "/invocations"}
 )
 TGI_GET_ROUTES = frozenset({"/", "/info", "/health", "/ping", "/metrics"})
+# vLLM 0.6.2's SamplingParams fields (vllm/sampling_params.py): what its api_server's /generate takes besides prompt.
+_VLLM_SAMPLING_PARAMS = frozenset(
+    {
+        "n", "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p",
+        "top_k", "min_p", "seed", "stop", "stop_token_ids", "ignore_eos", "max_tokens", "min_tokens", "logprobs",
+        "prompt_logprobs", "detokenize", "skip_special_tokens", "spaces_between_special_tokens",
+        "include_stop_str_in_output", "truncate_prompt_tokens", "guided_decoding", "logit_bias", "allowed_token_ids",
+    }
+)  # fmt: skip
 
 
 def _served_names(server: _Server) -> list[str]:
