@@ -15,6 +15,32 @@ def _d(plan: Any) -> dict[str, Any]:
     return plan if isinstance(plan, dict) else plan.to_dict()
 
 
+def _seconds(value: float) -> str:
+    """A latency a person reads: milliseconds below a tenth of a second (a tiny model's TTFT is not 0.00 s)."""
+    return f"{value * 1000:.0f} ms" if value < 0.1 else f"{value:.2f} s"
+
+
+def _queued(t: dict[str, Any], w: dict[str, Any]) -> str:
+    """Why some requests in flight wait: the KV cache or max_num_seqs caps the batch."""
+    asked, batch = w.get("concurrency"), t["concurrency"]
+    if t.get("bound") == "max_num_seqs":
+        return f"; serving.max_num_seqs caps the batch at {batch} of the {asked} in flight: the rest queue"
+    return f"; the KV cache holds only {batch} of the {asked} sequences in flight: the rest queue"
+
+
+def _dtypes(p: dict[str, Any]) -> str:
+    """The checkpoint's dtype as stored: its config's torch_dtype, and the weights' own dtypes by share when they
+    differ (an FP8 checkpoint's config says bfloat16, the compute dtype, while most of its bytes are F8_E4M3)."""
+    declared = p.get("dtype") or "?"
+    stored = {k: v for k, v in (p.get("weight_dtypes") or {}).items() if v}
+    total = sum(stored.values())
+    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+    if not total or set(stored) <= {k for k, v in names.items() if v == declared}:
+        return declared
+    shares = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(stored.items(), key=lambda kv: -kv[1]))
+    return f"{declared} (weights stored as {shares})"
+
+
 def _gb(n: float) -> str:
     return f"{n / GB:.2f} GB"
 
@@ -46,7 +72,7 @@ def _model_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "weights",
             f"{_gb(p['weights_bytes'])} ({p.get('weights_source', '')}), {_params(p['params'])} params, "
-            f"dtype {p.get('dtype') or '?'}, quantization {quant}",
+            f"dtype {_dtypes(p)}, quantization {quant}",
         ),
         (
             "layout",
@@ -117,8 +143,8 @@ def _throughput_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
         (
             "estimate",
             f"~{t['output_tokens_per_s']:,.0f} output tokens/s at {t['concurrency']} sequences, "
-            f"TTFT {t['ttft_s']:.2f} s, {t['itl_s'] * 1000:.0f} ms/token ({t['bound']}-bound)"
-            + ("" if t.get("holds_workload", True) else "; the KV cache does NOT hold the requests in flight"),
+            f"TTFT {_seconds(t['ttft_s'])}, {t['itl_s'] * 1000:.0f} ms/token ({t['bound']}-bound)"
+            + ("" if t.get("holds_workload", True) else _queued(t, w)),
         ),
         ("cost", f"${p.get('cost_per_million_output_tokens_usd', 0):.2f} per 1M output tokens"),
     ]

@@ -48,6 +48,12 @@ BANDWIDTH_EFFICIENCY = 0.6
 DECODE_COMPUTE_EFFICIENCY = 0.45
 PREFILL_COMPUTE_EFFICIENCY = 0.6
 TP_OVERHEAD_PER_DOUBLING = 0.25  # all-reduces per layer: 2 GPUs +25%, 4 GPUs +50%, 8 GPUs +75%
+# A decode step costs at least the engine's per-step CPU work (scheduling, input preparation, sampling, the
+# GPU->CPU copy of the sampled tokens): vLLM's maintainers measured about 4 ms of GPU idle per step, 5-13 ms in
+# all (vllm-project/vllm#6854, the multi-step scheduling RFC, on the 0.5 engine the pinned 0.6.2 image runs with
+# one step per schedule). Without the floor a tiny model's roofline step is a fraction of a millisecond and looks
+# several times faster on a bigger GPU than any engine serves it.
+DECODE_STEP_FLOOR_S = 0.004
 PP_BUBBLE = 0.15  # per extra pipeline stage (multi-host)
 
 # Published measurements the efficiencies are fitted to (TensorRT-LLM perf-overview.md@258c7540, total output
@@ -97,7 +103,8 @@ class Estimate:
     output_tokens_per_s: float  # the replica's total
     ttft_s: float
     itl_s: float
-    bound: str  # what limits decode: "bandwidth", "compute", or "kv cache" when it caps the batch
+    bound: str  # what limits decode: "bandwidth", "compute", "step overhead", or "kv cache" / "max_num_seqs"
+    # when one caps the batch below the requests in flight
     holds_workload: bool  # every request in flight has its KV cache (always true for a `max` workload)
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,15 +141,22 @@ def estimate(
     holds = max(1, kv_cache_tokens // max(1, seq_tokens))
     cap = min(holds, max(1, max_num_seqs))
     batch = min(workload.concurrency, cap) if workload.concurrency else cap
-    # The KV cache binds when it holds fewer sequences than asked for (or, for `max`, than the engine would batch).
-    bound_by_kv = workload.concurrency > cap if workload.concurrency else holds <= max_num_seqs
+    # What caps the batch below what is asked for (or, for `max`, below the engine's own limit): the KV cache when
+    # it holds fewer sequences than max_num_seqs lets in, else max_num_seqs itself.
+    if workload.concurrency:
+        capped_by = ("kv cache" if holds < max_num_seqs else "max_num_seqs") if workload.concurrency > cap else ""
+    else:
+        capped_by = "kv cache" if holds <= max_num_seqs else ""
 
     def step_time(b: int) -> tuple[float, str]:
         context = workload.input_tokens + workload.output_tokens / 2  # the average sequence length while decoding
         read = (model.weight_bytes + b * context * model.kv_bytes_per_token) / gpus
         memory_s = read / bandwidth
         compute_s = b * 2 * model.active_params / (gpus * flops * DECODE_COMPUTE_EFFICIENCY)
-        return max(memory_s, compute_s) * overhead, "bandwidth" if memory_s >= compute_s else "compute"
+        roofline = max(memory_s, compute_s) * overhead
+        if roofline < DECODE_STEP_FLOOR_S:
+            return DECODE_STEP_FLOOR_S, "step overhead"
+        return roofline, "bandwidth" if memory_s >= compute_s else "compute"
 
     step, bound = step_time(batch)
     prefill_s = workload.input_tokens * 2 * model.active_params / (gpus * flops * PREFILL_COMPUTE_EFFICIENCY)
@@ -161,7 +175,7 @@ def estimate(
         output_tokens_per_s=round(tokens_per_s, 1),
         ttft_s=round(ttft, 4),
         itl_s=round(itl, 5),
-        bound="kv cache" if bound_by_kv else bound,
+        bound=capped_by or bound,
         holds_workload=not (workload.concurrency and workload.concurrency > cap),
     )
 

@@ -323,6 +323,11 @@ def test_quantized_facts(seeds: dict[str, Path]) -> None:
     assert fp8.params == 405_853_388_800  # FP8 weights count one parameter per byte; scales are not parameters
     assert set(fp8.weight_dtypes) == {"BF16", "F8_E4M3", "F32"}
     assert 480 * GB < fp8.weights_bytes < 500 * GB  # BF16 attention + FP8 MLPs
+    # The plan says how the weights are stored, not only the config's (compute) torch_dtype.
+    from components import plan_report
+
+    shown = plan_report.render_table(plan_model(str(seeds["405b-fp8"]), max_model_len=8192))
+    assert "dtype bfloat16 (weights stored as F8_E4M3 " in shown, shown[:600]
     awq = read_local_facts(seeds["8b-awq"])
     assert awq.quantization == "awq" and awq.quant_bits == 4
     assert awq.params == 8_030_261_248  # int4 weights unpacked from the int32 qweights

@@ -182,3 +182,27 @@ def test_the_benchmark_puts_measured_and_estimated_cost_side_by_side() -> None:
     assert "$/1M out" in table and "est $/1M" in table and "$0.98/h" in table
     page = render_html(result)
     assert page.count("<svg") == 2 and "USD per 1M output tokens" in page and "estimated" in page
+
+
+def test_a_decode_step_has_a_floor_and_a_tiny_model_lands_on_the_cheapest_gpu(models: dict[str, Path]) -> None:
+    """The 135M demo model: its roofline step is a fraction of a millisecond everywhere, so the engine's per-step
+    overhead (DECODE_STEP_FLOOR_S) binds and the cheapest GPU that fits wins, not the fastest."""
+    from components.throughput import DECODE_STEP_FLOOR_S, ServedModel
+
+    tiny = ServedModel(active_params=135_000_000, weight_bytes=270_000_000, kv_bytes_per_token=23_040,
+                       low_precision_compute=False)  # fmt: skip
+    args = dict(gpus=1, tp=1, kv_cache_tokens=800_000, max_num_seqs=256, workload=Workload(1000, 250, 16))
+    on_l4, on_h100 = estimate(tiny, "NVIDIA_L4", **args), estimate(tiny, "NVIDIA_H100_80GB", **args)
+    assert on_l4.bound == on_h100.bound == "step overhead"
+    assert on_l4.itl_s >= DECODE_STEP_FLOOR_S and on_h100.output_tokens_per_s < 1.2 * on_l4.output_tokens_per_s
+    # max_num_seqs, not the KV cache, caps a batch the cache could hold: the plan says which.
+    capped = estimate(tiny, "NVIDIA_L4", **{**args, "max_num_seqs": 8})
+    assert capped.bound == "max_num_seqs" and capped.concurrency == 8 and not capped.holds_workload
+
+    from components import plan_report
+
+    plan = plan_model(str(models["8b-awq"]), engine="tgi", max_model_len=8192, max_num_seqs=4)
+    text = plan_report.render_table(plan)
+    assert "serving.max_num_seqs caps the batch at 4 of the 16 in flight" in text, text
+    assert "KV cache holds only" not in text
+    assert plan_report._seconds(0.0123) == "12 ms" and plan_report._seconds(0.35) == "0.35 s"  # never "0.00 s"
