@@ -569,6 +569,8 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         if part not in node or node[part] is None:
             node[part] = {}
+        if part == "hardware" and node[part] == "auto":
+            node[part] = {"machine_type": "auto"}  # the short form, opened up so its fields can be set
         if not isinstance(node[part], dict):
             raise ConfigError(f"--set {dotted}: {part} is not a section, so it has no field {parts[-1]}")
         node = node[part]

@@ -74,6 +74,7 @@ def plan_deployment(
     hub_endpoint: str = "",
     prices: Mapping[str, float] | None = None,
     bucket: str = "",
+    model_dir: str = "",
 ) -> Plan:
     """Plan a deployment config: model facts from the Hub (or a local dir), the shape, and quota per region.
 
@@ -86,7 +87,12 @@ def plan_deployment(
     if not cloud_run:  # a Cloud Run service reads its weights from any bucket (the copy is the DLC's)
         regions = _regions_for_bucket(regions, bucket, project)
     try:
-        facts = read_model_facts(cfg.model.repo, revision=cfg.model.revision, endpoint=hub_endpoint, token=hf_token)
+        # model_dir: a local copy of the repo (`vlp plan` offline, from the local Hub mirror).
+        facts = read_model_facts(
+            model_dir or cfg.model.repo, revision=cfg.model.revision, endpoint=hub_endpoint, token=hf_token
+        )
+        if model_dir:
+            facts.repo = cfg.model.repo
     except ModelAccessError as exc:
         return Plan(
             model=cfg.model.repo,

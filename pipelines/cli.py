@@ -69,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how auto ranks fitting shapes (default cost_per_token)",
     )
     p.add_argument("--no-quota", action="store_true", help="skip the quota check (no Google credentials needed)")
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="local stack state: with the Hub unreachable, a model mirrored there is planned from its copy",
+    )
 
     p = sub.add_parser(
         "render", help="print the requests a run would send (Model upload + deploy; a Cloud Run Service)"
@@ -238,13 +244,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         args.overrides = [*args.overrides, *(f"{k}={v}" for k, v in workload.items())]
         cfg = _load(args)
-        plan = plan_deployment(
-            cfg,
-            project=args.project or cfg.placement.project,
+        project = args.project or cfg.placement.project
+        notes: list[str] = []
+        check_quota = not args.no_quota and bool(project)
+        if check_quota and not args.api_endpoint and not _have_google_credentials():
+            check_quota = False
+            notes.append(
+                "quota not checked: no Google credentials here (gcloud auth application-default login, or a key in "
+                "GOOGLE_APPLICATION_CREDENTIALS); --no-quota skips the check without this note"
+            )
+        kwargs = dict(
+            project=project,
             regions=[args.region] if args.region else None,
             api_endpoint=args.api_endpoint,
-            check_quota=not args.no_quota and bool(args.project or cfg.placement.project),
+            check_quota=check_quota,
         )
+        plan = plan_deployment(cfg, **kwargs)
+        mirrored = _mirrored_copy(args.state_dir, cfg.model.repo)
+        if mirrored and any("cannot reach the Hub" in e for e in plan.errors):
+            plan = plan_deployment(cfg, model_dir=str(mirrored), **kwargs)
+            notes.append(
+                f"the Hub is unreachable: planned {cfg.model.repo} from the local Hub mirror's copy ({mirrored})"
+            )
+        plan.warnings = [*notes, *plan.warnings]
     elif args.model:
         plan = planning.plan_model(
             args.model,
@@ -268,6 +290,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
         text += "\nRedeploys\n" + "".join(f"  {k}: {v}\n" for k, v in data["redeploy"].items())
     print(json.dumps(data, indent=2) if args.json else text)
     return EXIT_OK if data.get("fits") and not data.get("errors") else EXIT_FAILED
+
+
+def _have_google_credentials() -> bool:
+    """Whether Application Default Credentials resolve here (without calling any API)."""
+    import google.auth
+    import google.auth.exceptions
+
+    try:
+        google.auth.default()
+    except google.auth.exceptions.DefaultCredentialsError:
+        return False
+    return True
+
+
+def _mirrored_copy(state_dir: Path, repo: str) -> Path | None:
+    """The working tree of `repo` in the local stack's Hub mirror (what `vlp run --local` published), if any."""
+    org, _, name = repo.partition("/")
+    copy = Path(state_dir) / "hub-mirrors" / "models" / org / name
+    return copy if (copy / "config.json").is_file() else None
 
 
 def _workload_kwargs(values: dict[str, Any]) -> dict[str, Any]:

@@ -67,6 +67,40 @@ def test_vertex_run_without_project_says_how_to_fix() -> None:
     assert "--project" in result.stderr and "nothing deploys to a project by accident" in result.stderr
 
 
+def test_plan_works_offline_from_the_local_hub_mirror_without_credentials(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """`vlp plan CONFIG` with the Hub unreachable and no Google credentials: the model comes from the local stack's
+    Hub mirror, quota is skipped with a line that says why, and every `--set` works on a `hardware: auto` config."""
+    import shutil
+
+    state = tmp_path / "state"
+    shutil.copytree(tiny_model_dir, state / "hub-mirrors" / "models" / "vlp-test" / "tiny-llama")
+    offline = {
+        "HF_ENDPOINT": "http://127.0.0.1:9",  # nothing listens there: the Hub is unreachable
+        "HF_HUB_OFFLINE": "0",
+        "GOOGLE_APPLICATION_CREDENTIALS": str(tmp_path / "none.json"),
+        "CLOUDSDK_CONFIG": str(tmp_path / "gcloud"),
+        "NO_GCE_CHECK": "True",
+        "GCE_METADATA_HOST": "127.0.0.1:9",
+    }
+    result = vlp(
+        "plan",
+        "configs/local-demo.yaml",
+        "--state-dir",
+        str(state),
+        "--set",
+        "model.repo=vlp-test/tiny-llama",
+        "--set",
+        "serving.max_model_len=512",
+        "--set",
+        "hardware.objective=cost_per_hour",
+        env=offline,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the Hub is unreachable: planned vlp-test/tiny-llama from the local Hub mirror's copy" in result.stdout
+    assert "quota not checked: no Google credentials here" in result.stdout
+    assert "why            cheapest fitting shape per hour" in result.stdout  # the --set reached the auto config
+
+
 def test_plan_from_a_local_model_dir_prints_json(tiny_model_dir: Path) -> None:
     result = vlp("plan", "--model", str(tiny_model_dir), "--max-model-len", "512", "--max-num-seqs", "4", "--json")
     assert result.returncode == 0, result.stderr

@@ -75,6 +75,14 @@ def test_set_overrides_are_typed() -> None:
     assert cfg.placement.regions == ["us-east4", "us-west1"]
 
 
+def test_every_hardware_set_works_on_an_auto_config() -> None:
+    auto = {**MINIMAL, "hardware": "auto"}
+    cfg = config_from_dict(auto, ["hardware.objective=cost_per_hour"])
+    assert cfg.hardware.is_auto and cfg.hardware.objective == "cost_per_hour"
+    cfg = config_from_dict(auto, ["hardware.accelerator_type=NVIDIA_L4"])
+    assert cfg.hardware.accelerator_type == "NVIDIA_L4"
+
+
 def test_set_without_equals_is_explained() -> None:
     with pytest.raises(ConfigError, match="dotted.key=value"):
         config_from_dict(MINIMAL, ["serving.max_model_len"])
