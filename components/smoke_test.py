@@ -259,7 +259,15 @@ def smoke_test_op(
     metrics: dsl.Output[dsl.Metrics],
     report: dsl.Output[dsl.HTML],
 ) -> NamedTuple(
-    "SmokeOutputs", [("verdict", str), ("answer", str), ("latency_s", float), ("message", str), ("benchmark", list)]
+    "SmokeOutputs",
+    [
+        ("verdict", str),
+        ("answer", str),
+        ("latency_s", float),
+        ("message", str),
+        ("benchmark", list),
+        ("benchmark_skipped", str),
+    ],
 ):
     """Smoke test: chat prompt through the Vertex prediction path; optional load benchmark when it passes."""
     from collections import namedtuple
@@ -282,6 +290,7 @@ def smoke_test_op(
         metrics.log_metric("smoke_completion_tokens", result.tokens["completion_tokens"])
     levels: list = []
     bench_html = ""
+    skipped = ""
     # KFP hands the config over as a struct (every number a float): read it through the typed model.
     from components.config import config_from_dict
 
@@ -291,6 +300,7 @@ def smoke_test_op(
         target, reason = benchmark_target(cfg, describe_endpoint(resource, api_endpoint), deployed_model_id)
         if target is None:
             getLogger("vlp.smoke").warning("benchmark skipped: %s", reason)
+            skipped = reason
         else:
             bench = run_benchmark(
                 target,
@@ -310,7 +320,16 @@ def smoke_test_op(
             bench_html = render_html(bench, fragment=True)
     with open(report.path, "w") as f:
         f.write(smoke_report_html(result, bench_html))
-    outputs = namedtuple("SmokeOutputs", ["verdict", "answer", "latency_s", "message", "benchmark"])
+    if st.benchmark and not result.passed:
+        skipped = "the smoke test failed: a failing model is not benchmarked"
+    outputs = namedtuple(
+        "SmokeOutputs", ["verdict", "answer", "latency_s", "message", "benchmark", "benchmark_skipped"]
+    )
     return outputs(
-        "passed" if result.passed else "failed", result.answer, float(result.latency_s), result.message, levels
+        "passed" if result.passed else "failed",
+        result.answer,
+        float(result.latency_s),
+        result.message,
+        levels,
+        skipped,
     )

@@ -56,6 +56,15 @@ def print_summary(summary: dict[str, Any]) -> None:
     if smoke.get("answer") is not None:
         verdict = "passed" if smoke.get("passed") else "failed"
         print(f"smoke test {verdict} in {smoke.get('latency_s')}s: {smoke['answer']!r}")
+    for level in smoke.get("benchmark") or []:
+        print(
+            f"  benchmark c={level.get('concurrency')}: {level.get('output_tokens_per_s', 0):.1f} output tokens/s, "
+            f"TTFT p50 {level.get('ttft_p50_s', 0):.2f} s, {level.get('errors', 0)} errors"
+        )
+    if smoke.get("benchmark_skipped"):
+        print(f"benchmark skipped: {smoke['benchmark_skipped']}")
+    if summary.get("report"):
+        print(f"report:   {summary['report']}")
     for key in ("created", "deleted", "left_running"):
         if summary.get(key):
             print(f"{key.replace('_', ' ')}: " + ", ".join(summary[key]))

@@ -326,13 +326,23 @@ def test_dedicated_endpoint_unchanged_redeploy_is_a_noop(tmp_path: Path, tiny_mo
     assert not any(c.endswith(("/models:upload", ":deployModel")) for c in second["api_calls"])
 
 
-def test_benchmark_runs_in_the_pipeline_from_float_struct_parameters(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """KFP hands the config to every step as a struct, every number a float: the benchmark reads it typed."""
+def test_benchmark_runs_in_the_pipeline_from_float_struct_parameters(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """KFP hands the config to every step as a struct, every number a float: the benchmark reads it typed. Its
+    report is an .html file the summary names; a canary redeploy says why it could not benchmark."""
+    from pipelines.summary import print_summary
+
     cfg = tiny_config(
         "tiny", "smoke_test.benchmark=true", "smoke_test.benchmark_concurrency=[1,2]", "smoke_test.benchmark_requests=2"
     )
     summary = run(tmp_path / "state", cfg, tiny_model_dir)
     assert summary["status"] == "succeeded", summary["error"]
+    report = Path(summary["report"])
+    assert report.suffix == ".html" and "tokens/s" in report.read_text()
+    print_summary(summary)
+    printed = capsys.readouterr().out
+    assert f"report:   {report}" in printed and "benchmark c=2:" in printed
     levels = summary["smoke"]["benchmark"]
     assert [int(lv["concurrency"]) for lv in levels] == [1, 2]
     assert all(lv["output_tokens_per_s"] > 0 for lv in levels), levels
@@ -343,6 +353,14 @@ def test_benchmark_runs_in_the_pipeline_from_float_struct_parameters(tmp_path: P
         measured = LOCAL_PRICE_PER_HOUR / (lv["output_tokens_per_s"] * 3600) * 1e6
         assert lv["cost_per_million_output_tokens_usd"] == pytest.approx(measured, rel=1e-3)
         assert lv["estimated_output_tokens_per_s"] > 0 and lv["estimated_cost_per_million_output_tokens_usd"] > 0
+
+    # A redeploy on the shared endpoint tests the new model as a 5% canary: no streaming request can be pinned to
+    # it, and the summary (and the terminal) say so instead of a step log alone.
+    again = run(tmp_path / "state", cfg, tiny_model_dir, force=True)
+    assert again["status"] == "succeeded", again["error"]
+    assert "holds 5% of a shared endpoint's traffic" in again["smoke"]["benchmark_skipped"]
+    print_summary(again)
+    assert "benchmark skipped: the new model holds 5%" in capsys.readouterr().out
 
 
 def test_multi_host_is_refused_at_preflight_before_anything_is_created(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -348,6 +349,13 @@ def _smoke_outputs(pipeline_root: Path, run_dir: str) -> dict[str, Any]:
         }
         if params.get("benchmark"):
             smoke["benchmark"] = params["benchmark"]
+        if params.get("benchmark_skipped"):
+            smoke["benchmark_skipped"] = params["benchmark_skipped"]
+        # The step's HTML report (smoke answer, and the benchmark's table when it ran) as kfp.local leaves it:
+        # a file named `report` with no extension. The run's logs get a copy a browser opens.
+        report = path.parent / "report"
+        if report.is_file():
+            smoke["report_source"] = str(report)
     return smoke
 
 
@@ -481,6 +489,11 @@ def run_local(
             os.environ.clear()
             os.environ.update(saved_env)
         _write_step_logs(summary, text, state_dir / "logs" / (run_dir or "run"))
+        source = (summary.get("smoke") or {}).pop("report_source", None)
+        if source:
+            report = Path(summary["log_dir"]) / "smoke-test-report.html"
+            shutil.copyfile(source, report)
+            summary["report"] = str(report)
         summary["removed_by_exit_handler"] = _exit_handler_removed(pipeline_root, run_dir)
         summary["run"] = run_dir
         if interrupts.signal_name():
