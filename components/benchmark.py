@@ -305,6 +305,13 @@ def add_costs(
             )
 
 
+def every_request_failed(result: BenchmarkResult) -> str:
+    """The first error when no request of the run got an answer (a dead or unreachable target), else ""."""
+    if result.records and not any(r.ok for r in result.records):
+        return next((r.error for r in result.records if r.error), "no answer")[:300]
+    return ""
+
+
 def render_table(result: BenchmarkResult) -> str:
     """A fixed-width text table of the levels and the recommendation."""
     header = ["concurrency", "requests", "errors", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "output_tok/s", "wall_s"]
@@ -337,7 +344,10 @@ def render_table(result: BenchmarkResult) -> str:
     lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     if costed:
         lines.append(f"priced at ${result.price_per_hour_usd:.2f}/h ({result.price_source or 'given'})")
-    if result.recommended_concurrency is None:
+    failed = every_request_failed(result)
+    if failed:
+        lines.append(f"every request failed: {failed}. Nothing was measured: check the target is up and reachable")
+    elif result.recommended_concurrency is None:
         lines.append(
             f"no level kept p95 TTFT under {result.ttft_target_s:g} s without errors: "
             "serve on more or bigger GPUs, or lower max_model_len / max_tokens"

@@ -386,6 +386,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         if args.inject:
             raise UserError("--inject works with --local only: faults are injected into the local emulators")
+        project = args.project or cfg.placement.project
+        if project == "local-project" and not args.api_endpoint:
+            # The local demos name the local stack's project: on Google it would only fail on credentials.
+            raise UserError(
+                f"{args.config} deploys to project local-project, the local stack's: run it with --local, or give "
+                "a real project with --project (and --bucket)"
+            )
         from pipelines.submit import submit_run
 
         summary = submit_run(
@@ -479,12 +486,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if price is None or price <= 0:
             raise UserError("no price for the serving shape: pass --price-per-hour USD, or a --config that fits")
         add_costs(result, price, price_source=source, throughput_model=model)
-    args.report.write_text(render_html(result))
+    report = args.report.resolve()
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(render_html(result))
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
         print(render_table(result))
-        print(f"report: {args.report}")
+        print(f"report: {report}")
+    from components.benchmark import every_request_failed
+
+    failed = every_request_failed(result)
+    if failed:
+        print(f"error: every request to {args.target} failed ({failed})", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_OK
 
 

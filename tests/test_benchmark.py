@@ -100,8 +100,26 @@ def test_unreachable_target_counts_errors_not_crashes() -> None:
     )
     assert result.levels[0]["errors"] == 3
     assert result.recommended_concurrency is None
-    assert "no level kept" in render_table(result)
+    # Nothing measured is not a sizing verdict: the table says every request failed, not "bigger GPUs".
+    table = render_table(result)
+    assert "every request failed" in table and "bigger GPUs" not in table
     assert "ConnectionError" in render_html(result)
+
+
+def test_vlp_bench_against_a_dead_server_fails_and_writes_its_report_where_it_says(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    report = tmp_path / "reports" / "dead.html"
+    done = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "bench", f"http://127.0.0.1:{free_port()}", "--concurrency", "1",
+         "--requests", "2", "--max-tokens", "2", "--report", str(report)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "every request to http://127.0.0.1:" in done.stderr
+    assert f"report: {report}" in done.stdout and report.is_file()
+    assert not (tmp_path / "bench-report.html").exists()
 
 
 def test_summary_statistics_and_recommendation() -> None:

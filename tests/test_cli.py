@@ -192,3 +192,9 @@ def test_mirror_command_against_the_local_stack(tmp_path: Path, tiny_model_dir: 
         assert "MB/s" in first.stderr  # the progress bar
         again = vlp(*args, env=stack_env)
         assert again.returncode == 0 and "already mirrored" in again.stdout
+
+
+def test_running_a_local_demo_without_local_says_to_add_it() -> None:
+    result = vlp("run", "configs/local-demo.yaml", env={"GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent.json"})
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "run it with --local" in result.stderr and "credentials" not in result.stderr.lower()
