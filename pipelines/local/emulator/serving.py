@@ -402,16 +402,7 @@ class ServingManager:
         prompt = instance.get("prompt")
         if not isinstance(prompt, str):
             raise _BadRequest('A vLLM instance needs a "prompt" string (or "@requestFormat": "chatCompletions").')
-        text = self._complete(
-            server,
-            prompt,
-            max_tokens=settings.get("max_tokens", _VLLM_DEFAULT_MAX_TOKENS),
-            temperature=settings.get("temperature"),
-            top_p=settings.get("top_p"),
-            top_k=settings.get("top_k"),
-            stop=settings.get("stop"),
-            seed=settings.get("seed"),
-        )
+        text = self._complete_vllm(server, prompt, settings)
         if server.engine == "openai" or settings.get("raw_response"):
             return text
         return f"Prompt:\n{prompt}\nOutput:\n{text}"
@@ -482,17 +473,21 @@ class ServingManager:
         unknown = sorted(set(body) - _VLLM_SAMPLING_PARAMS)
         if not isinstance(prompt, str) or unknown:
             return 500, b"Internal Server Error", "text/plain; charset=utf-8"
-        text = self._complete(
+        text = self._complete_vllm(server, prompt, body)
+        return 200, json.dumps({"text": [prompt + text]}).encode(), _JSON
+
+    def _complete_vllm(self, server: _Server, prompt: str, params: dict) -> str:
+        """A completion with vLLM's sampling parameters (its default max_tokens when none is given)."""
+        return self._complete(
             server,
             prompt,
-            max_tokens=body.get("max_tokens", _VLLM_DEFAULT_MAX_TOKENS),
-            temperature=body.get("temperature"),
-            top_p=body.get("top_p"),
-            top_k=body.get("top_k"),
-            stop=body.get("stop"),
-            seed=body.get("seed"),
+            max_tokens=params.get("max_tokens", _VLLM_DEFAULT_MAX_TOKENS),
+            temperature=params.get("temperature"),
+            top_p=params.get("top_p"),
+            top_k=params.get("top_k"),
+            stop=params.get("stop"),
+            seed=params.get("seed"),
         )
-        return 200, json.dumps({"text": [prompt + text]}).encode(), _JSON
 
     def _openai(self, server: _Server, path: str, payload: dict) -> tuple[int, bytes, str]:
         body = dict(payload)
