@@ -188,25 +188,35 @@ def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: 
     # A failing redeploy, with the service called every 0.2 s from the moment the stack is up.
     from pipelines.local import peers
 
-    results: list[int] = []
+    results: list[int | str] = []  # a status, or the error a call raised: every call's outcome is recorded
     stop = threading.Event()
+    threads: list[threading.Thread] = []
     original_start, original_stop = peers.LocalStack.start, peers.LocalStack.stop
 
     def hammer(url: str) -> None:
-        token = _token(url, ACCOUNT)
+        try:
+            token = _token(url, ACCOUNT)
+        except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+            results.append(f"no token: {exc!r}")
+            return
         while not stop.is_set():
-            results.append(_chat(url, token))
+            try:
+                results.append(_chat(url, token))
+            except Exception as exc:  # noqa: BLE001 - recorded and asserted below
+                results.append(repr(exc))
             stop.wait(0.2)
 
     def start_and_hammer(self: Any) -> Any:
         out = original_start(self)
-        threading.Thread(
-            target=hammer, args=(_service_url(self.api_endpoint, "smollm2-demo-run"),), daemon=True
-        ).start()
+        thread = threading.Thread(target=hammer, args=(_service_url(self.api_endpoint, "smollm2-demo-run"),))
+        thread.start()
+        threads.append(thread)
         return out
 
     def stop_hammer_then_stack(self: Any) -> None:
         stop.set()
+        for thread in threads:
+            thread.join(timeout=180)  # the call in flight ends before the stack it calls goes
         original_stop(self)
 
     monkeypatch.setattr(peers.LocalStack, "start", start_and_hammer)
