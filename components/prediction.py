@@ -36,7 +36,7 @@ def is_local(api_endpoint: str) -> bool:
     return resolve(api_endpoint).startswith("http://")
 
 
-def _loopback_adapter(emulator_url: str) -> Any:
+def loopback_adapter(emulator_url: str) -> Any:
     """A transport adapter that sends https://HOST/PATH to the emulator, keeping HOST in the Host header.
 
     Prediction URLs are built exactly as for Google (regional host, or a dedicated endpoint's own DNS); the
@@ -65,7 +65,7 @@ def http_session(api_endpoint: str = "") -> Any:
 
     if is_local(api_endpoint):
         session = AuthorizedSession(local_credentials())
-        session.mount("https://", _loopback_adapter(resolve(api_endpoint)))
+        session.mount("https://", loopback_adapter(resolve(api_endpoint)))
         return session
     import google.auth
 

@@ -129,11 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_json(p, "the results")
 
-    p = sub.add_parser("local", help="manage the local stack's state")
+    p = sub.add_parser("local", help="the local stack: keep it up between runs, see what it serves, reset it")
     lsub = p.add_subparsers(dest="local_command", metavar="ACTION")
     lsub.required = True
-    r = lsub.add_parser("reset", help="stop nothing, delete the local state (emulator resources, GCS objects)")
-    r.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    actions = {
+        "up": "start the local stack in the background (stable addresses); `vlp run --local` then uses it",
+        "status": "the running stack's addresses, its endpoints and services, and client code to call them",
+        "down": "stop the background stack and every process it started (model servers included)",
+        "token": "print an access token (or with --audience an ID token) from the local metadata server",
+        "reset": "stop nothing, delete the local state (emulator resources, GCS objects)",
+    }
+    for action, text in actions.items():
+        r = lsub.add_parser(action, help=text)
+        r.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="local stack state (default .vlp/local)")
+        if action == "status":
+            add_json(r, "the stack's addresses and deployments")
+        if action == "token":
+            r.add_argument("--audience", default="", help="an ID token for this audience (a Cloud Run URL)")
+            r.add_argument(
+                "--principal", default="", help="call as this service account (default: the project's owner)"
+            )
+            r.add_argument("--project", default="local-project", help="whose owner the token is for")
 
     try:
         from pipelines import lifecycle_cli
@@ -504,13 +520,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_local(args: argparse.Namespace) -> int:
+    import shlex
     import shutil
 
+    from pipelines.local import background
     from pipelines.local.peers import lock_state_dir
 
-    state = args.state_dir
+    state = args.state_dir.resolve()
+    if args.local_command == "up":
+        from pipelines.local import missing_local_extra
+
+        if problem := missing_local_extra():
+            raise UserError(problem)
+        info = background.up(state)
+        said = "already up" if info.get("already_up") else "up"
+        print(f"local stack {said} (pid {info['pid']}): Vertex AI API at {info['emulator']}")
+        print("`vlp run --local CONFIG` now runs on it; `vlp local status` shows how to call what it serves")
+        return EXIT_OK
+    if args.local_command == "down":
+        info = background.down(state)
+        print(f"local stack stopped (was pid {info['pid']})" if info else f"no local stack running on {state}")
+        return EXIT_OK
+    if args.local_command in ("status", "token"):
+        info = background.running(state)
+        if info is None:
+            raise UserError(f"no local stack is running on {state}: start one with `vlp local up`")
+        from pipelines.local import status
+
+        if args.local_command == "token":
+            print(status.token(info["emulator"], args.principal or status.owner_of(args.project), args.audience))
+            return EXIT_OK
+        token_command = "vlp local token" + (
+            "" if args.state_dir == DEFAULT_STATE_DIR else f" --state-dir {shlex.quote(str(args.state_dir))}"
+        )
+        described = status.describe(info["emulator"], token_command)
+        if args.json:
+            print(json.dumps({"stack": info, **described}, indent=2))
+        else:
+            print(status.render(info, state, described))
+        return EXIT_OK
     if state.exists():
-        # Not under a running stack's feet: the lock refuses while a run holds the dir.
+        # Not under a running stack's feet: the lock refuses while a run or `vlp local up` holds the dir.
         lock_state_dir(state, "vlp local reset").close()
         shutil.rmtree(state)
         print(f"removed local state {state}")

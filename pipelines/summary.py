@@ -47,6 +47,8 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"  deployed model {dm['id']}: {dm['model']} at {dm['traffic_percent']}%")
     if summary.get("service"):
         print(f"service:  {summary['service']}")
+        if summary.get("service_url"):
+            print(f"  URL {summary['service_url']}")
     for rev in summary.get("revisions", []):
         print(
             f"  revision {rev['name']} at {rev['traffic_percent']}%"
@@ -72,3 +74,5 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"{len(summary['api_calls'])} Google API calls (see --summary-json for the list)")
     if summary.get("log_dir"):
         print(f"step logs: {summary['log_dir']}/STEP.log")
+    if summary.get("stack"):
+        print(summary["stack"])

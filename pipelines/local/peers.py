@@ -139,11 +139,28 @@ class _PeerExited(RuntimeError):
     """The server process died during start-up (often: its port was taken meanwhile)."""
 
 
-def _start_with_retries(start: Callable[[int], Peer]) -> Peer:
-    last: _PeerExited | None = None
-    for _ in range(START_ATTEMPTS):
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:`port` now (so a server can bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers bind: a port whose last connections linger in TIME_WAIT is free to them.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            return start(free_port())
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _preferred_or_free(preferred: int | None) -> int:
+    """The port this peer had last time when it is free again (addresses stay stable across restarts), else any."""
+    return preferred if preferred and port_is_free(preferred) else free_port()
+
+
+def _start_with_retries(start: Callable[[int], Peer], preferred: int | None = None) -> Peer:
+    last: _PeerExited | None = None
+    for attempt in range(START_ATTEMPTS):
+        try:
+            return start(_preferred_or_free(preferred) if attempt == 0 else free_port())
         except _PeerExited as err:
             last = err
     assert last is not None
@@ -159,7 +176,9 @@ def fake_gcs_binary() -> Path:
     return Path(_server._get_binary_path())
 
 
-def start_fake_gcs(data_dir: Path | None, log_dir: Path, *, timeout: float = START_TIMEOUT_S) -> Peer:
+def start_fake_gcs(
+    data_dir: Path | None, log_dir: Path, *, timeout: float = START_TIMEOUT_S, port: int | None = None
+) -> Peer:
     """Starts fake-gcs-server over http; objects live under `data_dir` (kept across runs) or in memory when None.
 
     Point google-cloud-storage at it with STORAGE_EMULATOR_HOST=peer.url; the JSON API and
@@ -184,7 +203,7 @@ def start_fake_gcs(data_dir: Path | None, log_dir: Path, *, timeout: float = STA
         _wait_http(peer, f"{url}/storage/v1/b", offset, timeout, accept=lambda s: s == 200)
         return peer
 
-    return _start_with_retries(start)
+    return _start_with_retries(start, preferred=port)
 
 
 def _toml_str(value: str | Path) -> str:
@@ -273,18 +292,41 @@ def start_emulator(
     timeout: float = START_TIMEOUT_S,
     hub_mirrors_dir: Path | None = None,
     gcs_data_dir: Path | None = None,
+    port: int | None = None,
 ) -> Peer:
     """Starts the project's Vertex AI emulator (`python -m pipelines.local.emulator`) and waits for its READY line.
 
-    It binds port 0 itself and prints "READY http://127.0.0.1:PORT", so there is no port race.
+    It binds `port` when that is free (the address it had last time), else port 0, and prints
+    "READY http://127.0.0.1:PORT", so there is no port race.
     """
+    if port and port_is_free(port):
+        try:
+            return _start_emulator(state_dir, log_dir, storage_endpoint, hub_upstream, faults, timeout,
+                                   hub_mirrors_dir, gcs_data_dir, port)  # fmt: skip
+        except RuntimeError:
+            pass  # taken in the meantime: any port will do
+    return _start_emulator(state_dir, log_dir, storage_endpoint, hub_upstream, faults, timeout,
+                           hub_mirrors_dir, gcs_data_dir, 0)  # fmt: skip
+
+
+def _start_emulator(
+    state_dir: Path,
+    log_dir: Path,
+    storage_endpoint: str,
+    hub_upstream: str | None,
+    faults: Iterable[str],
+    timeout: float,
+    hub_mirrors_dir: Path | None,
+    gcs_data_dir: Path | None,
+    port: int,
+) -> Peer:
     state_dir = Path(state_dir).resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(log_dir).resolve() / "emulator.log"
     argv = [
         sys.executable, "-m", "pipelines.local.emulator",
         "--state-dir", str(state_dir),
-        "--port", "0",
+        "--port", str(port),
         "--storage-endpoint", storage_endpoint,
     ]  # fmt: skip
     if hub_upstream:
@@ -307,20 +349,34 @@ def start_emulator(
     return peer
 
 
+class _Running:
+    """A process this one did not start (the background stack's peers), seen by its pid as a Popen would be."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return None if self.pid and _alive(self.pid) else 0
+
+
 class StateDirBusy(RuntimeError):
     """Another process holds the state dir: two stacks on one dir would share ports' records, resource ids and
     serving directories, and the last save of the emulator's state would win."""
 
 
-def lock_state_dir(state_dir: Path, holder: str) -> Any:
-    """An exclusive lock on STATE_DIR/lock, held by the returned open file until it is closed or the process ends
+RUN_LOCK = "run.lock"
+
+
+def lock_state_dir(state_dir: Path, holder: str, name: str = "lock") -> Any:
+    """An exclusive lock on STATE_DIR/lock (the stack's; `name` RUN_LOCK: a run's on a stack it attached to), held by the returned open file until it is closed or the process ends
     (SIGKILL included: flock locks die with their process, so a crashed run never leaves a stale lock). The file
     says who holds it. Raises StateDirBusy, naming the holder, when another process has it."""
     import fcntl
     import json
 
     state_dir.mkdir(parents=True, exist_ok=True)
-    handle = (state_dir / "lock").open("a+", encoding="utf-8")
+    handle = (state_dir / name).open("a+", encoding="utf-8")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -366,7 +422,11 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # alive, another user's
         return True
-    return True
+    # An ended child its parent has not reaped yet still answers signal 0: a zombie is not alive.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 class LocalStack:
@@ -394,19 +454,64 @@ class LocalStack:
         self.gcs: Peer | None = None
         self.hub: Peer | None = None
         self.emulator: Peer | None = None
+        # Set by attach(): the peers belong to another process (`vlp local up`), which stops them.
+        self.attached = False
+
+    @classmethod
+    def attach(
+        cls, state_dir: Path, urls: dict[str, Any], *, faults: Iterable[str] = (), holder: str = "a local stack"
+    ) -> LocalStack:
+        """The stack another process runs on `state_dir` (`vlp local up`), at the addresses it recorded (`urls`:
+        emulator, gcs, hub and their pids). start() takes the state dir's run lock, so two runs still refuse each
+        other, and sets this run's faults; stop() clears them and leaves the peers running."""
+        stack = cls(state_dir, faults=faults, holder=holder)
+        stack.attached = True
+        for attr, log in (("gcs", "fake-gcs"), ("hub", "hub-mirror"), ("emulator", "emulator")):
+            process = _Running(int(urls.get(f"{attr}_pid") or 0))
+            setattr(stack, attr, Peer(attr, urls[attr], process, stack.log_dir / f"{log}.log"))  # type: ignore[arg-type]
+        return stack
+
+    def _ports_file(self) -> Path:
+        return self.state_dir / "ports.json"
+
+    def _remembered_ports(self) -> dict[str, int]:
+        import json
+
+        try:
+            ports = json.loads(self._ports_file().read_text())
+        except (OSError, ValueError):
+            return {}
+        return {k: v for k, v in ports.items() if isinstance(v, int)} if isinstance(ports, dict) else {}
+
+    def _remember_ports(self) -> None:
+        import json
+        from urllib.parse import urlsplit
+
+        ports = {attr: urlsplit(getattr(self, attr).url).port for attr in ("gcs", "hub", "emulator")}
+        self._ports_file().write_text(json.dumps(ports))
 
     def start(self) -> LocalStack:
         """Starts the three peers, stopping any already started if one fails. Refuses (StateDirBusy) while another
-        process holds the state dir."""
+        process holds the state dir. Each peer gets the port it had last time on this state dir when that is free,
+        so the API address and the Cloud Run URLs a person copied stay valid across restarts."""
+        if self.attached:
+            self._lock = lock_state_dir(self.state_dir, self.holder, name=RUN_LOCK)
+            try:
+                self._control("faults", {"faults": self.faults})
+            except BaseException:
+                self.stop()
+                raise
+            return self
         self._lock = lock_state_dir(self.state_dir, self.holder)
+        ports = self._remembered_ports()
         try:
             gcs_data = self.state_dir / "gcs" if self.persist_gcs else None
-            self.gcs = start_fake_gcs(gcs_data, self.log_dir)
+            self.gcs = start_fake_gcs(gcs_data, self.log_dir, port=ports.get("gcs"))
             # The mirror and the emulator start side by side (the emulator only needs the mirror's
             # address): the emulator then restarts earlier runs' model servers a second sooner.
             import threading
 
-            hub_port = free_port()
+            hub_port = _preferred_or_free(ports.get("hub"))
             hub_result: list[Peer | BaseException] = []
 
             def start_hub() -> None:
@@ -430,6 +535,7 @@ class LocalStack:
                     faults=self.faults,
                     hub_mirrors_dir=self.mirrors_dir,
                     gcs_data_dir=gcs_data,
+                    port=ports.get("emulator"),
                 )
             finally:
                 hub_thread.join()
@@ -437,6 +543,7 @@ class LocalStack:
                     self.hub = hub_result[0]
             if not hub_result or not isinstance(hub_result[0], Peer):
                 raise hub_result[0] if hub_result else RuntimeError("the Hub mirror did not start")
+            self._remember_ports()
         except BaseException:
             self.stop()
             # __exit__ never runs when __enter__ fails, so say here where to look.
@@ -451,7 +558,13 @@ class LocalStack:
         # emulator stops taking requests.
         import threading
 
-        threads = [threading.Thread(target=p.stop) for p in (self.emulator, self.hub, self.gcs) if p is not None]
+        if self.attached and self._lock is not None and self.faults:
+            try:
+                self._control("faults", {"faults": []})  # the stack outlives this run: so must not its faults
+            except OSError:
+                pass
+        peers = [] if self.attached else [p for p in (self.emulator, self.hub, self.gcs) if p is not None]
+        threads = [threading.Thread(target=p.stop) for p in peers]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -316,6 +316,7 @@ def _service_summary(summary: dict[str, Any], cfg: DeploymentConfig, project: st
         if service is None:
             continue
         summary["service"] = name
+        summary["service_url"] = service.uri
         traffic = {t.revision: t for t in service.traffic_statuses}
         for revision in revisions.list_revisions(parent=name):
             rev = revision.name.rsplit("/", 1)[1]
@@ -414,7 +415,7 @@ def run_local(
     from kfp import local
 
     from pipelines.compile import compile_to_temp
-    from pipelines.local import import_guard, interrupts, kfp_fixes, step_records
+    from pipelines.local import background, import_guard, interrupts, kfp_fixes, step_records
     from pipelines.local.peers import LocalStack
 
     kfp_fixes.apply()
@@ -428,7 +429,12 @@ def run_local(
     # The stack first: the emulator restarts the model servers of earlier runs while the rest is set up.
     holder = f"vlp run --local of deployment {cfg.name}"
     # SIGINT/SIGTERM from here on stop the run like a failed step: the exit handler still runs (interrupts.py).
-    with interrupts.handled(), LocalStack(state_dir, faults=emulator_faults, holder=holder) as stack:
+    # A stack `vlp local up` keeps running is used as it is (its deployments stay up after the run); else the run
+    # starts one of its own and stops it at the end.
+    stack = background.attach(state_dir, emulator_faults, holder) or LocalStack(
+        state_dir, faults=emulator_faults, holder=holder
+    )
+    with interrupts.handled(), stack:
         template = compile_to_temp(reuse=True)  # the same compiler as `vlp compile`: the run executes the spec
         pipeline = kfp_components.load_component_from_file(str(template))
         hub_mode = prepare_model(cfg, stack.mirrors_dir, model_dir)
@@ -502,6 +508,16 @@ def run_local(
             summary["error"] = interrupted_error(summary, interrupts.stopped_at_once())
         summary["seconds"] = round(time.monotonic() - started, 1)
         summary["logs"] = [str(p) for p in stack.log_paths()]
+        if stack.attached:
+            summary["stack"] = (
+                f"the local stack keeps running at {api} (`vlp local up`): `vlp local status` shows how to call what "
+                "it serves, `vlp local down` stops it"
+            )
+        else:
+            summary["stack"] = (
+                "the local stack stopped with this run, and what it serves with it; `vlp local up` keeps it running "
+                "between runs, to call the deployment"
+            )
     if summary["status"] == "failed" and not summary["error"]:
         summary["error"] = "the run failed; see the step output above"
     if not quiet:

@@ -231,6 +231,8 @@ class Emulator(
                 "endpoints": [_conform(v1.Endpoint, ep) for ep in self._endpoints.values()],
                 "pipelineJobs": list(self._pipeline_jobs.values()),
                 "schedules": list(self._schedules.values()),
+                # As GetService answers them (URLs naming the emulator's address now): what `vlp local status` lists.
+                "runServices": [self._run_view(s) for s in self._run_services.values()],
             }
 
     def _control(self, method: str, path: str, body: bytes) -> tuple[int, bytes] | None:

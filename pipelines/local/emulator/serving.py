@@ -398,7 +398,10 @@ class ServingManager:
         if settings.get("@requestFormat") == "chatCompletions" or "messages" in instance:
             chat = {k: v for k, v in settings.items() if k not in ("@requestFormat", "raw_response", "top_k")}
             chat.pop("stream", None)
-            return self._call_json(server, "/v1/chat/completions", chat)
+            answer = self._call_json(server, "/v1/chat/completions", chat)
+            # The handler answers as the server it wraps: with its served name, never the emulator's local path.
+            answer["model"] = chat.get("model") or _served_names(server)[0]
+            return answer
         prompt = instance.get("prompt")
         if not isinstance(prompt, str):
             raise _BadRequest('A vLLM instance needs a "prompt" string (or "@requestFormat": "chatCompletions").')

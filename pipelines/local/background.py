@@ -1,0 +1,175 @@
+"""`vlp local up | down`: the local stack kept running in the background between runs, at stable addresses, so a
+person can call the deployments it serves; `vlp run --local` uses it when it is up.
+
+The background process holds the state dir's stack lock for as long as it runs and records where its peers answer
+in STATE_DIR/stack.json; it stops them all on SIGTERM (`vlp local down`), SIGINT or SIGHUP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from pipelines.local.peers import RUN_LOCK, LocalStack, StateDirBusy, _alive, _log_tail, lock_state_dir
+
+STACK_FILE = "stack.json"
+UP_TIMEOUT_S = 120.0
+DOWN_TIMEOUT_S = 60.0
+
+
+class StackError(RuntimeError):
+    """The background stack did not start or stop as asked; the message says why and where its log is."""
+
+
+# How the background stack names itself in the state dir's lock (what a refused `vlp local reset` prints).
+HOLDER = "the background stack of `vlp local up` (stop it with `vlp local down`)"
+
+
+def running(state_dir: Path) -> dict[str, Any] | None:
+    """What stack.json records, when its process is alive and its emulator answers; None otherwise."""
+    try:
+        info = json.loads((Path(state_dir) / STACK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not _alive(int(info.get("pid") or 0)):
+        return None
+    try:
+        with urllib.request.urlopen(f"{info['emulator']}/healthz", timeout=5) as resp:
+            return info if resp.status == 200 else None
+    except (urllib.error.URLError, OSError, KeyError):
+        return None
+
+
+def attach(state_dir: Path, faults: list[str], holder: str) -> LocalStack | None:
+    """The running background stack as a LocalStack to start (a run on it), or None when no stack is up."""
+    info = running(state_dir)
+    return LocalStack.attach(state_dir, info, faults=faults, holder=holder) if info else None
+
+
+def up(state_dir: Path, timeout: float = UP_TIMEOUT_S) -> dict[str, Any]:
+    """Starts the background stack (or finds it running) and returns what stack.json records."""
+    state_dir = Path(state_dir).resolve()
+    if info := running(state_dir):
+        return {**info, "already_up": True}
+    # Refused here, with the holder's name, while a run holds the dir with a stack of its own.
+    lock_state_dir(state_dir, "vlp local up").close()
+    log_path = state_dir / "logs" / "stack.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    repo_root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root), env.get("PYTHONPATH", "")) if p)
+    with log_path.open("ab") as log:
+        offset = log.tell()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.local.background", "--state-dir", str(state_dir)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=repo_root,
+            env=env,
+            start_new_session=True,  # outlives this command and the terminal's Ctrl-C
+        )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = running(state_dir)
+        if info and info.get("pid") == process.pid:
+            return info
+        if process.poll() is not None:
+            raise StackError(
+                f"the local stack did not start (exit status {process.returncode}); log {log_path}:\n"
+                + _log_tail(log_path, offset)
+            )
+        time.sleep(0.2)
+    _stop_pid(process.pid, DOWN_TIMEOUT_S)
+    raise StackError(f"the local stack did not start within {timeout:.0f}s; log {log_path}:\n{_log_tail(log_path, offset)}")
+
+
+def down(state_dir: Path, timeout: float = DOWN_TIMEOUT_S) -> dict[str, Any] | None:
+    """Stops the background stack and every process it started; returns what it recorded, or None if none ran.
+    Refuses (StateDirBusy) while a run is using it."""
+    state_dir = Path(state_dir).resolve()
+    try:
+        info = json.loads((state_dir / STACK_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    pid = int(info.get("pid") or 0)
+    if not _alive(pid):
+        (state_dir / STACK_FILE).unlink(missing_ok=True)
+        return None
+    lock_state_dir(state_dir, "vlp local down", name=RUN_LOCK).close()
+    _stop_pid(pid, timeout)
+    # A stack killed before it could stop its peers leaves them running: each is its own process group.
+    for key in ("emulator", "hub", "gcs"):
+        peer = int(info.get(f"{key}_pid") or 0)
+        if peer and _alive(peer):
+            try:
+                os.killpg(peer, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    (state_dir / STACK_FILE).unlink(missing_ok=True)
+    return info
+
+
+def _stop_pid(pid: int, timeout: float) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def serve(state_dir: Path) -> int:
+    """The background process: start the stack, record it, keep it up until a signal or a peer's death."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stop.set())
+    stack = LocalStack(state_dir, holder=HOLDER)
+    try:
+        stack.start()
+    except StateDirBusy as exc:
+        print(f"error: {exc}", flush=True)
+        return 2
+    record = Path(stack.state_dir) / STACK_FILE
+    try:
+        peers = {"emulator": stack.emulator, "hub": stack.hub, "gcs": stack.gcs}
+        info: dict[str, Any] = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        for key, peer in peers.items():
+            assert peer is not None
+            info[key], info[f"{key}_pid"] = peer.url, peer.process.pid
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=1))
+        os.replace(tmp, record)
+        print(f"local stack up: Vertex AI API {stack.api_endpoint}", flush=True)
+        while not stop.wait(1.0):
+            dead = [p.name for p in peers.values() if p is not None and not p.alive()]
+            if dead:
+                print(f"error: {', '.join(dead)} exited; stopping the local stack (see its log)", flush=True)
+                return 1
+    finally:
+        record.unlink(missing_ok=True)
+        stack.stop()
+        print("local stack stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipelines.local.background", description=__doc__)
+    parser.add_argument("--state-dir", required=True, type=Path)
+    sys.exit(serve(parser.parse_args().state_dir))

@@ -1,0 +1,249 @@
+"""`vlp local status` and `vlp local token`: what the background stack serves, where, and how to call it with the
+tutorials' own clients (the aiplatform SDK, openai, huggingface_hub, curl), changing only host and credentials.
+
+Every snippet calls as the local project's owner (the person who ran `vlp setup`), who holds what calling needs
+(aiplatform.endpoints.predict, run.routes.invoke), and gets its token the way Google's clients do on a VM: from the
+metadata server, here the emulator's stand-in."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+DEMO_QUESTION = "What is the capital of France?"
+
+
+def owner_of(project: str) -> str:
+    """The local project's owner, as `vlp run --local` bootstraps it (LocalStack.bootstrap_owner)."""
+    return f"vlp-admin@{project}.iam.gserviceaccount.com"
+
+
+def metadata_host(api: str, principal: str) -> str:
+    """GCE_METADATA_HOST for google-auth: the emulator's metadata stand-in, answering as `principal`."""
+    return f"{api.removeprefix('http://')}/_md/{principal}"
+
+
+def token(api: str, principal: str, audience: str = "") -> str:
+    """What the metadata server hands `principal`: an access token, or an ID token for `audience` (what
+    `gcloud auth print-access-token` / `print-identity-token --audiences` print)."""
+    base = f"{api}/_md/{principal}/computeMetadata/v1/instance/service-accounts/default"
+    from urllib.parse import quote
+
+    url = f"{base}/identity?audience={quote(audience, safe='')}" if audience else f"{base}/token"
+    request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        data = response.read().decode()
+    return data if audience else json.loads(data)["access_token"]
+
+
+def _emulator_state(api: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{api}/_emulator/state", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _served_name(model: dict[str, Any] | None) -> str:
+    """The name vLLM answers to (--served-model-name); TGI ignores the field (it answers with its own model id)."""
+    for arg in ((model or {}).get("containerSpec") or {}).get("args") or []:
+        if str(arg).startswith("--served-model-name="):
+            return str(arg).split("=", 1)[1]
+    return "tgi"
+
+
+def _engine(model: dict[str, Any] | None) -> str:
+    image = str(((model or {}).get("containerSpec") or {}).get("imageUri") or "")
+    return "tgi" if "tgi" in image or "text-generation-inference" in image else "vllm"
+
+
+def describe(api: str, token_command: str = "vlp local token") -> dict[str, Any]:
+    """Every endpoint with a deployed model and every Cloud Run service the stack holds, with how to call each
+    (`token_command`: how the shell snippets get a token, `--state-dir` included when it is not the default)."""
+    state = _emulator_state(api)
+    models = {f"{m['name']}@{m.get('versionId')}": m for m in state["models"]}
+    endpoints = []
+    for ep in state["endpoints"]:
+        split = {k: v for k, v in (ep.get("trafficSplit") or {}).items() if v}
+        serving = [dm for dm in ep.get("deployedModels") or [] if dm["id"] in split]
+        if not serving:
+            continue
+        dm = max(serving, key=lambda d: split[d["id"]])
+        model = models.get(f"{dm['model']}@{dm.get('modelVersionId')}")
+        project, region = ep["name"].split("/")[1], ep["name"].split("/")[3]
+        entry = {
+            "name": ep["name"],
+            "display_name": ep.get("displayName", ""),
+            "deployed_models": [{"id": d["id"], "traffic_percent": split[d["id"]]} for d in serving],
+            "dedicated_dns": ep.get("dedicatedEndpointDns", "") if ep.get("dedicatedEndpointEnabled") else "",
+            "served_model_name": _served_name(model),
+            "engine": _engine(model),
+            "invoke": bool(((model or {}).get("containerSpec") or {}).get("invokeRoutePrefix")),
+            "project": project,
+            "region": region,
+            "deployed_model_id": dm["id"],
+        }
+        entry["predict_url"] = f"{api}/v1/{ep['name']}:predict"
+        entry["chat_url"] = f"{api}/v1beta1/{ep['name']}/chat/completions"
+        entry["snippets"] = vertex_snippets(api, entry, token_command)
+        endpoints.append(entry)
+    services = []
+    for svc in state.get("runServices") or []:
+        project = svc["name"].split("/")[1]
+        tags = {t["tag"]: t.get("uri", "") for t in svc.get("trafficStatuses") or [] if t.get("tag")}
+        entry = {"name": svc["name"], "url": svc.get("uri", ""), "tag_urls": tags, "project": project}
+        entry["snippets"] = run_snippets(api, entry, token_command)
+        services.append(entry)
+    return {"endpoints": endpoints, "services": services}
+
+
+def _python_auth(api: str, project: str) -> str:
+    return (
+        "import os\n"
+        "# google-auth finds the local metadata server as it finds Google's on a VM (set before importing it):\n"
+        "# every call is made as the local project's owner.\n"
+        f'os.environ["GCE_METADATA_HOST"] = os.environ["GCE_METADATA_IP"] = "{metadata_host(api, owner_of(project))}"\n'
+        "from google.auth import compute_engine\n"
+        "credentials = compute_engine.Credentials()\n"
+    )
+
+
+def _messages() -> str:
+    return f'[{{"role": "user", "content": "{DEMO_QUESTION}"}}]'
+
+
+def vertex_snippets(api: str, ep: dict[str, Any], token_command: str) -> dict[str, str]:
+    """Client code for one Vertex endpoint, as Google's tutorials write it, host and credentials changed."""
+    project, region = ep["project"], ep["region"]
+    auth = _python_auth(api, project)
+    dedicated = ep["dedicated_dns"]
+    init = (
+        "from google.cloud import aiplatform\n"
+        f'aiplatform.init(project="{project}", location="{region}", credentials=credentials,\n'
+        f'                api_endpoint="{api}", api_transport="rest")\n'
+        f'endpoint = aiplatform.Endpoint("{ep["name"]}")\n'
+    )
+    route = (
+        "# raw_predict and invoke build https://HOST URLs (the region's, or the dedicated DNS): send them to the\n"
+        "# emulator, which still checks the host each call names, as Vertex does.\n"
+        "from pipelines.local.status import routed_session\n"
+        f'endpoint.authorized_session = routed_session("{api}", credentials)\n'
+    )
+    if ep["engine"] == "tgi":
+        instance = f'{{"messages": {_messages()}, "max_tokens": 24}}'
+        read = 'print(prediction.predictions[0])'
+    else:
+        instance = f'{{"@requestFormat": "chatCompletions", "messages": {_messages()}, "max_tokens": 24}}'
+        read = 'print(prediction.predictions[0]["choices"][0]["message"]["content"])'
+    snippets: dict[str, str] = {}
+    if not dedicated:
+        snippets["aiplatform predict"] = auth + init + f"prediction = endpoint.predict(instances=[{instance}])\n{read}\n"
+    snippets["aiplatform raw_predict"] = (
+        auth + init + route + "import json\n"
+        f"body = json.dumps({{\"instances\": [{instance}]}}).encode()\n"
+        'answer = endpoint.raw_predict(body=body, headers={"Content-Type": "application/json"})\n'
+        "print(answer.json())\n"
+    )
+    if dedicated and ep["invoke"]:
+        snippets["aiplatform invoke"] = (
+            auth + init + route + "import json\n"
+            f'body = json.dumps({{"model": "{ep["served_model_name"]}", "messages": {_messages()}, "max_tokens": 24}}).encode()\n'
+            'answer = endpoint.invoke(request_path="/v1/chat/completions", body=body,\n'
+            '                         headers={"Content-Type": "application/json"})\n'
+            'print(answer.json()["choices"][0]["message"]["content"])\n'
+        )
+    host_header = f', default_headers={{"Host": "{dedicated}"}}' if dedicated else ""
+    snippets["openai (Vertex chat completions)"] = (
+        auth + "import google.auth.transport.requests\n"
+        "import openai\n"
+        "credentials.refresh(google.auth.transport.requests.Request())\n"
+        f'client = openai.OpenAI(base_url="{ep["chat_url"].removesuffix("/chat/completions")}",\n'
+        f"                       api_key=credentials.token{host_header})\n"
+        f'reply = client.chat.completions.create(model="{ep["served_model_name"]}", messages={_messages()},\n'
+        "                                       max_tokens=24)\n"
+        "print(reply.choices[0].message.content)\n"
+        "# streaming: stream=True, then for chunk in reply: print(chunk.choices[0].delta.content or '', end='')\n"
+    )
+    host = f' -H "Host: {dedicated}"' if dedicated else ""
+    body = json.dumps({"model": ep["served_model_name"], "messages": [{"role": "user", "content": DEMO_QUESTION}], "max_tokens": 24})
+    snippets["curl"] = (
+        f'curl -s{host} -H "Authorization: Bearer $({token_command})" -H "Content-Type: application/json" \\\n'
+        f"  {ep['chat_url']} \\\n  -d '{body}'\n"
+    )
+    return snippets
+
+
+def run_snippets(api: str, svc: dict[str, Any], token_command: str) -> dict[str, str]:
+    """Client code for one private Cloud Run service: an ID token for its URL, then TGI's own routes."""
+    url = svc["url"]
+    auth = (
+        _python_auth(api, svc["project"])
+        + "import google.auth.transport.requests\n"
+        + "from google.oauth2 import id_token\n"
+        + "# A private service takes an ID token whose audience is its URL (fetch_id_token asks the metadata server).\n"
+        + f'token = id_token.fetch_id_token(google.auth.transport.requests.Request(), "{url}")\n'
+    )
+    body = json.dumps({"model": "tgi", "messages": [{"role": "user", "content": DEMO_QUESTION}], "max_tokens": 24})
+    return {
+        "huggingface_hub InferenceClient": auth
+        + "from huggingface_hub import InferenceClient\n"
+        + f'client = InferenceClient(base_url="{url}", api_key=token)\n'
+        + f"reply = client.chat_completion(messages={_messages()}, max_tokens=24)\n"
+        + "print(reply.choices[0].message.content)\n",
+        "openai (Cloud Run URL)": auth
+        + "import openai\n"
+        + f'client = openai.OpenAI(base_url="{url}/v1", api_key=token)\n'
+        + f'reply = client.chat.completions.create(model="tgi", messages={_messages()}, max_tokens=24)\n'
+        + "print(reply.choices[0].message.content)\n",
+        "curl": f'curl -s -H "Authorization: Bearer $({token_command} --audience {url})" '
+        f'-H "Content-Type: application/json" \\\n  {url}/v1/chat/completions \\\n  -d \'{body}\'\n',
+    }
+
+
+def routed_session(api: str, credentials: Any) -> Any:
+    """An AuthorizedSession that sends https://HOST/PATH to the local emulator, keeping HOST in the Host header: what
+    the aiplatform SDK's raw_predict, stream_raw_predict and invoke need locally (they build Google's URLs)."""
+    from google.auth.transport.requests import AuthorizedSession
+
+    from components.prediction import loopback_adapter
+
+    session = AuthorizedSession(credentials)
+    session.mount("https://", loopback_adapter(api))
+    return session
+
+
+def render(info: dict[str, Any], state_dir: Path, described: dict[str, Any]) -> str:
+    """`vlp local status` for people: the stack's addresses, then each deployment with its snippets."""
+    api = info["emulator"]
+    lines = [
+        f"local stack up (pid {info['pid']}, since {info['started']}), state dir {state_dir}",
+        f"  Vertex AI, Cloud Run, IAM APIs: {api}   (api_endpoint / --api-endpoint)",
+        f"  Cloud Storage:                  {api}   (STORAGE_EMULATOR_HOST)",
+        f"  Hugging Face Hub mirror:        {api}/hf   (HF_ENDPOINT)",
+        f"  metadata server:                {metadata_host(api, 'EMAIL')}   (GCE_METADATA_HOST, as EMAIL)",
+        "  stop it with `vlp local down`; these addresses stay the same at the next `vlp local up` when free",
+    ]
+    if not described["endpoints"] and not described["services"]:
+        lines += ["", "nothing deployed yet: `vlp run --local configs/local-demo.yaml` deploys the demo here"]
+    for ep in described["endpoints"]:
+        lines += ["", f"endpoint {ep['display_name']}: {ep['name']}"]
+        for dm in ep["deployed_models"]:
+            lines.append(f"  deployed model {dm['id']} at {dm['traffic_percent']}%")
+        lines.append(f"  predict:          {ep['predict_url']}")
+        lines.append(f"  chat completions: {ep['chat_url']}")
+        if ep["dedicated_dns"]:
+            lines.append(f"  dedicated DNS:    {ep['dedicated_dns']} (locally: the address above, Host: that DNS)")
+        lines += _snippet_lines(ep["snippets"])
+    for svc in described["services"]:
+        lines += ["", f"Cloud Run service {svc['name']}", f"  URL: {svc['url']}"]
+        for tag, url in svc["tag_urls"].items():
+            lines.append(f"  tag {tag}: {url}")
+        lines += _snippet_lines(svc["snippets"])
+    return "\n".join(lines)
+
+
+def _snippet_lines(snippets: dict[str, str]) -> list[str]:
+    out: list[str] = []
+    for title, code in snippets.items():
+        out += [f"  --- {title}"] + [f"    {line}" for line in code.rstrip("\n").split("\n")]
+    return out
+

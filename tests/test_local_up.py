@@ -1,0 +1,155 @@
+"""`vlp local up | status | token | down`: the local stack kept up between runs, and the deployments it serves called
+with the tutorials' own clients (aiplatform, openai, huggingface_hub, curl), pasted from `vlp local status`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+VLP = [sys.executable, "-m", "pipelines.cli"]
+
+
+def _clean_env() -> dict[str, str]:
+    """A person's shell: none of the local stack's or a Google account's variables set."""
+    drop = ("GOOGLE_APPLICATION_CREDENTIALS", "GCE_METADATA", "STORAGE_EMULATOR_HOST", "HF_ENDPOINT", "VLP_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+
+
+def vlp(*args: str, state: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [*VLP, *args, "--state-dir", str(state)],
+        cwd=ROOT,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert done.returncode == 0, f"vlp {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def paste(title: str, code: str) -> str:
+    """Runs one snippet as a person would paste it: Python in a fresh interpreter, curl in bash (`vlp` being this
+    checkout's CLI). Returns what it printed; fails with its error output."""
+    if title.startswith("curl"):
+        assert shutil.which("curl"), "curl is not installed: the curl snippets cannot be checked"
+        argv = ["bash", "-c", code.replace("$(vlp ", f"$({' '.join(VLP)} ")]
+    else:
+        argv = [sys.executable, "-c", code]
+    done = subprocess.run(argv, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"snippet {title!r} failed:\n{code}\n--- stderr:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def processes_under(state: Path) -> list[str]:
+    """Every process whose command line names the state dir (the stack's peers, model servers)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if str(state) in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            found.append(f"{proc.name} {cmdline[:160]}")
+    return found
+
+
+def status(state: Path) -> dict[str, Any]:
+    return json.loads(vlp("local", "status", "--json", state=state).stdout)
+
+
+def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tmp_path: Path) -> None:
+    """The issue's "done when": `vlp local up`, the demo run on it, each client snippet `vlp local status` prints
+    answers "Paris" (both targets), `vlp local down` leaves no process, and the next `up` has the same address."""
+    state = (tmp_path / "state").resolve()
+    up = vlp("local", "up", state=state)
+    assert "local stack up" in up.stdout
+    info = json.loads((state / "stack.json").read_text())
+    assert "already up" in vlp("local", "up", state=state).stdout  # idempotent: the same stack
+    # The stack holds the state dir: a reset is refused with the way out.
+    reset = vlp("local", "reset", state=state, check=False)
+    assert reset.returncode == 2 and "vlp local down" in reset.stderr, reset.stderr
+    empty = vlp("local", "status", state=state).stdout
+    assert info["emulator"] in empty and "nothing deployed yet" in empty
+
+    try:
+        summary_path = tmp_path / "summary.json"
+        run = vlp("run", "--local", "configs/local-demo.yaml", "--summary-json", str(summary_path), state=state)
+        summary = json.loads(summary_path.read_text())
+        assert summary["status"] == "succeeded", summary["error"]
+        assert "keeps running" in run.stdout and info["emulator"] in summary["stack"]
+        # The run used the stack that was up (same emulator process), and left it up and serving.
+        assert json.loads((state / "stack.json").read_text())["emulator_pid"] == info["emulator_pid"]
+        assert not (state / "run.lock").exists() or _lock_free(state / "run.lock")
+
+        described = status(state)
+        (endpoint,) = described["endpoints"]
+        assert endpoint["display_name"] == "smollm2-demo"
+        titles = set(endpoint["snippets"])
+        assert {"aiplatform predict", "aiplatform raw_predict", "openai (Vertex chat completions)", "curl"} <= titles
+        for title, code in endpoint["snippets"].items():
+            assert "Paris" in paste(title, code), title
+        # The same chat route, streamed through the openai client.
+        streamed = paste("openai streaming", _streaming(endpoint["snippets"]["openai (Vertex chat completions)"]))
+        assert "Paris" in streamed
+
+        run = vlp("run", "--local", "configs/local-demo-cloud-run.yaml", "--summary-json", str(summary_path), state=state)
+        summary = json.loads(summary_path.read_text())
+        assert summary["status"] == "succeeded", summary["error"]
+        (service,) = status(state)["services"]
+        assert service["url"] == summary["service_url"] and f"URL {service['url']}" in run.stdout
+        assert {"huggingface_hub InferenceClient", "openai (Cloud Run URL)", "curl"} <= set(service["snippets"])
+        for title, code in service["snippets"].items():
+            assert "Paris" in paste(title, code), title
+        # Without a token, the private service refuses (the snippets' ID token is what lets them in).
+        refused = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{service['url']}/health"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert refused.stdout == "403", refused.stdout
+        # And the Vertex endpoint still serves after the other run: the stack never stopped.
+        assert "Paris" in paste("aiplatform predict", described["endpoints"][0]["snippets"]["aiplatform predict"])
+    finally:
+        down = vlp("local", "down", state=state)
+    assert "local stack stopped" in down.stdout
+    assert processes_under(state) == []
+    assert not (state / "stack.json").exists()
+    assert "no local stack is running" in vlp("local", "status", state=state, check=False).stderr
+    # Stable addresses: the next `up` answers where the last one did (the snippets above stay valid).
+    try:
+        vlp("local", "up", state=state)
+        assert json.loads((state / "stack.json").read_text())["emulator"] == info["emulator"]
+    finally:
+        vlp("local", "down", state=state)
+    assert processes_under(state) == []
+
+
+def _lock_free(path: Path) -> bool:
+    import fcntl
+
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+
+def _streaming(openai_snippet: str) -> str:
+    """The openai snippet with stream=True, printing the chunks as they come."""
+    code = openai_snippet.replace("max_tokens=24)", "max_tokens=24, stream=True)")
+    assert "stream=True" in code
+    return code.replace(
+        "print(reply.choices[0].message.content)",
+        "print(''.join(chunk.choices[0].delta.content or '' for chunk in reply if chunk.choices))",
+    )
