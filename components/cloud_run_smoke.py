@@ -145,13 +145,12 @@ def smoke_test_service_op(
     from collections import namedtuple
     from logging import getLogger
 
-    from components.benchmark import add_costs, log_benchmark_metrics, render_html, run_benchmark
+    from components.benchmark import render_html
     from components.cloud_run_probe import id_token_headers
     from components.cloud_run_smoke import run_service_smoke_test
     from components.config import config_from_dict
     from components.runtime import checkpoint
-    from components.serving import served_model_name
-    from components.smoke_checks import benchmark_pricing, smoke_report_html
+    from components.smoke_checks import benchmark_deployment, smoke_report_html
 
     result = run_service_smoke_test(deployment, service, revision, url, service_url, weights_uri)
     checkpoint("smoke-test-service")
@@ -162,19 +161,7 @@ def smoke_test_service_op(
     levels: list = []
     bench_html = ""
     if result.passed and st.benchmark:
-        bench = run_benchmark(
-            url,
-            concurrency=list(st.benchmark_concurrency),
-            requests_per_level=st.benchmark_requests,
-            max_tokens=st.max_tokens,
-            prompt=st.prompt,
-            model=served_model_name(deployment),
-            ttft_target_s=st.ttft_p95_target_s,
-            headers=id_token_headers(service_url or url),
-        )
-        price, source, model = benchmark_pricing(deployment, str(deployment.get("api_endpoint") or ""))
-        if price > 0:
-            add_costs(bench, price, price_source=source, throughput_model=model)
+        bench = benchmark_deployment(deployment, url, metrics, headers=id_token_headers(service_url or url))
         getLogger("vlp.smoke").info(
             "benchmark: recommended concurrency %s (p95 time to first token within %.1f s); cloud_run.concurrency is %s",
             bench.recommended_concurrency,
@@ -182,7 +169,6 @@ def smoke_test_service_op(
             cfg.cloud_run.concurrency,
         )
         levels = bench.levels
-        log_benchmark_metrics(bench, metrics)
         bench_html = render_html(bench, fragment=True)
     with open(report.path, "w") as f:
         f.write(smoke_report_html(result, bench_html))

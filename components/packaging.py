@@ -56,6 +56,17 @@ STEP_NEEDS: dict[str, tuple[str, ...]] = {
         "pydantic",
         "PyYAML",
     ),
+    "benchmark": (  # a run that changed nothing, with smoke_test.benchmark: the deployment as it serves
+        "google-cloud-aiplatform",  # the endpoint and its traffic
+        "google-cloud-pipeline-components",  # components.smoke_test's artifact types, imported with it
+        "google-cloud-run",  # target cloud_run: the service's URL
+        "google-cloud-storage",  # imported with components.smoke_test (its tokenizer download)
+        "google-cloud-logging",  # imported with components.smoke_test (server logs)
+        "Jinja2",  # imported with components.smoke_test (the chat template)
+        "requests",  # the streamed requests
+        "pydantic",
+        "PyYAML",
+    ),
     "promote": ("google-cloud-aiplatform", "pydantic", "PyYAML"),  # traffic split, undeploy the old model
     "roll-back": ("google-cloud-aiplatform", "pydantic", "PyYAML"),  # undeploy / delete what the run created
     "cleanup": (
@@ -106,6 +117,7 @@ STEP_OF_OP = {
     "register_model_op": "register-model",
     "deploy_model_op": "deploy-model",
     "smoke_test_op": "smoke-test",
+    "benchmark_op": "benchmark",
     "promote_op": "promote",
     "roll_back_op": "roll-back",
     "cleanup_op": "cleanup",
@@ -122,6 +134,7 @@ MODULE_OF_OP = {
     "register_model_op": "components.register_model",
     "deploy_model_op": "components.deploy_model",
     "smoke_test_op": "components.smoke_test",
+    "benchmark_op": "components.smoke_test",
     "promote_op": "components.promote",
     "roll_back_op": "components.teardown",
     "cleanup_op": "components.teardown",

@@ -373,6 +373,10 @@ def preflight_op(
         if unchanged:
             log.info("nothing changed: %s; pass force to redeploy anyway", unchanged)
             action, deployment = "noop", candidate
+            if cfg.smoke_test.benchmark:
+                # Asked for a benchmark: measure the deployment as it serves rather than redeploy it to measure.
+                log.info("smoke_test.benchmark is set: benchmarking the deployment as it serves")
+                action = "benchmark"
     if deployment is None:
         try:
             deployment = run_preflight(cfg, **args)

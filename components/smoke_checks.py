@@ -228,6 +228,34 @@ def benchmark_pricing(deployment: dict, api_endpoint: str) -> tuple[float, str, 
     return price, f"one replica of {shape}, {plan.get('prices_note', 'catalog price')}", model
 
 
+def benchmark_deployment(
+    deployment: dict, target: str, metrics: Any, *, api_endpoint: str = "", headers: dict[str, str] | None = None
+) -> Any:
+    """The config's load benchmark against `target` (a Vertex endpoint or deployed model, or an OpenAI base URL),
+    with cost figures and the KFP metrics logged; returns the BenchmarkResult."""
+    from components.benchmark import add_costs, log_benchmark_metrics, run_benchmark
+    from components.config import config_from_dict
+    from components.serving import served_model_name
+
+    st = config_from_dict(deployment["config"], source="deployment['config']").smoke_test
+    bench = run_benchmark(
+        target,
+        concurrency=list(st.benchmark_concurrency),
+        requests_per_level=st.benchmark_requests,
+        max_tokens=st.max_tokens,
+        prompt=st.prompt,
+        model=served_model_name(deployment),
+        api_endpoint=api_endpoint,
+        ttft_target_s=st.ttft_p95_target_s,
+        headers=headers,
+    )
+    price, source, model = benchmark_pricing(deployment, api_endpoint or str(deployment.get("api_endpoint") or ""))
+    if price > 0:
+        add_costs(bench, price, price_source=source, throughput_model=model)
+    log_benchmark_metrics(bench, metrics)
+    return bench
+
+
 def smoke_report_html(result: SmokeResult, benchmark_html: str = "") -> str:
     """A small HTML page for the KFP report artifact."""
     import html

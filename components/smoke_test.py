@@ -273,10 +273,9 @@ def smoke_test_op(
     from collections import namedtuple
     from logging import getLogger
 
-    from components.benchmark import add_costs, log_benchmark_metrics, render_html, run_benchmark
+    from components.benchmark import render_html
     from components.prediction import describe_endpoint
-    from components.serving import served_model_name
-    from components.smoke_checks import benchmark_pricing, smoke_report_html
+    from components.smoke_checks import benchmark_deployment, smoke_report_html
     from components.smoke_test import benchmark_target, run_smoke_test
 
     resource = endpoint.metadata["resourceName"]
@@ -302,21 +301,8 @@ def smoke_test_op(
             getLogger("vlp.smoke").warning("benchmark skipped: %s", reason)
             skipped = reason
         else:
-            bench = run_benchmark(
-                target,
-                concurrency=list(st.benchmark_concurrency),
-                requests_per_level=st.benchmark_requests,
-                max_tokens=st.max_tokens,
-                prompt=st.prompt,
-                model=served_model_name(deployment),
-                api_endpoint=api_endpoint,
-                ttft_target_s=st.ttft_p95_target_s,
-            )
-            price, source, model = benchmark_pricing(deployment, api_endpoint)
-            if price > 0:
-                add_costs(bench, price, price_source=source, throughput_model=model)
+            bench = benchmark_deployment(deployment, target, metrics, api_endpoint=api_endpoint)
             levels = bench.levels
-            log_benchmark_metrics(bench, metrics)
             bench_html = render_html(bench, fragment=True)
     with open(report.path, "w") as f:
         f.write(smoke_report_html(result, bench_html))
@@ -333,3 +319,62 @@ def smoke_test_op(
         levels,
         skipped,
     )
+
+
+def serving_benchmark_target(cfg: Any, deployment: dict, api_endpoint: str) -> tuple[str | None, dict[str, str], str]:
+    """What a benchmark of the deployment as it serves (a run that changed nothing) times: (target, headers, "")
+    or (None, {}, why not). On Vertex, the deployed model holding all the endpoint's traffic (the no-op check
+    found it); on Cloud Run, the service URL, with an ID token."""
+    if cfg.target == "cloud_run":
+        from components.cloud_run import service_name, services_client
+        from components.cloud_run_probe import get_service, id_token_headers
+
+        service = get_service(services_client(api_endpoint or str(deployment.get("api_endpoint") or "")), service_name(deployment))
+        if service is None or not service.uri:
+            return None, {}, f"service {service_name(deployment)} is gone since preflight: run again to redeploy it"
+        return service.uri, id_token_headers(service.uri), ""
+    from components.clients import find_endpoint
+
+    endpoint = find_endpoint(deployment)
+    if endpoint is None:
+        return None, {}, f"endpoint {cfg.endpoint.name} is gone since preflight: run again to redeploy it"
+    info = describe_endpoint(endpoint.name, api_endpoint)
+    serving = [dm for dm, share in info.traffic.items() if share == 100]
+    if not serving:
+        return None, {}, f"no deployed model holds all of {endpoint.name}'s traffic now: run again to redeploy"
+    target, reason = benchmark_target(cfg, info, serving[0])
+    return target, {}, reason
+
+
+def benchmark_op(
+    deployment: dict,
+    api_endpoint: str,
+    metrics: dsl.Output[dsl.Metrics],
+    report: dsl.Output[dsl.HTML],
+) -> NamedTuple("BenchmarkOutputs", [("benchmark", list), ("benchmark_skipped", str)]):
+    """Benchmark: the load benchmark against the deployment as it serves, for a run that changed nothing but asked
+    for smoke_test.benchmark (nothing is redeployed to measure it)."""
+    from collections import namedtuple
+    from logging import getLogger
+
+    from components.benchmark import render_html
+    from components.config import config_from_dict
+    from components.runtime import checkpoint, setup_logging
+    from components.smoke_checks import benchmark_deployment
+    from components.smoke_test import serving_benchmark_target
+
+    setup_logging()
+    cfg = config_from_dict(deployment["config"], source="deployment['config']")
+    target, headers, skipped = serving_benchmark_target(cfg, deployment, api_endpoint)
+    checkpoint("benchmark")
+    levels: list = []
+    if target is None:
+        getLogger("vlp.smoke").warning("benchmark skipped: %s", skipped)
+        page = f"<p>Benchmark skipped: {skipped}</p>"
+    else:
+        bench = benchmark_deployment(deployment, target, metrics, api_endpoint=api_endpoint, headers=headers or None)
+        levels = bench.levels
+        page = render_html(bench)
+    with open(report.path, "w") as f:
+        f.write(page)
+    return namedtuple("BenchmarkOutputs", ["benchmark", "benchmark_skipped"])(levels, skipped)

@@ -87,7 +87,7 @@ def build_pipeline(image: str | None = None, template: Template | None = None) -
     from components.preflight import preflight_op
     from components.promote import promote_op
     from components.register_model import register_model_op
-    from components.smoke_test import smoke_test_op
+    from components.smoke_test import benchmark_op, smoke_test_op
     from components.teardown import cleanup_op, roll_back_op
 
     preflight_c = as_component(preflight_op, image)
@@ -107,6 +107,7 @@ def build_pipeline(image: str | None = None, template: Template | None = None) -
     register_c = as_component(register_model_op, image)
     deploy_c = as_component(deploy_model_op, image)
     smoke_c = as_component(smoke_test_op, image)
+    bench_c = as_component(benchmark_op, image)
     promote_c = as_component(promote_op, image)
     roll_back_c = as_component(roll_back_op, image)
     cleanup_c = as_component(cleanup_op, image)
@@ -159,6 +160,11 @@ def build_pipeline(image: str | None = None, template: Template | None = None) -
             ).set_display_name("Preflight: plan, quota, access")
             pre.set_caching_options(False)  # quota and endpoint state change between runs
             deployment = pre.outputs["deployment"]
+
+            with dsl.If(pre.outputs["action"] == "benchmark", name="benchmark-as-it-serves"):
+                bench_c(deployment=deployment, api_endpoint=api_endpoint).set_display_name(
+                    "Benchmark the deployment as it serves"
+                ).set_caching_options(False)
 
             with dsl.If(pre.outputs["action"] == "deploy", name="something-changed"):
                 mirrors = []

@@ -103,6 +103,34 @@ def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tm
         streamed = paste("openai streaming", _streaming(endpoint["snippets"]["openai (Vertex chat completions)"]))
         assert "Paris" in streamed
 
+        # Right after the demo, the README's benchmark command: nothing changed, so nothing is redeployed, and the
+        # benchmark step measures the deployment as it serves.
+        bench = vlp(
+            "run", "--local", "configs/local-demo.yaml", "--set", "smoke_test.benchmark=true",
+            "--summary-json", str(summary_path), state=state,
+        )  # fmt: skip
+        summary = json.loads(summary_path.read_text())
+        assert summary["status"] == "noop", summary["error"]
+        assert [s["name"] for s in summary["steps"]] == ["preflight", "benchmark", "cleanup"]
+        assert not any(c.endswith(("/models:upload", ":deployModel")) for c in summary["api_calls"])
+        levels = summary["smoke"]["benchmark"]
+        assert [lv["concurrency"] for lv in levels] == [1, 4, 16]
+        assert all(lv["errors"] == 0 and lv["output_tokens_per_s"] > 0 for lv in levels), levels
+        report = Path(summary["report"])
+        assert report.name == "benchmark-report.html" and "<table" in report.read_text()
+        assert f"report:   {report}" in bench.stdout and "benchmark c=16:" in bench.stdout
+
+        # A dedicated endpoint whose model takes invoke routes only: the snippets use invoke, on its own DNS.
+        vlp(
+            "run", "--local", "configs/local-demo.yaml", "--set", "name=ded", "--set", "endpoint.name=ded",
+            "--set", "endpoint.dedicated=true", state=state,
+        )  # fmt: skip
+        dedicated = next(ep for ep in status(state)["endpoints"] if ep["display_name"] == "ded")
+        assert dedicated["dedicated_dns"].endswith(".prediction.vertexai.goog")
+        assert set(dedicated["snippets"]) == {"aiplatform invoke", "curl"}
+        for title, code in dedicated["snippets"].items():
+            assert "Paris" in paste(title, code), title
+
         run = vlp("run", "--local", "configs/local-demo-cloud-run.yaml", "--summary-json", str(summary_path), state=state)
         summary = json.loads(summary_path.read_text())
         assert summary["status"] == "succeeded", summary["error"]

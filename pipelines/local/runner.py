@@ -41,6 +41,7 @@ KILLABLE_STEPS = {
     "register-model",
     "deploy-model",
     "smoke-test",
+    "benchmark",
     "promote",
     "deploy-service",
     "smoke-test-service",
@@ -357,6 +358,14 @@ def _smoke_outputs(pipeline_root: Path, run_dir: str) -> dict[str, Any]:
         report = path.parent / "report"
         if report.is_file():
             smoke["report_source"] = str(report)
+    # A run that changed nothing benchmarks the deployment as it serves (the benchmark step, no smoke test).
+    for path in (pipeline_root / run_dir).glob("benchmark*/executor_output.json"):
+        params = json.loads(path.read_text()).get("parameterValues", {})
+        for key in ("benchmark", "benchmark_skipped"):
+            if params.get(key):
+                smoke[key] = params[key]
+        if (path.parent / "report").is_file():
+            smoke["report_source"] = str(path.parent / "report")
     return smoke
 
 
@@ -497,7 +506,8 @@ def run_local(
         _write_step_logs(summary, text, state_dir / "logs" / (run_dir or "run"))
         source = (summary.get("smoke") or {}).pop("report_source", None)
         if source:
-            report = Path(summary["log_dir"]) / "smoke-test-report.html"
+            name = "benchmark-report.html" if Path(source).parent.name.startswith("benchmark") else "smoke-test-report.html"
+            report = Path(summary["log_dir"]) / name
             shutil.copyfile(source, report)
             summary["report"] = str(report)
         summary["removed_by_exit_handler"] = _exit_handler_removed(pipeline_root, run_dir)

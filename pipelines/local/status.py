@@ -112,8 +112,9 @@ def _messages() -> str:
 
 
 def vertex_snippets(api: str, ep: dict[str, Any], token_command: str) -> dict[str, str]:
-    """Client code for one Vertex endpoint, as Google's tutorials write it, host and credentials changed."""
-    project, region = ep["project"], ep["region"]
+    """Client code for one Vertex endpoint, as Google's tutorials write it, host and credentials changed: the
+    routes its model takes (invoke only, with invoke_route_prefix; else predict and, for vLLM, chat completions)."""
+    project, region, name = ep["project"], ep["region"], ep["served_model_name"]
     auth = _python_auth(api, project)
     dedicated = ep["dedicated_dns"]
     init = (
@@ -123,53 +124,73 @@ def vertex_snippets(api: str, ep: dict[str, Any], token_command: str) -> dict[st
         f'endpoint = aiplatform.Endpoint("{ep["name"]}")\n'
     )
     route = (
-        "# raw_predict and invoke build https://HOST URLs (the region's, or the dedicated DNS): send them to the\n"
-        "# emulator, which still checks the host each call names, as Vertex does.\n"
+        "# raw_predict, invoke and a dedicated endpoint's predict build https://HOST URLs (the region's, or the\n"
+        "# dedicated DNS): send them to the emulator, which still checks the host each names, as Vertex does.\n"
         "from pipelines.local.status import routed_session\n"
         f'endpoint.authorized_session = routed_session("{api}", credentials)\n'
     )
+    messages = [{"role": "user", "content": DEMO_QUESTION}]
+    chat_body = {"model": name, "messages": messages, "max_tokens": 24}
     if ep["engine"] == "tgi":
-        instance = f'{{"messages": {_messages()}, "max_tokens": 24}}'
-        read = 'print(prediction.predictions[0])'
+        instance: dict[str, Any] = {"messages": messages, "max_tokens": 24}
+        read = "[0]"  # TGI's Vertex route answers the generated text itself
     else:
-        instance = f'{{"@requestFormat": "chatCompletions", "messages": {_messages()}, "max_tokens": 24}}'
-        read = 'print(prediction.predictions[0]["choices"][0]["message"]["content"])'
+        instance = {"@requestFormat": "chatCompletions", "messages": messages, "max_tokens": 24}
+        read = '[0]["choices"][0]["message"]["content"]'
+    host = f' -H "Host: {dedicated}"' if dedicated else ""
+    curl = f'curl -s{host} -H "Authorization: Bearer $({token_command})" -H "Content-Type: application/json" \\\n'
     snippets: dict[str, str] = {}
-    if not dedicated:
-        snippets["aiplatform predict"] = auth + init + f"prediction = endpoint.predict(instances=[{instance}])\n{read}\n"
-    snippets["aiplatform raw_predict"] = (
-        auth + init + route + "import json\n"
-        f"body = json.dumps({{\"instances\": [{instance}]}}).encode()\n"
-        'answer = endpoint.raw_predict(body=body, headers={"Content-Type": "application/json"})\n'
-        "print(answer.json())\n"
-    )
-    if dedicated and ep["invoke"]:
+    if ep["invoke"]:
+        # invoke_route_prefix: the container's own routes through .../invoke/ROUTE, and nothing else.
+        if ep["engine"] == "tgi":
+            path, body, read_invoke = "/v1/chat/completions", chat_body, '["choices"][0]["message"]["content"]'
+        else:
+            path, body, read_invoke = "/generate", {"instances": [instance]}, f'["predictions"]{read}'
         snippets["aiplatform invoke"] = (
             auth + init + route + "import json\n"
-            f'body = json.dumps({{"model": "{ep["served_model_name"]}", "messages": {_messages()}, "max_tokens": 24}}).encode()\n'
-            'answer = endpoint.invoke(request_path="/v1/chat/completions", body=body,\n'
-            '                         headers={"Content-Type": "application/json"})\n'
-            'print(answer.json()["choices"][0]["message"]["content"])\n'
+            f"body = json.dumps({json.dumps(body)}).encode()\n"
+            f'answer = endpoint.invoke(request_path="{path}", body=body, headers={{"Content-Type": "application/json"}})\n'
+            f"print(answer.json(){read_invoke})\n"
         )
+        if ep["engine"] == "tgi":
+            snippets["openai (invoke route)"] = _openai_snippet(auth, f"{api}/v1/{ep['name']}/invoke/v1", dedicated, name)
+        snippets["curl"] = curl + f"  {api}/v1/{ep['name']}/invoke{path} \\\n  -d '{json.dumps(body)}'\n"
+        return snippets
+    snippets["aiplatform predict"] = (
+        auth + init + (route if dedicated else "")
+        + f"prediction = endpoint.predict(instances=[{json.dumps(instance)}])\n"
+        + f"print(prediction.predictions{read})\n"
+    )
+    snippets["aiplatform raw_predict"] = (
+        auth + init + route + "import json\n"
+        f"body = json.dumps({json.dumps({'instances': [instance]})}).encode()\n"
+        'answer = endpoint.raw_predict(body=body, headers={"Content-Type": "application/json"})\n'
+        f'print(answer.json()["predictions"]{read})\n'
+    )
+    if ep["engine"] == "tgi":
+        # Vertex's chat-completions route reaches TGI's /vertex route, which takes only `instances` (422).
+        snippets["curl"] = curl + f"  {ep['predict_url']} \\\n  -d '{json.dumps({'instances': [instance]})}'\n"
+        return snippets
+    snippets["openai (Vertex chat completions)"] = _openai_snippet(
+        auth, ep["chat_url"].removesuffix("/chat/completions"), dedicated, name
+    )
+    snippets["curl"] = curl + f"  {ep['chat_url']} \\\n  -d '{json.dumps(chat_body)}'\n"
+    return snippets
+
+
+def _openai_snippet(auth: str, base_url: str, dedicated: str, model: str) -> str:
     host_header = f', default_headers={{"Host": "{dedicated}"}}' if dedicated else ""
-    snippets["openai (Vertex chat completions)"] = (
+    return (
         auth + "import google.auth.transport.requests\n"
         "import openai\n"
         "credentials.refresh(google.auth.transport.requests.Request())\n"
-        f'client = openai.OpenAI(base_url="{ep["chat_url"].removesuffix("/chat/completions")}",\n'
+        f'client = openai.OpenAI(base_url="{base_url}",\n'
         f"                       api_key=credentials.token{host_header})\n"
-        f'reply = client.chat.completions.create(model="{ep["served_model_name"]}", messages={_messages()},\n'
+        f'reply = client.chat.completions.create(model="{model}", messages={_messages()},\n'
         "                                       max_tokens=24)\n"
         "print(reply.choices[0].message.content)\n"
         "# streaming: stream=True, then for chunk in reply: print(chunk.choices[0].delta.content or '', end='')\n"
     )
-    host = f' -H "Host: {dedicated}"' if dedicated else ""
-    body = json.dumps({"model": ep["served_model_name"], "messages": [{"role": "user", "content": DEMO_QUESTION}], "max_tokens": 24})
-    snippets["curl"] = (
-        f'curl -s{host} -H "Authorization: Bearer $({token_command})" -H "Content-Type: application/json" \\\n'
-        f"  {ep['chat_url']} \\\n  -d '{body}'\n"
-    )
-    return snippets
 
 
 def run_snippets(api: str, svc: dict[str, Any], token_command: str) -> dict[str, str]:
