@@ -31,6 +31,7 @@ from components.mirror_weights import (
     mirror_weights_op,
     select_files,
 )
+from pipelines.local.peers import LocalStack
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KiB = 1 << 10
@@ -458,3 +459,34 @@ def test_bytes_changed_under_the_local_gcs_are_found_and_sent_again(
     assert second.transferred_bytes == len(original)
     assert second.kept_files == first.files - 1
     assert on_disk.read_bytes() == original
+
+
+def test_transformers_loads_a_tokenizer_from_the_local_hub_mirror(
+    local_stack: LocalStack, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """`AutoTokenizer.from_pretrained(repo)` with HF_ENDPOINT at the stack's Hub, as a person would: transformers
+    lists the repo's `additional_chat_templates/` folder, which the repo lacks. The Hub answers 404 EntryNotFound
+    (transformers goes on); the offline olah mirror answered 401, read as a missing or private repo."""
+    from pipelines.local.models import publish_to_hub_mirror
+
+    publish_to_hub_mirror(tiny_model_dir, local_stack.mirrors_dir, "acme/tok-tiny")
+    code = (
+        "from huggingface_hub import HfApi\n"
+        "from huggingface_hub.errors import RemoteEntryNotFoundError\n"
+        "from transformers import AutoTokenizer\n"
+        "tok = AutoTokenizer.from_pretrained('acme/tok-tiny')\n"
+        "print('vocab', len(tok))\n"
+        "try:\n"
+        "    list(HfApi().list_repo_tree('acme/tok-tiny', path_in_repo='no-such-folder'))\n"
+        "except RemoteEntryNotFoundError:\n"
+        "    print('entry not found')\n"
+        "print(sorted(e.path for e in HfApi().list_repo_tree('acme/tok-tiny'))[:3])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE"))}
+    env.update(HF_ENDPOINT=local_stack.hf_endpoint, HF_HUB_CACHE=str(tmp_path / "hf-cache"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("vocab ") and int(lines[0].split()[1]) > 0
+    assert lines[1] == "entry not found"
+    assert "config.json" in lines[2]

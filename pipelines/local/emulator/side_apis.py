@@ -694,6 +694,12 @@ def _hub_proxy(emu: Any, method: str, path: str, query: dict[str, list[str]], bo
     finally:
         conn.close()
     content_type = next((v for k, v in reply.items() if k.lower() == "content-type"), "application/octet-stream")
+    if status in (401, 404) and _missing_tree_path(path):
+        # The Hub answers a folder a repo does not have with 404 EntryNotFound (huggingface_hub's list_repo_tree:
+        # "RemoteEntryNotFoundError if the tree (folder) does not exist"); an offline olah mirror answers 401, which
+        # huggingface_hub reads as a missing or private repo (transformers' tokenizer loading then fails).
+        body = json.dumps({"error": "Entry not found"}).encode()
+        return 404, body, _JSON, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"}
     if status == 200 and "/resolve/" in path:
         reply.setdefault("Accept-Ranges", "bytes")
     if status == 200 and method == "GET" and "range" in request_headers:
@@ -716,6 +722,29 @@ def _local_mirror_blob(path: str) -> tuple[Path, str] | None:
     if not (repo / ".git").exists():
         return None
     return repo, f"{match.group('rev')}:{match.group('file')}"
+
+
+_TREE_RE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<rev>[^/]+)/(?P<path>.+)$")
+
+
+def _missing_tree_path(path: str) -> bool:
+    """True when `path` lists a folder of a repo (and revision) the local mirror holds, and the folder is not there."""
+    import subprocess
+
+    mirrors = os.environ.get("VLP_HUB_MIRRORS_DIR", "")
+    match = _TREE_RE.match(urllib.parse.unquote(path))
+    if not mirrors or not match:
+        return False
+    repo = Path(mirrors) / "models" / match.group("repo")
+    if not (repo / ".git").exists():
+        return False
+    rev, folder = match.group("rev"), match.group("path").strip("/")
+    known = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "-q", f"{rev}^{{commit}}"],
+                           capture_output=True)  # fmt: skip
+    if known.returncode != 0:
+        return False  # an unknown revision is the Hub's RevisionNotFound, not this
+    listed = subprocess.run(["git", "-C", str(repo), "ls-tree", rev, "--", folder], capture_output=True, text=True)
+    return listed.returncode == 0 and not listed.stdout.strip()
 
 
 def _read_blob(repo: Path, spec: str, limit: int | None) -> bytes:
