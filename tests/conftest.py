@@ -150,3 +150,47 @@ def project_bucket(emulator: Any, gcs_url: str, name: str, project: str, locatio
     if backend.lookup_bucket(name) is None:
         backend.create_bucket(name)
     emulator.record_bucket(name, project, location)
+
+
+# State dirs whose stack a test keeps up in the background (`vlp local up`) for all its runs; stopped after the test.
+_KEPT_UP: list[Path] = []
+
+
+def keep_stack_up(state_dir: Path) -> None:
+    """Start the local stack on `state_dir` in the background, as `vlp local up` does, so every `vlp run --local` of
+    the test runs on it instead of starting and stopping a stack each time (a third of a short run's time, and the
+    model servers of earlier runs need no restart). For tests that run many times on one state dir and do not need
+    a fresh stack per run."""
+    from pipelines.local import background
+
+    background.up(state_dir)
+    _KEPT_UP.append(Path(state_dir).resolve())
+
+
+@pytest.fixture(autouse=True)
+def _stop_kept_up_stacks() -> Iterator[None]:
+    """Stops what keep_stack_up started, after the test, passed or failed; every process of those stacks ends."""
+    yield
+    from pipelines.local import background
+
+    while _KEPT_UP:
+        state_dir = _KEPT_UP.pop()
+        background.down(state_dir)
+        left = processes_naming(state_dir)
+        assert not left, f"the kept-up stack on {state_dir} left processes: {left}"
+
+
+def processes_naming(state_dir: Path) -> list[str]:
+    """Live processes whose command line names `state_dir` (a stack's peers, its model servers)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if str(state_dir) in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z":
+            found.append(f"{proc.name} {cmdline[:160]}")
+    return found

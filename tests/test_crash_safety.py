@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import keep_stack_up
 from tests.test_cloud_run_target import run_config
 from tests.test_local_run import emulator_state, run, tiny_config
 
@@ -69,6 +70,7 @@ def test_a_kill_between_any_two_calls_of_promote_leaves_one_model_at_100(
     tmp_path: Path, tiny_model_dir: Path, kind: str
 ) -> None:
     state = tmp_path / "state"
+    keep_stack_up(state)  # a dozen runs on one state dir: one stack for all of them
     cfg = tiny_config("tiny", *ENDPOINT_KINDS[kind])
     first = run(state, cfg, tiny_model_dir)
     assert first["status"] == "succeeded", first["error"]
@@ -105,6 +107,7 @@ def test_a_kill_between_any_two_calls_of_the_exit_handler_or_roll_back_keeps_the
     """A failed smoke test rolls back; a kill inside the roll-back hands over to the exit handler, and a kill inside
     the exit handler leaves whatever it had not yet removed: the old model keeps 100% throughout."""
     state = tmp_path / "state"
+    keep_stack_up(state)
     cfg = tiny_config("tiny", "smoke_test.expect_regex=^(?!I am not sure)")
     first = run(state, cfg, tiny_model_dir)
     assert first["status"] == "succeeded", first["error"]
@@ -143,6 +146,7 @@ def test_a_kill_between_any_two_calls_of_promote_service_leaves_one_revision_at_
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
     state = tmp_path / "state"
+    keep_stack_up(state)
     cfg = run_config("tiny-run", "endpoint.traffic_steps=[50,100]")
     first = run(state, cfg, tiny_model_dir)
     assert first["status"] == "succeeded", first["error"]

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import processes_naming
+
 ROOT = Path(__file__).resolve().parent.parent
 VLP = [sys.executable, "-m", "pipelines.cli"]
 
@@ -46,22 +48,6 @@ def paste(title: str, code: str) -> str:
     done = subprocess.run(argv, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"snippet {title!r} failed:\n{code}\n--- stderr:\n{done.stderr[-3000:]}"
     return done.stdout
-
-
-def processes_under(state: Path) -> list[str]:
-    """Every process whose command line names the state dir (the stack's peers, model servers)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = (proc / "stat").read_text()
-        except OSError:
-            continue
-        if str(state) in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z":
-            found.append(f"{proc.name} {cmdline[:160]}")
-    return found
 
 
 def status(state: Path) -> dict[str, Any]:
@@ -150,7 +136,7 @@ def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tm
     finally:
         down = vlp("local", "down", state=state)
     assert "local stack stopped" in down.stdout
-    assert processes_under(state) == []
+    assert processes_naming(state) == []
     assert not (state / "stack.json").exists()
     assert "no local stack is running" in vlp("local", "status", state=state, check=False).stderr
     # Stable addresses: the next `up` answers where the last one did (the snippets above stay valid).
@@ -159,7 +145,7 @@ def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tm
         assert json.loads((state / "stack.json").read_text())["emulator"] == info["emulator"]
     finally:
         vlp("local", "down", state=state)
-    assert processes_under(state) == []
+    assert processes_naming(state) == []
 
 
 def _lock_free(path: Path) -> bool:
