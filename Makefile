@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint compile check
+.PHONY: setup demo test test-fast lint compile check
 
 $(BIN)/vlp: pyproject.toml components/step-packages.lock
 	$(PY) -m venv $(VENV)
@@ -23,7 +23,12 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/vlp check
 	$(BIN)/vlp compile --check
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
+
+# The inner loop: lint, and every test but the whole local runs (`-m slow`); `make test` (and CI) runs everything.
+test-fast: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 lint: setup
 	$(BIN)/ruff check .

@@ -181,16 +181,19 @@ def _stop_kept_up_stacks() -> Iterator[None]:
 
 
 def processes_naming(state_dir: Path) -> list[str]:
-    """Live processes whose command line names `state_dir` (a stack's peers, its model servers)."""
-    found = []
+    """Live processes (zombies aside) whose command line or environment names `state_dir`: a stack's peers, its model
+    servers, a run's steps. This process is not counted."""
+    import os
+
+    mine, found = str(os.getpid()), []
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+        if not proc.name.isdigit() or proc.name == mine:
             continue
         try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = (proc / "stat").read_text()
-        except OSError:
+            seen = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+            zombie = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        except (OSError, IndexError):
             continue
-        if str(state_dir) in cmdline and stat.rsplit(")", 1)[1].split()[0] != "Z":
-            found.append(f"{proc.name} {cmdline[:160]}")
+        if str(state_dir).encode() in seen and not zombie:
+            found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:200]!r}")
     return found

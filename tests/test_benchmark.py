@@ -39,6 +39,7 @@ def smollm2_server(smollm2_model_dir: Path, tmp_path_factory: pytest.TempPathFac
         peer.stop()
 
 
+@pytest.mark.slow
 def test_benchmark_figures_agree_with_an_independent_count(
     smollm2_server: tuple[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

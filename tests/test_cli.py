@@ -38,6 +38,7 @@ def test_every_command_has_help() -> None:
         assert exit_info.value.code == 0
 
 
+@pytest.mark.slow
 def test_check_passes_on_every_config_and_names_the_field_on_a_broken_one(tmp_path: Path) -> None:
     ok = vlp("check")
     assert ok.returncode == 0, ok.stdout + ok.stderr
@@ -158,6 +159,7 @@ def test_render_prints_the_requests_a_run_would_send() -> None:
     assert "HF_TOKEN" not in result.stdout
 
 
+@pytest.mark.slow
 def test_mirror_command_against_the_local_stack(tmp_path: Path, tiny_model_dir: Path) -> None:
     from pipelines.local.peers import LocalStack
 

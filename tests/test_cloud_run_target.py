@@ -169,6 +169,7 @@ def test_plan_shows_the_instance_price_and_regions(tiny_model_dir: Path, hub_mir
 # ----------------------------------------------------------------------------- on the local stack
 
 
+@pytest.mark.slow
 def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Done-when of issue 11, in order: Paris; a no-op; a failing redeploy that keeps the old revision while the
     service answers throughout; a forced redeploy that moves all traffic; 403 without roles/run.invoker."""
@@ -257,6 +258,7 @@ def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: 
         assert _chat(url, _token(url, ACCOUNT)) == 404
 
 
+@pytest.mark.slow
 def test_quota_shortfall_fails_preflight_before_the_mirror(tmp_path: Path, tiny_model_dir: Path) -> None:
     # The tutorial's size: 3 x 8 CPU / 32 GiB with zonal-redundant L4s, above a new project's Cloud Run quotas.
     cfg = run_config(
@@ -289,6 +291,7 @@ FAULTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("fault", "message", "creates"), FAULTS, ids=[f[0] for f in FAULTS])
 def test_fault_leaves_nothing_behind(
     tmp_path: Path, tiny_model_dir: Path, fault: str, message: str, creates: bool
@@ -307,6 +310,7 @@ def test_fault_leaves_nothing_behind(
         assert any(n.endswith("/services/tiny-run") for n in summary["removed_by_exit_handler"]), summary
 
 
+@pytest.mark.slow
 def test_cold_service_429_is_retried_and_a_canary_redeploy_moves_in_steps(
     tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

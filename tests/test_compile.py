@@ -29,11 +29,13 @@ def fresh_spec() -> Path:
     return compile_to_temp()
 
 
+@pytest.mark.slow
 def test_compiled_templates_have_not_drifted_byte_for_byte() -> None:
     # Regenerate with `vlp compile`; this only compares.
     assert check_compiled() == []
 
 
+@pytest.mark.slow
 def test_two_compiles_of_the_same_code_are_byte_identical(tmp_path: Path) -> None:
     first = compile_all(tmp_path / "a")
     second = compile_all(tmp_path / "b")

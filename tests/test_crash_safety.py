@@ -8,9 +8,12 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import keep_stack_up
+from tests.conftest import keep_stack_up, processes_naming
 from tests.test_cloud_run_target import run_config
 from tests.test_local_run import emulator_state, run, tiny_config
+
+# Whole runs on the local stack (minutes each): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 MAX_CALLS = 30  # far more than any of these steps makes; a loop past it means the kill never fires
 
@@ -254,23 +257,6 @@ def test_a_refused_run_names_the_holder_even_in_the_instant_before_it_writes_its
         winner.close()
 
 
-def processes_of(state: Path) -> list[str]:
-    """Processes whose command line or environment names the state dir: the peers, model servers, steps."""
-    import os
-
-    mine, found = str(os.getpid()), []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if pid == mine:
-            continue
-        try:
-            seen = Path(f"/proc/{pid}/cmdline").read_bytes() + Path(f"/proc/{pid}/environ").read_bytes()
-        except OSError:
-            continue
-        if str(state).encode() in seen:
-            found.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes()[:200]!r}")
-    return found
-
-
 def _start_run(state: Path, model_dir: Path, summary: Path) -> Any:
     import subprocess
     import sys
@@ -329,7 +315,7 @@ def test_a_signal_stops_the_run_like_a_failed_step(tmp_path: Path, tiny_model_di
     assert "promote" not in names
     assert vertex_resources(state) == {"models": [], "endpoints": [], "deployed_models": []}
     assert summary["left_running"] == []
-    assert processes_of(state) == []
+    assert processes_naming(state) == []
 
 
 def test_a_second_signal_stops_at_once_and_says_what_may_be_left(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -351,7 +337,7 @@ def test_a_second_signal_stops_at_once_and_says_what_may_be_left(tmp_path: Path,
     # Whatever the handler had not removed yet is named (the deployed model, unless it was already gone).
     for name in summary["left_running"]:
         assert name in summary["error"]
-    assert processes_of(state) == []
+    assert processes_naming(state) == []
 
 
 def test_a_broken_serving_model_does_not_block_its_replacement(tmp_path: Path, tiny_model_dir: Path) -> None:

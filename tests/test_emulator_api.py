@@ -283,6 +283,7 @@ def test_undeploy_with_traffic_needs_a_new_split(emu: Emulator) -> None:
     assert not client.get_endpoint(name=endpoint.name).traffic_split
 
 
+@pytest.mark.slow
 def test_deploy_operation_is_polled_until_the_model_server_is_ready(tmp_path: Path) -> None:
     serving = ServingDouble(start_delay=0.6)
     emulator = create_emulator(tmp_path, serving=serving)
@@ -492,6 +493,7 @@ def test_fault_deploy_error_fails_without_starting_a_server(emu: Emulator, servi
     assert aiplatform.Endpoint(endpoint.resource_name).list_models() == []
 
 
+@pytest.mark.slow
 def test_fault_deploy_timeout(emu: Emulator, serving: ServingDouble) -> None:
     endpoint = aiplatform.Endpoint.create(display_name="e")
     model = _upload()
@@ -554,6 +556,7 @@ def _readline(process: subprocess.Popen, timeout: float) -> str:
     return lines[0].strip()
 
 
+@pytest.mark.slow
 def test_real_model_server_answers_through_the_emulator(tmp_path: Path, fake_gcs: Any, tiny_model_dir: Path) -> None:
     """End to end with the real peers: weights in fake-gcs-server, `transformers serve` behind the endpoint."""
     from google.cloud import storage
@@ -728,6 +731,7 @@ def test_v1beta1_deploy_takes_multihost_nodes_and_logs_only_when_asked(
     assert serving_usage(PROJECT, LOCATION, {"a3-highgpu-8g": 208}, emu.url)[("CPU", False)] == 2 * 2 * 208
 
 
+@pytest.mark.slow
 def test_cleanup_waits_for_a_deploy_still_running_and_removes_what_lands(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -339,6 +339,7 @@ def _id_token(emu: Emulator, audience: str) -> str:
     return requests.get(url, params={"audience": audience}, headers={"Metadata-Flavor": "Google"}, timeout=10).text
 
 
+@pytest.mark.slow
 def test_a_private_service_answers_only_its_invokers_and_a_broken_revision_keeps_the_old_traffic(
     serving_emu: Emulator,
 ) -> None:

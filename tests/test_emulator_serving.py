@@ -192,6 +192,7 @@ def test_smoke_fail_fault_makes_the_model_answer_wrongly(manager: ServingManager
     assert manager.is_healthy(vllm_model)
 
 
+@pytest.mark.slow
 def test_tgi_container_speaks_the_hugging_face_dlc_format(manager: ServingManager) -> None:
     manager.start("dm-tgi", GOOD_URI, TGI_SPEC, timeout_s=120)
     try:
@@ -255,6 +256,7 @@ def test_tgi_container_speaks_the_hugging_face_dlc_format(manager: ServingManage
     assert status == 404
 
 
+@pytest.mark.slow
 def test_server_crash_fault_kills_the_server_after_deploy(manager: ServingManager) -> None:
     manager.faults.add("server-crash")
     try:
@@ -271,6 +273,7 @@ def test_server_crash_fault_kills_the_server_after_deploy(manager: ServingManage
     manager.stop("dm-crash")
 
 
+@pytest.mark.slow
 def test_broken_model_raises_serving_error_with_the_log_tail(manager: ServingManager) -> None:
     with pytest.raises(ServingError) as caught:
         manager.start("dm-broken", BROKEN_URI, VLLM_SPEC, timeout_s=120)

@@ -214,6 +214,7 @@ def test_the_local_policy_has_these_bindings() -> None:
     assert len(found) == 12, sorted(found)
 
 
+@pytest.mark.slow
 def test_with_the_whole_policy_preflight_finds_nothing_missing(emu: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from components.access import check_access
 

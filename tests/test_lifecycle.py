@@ -816,6 +816,7 @@ def _local_argv(argv: list[str], values: dict[str, str]) -> list[str]:
     return [re.sub(r"\$\{?([A-Z_]+)\}?", lambda m: values[m.group(1)], a) for a in argv]
 
 
+@pytest.mark.slow
 def test_the_workflows_run_command_runs_against_the_emulator(
     emu: Emulator,
     fake_gcs: Any,

@@ -17,6 +17,9 @@ from pipelines.local.runner import run_local
 ROOT = Path(__file__).resolve().parent.parent
 TINY_REPO = "vlp-test/tiny-llama"
 
+# Whole runs on the local stack (minutes each): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def tiny_config(name: str = "tiny", *overrides: str) -> Any:
     """The local demo config pointed at the tiny random Llama: structure, not semantics."""

@@ -11,10 +11,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import processes_naming
 
 ROOT = Path(__file__).resolve().parent.parent
 VLP = [sys.executable, "-m", "pipelines.cli"]
+
+# Whole runs on the local stack (minutes each): left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def _clean_env() -> dict[str, str]:

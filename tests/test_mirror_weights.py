@@ -461,6 +461,7 @@ def test_bytes_changed_under_the_local_gcs_are_found_and_sent_again(
     assert on_disk.read_bytes() == original
 
 
+@pytest.mark.slow
 def test_transformers_loads_a_tokenizer_from_the_local_hub_mirror(
     local_stack: LocalStack, tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -123,6 +123,7 @@ def test_lock_lines_are_a_pip_constraints_file() -> None:
             assert re.match(r"^[a-z0-9-]+==[\w.]+ +# steps: [a-z-]+(, [a-z-]+)*$", line), line
 
 
+@pytest.mark.slow
 def test_the_core_installs_without_the_local_stack_and_works_from_any_directory(tmp_path: Path) -> None:
     """`pip install .` (no extras) brings no torch, olah or fake-gcs-server; from another directory render and
     compile work, and compile writes where it is told, not into site-packages."""

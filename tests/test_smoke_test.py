@@ -123,6 +123,7 @@ def _set_faults(api: str, faults: list[str]) -> None:
     urllib.request.urlopen(request, timeout=10).close()
 
 
+@pytest.mark.slow
 def test_smollm2_answers_paris_through_predict(served: dict[str, Any]) -> None:
     result = run_smoke_test(served["deployment"], served["endpoint"], served["dm"], served["weights"], served["api"])
     assert result.passed, result.message
@@ -137,6 +138,7 @@ def test_smollm2_answers_paris_through_predict(served: dict[str, Any]) -> None:
     assert result.latency_s > 0
 
 
+@pytest.mark.slow
 def test_a_wrong_expectation_fails_with_what_was_sent_got_and_the_server_log(served: dict[str, Any]) -> None:
     deployment = _deployment(served["api"], expect="Berlin")
     result = run_smoke_test(deployment, served["endpoint"], served["dm"], served["weights"], served["api"])
@@ -206,6 +208,7 @@ def test_missing_deployed_model_is_an_infrastructure_error(served: dict[str, Any
         run_smoke_test(served["deployment"], served["endpoint"], "999999", served["weights"], served["api"])
 
 
+@pytest.mark.slow
 def test_tgi_gets_the_templated_prompt_through_predict(served: dict[str, Any]) -> None:
     deployment = _deployment(served["api"], ("serving.engine=tgi", "serving.dtype=auto"))
     endpoints = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(REGION, served["api"]))
@@ -224,6 +227,7 @@ def test_tgi_gets_the_templated_prompt_through_predict(served: dict[str, Any]) -
     assert result.prompt_sent.endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
 def test_a_canary_on_a_shared_endpoint_is_tested_by_deployed_model_id(served: dict[str, Any]) -> None:
     deployment = served["deployment"]
     endpoints = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(REGION, served["api"]))
@@ -253,6 +257,7 @@ def test_canary_tries_reach_a_small_share_with_high_certainty() -> None:
     assert (1 - 0.05) ** canary_tries(5) < 0.001
 
 
+@pytest.mark.slow
 def test_a_dedicated_endpoint_tests_the_new_model_alone_through_invoke(served: dict[str, Any]) -> None:
     deployment = _deployment(served["api"], ("endpoint.dedicated=true",))
     endpoints = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(REGION, served["api"]))
