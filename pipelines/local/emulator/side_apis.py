@@ -712,15 +712,23 @@ def _hub_proxy(emu: Any, method: str, path: str, query: dict[str, list[str]], bo
 _RESOLVE_RE = re.compile(r"^/(?:models/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 
 
-def _local_mirror_blob(path: str) -> tuple[Path, str] | None:
-    """(git repo, "REV:FILE") when the gate's mirror is a local olah mirrors dir holding the repo."""
+def _mirrored(pattern: re.Pattern[str], path: str) -> tuple[Path, re.Match[str]] | None:
+    """The local mirror's git repo that `path` (matched by `pattern`, naming `repo`) is about, when the gate's mirror
+    is a local olah mirrors dir holding it."""
     mirrors = os.environ.get("VLP_HUB_MIRRORS_DIR", "")
-    match = _RESOLVE_RE.match(urllib.parse.unquote(path))
+    match = pattern.match(urllib.parse.unquote(path))
     if not mirrors or not match:
         return None
     repo = Path(mirrors) / "models" / match.group("repo")
-    if not (repo / ".git").exists():
+    return (repo, match) if (repo / ".git").exists() else None
+
+
+def _local_mirror_blob(path: str) -> tuple[Path, str] | None:
+    """(git repo, "REV:FILE") when the gate's mirror is a local olah mirrors dir holding the repo."""
+    found = _mirrored(_RESOLVE_RE, path)
+    if found is None:
         return None
+    repo, match = found
     return repo, f"{match.group('rev')}:{match.group('file')}"
 
 
@@ -731,13 +739,10 @@ def _missing_tree_path(path: str) -> bool:
     """True when `path` lists a folder of a repo (and revision) the local mirror holds, and the folder is not there."""
     import subprocess
 
-    mirrors = os.environ.get("VLP_HUB_MIRRORS_DIR", "")
-    match = _TREE_RE.match(urllib.parse.unquote(path))
-    if not mirrors or not match:
+    found = _mirrored(_TREE_RE, path)
+    if found is None:
         return False
-    repo = Path(mirrors) / "models" / match.group("repo")
-    if not (repo / ".git").exists():
-        return False
+    repo, match = found
     rev, folder = match.group("rev"), match.group("path").strip("/")
     known = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "-q", f"{rev}^{{commit}}"],
                            capture_output=True)  # fmt: skip
