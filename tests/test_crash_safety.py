@@ -104,17 +104,22 @@ def test_a_kill_between_any_two_calls_of_promote_leaves_one_model_at_100(
     assert again["status"] == "noop", again
 
 
-def test_a_kill_between_any_two_calls_of_the_exit_handler_or_roll_back_keeps_the_old_model(
-    tmp_path: Path, tiny_model_dir: Path
-) -> None:
-    """A failed smoke test rolls back; a kill inside the roll-back hands over to the exit handler, and a kill inside
-    the exit handler leaves whatever it had not yet removed: the old model keeps 100% throughout."""
+def _failing_redeploy_setup(tmp_path: Path, tiny_model_dir: Path) -> tuple[Path, Any, dict[str, int]]:
+    """A state dir whose endpoint serves a first run's model, and the config whose redeploys the tests below fail."""
     state = tmp_path / "state"
     keep_stack_up(state)
     cfg = tiny_config("tiny", "smoke_test.expect_regex=^(?!I am not sure)")
     first = run(state, cfg, tiny_model_dir)
     assert first["status"] == "succeeded", first["error"]
-    old = serving(state)
+    return state, cfg, serving(state)
+
+
+# The roll-back and the exit-handler halves are two tests (they were one), so that parallel workers run them side by
+# side: each starts from its own first run, and every assertion of the one test is kept.
+def test_a_kill_between_any_two_calls_of_roll_back_keeps_the_old_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A failed smoke test rolls back; a kill inside the roll-back hands over to the exit handler: the old model
+    keeps 100% throughout."""
+    state, cfg, old = _failing_redeploy_setup(tmp_path, tiny_model_dir)
 
     def rolled_back(summary: dict[str, Any]) -> str:
         assert summary["status"] == "failed"
@@ -123,6 +128,14 @@ def test_a_kill_between_any_two_calls_of_the_exit_handler_or_roll_back_keeps_the
 
     outcomes = kill_at_every_call(state, cfg, tiny_model_dir, "roll-back", rolled_back, faults=("smoke-fail",))
     assert len(outcomes) >= 3, outcomes
+
+
+def test_a_kill_between_any_two_calls_of_the_exit_handler_keeps_the_old_model(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A kill inside the exit handler leaves whatever it had not yet removed: the old model keeps its traffic, and
+    the next run converges."""
+    state, cfg, old = _failing_redeploy_setup(tmp_path, tiny_model_dir)
 
     def partly_cleaned(summary: dict[str, Any]) -> str:
         # Nothing runs after the exit handler: what it had not removed yet stays (the candidate at its canary share
