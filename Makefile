@@ -23,7 +23,8 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/vlp check
 	$(BIN)/vlp compile --check
-	$(BIN)/python -m pytest -q --durations=25
+	# Three workers on two cores: the whole local runs wait on their model servers and steps much of the time.
+	$(BIN)/python -m pytest -q -n 3 --durations=25
 
 # The inner loop: lint, and every test but the whole local runs (`-m slow`); `make test` (and CI) runs everything.
 test-fast: setup

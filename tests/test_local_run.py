@@ -161,7 +161,9 @@ def test_demo_answers_paris_and_a_second_identical_run_is_a_fast_noop(
     assert len(shown) < 60, "\n".join(shown)
     assert "  smoke-test           succeeded" in "\n".join(shown)
     assert any("The capital of France is Paris." in ln for ln in shown[-10:])
-    assert shown[-1].startswith("step logs: ") and Path(first["log_dir"], "smoke-test.log").is_file()
+    assert shown[-2].startswith("step logs: ") and Path(first["log_dir"], "smoke-test.log").is_file()
+    # The last line says the stack (and so the endpoint) stopped with the run, and how to keep it up.
+    assert shown[-1].startswith("the local stack stopped with this run") and "vlp local up" in shown[-1]
     assert first["status"] == "succeeded", first["error"]
     assert "paris" in first["smoke"]["answer"].lower()
     t1 = time.monotonic()

@@ -61,7 +61,8 @@ def status(state: Path) -> dict[str, Any]:
 
 def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tmp_path: Path) -> None:
     """The issue's "done when": `vlp local up`, the demo run on it, each client snippet `vlp local status` prints
-    answers "Paris" (both targets), `vlp local down` leaves no process, and the next `up` has the same address."""
+    answers "Paris", the benchmark right after the demo, `vlp local down` leaves no process, and the next `up` has
+    the same address. (The Cloud Run demo is the next test, on a stack of its own, so the two run side by side.)"""
     state = (tmp_path / "state").resolve()
     up = vlp("local", "up", state=state)
     assert "local stack up" in up.stdout
@@ -122,21 +123,7 @@ def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tm
         for title, code in dedicated["snippets"].items():
             assert "Paris" in paste(title, code), title
 
-        run = vlp("run", "--local", "configs/local-demo-cloud-run.yaml", "--summary-json", str(summary_path), state=state)
-        summary = json.loads(summary_path.read_text())
-        assert summary["status"] == "succeeded", summary["error"]
-        (service,) = status(state)["services"]
-        assert service["url"] == summary["service_url"] and f"URL {service['url']}" in run.stdout
-        assert {"huggingface_hub InferenceClient", "openai (Cloud Run URL)", "curl"} <= set(service["snippets"])
-        for title, code in service["snippets"].items():
-            assert "Paris" in paste(title, code), title
-        # Without a token, the private service refuses (the snippets' ID token is what lets them in).
-        refused = subprocess.run(
-            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{service['url']}/health"],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert refused.stdout == "403", refused.stdout
-        # And the Vertex endpoint still serves after the other run: the stack never stopped.
+        # And the first endpoint still serves after the other run: the stack never stopped.
         assert "Paris" in paste("aiplatform predict", described["endpoints"][0]["snippets"]["aiplatform predict"])
     finally:
         down = vlp("local", "down", state=state)
@@ -172,3 +159,37 @@ def _streaming(openai_snippet: str) -> str:
         "print(reply.choices[0].message.content)",
         "print(''.join(chunk.choices[0].delta.content or '' for chunk in reply if chunk.choices))",
     )
+
+
+def test_local_up_keeps_the_cloud_run_demo_serving_and_its_snippets_answer_paris(tmp_path: Path) -> None:
+    """The Cloud Run demo on a kept-up stack: huggingface_hub, openai and curl with an ID token answer "Paris"; no
+    token, 403; `vlp local down` leaves no process."""
+    state = (tmp_path / "state").resolve()
+    vlp("local", "up", state=state)
+    info = json.loads((state / "stack.json").read_text())
+    try:
+        summary_path = tmp_path / "summary.json"
+        run = vlp("run", "--local", "configs/local-demo-cloud-run.yaml", "--summary-json", str(summary_path), state=state)
+        summary = json.loads(summary_path.read_text())
+        assert summary["status"] == "succeeded", summary["error"]
+        assert json.loads((state / "stack.json").read_text())["emulator_pid"] == info["emulator_pid"]
+        (service,) = status(state)["services"]
+        assert service["url"] == summary["service_url"] and f"URL {service['url']}" in run.stdout
+        assert {"huggingface_hub InferenceClient", "openai (Cloud Run URL)", "curl"} <= set(service["snippets"])
+        for title, code in service["snippets"].items():
+            assert "Paris" in paste(title, code), title
+        # Streamed through huggingface_hub, as TGI streams.
+        streamed = service["snippets"]["huggingface_hub InferenceClient"].replace(
+            "max_tokens=24)\nprint(reply.choices[0].message.content)",
+            "max_tokens=24, stream=True)\nprint(''.join(c.choices[0].delta.content or '' for c in reply))",
+        )
+        assert "stream=True" in streamed and "Paris" in paste("huggingface_hub streaming", streamed)
+        # Without a token, the private service refuses (the snippets' ID token is what lets them in).
+        refused = subprocess.run(
+            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{service['url']}/health"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert refused.stdout == "403", refused.stdout
+    finally:
+        vlp("local", "down", state=state)
+    assert processes_naming(state) == []
