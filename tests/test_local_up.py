@@ -161,9 +161,9 @@ def _streaming(openai_snippet: str) -> str:
     )
 
 
-def test_local_up_keeps_the_cloud_run_demo_serving_and_its_snippets_answer_paris(tmp_path: Path) -> None:
+def test_local_up_serves_cloud_run_and_tgi_and_their_snippets_answer_paris(tmp_path: Path) -> None:
     """The Cloud Run demo on a kept-up stack: huggingface_hub, openai and curl with an ID token answer "Paris"; no
-    token, 403; `vlp local down` leaves no process."""
+    token, 403. Then TGI on both Vertex endpoint kinds, each snippet answering. `vlp local down` leaves no process."""
     state = (tmp_path / "state").resolve()
     vlp("local", "up", state=state)
     info = json.loads((state / "stack.json").read_text())
@@ -190,6 +190,19 @@ def test_local_up_keeps_the_cloud_run_demo_serving_and_its_snippets_answer_paris
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert refused.stdout == "403", refused.stdout
+
+        # TGI on Vertex, both endpoint kinds: TGI's own routes (predict's `messages` instance; invoke's
+        # /v1/chat/completions, which openai reaches too), never Vertex's chat route (422 on TGI, contract C5).
+        tgi = ("--set", "serving.engine=tgi", "--set", "serving.dtype=auto")
+        for name, kind in (("tgi-shared", ()), ("tgi-dedicated", ("--set", "endpoint.dedicated=true"))):
+            sets = ("--set", f"name={name}", "--set", f"endpoint.name={name}", *tgi, *kind)
+            vlp("run", "--local", "configs/local-demo.yaml", *sets, state=state)
+        endpoints = {ep["display_name"]: ep for ep in status(state)["endpoints"]}
+        assert set(endpoints["tgi-shared"]["snippets"]) == {"aiplatform predict", "aiplatform raw_predict", "curl"}
+        assert set(endpoints["tgi-dedicated"]["snippets"]) == {"aiplatform invoke", "openai (invoke route)", "curl"}
+        for name in ("tgi-shared", "tgi-dedicated"):
+            for title, code in endpoints[name]["snippets"].items():
+                assert "Paris" in paste(title, code), (name, title)
     finally:
         vlp("local", "down", state=state)
     assert processes_naming(state) == []
