@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ import pytest
 
 from pipelines.local.models import build_tiny_llama, publish_to_hub_mirror, smollm2_dir
 from pipelines.local.peers import LocalStack, Peer, start_fake_gcs, start_hub_mirror
+from tests.processes import processes_naming
 
 
 @dataclass
@@ -152,48 +153,23 @@ def project_bucket(emulator: Any, gcs_url: str, name: str, project: str, locatio
     emulator.record_bucket(name, project, location)
 
 
-# State dirs whose stack a test keeps up in the background (`vlp local up`) for all its runs; stopped after the test.
-_KEPT_UP: list[Path] = []
-
-
-def keep_stack_up(state_dir: Path) -> None:
-    """Start the local stack on `state_dir` in the background, as `vlp local up` does, so every `vlp run --local` of
-    the test runs on it instead of starting and stopping a stack each time (a third of a short run's time, and the
-    model servers of earlier runs need no restart). For tests that run many times on one state dir and do not need
-    a fresh stack per run."""
+@pytest.fixture
+def keep_stack_up() -> Iterator[Callable[[Path], None]]:
+    """A function that starts the local stack on a state dir in the background, as `vlp local up` does, so every
+    `vlp run --local` of the test runs on it instead of starting and stopping a stack each time (a third of a short
+    run's time, and the model servers of earlier runs need no restart). For tests that run many times on one state
+    dir and do not need a fresh stack per run. After the test, passed or failed, each such stack is stopped and no
+    process of it may be left."""
     from pipelines.local import background
 
-    background.up(state_dir)
-    _KEPT_UP.append(Path(state_dir).resolve())
+    started: list[Path] = []
 
+    def start(state_dir: Path) -> None:
+        background.up(state_dir)
+        started.append(Path(state_dir).resolve())
 
-@pytest.fixture(autouse=True)
-def _stop_kept_up_stacks() -> Iterator[None]:
-    """Stops what keep_stack_up started, after the test, passed or failed; every process of those stacks ends."""
-    yield
-    from pipelines.local import background
-
-    while _KEPT_UP:
-        state_dir = _KEPT_UP.pop()
+    yield start
+    for state_dir in started:
         background.down(state_dir)
         left = processes_naming(state_dir)
         assert not left, f"the kept-up stack on {state_dir} left processes: {left}"
-
-
-def processes_naming(state_dir: Path) -> list[str]:
-    """Live processes (zombies aside) whose command line or environment names `state_dir`: a stack's peers, its model
-    servers, a run's steps. This process is not counted."""
-    import os
-
-    mine, found = str(os.getpid()), []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or proc.name == mine:
-            continue
-        try:
-            seen = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
-            zombie = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-        except (OSError, IndexError):
-            continue
-        if str(state_dir).encode() in seen and not zombie:
-            found.append(f"{proc.name}: {(proc / 'cmdline').read_bytes()[:200]!r}")
-    return found

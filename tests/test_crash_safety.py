@@ -3,12 +3,13 @@ the exit handler, on both Vertex endpoint kinds and on Cloud Run."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import keep_stack_up, processes_naming
+from tests.processes import processes_naming
 from tests.test_cloud_run_target import run_config
 from tests.test_local_run import emulator_state, run, tiny_config
 
@@ -70,7 +71,7 @@ ENDPOINT_KINDS = {"shared": ("endpoint.traffic_steps=[50,100]",), "dedicated": (
 
 @pytest.mark.parametrize("kind", list(ENDPOINT_KINDS))
 def test_a_kill_between_any_two_calls_of_promote_leaves_one_model_at_100(
-    tmp_path: Path, tiny_model_dir: Path, kind: str
+    tmp_path: Path, tiny_model_dir: Path, kind: str, keep_stack_up: Callable[[Path], None]
 ) -> None:
     state = tmp_path / "state"
     keep_stack_up(state)  # a dozen runs on one state dir: one stack for all of them
@@ -104,7 +105,9 @@ def test_a_kill_between_any_two_calls_of_promote_leaves_one_model_at_100(
     assert again["status"] == "noop", again
 
 
-def _failing_redeploy_setup(tmp_path: Path, tiny_model_dir: Path) -> tuple[Path, Any, dict[str, int]]:
+def _failing_redeploy_setup(
+    tmp_path: Path, tiny_model_dir: Path, keep_stack_up: Callable[[Path], None]
+) -> tuple[Path, Any, dict[str, int]]:
     """A state dir whose endpoint serves a first run's model, and the config whose redeploys the tests below fail."""
     state = tmp_path / "state"
     keep_stack_up(state)
@@ -116,10 +119,12 @@ def _failing_redeploy_setup(tmp_path: Path, tiny_model_dir: Path) -> tuple[Path,
 
 # The roll-back and the exit-handler halves are two tests (they were one), so that parallel workers run them side by
 # side: each starts from its own first run, and every assertion of the one test is kept.
-def test_a_kill_between_any_two_calls_of_roll_back_keeps_the_old_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+def test_a_kill_between_any_two_calls_of_roll_back_keeps_the_old_model(
+    tmp_path: Path, tiny_model_dir: Path, keep_stack_up: Callable[[Path], None]
+) -> None:
     """A failed smoke test rolls back; a kill inside the roll-back hands over to the exit handler: the old model
     keeps 100% throughout."""
-    state, cfg, old = _failing_redeploy_setup(tmp_path, tiny_model_dir)
+    state, cfg, old = _failing_redeploy_setup(tmp_path, tiny_model_dir, keep_stack_up)
 
     def rolled_back(summary: dict[str, Any]) -> str:
         assert summary["status"] == "failed"
@@ -131,11 +136,11 @@ def test_a_kill_between_any_two_calls_of_roll_back_keeps_the_old_model(tmp_path:
 
 
 def test_a_kill_between_any_two_calls_of_the_exit_handler_keeps_the_old_model(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, keep_stack_up: Callable[[Path], None]
 ) -> None:
     """A kill inside the exit handler leaves whatever it had not yet removed: the old model keeps its traffic, and
     the next run converges."""
-    state, cfg, old = _failing_redeploy_setup(tmp_path, tiny_model_dir)
+    state, cfg, old = _failing_redeploy_setup(tmp_path, tiny_model_dir, keep_stack_up)
 
     def partly_cleaned(summary: dict[str, Any]) -> str:
         # Nothing runs after the exit handler: what it had not removed yet stays (the candidate at its canary share
@@ -159,7 +164,7 @@ def test_a_kill_between_any_two_calls_of_the_exit_handler_keeps_the_old_model(
 
 
 def test_a_kill_between_any_two_calls_of_promote_service_leaves_one_revision_at_100(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, keep_stack_up: Callable[[Path], None]
 ) -> None:
     state = tmp_path / "state"
     keep_stack_up(state)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import processes_naming
+from tests.processes import processes_naming
 
 ROOT = Path(__file__).resolve().parent.parent
 VLP = [sys.executable, "-m", "pipelines.cli"]
