@@ -29,7 +29,7 @@ test: setup
 # The inner loop: lint, and every test but the whole local runs (`-m slow`); `make test` (and CI) runs everything.
 test-fast: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -m "not slow" --durations=10
+	$(BIN)/python -m pytest -q -n 3 -m "not slow" --durations=10
 
 lint: setup
 	$(BIN)/ruff check .
