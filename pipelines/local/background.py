@@ -101,21 +101,30 @@ def down(state_dir: Path, timeout: float = DOWN_TIMEOUT_S) -> dict[str, Any] | N
     except (OSError, ValueError):
         return None
     pid = int(info.get("pid") or 0)
-    if not _alive(pid):
-        (state_dir / STACK_FILE).unlink(missing_ok=True)
-        return None
-    lock_state_dir(state_dir, "vlp local down", name=RUN_LOCK).close()
-    _stop_pid(pid, timeout)
-    # A stack killed before it could stop its peers leaves them running: each is its own process group.
-    for key in ("emulator", "hub", "gcs"):
-        peer = int(info.get(f"{key}_pid") or 0)
-        if peer and _alive(peer):
-            try:
-                os.killpg(peer, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+    was_up = _alive(pid)
+    if was_up:
+        lock_state_dir(state_dir, "vlp local down", name=RUN_LOCK).close()
+        _stop_pid(pid, timeout)
+    # A stack killed before it could stop its peers leaves them running (each is its own process group): end those
+    # that still name this state dir (a recorded pid reused by another program is left alone).
+    orphans = [_kill_peer(int(info.get(f"{key}_pid") or 0), state_dir) for key in ("emulator", "hub", "gcs")]
     (state_dir / STACK_FILE).unlink(missing_ok=True)
-    return info
+    return info if was_up or any(orphans) else None
+
+
+def _kill_peer(pid: int, state_dir: Path) -> bool:
+    """SIGKILLs the process group of a recorded peer that is still alive and still names `state_dir`."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid and _alive(pid) else b""
+    except OSError:
+        return False
+    if str(state_dir).encode() not in cmdline:
+        return False
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _stop_pid(pid: int, timeout: float) -> None:

@@ -349,6 +349,11 @@ def _start_emulator(
     return peer
 
 
+def owner_of(project: str) -> str:
+    """The local project's owner: the account that runs `vlp setup` on the local stack and that a person calls as."""
+    return f"vlp-admin@{project}.iam.gserviceaccount.com"
+
+
 class _Running:
     """A process this one did not start (the background stack's peers), seen by its pid as a Popen would be."""
 
@@ -369,8 +374,8 @@ RUN_LOCK = "run.lock"
 
 
 def lock_state_dir(state_dir: Path, holder: str, name: str = "lock") -> Any:
-    """An exclusive lock on STATE_DIR/lock (the stack's; `name` RUN_LOCK: a run's on a stack it attached to), held by the returned open file until it is closed or the process ends
-    (SIGKILL included: flock locks die with their process, so a crashed run never leaves a stale lock). The file
+    """An exclusive lock on STATE_DIR/lock (the stack's; with `name` RUN_LOCK, a run's on a stack it attached to),
+    held by the returned open file until it is closed or the process ends (SIGKILL included: flock locks die with their process, so a crashed run never leaves a stale lock). The file
     says who holds it. Raises StateDirBusy, naming the holder, when another process has it."""
     import fcntl
     import json
@@ -643,7 +648,7 @@ class LocalStack:
         A local bucket already there (an earlier run's state) belongs to this project."""
         if bucket:
             self._control("iam", {"resource": f"buckets/{bucket}", "project_of_bucket": project})
-        owner = f"vlp-admin@{project}.iam.gserviceaccount.com"
+        owner = owner_of(project)
         member = f"serviceAccount:{owner}"
         self._control("iam:grant", {"resource": f"projects/{project}", "role": "roles/owner", "member": member})
         return owner

@@ -12,12 +12,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pipelines.local.peers import owner_of
+
 DEMO_QUESTION = "What is the capital of France?"
-
-
-def owner_of(project: str) -> str:
-    """The local project's owner, as `vlp run --local` bootstraps it (LocalStack.bootstrap_owner)."""
-    return f"vlp-admin@{project}.iam.gserviceaccount.com"
 
 
 def metadata_host(api: str, principal: str) -> str:
