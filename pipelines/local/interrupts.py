@@ -34,7 +34,7 @@ class _State:
     def __init__(self) -> None:
         self.signal: str | None = None  # the first signal's name, once one came
         self.stopped_at_once = False
-        self.current: subprocess.Popen | None = None
+        self.current: Any = None  # the running step (step_launch.StepProcess)
         self.current_op: str | None = None
         self.timer: threading.Timer | None = None
 
@@ -52,14 +52,14 @@ def stopped_at_once() -> bool:
     return _state.stopped_at_once
 
 
-def _stop_group(process: subprocess.Popen, sig: int) -> None:
+def _stop_group(process: Any, sig: int) -> None:
     try:
         os.killpg(process.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-def _stop_step(process: subprocess.Popen) -> None:
+def _stop_step(process: Any) -> None:
     """SIGTERM to the step's group, SIGKILL if it is still there STEP_STOP_WAIT_S later (off the main thread:
     the main thread is reading the step's output until it ends)."""
     _stop_group(process, signal.SIGTERM)
@@ -123,21 +123,16 @@ def run_step(full_command: list[str], env: dict[str, str] | None, op: str | None
     signal no step but the exit handler starts (it answers 128 + the signal's number, as if killed by it)."""
     if _state.signal is not None and op != EXIT_HANDLER_OP:
         return 128 + int(signal.Signals[_state.signal])
-    with subprocess.Popen(
-        full_command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        bufsize=1,
-        env=env,
-        start_new_session=True,
-    ) as process:
-        _state.current, _state.current_op = process, op
-        try:
-            if process.stdout:
-                for line in iter(process.stdout.readline, ""):
-                    print(line, end="")
-                print("\n")
-            return process.wait()
-        finally:
-            _state.current, _state.current_op = None, None
+    from pipelines.local import step_launch
+
+    process = step_launch.start(full_command, env, op)
+    _state.current, _state.current_op = process, op
+    try:
+        if process.stdout:
+            for line in iter(process.stdout.readline, ""):
+                print(line, end="")
+            print("\n")
+        return process.wait()
+    finally:
+        _state.current, _state.current_op = None, None
+        process.close()

@@ -424,7 +424,7 @@ def run_local(
     from kfp import local
 
     from pipelines.compile import compile_to_temp
-    from pipelines.local import background, import_guard, interrupts, kfp_fixes, step_records
+    from pipelines.local import background, import_guard, interrupts, kfp_fixes, step_launch, step_records
     from pipelines.local.peers import LocalStack
 
     kfp_fixes.apply()
@@ -435,6 +435,7 @@ def run_local(
     state_dir = state_dir.resolve()
     started = time.monotonic()
     saved_env = dict(os.environ)
+    step_launch.base_env = saved_env  # the steps' fork servers start from the environment the run found
     # The stack first: the emulator restarts the model servers of earlier runs while the rest is set up.
     holder = f"vlp run --local of deployment {cfg.name}"
     # SIGINT/SIGTERM from here on stop the run like a failed step: the exit handler still runs (interrupts.py).

@@ -1,0 +1,220 @@
+"""How `vlp run --local` starts a step's process: forked from a warm interpreter per package set, without pip.
+
+On Vertex a step's container runs KFP's command: `pip install` the step's locked set, then `python3 -m
+kfp.dsl.executor_main` on the embedded code. kfp.local runs the same command in the dev venv, where the pip part
+only finds every requirement already satisfied (the venv is installed with the lock as constraints) and then
+each step imports kfp and the Google clients afresh: together 1-2 s of CPU per step, most of a short run's CPU.
+Here instead:
+- the pip part is checked, not run: every `NAME==VERSION` it would install must be the installed version, or the
+  step fails with what differs and the fix (pip would have changed the dev venv under the user);
+- the rest runs in a child forked from a fork server (pipelines/local/forkserver.py) that has already imported
+  the step's clients under the step's own import guard, so the child hides exactly what a fresh step hides. The
+  child writes the embedded code to a temp dir and runs kfp.dsl.executor_main, as KFP's launch script does.
+A command of another shape runs as kfp.local would run it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import subprocess
+import tempfile
+import threading
+from importlib import metadata
+from typing import Any
+
+from pipelines.local.forkserver import ForkServer
+
+# What every step server imports before forking (each only where the step's package set holds it).
+PRELOAD = [
+    "kfp.dsl.executor",
+    "requests",
+    "yaml",
+    "pydantic",
+    "google.auth.transport.requests",
+    "google.cloud.aiplatform_v1",
+    "google.cloud.aiplatform_v1beta1",
+    "google.cloud.storage",
+    "google.cloud.run_v2",
+    "google.cloud.logging",
+]
+# Read from the environment when imported, and reloaded in each child: google-auth's metadata server address
+# (the local stack points it at the emulator's stand-in for the step's service account).
+RELOAD = ["google.auth.compute_engine._metadata"]
+# Read when imported by modules that are not reloaded: a step whose value differs from its server's starts cold.
+SAME_ENV = [
+    "_KFP_RUNTIME",
+    "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION",
+    "STORAGE_API_VERSION_OVERRIDE",
+    "GOOGLE_CLOUD_DISABLE_GRPC",
+    "KUBECONFIG",
+    "GRPC_PYTHON_MANAGED_CHANNEL_EVICTION_SECONDS",
+    "GRPC_PYTHON_MANAGED_CHANNEL_MAXIMUM",
+    "GRPC_PYTHON_DEFAULT_TIMEOUT_SECONDS",
+    "GRPC_SINGLE_THREADED_UNARY_STREAM",
+]
+_PIP_SPEC = re.compile(r"'([A-Za-z0-9_.\-\[\]]+)==([^';\s]+)'")
+_LAUNCH_MARK = '"$program_path/ephemeral_component.py"'
+
+_servers: dict[tuple[str, ...], ForkServer] = {}
+_checked: dict[str, str] = {}
+_lock = threading.Lock()
+base_env: dict[str, str] = {}  # the runner's environment before the run changed it: what the servers start with
+
+
+class StepProcess:
+    """A running step: pid (its own session and process group), stdout (text, line by line), poll(), wait()."""
+
+    def __init__(self, process: Any, stdout: Any) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.stdout = stdout
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        if self.stdout is not None:
+            self.stdout.close()
+
+
+def _split(full_command: list[str]) -> tuple[str, list[str]] | None:
+    """KFP's lightweight-component command: (its pip script, [embedded code, *args]) or None for another shape."""
+    if len(full_command) < 7 or full_command[:2] != ["sh", "-c"] or "pip install" not in full_command[2]:
+        return None
+    if full_command[3:5] != ["sh", "-ec"] or _LAUNCH_MARK not in full_command[5] or '"$@"' not in full_command[5]:
+        return None
+    return full_command[2], full_command[6:]
+
+
+def pip_mismatches(pip_script: str) -> list[str]:
+    """Each `NAME==VERSION` the step's pip script installs that the environment does not hold at that version."""
+    wrong = []
+    for name, version in _PIP_SPEC.findall(pip_script):
+        try:
+            installed = metadata.version(name.split("[")[0])
+        except metadata.PackageNotFoundError:
+            installed = None
+        if installed != version:
+            wrong.append(f"{name}=={version} (installed: {installed or 'none'})")
+    return wrong
+
+
+def _check_pip(pip_script: str) -> str:
+    """'' when the venv holds what the script installs, else the message to print (checked once per script)."""
+    if pip_script not in _checked:
+        wrong = pip_mismatches(pip_script)
+        _checked[pip_script] = (
+            "[vlp] this environment does not hold the step's locked packages: "
+            + ", ".join(wrong)
+            + ". Reinstall with the lock as constraints: pip install -e '.[local,test]' -c components/step-packages.lock"
+            " (or `make setup`)"
+            if wrong
+            else ""
+        )
+    return _checked[pip_script]
+
+
+def _server(allowed: list[str]) -> ForkServer:
+    key = tuple(allowed)
+    with _lock:
+        server = _servers.get(key)
+        if server is None or not server.alive():
+            server = ForkServer(
+                PRELOAD,
+                env=base_env or dict(os.environ),
+                allowed=allowed,
+                reload=RELOAD,
+                same_env=SAME_ENV,
+                env_at_preload={"_KFP_RUNTIME": "true"},
+            )
+            _servers[key] = server
+        return server
+
+
+def _allowed(env: dict[str, str], op: str | None) -> list[str] | None:
+    """The step's package set, from the file the import guard reads (None: no guard, so no server)."""
+    import json
+    from pathlib import Path
+
+    from pipelines.local.import_guard import ENV_FLAG
+
+    sets_file = env.get(ENV_FLAG)
+    if not sets_file or not op:
+        return None
+    return json.loads(Path(sets_file).read_text())["packages"].get(op)
+
+
+def start(full_command: list[str], env: dict[str, str] | None, op: str | None) -> StepProcess:
+    """Start a step's process, its output on a pipe (stdout and stderr together)."""
+    env = dict(os.environ if env is None else env)
+    parts = _split(full_command)
+    allowed = _allowed(env, op) if parts else None
+    if parts is None or allowed is None:
+        process = subprocess.Popen(
+            full_command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            env=env,
+            start_new_session=True,
+        )
+        return StepProcess(process, process.stdout)
+    pip_script, launch_args = parts
+    problem = _check_pip(pip_script)
+    if problem:
+        launch_args = []  # the child prints the problem and exits 1, as a failed pip install would
+    env["_KFP_RUNTIME"] = "true"
+    server = _server(allowed)
+    read_fd, write_fd = os.pipe()
+    try:
+        if server.can_fork(env):
+            process: Any = server.spawn(
+                "pipelines.local.step_launch:child_main", [problem, *launch_args], env=env, cwd=os.getcwd(),
+                stdout_fd=write_fd,
+            )  # fmt: skip
+        else:
+            process = subprocess.Popen(
+                full_command, stdout=write_fd, stderr=write_fd, env=env, start_new_session=True
+            )
+    finally:
+        os.close(write_fd)
+    return StepProcess(process, open(read_fd, encoding="utf-8", errors="replace"))  # noqa: SIM115 - closed by run_step
+
+
+def child_main(argv: list[str]) -> None:
+    """In the forked child: what KFP's launch script does (embedded code to a temp file, then the executor)."""
+    import runpy
+    import sys
+
+    problem, *launch_args = argv
+    if problem:
+        print(problem, flush=True)
+        raise SystemExit(1)
+    code, *args = launch_args
+    program_path = tempfile.mkdtemp()
+    component = os.path.join(program_path, "ephemeral_component.py")
+    with open(component, "w", encoding="utf-8") as out:
+        out.write(code)
+    sys.argv = ["-m", "--component_module_path", component, *args]
+    sys.path[0] = os.getcwd()  # `python3 -m` puts the working directory first
+    from pipelines.local import import_guard
+
+    if os.environ.get(import_guard.ENV_FLAG):
+        import_guard.install(sys.argv)  # what the steps' sitecustomize does at a fresh interpreter's start
+    runpy.run_module("kfp.dsl.executor_main", run_name="__main__", alter_sys=True)
+
+
+@atexit.register
+def close_servers() -> None:
+    """Stop every fork server this process started."""
+    with _lock:
+        servers = list(_servers.values())
+        _servers.clear()
+    for server in servers:
+        server.close()
