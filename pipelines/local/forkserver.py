@@ -211,42 +211,36 @@ def serve(socket_path: str, spec: dict[str, Any]) -> None:
 
 class Forked:
     """A child of a fork server, answering as subprocess.Popen does: pid (also its process group), poll(), wait(),
-    kill(), returncode (negative: the signal that ended it)."""
+    kill(), returncode (negative: the signal that ended it). A thread waits for the server's word on its end, so
+    any thread may wait, with or without a timeout."""
 
     def __init__(self, conn: socket.socket, pid: int, args: list[str]) -> None:
-        self._conn = conn
         self.pid = pid
         self.args = args
         self.returncode: int | None = None
-        self._lock = threading.Lock()
+        self._ended = threading.Event()
+        threading.Thread(target=self._await_end, args=(conn,), daemon=True).start()
 
-    def _read_status(self, timeout: float | None) -> None:
-        with self._lock:
-            if self.returncode is not None:
-                return
-            self._conn.settimeout(timeout)
-            try:
-                reply, _ = _recv(self._conn)
-            except (EOFError, ConnectionError):
-                # The fork server died first: the child is no longer anyone's to wait for. Wait until it is gone.
-                while _exists(self.pid):
-                    time.sleep(0.1)
-                reply = {"returncode": -signal.SIGKILL}
-            self.returncode = int(reply["returncode"])
-            self._conn.close()
+    def _await_end(self, conn: socket.socket) -> None:
+        try:
+            reply, _ = _recv(conn)
+            code = int(reply["returncode"])
+        except (EOFError, OSError, ValueError, KeyError):
+            # The fork server died first: the child is no longer anyone's to wait for. Wait until it is gone.
+            while _exists(self.pid):
+                time.sleep(0.1)
+            code = -signal.SIGKILL
+        finally:
+            conn.close()
+        self.returncode = code
+        self._ended.set()
 
     def poll(self) -> int | None:
-        try:
-            self._read_status(0.0)
-        except (TimeoutError, BlockingIOError):
-            pass
-        return self.returncode
+        return self.returncode if self._ended.is_set() else None
 
     def wait(self, timeout: float | None = None) -> int:
-        try:
-            self._read_status(timeout)
-        except (TimeoutError, BlockingIOError):
-            raise subprocess.TimeoutExpired(self.args, timeout or 0) from None
+        if not self._ended.wait(timeout):
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
         assert self.returncode is not None
         return self.returncode
 
@@ -276,7 +270,9 @@ def _exists(pid: int) -> bool:
 
 class ForkServer:
     """Starts `python -m pipelines.local.forkserver` with `env`, preloading `preload` (within `allowed`, a step's
-    package set, when given); `spawn` forks a child that runs `target` ("module:function", called with argv)."""
+    package set, when given); `spawn` forks a child that runs `target` ("module:function", called with argv).
+    `label` goes on its command line, which its children share (ps shows it; `vlp local down` finds a stack's
+    leftovers by the state dir there)."""
 
     def __init__(
         self,
@@ -288,6 +284,7 @@ class ForkServer:
         same_env: list[str] | None = None,
         env_at_preload: dict[str, str] | None = None,
         stderr: Any = None,
+        label: str = "",
     ) -> None:
         self.env = {**env, **(env_at_preload or {})}
         self.same_env = list(same_env or [])
@@ -295,7 +292,7 @@ class ForkServer:
         self.socket_path = str(Path(self._dir) / "s")
         spec = {"preload": preload, "allowed": allowed, "reload": reload or [], "env_at_preload": env_at_preload or {}}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.local.forkserver", self.socket_path, json.dumps(spec)],
+            [sys.executable, "-m", "pipelines.local.forkserver", self.socket_path, json.dumps(spec), *([label] if label else [])],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr,

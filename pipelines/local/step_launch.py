@@ -39,21 +39,27 @@ PRELOAD = [
     "google.cloud.run_v2",
     "google.cloud.logging",
 ]
-# Read from the environment when imported, and reloaded in each child: google-auth's metadata server address
-# (the local stack points it at the emulator's stand-in for the step's service account).
+# Modules of PRELOAD's import tree whose module-level code reads the environment, and what they read (an audit:
+# tests/test_forkserver.py fails when an upgrade adds one). RELOAD: re-executed in each child (google-auth's metadata
+# server address, which the local stack points at the emulator's stand-in for the step's service account). The
+# other variables must have the server's value, else the step starts cold (SAME_ENV); vlp sets none of them.
 RELOAD = ["google.auth.compute_engine._metadata"]
-# Read when imported by modules that are not reloaded: a step whose value differs from its server's starts cold.
-SAME_ENV = [
-    "_KFP_RUNTIME",
-    "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION",
-    "STORAGE_API_VERSION_OVERRIDE",
-    "GOOGLE_CLOUD_DISABLE_GRPC",
-    "KUBECONFIG",
-    "GRPC_PYTHON_MANAGED_CHANNEL_EVICTION_SECONDS",
-    "GRPC_PYTHON_MANAGED_CHANNEL_MAXIMUM",
-    "GRPC_PYTHON_DEFAULT_TIMEOUT_SECONDS",
-    "GRPC_SINGLE_THREADED_UNARY_STREAM",
-]
+ENV_AT_IMPORT = {
+    "google.auth.compute_engine._metadata": ["GCE_METADATA_HOST", "GCE_METADATA_ROOT", "NO_GCE_CHECK"],
+    "kfp": ["_KFP_RUNTIME"],
+    "kfp.dsl": ["_KFP_RUNTIME"],
+    "google.protobuf.internal.api_implementation": ["PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"],
+    "google.cloud.storage._helpers": ["API_VERSION_OVERRIDE"],
+    "google.cloud.logging_v2.client": ["GOOGLE_CLOUD_DISABLE_GRPC"],
+    "kubernetes.config.kube_config": ["KUBECONFIG"],
+    "grpc._simple_stubs": [
+        "GRPC_PYTHON_MANAGED_CHANNEL_EVICTION_SECONDS",
+        "GRPC_PYTHON_MANAGED_CHANNEL_MAXIMUM",
+        "GRPC_PYTHON_DEFAULT_TIMEOUT_SECONDS",
+    ],
+    "grpc._channel": ["GRPC_SINGLE_THREADED_UNARY_STREAM"],
+}
+SAME_ENV = sorted({v for module, names in ENV_AT_IMPORT.items() if module not in RELOAD for v in names})
 _PIP_SPEC = re.compile(r"'([A-Za-z0-9_.\-\[\]]+)==([^';\s]+)'")
 _LAUNCH_MARK = '"$program_path/ephemeral_component.py"'
 

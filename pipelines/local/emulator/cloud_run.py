@@ -25,6 +25,7 @@ import copy
 import hashlib
 import json
 import re
+import threading
 import time
 from typing import Any
 
@@ -509,35 +510,51 @@ class CloudRunService:
         for serving_id, rev_name in ids.items():
             if serving.is_healthy(serving_id):
                 continue
-            with self._lock:
-                revision = self._run_revisions.get(rev_name)
-            if revision is None:
-                continue
-            try:
-                faulty = fresh is None or rev_name in fresh
-                if faulty and "deploy-error" in self.faults:
-                    raise ApiError(
-                        "FAILED_PRECONDITION",
-                        "The user-provided container failed to start and listen on the port defined provided by the "
-                        "PORT=8080 environment variable (injected fault deploy-error).",
-                    )
-                if faulty and "deploy-timeout" in self.faults:
-                    self._stopping.wait(2)
-                    raise ApiError(
-                        "DEADLINE_EXCEEDED",
-                        "The user-provided container failed the configured startup probe checks: the startup probe "
-                        "timed out (injected fault deploy-timeout).",
-                    )
-                self._run_start(revision)
-            except Exception as exc:  # noqa: BLE001 - any failure to start is the revision's failure
-                tail = list(getattr(exc, "log_tail", []) or [])
-                message = (
-                    f"Revision '{rev_name.rsplit('/', 1)[1]}' is not ready and cannot serve traffic. "
-                    f"{getattr(exc, 'message', None) or exc}" + ("\n" + "\n".join(tail) if tail else "")
+            with self._cold_start_lock(serving_id):
+                error = self._run_sync_one(serving, serving_id, rev_name, fresh)
+            if error is not None:
+                return error
+        return None
+
+    def _cold_start_lock(self, serving_id: str) -> threading.Lock:
+        """One start of a revision's instance at a time: a request's cold start and a traffic change's start wait
+        for each other (as on Cloud Run, requests wait for the instance being started) instead of starting a
+        second instance that replaces the first under the requests it was started for."""
+        with self._lock:  # a mixin of the emulator: the lock table lives on the instance, made on first use
+            return vars(self).setdefault("_cold_starts", {}).setdefault(serving_id, threading.Lock())
+
+    def _run_sync_one(self, serving: Any, serving_id: str, rev_name: str, fresh: set[str] | None) -> ApiError | None:
+        if serving.is_healthy(serving_id):
+            return None  # started while this waited for the lock
+        with self._lock:
+            revision = self._run_revisions.get(rev_name)
+        if revision is None:
+            return None
+        try:
+            faulty = fresh is None or rev_name in fresh
+            if faulty and "deploy-error" in self.faults:
+                raise ApiError(
+                    "FAILED_PRECONDITION",
+                    "The user-provided container failed to start and listen on the port defined provided by the "
+                    "PORT=8080 environment variable (injected fault deploy-error).",
                 )
-                with self._lock:
-                    revision["conditions"] = [{"type": "Ready", "state": "CONDITION_FAILED", "message": message}]
-                return ApiError("FAILED_PRECONDITION", message)
+            if faulty and "deploy-timeout" in self.faults:
+                self._stopping.wait(2)
+                raise ApiError(
+                    "DEADLINE_EXCEEDED",
+                    "The user-provided container failed the configured startup probe checks: the startup probe "
+                    "timed out (injected fault deploy-timeout).",
+                )
+            self._run_start(revision)
+        except Exception as exc:  # noqa: BLE001 - any failure to start is the revision's failure
+            tail = list(getattr(exc, "log_tail", []) or [])
+            message = (
+                f"Revision '{rev_name.rsplit('/', 1)[1]}' is not ready and cannot serve traffic. "
+                f"{getattr(exc, 'message', None) or exc}" + ("\n" + "\n".join(tail) if tail else "")
+            )
+            with self._lock:
+                revision["conditions"] = [{"type": "Ready", "state": "CONDITION_FAILED", "message": message}]
+            return ApiError("FAILED_PRECONDITION", message)
         return None
 
     def _run_start(self, revision: dict[str, Any]) -> None:
@@ -631,15 +648,16 @@ class CloudRunService:
                 weighted = [(t["revision"], int(t.get("percent") or 0)) for t in statuses if t.get("percent")]
                 chosen = random.choices([r for r, _ in weighted], weights=[w for _, w in weighted])[0]
         serving_id = self._serving_id(f"{name}/revisions/{chosen}")
-        if serving_id not in self.serving.known_ids():
-            # Scaled to zero (or the emulator restarted): the request waits for a cold start, as on Cloud Run. An
-            # instance that crashed is not restarted here: its requests fail (503) while the fault lasts.
-            with self._lock:
-                revision = self._run_revisions.get(f"{name}/revisions/{chosen}")
-            try:
-                self._run_start(revision)
-            except Exception as exc:  # noqa: BLE001 - a failed cold start answers 503, as Cloud Run does
-                return 503, f"The instance failed to start: {exc}".encode(), "text/plain", {}
+        with self._cold_start_lock(serving_id):
+            if serving_id not in self.serving.known_ids():
+                # Scaled to zero (or the emulator restarted): the request waits for a cold start, as on Cloud Run.
+                # An instance that crashed is not restarted here: its requests fail (503) while the fault lasts.
+                with self._lock:
+                    revision = self._run_revisions.get(f"{name}/revisions/{chosen}")
+                try:
+                    self._run_start(revision)
+                except Exception as exc:  # noqa: BLE001 - a failed cold start answers 503, as Cloud Run does
+                    return 503, f"The instance failed to start: {exc}".encode(), "text/plain", {}
         method = p.get("_method", "POST")
         if method == "POST":  # test stand-ins of the serving manager take no method
             status, out, ctype = self.serving.forward(serving_id, "invoke", body, p.get("subpath") or "/")

@@ -219,7 +219,7 @@ class ServingManager:
                 if self._forks is not None:
                     self._forks.close()
                 # sys.executable is the venv's interpreter, so this works without an activated venv.
-                self._forks = ForkServer(_PRELOAD, env=env)
+                self._forks = ForkServer(_PRELOAD, env=env, label=f"model-servers:{self.state_dir}")
             return self._forks
 
     def stop(self, deployed_model_id: str, remove_copy: bool = False) -> None:

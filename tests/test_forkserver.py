@@ -1,0 +1,135 @@
+"""The fork server local runs start steps and model servers from: a forked child must end, report and read its
+environment as a fresh interpreter would (pipelines/local/forkserver.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipelines.local.forkserver import ForkServer
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = "tests.processes:forked_child"  # what the child does is chosen by its first argument
+
+
+@pytest.fixture
+def server() -> Iterator[ForkServer]:
+    forks = ForkServer(["json"], env={**os.environ, "SERVER_ONLY": "yes"})
+    try:
+        yield forks
+    finally:
+        forks.close()
+
+
+def spawn(server: ForkServer, tmp_path: Path, *argv: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    out = tmp_path / "out.txt"
+    with out.open("wb") as stream:
+        child = server.spawn(
+            TARGET, list(argv), env=env or {"PATH": os.environ.get("PATH", ""), "CHILD": "1"}, cwd=str(tmp_path),
+            stdout_fd=stream.fileno(),
+        )  # fmt: skip
+    code = child.wait(timeout=60)
+    return code, out.read_text()
+
+
+def test_a_child_ends_as_an_interpreter_ends(server: ForkServer, tmp_path: Path) -> None:
+    code, out = spawn(server, tmp_path, "ok")
+    assert code == 0, out
+    # Its own environment, directory and session; a non-daemon thread joined, then the atexit handlers.
+    assert "env CHILD=1 SERVER_ONLY=None" in out
+    assert f"cwd {tmp_path}" in out
+    assert "own session True" in out
+    assert out.index("thread done") < out.index("atexit ran"), out
+    assert spawn(server, tmp_path, "exit", "3")[0] == 3
+    code, out = spawn(server, tmp_path, "raise")
+    assert code == 1 and "Traceback" in out and "ValueError: broken on purpose" in out and "atexit ran" in out
+    assert spawn(server, tmp_path, "kill")[0] == -signal.SIGKILL
+
+
+def test_wait_times_out_and_a_signal_to_the_group_stops_the_child(server: ForkServer, tmp_path: Path) -> None:
+    with (tmp_path / "out.txt").open("wb") as stream:
+        child = server.spawn(TARGET, ["sleep"], env={}, cwd=str(tmp_path), stdout_fd=stream.fileno())
+    with pytest.raises(subprocess.TimeoutExpired):
+        child.wait(timeout=0.2)
+    assert child.poll() is None
+    os.killpg(child.pid, signal.SIGTERM)  # pid is its process group, as with start_new_session=True
+    assert child.wait(timeout=30) == -signal.SIGTERM
+
+
+def test_a_module_that_reads_the_environment_when_imported_is_reloaded_in_the_child(tmp_path: Path) -> None:
+    """google-auth reads its metadata server's address at import: the child must see its own, not the server's."""
+    from pipelines.local import step_launch
+
+    env = {**os.environ, "GCE_METADATA_HOST": "server.invalid:1"}
+    forks = ForkServer(["google.auth.compute_engine._metadata"], env=env, reload=step_launch.RELOAD)
+    try:
+        code, out = spawn(forks, tmp_path, "metadata", env={**env, "GCE_METADATA_HOST": "child.invalid:2"})
+    finally:
+        forks.close()
+    assert code == 0, out
+    assert "metadata root http://child.invalid:2/" in out, out
+
+
+def test_a_step_server_starts_cold_when_an_unreloaded_import_time_variable_differs() -> None:
+    from pipelines.local import step_launch
+
+    forks = ForkServer([], env=dict(os.environ), same_env=step_launch.SAME_ENV)
+    try:
+        assert forks.can_fork(dict(os.environ))
+        assert not forks.can_fork({**os.environ, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"})
+    finally:
+        forks.close()
+
+
+_AUDIT = r"""
+import ast, json, os, sys
+os.environ["_KFP_RUNTIME"] = "true"
+before = set(sys.modules)
+from pipelines.local.step_launch import PRELOAD
+import importlib
+for name in PRELOAD:
+    importlib.import_module(name)
+
+def reads_env(node):
+    # Module-level code only: function and class bodies run later, with the child's environment.
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.Import, ast.ImportFrom)):
+        return False
+    if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv") and getattr(node.value, "id", "") == "os":
+        return True
+    if isinstance(node, ast.Name) and node.id in ("environ", "getenv"):
+        return True
+    return any(reads_env(child) for child in ast.iter_child_nodes(node))
+
+found = []
+for name, module in list(sys.modules.items()):
+    if name in before:
+        continue  # loaded when any interpreter starts, with its own environment
+    path = getattr(module, "__file__", None) or ""
+    if not path.endswith(".py"):
+        continue
+    tree = ast.parse(open(path, encoding="utf-8", errors="replace").read())
+    if any(reads_env(node) for node in tree.body):
+        found.append(name)
+print(json.dumps(sorted(found)))
+"""
+
+
+@pytest.mark.slow
+def test_every_preloaded_module_that_reads_the_environment_when_imported_is_known() -> None:
+    """The audit behind step_launch.ENV_AT_IMPORT: a new module-level environment read in the steps' preloaded
+    imports (after an upgrade) fails here until it is reloaded in the child or its variables must match."""
+    import json
+
+    from pipelines.local import step_launch
+
+    result = subprocess.run([sys.executable, "-c", _AUDIT], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = set(json.loads(result.stdout))
+    unknown = found - set(step_launch.ENV_AT_IMPORT) - {"pipelines.local.step_launch", "pipelines.local.forkserver"}
+    assert not unknown, f"modules that read the environment when imported, not in step_launch.ENV_AT_IMPORT: {unknown}"
