@@ -301,6 +301,13 @@ class EndpointSpec(_Strict):
         description="Seconds the old model stays deployed after the new one takes all traffic, so requests already "
         "routed to it finish; empty = the endpoint's request timeout (10 min on dedicated endpoints, 60 s on shared).",
     )
+    health_wait_s: int = Field(
+        90,
+        ge=0,
+        le=3600,
+        description="How long preflight's health probe of an unchanged deployment retries a model that answers "
+        "429 or 503 (a serving container restarting) before it redeploys instead of skipping the run.",
+    )
     redeploy_test: RedeployTest = Field(
         "auto",
         description="How a redeploy's smoke test reaches the new model alone: invoke (dedicated endpoints: the "

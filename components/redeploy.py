@@ -7,8 +7,6 @@ import time
 
 log = logging.getLogger("vlp.redeploy")
 
-HEALTH_WAIT_S = 90.0  # a serving container that is restarting answers 503 for a while
-
 
 def _healthy(deployment: dict, endpoint_resource: str, deployed_model_id: str) -> bool:
     """One short request to the serving model through a route its endpoint kind really serves: the per-model
@@ -30,7 +28,8 @@ def _healthy(deployment: dict, endpoint_resource: str, deployed_model_id: str) -
         cfg.serving.engine, route, info, deployed_model_id, messages, 1, served_model_name(deployment)
     )
     session = http_session(api)
-    deadline = time.monotonic() + HEALTH_WAIT_S
+    # A serving container that is restarting answers 503 for a while (endpoint.health_wait_s).
+    deadline = time.monotonic() + cfg.endpoint.health_wait_s
     while True:
         try:
             response = session.post(url, json=body, timeout=60)

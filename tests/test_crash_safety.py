@@ -362,7 +362,9 @@ def test_a_broken_serving_model_does_not_block_its_replacement(tmp_path: Path, t
     """On a shared endpoint the new model is tested as a 5% canary, so most smoke requests reach the old model. When
     the old model is broken (503), those failures must not count against the new one's attempts."""
     state = tmp_path / "state"
-    cfg = tiny_config("tiny")  # smoke_test.attempts=3: without the fix, 3 failed requests roll the new model back
+    # smoke_test.attempts=3: without the fix, 3 failed requests roll the new model back. The broken model answers 503
+    # for good, so preflight's health probe need not wait the 90 s a restarting container gets.
+    cfg = tiny_config("tiny", "endpoint.health_wait_s=5")
     first = run(state, cfg, tiny_model_dir)
     assert first["status"] == "succeeded", first["error"]
     [old] = first["deployed_models"]
