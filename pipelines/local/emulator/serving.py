@@ -154,6 +154,7 @@ class ServingManager:
         self._servers: dict[str, _Server] = {}
         self._lock = threading.Lock()
         self._forks: Any = None
+        self._fork_lock = threading.Lock()
         atexit.register(self.stop_all)
 
     # ----- lifecycle -----
@@ -238,7 +239,8 @@ class ServingManager:
         """The fork server the model servers start from (one per environment; the emulator's never changes)."""
         from pipelines.local.forkserver import ForkServer
 
-        with self._lock:
+        # Its own lock: starting the server takes seconds, and self._lock guards what every API call reads.
+        with self._fork_lock:
             if self._forks is None or not self._forks.alive() or self._forks.env != env:
                 if self._forks is not None:
                     self._forks.close()
@@ -271,7 +273,7 @@ class ServingManager:
                 pass
         for server in servers:
             server.process.wait()
-        with self._lock:
+        with self._fork_lock:
             forks, self._forks = self._forks, None
         if forks is not None:
             forks.close()
