@@ -315,21 +315,22 @@ def test_model_server_dies_with_the_emulator_process(work: Path, gcs: Peer) -> N
         [sys.executable, "-c", script], cwd=repo_root, env={**os.environ, "PYTHONPATH": str(repo_root)}
     )
     try:
-        deadline = time.monotonic() + 60
-        while not _children(parent.pid):
+        # The emulator's child is the fork server its model servers are forked from: wait for the model server.
+        deadline = time.monotonic() + 120
+        while not {grandchild for child in _children(parent.pid) for grandchild in _children(child)}:
             assert parent.poll() is None and time.monotonic() < deadline, "the model server never started"
             time.sleep(0.1)
-        [server_pid] = _children(parent.pid)
+        tree = _children(parent.pid) | {grandchild for child in _children(parent.pid) for grandchild in _children(child)}
     finally:
         parent.kill()
         parent.wait()
     deadline = time.monotonic() + 10
-    while not _gone(server_pid) and time.monotonic() < deadline:
+    while not all(_gone(pid) for pid in tree) and time.monotonic() < deadline:
         time.sleep(0.2)
-    survived = not _gone(server_pid)
-    if survived:
-        os.killpg(server_pid, signal.SIGKILL)  # do not leak it into the rest of the run
-    assert not survived, "the model server outlived the emulator that started it"
+    survivors = [pid for pid in tree if not _gone(pid)]
+    for pid in survivors:
+        os.kill(pid, signal.SIGKILL)  # do not leak it into the rest of the run
+    assert not survivors, "the model server (or its fork server) outlived the emulator that started it"
 
 
 # ----- side APIs, through the emulator's HTTP server -----

@@ -138,6 +138,19 @@ def _run_child(request: dict[str, Any], out_fd: int, reload: list[str]) -> None:
 
 def serve(socket_path: str, spec: dict[str, Any]) -> None:
     """Preload, then fork a child per request until the process that started this one is gone."""
+    parent = os.getppid()
+    preloading = threading.Event()
+    preloading.set()
+
+    def orphaned_while_preloading() -> None:
+        # Preloading takes seconds (more on a busy machine): a parent that dies meanwhile must not leave this behind.
+        while preloading.is_set():
+            if os.getppid() != parent:
+                os._exit(0)
+            time.sleep(0.2)
+
+    watchdog = threading.Thread(target=orphaned_while_preloading, daemon=True)
+    watchdog.start()
     os.environ.update(spec.get("env_at_preload", {}))
     if spec.get("allowed") is not None:
         _block_outside(spec["allowed"])
@@ -146,6 +159,8 @@ def serve(socket_path: str, spec: dict[str, Any]) -> None:
             importlib.import_module(module)
         except ImportError:
             pass  # outside this server's package set: its children import it (or fail to) as a fresh process would
+    preloading.clear()
+    watchdog.join()  # no thread but this one from here on: forking a process with other threads is unsafe
     reload = list(spec.get("reload", []))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path)
@@ -159,7 +174,6 @@ def serve(socket_path: str, spec: dict[str, Any]) -> None:
     selector.register(listener, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
     children: dict[int, socket.socket] = {}
-    parent = os.getppid()
     print("READY", flush=True)
     while os.getppid() == parent:
         for key, _ in selector.select(timeout=1.0):
