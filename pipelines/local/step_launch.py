@@ -75,15 +75,12 @@ base_env: dict[str, str] = {}  # the runner's environment before the run changed
 
 
 class StepProcess:
-    """A running step: pid (its own session and process group), stdout (text, line by line), poll(), wait()."""
+    """A running step: pid (its own session and process group), stdout (text, line by line), wait()."""
 
     def __init__(self, process: Any, stdout: Any) -> None:
         self.process = process
         self.pid = process.pid
         self.stdout = stdout
-
-    def poll(self) -> int | None:
-        return self.process.poll()
 
     def wait(self, timeout: float | None = None) -> int:
         return self.process.wait(timeout)
