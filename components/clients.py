@@ -9,6 +9,9 @@ from typing import Any
 # step's service account. Locally, `vlp run --local` sets them to the emulators on loopback.
 API_ENDPOINT_ENV = "VLP_API_ENDPOINT"
 STORAGE_ENDPOINT_ENV = "STORAGE_EMULATOR_HOST"
+# The deadline for one API call where the generated client's default is too short for a loaded service (v1beta1
+# gives several Vertex methods 5 s with no retry; v1 gives the same methods none).
+CALL_TIMEOUT_S = 60.0
 
 
 def api_endpoint(explicit: str = "") -> str:

@@ -101,18 +101,20 @@ def deploy_model(deployment: dict, model_resource: str) -> Deployed:
         request.deployed_model.dedicated_resources.machine_spec.accelerator_type.name,
         "blue/green beside " + ", ".join(previous) if previous else "first deployment",
     )
+    from components import clients
+
     try:
         deployer = client
         if needs_v1beta1(deployment):
             # Multi-host GPU replicas (multihost_gpu_node_count) exist only in the v1beta1 API.
             from google.cloud import aiplatform_v1beta1
 
-            from components import clients
-
             deployer = aiplatform_v1beta1.EndpointServiceClient(
                 **clients.gapic_kwargs(deployment["region"], deployment.get("api_endpoint", ""))
             )
-        operation = deployer.deploy_model(request=request)
+        # v1beta1's generated default deadline for deploy_model is 5 s (v1 has none): a slow answer would fail
+        # the run with a bare ReadTimeout while the deployment may already be under way.
+        operation = deployer.deploy_model(request=request, timeout=clients.CALL_TIMEOUT_S)
         try:
             response = operation.result(timeout=DEPLOY_WAIT_S)
         except concurrent.futures.TimeoutError:

@@ -217,7 +217,10 @@ def serving_usage(
 
     client = aiplatform_v1beta1.EndpointServiceClient(**clients.gapic_kwargs(region, api_endpoint))
     usage: dict[tuple[str, bool], int] = {}
-    for endpoint in client.list_endpoints(parent=f"projects/{project}/locations/{region}"):
+    # v1beta1's generated default deadline for list_endpoints is 5 s, without retry (v1 has none): a project with
+    # many endpoints, or a slow moment, would fail preflight with a bare ReadTimeout.
+    pages = client.list_endpoints(parent=f"projects/{project}/locations/{region}", timeout=clients.CALL_TIMEOUT_S)
+    for endpoint in pages:
         for dm in endpoint.deployed_models:
             if "dedicated_resources" not in dm:
                 continue

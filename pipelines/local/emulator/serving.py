@@ -96,6 +96,7 @@ class _Server:
     port: int
     process: Any  # a forkserver.Forked (or a Popen), with its own process group
     container_spec: dict = field(default_factory=dict)
+    crash_on_first_request: bool = False  # the server-crash fault
 
 
 def engine_for(container_spec: dict) -> str:
@@ -230,10 +231,9 @@ class ServingManager:
                 )
             time.sleep(0.3)
 
-        if "server-crash" in self.faults:
-            timer = threading.Timer(1.0, self._crash, args=(server,))
-            timer.daemon = True
-            timer.start()
+        # The server-crash fault: the server dies on the first request it is sent (as a model that runs out of
+        # memory on its first generation does), not on a timer, which a fast smoke test could outrun.
+        server.crash_on_first_request = "server-crash" in self.faults
 
     def _fork_server(self, env: dict[str, str]) -> Any:
         """The fork server the model servers start from (one per environment; the emulator's never changes)."""
@@ -304,6 +304,10 @@ class ServingManager:
         dead = self._dead(server)
         if dead:
             return dead
+        if server.crash_on_first_request:
+            server.crash_on_first_request = False
+            self._crash(server)
+            return self._dead(server) or (500, google_error(500, "The model server crashed.", "INTERNAL"), _JSON)
         if server.engine == "tgi" and kind in ("rawPredict", "invoke"):
             # rawPredict reaches the container's predict route, which the DLC serves with vertex_compatibility;
             # invoke and a Cloud Run URL name the route themselves.
