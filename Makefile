@@ -24,12 +24,12 @@ test: setup
 	$(BIN)/vlp check
 	$(BIN)/vlp compile --check
 	# Three workers on two cores: the whole local runs wait on their model servers and steps much of the time.
-	$(BIN)/python -m pytest -q -n 3 --durations=25
+	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --no-loadscope-reorder --durations=25
 
 # The inner loop: lint, and every test but the whole local runs (`-m slow`); `make test` (and CI) runs everything.
 test-fast: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n 3 -m "not slow" --durations=10
+	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --no-loadscope-reorder -m "not slow" --durations=10
 
 lint: setup
 	$(BIN)/ruff check .

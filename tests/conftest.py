@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +12,14 @@ from typing import Any
 
 import pytest
 
+from pipelines.local.emulator.serving import SERVING_THREADS_ENV
 from pipelines.local.models import build_tiny_llama, publish_to_hub_mirror, smollm2_dir
 from pipelines.local.peers import LocalStack, Peer, start_fake_gcs, start_hub_mirror
 from tests.processes import processes_naming
+
+# Three workers on two cores, each with model servers of its own: one torch thread per server. A second one only
+# spins on the tiny model (twice the CPU, the same latency), and the cores are already shared.
+os.environ.setdefault(SERVING_THREADS_ENV, "1")
 
 
 @dataclass
@@ -173,3 +180,67 @@ def keep_stack_up() -> Iterator[Callable[[Path], None]]:
         background.down(state_dir)
         left = processes_naming(state_dir)
         assert not left, f"the kept-up stack on {state_dir} left processes: {left}"
+
+
+# ----------------------------------------------------------------------------- the order tests run in
+# Longest first, so that the parallel workers end together: in collection order the longest whole-run tests came
+# last and ran with the other workers idle (measured: 916 s wall for 2143 s of tests on three workers). The
+# durations are measured ones (`make durations` rewrites the file); a test not in it counts as the median of its
+# kind. Order only: every test still runs, and each test's outcome does not depend on it.
+DURATIONS_PATH = Path(__file__).with_name("durations.json")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--store-durations", action="store_true", help=f"write each test's duration to {DURATIONS_PATH.name}"
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks added here
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    known = json.loads(DURATIONS_PATH.read_text()) if DURATIONS_PATH.exists() else {}
+
+    def median(slow: bool) -> float:
+        values = sorted(known[i.nodeid] for i in items if i.nodeid in known and _is_slow(i) == slow)
+        return values[len(values) // 2] if values else 0.0
+
+    default = {True: median(True), False: median(False)}
+    # A module whose tests share a module-scoped fixture (a model server, a stack) stays one block: pytest tears
+    # such a fixture down when the next test is from another module, and would set it up again.
+    groups: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        groups.setdefault(item.nodeid.split("::")[0] if _shares_module_fixture(item) else item.nodeid, []).append(item)
+    cost = {key: sum(known.get(i.nodeid, default[_is_slow(i)]) for i in group) for key, group in groups.items()}
+    # sorted() is stable and every worker collects the same items: all workers agree on the order, as xdist needs.
+    items[:] = [item for key in sorted(groups, key=lambda k: -cost[k]) for item in groups[key]]
+    for key, group in groups.items():
+        if len(group) > 1:  # `--dist loadgroup` (make test) sends the block to one worker, in this order
+            for item in group:
+                item.add_marker(pytest.mark.xdist_group(key))
+
+
+def _is_slow(item: pytest.Item) -> bool:
+    return item.get_closest_marker("slow") is not None
+
+
+def _shares_module_fixture(item: pytest.Item) -> bool:
+    # pytest has no public way to ask a test for its fixtures' scopes; _fixtureinfo has been stable for years.
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.values() if info is not None else []
+    return any(d.scope in ("module", "package", "class") for chain in defs for d in chain)
+
+
+_MEASURED: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # On the controller under xdist too: each worker's reports arrive here, the ids of grouped tests ending in
+    # "@GROUP" (loadgroup's suffix; GROUP is the module's file).
+    nodeid = report.nodeid.removesuffix("@" + report.nodeid.split("::")[0])
+    _MEASURED[nodeid] = _MEASURED.get(nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if session.config.getoption("--store-durations") and not hasattr(session.config, "workerinput"):
+        measured = {nodeid: round(seconds, 1) for nodeid, seconds in sorted(_MEASURED.items())}
+        DURATIONS_PATH.write_text(json.dumps(measured, indent=0) + "\n")

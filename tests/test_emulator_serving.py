@@ -22,7 +22,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from pipelines.local.emulator import Emulator, create_emulator
-from pipelines.local.emulator.serving import WRONG_ANSWER, ServingError, ServingManager
+from pipelines.local.emulator.serving import SERVING_THREADS_ENV, WRONG_ANSWER, ServingError, ServingManager
 from pipelines.local.models import build_tiny_llama, publish_to_hub_mirror
 from pipelines.local.peers import Peer, start_fake_gcs, start_hub_mirror
 
@@ -99,6 +99,9 @@ def _forward_json(manager: ServingManager, dm: str, kind: str, body: dict, subpa
 def test_vllm_predict_follows_the_model_garden_format(manager: ServingManager, vllm_model: str, work: Path) -> None:
     assert manager.is_healthy(vllm_model)
     assert manager.known_ids() == [vllm_model]
+    # The suite's setting (conftest) reached the server, forked from an interpreter that imported torch earlier.
+    threads = f"[emulator] torch threads: {os.environ[SERVING_THREADS_ENV]}\n"
+    assert threads in manager.log_path(vllm_model).read_text()
     assert (work / "state" / "serving" / vllm_model / "model" / "model.safetensors").is_file()
 
     answer = _forward_json(
@@ -273,6 +276,15 @@ def test_server_crash_fault_kills_the_server_on_its_first_request(manager: Servi
     assert not manager.is_healthy("dm-crash")
     assert any("server-crash" in line for line in manager.logs("dm-crash"))
     manager.stop("dm-crash")
+
+
+def test_a_bad_thread_count_is_refused_naming_the_variable(
+    manager: ServingManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(SERVING_THREADS_ENV, "two")
+    with pytest.raises(ServingError, match=f"{SERVING_THREADS_ENV}='two': set a whole number"):
+        manager.start("dm-threads", GOOD_URI, VLLM_SPEC, timeout_s=120)
+    assert "dm-threads" not in manager.known_ids()
 
 
 @pytest.mark.slow

@@ -55,6 +55,10 @@ _PRELOAD = [
 ]
 
 
+# CPU threads each local model server may use (torch's intra-op pool); unset: torch's default, one per core.
+SERVING_THREADS_ENV = "VLP_SERVING_THREADS"
+
+
 def serve_child(argv: list[str]) -> None:
     """A model server's process, forked from the fork server: `transformers serve ARGS`. A watchdog thread ends it
     when its parent is gone (the fork server, which ends when the emulator that started it is gone, even by SIGKILL,
@@ -67,6 +71,15 @@ def serve_child(argv: list[str]) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, daemon=True).start()
+    threads = os.environ.get(SERVING_THREADS_ENV, "")
+    if threads:
+        # torch sized its thread pool when the fork server imported it; set it here, per server. Several stacks on
+        # few cores (the test suite) spend most of a second thread spinning: 2x the CPU for the same latency on the
+        # tiny model.
+        import torch
+
+        torch.set_num_threads(int(threads))
+    print(f"[emulator] torch threads: {__import__('torch').get_num_threads()}", flush=True)
     sys.argv = ["transformers", "serve", *argv]
     from transformers.cli.transformers import main
 
@@ -177,6 +190,11 @@ class ServingManager:
 
     def start(self, deployed_model_id: str, artifact_uri: str, container_spec: dict, timeout_s: float = 300) -> None:
         """Copies the model out of GCS and starts its server; returns once /health answers."""
+        threads = os.environ.get(SERVING_THREADS_ENV, "")
+        if threads and not (threads.isdigit() and int(threads) > 0):
+            raise ServingError(
+                f"{SERVING_THREADS_ENV}={threads!r}: set a whole number of threads (1 or more), or unset it"
+            )
         self.stop(deployed_model_id)
         model_dir = self.serving_dir / deployed_model_id / "model"
         log_path = self.log_path(deployed_model_id)
