@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast lint compile check
+.PHONY: setup demo test test-fast lint compile check durations
 
 $(BIN)/vlp: pyproject.toml components/step-packages.lock
 	$(PY) -m venv $(VENV)
@@ -39,3 +39,7 @@ compile: setup
 
 check: setup
 	$(BIN)/vlp check
+
+# Rewrites tests/durations.json, which orders `make test` longest first, from a full run's measured durations.
+durations: setup
+	$(BIN)/python -m pytest -q -n 3 --dist loadgroup --no-loadscope-reorder --store-durations
