@@ -22,6 +22,18 @@ from tests.processes import processes_naming
 os.environ.setdefault(SERVING_THREADS_ENV, "1")
 
 
+@pytest.fixture(autouse=True)
+def _environment_as_found() -> Iterator[None]:
+    """Each test leaves os.environ as it found it, so no test passes or fails by the order tests run in (the suite
+    runs longest first, below). Code under test may set variables for its own process on purpose: `vlp`'s main()
+    sets VLP_API_ENDPOINT for the steps it starts, which in-process calls would otherwise leave to later tests."""
+    before = dict(os.environ)
+    yield
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 @dataclass
 class HubMirror:
     """An olah mirror serving the git repos under `mirrors_dir`; `publish` adds or updates one."""

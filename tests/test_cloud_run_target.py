@@ -251,6 +251,8 @@ def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: 
         for key, value in stack.env(stack.bootstrap_owner("local-project")).items():
             if key.startswith("GCE_METADATA"):
                 monkeypatch.setenv(key, value)
+        # main() sets it for its process, as the CLI does; here the process is this test's worker, so undo it after.
+        monkeypatch.setenv("VLP_API_ENDPOINT", stack.api_endpoint)
         config = str(ROOT / "configs" / "local-demo-cloud-run.yaml")
         assert main(["--api-endpoint", stack.api_endpoint, "teardown", config, "--dry-run"]) == 0
         assert _chat(url, _token(url, ACCOUNT)) == 200

@@ -493,6 +493,22 @@ def test_hub_gate_proxies_the_mirror_and_injects_gated_repos(emu: Emulator, hub:
         size = (work / "tiny-llama" / "config.json").stat().st_size
         assert response.status == 206 and response.headers["Content-Range"] == f"bytes 0-9/{size}"
         assert response.read() == (work / "tiny-llama" / "config.json").read_bytes()[:10]
+    # Ranges anywhere in a file, as a mirror reads it in parts (served from the blob the gate extracted once).
+    weights = (work / "tiny-llama" / "model.safetensors").read_bytes()
+    n = len(weights)
+    for asked, first, last in (("1000-1999", 1000, 1999), ("-7", n - 7, n - 1), (f"{n - 5}-", n - 5, n - 1)):
+        request = urllib.request.Request(
+            f"{endpoint}/acme/tiny/resolve/{sha}/model.safetensors", headers={"Range": f"bytes={asked}"}
+        )
+        with urllib.request.urlopen(request) as response:
+            assert response.status == 206 and response.headers["Content-Range"] == f"bytes {first}-{last}/{n}"
+            assert response.read() == weights[first : last + 1], asked
+    request = urllib.request.Request(
+        f"{endpoint}/acme/tiny/resolve/{sha}/model.safetensors", headers={"Range": f"bytes={n}-"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as past_the_end:
+        urllib.request.urlopen(request)
+    assert past_the_end.value.code == 416 and past_the_end.value.headers["Content-Range"] == f"bytes */{n}"
 
     emu.faults.add("hub-gated")
     try:

@@ -9,6 +9,7 @@ import os
 import re
 import threading
 import urllib.parse
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -667,13 +668,16 @@ def _hub_proxy(emu: Any, method: str, path: str, query: dict[str, list[str]], bo
         total = response.getheader("content-length")
         wanted = re.fullmatch(r"\s*bytes=(\d+)-(\d+)\s*", request_headers.get("range", "") or "")
         local_blob = _local_mirror_blob(path) if status == 200 and method == "GET" else None
+        blob: Path | None = None
         if method == "HEAD":
             data = b""
         elif local_blob is not None:
             # olah reads a whole git blob before it sends a byte (~15 s for SmolLM2's 270 MB); the same
             # bytes come straight from the mirror's git repo, while olah still answers headers and metadata.
-            data = _read_blob(*local_blob, int(wanted.group(2)) + 1 if wanted else None)
-            total = _blob_size(*local_blob) if wanted else None
+            # Extracted once to a file, so that each range is a seek (a mirror reads a file in 32 MiB ranges).
+            blob = _blob_file(Path(emu.state_dir), *local_blob)
+            total = str(blob.stat().st_size)
+            data = b"" if "range" in request_headers else blob.read_bytes()
         elif status == 200 and wanted and total:
             # olah ignores Range and would send a 270 MB file for a 100 KB safetensors header read:
             # stop reading at the end of the range instead of buffering the whole file.
@@ -705,7 +709,9 @@ def _hub_proxy(emu: Any, method: str, path: str, query: dict[str, list[str]], bo
     if status == 200 and method == "GET" and "range" in request_headers:
         # An offline olah mirror ignores Range and sends the whole file; the Hub honours it, and
         # huggingface_hub resumes interrupted downloads with it, so the gate cuts the range itself.
-        return _apply_range(request_headers["range"], data, content_type, reply, int(total) if total else None)
+        read = _file_range(blob) if blob is not None else lambda start, end: data[start : end + 1]
+        size = int(total) if total else len(data)
+        return _apply_range(request_headers["range"], read, size, content_type, reply)
     return status, data, content_type, reply
 
 
@@ -752,35 +758,42 @@ def _missing_tree_path(path: str) -> bool:
     return listed.returncode == 0 and not listed.stdout.strip()
 
 
-def _read_blob(repo: Path, spec: str, limit: int | None) -> bytes:
-    """A git blob's bytes (the first `limit` of them), streamed by git cat-file."""
+def _blob_file(state_dir: Path, repo: Path, spec: str) -> Path:
+    """The git blob `spec` ("REV:FILE") of `repo` as a file, extracted once per blob (named by its object id, so a
+    new commit of the file is a new file) under the emulator's state dir."""
     import subprocess
 
-    with subprocess.Popen(["git", "-C", str(repo), "cat-file", "blob", spec], stdout=subprocess.PIPE) as proc:
-        assert proc.stdout is not None
-        data = proc.stdout.read() if limit is None else proc.stdout.read(limit)
-        proc.kill()
-    return data
-
-
-def _blob_size(repo: Path, spec: str) -> str:
-    import subprocess
-
-    return subprocess.run(
-        ["git", "-C", str(repo), "cat-file", "-s", spec], capture_output=True, text=True, check=True
+    oid = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--verify", "-q", spec], capture_output=True, text=True, check=True
     ).stdout.strip()
+    path = state_dir / "hub-blobs" / oid
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{oid}.{os.getpid()}.{threading.get_ident()}.partial")
+        with partial.open("wb") as out:
+            subprocess.run(["git", "-C", str(repo), "cat-file", "blob", oid], stdout=out, check=True)
+        partial.replace(path)  # whole or absent: two requests extracting at once each write their own partial
+    return path
+
+
+def _file_range(path: Path) -> Callable[[int, int], bytes]:
+    def read(start: int, end: int) -> bytes:
+        with path.open("rb") as f:
+            f.seek(start)
+            return f.read(end - start + 1)
+
+    return read
 
 
 def _apply_range(
-    range_header: str, data: bytes, content_type: str, reply: dict[str, str], size: int | None = None
+    range_header: str, read: Callable[[int, int], bytes], size: int, content_type: str, reply: dict[str, str]
 ) -> Answer:
-    """A 206 for `range_header` from `data`, which holds the file's first bytes (all of it when size is None)."""
-    size = len(data) if size is None else size
+    """A 206 for `range_header` of a file of `size` bytes, whose bytes start..end (inclusive) `read` gives."""
     headers = {k: v for k, v in reply.items() if k.lower() not in ("content-length", "content-range")}
     headers["Accept-Ranges"] = "bytes"
     match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", range_header)
     if not match or match.groups() == ("", ""):
-        return 200, data, content_type, headers  # multi-range or malformed: the full file, as servers may
+        return 200, read(0, size - 1), content_type, headers  # multi-range or malformed: the full file, as servers may
     first, last = match.groups()
     if first == "":
         start, end = max(size - int(last), 0), size - 1
@@ -790,7 +803,7 @@ def _apply_range(
         headers["Content-Range"] = f"bytes */{size}"
         return 416, b"", content_type, headers
     headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-    return 206, data[start : end + 1], content_type, headers
+    return 206, read(start, end), content_type, headers
 
 
 def _rewrite_location(emu: Any, upstream: str, location: str) -> str:
