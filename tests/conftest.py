@@ -208,27 +208,33 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks added here
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     known = json.loads(DURATIONS_PATH.read_text()) if DURATIONS_PATH.exists() else {}
 
+    def cost_of(item: pytest.Item) -> float:
+        return known.get(item.nodeid, default[_is_slow(item)])
+
     def median(slow: bool) -> float:
-        values = sorted(known[i.nodeid] for i in items if i.nodeid in known and _is_slow(i) == slow)
+        ids = [i.nodeid for i in items if _is_slow(i) == slow]
+        values = sorted(known[i] for i in ids if i in known)
         return values[len(values) // 2] if values else 0.0
 
     default = {True: median(True), False: median(False)}
-    # A module whose tests share a module-scoped fixture (a model server, a stack) stays one block: pytest tears
-    # such a fixture down when the next test is from another module, and would set it up again.
+    # A module's tests that share a module-scoped fixture (a stack, a model server) stay one block: in one worker,
+    # pytest tears such a fixture down when the next test is from another module, and would set it up again.
+    # (Workers take one test at a time, `--maxschedchunk 1`, so a block may still be shared by several workers,
+    # each setting the fixture up once: xdist's loadgroup, which would keep it on one, does not work with pytest
+    # 9.2, whose items ignore the `_nodeid` xdist rewrites.)
     groups: dict[str, list[pytest.Item]] = {}
     for item in items:
-        groups.setdefault(item.nodeid.split("::")[0] if _shares_module_fixture(item) else item.nodeid, []).append(item)
-    cost = {key: sum(known.get(i.nodeid, default[_is_slow(i)]) for i in group) for key, group in groups.items()}
+        groups.setdefault(_module_of(item) if _shares_module_fixture(item) else item.nodeid, []).append(item)
+    cost = {key: sum(map(cost_of, group)) for key, group in groups.items()}
     # sorted() is stable and every worker collects the same items: all workers agree on the order, as xdist needs.
     items[:] = [item for key in sorted(groups, key=lambda k: -cost[k]) for item in groups[key]]
-    for key, group in groups.items():
-        if len(group) > 1:  # `--dist loadgroup` (make test) sends the block to one worker, in this order
-            for item in group:
-                item.add_marker(pytest.mark.xdist_group(key))
+
+
+def _module_of(item: pytest.Item) -> str:
+    return item.nodeid.split("::")[0]
 
 
 def _is_slow(item: pytest.Item) -> bool:
@@ -246,10 +252,8 @@ _MEASURED: dict[str, float] = {}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    # On the controller under xdist too: each worker's reports arrive here, the ids of grouped tests ending in
-    # "@GROUP" (loadgroup's suffix; GROUP is the module's file).
-    nodeid = report.nodeid.removesuffix("@" + report.nodeid.split("::")[0])
-    _MEASURED[nodeid] = _MEASURED.get(nodeid, 0.0) + report.duration
+    # On the controller under xdist too: each worker's reports arrive here.
+    _MEASURED[report.nodeid] = _MEASURED.get(report.nodeid, 0.0) + report.duration
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
