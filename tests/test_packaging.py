@@ -129,9 +129,7 @@ def test_the_core_installs_without_the_local_stack_and_works_from_any_directory(
     compile work, and compile writes where it is told, not into site-packages."""
     venv = tmp_path / "venv"
     subprocess.run([PY, "-m", "venv", str(venv)], check=True)
-    # --no-compile: pip would byte-compile every installed file (aiplatform alone is thousands); Python compiles
-    # what the commands below import, as a user's first run does.
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-qq", "--disable-pip-version-check", "--no-compile"]
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-qq", "--disable-pip-version-check"]
     done = subprocess.run([*pip, str(ROOT), "-c", str(LOCK_FILE)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     listed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=json"], capture_output=True)
