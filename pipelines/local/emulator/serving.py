@@ -71,15 +71,15 @@ def serve_child(argv: list[str]) -> None:
         os._exit(0)
 
     threading.Thread(target=watch, daemon=True).start()
+    import torch  # preloaded by the fork server: no import cost here
+
     threads = os.environ.get(SERVING_THREADS_ENV, "")
     if threads:
         # torch sized its thread pool when the fork server imported it; set it here, per server. Several stacks on
         # few cores (the test suite) spend most of a second thread spinning: 2x the CPU for the same latency on the
         # tiny model.
-        import torch
-
         torch.set_num_threads(int(threads))
-    print(f"[emulator] torch threads: {__import__('torch').get_num_threads()}", flush=True)
+    print(f"[emulator] torch threads: {torch.get_num_threads()}", flush=True)
     sys.argv = ["transformers", "serve", *argv]
     from transformers.cli.transformers import main
 
@@ -324,8 +324,8 @@ class ServingManager:
             return dead
         if server.crash_on_first_request:
             server.crash_on_first_request = False
-            self._crash(server)
-            return self._dead(server) or (500, google_error(500, "The model server crashed.", "INTERNAL"), _JSON)
+            self._crash(server)  # returns once the process is gone, so _dead answers
+            return self._dead(server)  # type: ignore[return-value]
         if server.engine == "tgi" and kind in ("rawPredict", "invoke"):
             # rawPredict reaches the container's predict route, which the DLC serves with vertex_compatibility;
             # invoke and a Cloud Run URL name the route themselves.
