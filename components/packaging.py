@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shutil
 import tempfile
@@ -182,24 +183,35 @@ _EMBED_ROOT = Path(tempfile.gettempdir()) / "vlp-embedded"
 def step_modules(module: str) -> list[str]:
     """The `components` modules a step's module can import, at module level or inside functions (read from
     the sources, not by importing them), so a step embeds only the code it can run."""
-    import ast
-
     src = Path(__file__).resolve().parent
     seen: set[str] = set()
     todo = [module.removeprefix("components.")]
     while todo:
         name = todo.pop()
-        if name in seen or not (src / f"{name}.py").is_file():
+        path = src / f"{name}.py"
+        if name in seen or not path.is_file():
             continue
         seen.add(name)
-        for node in ast.walk(ast.parse((src / f"{name}.py").read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "components":
-                todo += [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components."):
-                todo.append(node.module.split(".")[1])
-            elif isinstance(node, ast.Import):
-                todo += [a.name.split(".")[1] for a in node.names if a.name.startswith("components.")]
+        stat = path.stat()
+        todo += _components_imported(str(path), stat.st_mtime_ns, stat.st_size)
     return sorted(seen)
+
+
+@functools.lru_cache(maxsize=256)
+def _components_imported(path: str, mtime_ns: int, size: int) -> list[str]:
+    """The `components` modules one source file imports. Cached by the file's version (its mtime and size): a
+    compile builds about a hundred step components over the same few files, and parsing them was a third of it."""
+    import ast
+
+    names: list[str] = []
+    for node in ast.walk(ast.parse(Path(path).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module == "components":
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("components."):
+            names.append(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names += [a.name.split(".")[1] for a in node.names if a.name.startswith("components.")]
+    return names
 
 
 def lean_source(text: str) -> str:

@@ -208,13 +208,11 @@ def check_config_against_pipeline(cfg: DeploymentConfig, pipeline_inputs: dict[s
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    import yaml
-
-    from pipelines.compile import compile_all, compile_to_temp, template_default_problems
+    from pipelines.compile import compile_all, compile_to_temp, read_spec, template_default_problems
     from pipelines.presets import PRESETS_DIR
 
     # The generic template from the code-digest cache (local runs share it): compile_all below is the fresh compile.
-    spec = yaml.safe_load(compile_to_temp(reuse=True).read_text())
+    spec = read_spec(compile_to_temp(reuse=True).read_text())
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     files = args.configs or sorted(Path("configs").glob("*.yaml")) or sorted(PRESETS_DIR.glob("*.yaml"))
     checks: list[tuple[str, list[str]]] = []

@@ -83,11 +83,11 @@ def parse_time(text: str, time_zone: str = "UTC") -> datetime:
 
 
 def _load_spec(template_path: Path) -> dict[str, Any]:
-    import yaml
+    from pipelines.compile import read_spec
 
     if not template_path.is_file():
         raise ConfigError(f"compiled pipeline {template_path} not found: run `vlp compile` first")
-    return yaml.safe_load(template_path.read_text())
+    return read_spec(template_path.read_text())
 
 
 def schedule_request(

@@ -22,6 +22,23 @@ from tests.processes import processes_naming
 os.environ.setdefault(SERVING_THREADS_ENV, "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_model_fork_server() -> Iterator[None]:
+    """One model fork server per worker, shared by every stack the worker's tests start (VLP_MODEL_FORK_SERVER):
+    its preload (torch, transformers, `transformers serve`) costs ~5 s of CPU, which each stack paid again (59 times
+    a run, 19% of the suite's CPU). Its environment is the one each emulator gives a model server, but for names no
+    preloaded module reads when imported; a stack whose environment differs elsewhere starts its own, as before."""
+    from pipelines.local.emulator.serving import SHARED_FORK_SERVER_ENV, start_model_fork_server
+    from pipelines.local.peers import python_env
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    forks = start_model_fork_server(python_env(os.environ), label=f"model-servers:shared by test worker {worker}")
+    os.environ[SHARED_FORK_SERVER_ENV] = forks.socket_path
+    yield
+    os.environ.pop(SHARED_FORK_SERVER_ENV, None)
+    forks.close()
+
+
 @pytest.fixture(autouse=True)
 def _environment_as_found() -> Iterator[None]:
     """Each test leaves os.environ as it found it, so no test passes or fails by the order tests run in (the suite

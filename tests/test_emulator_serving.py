@@ -22,7 +22,13 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from pipelines.local.emulator import Emulator, create_emulator
-from pipelines.local.emulator.serving import SERVING_THREADS_ENV, WRONG_ANSWER, ServingError, ServingManager
+from pipelines.local.emulator.serving import (
+    SERVING_THREADS_ENV,
+    SHARED_FORK_SERVER_ENV,
+    WRONG_ANSWER,
+    ServingError,
+    ServingManager,
+)
 from pipelines.local.models import build_tiny_llama, publish_to_hub_mirror
 from pipelines.local.peers import Peer, start_fake_gcs, start_hub_mirror
 
@@ -299,13 +305,6 @@ def test_broken_model_raises_serving_error_with_the_log_tail(manager: ServingMan
         manager.start("dm-empty", f"gs://{BUCKET}/models/nothing-here/", VLLM_SPEC)
 
 
-def _children(pid: int) -> set[int]:
-    kids: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        kids.update(int(k) for k in (task / "children").read_text().split())
-    return kids
-
-
 def _gone(pid: int) -> bool:
     try:
         # A reparented child may linger as a zombie until init reaps it: that is dead too.
@@ -314,30 +313,40 @@ def _gone(pid: int) -> bool:
         return True
 
 
-def test_model_server_dies_with_the_emulator_process(work: Path, gcs: Peer) -> None:
-    # The emulator can be SIGKILLed (no atexit): its model servers must not outlive it.
+@pytest.mark.parametrize("fork_server", ["its own", "shared"])
+def test_model_server_dies_with_the_emulator_process(work: Path, gcs: Peer, fork_server: str) -> None:
+    """The emulator can be SIGKILLed (no atexit): its model servers must not outlive it, whether they were forked
+    from the emulator's own fork server or from one the stacks share (the suite's, which outlives every emulator)."""
+    state = work / f"orphan-{fork_server.replace(' ', '-')}"
     script = (
         "import sys, threading, time\n"
         "from pathlib import Path\n"
         "from pipelines.local.emulator.serving import ServingManager\n"
-        f"m = ServingManager(Path({str(work / 'orphan')!r}), {gcs.url!r}, set())\n"
+        f"m = ServingManager(Path({str(state)!r}), {gcs.url!r}, set())\n"
         f"threading.Thread(target=m.start, args=('dm-orphan', {GOOD_URI!r}, {{}}), daemon=True).start()\n"
         "time.sleep(600)\n"
     )
     repo_root = Path(__file__).resolve().parents[1]
-    parent = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=repo_root, env={**os.environ, "PYTHONPATH": str(repo_root)}
-    )
+    env = {**os.environ, "PYTHONPATH": str(repo_root)}
+    if fork_server == "its own":
+        env.pop(SHARED_FORK_SERVER_ENV, None)
+    else:
+        assert env.get(SHARED_FORK_SERVER_ENV), "the suite's shared model fork server is not set"
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=repo_root, env=env)
     try:
-        # The emulator's child is the fork server its model servers are forked from: wait for the model server.
+        # Every process of it names the state dir: the model server (its command line says so), and its own fork
+        # server when it has one. The emulator's script names it too: it is not counted.
         deadline = time.monotonic() + 120
-        while not {grandchild for child in _children(parent.pid) for grandchild in _children(child)}:
+        while not any(b"vlp model server dm-orphan" in line for line in _naming(state, parent.pid).values()):
             assert parent.poll() is None and time.monotonic() < deadline, "the model server never started"
             time.sleep(0.1)
-        tree = _children(parent.pid) | {grandchild for child in _children(parent.pid) for grandchild in _children(child)}
+        tree = set(_naming(state, parent.pid))
     finally:
         parent.kill()
         parent.wait()
+    log = (state / "serving" / "dm-orphan.log").read_text()
+    assert ("forked from the shared fork server" in log) == (fork_server == "shared"), log
+    assert len(tree) == (2 if fork_server == "its own" else 1), tree
     deadline = time.monotonic() + 10
     while not all(_gone(pid) for pid in tree) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -345,6 +354,20 @@ def test_model_server_dies_with_the_emulator_process(work: Path, gcs: Peer) -> N
     for pid in survivors:
         os.kill(pid, signal.SIGKILL)  # do not leak it into the rest of the run
     assert not survivors, "the model server (or its fork server) outlived the emulator that started it"
+
+
+def _naming(state: Path, emulator_pid: int) -> dict[int, bytes]:
+    """pid -> command line of the live processes whose command line names `state`, but the emulator's."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != emulator_pid and not _gone(int(proc.name)):
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(state).encode() in cmdline:
+                found[int(proc.name)] = cmdline
+    return found
 
 
 # ----- side APIs, through the emulator's HTTP server -----

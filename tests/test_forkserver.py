@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from pipelines.local.forkserver import ForkServer
+from pipelines.local.forkserver import ForkServer, SharedForkServer
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = "tests.processes:forked_child"  # what the child does is chosen by its first argument
@@ -60,6 +61,39 @@ def test_wait_times_out_and_a_signal_to_the_group_stops_the_child(server: ForkSe
     assert child.poll() is None
     os.killpg(child.pid, signal.SIGTERM)  # pid is its process group, as with start_new_session=True
     assert child.wait(timeout=30) == -signal.SIGTERM
+
+
+def test_a_shared_server_says_its_environment_and_its_children_name_themselves(tmp_path: Path) -> None:
+    """Another process's fork server, used through its socket: it tells the environment its preload saw (what a
+    caller compares before sharing it), and a child given a title shows it as its command line (ps, /proc), where a
+    stack's leftovers are looked for by state dir."""
+    forks = ForkServer(["json"], env={**os.environ, "SERVER_ONLY": "yes"}, title_room=512)
+    try:
+        shared = SharedForkServer(forks.socket_path)
+        assert shared.pid == forks.process.pid and shared.alive()
+        assert shared.env["SERVER_ONLY"] == "yes"
+        assert shared.differences({**shared.env, "VLP_X": "1", "PYTEST_Y": "2"}, ("VLP_", "PYTEST_")) == []
+        mine = {**shared.env, "SERVER_ONLY": "no", "EXTRA": "1"}
+        mine.pop("PATH", None)
+        assert shared.differences(mine, ("VLP_",)) == ["EXTRA", "PATH", "SERVER_ONLY"]
+        title = f"vlp model server dm-1 model-servers:{tmp_path / 'state'}"
+        with (tmp_path / "out.txt").open("wb") as stream:
+            child = shared.spawn(TARGET, ["sleep"], env={}, cwd=str(tmp_path), stdout_fd=stream.fileno(), title=title)
+        try:
+            # The child writes it first thing after the fork, which spawn does not wait for.
+            cmdline = Path(f"/proc/{child.pid}/cmdline")
+            deadline = time.monotonic() + 10
+            while cmdline.read_bytes().rstrip(b"\0") != title.encode() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert cmdline.read_bytes().rstrip(b"\0") == title.encode()
+            assert Path(f"/proc/{forks.process.pid}/cmdline").read_bytes().startswith(sys.executable.encode())
+        finally:
+            child.kill()
+        assert child.wait(timeout=30) == -signal.SIGKILL
+        shared.close()  # not its owner: the server keeps running
+        assert forks.alive()
+    finally:
+        forks.close()
 
 
 def test_a_module_that_reads_the_environment_when_imported_is_reloaded_in_the_child(tmp_path: Path) -> None:
@@ -133,3 +167,33 @@ def test_every_preloaded_module_that_reads_the_environment_when_imported_is_know
     found = set(json.loads(result.stdout))
     unknown = found - set(step_launch.ENV_AT_IMPORT) - {"pipelines.local.step_launch", "pipelines.local.forkserver"}
     assert not unknown, f"modules that read the environment when imported, not in step_launch.ENV_AT_IMPORT: {unknown}"
+
+
+_MODEL_AUDIT = r"""
+import json, os, sys
+before = set(sys.modules)
+from pipelines.local.emulator.serving import _PRELOAD, IMPORT_SAFE_PREFIXES
+import importlib
+for name in _PRELOAD:
+    importlib.import_module(name)
+found = []
+for name, module in list(sys.modules.items()):
+    path = getattr(module, "__file__", None) or ""
+    if name in before or not path.endswith(".py") or not os.path.isfile(path) or name.startswith("pipelines."):
+        continue
+    text = open(path, encoding="utf-8", errors="replace").read()
+    found += [f"{name}: {prefix}" for prefix in IMPORT_SAFE_PREFIXES if prefix in text]
+print(json.dumps(sorted(found)))
+"""
+
+
+@pytest.mark.slow
+def test_no_module_the_model_servers_preload_names_a_variable_a_shared_server_may_differ_in() -> None:
+    """The audit behind serving.IMPORT_SAFE_PREFIXES: stacks share a model fork server although their environments
+    differ in VLP_* and PYTEST_* variables, which is sound only while no module of its preload (torch, transformers,
+    `transformers serve`) mentions such a name at all (stricter than reading one when imported)."""
+    import json
+
+    result = subprocess.run([sys.executable, "-c", _MODEL_AUDIT], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout) == []

@@ -18,7 +18,16 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipelines.local.peers import RUN_LOCK, LocalStack, StateDirBusy, _alive, _log_tail, lock_state_dir
+from pipelines.local.peers import (
+    REPO_ROOT,
+    RUN_LOCK,
+    LocalStack,
+    StateDirBusy,
+    _alive,
+    _log_tail,
+    lock_state_dir,
+    python_env,
+)
 
 STACK_FILE = "stack.json"
 UP_TIMEOUT_S = 120.0
@@ -63,9 +72,7 @@ def up(state_dir: Path, timeout: float = UP_TIMEOUT_S) -> dict[str, Any]:
     lock_state_dir(state_dir, "vlp local up").close()
     log_path = state_dir / "logs" / "stack.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    repo_root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root), env.get("PYTHONPATH", "")) if p)
+    env = python_env(os.environ)
     with log_path.open("ab") as log:
         offset = log.tell()
         process = subprocess.Popen(
@@ -73,7 +80,7 @@ def up(state_dir: Path, timeout: float = UP_TIMEOUT_S) -> dict[str, Any]:
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=repo_root,
+            cwd=REPO_ROOT,
             env=env,
             start_new_session=True,  # outlives this command and the terminal's Ctrl-C
         )

@@ -91,11 +91,28 @@ def _exit_code(exc: SystemExit) -> int:
     return 1
 
 
+def _set_command_line(title: str) -> None:
+    """Rewrites this process's command line (what ps and /proc/PID/cmdline show) in place, within the bytes the
+    server's own argv took: a child of a server that other callers share says whose it is there. The argv memory is
+    written through /proc/self/mem, which a process may always do to itself (no privilege); best effort."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end: fields 48 and 49 of proc(5)
+        data = title.encode()[: end - start - 1]
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            mem.write(data + b"\0" * (end - start - len(data)))
+    except (OSError, ValueError, IndexError):
+        pass
+
+
 def _run_child(request: dict[str, Any], out_fd: int, reload: list[str]) -> None:
     """In the forked child: become the requested process, run its target, end as an interpreter ends."""
     code = 1
     try:
         os.setsid()
+        if request.get("title"):
+            _set_command_line(request["title"])
         signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
@@ -152,6 +169,7 @@ def serve(socket_path: str, spec: dict[str, Any]) -> None:
     watchdog = threading.Thread(target=orphaned_while_preloading, daemon=True)
     watchdog.start()
     os.environ.update(spec.get("env_at_preload", {}))
+    started_env = dict(os.environ)
     if spec.get("allowed") is not None:
         _block_outside(spec["allowed"])
     for module in spec.get("preload", []):
@@ -160,6 +178,9 @@ def serve(socket_path: str, spec: dict[str, Any]) -> None:
         except ImportError:
             pass  # outside this server's package set: its children import it (or fail to) as a fresh process would
     preloading.clear()
+    # What a sharing caller compares its environment with: the server's before the preload, and after it, which may
+    # have set some (torch sets TORCHINDUCTOR_CACHE_DIR, as it does in a caller that imported torch too).
+    preloaded_env = dict(os.environ)
     watchdog.join()  # no thread but this one from here on: forking a process with other threads is unsafe
     reload = list(spec.get("reload", []))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -187,6 +208,15 @@ def serve(socket_path: str, spec: dict[str, Any]) -> None:
             try:
                 request, fds = _recv(conn, max_fds=1)
             except (OSError, EOFError, ValueError):
+                conn.close()
+                continue
+            if request.get("describe"):
+                # A caller that shares this server (SharedForkServer) compares its environment with the one the
+                # preloaded modules saw.
+                try:
+                    _send(conn, {"env": preloaded_env, "env_before": started_env, "pid": os.getpid()})
+                except OSError:
+                    pass
                 conn.close()
                 continue
             sys.stdout.flush()
@@ -221,6 +251,21 @@ def serve(socket_path: str, spec: dict[str, Any]) -> None:
 
 
 # ----- the caller's side -----
+
+
+def _spawn(
+    socket_path: str, target: str, argv: list[str], *, env: dict[str, str], cwd: str, stdout_fd: int, title: str
+) -> Forked:
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.connect(socket_path)
+        request = {"target": target, "argv": argv, "env": env, "cwd": cwd, **({"title": title} if title else {})}
+        _send(conn, request, [stdout_fd])
+        reply, _ = _recv(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return Forked(conn, int(reply["pid"]), [target, *argv[:1]])
 
 
 class Forked:
@@ -299,6 +344,7 @@ class ForkServer:
         env_at_preload: dict[str, str] | None = None,
         stderr: Any = None,
         label: str = "",
+        title_room: int = 0,
     ) -> None:
         self.env = {**env, **(env_at_preload or {})}
         self.same_env = list(same_env or [])
@@ -306,7 +352,12 @@ class ForkServer:
         self.socket_path = str(Path(self._dir) / "s")
         spec = {"preload": preload, "allowed": allowed, "reload": reload or [], "env_at_preload": env_at_preload or {}}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.local.forkserver", self.socket_path, json.dumps(spec), *([label] if label else [])],
+            [
+                sys.executable, "-m", "pipelines.local.forkserver", self.socket_path, json.dumps(spec),
+                *([label] if label else []),
+                # Room in argv for the command lines its children write (_set_command_line): blanks.
+                *([" " * title_room] if title_room else []),
+            ],  # fmt: skip
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr,
@@ -327,14 +378,13 @@ class ForkServer:
         import by modules that cannot be reloaded have the server's values."""
         return self.alive() and all(env.get(name) == self.env.get(name) for name in self.same_env)
 
-    def spawn(self, target: str, argv: list[str], *, env: dict[str, str], cwd: str, stdout_fd: int) -> Forked:
+    def spawn(
+        self, target: str, argv: list[str], *, env: dict[str, str], cwd: str, stdout_fd: int, title: str = ""
+    ) -> Forked:
         """Fork a child running `target(argv)` with this environment and directory, its stdout and stderr on
-        `stdout_fd` (the caller keeps its own copy of the descriptor and closes it when it likes)."""
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.connect(self.socket_path)
-        _send(conn, {"target": target, "argv": argv, "env": env, "cwd": cwd}, [stdout_fd])
-        reply, _ = _recv(conn)
-        return Forked(conn, int(reply["pid"]), [target, *argv[:1]])
+        `stdout_fd` (the caller keeps its own copy of the descriptor and closes it when it likes); `title`, when
+        given, becomes its command line (as much as the server's title_room holds)."""
+        return _spawn(self.socket_path, target, argv, env=env, cwd=cwd, stdout_fd=stdout_fd, title=title)
 
     def close(self) -> None:
         """Stop the server (its running children go on to their own end)."""
@@ -348,6 +398,47 @@ class ForkServer:
         if self.process.stdout is not None:
             self.process.stdout.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class SharedForkServer:
+    """A fork server another process started and owns (its socket path), used as ForkServer is: `env` is the
+    environment its preloaded modules were imported with. close() leaves it running for its owner."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.settimeout(10)
+            conn.connect(socket_path)
+            _send(conn, {"describe": True})
+            reply, _ = _recv(conn)
+        finally:
+            conn.close()
+        self.env: dict[str, str] = dict(reply["env"])
+        self.env_before: dict[str, str] = dict(reply["env_before"])
+        self.pid = int(reply["pid"])
+
+    def alive(self) -> bool:
+        return _exists(self.pid)
+
+    def differences(self, env: dict[str, str], ignore_prefixes: tuple[str, ...]) -> list[str]:
+        """The variables whose value in `env` differs from the server's, before its preload and after it (a variable
+        the preload set itself may have either value), but for names with `ignore_prefixes` (ones no preloaded
+        module reads when imported; the caller audits that)."""
+        names = set(env) | set(self.env) | set(self.env_before)
+        return sorted(
+            n
+            for n in names
+            if not n.startswith(ignore_prefixes) and env.get(n) not in (self.env.get(n), self.env_before.get(n))
+        )
+
+    def spawn(
+        self, target: str, argv: list[str], *, env: dict[str, str], cwd: str, stdout_fd: int, title: str = ""
+    ) -> Forked:
+        return _spawn(self.socket_path, target, argv, env=env, cwd=cwd, stdout_fd=stdout_fd, title=title)
+
+    def close(self) -> None:
+        pass
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -79,6 +79,18 @@ def _log_tail(log_path: Path, offset: int = 0, lines: int = 30) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def python_env(base: Mapping[str, str]) -> dict[str, str]:
+    """`base` as the stack's own Python processes (the background process, the emulator) get it: this repository
+    first on PYTHONPATH, once (they run its modules whatever the caller's cwd), and output unbuffered."""
+    env = {**base, "PYTHONUNBUFFERED": "1"}
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO_ROOT)]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *rest])
+    return env
 
 
 def _spawn(
@@ -335,15 +347,13 @@ def _start_emulator(
         argv += ["--fault", fault]
     # The emulator is this project's own module: run it from the repository root whatever the
     # caller's cwd, and unbuffered so the READY line reaches the log as soon as it is printed.
-    repo_root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = python_env(os.environ)
     if hub_mirrors_dir is not None:
         env["VLP_HUB_MIRRORS_DIR"] = str(Path(hub_mirrors_dir).resolve())
     if gcs_data_dir is not None:
         # Where fake-gcs-server keeps object bytes: the storage gate computes crc32c from them, as GCS does.
         env["VLP_GCS_DATA_DIR"] = str(Path(gcs_data_dir).resolve())
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root), env.get("PYTHONPATH", "")) if p)
-    process, offset = _spawn("emulator", argv, log_path, cwd=repo_root, env=env)
+    process, offset = _spawn("emulator", argv, log_path, cwd=REPO_ROOT, env=env)
     peer = Peer("emulator", "", process, log_path)
     peer.url = _wait_ready_line(peer, offset, timeout)
     return peer

@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -57,17 +58,55 @@ _PRELOAD = [
 
 # CPU threads each local model server may use (torch's intra-op pool); unset: torch's default, one per core.
 SERVING_THREADS_ENV = "VLP_SERVING_THREADS"
+# The socket of a model fork server that several stacks share (one per test worker in the suite: the preload above
+# costs ~5 s of CPU, once per stack otherwise). Used only where the environment the server preloaded with equals
+# the model server's, but for names with IMPORT_SAFE_PREFIXES, which no preloaded module reads when imported
+# (tests/test_forkserver.py audits that); else the emulator starts its own, and the model server's log says why.
+SHARED_FORK_SERVER_ENV = "VLP_MODEL_FORK_SERVER"
+IMPORT_SAFE_PREFIXES = ("VLP_", "PYTEST_")
+# The emulator a model server belongs to: the server ends when that process is gone, whichever fork server forked it.
+OWNER_ENV = "VLP_MODEL_SERVER_OWNER"
+# Room for a shared server's children's command lines, which name their state dir (_set_command_line).
+TITLE_ROOM = 4096
+
+
+def model_server_env(base: dict[str, str]) -> dict[str, str]:
+    """A model server's environment, from the emulator's: offline (it serves the weights from their GCS copy only:
+    no Hub traffic, no Hub token), unbuffered."""
+    env = dict(base)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
+        env.pop(name, None)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_DISABLE_UPDATE_CHECK="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def start_model_fork_server(env: dict[str, str], label: str) -> Any:
+    """A fork server with the model servers' preload, whose children may name themselves (TITLE_ROOM)."""
+    from pipelines.local.forkserver import ForkServer
+
+    return ForkServer(_PRELOAD, env=model_server_env(env), label=label, title_room=TITLE_ROOM)
 
 
 def serve_child(argv: list[str]) -> None:
     """A model server's process, forked from the fork server: `transformers serve ARGS`. A watchdog thread ends it
-    when its parent is gone (the fork server, which ends when the emulator that started it is gone, even by SIGKILL,
-    where atexit never runs). PR_SET_PDEATHSIG is not used because it fires when the *thread* that forked exits."""
-    parent = os.getppid()
+    when the emulator that asked for it (OWNER_ENV) is gone, even by SIGKILL, where atexit never runs; the fork
+    server may be one that outlives it. PR_SET_PDEATHSIG is not used because it fires when the *thread* that forked
+    exits, and the parent may be a shared fork server."""
+    owner = int(os.environ.get(OWNER_ENV) or os.getppid())
 
     def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1)
+        # A pidfd becomes readable when the process ends, and names that process only (no pid reuse).
+        try:
+            handle = os.pidfd_open(owner)
+        except ProcessLookupError:
+            os._exit(0)
+        select.select([handle], [], [])
         os._exit(0)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -202,25 +241,18 @@ class ServingManager:
         self._copy_model(artifact_uri, model_dir)
 
         port = _free_port()
-        env = dict(os.environ)
-        # Serving reads weights from the GCS copy only: no Hub traffic, no Hub token.
-        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
-            env.pop(name, None)
-        env.update(
-            HF_HUB_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            HF_HUB_DISABLE_UPDATE_CHECK="1",
-            HF_HUB_DISABLE_TELEMETRY="1",
-            PYTHONUNBUFFERED="1",
-        )
+        env = {**model_server_env(dict(os.environ)), OWNER_ENV: str(os.getpid())}
         args = [str(model_dir), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--log-level", "info"]
         with log_path.open("ab") as log:
             log.write(f"[emulator] starting model server for {deployed_model_id} on port {port}\n".encode())
+            forks, how = self._fork_server(env)
+            log.write(f"[emulator] {how}\n".encode())
             log.flush()
-            # In a session of its own: stop() signals the whole tree.
-            process = self._fork_server(env).spawn(
+            # In a session of its own: stop() signals the whole tree. Its command line names the state dir, as
+            # every process of a stack does (`vlp local down` and the tests find leftovers by it).
+            process = forks.spawn(
                 "pipelines.local.emulator.serving:serve_child", args, env=env, cwd=str(model_dir.parent),
-                stdout_fd=log.fileno(),
+                stdout_fd=log.fileno(), title=f"vlp model server {deployed_model_id} model-servers:{self.state_dir}",
             )  # fmt: skip
         server = _Server(
             deployed_model_id, engine_for(container_spec), model_dir, log_path, port, process, container_spec
@@ -253,18 +285,32 @@ class ServingManager:
         # memory on its first generation does), not on a timer, which a fast smoke test could outrun.
         server.crash_on_first_request = "server-crash" in self.faults
 
-    def _fork_server(self, env: dict[str, str]) -> Any:
-        """The fork server the model servers start from (one per environment; the emulator's never changes)."""
-        from pipelines.local.forkserver import ForkServer
+    def _fork_server(self, env: dict[str, str]) -> tuple[Any, str]:
+        """The fork server the model servers start from, and a line for the log saying which: the shared one
+        (SHARED_FORK_SERVER_ENV) where its environment allows, else the emulator's own (one per environment; the
+        emulator's never changes)."""
+        from pipelines.local.forkserver import SharedForkServer
 
         # Its own lock: starting the server takes seconds, and self._lock guards what every API call reads.
         with self._fork_lock:
-            if self._forks is None or not self._forks.alive() or self._forks.env != env:
+            why_not = ""
+            shared_path = env.get(SHARED_FORK_SERVER_ENV, "")
+            if shared_path:
+                try:
+                    shared = SharedForkServer(shared_path)
+                except (OSError, EOFError, ValueError, KeyError) as exc:
+                    why_not = f"the shared fork server at {shared_path} does not answer ({exc})"
+                else:
+                    differs = shared.differences(env, IMPORT_SAFE_PREFIXES)
+                    if not differs:
+                        return shared, f"forked from the shared fork server at {shared_path}"
+                    why_not = f"the shared fork server's environment differs in {', '.join(differs)}"
+            if self._forks is None or not self._forks.alive() or self._forks.env != model_server_env(env):
                 if self._forks is not None:
                     self._forks.close()
                 # sys.executable is the venv's interpreter, so this works without an activated venv.
-                self._forks = ForkServer(_PRELOAD, env=env, label=f"model-servers:{self.state_dir}")
-            return self._forks
+                self._forks = start_model_fork_server(env, label=f"model-servers:{self.state_dir}")
+            return self._forks, "forked from this emulator's fork server" + (f" ({why_not})" if why_not else "")
 
     def stop(self, deployed_model_id: str, remove_copy: bool = False) -> None:
         """Stops a model server: SIGTERM to its process group, SIGKILL if it lingers. `remove_copy` (the model
