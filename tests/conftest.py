@@ -22,21 +22,47 @@ from tests.processes import processes_naming
 os.environ.setdefault(SERVING_THREADS_ENV, "1")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _shared_model_fork_server() -> Iterator[None]:
-    """One model fork server per worker, shared by every stack the worker's tests start (VLP_MODEL_FORK_SERVER):
-    its preload (torch, transformers, `transformers serve`) costs ~5 s of CPU, which each stack paid again (59 times
-    a run, 19% of the suite's CPU). Its environment is the one each emulator gives a model server, but for names no
-    preloaded module reads when imported; a stack whose environment differs elsewhere starts its own, as before."""
+_SHARED: list[Any] = []  # the fork servers this process started for the session, closed at its end
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Fork servers the whole session shares, started by the main process before xdist starts its workers (which
+    inherit the variables below), unless the run leaves the whole runs out (`-m "not slow"`):
+    - one for model servers, used by every stack (VLP_MODEL_FORK_SERVER): its preload (torch, transformers,
+      `transformers serve`) costs ~5 s of CPU, which each stack paid again (59 stacks, 19% of the suite's CPU). Its
+      environment is the one an emulator gives a model server, but for names no preloaded module reads when imported
+      (the workers' PYTEST_XDIST_* differ); a stack whose environment differs elsewhere starts its own, as before;
+    - one per step package set (VLP_STEP_FORK_SERVERS), used by the workers' runs and by the `vlp run --local`
+      commands the tests run, whose steps would otherwise each start cold (~1.5 s of CPU a step)."""
+    if hasattr(session.config, "workerinput") or "not slow" in (session.config.getoption("markexpr") or ""):
+        return
+    import tempfile
+
+    from pipelines.local import step_launch
     from pipelines.local.emulator.serving import SHARED_FORK_SERVER_ENV, start_model_fork_server
     from pipelines.local.peers import python_env
 
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    forks = start_model_fork_server(python_env(os.environ), label=f"model-servers:shared by test worker {worker}")
+    forks = start_model_fork_server(python_env(os.environ), label="model-servers:shared by the test session")
+    _SHARED.append(forks)
     os.environ[SHARED_FORK_SERVER_ENV] = forks.socket_path
-    yield
-    os.environ.pop(SHARED_FORK_SERVER_ENV, None)
-    forks.close()
+    steps = Path(tempfile.mkdtemp(prefix="vlp-step-fork-servers-"))
+    step_launch.share_servers(steps)
+    os.environ[step_launch.SHARED_SERVERS_ENV] = str(steps)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    from pipelines.local import step_launch
+
+    for forks in _SHARED:
+        forks.close()
+    step_launch.close_servers()
+    directory = os.environ.pop(step_launch.SHARED_SERVERS_ENV, "")
+    if _SHARED and directory:
+        import shutil
+
+        shutil.rmtree(directory, ignore_errors=True)
+    _SHARED.clear()
 
 
 @pytest.fixture(autouse=True)

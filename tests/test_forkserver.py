@@ -197,3 +197,32 @@ def test_no_module_the_model_servers_preload_names_a_variable_a_shared_server_ma
     result = subprocess.run([sys.executable, "-c", _MODEL_AUDIT], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout) == []
+
+
+@pytest.mark.slow
+def test_the_session_publishes_a_step_server_per_package_set_for_every_run_in_it(tmp_path: Path) -> None:
+    """The suite's runs, in a worker or as `vlp run --local` commands, find the session's step servers (conftest,
+    step_launch.share_servers): one per package set, forking under the same SAME_ENV rule as a server of their own,
+    each child naming its run's step sets file (in the state dir) on its command line."""
+    from pipelines.local import step_launch
+    from pipelines.local.import_guard import allowed_by_op
+
+    assert os.environ.get(step_launch.SHARED_SERVERS_ENV), "the suite's step servers are not published"
+    sets = {tuple(v) for v in allowed_by_op().values()}
+    published = {allowed: step_launch._published(allowed) for allowed in sets}
+    step_env = {**os.environ, "_KFP_RUNTIME": "true"}  # what step_launch.start asks with
+    assert all(server is not None and server.can_fork(step_env) for server in published.values()), published
+    server = next(iter(published.values()))
+    assert not server.can_fork({**step_env, "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION": "python"})
+    title = f"vlp step preflight_op of the run with step sets {tmp_path / 'state' / 'step-packages.json'}"
+    with (tmp_path / "out.txt").open("wb") as stream:
+        child = server.spawn(TARGET, ["sleep"], env={}, cwd=str(tmp_path), stdout_fd=stream.fileno(), title=title)
+    try:
+        cmdline = Path(f"/proc/{child.pid}/cmdline")
+        deadline = time.monotonic() + 10
+        while str(tmp_path / "state").encode() not in cmdline.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cmdline.read_bytes().rstrip(b"\0") == title.encode()
+    finally:
+        child.kill()
+    assert child.wait(timeout=30) == -signal.SIGKILL

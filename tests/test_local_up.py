@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from pipelines.local.emulator.serving import SERVING_THREADS_ENV, SHARED_FORK_SERVER_ENV
+from pipelines.local.step_launch import SHARED_SERVERS_ENV
 from tests.processes import processes_naming
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,10 +26,10 @@ pytestmark = pytest.mark.slow
 
 def _clean_env() -> dict[str, str]:
     """A person's shell: none of the local stack's or a Google account's variables set. The suite's model-server
-    thread count and shared model fork server stay (a person may set them too): they say how much CPU a model server
-    takes, not where anything is."""
+    thread count and shared fork servers stay (a person may set them too): they say how much CPU a model server or
+    a step takes, not where anything is."""
     drop = ("GOOGLE_APPLICATION_CREDENTIALS", "GCE_METADATA", "STORAGE_EMULATOR_HOST", "HF_ENDPOINT", "VLP_")
-    keep = (SERVING_THREADS_ENV, SHARED_FORK_SERVER_ENV)
+    keep = (SERVING_THREADS_ENV, SHARED_FORK_SERVER_ENV, SHARED_SERVERS_ENV)
     return {k: v for k, v in os.environ.items() if not k.startswith(drop) or k in keep}
 
 

@@ -402,10 +402,12 @@ class ForkServer:
 
 class SharedForkServer:
     """A fork server another process started and owns (its socket path), used as ForkServer is: `env` is the
-    environment its preloaded modules were imported with. close() leaves it running for its owner."""
+    environment its preloaded modules were imported with, `same_env` what can_fork compares. close() leaves it
+    running for its owner."""
 
-    def __init__(self, socket_path: str) -> None:
+    def __init__(self, socket_path: str, same_env: list[str] | None = None) -> None:
         self.socket_path = socket_path
+        self.same_env = list(same_env or [])
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             conn.settimeout(10)
@@ -420,6 +422,10 @@ class SharedForkServer:
 
     def alive(self) -> bool:
         return _exists(self.pid)
+
+    def can_fork(self, env: dict[str, str]) -> bool:
+        """As ForkServer.can_fork: the server runs, and `same_env`'s variables have its values in `env`."""
+        return self.alive() and all(env.get(name) == self.env.get(name) for name in self.same_env)
 
     def differences(self, env: dict[str, str], ignore_prefixes: tuple[str, ...]) -> list[str]:
         """The variables whose value in `env` differs from the server's, before its preload and after it (a variable

@@ -19,6 +19,7 @@ A command of another shape runs as kfp.local would run it.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import re
 import shlex
@@ -26,9 +27,11 @@ import subprocess
 import tempfile
 import threading
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
-from pipelines.local.forkserver import ForkServer
+from pipelines.local.forkserver import ForkServer, SharedForkServer
+from pipelines.local.import_guard import ENV_FLAG
 
 # What every step server imports before forking (each only where the step's package set holds it).
 PRELOAD = [
@@ -67,7 +70,16 @@ SAME_ENV = sorted({v for module, names in ENV_AT_IMPORT.items() if module not in
 _PIP_SPEC = re.compile(r"'([A-Za-z0-9_.\-\[\]]+)==([^';\s]+)'")
 _LAUNCH_MARK = '"$program_path/ephemeral_component.py"'
 
-_servers: dict[tuple[str, ...], ForkServer] = {}
+# A directory where a process that keeps step fork servers (each test worker: share_servers) publishes their sockets,
+# a file per package set; a `vlp run --local` started with it set forks its steps from them, where otherwise each
+# package set's first steps in that process start cold (~1.5 s of CPU each; the suite runs `vlp run` as a command a
+# dozen times). The same rule as for a server of its own: SAME_ENV must match (SharedForkServer.can_fork).
+SHARED_SERVERS_ENV = "VLP_STEP_FORK_SERVERS"
+# Room for a forked step's command line, which names its run's step sets file (in the state dir), so a step left
+# running is found by its state dir as a cold one is (forkserver._set_command_line).
+TITLE_ROOM = 4096
+
+_servers: dict[tuple[str, ...], Any] = {}
 _uses: dict[tuple[str, ...], int] = {}
 _checked: dict[str, str] = {}
 _lock = threading.Lock()
@@ -127,26 +139,64 @@ def _check_pip(pip_script: str) -> str:
     return _checked[pip_script]
 
 
-def _server(allowed: list[str]) -> ForkServer | None:
-    """The fork server of a package set, from the set's second step on in this process (None before): a server
-    costs what a cold step costs, so it pays only from its second child (a second run, or deploy then smoke)."""
+def _server(allowed: list[str]) -> Any:
+    """The fork server of a package set: one this process runs, else one published in SHARED_SERVERS_ENV's
+    directory, else a new one from the set's second step on in this process (None before): a server costs what a
+    cold step costs, so it pays only from its second child (a second run, or deploy then smoke)."""
     key = tuple(allowed)
     with _lock:
         _uses[key] = _uses.get(key, 0) + 1
-        if _uses[key] < 2:
-            return None
         server = _servers.get(key)
-        if server is None or not server.alive():
-            server = ForkServer(
-                PRELOAD,
-                env=base_env or dict(os.environ),
-                allowed=allowed,
-                reload=RELOAD,
-                same_env=SAME_ENV,
-                env_at_preload={"_KFP_RUNTIME": "true"},
-            )
-            _servers[key] = server
-        return server
+        if server is not None and server.alive():
+            return server
+        server = _published(key)
+        if server is None and _uses[key] < 2:
+            return None
+        _servers[key] = server or _start_server(key)
+        return _servers[key]
+
+
+def _start_server(allowed: tuple[str, ...]) -> ForkServer:
+    return ForkServer(
+        PRELOAD,
+        env=base_env or dict(os.environ),
+        allowed=list(allowed),
+        reload=RELOAD,
+        same_env=SAME_ENV,
+        env_at_preload={"_KFP_RUNTIME": "true"},
+        title_room=TITLE_ROOM,
+    )
+
+
+def _set_file(directory: str | Path, allowed: tuple[str, ...]) -> Path:
+    return Path(directory) / hashlib.sha256("\n".join(allowed).encode()).hexdigest()[:16]
+
+
+def _published(allowed: tuple[str, ...]) -> Any:
+    """The server another process published for this package set (SHARED_SERVERS_ENV), if it answers."""
+    directory = os.environ.get(SHARED_SERVERS_ENV, "")
+    if not directory:
+        return None
+    try:
+        return SharedForkServer(_set_file(directory, allowed).read_text(), same_env=SAME_ENV)
+    except (OSError, EOFError, ValueError, KeyError):
+        return None
+
+
+def share_servers(directory: Path) -> None:
+    """Start this process's fork server for every step package set now, and publish each one's socket in
+    `directory` for the `vlp run --local` processes started with SHARED_SERVERS_ENV set to it."""
+    from pipelines.local.import_guard import allowed_by_op
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for allowed in sorted({tuple(v) for v in allowed_by_op().values()}):
+        with _lock:
+            server = _servers.get(allowed)
+            if server is None or not server.alive():
+                server = _servers[allowed] = _start_server(allowed)
+        staged = directory / f".staged-{os.getpid()}"
+        staged.write_text(server.socket_path)
+        staged.replace(_set_file(directory, allowed))
 
 
 def _allowed(env: dict[str, str], op: str | None) -> list[str] | None:
@@ -189,6 +239,7 @@ def start(full_command: list[str], env: dict[str, str] | None, op: str | None) -
             process: Any = server.spawn(
                 "pipelines.local.step_launch:child_main", [problem, *launch_args],
                 env={**env, "_KFP_RUNTIME": "true"}, cwd=os.getcwd(), stdout_fd=write_fd,
+                title=f"vlp step {op} of the run with step sets {env.get(ENV_FLAG, '')}",
             )  # fmt: skip
         else:
             # Cold: KFP's launch script itself (`sh -ec ...`), without the pip part checked above.

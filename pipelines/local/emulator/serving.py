@@ -72,9 +72,10 @@ TITLE_ROOM = 4096
 
 def model_server_env(base: dict[str, str]) -> dict[str, str]:
     """A model server's environment, from the emulator's: offline (it serves the weights from their GCS copy only:
-    no Hub traffic, no Hub token), unbuffered."""
+    no Hub traffic, no Hub token), unbuffered, and without a terminal's size (its output goes to a log file; the
+    sizes a shell or a test runner set would only tell its fork servers apart)."""
     env = dict(base)
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT", "COLUMNS", "LINES"):
         env.pop(name, None)
     env.update(
         HF_HUB_OFFLINE="1",
