@@ -63,6 +63,16 @@ def test_wait_times_out_and_a_signal_to_the_group_stops_the_child(server: ForkSe
     assert child.wait(timeout=30) == -signal.SIGTERM
 
 
+def command_line_once_written(pid: int, title: str, timeout_s: float = 10) -> str:
+    """A forked child's command line, read once it is `title` or after `timeout_s`: the child writes it first thing
+    after the fork, which spawn does not wait for."""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    deadline = time.monotonic() + timeout_s
+    while cmdline.read_bytes().rstrip(b"\0") != title.encode() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cmdline.read_bytes().rstrip(b"\0").decode()
+
+
 def test_a_shared_server_says_its_environment_and_its_children_name_themselves(tmp_path: Path) -> None:
     """Another process's fork server, used through its socket: it tells the environment its preload saw (what a
     caller compares before sharing it), and a child given a title shows it as its command line (ps, /proc), where a
@@ -80,12 +90,7 @@ def test_a_shared_server_says_its_environment_and_its_children_name_themselves(t
         with (tmp_path / "out.txt").open("wb") as stream:
             child = shared.spawn(TARGET, ["sleep"], env={}, cwd=str(tmp_path), stdout_fd=stream.fileno(), title=title)
         try:
-            # The child writes it first thing after the fork, which spawn does not wait for.
-            cmdline = Path(f"/proc/{child.pid}/cmdline")
-            deadline = time.monotonic() + 10
-            while cmdline.read_bytes().rstrip(b"\0") != title.encode() and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert cmdline.read_bytes().rstrip(b"\0") == title.encode()
+            assert command_line_once_written(child.pid, title) == title
             assert Path(f"/proc/{forks.process.pid}/cmdline").read_bytes().startswith(sys.executable.encode())
         finally:
             child.kill()
@@ -218,11 +223,7 @@ def test_the_session_publishes_a_step_server_per_package_set_for_every_run_in_it
     with (tmp_path / "out.txt").open("wb") as stream:
         child = server.spawn(TARGET, ["sleep"], env={}, cwd=str(tmp_path), stdout_fd=stream.fileno(), title=title)
     try:
-        cmdline = Path(f"/proc/{child.pid}/cmdline")
-        deadline = time.monotonic() + 10
-        while str(tmp_path / "state").encode() not in cmdline.read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert cmdline.read_bytes().rstrip(b"\0") == title.encode()
+        assert command_line_once_written(child.pid, title) == title
     finally:
         child.kill()
     assert child.wait(timeout=30) == -signal.SIGKILL

@@ -70,10 +70,11 @@ SAME_ENV = sorted({v for module, names in ENV_AT_IMPORT.items() if module not in
 _PIP_SPEC = re.compile(r"'([A-Za-z0-9_.\-\[\]]+)==([^';\s]+)'")
 _LAUNCH_MARK = '"$program_path/ephemeral_component.py"'
 
-# A directory where a process that keeps step fork servers (each test worker: share_servers) publishes their sockets,
-# a file per package set; a `vlp run --local` started with it set forks its steps from them, where otherwise each
-# package set's first steps in that process start cold (~1.5 s of CPU each; the suite runs `vlp run` as a command a
-# dozen times). The same rule as for a server of its own: SAME_ENV must match (SharedForkServer.can_fork).
+# A directory where a process that keeps step fork servers (the test session's main process: share_servers)
+# publishes their sockets, a file per package set; a run in a process started with it set (a test worker, a `vlp run
+# --local` command) forks its steps from them, where otherwise each package set's first steps in that process start
+# cold (~1.5 s of CPU each; the suite runs `vlp run` as a command a dozen times). The same rule as for a server of its
+# own: SAME_ENV must match (SharedForkServer.can_fork).
 SHARED_SERVERS_ENV = "VLP_STEP_FORK_SERVERS"
 # Room for a forked step's command line, which names its run's step sets file (in the state dir), so a step left
 # running is found by its state dir as a cold one is (forkserver._set_command_line).
