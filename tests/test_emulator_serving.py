@@ -28,9 +28,10 @@ from pipelines.local.emulator.serving import (
     WRONG_ANSWER,
     ServingError,
     ServingManager,
+    start_model_fork_server,
 )
 from pipelines.local.models import build_tiny_llama, publish_to_hub_mirror
-from pipelines.local.peers import Peer, start_fake_gcs, start_hub_mirror
+from pipelines.local.peers import Peer, python_env, start_fake_gcs, start_hub_mirror
 
 BUCKET = "vlp-serving-test"
 GOOD_URI = f"gs://{BUCKET}/models/acme/tiny/rev1/"
@@ -328,10 +329,12 @@ def test_model_server_dies_with_the_emulator_process(work: Path, gcs: Peer, fork
     )
     repo_root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(repo_root)}
-    if fork_server == "its own":
-        env.pop(SHARED_FORK_SERVER_ENV, None)
-    else:
-        assert env.get(SHARED_FORK_SERVER_ENV), "the suite's shared model fork server is not set"
+    env.pop(SHARED_FORK_SERVER_ENV, None)
+    shared = None
+    if fork_server == "shared":
+        # One of the test's own (the session's is not started under -m "not slow"), outliving the emulator.
+        shared = start_model_fork_server(python_env(env), label="model-servers:shared by one test")
+        env[SHARED_FORK_SERVER_ENV] = shared.socket_path
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=repo_root, env=env)
     try:
         # Every process of it names the state dir: the model server (its command line says so), and its own fork
@@ -344,6 +347,14 @@ def test_model_server_dies_with_the_emulator_process(work: Path, gcs: Peer, fork
     finally:
         parent.kill()
         parent.wait()
+    try:
+        _assert_gone_with_the_emulator(state, tree, fork_server)
+    finally:
+        if shared is not None:
+            shared.close()
+
+
+def _assert_gone_with_the_emulator(state: Path, tree: set[int], fork_server: str) -> None:
     log = (state / "serving" / "dm-orphan.log").read_text()
     assert ("forked from the shared fork server" in log) == (fork_server == "shared"), log
     assert len(tree) == (2 if fork_server == "its own" else 1), tree
