@@ -306,7 +306,7 @@ class ServingManager:
                     if not differs:
                         return shared, f"forked from the shared fork server at {shared_path}"
                     why_not = f"the shared fork server's environment differs in {', '.join(differs)}"
-            if self._forks is None or not self._forks.alive() or self._forks.env != model_server_env(env):
+            if self._forks is None or not self._forks.alive() or self._forks.env != env:  # env is a model server's already
                 if self._forks is not None:
                     self._forks.close()
                 # sys.executable is the venv's interpreter, so this works without an activated venv.
