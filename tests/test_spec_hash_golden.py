@@ -1,0 +1,115 @@
+"""Each preset's serving spec hash, labels and version alias, pinned as values.
+
+A deployed model's `vlp-spec` label (a Cloud Run revision's too) is how the next run spots a no-op: a hash that
+drifts, because code moved or a default changed shape, redeploys every live deployment once after an upgrade.
+These values change only on purpose, with the reason in the commit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from components.config import load_config
+
+PRESETS = Path(__file__).resolve().parents[1] / "pipelines" / "presets"
+SHA = "0123456789abcdef0123456789abcdef01234567"
+# The plan an `auto` preset is given here: what it is does not matter, only that it stays the same.
+L4_PLAN = {
+    "node_count": 1,
+    "machine_type": "g2-standard-12",
+    "accelerator_type": "NVIDIA_L4",
+    "accelerator_count": 1,
+    "tensor_parallel_size": 1,
+    "pipeline_parallel_size": 1,
+}
+
+GOLDEN: dict[str, tuple[str, str]] = {
+    'llama-3.1-405b-fp8-tgi-a3': (
+        'vlp-deployment=llama-3-1-405b-fp8-tgi,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=704d464d604c',
+        'rev-0123456789ab-704d464d',
+    ),
+    'llama-3.1-70b-vllm-8xl4': (
+        'vlp-deployment=llama-3-1-70b-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=19e3049ff594',
+        'rev-0123456789ab-19e3049f',
+    ),
+    'llama-3.1-8b-awq-int4-tgi': (
+        'vlp-deployment=llama-3-1-8b-awq-tgi,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=019cd7406568',
+        'rev-0123456789ab-019cd740',
+    ),
+    'llama-3.1-8b-awq-int4-tgi-cloud-run': (
+        'vlp-deployment=llama-3-1-8b-awq-run,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=ba3d1466f6ee',
+        '',
+    ),
+    'llama-3.1-8b-vllm-l4': (
+        'vlp-deployment=llama-3-1-8b-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=b1ecdb57089e',
+        'rev-0123456789ab-b1ecdb57',
+    ),
+    'llama-3.2-11b-vision-vllm-a100': (
+        'vlp-deployment=llama-3-2-11b-vision-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=02870f59efd6',
+        'rev-0123456789ab-02870f59',
+    ),
+    'local-demo': (
+        'vlp-deployment=smollm2-demo,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=dfcbdb82d787',
+        'rev-0123456789ab-dfcbdb82',
+    ),
+    'local-demo-cloud-run': (
+        'vlp-deployment=smollm2-demo-run,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=eaf096e78601',
+        '',
+    ),
+}
+
+
+def _deployment(name: str) -> dict[str, Any]:
+    cfg = load_config(PRESETS / f"{name}.yaml")
+    hw = cfg.hardware
+    plan = dict(L4_PLAN)
+    if not hw.is_auto:
+        plan.update(
+            machine_type=hw.machine_type,
+            accelerator_type=hw.accelerator_type,
+            accelerator_count=hw.accelerator_count,
+            tensor_parallel_size=hw.accelerator_count or 1,
+        )
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "project": "test-project",
+        "region": cfg.placement.regions[0],
+        "bucket": "vlp-bucket",
+        "service_account": "serving@test-project.iam.gserviceaccount.com",
+        "run_name": "run-1",
+        "labels": {"vlp-deployment": cfg.name, "vlp-run": "run-1"},
+        "plan": plan,
+        "revision_sha": SHA,
+        "api_endpoint": "",
+    }
+
+
+def labels_and_alias(name: str) -> tuple[str, str]:
+    """The labels a deployment of this preset carries, and (Vertex) its version alias, as one line each."""
+    deployment = _deployment(name)
+    if deployment["config"].get("target") == "cloud_run":
+        from components.cloud_run import revision_labels
+
+        labels = revision_labels(deployment)
+        alias = ""
+    else:
+        from components.serving import model_labels, serving_spec_hash, version_alias
+
+        labels = model_labels(deployment, SHA)
+        alias = version_alias(SHA, serving_spec_hash(deployment))
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items())), alias
+
+
+PRESET_NAMES = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def test_every_preset_has_a_golden_value() -> None:
+    assert sorted(GOLDEN) == PRESET_NAMES
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_the_spec_hash_labels_and_alias_of_each_preset_are_unchanged(name: str) -> None:
+    assert labels_and_alias(name) == GOLDEN[name]
