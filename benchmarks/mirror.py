@@ -4,7 +4,7 @@ Run: `python benchmarks/mirror.py` (about 2-3 minutes on 2 cores). It measures, 
   - the harness limit: fake-gcs-server's best upload rate of in-memory bytes (1-8 parallel streams) and the
     local Hub's aggregate rate over many capped connections; limit = the smaller;
   - the naive path: huggingface_hub.snapshot_download to disk, then upload each file;
-  - components.mirror_weights on the same model (a subprocess: peak RSS and disk writes are its own),
+  - components.mirror.weights on the same model (a subprocess: peak RSS and disk writes are its own),
     the same on a model twice the size, and a re-run of an already mirrored revision.
 """
 
@@ -203,7 +203,7 @@ def hwm_kb():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
-from components.mirror_weights import mirror_weights
+from components.mirror.weights import mirror_weights
 t = time.monotonic()
 r = mirror_weights({repo!r}, {rev!r}, {bucket!r}, hf_endpoint={hub!r}, max_workers={workers}, part_size={part},
                    max_memory_bytes={memory}, upload_streams={streams})

@@ -9,6 +9,10 @@ import signal
 import sys
 
 KILL_STEP_ENV = "VLP_INJECT_KILL_STEP"
+# On a model version (Vertex) or a revision (Cloud Run): the weights revision and the serving spec hash, which is how
+# the next run spots a no-op.
+LABEL_REVISION = "vlp-revision"
+LABEL_SPEC = "vlp-spec"
 
 _LABEL_RE = re.compile(r"[^a-z0-9_-]+")
 

@@ -241,7 +241,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from components import plan_report, planning
+    from components.planning import plan as planning
+    from components.planning import report as plan_report
 
     workload = {
         key: value
@@ -360,14 +361,14 @@ def _render_deployment(args: argparse.Namespace, cfg: DeploymentConfig) -> dict[
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from components.serving import render_requests
+    from components.vertex.serving_spec import render_requests
 
     cfg = _load(args)
     deployment = _render_deployment(args, cfg)
     bucket = deployment["bucket"]
     uri = f"gs://{bucket}/models/{cfg.model.repo}/REVISION_SHA/"
     if cfg.target == "cloud_run":
-        from components.cloud_run import render_service
+        from components.cloud_run.service_spec import render_service
 
         deployment["revision_sha"] = "REVISION_SHA"
         print(json.dumps(render_service(deployment, uri), indent=2))
@@ -429,7 +430,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_mirror(args: argparse.Namespace) -> int:
-    from components.mirror_weights import mirror_from_config
+    from components.mirror.weights import mirror_from_config
 
     cfg = _load(args)
     bucket = args.bucket or cfg.placement.bucket
@@ -443,7 +444,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _progress_bar():  # noqa: ANN202 - a callback taking components.mirror_weights.MirrorProgress
+def _progress_bar():  # noqa: ANN202 - a callback taking components.mirror.weights.MirrorProgress
     """A one-line progress bar on a terminal, a line every ~10% otherwise (CI logs stay short)."""
     tty = sys.stderr.isatty()
     last = [-1]
@@ -466,7 +467,7 @@ def _progress_bar():  # noqa: ANN202 - a callback taking components.mirror_weigh
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from components.benchmark import render_html, render_table, run_benchmark
+    from components.smoke.benchmark import render_html, render_table, run_benchmark
 
     try:
         levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
@@ -485,7 +486,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ttft_target_s=args.ttft_target,
     )
     if args.config or args.price_per_hour is not None:
-        from components.benchmark import add_costs
+        from components.smoke.benchmark import add_costs
 
         price, source, model = args.price_per_hour, "--price-per-hour", None
         if args.config:
@@ -508,7 +509,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         print(render_table(result))
         print(f"report: {report}")
-    from components.benchmark import every_request_failed
+    from components.smoke.benchmark import every_request_failed
 
     failed = every_request_failed(result)
     if failed:

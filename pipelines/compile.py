@@ -101,7 +101,7 @@ def _code_digest(image: str | None) -> str:
     components = PACKAGE_ROOT / "components"
     for path in sorted(
         [
-            *components.glob("*.py"),
+            *components.rglob("*.py"),
             *components.glob("contract/*.json"),
             components / "step-packages.lock",
             PACKAGE_ROOT / "pipelines" / "pipeline.py",

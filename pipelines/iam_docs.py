@@ -1,4 +1,4 @@
-"""The policy of components/iam_policy.py for people: the tables docs/iam.md shows between its `policy` markers
+"""The policy of components/iam/policy.py for people: the tables docs/iam.md shows between its `policy` markers
 (tests/test_iam.py keeps the two equal). Kept out of components/ so the steps do not carry it: kfp passes a step's
 code as one command-line argument, which Linux caps at 128 KiB."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components.iam_policy import APIS, RULES
+from components.iam.policy import APIS, RULES
 
 # The identities, in the user's words.
 IDENTITIES = {

@@ -11,8 +11,8 @@ from typing import Any
 
 from kfp import dsl
 
-from components.packaging import as_component
 from components.run_form import FIELD_NAMES, FORM_FIELDS, GENERIC_DEFAULTS, form_values
+from pipelines.packaging import as_component
 
 PIPELINE_NAME = "vlp-deploy-llm"
 
@@ -80,23 +80,25 @@ def build_pipeline(image: str | None = None, template: Template | None = None) -
     embedded code for a prebuilt image."""
     template = template or generic_template()
     preset_data = template.preset or {}
-    from components.cloud_run_service import deploy_service_op, promote_service_op, roll_back_service_op
-    from components.cloud_run_smoke import smoke_test_service_op
-    from components.deploy_model import deploy_model_op
-    from components.mirror_weights import mirror_weights_op
+    from components.benchmark_step import benchmark_op
+    from components.cleanup import cleanup_op
+    from components.cloud_run.service import deploy_service_op, promote_service_op, roll_back_service_op
+    from components.cloud_run.smoke_test import smoke_test_service_op
+    from components.mirror.weights import mirror_weights_op
     from components.preflight import preflight_op
-    from components.promote import promote_op
-    from components.register_model import register_model_op
-    from components.smoke_test import benchmark_op, smoke_test_op
-    from components.teardown import cleanup_op, roll_back_op
+    from components.vertex.deploy_model import deploy_model_op
+    from components.vertex.promote import promote_op
+    from components.vertex.register_model import register_model_op
+    from components.vertex.smoke_test import smoke_test_op
+    from components.vertex.teardown import roll_back_op
 
     preflight_c = as_component(preflight_op, image)
     mirror_c = as_component(mirror_weights_op, image)
     # The same mirror component as a Vertex custom job on machines with more network, for big models;
-    # preflight picks the branch from the model's real size (components.catalog.mirror_machine_for).
+    # preflight picks the branch from the model's real size (components.planning.catalog.mirror_machine_for).
     from google_cloud_pipeline_components.v1.custom_job import create_custom_training_job_from_component
 
-    from components.catalog import mirror_machine_for
+    from components.planning.catalog import mirror_machine_for
 
     mirror_jobs = {
         size: create_custom_training_job_from_component(

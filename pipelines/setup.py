@@ -1,4 +1,4 @@
-"""`vlp setup`: make a project ready for a deployment, exactly as the policy in components/iam_policy.py says: enable
+"""`vlp setup`: make a project ready for a deployment, exactly as the policy in components/iam/policy.py says: enable
 the APIs, create the bucket in the region and the pipeline's service account, and grant each binding, idempotently
 (read, add, write back with the etag). `--dry-run` prints the equivalent gcloud commands instead. The local stack runs
 the same code before every `vlp run --local`, so local runs hold exactly these grants."""
@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from components.iam_policy import APIS, Binding, Identities, bindings, conditions, secret_id
+from components.iam.policy import APIS, Binding, Identities, bindings, conditions, secret_id
 
 GOOGLE_HOSTS = {
     "serviceusage": "https://serviceusage.googleapis.com",

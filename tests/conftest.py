@@ -184,7 +184,7 @@ def run_as(monkeypatch: pytest.MonkeyPatch, api_url: str, principal: str) -> Non
 def pipeline_identity(
     monkeypatch: pytest.MonkeyPatch, emulator: Any, project: str, *, cfg: Any = None, bucket: str = ""
 ) -> str:
-    """Grant the policy (components/iam_policy.py) for `cfg` in `project` of an in-process emulator, as `vlp setup`
+    """Grant the policy (components/iam/policy.py) for `cfg` in `project` of an in-process emulator, as `vlp setup`
     would, and make this process call as the pipeline's service account; returns the account."""
     from components.config import load_config
     from pipelines.local.emulator.iam import project_number

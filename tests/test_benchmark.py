@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from components.benchmark import (
+from components.smoke.benchmark import (
     BenchmarkResult,
     percentile,
     recommend,

@@ -342,7 +342,7 @@ def test_cold_service_429_is_retried_and_a_canary_redeploy_moves_in_steps(
     outside = {"annotations": {"example.com/owner": "team-a"}, "custom_audiences": ["https://llm.example.com"]}
 
     def service_now(change: Any = None) -> Any:
-        from components.cloud_run import services_client
+        from components.cloud_run.service_spec import services_client
         from pipelines.local.peers import LocalStack
 
         with LocalStack(state) as stack, pytest.MonkeyPatch.context() as mp:

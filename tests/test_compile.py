@@ -160,7 +160,7 @@ def test_big_models_mirror_as_a_custom_job_with_more_network(fresh_spec: Path) -
     )
     text = fresh_spec.read_text()
     assert "n2-standard-8" in text and "n2-standard-16" in text, machine_types
-    from components.catalog import mirror_machine_for
+    from components.planning.catalog import mirror_machine_for
 
     assert mirror_machine_for(16 * 10**9)["machine_type"] == "e2-standard-4"  # 8B BF16: on the step
     assert mirror_machine_for(410 * 10**9)["machine_type"] == "n2-standard-16"  # 405B FP8: 32 Gbps

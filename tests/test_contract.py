@@ -8,11 +8,13 @@ from pathlib import Path
 import pytest
 from google.cloud import aiplatform_v1
 
-from components import catalog, quota, serving
 from components.config import load_config
-from components.deploy_model import redeploy_split
-from components.register_model import upload_wait_s
-from components.teardown import _reassigned_split
+from components.planning import catalog
+from components.serving import engines as serving
+from components.vertex import quota, serving_spec
+from components.vertex.deploy_model import redeploy_split
+from components.vertex.register_model import upload_wait_s
+from components.vertex.teardown import _reassigned_split
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -58,9 +60,9 @@ def test_a3_highgpu_2g_and_4g_only_where_model_garden_lists_them() -> None:
 
 
 def test_waits_cover_what_vertex_may_still_be_doing() -> None:
-    from components.deploy_model import DEPLOY_WAIT_S
+    from components.vertex.deploy_model import DEPLOY_WAIT_S
 
-    assert DEPLOY_WAIT_S > serving.DEPLOYMENT_TIMEOUT_S == 7200
+    assert DEPLOY_WAIT_S > serving_spec.DEPLOYMENT_TIMEOUT_S == 7200
     tgi = {"config": {"serving": {"engine": "tgi"}}, "plan": {"weights_bytes": 410e9}}
     vllm = {"config": {"serving": {"engine": "vllm"}}, "plan": {"weights_bytes": 410e9}}
     assert upload_wait_s(vllm) == 1800 and upload_wait_s(tgi) > 1800 + 410e9 / 100e6
@@ -73,7 +75,7 @@ def test_paused_ends_the_wait() -> None:
 
 
 def test_fixtures_record_their_upstream_source() -> None:
-    contract = Path(serving.__file__).parent / "contract"
+    contract = Path(serving.__file__).parent.parent / "contract"
     vllm = json.loads((contract / "vllm-0.6.2.json").read_text())
     tgi = json.loads((contract / "tgi-2.4.0.json").read_text())
     assert vllm["sha256"] == "2fffd856a25d3defa38a539150fccf9126959ce4c6781c1c5a76d5da7216af59"

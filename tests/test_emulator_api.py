@@ -724,7 +724,7 @@ def test_v1beta1_deploy_takes_multihost_nodes_and_logs_only_when_asked(
     # v1 has no multihost_gpu_node_count; v1beta1 shows it, and quota usage counts both nodes of each replica.
     (listed,) = beta.list_endpoints(parent=PARENT)
     assert {dm.dedicated_resources.machine_spec.multihost_gpu_node_count for dm in listed.deployed_models} == {2}
-    from components.quota import serving_usage
+    from components.vertex.quota import serving_usage
 
     run_as(monkeypatch, emu.url, TESTER)
 
@@ -736,7 +736,7 @@ def test_cleanup_waits_for_a_deploy_still_running_and_removes_what_lands(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A deploy the step gave up on keeps going on Vertex; the exit handler waits for it, then removes it."""
-    from components.teardown import remove_run_resources
+    from components.vertex.teardown import remove_run_resources
 
     serving = ServingDouble(start_delay=30.0)
     emulator = create_emulator(tmp_path / "state", serving=serving)

@@ -429,7 +429,7 @@ def test_a_private_service_answers_only_its_invokers_and_a_broken_revision_keeps
         revisions.delete_revision(name=f"{svc.name}/revisions/llama-awq-0000002-1").result(timeout=30)
 
     # Roll-back as the pipeline does it: the template goes back to the serving revision, then the candidate goes.
-    from components.cloud_run_service import remove_revision
+    from components.cloud_run.service import remove_revision
 
     assert remove_revision(client, revisions, svc.name, "llama-awq-0000002-1") == [
         f"{svc.name}/revisions/llama-awq-0000002-1"
@@ -549,7 +549,7 @@ def test_tags_the_service_name_leaves_no_room_for_and_internal_ingress(
 def test_rtx_pro_6000_quota_counts_milli_gpus(client: run_v2.ServicesClient, emu: Emulator) -> None:
     """One RTX PRO 6000 instance draws 1000 of its quota (milli-GPUs; unverified, strict): a limit of 3 refuses
     it, 1000 takes it; the plan's check asks for the same amount."""
-    from components.cloud_run import instance_allocation
+    from components.cloud_run.quota import instance_allocation
     from components.config import CloudRunSpec
 
     quota_id = "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion"

@@ -20,7 +20,7 @@ from test_preflight import _NoServing
 
 from components import clients
 from components.config import load_config
-from components.iam_policy import RULES, Binding
+from components.iam.policy import RULES, Binding
 from pipelines.iam_docs import markdown
 from pipelines.local.emulator import create_emulator
 from pipelines.local.emulator.iam import (
@@ -78,7 +78,7 @@ def test_the_roles_hold_what_the_policy_says() -> None:
 def test_docs_iam_md_shows_the_policy() -> None:
     page = (REPO_ROOT / "docs" / "iam.md").read_text()
     shown = page.split("<!-- policy:begin", 1)[1].split("-->", 1)[1].split("<!-- policy:end -->", 1)[0]
-    assert shown.strip() == markdown().strip(), "docs/iam.md drifted from components/iam_policy.py: regenerate it"
+    assert shown.strip() == markdown().strip(), "docs/iam.md drifted from components/iam/policy.py: regenerate it"
 
 
 # ---------------------------------------------------------------- the emulator, with Cloud Storage behind it
@@ -216,7 +216,7 @@ def test_the_local_policy_has_these_bindings() -> None:
 
 @pytest.mark.slow
 def test_with_the_whole_policy_preflight_finds_nothing_missing(emu: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from components.access import check_access
+    from components.iam.access import check_access
 
     for name, cfg in _configs().items():
         ctx = _project_setup(emu, monkeypatch, cfg, name)
@@ -290,7 +290,7 @@ def _the_real_call_is_refused(emu: Any, ctx: dict[str, Any], binding: Binding) -
         with pytest.raises(gexc.GoogleAPICallError, match=f"iam.serviceAccounts.actAs.*{runtime}"):
             _create_service(ctx, api, runtime)
     elif key == ("pipeline", "roles/iam.serviceAccountOpenIdTokenCreator", "pipeline_sa"):
-        from components.cloud_run_probe import _generate_id_token
+        from components.cloud_run.probe import _generate_id_token
         from components.runtime import StepError
 
         with pytest.raises(StepError, match="roles/iam.serviceAccountOpenIdTokenCreator") as caught:
@@ -374,8 +374,9 @@ def test_a_vllm_deploy_whose_serving_identity_cannot_read_the_bucket_fails_as_on
 
 
 def test_a_disabled_api_is_named_with_its_fix(emu: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from components.access import disabled_api
-    from components.quota import read_quota_limit
+    from components.cloud_quotas import read_quota_limit
+    from components.iam.access import disabled_api
+    from components.vertex.quota import SERVICE
 
     ctx = _project_setup(emu, monkeypatch, _configs()["vertex"], "apis")
     request = urllib.request.Request(
@@ -386,14 +387,14 @@ def test_a_disabled_api_is_named_with_its_fix(emu: Any, monkeypatch: pytest.Monk
         method="POST",
     )
     urllib.request.urlopen(request, timeout=10).close()
-    limit, note = read_quota_limit(ctx["project"], "CustomModelServingL4GPUsPerProjectPerRegion", REGION, emu.url)
+    limit, note = read_quota_limit(SERVICE, ctx["project"], "CustomModelServingL4GPUsPerProjectPerRegion", REGION, emu.url)
     assert limit is None and "gcloud services enable cloudquotas.googleapis.com" in note
     endpoints = aiplatform_v1.EndpointServiceClient(**clients.gapic_kwargs(REGION, emu.url))
     with pytest.raises(gexc.GoogleAPICallError) as caught:
         list(endpoints.list_endpoints(parent=f"projects/{ctx['project']}/locations/{REGION}"))
     assert caught.value.code == 403 and "aiplatform.googleapis.com" in disabled_api(caught.value)
     # Preflight says so before anything else, with the command that fixes it.
-    from components.access import check_access
+    from components.iam.access import check_access
 
     problems = check_access(ctx["cfg"], project=ctx["project"], bucket=ctx["bucket"], api_endpoint=emu.url)
     assert problems == [

@@ -201,7 +201,8 @@ def _hammer(endpoint: str, stack: Any, kind: str, stop: threading.Event, results
 def _hammer_as_owner(endpoint: str, stack: Any, kind: str, stop: threading.Event, results: list[Any]) -> None:
     from google.cloud import aiplatform_v1
 
-    from components.prediction import http_session, parse_endpoint, vertex_base_url
+    from components.serving.calls import http_session
+    from components.vertex.prediction import parse_endpoint, vertex_base_url
 
     api = stack.api_endpoint
     credentials = stack.credentials(stack.bootstrap_owner(parse_endpoint(endpoint)["project"]))
@@ -352,7 +353,7 @@ def test_benchmark_runs_in_the_pipeline_from_float_struct_parameters(
     assert [int(lv["concurrency"]) for lv in levels] == [1, 2]
     assert all(lv["output_tokens_per_s"] > 0 for lv in levels), levels
     # Measured and estimated USD per 1M output tokens side by side, priced at the local catalog's CPU server.
-    from components.throughput import LOCAL_PRICE_PER_HOUR
+    from components.planning.throughput import LOCAL_PRICE_PER_HOUR
 
     for lv in levels:
         measured = LOCAL_PRICE_PER_HOUR / (lv["output_tokens_per_s"] * 3600) * 1e6

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.hub_server import HubServer
-from components.catalog import mirror_machine_for
 from components.clients import storage_client
-from components.mirror_weights import (
+from components.mirror.weights import (
     MANIFEST_NAME,
     GatedRepoAccessError,
     MirrorError,
@@ -31,6 +30,7 @@ from components.mirror_weights import (
     mirror_weights_op,
     select_files,
 )
+from components.planning.catalog import mirror_machine_for
 from pipelines.local.peers import LocalStack
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -234,7 +234,7 @@ def test_parallel_ranges_via_cdn_redirect_with_bounded_memory(hub_root: Path, bu
 _KILLABLE = """
 import sys
 sys.path.insert(0, {root!r})
-from components.mirror_weights import mirror_weights
+from components.mirror.weights import mirror_weights
 mirror_weights({repo!r}, "main", {bucket!r}, hf_endpoint={hub!r}, max_workers=2, part_size=256 * 1024,
                max_memory_bytes=1 << 20, upload_streams=2)
 """

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.packaging import LOCK_FILE, MODULE_OF_OP, STEP_NEEDS, STEP_OF_OP, read_lock, step_packages
 from pipelines.compile import spec_path
+from pipelines.packaging import LOCK_FILE, MODULE_OF_OP, STEP_NEEDS, STEP_OF_OP, read_lock, step_packages
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -162,7 +162,7 @@ def test_embedded_code_is_the_same_program_without_comments_and_docstrings() -> 
     import io
     import tokenize
 
-    from components.packaging import embedded_code_dir, lean_source, step_modules
+    from pipelines.packaging import embedded_code_dir, lean_source, step_modules
 
     root = Path(__file__).resolve().parent.parent / "components"
     modules = {m for module in MODULE_OF_OP.values() for m in step_modules(module)} | {"packaging"}

@@ -15,7 +15,7 @@ from kfp import dsl
 
 from components import clients
 from components.config import load_config
-from components.plan_report import render_markdown
+from components.planning.report import render_markdown
 from components.preflight import PreflightError, label_value, plan_deployment, preflight_op, run_preflight
 from pipelines.local.emulator import create_emulator
 

@@ -102,8 +102,8 @@ def test_every_function_that_takes_the_form_takes_all_of_it() -> None:
     the pipeline, preflight and the exit handler; they must stay the same list."""
     import inspect
 
+    from components.cleanup import cleanup_op
     from components.preflight import preflight_op
-    from components.teardown import cleanup_op
     from pipelines.pipeline import build_pipeline
 
     pipeline_inputs = build_pipeline().component_spec.inputs

@@ -10,9 +10,10 @@ import pytest
 from google.cloud import aiplatform_v1
 from google.protobuf import json_format
 
-from components import serving
 from components.config import DeploymentConfig, load_config
-from components.contract_fixtures import accepted_env, accepted_flags, fixture
+from components.serving import engines as serving
+from components.serving.contract_fixtures import accepted_env, accepted_flags, fixture
+from components.vertex import serving_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WEIGHTS = "gs://vlp-bucket/models/meta-llama/Llama-3.1-8B-Instruct/0123456789abcdef0123456789abcdef01234567"
@@ -52,7 +53,7 @@ def seed(name: str, plan: dict[str, Any] | None = None, overrides: list[str] | N
 
 
 def spec_dict(deployment: dict[str, Any]) -> dict[str, Any]:
-    return json_format.MessageToDict(aiplatform_v1.ModelContainerSpec.pb(serving.container_spec(deployment)))
+    return json_format.MessageToDict(aiplatform_v1.ModelContainerSpec.pb(serving_spec.container_spec(deployment)))
 
 
 def _common(spec: dict[str, Any], health_path: str) -> None:
@@ -164,14 +165,14 @@ def test_llama_8b_awq_tgi_matches_the_cloud_run_seed() -> None:
         "MAX_BATCH_PREFILL_TOKENS": "8192",
     }
     _common(spec, "/health")
-    machine = serving.deploy_model_request(deployment, "projects/p/locations/l/models/m").deployed_model
+    machine = serving_spec.deploy_model_request(deployment, "projects/p/locations/l/models/m").deployed_model
     assert machine.dedicated_resources.machine_spec.machine_type == "g2-standard-8"
 
 
 def test_auto_hardware_without_a_plan_says_to_run_preflight() -> None:
     deployment = seed("llama-3.1-8b-awq-int4-tgi")
     with pytest.raises(serving.ServingSpecError, match="run preflight"):
-        serving.container_spec(deployment)
+        serving_spec.container_spec(deployment)
 
 
 def test_plan_fills_what_the_config_leaves_empty() -> None:
@@ -226,24 +227,24 @@ def test_engine_options_reach_the_command_line() -> None:
 def test_no_hub_token_ever_reaches_the_container() -> None:
     deployment = seed("llama-3.1-8b-vllm-l4", overrides=["serving.extra_args=[--hf-token=hf_abc]"])
     with pytest.raises(serving.ServingSpecError, match="never hold a Hub token"):
-        serving.container_spec(deployment)
+        serving_spec.container_spec(deployment)
     deployment = seed("llama-3.1-8b-vllm-l4")
     deployment["config"]["serving"]["env"] = {"HF_API_TOKEN": "x"}  # past the config's own check
     with pytest.raises(serving.ServingSpecError, match="never hold a Hub token"):
-        serving.container_spec(deployment)
+        serving_spec.container_spec(deployment)
 
 
 def test_upload_request_labels_alias_and_artifact_uri() -> None:
     deployment = seed("llama-3.1-8b-vllm-l4")
-    request = serving.upload_model_request(deployment, WEIGHTS, SHA)
+    request = serving_spec.upload_model_request(deployment, WEIGHTS, SHA)
     assert isinstance(request, aiplatform_v1.UploadModelRequest)
     assert request.parent == "projects/test-project/locations/us-central1"
     model = request.model
-    spec_hash = serving.serving_spec_hash(deployment)
+    spec_hash = serving_spec.serving_spec_hash(deployment)
     # vLLM: Model Garden's recipe, the image reads gs:// itself and the Model has no artifactUri to copy.
     assert model.artifact_uri == ""
     assert f"--model={WEIGHTS}" in model.container_spec.args
-    tgi = serving.upload_model_request(seed("llama-3.1-8b-awq-int4-tgi", L4_PLAN), WEIGHTS + "/", SHA)
+    tgi = serving_spec.upload_model_request(seed("llama-3.1-8b-awq-int4-tgi", L4_PLAN), WEIGHTS + "/", SHA)
     assert tgi.model.artifact_uri == WEIGHTS  # no trailing slash: the DLC copies "$AIP_STORAGE_URI/*"
     assert dict(model.labels) == {
         "vlp-deployment": "llama-3-1-8b-vllm",
@@ -254,24 +255,24 @@ def test_upload_request_labels_alias_and_artifact_uri() -> None:
     assert list(model.version_aliases) == [f"rev-{SHA[:12]}-{spec_hash[:8]}"]
     assert model.display_name == "llama-3-1-8b-vllm"
     with pytest.raises(serving.ServingSpecError, match="gs://"):
-        serving.upload_model_request(deployment, "/local/path", SHA)
+        serving_spec.upload_model_request(deployment, "/local/path", SHA)
 
 
 def test_spec_hash_is_stable_and_moves_with_what_serving_runs() -> None:
     a = seed("llama-3.1-8b-vllm-l4")
     b = seed("llama-3.1-8b-vllm-l4")
     b["run_name"], b["labels"], b["revision_sha"] = "run-2", {"vlp-run": "run-2"}, "f" * 40
-    assert serving.serving_spec_hash(a) == serving.serving_spec_hash(b)
-    assert len(serving.serving_spec_hash(a)) == 12
+    assert serving_spec.serving_spec_hash(a) == serving_spec.serving_spec_hash(b)
+    assert len(serving_spec.serving_spec_hash(a)) == 12
     changed = seed("llama-3.1-8b-vllm-l4", overrides=["serving.max_num_seqs=128"])
-    assert serving.serving_spec_hash(changed) != serving.serving_spec_hash(a)
+    assert serving_spec.serving_spec_hash(changed) != serving_spec.serving_spec_hash(a)
     bigger = seed("llama-3.1-8b-vllm-l4", overrides=["hardware.max_replica_count=3"])
-    assert serving.serving_spec_hash(bigger) != serving.serving_spec_hash(a)
+    assert serving_spec.serving_spec_hash(bigger) != serving_spec.serving_spec_hash(a)
 
 
 def test_deploy_request_machine_replicas_spot_and_traffic() -> None:
     deployment = seed("llama-3.1-70b-vllm-8xl4", overrides=["hardware.max_replica_count=3", "hardware.spot=true"])
-    request = serving.deploy_model_request(
+    request = serving_spec.deploy_model_request(
         deployment,
         "projects/p/locations/us-central1/models/m@2",
         endpoint_resource="projects/p/locations/us-central1/endpoints/9",
@@ -296,7 +297,7 @@ def test_deploy_request_machine_replicas_spot_and_traffic() -> None:
         },
         "trafficSplit": {"0": 100},
     }
-    blue_green = serving.deploy_model_request(deployment, "m", traffic_split={"0": 0, "123": 100})
+    blue_green = serving_spec.deploy_model_request(deployment, "m", traffic_split={"0": 0, "123": 100})
     assert dict(blue_green.traffic_split) == {"0": 0, "123": 100}
 
 
@@ -306,7 +307,7 @@ def test_multi_host_is_refused_with_the_fix() -> None:
     for overrides in (["serving.engine=vllm", "serving.tensor_parallel_size=8"], []):
         deployment = seed("llama-3.1-405b-fp8-tgi-a3", {"node_count": 2, "pipeline_parallel_size": 2}, overrides)
         deployment["config"]["serving"]["image"] = serving.VLLM_IMAGE.rsplit(":", 1)[0] + ":20250130_0916_RC00"
-        for render in (serving.container_spec, lambda d: serving.deploy_model_request(d, "m")):
+        for render in (serving_spec.container_spec, lambda d: serving_spec.deploy_model_request(d, "m")):
             with pytest.raises(serving.ServingSpecError, match="multi-host serving is not offered.*8 x H200"):
                 render(deployment)
 
@@ -315,7 +316,7 @@ def test_multi_host_is_refused_with_the_fix() -> None:
 @pytest.mark.parametrize("name", sorted(p.stem for p in CONFIGS.glob("*.yaml") if load_config(p).target == "vertex"))
 def test_render_requests_is_rest_json_the_api_parses(name: str) -> None:
     deployment = seed(name, None if not load_config(CONFIGS / f"{name}.yaml").hardware.is_auto else L4_PLAN)
-    rendered = serving.render_requests(deployment, WEIGHTS)
+    rendered = serving_spec.render_requests(deployment, WEIGHTS)
     text = json.dumps(rendered)
     assert "artifact_uri" not in text and "containerSpec" in text  # camelCase, as the REST API takes it
     spec = rendered["upload_model"]["model"]["containerSpec"]
@@ -324,7 +325,7 @@ def test_render_requests_is_rest_json_the_api_parses(name: str) -> None:
     assert int(spec["deploymentTimeout"].rstrip("s")) <= 7200
     assert not ("predictRoute" in spec and "invokeRoutePrefix" in spec)
     machine = rendered["deploy_model"]["deployedModel"]["dedicatedResources"]["machineSpec"]["machineType"]
-    from components.catalog import MACHINE_TYPES
+    from components.planning.catalog import MACHINE_TYPES
 
     assert int(spec["sharedMemorySizeMb"]) * 1024**2 < MACHINE_TYPES[machine].memory_gb * 1e9
     # Every flag and env name the container gets is one the pinned image accepts (upstream fixtures).
@@ -352,17 +353,17 @@ def test_dedicated_endpoint_uploads_for_invoke_routes_only() -> None:
 
 
 def test_shared_memory_fits_the_host() -> None:
-    assert serving.shared_memory_mb("g2-standard-12") == 16384
-    assert serving.shared_memory_mb("g2-standard-4") < 16 * 1000**3 / 1024**2 / 2 + 1
+    assert serving_spec.shared_memory_mb("g2-standard-12") == 16384
+    assert serving_spec.shared_memory_mb("g2-standard-4") < 16 * 1000**3 / 1024**2 / 2 + 1
 
 
 def test_engine_values_are_checked_against_the_pinned_images() -> None:
     with pytest.raises(serving.ServingSpecError, match="--quantize=int4"):
-        serving.container_spec(seed("llama-3.1-8b-awq-int4-tgi", L4_PLAN, overrides=["serving.quantization=int4"]))
+        serving_spec.container_spec(seed("llama-3.1-8b-awq-int4-tgi", L4_PLAN, overrides=["serving.quantization=int4"]))
     with pytest.raises(serving.ServingSpecError, match="--quantization=awq4"):
-        serving.container_spec(seed("llama-3.1-8b-vllm-l4", overrides=["serving.quantization=awq4"]))
+        serving_spec.container_spec(seed("llama-3.1-8b-vllm-l4", overrides=["serving.quantization=awq4"]))
     with pytest.raises(serving.ServingSpecError, match="max_lora_rank"):
-        serving.container_spec(
+        serving_spec.container_spec(
             seed("llama-3.1-8b-vllm-l4", overrides=["serving.enable_lora=true", "serving.max_lora_rank=12"])
         )
     # The TGI list in serving.py is the one the launcher's enum has at the pinned version.

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from google.cloud import aiplatform_v1
 
-from components import serving
 from components.clients import gapic_kwargs, storage_client
 from components.config import load_config
-from components.prediction import canary_tries
-from components.server_logs import deploy_failure_message, log_filter
-from components.smoke_test import SmokeTestError, run_smoke_test
+from components.serving.logs import deploy_failure_message, log_filter
+from components.vertex import serving_spec
+from components.vertex.prediction import canary_tries
+from components.vertex.smoke_test import SmokeTestError, run_smoke_test
 from pipelines.local.runner import setup_local
 from pipelines.setup import default_pipeline_account
 
@@ -68,9 +68,9 @@ def _upload_dir(model_dir: Path, prefix: str, skip: tuple[str, ...] = ()) -> str
 def _deploy(deployment: dict[str, Any], weights_uri: str, endpoint: str, traffic: dict[str, int] | None = None) -> str:
     api = deployment["api_endpoint"]
     models = aiplatform_v1.ModelServiceClient(**gapic_kwargs(REGION, api))
-    uploaded = models.upload_model(request=serving.upload_model_request(deployment, weights_uri, SHA)).result(60)
+    uploaded = models.upload_model(request=serving_spec.upload_model_request(deployment, weights_uri, SHA)).result(60)
     endpoints = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(REGION, api))
-    request = serving.deploy_model_request(
+    request = serving_spec.deploy_model_request(
         deployment, uploaded.model, endpoint_resource=endpoint, traffic_split=traffic
     )
     return endpoints.deploy_model(request=request).result(300).deployed_model.id
@@ -270,7 +270,7 @@ def test_a_dedicated_endpoint_tests_the_new_model_alone_through_invoke(served: d
     try:
         result = run_smoke_test(deployment, endpoint.name, green, served["weights"], served["api"])
         # `vlp bench` on the whole endpoint takes the endpoint-level invoke route (chat completions are off).
-        from components.benchmark import _resolve_target
+        from components.smoke.benchmark import _resolve_target
 
         whole = _resolve_target(endpoint.name, None, served["api"]).url
         assert whole.endswith(f"/v1/{endpoint.name}/invoke/v1/chat/completions"), whole
@@ -288,7 +288,7 @@ def test_smoke_test_op_writes_verdict_metrics_benchmark_and_report(served: dict[
     from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint
     from kfp import dsl
 
-    from components.smoke_test import smoke_test_op
+    from components.vertex.smoke_test import smoke_test_op
 
     deployment = _as_kfp_struct(
         _deployment(served["api"], benchmark="true", benchmark_concurrency="[1,2]", benchmark_requests=2, max_tokens=8)
@@ -336,7 +336,7 @@ def test_the_chat_template_renders_as_transformers_renders_it(
     same text as transformers' apply_chat_template for the same tokenizer files."""
     from transformers import AutoTokenizer
 
-    from components.smoke_test import render_prompt
+    from components.vertex.smoke_test import render_prompt
 
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()

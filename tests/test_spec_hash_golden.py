@@ -91,12 +91,12 @@ def labels_and_alias(name: str) -> tuple[str, str]:
     """The labels a deployment of this preset carries, and (Vertex) its version alias, as one line each."""
     deployment = _deployment(name)
     if deployment["config"].get("target") == "cloud_run":
-        from components.cloud_run import revision_labels
+        from components.cloud_run.service_spec import revision_labels
 
         labels = revision_labels(deployment)
         alias = ""
     else:
-        from components.serving import model_labels, serving_spec_hash, version_alias
+        from components.vertex.serving_spec import model_labels, serving_spec_hash, version_alias
 
         labels = model_labels(deployment, SHA)
         alias = version_alias(SHA, serving_spec_hash(deployment))

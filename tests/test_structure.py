@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = {
     ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-    for p in [*(ROOT / "components").glob("*.py"), *(ROOT / "pipelines").rglob("*.py")]
+    for p in [*(ROOT / "components").rglob("*.py"), *(ROOT / "pipelines").rglob("*.py")]
 }
 
 
@@ -88,10 +88,11 @@ def test_no_import_cycles_at_import_time() -> None:
 
 def _step_functions() -> list[tuple[str, ast.FunctionDef]]:
     found = []
-    for path in sorted((ROOT / "components").glob("*.py")):
+    for path in sorted((ROOT / "components").rglob("*.py")):
+        module = ".".join(path.relative_to(ROOT / "components").with_suffix("").parts)
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, ast.FunctionDef) and node.name.endswith("_op"):
-                found.append((f"{path.stem}.{node.name}", node))
+                found.append((f"{module}.{node.name}", node))
     return found
 
 

@@ -1,7 +1,7 @@
 """Local runs: each step may import only the distributions its launcher installs on Vertex AI.
 
 On Vertex a step starts from python:3.11-slim and installs its locked set with --no-deps
-(components/packaging.py), while a local run executes in the dev venv, which holds everything. To keep
+(pipelines/packaging.py), while a local run executes in the dev venv, which holds everything. To keep
 the local run honest, a `sitecustomize` on the steps' PYTHONPATH marks every module of every other
 installed distribution as absent (`sys.modules[name] = None`, which `import` reports as
 ModuleNotFoundError and `importlib.util.find_spec` as None, as for a package that is not installed).
@@ -78,7 +78,7 @@ def blocked_modules(allowed: set[str]) -> set[str]:
 
 def allowed_by_op() -> dict[str, list[str]]:
     """Each step's KFP function -> the distributions its launcher installs (from the lock)."""
-    from components.packaging import STEP_OF_OP, read_lock
+    from pipelines.packaging import STEP_OF_OP, read_lock
 
     lock = read_lock()
     return {op: sorted(n for n, (_, steps) in lock.items() if step in steps) for op, step in STEP_OF_OP.items()}
@@ -111,7 +111,7 @@ def guard_env(state_dir: Path) -> dict[str, str]:
     """The environment that turns the guard on for the steps of a local run."""
     import json
 
-    from components.packaging import STEP_OF_OP
+    from pipelines.packaging import STEP_OF_OP
 
     sets = state_dir / "step-packages.json"
     sets.parent.mkdir(parents=True, exist_ok=True)

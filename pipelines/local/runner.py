@@ -306,8 +306,8 @@ def build_summary(
 def _service_summary(summary: dict[str, Any], cfg: DeploymentConfig, project: str, api: str) -> None:
     """`service` and `revisions` ({name, traffic_percent, tag}) from the Cloud Run Admin API, as a user reads them;
     what serves (traffic or a tag) is what is left running."""
-    from components.cloud_run import revisions_client, services_client
-    from components.cloud_run_probe import get_service
+    from components.cloud_run.probe import get_service
+    from components.cloud_run.service_spec import revisions_client, services_client
 
     summary["service"], summary["revisions"] = None, []
     services, revisions = services_client(api), revisions_client(api)

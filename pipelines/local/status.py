@@ -222,7 +222,7 @@ def routed_session(api: str, credentials: Any) -> Any:
     the aiplatform SDK's raw_predict, stream_raw_predict and invoke need locally (they build Google's URLs)."""
     from google.auth.transport.requests import AuthorizedSession
 
-    from components.prediction import loopback_adapter
+    from components.serving.calls import loopback_adapter
 
     session = AuthorizedSession(credentials)
     session.mount("https://", loopback_adapter(api))

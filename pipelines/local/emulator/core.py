@@ -175,7 +175,7 @@ def _engine(spec: dict[str, Any]) -> str:
 
 def _machine_memory_gb(machine_type: str) -> float | None:
     # Machine sizes are Compute Engine facts (cloud.google.com/compute/docs/gpus); the project's catalog records them.
-    from components.catalog import MACHINE_TYPES
+    from components.planning.catalog import MACHINE_TYPES
 
     machine = MACHINE_TYPES.get(machine_type)
     return machine.memory_gb if machine else None

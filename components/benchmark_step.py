@@ -1,0 +1,66 @@
+"""The benchmark step, both targets: the load benchmark against the deployment as it serves, for a run that changed
+nothing but asked for smoke_test.benchmark."""
+
+from typing import Any, NamedTuple
+
+from kfp import dsl
+
+
+def serving_benchmark_target(cfg: Any, deployment: dict, api_endpoint: str) -> tuple[str | None, dict[str, str], str]:
+    """What a benchmark of the deployment as it serves (a run that changed nothing) times: (target, headers, "")
+    or (None, {}, why not). On Vertex, the deployed model holding all the endpoint's traffic (the no-op check
+    found it); on Cloud Run, the service URL, with an ID token."""
+    if cfg.target == "cloud_run":
+        from components.cloud_run.probe import get_service, id_token_headers
+        from components.cloud_run.service_spec import service_name, services_client
+
+        service = get_service(services_client(api_endpoint or str(deployment.get("api_endpoint") or "")), service_name(deployment))
+        if service is None or not service.uri:
+            return None, {}, f"service {service_name(deployment)} is gone since preflight: run again to redeploy it"
+        return service.uri, id_token_headers(service.uri), ""
+    from components.clients import find_endpoint
+    from components.vertex.prediction import benchmark_target, describe_endpoint
+
+    endpoint = find_endpoint(deployment)
+    if endpoint is None:
+        return None, {}, f"endpoint {cfg.endpoint.name} is gone since preflight: run again to redeploy it"
+    info = describe_endpoint(endpoint.name, api_endpoint)
+    serving = [dm for dm, share in info.traffic.items() if share == 100]
+    if not serving:
+        return None, {}, f"no deployed model holds all of {endpoint.name}'s traffic now: run again to redeploy"
+    target, reason = benchmark_target(cfg, info, serving[0])
+    return target, {}, reason
+
+
+def benchmark_op(
+    deployment: dict,
+    api_endpoint: str,
+    metrics: dsl.Output[dsl.Metrics],
+    report: dsl.Output[dsl.HTML],
+) -> NamedTuple("BenchmarkOutputs", [("benchmark", list), ("benchmark_skipped", str)]):
+    """Benchmark: the load benchmark against the deployment as it serves, for a run that changed nothing but asked
+    for smoke_test.benchmark (nothing is redeployed to measure it)."""
+    from collections import namedtuple
+    from logging import getLogger
+
+    from components.benchmark_step import serving_benchmark_target
+    from components.config import config_from_dict
+    from components.runtime import checkpoint, setup_logging
+    from components.smoke.benchmark import render_html
+    from components.smoke.checks import benchmark_deployment
+
+    setup_logging()
+    cfg = config_from_dict(deployment["config"], source="deployment['config']")
+    target, headers, skipped = serving_benchmark_target(cfg, deployment, api_endpoint)
+    checkpoint("benchmark")
+    levels: list = []
+    if target is None:
+        getLogger("vlp.smoke").warning("benchmark skipped: %s", skipped)
+        page = f"<p>Benchmark skipped: {skipped}</p>"
+    else:
+        bench = benchmark_deployment(deployment, target, metrics, api_endpoint=api_endpoint, headers=headers or None)
+        levels = bench.levels
+        page = render_html(bench)
+    with open(report.path, "w") as f:
+        f.write(page)
+    return namedtuple("BenchmarkOutputs", ["benchmark", "benchmark_skipped"])(levels, skipped)

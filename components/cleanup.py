@@ -1,0 +1,86 @@
+"""The exit handler, both targets: whatever happened, remove per the teardown policy what the run created."""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+
+def should_remove(policy: str, run_state: str) -> bool:
+    """The teardown policy: `always` removes what the run created; `on_failure` only when it did not succeed."""
+    if policy == "never":
+        return False
+    return policy == "always" or run_state != "SUCCEEDED"
+
+
+def cleanup_op(
+    project: str,
+    region: str,
+    config: dict,
+    preset: dict,
+    model_repo: str,
+    model_revision: str,
+    hf_token_secret: str,
+    engine: str,
+    target: str,
+    hardware: str,
+    max_model_len: int,
+    deployment_name: str,
+    endpoint_name: str,
+    endpoint_kind: str,
+    regions: str,
+    teardown: str,
+    smoke_prompt: str,
+    smoke_expect: str,
+    run_name: str,
+    api_endpoint: str,
+    status: dsl.PipelineTaskFinalStatus,
+) -> NamedTuple("CleanupOutputs", [("removed", list)]):  # noqa: F821, UP014
+    """Exit handler: whatever happened, remove per the teardown policy what this run created. Its output lists
+    what it removed (the local run summary reads it from the step's executor output)."""
+    from collections import namedtuple
+
+    from components.cleanup import should_remove
+    from components.config import ConfigError, config_from_dict
+    from components.run_form import FIELD_NAMES, resolve_config
+    from components.runtime import checkpoint, label_value, setup_logging
+    from components.vertex.teardown import Removed, remove_run_resources
+
+    outputs = namedtuple("CleanupOutputs", ["removed"])
+    log = setup_logging()
+    checkpoint("cleanup")
+    params = locals()
+    form = {name: params[name] for name in FIELD_NAMES}
+    try:
+        cfg = config_from_dict(resolve_config(preset, form, config), source="the run form and config parameter")
+    except ConfigError as exc:
+        # Preflight failed on the same input before creating anything, so there is nothing to remove.
+        log.info("nothing to remove: the run's config is not valid (%s)", str(exc).splitlines()[0])
+        return outputs([])
+    state = status.state
+    log.info("run %s ended %s; teardown policy %s", run_name, state, cfg.teardown)
+    if status.error_message:
+        log.info("run error: %s", status.error_message)
+    if not should_remove(cfg.teardown, state):
+        return outputs([])
+    regions = [r for r in [region, *cfg.placement.regions] if r]
+    project = project or cfg.placement.project
+    if cfg.target == "cloud_run":
+        from components.cloud_run.service import remove_run_services
+
+        removed = Removed(deleted=remove_run_services(project, regions, cfg.name, label_value(run_name), api_endpoint))
+    else:
+        # A failed run whose model was promoted keeps it (teardown: always removes it, as after a success).
+        removed = remove_run_resources(
+            project,
+            regions,
+            cfg.name,
+            label_value(run_name),
+            api_endpoint,
+            keep_promoted=cfg.teardown != "always",
+            endpoint_name=cfg.endpoint.name,
+        )
+    for name in removed.undeployed + removed.deleted:
+        log.info("removed %s", name)
+    if not removed.undeployed and not removed.deleted:
+        log.info("nothing to remove: the run left no resources behind")
+    return outputs(removed.undeployed + removed.deleted)

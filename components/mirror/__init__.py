@@ -1,0 +1,1 @@
+"""The mirror: Hugging Face Hub weights streamed into GCS, verified and resumable."""

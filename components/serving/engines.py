@@ -1,0 +1,292 @@
+"""The serving engines, both targets: the images, a deployment's resolved shape, and vLLM's and TGI's flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Pinned images, overridable with serving.image. Pins carry their reason:
+# - vLLM: the Vertex Model Garden build the Vertex AI vLLM serving doc and the Llama 3.1 / 3.2 Model Garden
+#   notebooks use. It serves /generate + /ping, reads --model=gs://... itself, and still has vLLM's V0
+#   engine, which Llama 3.2 Vision (mllama) needs: vLLM >= 0.11 (the 2025-10+ Model Garden builds) dropped it.
+VLLM_IMAGE = "us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:20241001_0916_RC00"
+# - TGI: the newest Hugging Face DLC listed in huggingface/Google-Cloud-Containers (TGI 2.4.0). Its entrypoint
+#   copies $AIP_STORAGE_URI (gs://) to /tmp/model and points MODEL_ID there: weights come from GCS, no Hub.
+TGI_IMAGE = (
+    "us-docker.pkg.dev/deeplearning-platform-release/gcr.io/"
+    "huggingface-text-generation-inference-cu124.2-4.ubuntu2204.py311"
+)
+
+SERVING_PORT = 8080
+# TGI launcher --quantize values (launcher/src/main.rs `enum Quantization`, v2.4.0) and vLLM 0.6.2's LoRA ranks
+# (config.py LoRAConfig: possible_max_ranks); a value outside them stops the container at start.
+TGI_QUANTIZE = ("awq", "eetq", "exl2", "gptq", "marlin", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8")
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256)
+
+# Env names that would carry a Hub token into serving; weights come from GCS, so serving never needs one.
+_TOKEN_ENV = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HF_API_TOKEN"}
+_TOKEN_FLAGS = ("--hf-token", "--hf_token", "--huggingface-token")
+_TGI_KV_DTYPES = {"fp8": "fp8_e4m3fn", "fp8_e4m3": "fp8_e4m3fn", "fp8_e4m3fn": "fp8_e4m3fn", "fp8_e5m2": "fp8_e5m2"}
+_TGI_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
+
+
+class ServingSpecError(ValueError):
+    """A deployment the serving presets cannot turn into a container; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class ServingShape:
+    """The resolved serving decisions for one deployment: config values, else the plan's."""
+
+    engine: str
+    image: str
+    repo: str
+    machine_type: str
+    accelerator_type: str
+    accelerator_count: int
+    node_count: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    max_model_len: int | None
+    max_num_seqs: int | None
+    min_replicas: int
+    max_replicas: int
+    spot: bool
+
+
+def deployment_config(deployment: dict[str, Any]) -> Any:
+    from components.config import config_from_dict
+
+    return config_from_dict(deployment["config"], source="deployment['config']")
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if value else None
+
+
+def resolve_shape(deployment: dict[str, Any]) -> ServingShape:
+    """What the container and the machine will be: explicit config values win, the plan fills the rest."""
+    cfg = deployment_config(deployment)
+    plan = dict(deployment.get("plan") or {})
+    hw = cfg.hardware
+    # An explicit shape is the user's decision (preflight checks it, never changes it); auto takes the plan's.
+    if not hw.is_auto:
+        plan.update(
+            machine_type=hw.machine_type, accelerator_type=hw.accelerator_type, accelerator_count=hw.accelerator_count
+        )
+    if cfg.target == "cloud_run":
+        # One GPU per instance, whatever the plan says (and with no plan at all, as `vlp render` offline): the TGI
+        # flags then depend only on the config's values and the plan's max_model_len / max_num_seqs.
+        from components.planning.catalog import instance_shape
+
+        plan.update(instance_shape(cfg.cloud_run.gpu_type))
+    machine_type = plan.get("machine_type") or ""
+    if not machine_type or machine_type == "auto":
+        raise ServingSpecError(
+            f"deployment {cfg.name!r} has hardware: auto and no plan: run preflight (vlp plan) first, "
+            "or set hardware.machine_type, accelerator_type and accelerator_count in the config"
+        )
+    accelerator_type = plan.get("accelerator_type") or ""
+    accelerator_count = int(plan.get("accelerator_count") or 0)
+    node_count = int(plan.get("node_count") or 1)
+    s = cfg.serving
+    tp = s.tensor_parallel_size or plan.get("tensor_parallel_size") or max(accelerator_count, 1)
+    pp = s.pipeline_parallel_size or plan.get("pipeline_parallel_size") or node_count
+    if node_count > 1 or pp > 1:
+        raise ServingSpecError(multi_host_refusal(cfg.name, node_count, pp))
+    if s.engine == "tgi" and (node_count > 1 or pp > 1):
+        raise ServingSpecError(
+            f"deployment {cfg.name!r}: TGI shards over the GPUs of one node only, but the plan spans {node_count} "
+            "nodes: use serving.engine: vllm (pipeline parallel across nodes) or a machine with more GPUs"
+        )
+    return ServingShape(
+        engine=s.engine,
+        image=s.image or (VLLM_IMAGE if s.engine == "vllm" else TGI_IMAGE),
+        repo=cfg.model.repo,
+        machine_type=machine_type,
+        accelerator_type=accelerator_type,
+        accelerator_count=accelerator_count,
+        node_count=node_count,
+        tensor_parallel_size=int(tp),
+        pipeline_parallel_size=int(pp),
+        # The plan arrives through a KFP struct (every number a float): back to ints before they become flags.
+        max_model_len=s.max_model_len or _int_or_none(plan.get("max_model_len")),
+        max_num_seqs=s.max_num_seqs or _int_or_none(plan.get("max_num_seqs")),
+        min_replicas=hw.replica_count,
+        max_replicas=hw.max_replica_count or hw.replica_count,
+        spot=hw.spot,
+    )
+
+
+def served_model_name(deployment: dict[str, Any]) -> str:
+    """The model name the OpenAI-compatible routes answer to: the Hub repo id, as if served from the Hub."""
+    return str(deployment["config"]["model"]["repo"])
+
+
+def check_no_token(env: dict[str, str], extra_args: list[str], name: str) -> None:
+    for key in env:
+        if key.upper() in _TOKEN_ENV:
+            raise ServingSpecError(
+                f"deployment {name!r}: serving.env sets {key}, but serving reads weights from GCS and must never "
+                "hold a Hub token: remove it (the mirror step reads model.hf_token_secret)"
+            )
+    for arg in extra_args:
+        if arg.split("=", 1)[0] in _TOKEN_FLAGS:
+            raise ServingSpecError(
+                f"deployment {name!r}: serving.extra_args passes {arg.split('=', 1)[0]}: serving reads weights from "
+                "GCS and must never hold a Hub token; remove it"
+            )
+
+
+# Model Garden's multi-host recipe (model_garden_pytorch_deepseek_deployment.ipynb): the args start with the
+# image's Ray launcher, which only images from 2025-01-30 on carry.
+def multi_host_refusal(name: str, nodes: int, pipeline_parallel: int) -> str:
+    """Why a replica spanning nodes is refused: the only API field for it (v1beta1 MachineSpec.
+    multihost_gpu_node_count) has no documented public deploy path; every Model Garden multi-host sample deploys
+    through another, undocumented surface."""
+    return (
+        f"deployment {name!r} spans {max(nodes, pipeline_parallel)} nodes (pipeline parallel {pipeline_parallel}), "
+        "but multi-host serving is not offered: Google documents no public way to deploy a replica over several "
+        "nodes (the v1beta1 MachineSpec.multihost_gpu_node_count field is not enough; Model Garden's multi-host "
+        "samples use an undocumented surface). Use one node with more GPU memory (8 x H200 on a3-ultragpu-8g holds "
+        "a 405B model in BF16), a quantized checkpoint, or a shorter serving.max_model_len; leave "
+        "serving.pipeline_parallel_size empty"
+    )
+
+
+RAY_LAUNCHER = "/vllm-workspace/ray_launcher.sh"
+RAY_LAUNCHER_SINCE = "20250130"
+
+
+def image_date(image: str) -> str:
+    """The YYYYMMDD build date in a Model Garden image tag (…:20241001_0916_RC00), or "" for other tags."""
+    tag = image.rsplit(":", 1)[-1] if ":" in image.rsplit("/", 1)[-1] else ""
+    return tag[:8] if len(tag) >= 8 and tag[:8].isdigit() else ""
+
+
+def vllm_args(deployment: dict[str, Any], weights_uri: str = "") -> list[str]:
+    """The Model Garden vLLM container args (the full command line, as the Vertex vLLM doc passes it).
+
+    weights_uri empty gives `$(AIP_STORAGE_URI)`, the form used for the serving spec hash."""
+    cfg = deployment_config(deployment)
+    shape = resolve_shape(deployment)
+    s = cfg.serving
+    args = []
+    if shape.node_count > 1:
+        date = image_date(shape.image)
+        if not date or date < RAY_LAUNCHER_SINCE:
+            raise ServingSpecError(
+                f"deployment {cfg.name!r} spans {shape.node_count} nodes, which Model Garden serves through "
+                f"{RAY_LAUNCHER}, present only in pytorch-vllm-serve images from {RAY_LAUNCHER_SINCE} on "
+                f"(this one: {shape.image}): set serving.image to such a Model Garden build, or plan one node "
+                "(hardware: a machine with more GPUs, or a quantized model). Multi-host serving is preview on Vertex."
+            )
+        args.append(RAY_LAUNCHER)
+    args += [
+        "python",
+        "-m",
+        "vllm.entrypoints.api_server",
+        "--host=0.0.0.0",
+        f"--port={SERVING_PORT}",
+        # Model Garden's recipe: the image downloads gs:// itself (as the endpoint's service account), so the
+        # Model carries no artifactUri and Vertex makes no second copy of a 400 GB checkpoint. No Hub token.
+        f"--model={weights_uri.rstrip('/') if weights_uri else '$(AIP_STORAGE_URI)'}",
+        # Not in the doc's list: without it the OpenAI routes answer to the gs:// path; clients use the repo id.
+        f"--served-model-name={shape.repo}",
+        f"--tensor-parallel-size={shape.tensor_parallel_size}",
+    ]
+    if shape.pipeline_parallel_size > 1:
+        args.append(f"--pipeline-parallel-size={shape.pipeline_parallel_size}")
+    args += [f"--swap-space={s.swap_space}", f"--gpu-memory-utilization={s.gpu_memory_utilization}"]
+    if shape.max_model_len:
+        args.append(f"--max-model-len={shape.max_model_len}")
+    args.append(f"--dtype={s.dtype}")
+    if s.enable_lora:
+        # The doc passes --max-loras/--max-cpu-loras always; they only size LoRA slots, so only with LoRA on.
+        args += ["--enable-lora", f"--max-loras={s.max_loras}", f"--max-lora-rank={s.max_lora_rank}"]
+    if shape.max_num_seqs:
+        args.append(f"--max-num-seqs={shape.max_num_seqs}")
+    args.append("--disable-log-stats")
+    if s.trust_remote_code:
+        args.append("--trust-remote-code")
+    if s.enforce_eager:
+        args.append("--enforce-eager")
+    if s.quantization:
+        args.append(f"--quantization={s.quantization}")
+    if s.kv_cache_dtype != "auto":
+        args.append(f"--kv-cache-dtype={s.kv_cache_dtype}")
+    if s.limit_mm_per_prompt:
+        # key=value form: what the pinned (2024) vLLM parses; newer vLLM also takes JSON (use extra_args there).
+        limits = ",".join(f"{k}={v}" for k, v in sorted(s.limit_mm_per_prompt.items()))
+        args.append(f"--limit-mm-per-prompt={limits}")
+    if s.chat_template:
+        # vLLM takes a file path or the template itself; one argv element keeps newlines intact.
+        args.append(f"--chat-template={s.chat_template}")
+    return args + list(s.extra_args)
+
+
+def tgi_env_and_args(deployment: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+    """The Hugging Face TGI DLC's env (shape, as the HF Vertex blog sets it) and launcher args (engine options)."""
+    cfg = deployment_config(deployment)
+    shape = resolve_shape(deployment)
+    s = cfg.serving
+    env: dict[str, str] = {"NUM_SHARD": str(shape.tensor_parallel_size)}
+    if shape.max_model_len:
+        # TGI checks input + max_new_tokens <= MAX_TOTAL_TOKENS per request; a prompt may use all but one token.
+        env["MAX_INPUT_TOKENS"] = str(shape.max_model_len - 1)
+        env["MAX_TOTAL_TOKENS"] = str(shape.max_model_len)
+        # Must be >= MAX_INPUT_TOKENS or the launcher refuses to start; one full prompt per prefill batch.
+        env["MAX_BATCH_PREFILL_TOKENS"] = str(shape.max_model_len)
+    args: list[str] = []
+    if shape.max_num_seqs:
+        args.append(f"--max-concurrent-requests={shape.max_num_seqs}")
+    if s.quantization:
+        args.append(f"--quantize={s.quantization}")
+    elif s.dtype in _TGI_DTYPES:
+        args.append(f"--dtype={_TGI_DTYPES[s.dtype]}")  # TGI refuses --dtype together with --quantize
+    elif s.dtype not in ("auto",):
+        raise ServingSpecError(
+            f"deployment {cfg.name!r}: TGI serves float16 or bfloat16 only, not serving.dtype={s.dtype}: "
+            "set serving.dtype to auto, bfloat16 or float16"
+        )
+    if s.kv_cache_dtype != "auto":
+        if s.kv_cache_dtype not in _TGI_KV_DTYPES:
+            raise ServingSpecError(
+                f"deployment {cfg.name!r}: TGI takes kv_cache_dtype fp8_e4m3fn or fp8_e5m2, not {s.kv_cache_dtype!r}"
+            )
+        args.append(f"--kv-cache-dtype={_TGI_KV_DTYPES[s.kv_cache_dtype]}")
+    if s.trust_remote_code:
+        args.append("--trust-remote-code")
+    if s.enforce_eager:
+        args.append("--cuda-graphs=0")  # TGI's equivalent of vLLM's --enforce-eager
+    if s.enable_lora:
+        raise ServingSpecError(
+            f"deployment {cfg.name!r}: TGI loads LoRA adapters named at start (--lora-adapters=ID,...), not "
+            "dynamically: pass them in serving.extra_args and set enable_lora: false, or use engine: vllm"
+        )
+    return env, args + list(s.extra_args)
+
+
+def check_engine_values(cfg: Any) -> None:
+    s = cfg.serving
+    if s.engine == "tgi" and s.quantization and s.quantization not in TGI_QUANTIZE:
+        raise ServingSpecError(
+            f"deployment {cfg.name!r}: TGI has no --quantize={s.quantization}: use one of {', '.join(TGI_QUANTIZE)}, "
+            "or leave serving.quantization empty to take it from the model's config"
+        )
+    if s.engine == "vllm" and s.quantization:
+        from components.serving.contract_fixtures import vllm_quantization_methods
+
+        methods = vllm_quantization_methods()
+        if s.quantization not in methods:
+            raise ServingSpecError(
+                f"deployment {cfg.name!r}: the pinned vLLM has no --quantization={s.quantization}: use one of "
+                f"{', '.join(methods)}, or leave serving.quantization empty to take it from the model's config"
+            )
+    if s.engine == "vllm" and s.enable_lora and s.max_lora_rank not in VLLM_LORA_RANKS:
+        raise ServingSpecError(
+            f"deployment {cfg.name!r}: vLLM takes serving.max_lora_rank in {list(VLLM_LORA_RANKS)}, not "
+            f"{s.max_lora_rank}: pick the smallest of them at or above your adapters' rank"
+        )
+
+
