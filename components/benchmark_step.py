@@ -48,6 +48,7 @@ def benchmark_op(
     from components.runtime import checkpoint, setup_logging
     from components.smoke.benchmark import render_html
     from components.smoke.checks import benchmark_deployment
+    from components.vertex.prediction import chat_target
 
     setup_logging()
     cfg = config_from_dict(deployment["config"], source="deployment['config']")
@@ -58,7 +59,11 @@ def benchmark_op(
         getLogger("vlp.smoke").warning("benchmark skipped: %s", skipped)
         page = f"<p>Benchmark skipped: {skipped}</p>"
     else:
-        bench = benchmark_deployment(deployment, target, metrics, api_endpoint=api_endpoint, headers=headers or None)
+        # A Vertex endpoint is resolved to its chat route by its own module; a Cloud Run URL goes as it is.
+        resolve = None if cfg.target == "cloud_run" else chat_target
+        bench = benchmark_deployment(
+            deployment, target, metrics, api_endpoint=api_endpoint, headers=headers or None, resolve=resolve
+        )
         levels = bench.levels
         page = render_html(bench)
     with open(report.path, "w") as f:

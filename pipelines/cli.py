@@ -468,6 +468,7 @@ def _progress_bar():  # noqa: ANN202 - a callback taking components.mirror.weigh
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from components.smoke.benchmark import render_html, render_table, run_benchmark
+    from components.vertex.prediction import chat_target
 
     try:
         levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
@@ -484,6 +485,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model=args.model,
         api_endpoint=args.api_endpoint,
         ttft_target_s=args.ttft_target,
+        resolve=chat_target,
     )
     if args.config or args.price_per_hour is not None:
         from components.smoke.benchmark import add_costs

@@ -5,13 +5,12 @@ from __future__ import annotations
 import html
 import json
 import math
-import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-_VERTEX_RE = re.compile(r"^projects/[^/]+/locations/[^/]+/endpoints/[^/]+(/deployedModels/(?P<dm>[^/]+))?$")
 SUMMARY_KEYS = ("concurrency", "ttft_p50_s", "ttft_p95_s", "itl_p50_s", "output_tokens_per_s", "errors")
 
 
@@ -64,51 +63,21 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @dataclass
-class _Target:
+class ChatTarget:
+    """Where the load goes: an OpenAI chat-completions URL, the session that calls it, and the model name to send."""
+
     url: str
     session: Any
     model: str
 
 
-def _serves_invoke(endpoint_resource: str, api_endpoint: str) -> bool:
-    """True when a model with traffic on the endpoint was uploaded with invokeRoutePrefix."""
-    from google.cloud import aiplatform_v1
-
-    from components.clients import gapic_kwargs
-    from components.runtime import deployed_version_name, region_of
-
-    kwargs = gapic_kwargs(region_of(endpoint_resource), api_endpoint)
-    endpoint = aiplatform_v1.EndpointServiceClient(**kwargs).get_endpoint(name=endpoint_resource)
-    models = aiplatform_v1.ModelServiceClient(**kwargs)
-    return any(
-        models.get_model(name=deployed_version_name(dm)).container_spec.invoke_route_prefix
-        for dm in endpoint.deployed_models
-        if endpoint.traffic_split.get(dm.id, 0) > 0
-    )
-
-
-def _resolve_target(
-    target: str, model: str | None, api_endpoint: str, headers: dict[str, str] | None = None
-) -> _Target:
-    """An OpenAI base URL, or a Vertex endpoint (optionally /deployedModels/ID) mapped to its chat route."""
+def url_target(
+    target: str, model: str | None, api_endpoint: str = "", headers: dict[str, str] | None = None
+) -> ChatTarget:
+    """An OpenAI-compatible base URL as a target (a Vertex endpoint is resolved by its target's own module:
+    components.vertex.prediction.chat_target, which takes the same arguments)."""
     import requests
 
-    match = _VERTEX_RE.match(target.strip())
-    if match:
-        from components.serving.calls import http_session
-        from components.vertex.prediction import chat_completions_url, describe_endpoint, invoke_url
-
-        endpoint = target.split("/deployedModels/")[0]
-        info = describe_endpoint(endpoint, api_endpoint)
-        # One deployed model: its invoke route to the container's own OpenAI route (dedicated endpoints);
-        # the whole endpoint: Vertex's v1beta1 chat completions.
-        dm = match.group("dm") or ""
-        if dm or (info.dedicated and _serves_invoke(endpoint, api_endpoint)):
-            # Models uploaded with invokeRoutePrefix answer invoke only (chat completions are off for them).
-            url = invoke_url(info, "/v1/chat/completions", dm)
-        else:
-            url = chat_completions_url(info)
-        return _Target(url, http_session(api_endpoint), model or "")
     if not target.startswith(("http://", "https://")):
         raise ValueError(
             f"{target!r} is neither an OpenAI-compatible base URL (http://HOST:PORT) nor a Vertex endpoint "
@@ -125,10 +94,10 @@ def _resolve_target(
             model = str(listed[0]["id"]) if listed else ""
         except (requests.RequestException, ValueError, KeyError, IndexError):
             model = ""
-    return _Target(f"{base}/v1/chat/completions", session, model)
+    return ChatTarget(f"{base}/v1/chat/completions", session, model)
 
 
-def _stream_one(target: _Target, prompt: str, max_tokens: int, concurrency: int, timeout_s: float) -> RequestRecord:
+def _stream_one(target: ChatTarget, prompt: str, max_tokens: int, concurrency: int, timeout_s: float) -> RequestRecord:
     """Sends one streaming chat request and times the first and the following tokens."""
     import requests
 
@@ -188,7 +157,7 @@ def _stream_one(target: _Target, prompt: str, max_tokens: int, concurrency: int,
 
 
 def _run_level(
-    target: _Target, concurrency: int, requests_per_level: int, max_tokens: int, prompt: str, timeout_s: float
+    target: ChatTarget, concurrency: int, requests_per_level: int, max_tokens: int, prompt: str, timeout_s: float
 ) -> tuple[list[RequestRecord], float]:
     """Closed loop: `concurrency` workers each send the next request as soon as their last one ends."""
     records: list[RequestRecord] = []
@@ -251,13 +220,16 @@ def run_benchmark(
     ttft_target_s: float = 2.0,
     timeout_s: float = 300.0,
     headers: dict[str, str] | None = None,
+    resolve: Callable[..., ChatTarget] | None = None,
 ) -> BenchmarkResult:
-    """Runs the closed-loop load at each concurrency level against an OpenAI base URL or a Vertex endpoint."""
+    """Runs the closed-loop load at each concurrency level against `target`: an OpenAI base URL, or what
+    `resolve(target, model, api_endpoint, headers)` makes of it (a Vertex endpoint:
+    components.vertex.prediction.chat_target)."""
     if not concurrency or any(c < 1 for c in concurrency):
         raise ValueError(f"concurrency levels must be positive integers, got {concurrency}")
     if requests_per_level < 1:
         raise ValueError("requests_per_level must be at least 1")
-    resolved = _resolve_target(target, model, api_endpoint, headers)
+    resolved = (resolve or url_target)(target, model, api_endpoint, headers)
     result = BenchmarkResult(target, resolved.model, prompt, max_tokens, ttft_target_s)
     # One unmeasured request first, as vLLM's benchmark_serving does: the first call pays for lazy loading and
     # kernel warm-up, which would otherwise land in the lowest concurrency level's figures.

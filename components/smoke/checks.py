@@ -229,25 +229,34 @@ def benchmark_pricing(deployment: dict, api_endpoint: str) -> tuple[float, str, 
 
 
 def benchmark_deployment(
-    deployment: dict, target: str, metrics: Any, *, api_endpoint: str = "", headers: dict[str, str] | None = None
+    deployment: dict,
+    target: str,
+    metrics: Any,
+    *,
+    api_endpoint: str = "",
+    headers: dict[str, str] | None = None,
+    resolve: Any = None,
 ) -> Any:
-    """The config's load benchmark against `target` (a Vertex endpoint or deployed model, or an OpenAI base URL),
-    with cost figures and the KFP metrics logged; returns the BenchmarkResult."""
+    """The config's load benchmark against `target` (an OpenAI base URL, or what `resolve` makes of it: a Vertex
+    endpoint or deployed model, see run_benchmark), with cost figures and the KFP metrics logged; returns the
+    BenchmarkResult."""
     from components.config import config_from_dict
     from components.serving.engines import served_model_name
     from components.smoke.benchmark import add_costs, log_benchmark_metrics, run_benchmark
 
     st = config_from_dict(deployment["config"], source="deployment['config']").smoke_test
+    model = served_model_name(deployment)
     bench = run_benchmark(
         target,
         concurrency=list(st.benchmark_concurrency),
         requests_per_level=st.benchmark_requests,
         max_tokens=st.max_tokens,
         prompt=st.prompt,
-        model=served_model_name(deployment),
+        model=model,
         api_endpoint=api_endpoint,
         ttft_target_s=st.ttft_p95_target_s,
         headers=headers,
+        resolve=resolve,
     )
     price, source, model = benchmark_pricing(deployment, api_endpoint or str(deployment.get("api_endpoint") or ""))
     if price > 0:

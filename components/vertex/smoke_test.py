@@ -245,7 +245,7 @@ def smoke_test_op(
 
     from components.smoke.benchmark import render_html
     from components.smoke.checks import benchmark_deployment, smoke_report_html
-    from components.vertex.prediction import benchmark_target, describe_endpoint
+    from components.vertex.prediction import benchmark_target, chat_target, describe_endpoint
     from components.vertex.smoke_test import run_smoke_test
 
     resource = endpoint.metadata["resourceName"]
@@ -271,7 +271,7 @@ def smoke_test_op(
             getLogger("vlp.smoke").warning("benchmark skipped: %s", reason)
             skipped = reason
         else:
-            bench = benchmark_deployment(deployment, target, metrics, api_endpoint=api_endpoint)
+            bench = benchmark_deployment(deployment, target, metrics, api_endpoint=api_endpoint, resolve=chat_target)
             levels = bench.levels
             bench_html = render_html(bench, fragment=True)
     with open(report.path, "w") as f:
