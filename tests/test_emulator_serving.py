@@ -22,10 +22,10 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
 from pipelines.local.emulator import Emulator, create_emulator
+from pipelines.local.emulator.engine_routes import WRONG_ANSWER
 from pipelines.local.emulator.serving import (
     SERVING_THREADS_ENV,
     SHARED_FORK_SERVER_ENV,
-    WRONG_ANSWER,
     ServingError,
     ServingManager,
     start_model_fork_server,

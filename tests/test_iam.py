@@ -23,15 +23,8 @@ from components.config import load_config
 from components.iam.policy import RULES, Binding
 from pipelines.iam_docs import markdown
 from pipelines.local.emulator import create_emulator
-from pipelines.local.emulator.iam import (
-    FIXTURE,
-    METHOD_TABLE,
-    compute_default_account,
-    fixture,
-    method_of,
-    project_number,
-    vertex_service_agent,
-)
+from pipelines.local.emulator.iam import compute_default_account, project_number, vertex_service_agent
+from pipelines.local.emulator.iam_methods import FIXTURE, METHOD_TABLE, fixture, method_of
 from pipelines.setup import apply, default_pipeline_account, plan_setup
 
 

@@ -22,7 +22,6 @@ _ID_BASE = 1_000_000_000_000_000_000  # 19-digit ids, the shape Vertex uses for 
 _LOC = r"/v1/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
 _ALIAS_RE = re.compile(r"^[a-z][a-zA-Z0-9-]{0,126}[a-z0-9]$|^[a-z]$")
 _RESOURCE_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-_PREDICT_KINDS = ("predict", "rawPredict", "chat", "invoke")
 
 
 def _now() -> str:
@@ -168,7 +167,7 @@ def _check_mask(mask: field_mask_pb2.FieldMask, descriptor: Any) -> list[str]:
 
 
 def _engine(spec: dict[str, Any]) -> str:
-    from pipelines.local.emulator.serving import engine_for
+    from pipelines.local.emulator.engine_routes import engine_for
 
     return engine_for(spec)
 
