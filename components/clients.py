@@ -88,20 +88,6 @@ def _account_at(host: str) -> str:
     return email if "@" in email else ""
 
 
-def serving_account(deployment: dict, cfg: Any) -> str:
-    """The account a deployed model (or a Cloud Run revision) runs as: the run's, the config's, else the step's own."""
-    return (
-        deployment.get("service_account")
-        or cfg.placement.service_account
-        or own_account(deployment.get("api_endpoint", ""))
-    )
-
-
-def regional_endpoint(region: str, endpoint: str = "") -> str:
-    """The Vertex AI host for a region (us-central1-aiplatform.googleapis.com) unless overridden."""
-    return api_endpoint(endpoint) or f"{region}-aiplatform.googleapis.com"
-
-
 def init_aiplatform(project: str, region: str, endpoint: str = "", staging_bucket: str | None = None) -> None:
     """Point the aiplatform SDK at the project, region and (when given) another API host."""
     from google.cloud import aiplatform

@@ -7,6 +7,8 @@ from kfp import dsl
 
 from components import clients
 from components.config import DeploymentConfig
+from components.deployment import build as build_deployment
+from components.deployment import run_account
 from components.planning.catalog import ACCELERATORS, MACHINE_TYPES
 from components.planning.model_facts import ModelAccessError, read_model_facts
 from components.planning.plan import Plan, plan_for_facts, plan_model
@@ -266,20 +268,19 @@ def run_preflight(
         errors = plan.errors or [f"{cfg.model.repo} does not fit the planned shape"]
         head = f"preflight failed for deployment {cfg.name} ({cfg.model.repo}):"
         raise PreflightError("\n".join([head] + [f"- {e}" for e in errors]), plan)
-    deployment = {
-        "config": cfg.model_dump(mode="json"),
-        "project": project,
-        "region": plan.region,
-        "bucket": bucket,
+    deployment = build_deployment(
+        cfg,
+        project=project,
+        region=plan.region,
+        bucket=bucket,
         # Who the model server (or revision) will run as, decided once: every later step, and the no-op check's spec
         # hash, see the same account (the pipeline's own unless the run or the config names one).
-        "service_account": service_account or cfg.placement.service_account or clients.own_account(api_endpoint),
-        "run_name": run_name,
-        "labels": {"vlp-deployment": label_value(cfg.name), "vlp-run": label_value(run_name or "manual")},
-        "plan": plan.to_dict(),
-        "revision_sha": _revision_sha(plan),
-        "api_endpoint": api_endpoint,
-    }
+        service_account=run_account(service_account, cfg) or clients.own_account(api_endpoint),
+        run_name=run_name,
+        plan=plan.to_dict(),
+        revision_sha=_revision_sha(plan),
+        api_endpoint=api_endpoint,
+    )
     _render_or_fail(deployment, cfg)
     return deployment
 

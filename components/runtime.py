@@ -98,8 +98,3 @@ def region_of(resource_name: str) -> str:
     """The location segment of projects/P/locations/L/... ."""
     parts = resource_name.split("/")
     return parts[parts.index("locations") + 1] if "locations" in parts else ""
-
-
-def project_of(resource_name: str) -> str:
-    parts = resource_name.split("/")
-    return parts[parts.index("projects") + 1] if "projects" in parts else ""

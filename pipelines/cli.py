@@ -341,23 +341,21 @@ def _workload_kwargs(values: dict[str, Any]) -> dict[str, Any]:
 
 def _render_deployment(args: argparse.Namespace, cfg: DeploymentConfig) -> dict[str, Any]:
     """A deployment dict as preflight would hand it on, with the plan from the config (no quota check)."""
+    from components.deployment import build, run_account
     from components.preflight import plan_deployment
-    from components.runtime import label_value
 
     plan = plan_deployment(cfg, regions=[args.region] if args.region else None, check_quota=False)
-    region = args.region or cfg.placement.regions[0]
-    return {
-        "config": cfg.model_dump(mode="json"),
-        "project": args.project or cfg.placement.project or "PROJECT",
-        "region": region,
-        "bucket": args.bucket or cfg.placement.bucket or "BUCKET",
-        "service_account": args.service_account or cfg.placement.service_account,
-        "run_name": "render",
-        "labels": {"vlp-deployment": cfg.name, "vlp-run": label_value("render")},
-        "plan": plan.to_dict(),
-        "revision_sha": "",
-        "api_endpoint": args.api_endpoint,
-    }
+    return build(
+        cfg,
+        project=args.project or cfg.placement.project or "PROJECT",
+        region=args.region or cfg.placement.regions[0],
+        bucket=args.bucket or cfg.placement.bucket or "BUCKET",
+        service_account=run_account(args.service_account, cfg),
+        run_name="render",
+        plan=plan.to_dict(),
+        revision_sha="",
+        api_endpoint=args.api_endpoint,
+    )
 
 
 def cmd_render(args: argparse.Namespace) -> int:

@@ -11,15 +11,11 @@ from typing import Any
 
 from kfp import dsl
 
+from components.deployment import run_account
 from components.run_form import FIELD_NAMES, FORM_FIELDS, GENERIC_DEFAULTS, form_values
 from pipelines.packaging import as_component
 
 PIPELINE_NAME = "vlp-deploy-llm"
-
-# Task names double as the names `--inject kill-step:NAME` and the run summary use.
-STEPS = ["preflight", "mirror-weights", "register-model", "deploy-model", "smoke-test", "promote", "roll-back"]
-# target: cloud_run takes these after the mirror instead (no Model Registry: the service reads the weights itself).
-CLOUD_RUN_STEPS = ["deploy-service", "smoke-test-service", "promote-service", "roll-back-service"]
 
 _SUMMARY = """Deploy a Hugging Face model to a tested, serving Vertex AI endpoint.
 
@@ -295,7 +291,7 @@ def pipeline_parameters(
         "project": project or cfg.placement.project,
         "region": region,
         "bucket": bucket or cfg.placement.bucket,
-        "service_account": service_account or cfg.placement.service_account,
+        "service_account": run_account(service_account, cfg),
         "force": force,
         # Only an emulator's address travels in the run: on Vertex the steps use Google's regional hosts.
         "api_endpoint": api_endpoint if api_endpoint.startswith("http://") else "",

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from components.config import ConfigError, DeploymentConfig
+from components.deployment import run_account
 
 T = TypeVar("T")
 
@@ -142,8 +143,8 @@ def schedule_request(
 
         # As `vlp run` does: the committed spec, else a fresh compile (the spec is copied into the schedule).
         job.pipeline_spec = _load_spec(template_path or (spec_path() if spec_path().is_file() else compile_to_temp()))
-    if service_account or cfg.placement.service_account:
-        job.service_account = service_account or cfg.placement.service_account
+    if run_account(service_account, cfg):
+        job.service_account = run_account(service_account, cfg)
     schedule = aiplatform_v1.Schedule(
         display_name=display_name or schedule_display_name(cfg),
         cron=build_cron(cron, time_zone),

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from components.config import ConfigError, DeploymentConfig
+from components.deployment import run_account
 from pipelines.progress import StepView, is_step
 from pipelines.summary import empty_summary, print_summary
 
@@ -101,13 +102,13 @@ def submit_run(
             from google.cloud import aiplatform_v1
 
             request = job._gca_resource  # the proto submit() would send, before it exists on the server
-            request.service_account = service_account or cfg.placement.service_account
+            request.service_account = run_account(service_account, cfg)
             created = aiplatform_v1.PipelineServiceClient(
                 **clients.gapic_kwargs(region, api_endpoint)
             ).create_pipeline_job(parent=f"projects/{project}/locations/{region}", pipeline_job=request)
             job = aiplatform.PipelineJob.get(created.name)
         else:
-            job.submit(service_account=service_account or cfg.placement.service_account or None)
+            job.submit(service_account=run_account(service_account, cfg) or None)
     except Exception as exc:
         hint = permission_hint(exc)
         raise RuntimeError(f"submitting the pipeline to {project}/{region} failed: {exc}. {hint}".strip()) from None

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from components.cloud_run.probe import _clients, get_service
+from components.deployment import config_of
 
 log = logging.getLogger("vlp.cloud_run")
 
@@ -26,12 +27,6 @@ class DeployedRevision:
     revision: str  # revision id
     url: str  # the candidate tag's URL: the new revision alone
     service_url: str
-
-
-def _config(deployment: dict[str, Any]) -> Any:
-    from components.config import config_from_dict
-
-    return config_from_dict(deployment["config"], source="deployment['config']")
 
 
 def pinned(targets: Any) -> list[Any]:
@@ -177,16 +172,16 @@ def deploy_revision(deployment: dict[str, Any], weights_uri: str) -> DeployedRev
     from components.cloud_run.service_spec import CANDIDATE_TAG, service_name, service_request
     from components.runtime import StepError
 
-    cfg = _config(deployment)
+    cfg = config_of(deployment)
     services, _ = _clients(deployment)
     name = service_name(deployment)
     current = get_service(services, name)
     previous = pinned(current.traffic_statuses) if current is not None else []
     if not cfg.cloud_run.service_account:
-        from components.clients import serving_account
+        from components.deployment import serving_account
 
         # The revision runs as the pipeline's account unless the config names one (else the Compute Engine default).
-        deployment = {**deployment, "service_account": serving_account(deployment, cfg)}
+        deployment = {**deployment, "service_account": serving_account(deployment)}
     request = service_request(deployment, weights_uri, previous)
     deadline = cfg.cloud_run.startup_timeout_s + IMAGE_IMPORT_S
     what = f"revision {request.template.revision} of Cloud Run service {name}"
@@ -249,7 +244,7 @@ def move_traffic(deployment: dict[str, Any], name: str, revision: str, pause_s: 
     from components.cloud_run.service_spec import CANDIDATE_TAG
     from components.rollout import split_with, step_pause
 
-    cfg = _config(deployment)
+    cfg = config_of(deployment)
     services, _ = _clients(deployment)
     service = services.get_service(name=name)
     others = {t.revision: t.percent for t in service.traffic_statuses if t.revision != revision and t.percent}

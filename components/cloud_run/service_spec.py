@@ -8,6 +8,7 @@ import json
 import math
 from typing import Any
 
+from components.deployment import config_of, run_account
 from components.planning.catalog import RUN_GPUS
 from components.runtime import LABEL_REVISION, LABEL_SPEC
 
@@ -37,20 +38,14 @@ def revisions_client(api_endpoint: str = "") -> Any:
 
 
 def service_name(deployment: dict[str, Any]) -> str:
-    cfg = _config(deployment)
+    cfg = config_of(deployment)
     return f"projects/{deployment['project']}/locations/{deployment['region']}/services/{cfg.service_id}"
-
-
-def _config(deployment: dict[str, Any]) -> Any:
-    from components.config import config_from_dict
-
-    return config_from_dict(deployment["config"], source="deployment['config']")
 
 
 def revision_id(deployment: dict[str, Any]) -> str:
     """A new revision's name: SERVICE-SHA7-RUN6; unique per run, since a name is never reused with another
     template (409) and every run labels its revision."""
-    cfg = _config(deployment)
+    cfg = config_of(deployment)
     sha = str(deployment.get("revision_sha") or "local")[:7].lower()
     run = hashlib.sha256(str(deployment.get("run_name") or "manual").encode()).hexdigest()[:6]
     return f"{cfg.service_id}-{sha}-{run}"
@@ -63,7 +58,7 @@ def revision_template(deployment: dict[str, Any], weights_uri: str, labels: dict
 
     from components.serving.engines import TGI_IMAGE, tgi_env_and_args
 
-    cfg = _config(deployment)
+    cfg = config_of(deployment)
     spec = cfg.cloud_run
     env, args = tgi_env_and_args(deployment)
     env = {**env, "HF_HUB_OFFLINE": "1", **cfg.serving.env}
@@ -90,7 +85,7 @@ def revision_template(deployment: dict[str, Any], weights_uri: str, labels: dict
         node_selector=run_v2.NodeSelector(accelerator=spec.gpu_type),
         gpu_zonal_redundancy_disabled=not spec.zonal_redundancy,
     )
-    account = spec.service_account or deployment.get("service_account") or cfg.placement.service_account
+    account = spec.service_account or run_account(str(deployment.get("service_account") or ""), cfg)
     if account:
         template.service_account = account
     uri = weights_uri.rstrip("/")
@@ -120,7 +115,7 @@ def spec_hash(deployment: dict[str, Any]) -> str:
 
     template = revision_template(deployment, "gs://BUCKET/WEIGHTS", {})
     data = json_format.MessageToDict(type(template).pb(template))
-    ingress = _config(deployment).cloud_run.ingress
+    ingress = config_of(deployment).cloud_run.ingress
     return hashlib.sha256(json.dumps({"template": data, "ingress": ingress}, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -144,7 +139,7 @@ def service_request(deployment: dict[str, Any], weights_uri: str, previous: list
     IAM binding is part of it (callers get roles/run.invoker, never allUsers)."""
     from google.cloud import run_v2
 
-    cfg = _config(deployment)
+    cfg = config_of(deployment)
     labels = revision_labels(deployment)
     template = revision_template(deployment, weights_uri, labels)
     template.revision = revision_id(deployment)
@@ -176,7 +171,7 @@ def render_service(deployment: dict[str, Any], weights_uri: str) -> dict[str, An
     resources.setdefault("cpuIdle", False)
     return {
         "service": data,
-        "service_id": _config(deployment).service_id,
+        "service_id": config_of(deployment).service_id,
         "parent": f"projects/{deployment['project']}/locations/{deployment['region']}",
         "access": "private: no allUsers binding; the pipeline's account gets roles/run.invoker, callers need it too",
     }

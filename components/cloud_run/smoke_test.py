@@ -10,6 +10,8 @@ from typing import Any, NamedTuple
 
 from kfp import dsl
 
+from components.deployment import config_of
+
 RUN_REFUSED = (
     "the caller's account lacks roles/run.invoker on the service (the deploy step grants it to the pipeline's "
     "account), or the request carried no ID token for the service's URL"
@@ -33,7 +35,6 @@ def run_service_smoke_test(
     timeout_s: float = 600.0,
 ) -> Any:
     """The config's smoke prompt to the revision's tag URL (TGI's /v1/chat/completions); a SmokeResult."""
-    from components.config import config_from_dict
     from components.serving.calls import parse_reply
     from components.serving.engines import served_model_name
     from components.serving.logs import format_logs, logs_hint, revision_log_filter, server_log_tail
@@ -49,7 +50,7 @@ def run_service_smoke_test(
         render_prompt,
     )
 
-    cfg = config_from_dict(deployment["config"], source="deployment['config']")
+    cfg = config_of(deployment)
     st = cfg.smoke_test
     project = deployment["project"]
     with tempfile.TemporaryDirectory(prefix="vlp-tokenizer-") as tmp:

@@ -60,11 +60,6 @@ DEFAULT_IGNORE_PATTERNS = [
     "*.md",
 ]
 
-# Recommended resources for the step as a plain pipeline task (the lead applies them with
-# .set_cpu_limit / .set_memory_limit). 4 vCPU / 16 GB is an e2-standard-4: enough for the default
-# 512 MiB transfer buffer plus Python, and ~8 Gbps of network. Models above ~20 GB should run as a
-# custom job on the machine catalog.mirror_machine_for() picks instead.
-STEP_RESOURCES = {"cpu_limit": "4", "memory_limit": "16G"}
 
 # Retries: bounded exponential backoff with full jitter (AWS architecture blog's "full jitter"), and a
 # server's Retry-After honoured up to a cap, on 408/429/5xx and connection errors from either side.

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from components.deployment import config_of
+
 # Pinned images, overridable with serving.image. Pins carry their reason:
 # - vLLM: the Vertex Model Garden build the Vertex AI vLLM serving doc and the Llama 3.1 / 3.2 Model Garden
 #   notebooks use. It serves /generate + /ping, reads --model=gs://... itself, and still has vLLM's V0
@@ -54,19 +56,13 @@ class ServingShape:
     spot: bool
 
 
-def deployment_config(deployment: dict[str, Any]) -> Any:
-    from components.config import config_from_dict
-
-    return config_from_dict(deployment["config"], source="deployment['config']")
-
-
 def _int_or_none(value: Any) -> int | None:
     return int(value) if value else None
 
 
 def resolve_shape(deployment: dict[str, Any]) -> ServingShape:
     """What the container and the machine will be: explicit config values win, the plan fills the rest."""
-    cfg = deployment_config(deployment)
+    cfg = config_of(deployment)
     plan = dict(deployment.get("plan") or {})
     hw = cfg.hardware
     # An explicit shape is the user's decision (preflight checks it, never changes it); auto takes the plan's.
@@ -168,7 +164,7 @@ def vllm_args(deployment: dict[str, Any], weights_uri: str = "") -> list[str]:
     """The Model Garden vLLM container args (the full command line, as the Vertex vLLM doc passes it).
 
     weights_uri empty gives `$(AIP_STORAGE_URI)`, the form used for the serving spec hash."""
-    cfg = deployment_config(deployment)
+    cfg = config_of(deployment)
     shape = resolve_shape(deployment)
     s = cfg.serving
     args = []
@@ -227,7 +223,7 @@ def vllm_args(deployment: dict[str, Any], weights_uri: str = "") -> list[str]:
 
 def tgi_env_and_args(deployment: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
     """The Hugging Face TGI DLC's env (shape, as the HF Vertex blog sets it) and launcher args (engine options)."""
-    cfg = deployment_config(deployment)
+    cfg = config_of(deployment)
     shape = resolve_shape(deployment)
     s = cfg.serving
     env: dict[str, str] = {"NUM_SHARD": str(shape.tensor_parallel_size)}

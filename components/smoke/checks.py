@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from components.deployment import config_of
 from components.serving.calls import EndpointError
 
 log = logging.getLogger("vlp.smoke_test")
@@ -240,11 +241,10 @@ def benchmark_deployment(
     """The config's load benchmark against `target` (an OpenAI base URL, or what `resolve` makes of it: a Vertex
     endpoint or deployed model, see run_benchmark), with cost figures and the KFP metrics logged; returns the
     BenchmarkResult."""
-    from components.config import config_from_dict
     from components.serving.engines import served_model_name
     from components.smoke.benchmark import add_costs, log_benchmark_metrics, run_benchmark
 
-    st = config_from_dict(deployment["config"], source="deployment['config']").smoke_test
+    st = config_of(deployment).smoke_test
     model = served_model_name(deployment)
     bench = run_benchmark(
         target,

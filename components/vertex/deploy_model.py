@@ -8,6 +8,8 @@ from typing import Any, NamedTuple
 from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint, VertexModel
 from kfp import dsl
 
+from components.deployment import config_of
+
 log = logging.getLogger("vlp.deploy")
 
 # Vertex keeps a deployment going for up to the container's deployment_timeout (2 h, the limit) after the VM and
@@ -67,8 +69,8 @@ def redeploy_split(cfg: Any, current: dict[str, int]) -> dict[str, int]:
 def deploy_model(deployment: dict, model_resource: str) -> Deployed:
     """Deploy the model version; on an endpoint that already serves, the new one starts at 0% traffic
     (blue/green: the smoke test reaches it directly, and promote moves traffic only after it passes)."""
-    from components.clients import endpoint_client, serving_account
-    from components.config import config_from_dict
+    from components.clients import endpoint_client
+    from components.deployment import serving_account
     from components.runtime import StepError
     from components.serving.logs import deploy_failure_message
     from components.vertex.serving_spec import deploy_model_request, needs_v1beta1
@@ -76,7 +78,7 @@ def deploy_model(deployment: dict, model_resource: str) -> Deployed:
     endpoint_resource, created = get_or_create_endpoint(deployment)
     client = endpoint_client(deployment)
     current = client.get_endpoint(name=endpoint_resource)
-    cfg = config_from_dict(deployment["config"], source="deployment['config']")
+    cfg = config_of(deployment)
     if cfg.endpoint.uses_invoke and not current.dedicated_endpoint_enabled:
         raise StepError(
             f"endpoint {endpoint_resource} ({cfg.endpoint.name}) is a shared endpoint, but the model was uploaded "
@@ -87,7 +89,7 @@ def deploy_model(deployment: dict, model_resource: str) -> Deployed:
     # The model server runs as the pipeline's account unless the config names one: without an account it would
     # run as a Vertex-managed identity that reads only AIP_STORAGE_URI (Vertex AI docs, "Use a custom service
     # account"), and vLLM downloads `--model=gs://...` itself.
-    deployment = {**deployment, "service_account": serving_account(deployment, cfg)}
+    deployment = {**deployment, "service_account": serving_account(deployment)}
     request = deploy_model_request(deployment, model_resource)
     request.endpoint = endpoint_resource
     request.traffic_split.clear()

@@ -3,6 +3,7 @@
 import logging
 import time
 
+from components.deployment import config_of
 from components.rollout import split_with, step_pause
 
 log = logging.getLogger("vlp.promote")
@@ -41,13 +42,12 @@ def promote(
     from google.protobuf import field_mask_pb2
 
     from components.clients import endpoint_client
-    from components.config import config_from_dict
 
     client = endpoint_client(deployment)
     endpoint = client.get_endpoint(name=endpoint_resource)
     others = {k: v for k, v in endpoint.traffic_split.items() if k != deployed_model_id}
     # Typed: a KFP struct carries traffic_steps as floats, and a traffic split takes integers.
-    steps = config_from_dict(deployment["config"], source="deployment['config']").endpoint.traffic_steps or [100]
+    steps = config_of(deployment).endpoint.traffic_steps or [100]
     pause = step_pause(deployment, pause_s)
     for i, percent in enumerate(steps):
         split = split_with(deployed_model_id, percent, others)

@@ -7,13 +7,13 @@ import json
 import math
 from typing import Any
 
+from components.deployment import config_of, run_account
 from components.runtime import LABEL_REVISION, LABEL_SPEC
 from components.serving.engines import (
     SERVING_PORT,
     ServingSpecError,
     check_engine_values,
     check_no_token,
-    deployment_config,
     resolve_shape,
     tgi_env_and_args,
     vllm_args,
@@ -59,7 +59,7 @@ def shared_memory_mb(machine_type: str) -> int:
 
 def uses_invoke(deployment: dict[str, Any]) -> bool:
     """True when the model is uploaded with invokeRoutePrefix and reached through invoke routes."""
-    return deployment_config(deployment).endpoint.uses_invoke
+    return config_of(deployment).endpoint.uses_invoke
 
 
 def container_spec(deployment: dict[str, Any], weights_uri: str = "") -> Any:
@@ -67,7 +67,7 @@ def container_spec(deployment: dict[str, Any], weights_uri: str = "") -> Any:
     from google.cloud.aiplatform_v1.types import EnvVar, ModelContainerSpec, Port
     from google.protobuf import duration_pb2
 
-    cfg = deployment_config(deployment)
+    cfg = config_of(deployment)
     shape = resolve_shape(deployment)
     s = cfg.serving
     check_no_token(s.env, s.extra_args, cfg.name)
@@ -183,7 +183,7 @@ def upload_model_request(deployment: dict[str, Any], weights_uri: str, revision_
     """
     from google.cloud.aiplatform_v1.types import Model, UploadModelRequest
 
-    cfg = deployment_config(deployment)
+    cfg = config_of(deployment)
     if not weights_uri.startswith("gs://"):
         raise ServingSpecError(
             f"weights_uri {weights_uri!r} is not a gs:// URI: serving loads the mirrored weights from GCS only"
@@ -230,7 +230,7 @@ def deploy_model_request(
     else:
         from google.cloud.aiplatform_v1 import types
 
-    cfg = deployment_config(deployment)
+    cfg = config_of(deployment)
     sha = str(deployment.get("revision_sha") or "")
     display = f"{cfg.name}-{sha[:8]}" if sha else cfg.name
     deployed = types.DeployedModel(
@@ -242,7 +242,7 @@ def deploy_model_request(
         # "On the v1beta1 service endpoint, container logging is disabled by default" (online-prediction-logging):
         # without it a failed multi-host deploy has no model server logs to show.
         deployed.enable_container_logging = True
-    service_account = deployment.get("service_account") or cfg.placement.service_account
+    service_account = run_account(str(deployment.get("service_account") or ""), cfg)
     if service_account:
         deployed.service_account = service_account
     return types.DeployModelRequest(
@@ -254,7 +254,7 @@ def deploy_model_request(
 
 def render_requests(deployment: dict[str, Any], weights_uri: str, revision_sha: str = "SHA") -> dict[str, Any]:
     """Both requests as REST JSON (camelCase, as the aiplatform v1 API takes them): what `vlp render` prints."""
-    cfg = deployment_config(deployment)
+    cfg = config_of(deployment)
     model_resource = f"projects/{deployment['project']}/locations/{deployment['region']}/models/{cfg.name}"
     return {
         "upload_model": _message_dict(upload_model_request(deployment, weights_uri, revision_sha)),

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint
 from kfp import dsl
 
+from components.deployment import config_of
 from components.serving.calls import Reply, http_session, parse_reply
 from components.serving.logs import deploy_failure_message, format_logs, logs_hint, server_log_tail
 from components.smoke.checks import (
@@ -117,9 +118,7 @@ def run_smoke_test(
     Returns a failed SmokeResult for a wrong answer (the pipeline branches on the verdict); raises SmokeTestError
     when the endpoint cannot be reached after `smoke_test.attempts` tries with exponential backoff.
     """
-    from components.config import config_from_dict
-
-    cfg = config_from_dict(deployment["config"], source="deployment['config']")
+    cfg = config_of(deployment)
     st = cfg.smoke_test
     api_endpoint = api_endpoint or str(deployment.get("api_endpoint") or "")
     info = describe_endpoint(endpoint_resource, api_endpoint)

@@ -5,19 +5,20 @@ from __future__ import annotations
 import logging
 import time
 
+from components.deployment import config_of
+
 log = logging.getLogger("vlp.redeploy")
 
 
 def _healthy(deployment: dict, endpoint_resource: str, deployed_model_id: str) -> bool:
     """One short request to the serving model through a route its endpoint kind really serves: the per-model
     invoke route on dedicated endpoints (invokeRoutePrefix uploads), else :predict, whose answer must name it."""
-    from components.config import config_from_dict
     from components.serving.calls import http_session
     from components.serving.engines import served_model_name
     from components.vertex.prediction import describe_endpoint, prediction_request, smoke_route
 
     api = deployment.get("api_endpoint", "")
-    cfg = config_from_dict(deployment["config"], source="deployment['config']")
+    cfg = config_of(deployment)
     try:
         info = describe_endpoint(endpoint_resource, api)
         route = smoke_route(cfg.endpoint.uses_invoke, info)
