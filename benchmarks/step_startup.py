@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines.packaging import MODULE_OF_OP, STEP_NEEDS, STEP_OF_OP, embedded_code_dir, step_packages  # noqa: E402
 
 KFP = "kfp==2.17.0"
-# What every step installed before per-step sets (pipelines/packaging.py RUNTIME_PACKAGES at commit 13d336b).
+# A frozen baseline: what every step installed before per-step sets (components/packaging.py RUNTIME_PACKAGES at
+# commit 13d336b, where packaging.py lived then).
 ALL_IN_ONE = [
     "google-cloud-aiplatform==1.165.1",
     "google-cloud-pipeline-components==2.22.0",

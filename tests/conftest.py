@@ -238,8 +238,8 @@ def keep_stack_up() -> Iterator[Callable[[Path], None]]:
 
 
 # ----------------------------------------------------------------------------- the order tests run in
-# Longest first, so that the parallel workers end together: in collection order the longest whole-run tests came
-# last and ran with the other workers idle (measured: 916 s wall for 2143 s of tests on three workers). The
+# Longest first, so that the parallel workers end together: in collection order the longest whole-run tests come
+# last and run while the other workers sit idle. The
 # durations are measured ones (`make durations` rewrites the file); a test not in it counts as the median of its
 # kind. Order only: every test still runs, and each test's outcome does not depend on it.
 DURATIONS_PATH = Path(__file__).with_name("durations.json")

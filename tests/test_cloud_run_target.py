@@ -171,7 +171,7 @@ def test_plan_shows_the_instance_price_and_regions(tiny_model_dir: Path, hub_mir
 
 @pytest.mark.slow
 def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Done-when of issue 11, in order: Paris; a no-op; a failing redeploy that keeps the old revision while the
+    """The Cloud Run target end to end, in order: Paris; a no-op; a failing redeploy that keeps the old revision while the
     service answers throughout; a forced redeploy that moves all traffic; 403 without roles/run.invoker."""
     state = tmp_path / "state"
     cfg = load_config(ROOT / "configs" / "local-demo-cloud-run.yaml")

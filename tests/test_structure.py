@@ -115,3 +115,27 @@ def test_each_step_function_imports_what_its_body_uses(name: str, func: ast.Func
     body = ast.Module(body=func.body, type_ignores=[])
     read = {n.id for n in ast.walk(body) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
     assert read - bound - set(dir(builtins)) == set()
+
+
+TARGETS = ("components.vertex", "components.cloud_run")
+# The steps that serve both targets and pick one by the config's `target`: the only shared code that names a target.
+DISPATCHERS = {"components.preflight", "components.cleanup", "components.benchmark_step"}
+
+
+def _within(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def test_the_targets_never_import_each_other_and_shared_code_imports_neither() -> None:
+    """Cloud Run code and Vertex code meet only in the three dispatching steps: what both use lives in a shared
+    folder (serving/, smoke/, planning/...) or at the root, so neither target drags the other into its steps."""
+    crossings = []
+    for name, path in MODULES.items():
+        if not name.startswith("components.") or name in DISPATCHERS:
+            continue
+        own = next((t for t in TARGETS if _within(name, t)), None)
+        for dep in _imports(path):
+            target = next((t for t in TARGETS if _within(dep, t)), None)
+            if target and target != own:
+                crossings.append(f"{name} -> {dep}")
+    assert crossings == []

@@ -1,5 +1,5 @@
 """Calling a private Cloud Run service as the step's own account (an ID token from IAM Credentials), the one-token
-health probe, and the no-op check preflight makes: kept apart from cloud_run_service.py so preflight's embedded code
+health probe, and the no-op check preflight makes: kept apart from service.py so preflight's embedded code
 does not carry the deploy, promote and clean-up logic (kfp passes a step's code as one argument, capped at 128 KiB)."""
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Mirrors a pinned Hugging Face Hub revision into GCS: streamed, parallel, resumable, verified and idempotent.
 
 This module holds what to mirror (file selection), the manifest that makes a repeat a no-op, the public entry
-points and the pipeline step; the Hub side is mirror_hub.py, the transfer engine mirror_transfer.py."""
+points and the pipeline step; the Hub side is hub.py, the transfer engine transfer.py."""
 
 from __future__ import annotations
 

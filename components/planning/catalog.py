@@ -319,7 +319,7 @@ class RunGpu:
     price_per_second: float  # USD, without zonal redundancy
     price_per_second_zonal: float  # USD, with zonal redundancy
     launch_stage: str = ""  # "" = GA
-    # Quota units per GPU: the RTX PRO 6000 quotas count milli-GPUs (issue 21's reading of Cloud Run's quota page;
+    # Quota units per GPU: the RTX PRO 6000 quotas count milli-GPUs (a reading of Cloud Run's quota page;
     # no Google page found that states either unit: unverified, and the strict choice, since reading a GPU count
     # as milli-GPUs refuses a deploy rather than letting one through that the API would refuse).
     quota_per_gpu: int = 1

@@ -95,7 +95,7 @@ def _check_template(service_id: str, template: dict[str, Any]) -> None:
 
 
 _GPU_QUOTA = {"nvidia-l4": "NvidiaL4GpuAlloc", "nvidia-rtx-pro-6000": "NvidiaRtxPro6000GpuAlloc"}
-# The RTX PRO 6000 quotas count milli-GPUs (unverified: issue 21's reading; strict, see components/planning/catalog.py).
+# The RTX PRO 6000 quotas count milli-GPUs (unverified: a reading of Cloud Run's quota page; strict, see components/planning/catalog.py).
 _GPU_QUOTA_UNITS = {"nvidia-l4": 1, "nvidia-rtx-pro-6000": 1000}
 DEFAULT_MAX_INSTANCES = 100  # a revision without scaling.max_instance_count (run/docs/configuring/max-instances)
 
