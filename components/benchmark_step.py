@@ -48,7 +48,7 @@ def benchmark_op(
     from components.runtime import checkpoint, setup_logging
     from components.smoke.benchmark import render_html
     from components.smoke.checks import benchmark_deployment
-    from components.vertex.prediction import chat_target
+    from components.vertex.load_target import chat_target
 
     setup_logging()
     cfg = config_from_dict(deployment["config"], source="deployment['config']")

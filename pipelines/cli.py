@@ -466,7 +466,7 @@ def _progress_bar():  # noqa: ANN202 - a callback taking components.mirror.weigh
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from components.smoke.benchmark import render_html, render_table, run_benchmark
-    from components.vertex.prediction import chat_target
+    from components.vertex.load_target import chat_target
 
     try:
         levels = [int(x) for x in args.concurrency.split(",") if x.strip()]

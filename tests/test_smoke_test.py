@@ -270,7 +270,7 @@ def test_a_dedicated_endpoint_tests_the_new_model_alone_through_invoke(served: d
     try:
         result = run_smoke_test(deployment, endpoint.name, green, served["weights"], served["api"])
         # `vlp bench` on the whole endpoint takes the endpoint-level invoke route (chat completions are off).
-        from components.vertex.prediction import chat_target
+        from components.vertex.load_target import chat_target
 
         whole = chat_target(endpoint.name, None, served["api"]).url
         assert whole.endswith(f"/v1/{endpoint.name}/invoke/v1/chat/completions"), whole

@@ -244,7 +244,8 @@ def smoke_test_op(
 
     from components.smoke.benchmark import render_html
     from components.smoke.checks import benchmark_deployment, smoke_report_html
-    from components.vertex.prediction import benchmark_target, chat_target, describe_endpoint
+    from components.vertex.load_target import chat_target
+    from components.vertex.prediction import benchmark_target, describe_endpoint
     from components.vertex.smoke_test import run_smoke_test
 
     resource = endpoint.metadata["resourceName"]
