@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_serving import SHA, deployment_for_tests
 
 from components.config import load_config
 
 PRESETS = Path(__file__).resolve().parents[1] / "pipelines" / "presets"
-SHA = "0123456789abcdef0123456789abcdef01234567"
 # The plan an `auto` preset is given here: what it is does not matter, only that it stays the same.
 L4_PLAN = {
     "node_count": 1,
@@ -64,27 +64,8 @@ GOLDEN: dict[str, tuple[str, str]] = {
 
 def _deployment(name: str) -> dict[str, Any]:
     cfg = load_config(PRESETS / f"{name}.yaml")
-    hw = cfg.hardware
-    plan = dict(L4_PLAN)
-    if not hw.is_auto:
-        plan.update(
-            machine_type=hw.machine_type,
-            accelerator_type=hw.accelerator_type,
-            accelerator_count=hw.accelerator_count,
-            tensor_parallel_size=hw.accelerator_count or 1,
-        )
-    return {
-        "config": cfg.model_dump(mode="json"),
-        "project": "test-project",
-        "region": cfg.placement.regions[0],
-        "bucket": "vlp-bucket",
-        "service_account": "serving@test-project.iam.gserviceaccount.com",
-        "run_name": "run-1",
-        "labels": {"vlp-deployment": cfg.name, "vlp-run": "run-1"},
-        "plan": plan,
-        "revision_sha": SHA,
-        "api_endpoint": "",
-    }
+    # An explicit shape becomes the plan (deployment_for_tests); an `auto` preset gets the fixed L4 plan.
+    return deployment_for_tests(cfg, L4_PLAN if cfg.hardware.is_auto else None)
 
 
 def labels_and_alias(name: str) -> tuple[str, str]:
