@@ -13,7 +13,7 @@ COPY components/step-packages.lock /opt/vlp/step-packages.lock
 RUN pip install --no-deps -r /opt/vlp/step-packages.lock kfp==2.17.0
 
 # Only the step code: the CLI, emulators and local stack stay out of the serving path.
-COPY components/ /opt/vlp/components/
+COPY components/ /opt/vlp/vlp/components/
 ENV PYTHONPATH=/opt/vlp
 
 USER 1000

@@ -4,7 +4,7 @@ Run: `python benchmarks/mirror.py` (about 2-3 minutes on 2 cores). It measures, 
   - the harness limit: fake-gcs-server's best upload rate of in-memory bytes (1-8 parallel streams) and the
     local Hub's aggregate rate over many capped connections; limit = the smaller;
   - the naive path: huggingface_hub.snapshot_download to disk, then upload each file;
-  - components.mirror.weights on the same model (a subprocess: peak RSS and disk writes are its own),
+  - vlp.components.mirror.weights on the same model (a subprocess: peak RSS and disk writes are its own),
     the same on a model twice the size, and a re-run of an already mirrored revision.
 """
 
@@ -203,7 +203,7 @@ def hwm_kb():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
-from components.mirror.weights import mirror_weights
+from vlp.components.mirror.weights import mirror_weights
 t = time.monotonic()
 r = mirror_weights({repo!r}, {rev!r}, {bucket!r}, hf_endpoint={hub!r}, max_workers={workers}, part_size={part},
                    max_memory_bytes={memory}, upload_streams={streams})
@@ -239,8 +239,8 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "vlp-bench-models")
     args = ap.parse_args()
 
-    from components.clients import storage_client
-    from pipelines.local.peers import start_fake_gcs
+    from vlp.components.clients import storage_client
+    from vlp.pipelines.local.peers import start_fake_gcs
 
     work = Path(tempfile.mkdtemp(prefix="vlp-bench-"))
     logs = work / "logs"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.packaging import MODULE_OF_OP, STEP_NEEDS, STEP_OF_OP, embedded_code_dir, step_packages  # noqa: E402
+from vlp.pipelines.packaging import MODULE_OF_OP, STEP_NEEDS, STEP_OF_OP, embedded_code_dir, step_packages  # noqa: E402
 
 KFP = "kfp==2.17.0"
 # A frozen baseline: what every step installed before per-step sets (components/packaging.py RUNTIME_PACKAGES at

@@ -11,15 +11,15 @@ def serving_benchmark_target(cfg: Any, deployment: dict, api_endpoint: str) -> t
     or (None, {}, why not). On Vertex, the deployed model holding all the endpoint's traffic (the no-op check
     found it); on Cloud Run, the service URL, with an ID token."""
     if cfg.target == "cloud_run":
-        from components.cloud_run.probe import get_service, id_token_headers
-        from components.cloud_run.service_spec import service_name, services_client
+        from vlp.components.cloud_run.probe import get_service, id_token_headers
+        from vlp.components.cloud_run.service_spec import service_name, services_client
 
         service = get_service(services_client(api_endpoint or str(deployment.get("api_endpoint") or "")), service_name(deployment))
         if service is None or not service.uri:
             return None, {}, f"service {service_name(deployment)} is gone since preflight: run again to redeploy it"
         return service.uri, id_token_headers(service.uri), ""
-    from components.clients import find_endpoint
-    from components.vertex.prediction import benchmark_target, describe_endpoint
+    from vlp.components.clients import find_endpoint
+    from vlp.components.vertex.prediction import benchmark_target, describe_endpoint
 
     endpoint = find_endpoint(deployment)
     if endpoint is None:
@@ -43,12 +43,12 @@ def benchmark_op(
     from collections import namedtuple
     from logging import getLogger
 
-    from components.benchmark_step import serving_benchmark_target
-    from components.config import config_from_dict
-    from components.runtime import checkpoint, setup_logging
-    from components.smoke.benchmark import render_html
-    from components.smoke.checks import benchmark_deployment
-    from components.vertex.load_target import chat_target
+    from vlp.components.benchmark_step import serving_benchmark_target
+    from vlp.components.config import config_from_dict
+    from vlp.components.runtime import checkpoint, setup_logging
+    from vlp.components.smoke.benchmark import render_html
+    from vlp.components.smoke.checks import benchmark_deployment
+    from vlp.components.vertex.load_target import chat_target
 
     setup_logging()
     cfg = config_from_dict(deployment["config"], source="deployment['config']")

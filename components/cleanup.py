@@ -39,11 +39,11 @@ def cleanup_op(
     what it removed (the local run summary reads it from the step's executor output)."""
     from collections import namedtuple
 
-    from components.cleanup import should_remove
-    from components.config import ConfigError, config_from_dict
-    from components.run_form import FIELD_NAMES, resolve_config
-    from components.runtime import checkpoint, label_value, setup_logging
-    from components.vertex.teardown import Removed, remove_run_resources
+    from vlp.components.cleanup import should_remove
+    from vlp.components.config import ConfigError, config_from_dict
+    from vlp.components.run_form import FIELD_NAMES, resolve_config
+    from vlp.components.runtime import checkpoint, label_value, setup_logging
+    from vlp.components.vertex.teardown import Removed, remove_run_resources
 
     outputs = namedtuple("CleanupOutputs", ["removed"])
     log = setup_logging()
@@ -65,7 +65,7 @@ def cleanup_op(
     regions = [r for r in [region, *cfg.placement.regions] if r]
     project = project or cfg.placement.project
     if cfg.target == "cloud_run":
-        from components.cloud_run.service import remove_run_services
+        from vlp.components.cloud_run.service import remove_run_services
 
         removed = Removed(deleted=remove_run_services(project, regions, cfg.name, label_value(run_name), api_endpoint))
     else:

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from components import clients
+from vlp.components import clients
 
 
 @dataclass
@@ -63,7 +63,7 @@ def read_quota_limit(
     except gexc.NotFound:
         return 0, f"{quota_id} not found for the project (limit 0)"
     except (gexc.PermissionDenied, gexc.Forbidden) as exc:  # REST answers Forbidden, gRPC PermissionDenied
-        from components.iam.access import disabled_api
+        from vlp.components.iam.access import disabled_api
 
         # A disabled API answers 403 too: say which fix applies.
         return None, disabled_api(exc) or (

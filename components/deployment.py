@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from components.config import DeploymentConfig, config_from_dict
+from vlp.components.config import DeploymentConfig, config_from_dict
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def serving_account(deployment: Mapping[str, Any] | Deployment) -> str:
     names, else the step's own (a model server without one runs as a Vertex-managed identity that reads only
     AIP_STORAGE_URI, and vLLM downloads `--model=gs://...` itself). Cloud Run's own cloud_run.service_account, when
     set, wins over this (cloud_run/service_spec.py)."""
-    from components.clients import own_account
+    from vlp.components.clients import own_account
 
     d = Deployment.parse(deployment)
     return run_account(d.service_account, d.config) or own_account(d.api_endpoint)
@@ -90,7 +90,7 @@ def build(
     api_endpoint: str,
 ) -> dict[str, Any]:
     """The struct preflight hands on (and `vlp render` shows): labels named from the deployment and the run."""
-    from components.runtime import label_value
+    from vlp.components.runtime import label_value
 
     return Deployment(
         config=cfg,

@@ -5,15 +5,15 @@ from typing import Any, NamedTuple
 
 from kfp import dsl
 
-from components import clients
-from components.config import DeploymentConfig
-from components.deployment import build as build_deployment
-from components.deployment import run_account
-from components.planning.catalog import ACCELERATORS, MACHINE_TYPES
-from components.planning.model_facts import ModelAccessError, read_model_facts
-from components.planning.plan import Plan, plan_for_facts, plan_model
-from components.runtime import label_value
-from components.serving.engines import TGI_IMAGE, VLLM_IMAGE
+from vlp.components import clients
+from vlp.components.config import DeploymentConfig
+from vlp.components.deployment import build as build_deployment
+from vlp.components.deployment import run_account
+from vlp.components.planning.catalog import ACCELERATORS, MACHINE_TYPES
+from vlp.components.planning.model_facts import ModelAccessError, read_model_facts
+from vlp.components.planning.plan import Plan, plan_for_facts, plan_model
+from vlp.components.runtime import label_value
+from vlp.components.serving.engines import TGI_IMAGE, VLLM_IMAGE
 
 __all__ = ["PreflightError", "plan_deployment", "plan_model", "run_preflight", "label_value", "preflight_op"]
 
@@ -106,9 +106,9 @@ def plan_deployment(
             errors=[str(exc)],
         )
     if cloud_run:
-        from components.cloud_run.plan import adapt_plan
-        from components.config import Hardware
-        from components.planning.catalog import RUN_GPUS
+        from vlp.components.cloud_run.plan import adapt_plan
+        from vlp.components.config import Hardware
+        from vlp.components.planning.catalog import RUN_GPUS
 
         # One GPU of the instance's type: the same memory and throughput model as on Vertex, then Cloud Run's shape.
         one_gpu = Hardware(accelerator_type=RUN_GPUS[cfg.cloud_run.gpu_type].accelerator, accelerator_count=1)
@@ -134,7 +134,7 @@ def plan_deployment(
             "base model's) so /v1/chat/completions and the smoke test can format prompts"
         )
     if plan.fits and check_quota and cloud_run:
-        from components.cloud_run.quota import check_quota as check_cloud_run_quota
+        from vlp.components.cloud_run.quota import check_quota as check_cloud_run_quota
 
         check_cloud_run_quota(plan, cfg, project, regions, api_endpoint)
     elif plan.fits and check_quota:
@@ -146,7 +146,7 @@ def plan_deployment(
 
 
 def _check_quota(plan: Plan, cfg: DeploymentConfig, project: str, regions: list[str], api_endpoint: str) -> None:
-    from components.vertex.quota import QuotaError, choose_region, quota_needs
+    from vlp.components.vertex.quota import QuotaError, choose_region, quota_needs
 
     if not project:
         plan.errors.append("no project to check quota in: pass --project or set placement.project")
@@ -246,7 +246,7 @@ def run_preflight(
     bucket = (bucket or cfg.placement.bucket).removeprefix("gs://").rstrip("/")
     if check_grants:
         # Every grant the policy gives the pipeline's account, before the Hub, the mirror or a GPU is touched.
-        from components.iam.access import check_access
+        from vlp.components.iam.access import check_access
 
         problems = check_access(cfg, project=project, bucket=bucket, api_endpoint=api_endpoint)
         if problems:
@@ -288,16 +288,16 @@ def run_preflight(
 def _render_or_fail(deployment: dict[str, Any], cfg: DeploymentConfig) -> None:
     """Build the requests deploy will send (upload and deploy, or the Cloud Run service) now: a setting the serving
     presets cannot turn into a container fails here, before the weights are mirrored, not at register."""
-    from components.serving.engines import ServingSpecError
+    from vlp.components.serving.engines import ServingSpecError
 
     uri = f"gs://{deployment['bucket'] or 'BUCKET'}/models/{cfg.model.repo}/{deployment['revision_sha'] or 'SHA'}/"
     try:
         if cfg.target == "cloud_run":
-            from components.cloud_run.service_spec import service_request
+            from vlp.components.cloud_run.service_spec import service_request
 
             service_request(deployment, uri)
         else:
-            from components.vertex.serving_spec import deploy_model_request, upload_model_request
+            from vlp.components.vertex.serving_spec import deploy_model_request, upload_model_request
 
             upload_model_request(deployment, uri, deployment["revision_sha"] or "SHA")
             deploy_model_request(deployment, f"projects/{deployment['project']}/locations/REGION/models/{cfg.name}")
@@ -337,12 +337,12 @@ def preflight_op(
     """Preflight: plan the hardware, check quota and Hub access, and fail before anything costs money."""
     from collections import namedtuple
 
-    from components.config import config_from_dict
-    from components.planning.report import render_markdown
-    from components.preflight import PreflightError, run_preflight
-    from components.run_form import FIELD_NAMES, resolve_config
-    from components.runtime import checkpoint, setup_logging, without_nulls
-    from components.vertex.unchanged import unchanged_deployment
+    from vlp.components.config import config_from_dict
+    from vlp.components.planning.report import render_markdown
+    from vlp.components.preflight import PreflightError, run_preflight
+    from vlp.components.run_form import FIELD_NAMES, resolve_config
+    from vlp.components.runtime import checkpoint, setup_logging, without_nulls
+    from vlp.components.vertex.unchanged import unchanged_deployment
 
     log = setup_logging()
     params = locals()
@@ -366,7 +366,7 @@ def preflight_op(
         except PreflightError:
             candidate = None  # the full preflight below reports it
         if candidate and cfg.target == "cloud_run":
-            from components.cloud_run.probe import unchanged_service
+            from vlp.components.cloud_run.probe import unchanged_service
 
             unchanged = unchanged_service(candidate)
         else:
@@ -403,7 +403,7 @@ def preflight_op(
         metrics.log_metric(key, value)
     # Where the mirror runs: small models on the pipeline step itself, big ones as a custom job on a
     # machine with more network (the step's e2-standard-4 egress caps at ~8 Gbps).
-    from components.planning.catalog import mirror_machine_for
+    from vlp.components.planning.catalog import mirror_machine_for
 
     machine = mirror_machine_for(int(plan.get("weights_bytes") or 0))["machine_type"]
     mirror_on = "step" if machine == "e2-standard-4" else machine

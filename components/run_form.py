@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from components.config import ConfigError, DeploymentConfig
+from vlp.components.config import ConfigError, DeploymentConfig
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from components.config import ConfigError, DeploymentConfig, load_config
-from pipelines.cli_options import (
+from vlp.components.config import ConfigError, DeploymentConfig, load_config
+from vlp.pipelines.cli_options import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -18,7 +18,7 @@ from pipelines.cli_options import (
     add_json,
     add_placement_args,
 )
-from pipelines.local.peers import StateDirBusy
+from vlp.pipelines.local.peers import StateDirBusy
 
 DEFAULT_STATE_DIR = Path(".vlp/local")
 
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
             r.add_argument("--project", default="local-project", help="whose owner the token is for")
 
     try:
-        from pipelines import lifecycle_cli
+        from vlp.pipelines import lifecycle_cli
     except ImportError:
         lifecycle_cli = None  # type: ignore[assignment]
     if lifecycle_cli is not None:
@@ -161,13 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args: argparse.Namespace) -> DeploymentConfig:
-    from pipelines.presets import config_path
+    from vlp.pipelines.presets import config_path
 
     return load_config(config_path(args.config), args.overrides)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from pipelines.compile import COMPILED_DIR, check_compiled, compile_all
+    from vlp.pipelines.compile import COMPILED_DIR, check_compiled, compile_all
 
     out = args.out or COMPILED_DIR
     image = args.image or None
@@ -188,7 +188,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def check_config_against_pipeline(cfg: DeploymentConfig, pipeline_inputs: dict[str, Any]) -> list[str]:
     """Problems binding a config's parameter values to the compiled pipeline's inputs."""
-    from pipelines.pipeline import pipeline_parameters
+    from vlp.pipelines.pipeline import pipeline_parameters
 
     type_of = {"STRUCT": dict, "STRING": str, "BOOLEAN": bool, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": float}
     problems = []
@@ -208,8 +208,8 @@ def check_config_against_pipeline(cfg: DeploymentConfig, pipeline_inputs: dict[s
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from pipelines.compile import compile_all, compile_to_temp, read_spec, template_default_problems
-    from pipelines.presets import PRESETS_DIR
+    from vlp.pipelines.compile import compile_all, compile_to_temp, read_spec, template_default_problems
+    from vlp.pipelines.presets import PRESETS_DIR
 
     # The generic template from the code-digest cache (local runs share it): compile_all below is the fresh compile.
     spec = read_spec(compile_to_temp(reuse=True).read_text())
@@ -241,8 +241,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from components.planning import plan as planning
-    from components.planning import report as plan_report
+    from vlp.components.planning import plan as planning
+    from vlp.components.planning import report as plan_report
 
     workload = {
         key: value
@@ -255,7 +255,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if value is not None
     }
     if args.config:
-        from components.preflight import plan_deployment
+        from vlp.components.preflight import plan_deployment
 
         args.overrides = [*args.overrides, *(f"{k}={v}" for k, v in workload.items())]
         cfg = _load(args)
@@ -328,7 +328,7 @@ def _mirrored_copy(state_dir: Path, repo: str) -> Path | None:
 
 def _workload_kwargs(values: dict[str, Any]) -> dict[str, Any]:
     """--input-tokens / --output-tokens / --concurrency / --objective as plan_model's keywords, validated."""
-    from components.config import Workload
+    from vlp.components.config import Workload
 
     try:
         load = Workload(**{k.split(".")[1]: v for k, v in values.items() if k.startswith("workload.")}).model_dump()
@@ -341,8 +341,8 @@ def _workload_kwargs(values: dict[str, Any]) -> dict[str, Any]:
 
 def _render_deployment(args: argparse.Namespace, cfg: DeploymentConfig) -> dict[str, Any]:
     """A deployment dict as preflight would hand it on, with the plan from the config (no quota check)."""
-    from components.deployment import build, run_account
-    from components.preflight import plan_deployment
+    from vlp.components.deployment import build, run_account
+    from vlp.components.preflight import plan_deployment
 
     plan = plan_deployment(cfg, regions=[args.region] if args.region else None, check_quota=False)
     return build(
@@ -359,14 +359,14 @@ def _render_deployment(args: argparse.Namespace, cfg: DeploymentConfig) -> dict[
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from components.vertex.serving_spec import render_requests
+    from vlp.components.vertex.serving_spec import render_requests
 
     cfg = _load(args)
     deployment = _render_deployment(args, cfg)
     bucket = deployment["bucket"]
     uri = f"gs://{bucket}/models/{cfg.model.repo}/REVISION_SHA/"
     if cfg.target == "cloud_run":
-        from components.cloud_run.service_spec import render_service
+        from vlp.components.cloud_run.service_spec import render_service
 
         deployment["revision_sha"] = "REVISION_SHA"
         print(json.dumps(render_service(deployment, uri), indent=2))
@@ -378,11 +378,11 @@ def cmd_render(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.local:
-        from pipelines.local import missing_local_extra
+        from vlp.pipelines.local import missing_local_extra
 
         if problem := missing_local_extra():
             raise UserError(problem)
-        from pipelines.local.runner import run_local
+        from vlp.pipelines.local.runner import run_local
 
         summary = run_local(
             cfg,
@@ -406,7 +406,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"{args.config} deploys to project local-project, the local stack's: run it with --local, or give "
                 "a real project with --project (and --bucket)"
             )
-        from pipelines.submit import submit_run
+        from vlp.pipelines.submit import submit_run
 
         summary = submit_run(
             cfg,
@@ -428,7 +428,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_mirror(args: argparse.Namespace) -> int:
-    from components.mirror.weights import mirror_from_config
+    from vlp.components.mirror.weights import mirror_from_config
 
     cfg = _load(args)
     bucket = args.bucket or cfg.placement.bucket
@@ -442,7 +442,7 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _progress_bar():  # noqa: ANN202 - a callback taking components.mirror.weights.MirrorProgress
+def _progress_bar():  # noqa: ANN202 - a callback taking vlp.components.mirror.weights.MirrorProgress
     """A one-line progress bar on a terminal, a line every ~10% otherwise (CI logs stay short)."""
     tty = sys.stderr.isatty()
     last = [-1]
@@ -465,8 +465,8 @@ def _progress_bar():  # noqa: ANN202 - a callback taking components.mirror.weigh
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from components.smoke.benchmark import render_html, render_table, run_benchmark
-    from components.vertex.load_target import chat_target
+    from vlp.components.smoke.benchmark import render_html, render_table, run_benchmark
+    from vlp.components.vertex.load_target import chat_target
 
     try:
         levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
@@ -486,12 +486,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         resolve=chat_target,
     )
     if args.config or args.price_per_hour is not None:
-        from components.smoke.benchmark import add_costs
+        from vlp.components.smoke.benchmark import add_costs
 
         price, source, model = args.price_per_hour, "--price-per-hour", None
         if args.config:
-            from components.preflight import plan_deployment
-            from pipelines.presets import config_path
+            from vlp.components.preflight import plan_deployment
+            from vlp.pipelines.presets import config_path
 
             plan = plan_deployment(load_config(config_path(args.config)), check_quota=False)
             model = plan.throughput_model or None
@@ -509,7 +509,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         print(render_table(result))
         print(f"report: {report}")
-    from components.smoke.benchmark import every_request_failed
+    from vlp.components.smoke.benchmark import every_request_failed
 
     failed = every_request_failed(result)
     if failed:
@@ -522,12 +522,12 @@ def cmd_local(args: argparse.Namespace) -> int:
     import shlex
     import shutil
 
-    from pipelines.local import background
-    from pipelines.local.peers import lock_state_dir
+    from vlp.pipelines.local import background
+    from vlp.pipelines.local.peers import lock_state_dir
 
     state = args.state_dir.resolve()
     if args.local_command == "up":
-        from pipelines.local import missing_local_extra
+        from vlp.pipelines.local import missing_local_extra
 
         if problem := missing_local_extra():
             raise UserError(problem)
@@ -544,7 +544,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         info = background.running(state)
         if info is None:
             raise UserError(f"no local stack is running on {state}: start one with `vlp local up`")
-        from pipelines.local import status
+        from vlp.pipelines.local import status
 
         if args.local_command == "token":
             print(status.token(info["emulator"], args.principal or status.owner_of(args.project), args.audience))
@@ -584,9 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.api_endpoint:
-        # Every Google client in this process and in local steps reads it (components.clients).
+        # Every Google client in this process and in local steps reads it (vlp.components.clients).
         os.environ["VLP_API_ENDPOINT"] = args.api_endpoint
-    from components.config import check_bucket, check_project_id
+    from vlp.components.config import check_bucket, check_project_id
 
     # Checked before anything starts, as the config's own fields are; a bucket arrives as NAME either way.
     for option, check in (("project", check_project_id), ("bucket", check_bucket)):
@@ -598,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                 return EXIT_USAGE
     handler = COMMANDS.get(args.command)
     if handler is None:
-        from pipelines import lifecycle_cli
+        from vlp.pipelines import lifecycle_cli
 
         handler = lifecycle_cli.COMMANDS[args.command]
     try:
@@ -610,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - last line of defence: a message, not a traceback
-        from components.runtime import StepError
+        from vlp.components.runtime import StepError
 
         if isinstance(exc, StepError) or type(exc).__name__.endswith(("Error", "Exception")):
             if os.environ.get("VLP_DEBUG"):

@@ -14,8 +14,8 @@ from typing import Any
 
 import yaml
 
-from pipelines.pipeline import PIPELINE_NAME, Template, build_pipeline, generic_template, preset_template
-from pipelines.presets import preset_paths
+from vlp.pipelines.pipeline import PIPELINE_NAME, Template, build_pipeline, generic_template, preset_template
+from vlp.pipelines.presets import preset_paths
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # where `components/` and `pipelines/` are installed
 COMPILED_DIR = Path("compiled")  # relative to the working directory: the user's project, not site-packages
@@ -202,8 +202,8 @@ def _task_input_constant(spec: dict[str, Any], task: str, name: str) -> Any:
 def template_default_problems(path: Path) -> list[str]:
     """What is wrong with a compiled template's run form as it opens: its defaults must make a valid config,
     every input must say what it is for, and the form's fields must be plain strings, numbers and booleans."""
-    from components.config import ConfigError, config_from_dict
-    from components.run_form import FIELD_NAMES, resolve_config
+    from vlp.components.config import ConfigError, config_from_dict
+    from vlp.components.run_form import FIELD_NAMES, resolve_config
 
     spec = read_spec(path.read_text())
     inputs = spec["root"]["inputDefinitions"]["parameters"]

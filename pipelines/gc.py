@@ -1,5 +1,5 @@
 """By-hand cleanup: find what runs left in Vertex AI by their vlp-deployment / vlp-run labels, then tear a whole
-deployment down or collect the old leftovers, each run's share removed by components.vertex.teardown."""
+deployment down or collect the old leftovers, each run's share removed by vlp.components.vertex.teardown."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from components.config import ConfigError
-from components.vertex.teardown import Removed, remove_run_resources
+from vlp.components.config import ConfigError
+from vlp.components.vertex.teardown import Removed, remove_run_resources
 
 log = logging.getLogger("vlp.gc")
 
@@ -81,7 +81,7 @@ def _as_datetime(value: Any) -> datetime | None:
 def _clients(region: str, api_endpoint: str) -> tuple[Any, Any]:
     from google.cloud import aiplatform_v1
 
-    from components import clients
+    from vlp.components import clients
 
     kwargs = clients.gapic_kwargs(region, api_endpoint)
     return aiplatform_v1.EndpointServiceClient(**kwargs), aiplatform_v1.ModelServiceClient(**kwargs)
@@ -142,7 +142,7 @@ def _find_cloud_run(project: str, region: str, run_for: Any, api_endpoint: str) 
     in a region; skipped, with a note, where the Cloud Run API is off or not readable."""
     from google.api_core import exceptions
 
-    from components.cloud_run.service_spec import revisions_client, services_client
+    from vlp.components.cloud_run.service_spec import revisions_client, services_client
 
     services, revisions = services_client(api_endpoint), revisions_client(api_endpoint)
     try:
@@ -170,7 +170,7 @@ def _find_cloud_run(project: str, region: str, run_for: Any, api_endpoint: str) 
 
 def remove_run(project: str, run: RunResources, deployment: str, api_endpoint: str = "") -> Removed:
     """Everything one run left: its Vertex resources and its Cloud Run services and revisions."""
-    from components.cloud_run.service import remove_run_services
+    from vlp.components.cloud_run.service import remove_run_services
 
     removed = remove_run_resources(project, run.regions, deployment, run.run_label, api_endpoint)
     if run.services or run.revisions:
@@ -183,7 +183,7 @@ def pipeline_job_state(project: str, regions: list[str], run_label: str, api_end
     from google.api_core import exceptions
     from google.cloud import aiplatform_v1
 
-    from components import clients
+    from vlp.components import clients
 
     for region in dict.fromkeys(regions):
         client = aiplatform_v1.PipelineServiceClient(**clients.gapic_kwargs(region, api_endpoint))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components.iam.policy import APIS, RULES
+from vlp.components.iam.policy import APIS, RULES
 
 # The identities, in the user's words.
 IDENTITIES = {

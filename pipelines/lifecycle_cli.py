@@ -10,8 +10,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from components.config import ConfigError, load_config
-from pipelines.cli_options import (
+from vlp.components.config import ConfigError, load_config
+from vlp.pipelines.cli_options import (
     EXIT_FAILED,
     EXIT_OK,
     add_config_args,
@@ -20,7 +20,7 @@ from pipelines.cli_options import (
     add_placement_args,
     add_where_args,
 )
-from pipelines.presets import config_path
+from vlp.pipelines.presets import config_path
 
 
 class UsageError(ConfigError):
@@ -34,7 +34,7 @@ def _explain_google_errors(handler: Callable[[argparse.Namespace], int]) -> Call
     def run(args: argparse.Namespace) -> int:
         from google.api_core import exceptions
 
-        from pipelines.submit import permission_hint
+        from vlp.pipelines.submit import permission_hint
 
         try:
             return handler(args)
@@ -116,7 +116,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_schedule(args: argparse.Namespace) -> int:
-    from pipelines import schedules
+    from vlp.pipelines import schedules
 
     api = args.api_endpoint
     action = args.schedule_command
@@ -172,7 +172,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    from pipelines import publish
+    from vlp.pipelines import publish
 
     host = args.host or publish.registry_host(args.project, args.region, args.repository)
     tags = (args.tag or [publish.project_version()]) + ([] if args.no_latest else ["latest"])
@@ -185,7 +185,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 @_explain_google_errors
 def cmd_teardown(args: argparse.Namespace) -> int:
-    from pipelines import gc
+    from vlp.pipelines import gc
 
     cfg = load_config(config_path(args.config), args.overrides)
     project = args.project or cfg.placement.project
@@ -225,7 +225,7 @@ def cmd_teardown(args: argparse.Namespace) -> int:
 
 def _warn_schedule(cfg: object, project: str, regions: list[str], api: str) -> None:
     """A schedule would bring the deployment back on its next run: say so (it is not removed unasked)."""
-    from pipelines import schedules
+    from vlp.pipelines import schedules
 
     want = schedules.schedule_display_name(cfg)  # type: ignore[arg-type]
     for region in regions:
@@ -239,7 +239,7 @@ def _warn_schedule(cfg: object, project: str, regions: list[str], api: str) -> N
 
 @_explain_google_errors
 def cmd_gc(args: argparse.Namespace) -> int:
-    from pipelines import gc
+    from vlp.pipelines import gc
 
     age = gc.parse_age(args.older_than)
     report = gc.collect_garbage(
@@ -261,7 +261,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 @_explain_google_errors
 def cmd_setup(args: argparse.Namespace) -> int:
-    from pipelines.setup import apply, plan_setup, project_number
+    from vlp.pipelines.setup import apply, plan_setup, project_number
 
     cfg = load_config(config_path(args.config or "llama-3.1-8b-vllm-l4.yaml"), args.overrides)
     if args.target:

@@ -59,11 +59,11 @@ STEP_NEEDS: dict[str, tuple[str, ...]] = {
     ),
     "benchmark": (  # a run that changed nothing, with smoke_test.benchmark: the deployment as it serves
         "google-cloud-aiplatform",  # the endpoint and its traffic
-        "google-cloud-pipeline-components",  # components.vertex.smoke_test's artifact types, imported with it
+        "google-cloud-pipeline-components",  # vlp.components.vertex.smoke_test's artifact types, imported with it
         "google-cloud-run",  # target cloud_run: the service's URL
-        "google-cloud-storage",  # imported with components.vertex.smoke_test (its tokenizer download)
-        "google-cloud-logging",  # imported with components.vertex.smoke_test (server logs)
-        "Jinja2",  # imported with components.vertex.smoke_test (the chat template)
+        "google-cloud-storage",  # imported with vlp.components.vertex.smoke_test (its tokenizer download)
+        "google-cloud-logging",  # imported with vlp.components.vertex.smoke_test (server logs)
+        "Jinja2",  # imported with vlp.components.vertex.smoke_test (the chat template)
         "requests",  # the streamed requests
         "pydantic",
         "PyYAML",
@@ -130,19 +130,19 @@ STEP_OF_OP = {
 
 # The module each KFP function lives in (what a step's program imports first).
 MODULE_OF_OP = {
-    "preflight_op": "components.preflight",
-    "mirror_weights_op": "components.mirror.weights",
-    "register_model_op": "components.vertex.register_model",
-    "deploy_model_op": "components.vertex.deploy_model",
-    "smoke_test_op": "components.vertex.smoke_test",
-    "benchmark_op": "components.benchmark_step",
-    "promote_op": "components.vertex.promote",
-    "roll_back_op": "components.vertex.teardown",
-    "cleanup_op": "components.cleanup",
-    "deploy_service_op": "components.cloud_run.service",
-    "smoke_test_service_op": "components.cloud_run.smoke_test",
-    "promote_service_op": "components.cloud_run.service",
-    "roll_back_service_op": "components.cloud_run.service",
+    "preflight_op": "vlp.components.preflight",
+    "mirror_weights_op": "vlp.components.mirror.weights",
+    "register_model_op": "vlp.components.vertex.register_model",
+    "deploy_model_op": "vlp.components.vertex.deploy_model",
+    "smoke_test_op": "vlp.components.vertex.smoke_test",
+    "benchmark_op": "vlp.components.benchmark_step",
+    "promote_op": "vlp.components.vertex.promote",
+    "roll_back_op": "vlp.components.vertex.teardown",
+    "cleanup_op": "vlp.components.cleanup",
+    "deploy_service_op": "vlp.components.cloud_run.service",
+    "smoke_test_service_op": "vlp.components.cloud_run.smoke_test",
+    "promote_service_op": "vlp.components.cloud_run.service",
+    "roll_back_service_op": "vlp.components.cloud_run.service",
 }
 
 # Imported but not declared: with NOT_AT_RUN_TIME left out, these would be missing.
@@ -151,8 +151,10 @@ UNDECLARED: dict[str, tuple[str, ...]] = {
     "google-cloud-aiplatform": ("grpc-google-iam-v1",),
 }
 
-# The step code: the `components` package beside this one (build-time code lives here, outside it).
+# The step code: the components/ folder beside this one (build-time code lives here, outside it), installed and
+# imported as the `vlp.components` package (pyproject.toml maps the folder).
 COMPONENTS = Path(__file__).resolve().parent.parent / "components"
+PACKAGE = "vlp.components"
 LOCK_FILE = COMPONENTS / "step-packages.lock"
 
 
@@ -174,7 +176,7 @@ def read_lock(path: Path = LOCK_FILE) -> dict[str, tuple[str, tuple[str, ...]]]:
 def step_packages(step: str) -> list[str]:
     """What one step's launcher installs: its locked set, exact, with --no-deps (the lock is complete)."""
     if step not in STEP_NEEDS:
-        raise KeyError(f"no package set for step {step!r}: add it to pipelines.packaging.STEP_NEEDS")
+        raise KeyError(f"no package set for step {step!r}: add it to vlp.pipelines.packaging.STEP_NEEDS")
     pins = sorted(f"{name}=={version}" for name, (version, steps) in read_lock().items() if step in steps)
     return ["--no-deps", *pins]
 
@@ -183,20 +185,19 @@ _EMBED_ROOT = Path(tempfile.gettempdir()) / "vlp-embedded"
 
 
 def _module_path(module: str) -> Path | None:
-    """The source file of a `components` module (`components.vertex.promote`), or None if it is not one."""
-    parts = module.split(".")
-    if parts[0] != "components" or len(parts) < 2:
+    """The source file of a step-code module (`vlp.components.vertex.promote`), or None if it is not one."""
+    if not module.startswith(PACKAGE + "."):
         return None
-    path = COMPONENTS.joinpath(*parts[1:])
+    path = COMPONENTS.joinpath(*module.removeprefix(PACKAGE + ".").split("."))
     if (path / "__init__.py").is_file():
         return path / "__init__.py"
     return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
 
 
 def step_modules(module: str) -> list[str]:
-    """The `components` modules a step's module can import, at module level or inside functions (read from
+    """The step-code modules a step's module can import, at module level or inside functions (read from
     the sources, not by importing them), so a step embeds only the code it can run. Dotted names below
-    `components`, packages included (importing `components.vertex.x` runs `components/vertex/__init__.py`)."""
+    `vlp.components`, packages included (importing `vlp.components.vertex.x` runs `components/vertex/__init__.py`)."""
     seen: set[str] = set()
     todo = [module]
     while todo:
@@ -206,28 +207,28 @@ def step_modules(module: str) -> list[str]:
             continue
         seen.add(name)
         parent = name.rpartition(".")[0]
-        if parent != "components":
+        if parent != PACKAGE:
             todo.append(parent)
         stat = path.stat()
         todo += _components_imported(str(path), stat.st_mtime_ns, stat.st_size)
-    return sorted(n.removeprefix("components.") for n in seen)
+    return sorted(n.removeprefix(PACKAGE + ".") for n in seen)
 
 
 @functools.lru_cache(maxsize=256)
 def _components_imported(path: str, mtime_ns: int, size: int) -> list[str]:
-    """The `components` modules one source file imports (dotted, from `components.`). Cached by the file's version
+    """The step-code modules one source file imports (dotted, from `vlp.components.`). Cached by the file's version
     (its mtime and size): a compile builds about a hundred step components over the same few files, and parsing them
     was a third of it."""
     import ast
 
     names: list[str] = []
     for node in ast.walk(ast.parse(Path(path).read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "components":
-            # `from components.vertex import promote` imports a module; `from components.config import X` a name.
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and f"{node.module}.".startswith(PACKAGE + "."):
+            # `from vlp.components.vertex import promote` imports a module; `from vlp.components.config import X` a name.
             names.append(node.module)
             names += [f"{node.module}.{a.name}" for a in node.names]
         elif isinstance(node, ast.Import):
-            names += [a.name for a in node.names if a.name.startswith("components.")]
+            names += [a.name for a in node.names if a.name.startswith(PACKAGE + ".")]
     return names
 
 
@@ -268,29 +269,31 @@ def lean_source(text: str) -> str:
 
 
 def embedded_code_dir(module: str) -> Path:
-    """A clean copy of the part of the `components` package a step's module can import, to embed in its component.
+    """A clean copy of the part of the step code a step's module can import, to embed in its component.
 
-    kfp tars the directory into the spec and puts its root on sys.path at run time, so `import components.x`
+    kfp tars the directory into the spec and puts its root on sys.path at run time, so `import vlp.components.x`
     works on Vertex exactly as here. A Linux argument is at most 128 KiB and kfp passes the embedded archive
     as one, so a step carries only its own modules. Copying (not pointing at the source tree) keeps
     __pycache__ and editor files out.
     """
     src = COMPONENTS
     modules = step_modules(module)
-    files = [src / "__init__.py", *(_module_path(f"components.{m}") for m in modules)]
+    files = [src / "__init__.py", *(_module_path(f"{PACKAGE}.{m}") for m in modules)]
     if "serving.contract_fixtures" in modules:  # the upstream flag fixtures the serving presets check flags against
         files += [src / "contract" / "vllm-0.6.2.json", src / "contract" / "tgi-2.4.0.json"]
     files = sorted(set(files))
-    digest = hashlib.sha256(b"lean-source-1")  # how the files are copied is part of what the directory holds
+    digest = hashlib.sha256(b"lean-source-2")  # how the files are copied is part of what the directory holds
     for p in files:
         digest.update(p.relative_to(src).as_posix().encode())
         digest.update(p.read_bytes())
     root = _EMBED_ROOT / digest.hexdigest()[:16]
-    if not (root / "components" / "__init__.py").exists():
+    # Laid out as installed: vlp/ (a namespace package, no __init__.py) holding components/.
+    package_dir = Path(*PACKAGE.split("."))
+    if not (root / package_dir / "__init__.py").exists():
         staging = Path(tempfile.mkdtemp(prefix="vlp-embed-"))
-        (staging / "components").mkdir()
+        (staging / package_dir).mkdir(parents=True)
         for p in files:
-            dest = staging / "components" / p.relative_to(src)
+            dest = staging / package_dir / p.relative_to(src)
             dest.parent.mkdir(parents=True, exist_ok=True)
             if p.suffix == ".py":
                 dest.write_text(lean_source(p.read_text(encoding="utf-8")), encoding="utf-8")

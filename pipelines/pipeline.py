@@ -1,7 +1,7 @@
 """The deploy DAG: preflight → mirror → register → deploy → smoke test → promote or roll back, inside an exit handler.
 
 One DAG, compiled as several templates: the generic one (`vlp-deploy-llm`, whose run form starts from a cheap
-default) and one per preset config, whose form starts from the preset's values (components.run_form).
+default) and one per preset config, whose form starts from the preset's values (vlp.components.run_form).
 """
 
 import re
@@ -11,9 +11,9 @@ from typing import Any
 
 from kfp import dsl
 
-from components.deployment import run_account
-from components.run_form import FIELD_NAMES, FORM_FIELDS, GENERIC_DEFAULTS, form_values
-from pipelines.packaging import as_component
+from vlp.components.deployment import run_account
+from vlp.components.run_form import FIELD_NAMES, FORM_FIELDS, GENERIC_DEFAULTS, form_values
+from vlp.pipelines.packaging import as_component
 
 PIPELINE_NAME = "vlp-deploy-llm"
 
@@ -61,7 +61,7 @@ def generic_template() -> Template:
 
 def preset_template(path: Path) -> Template:
     """The template for a preset config: the preset's values are the form's defaults; project and bucket are asked."""
-    from components.config import load_config
+    from vlp.components.config import load_config
 
     cfg = load_config(path)
     preset = cfg.model_dump(mode="json", exclude_none=True)
@@ -76,25 +76,25 @@ def build_pipeline(image: str | None = None, template: Template | None = None) -
     embedded code for a prebuilt image."""
     template = template or generic_template()
     preset_data = template.preset or {}
-    from components.benchmark_step import benchmark_op
-    from components.cleanup import cleanup_op
-    from components.cloud_run.service import deploy_service_op, promote_service_op, roll_back_service_op
-    from components.cloud_run.smoke_test import smoke_test_service_op
-    from components.mirror.weights import mirror_weights_op
-    from components.preflight import preflight_op
-    from components.vertex.deploy_model import deploy_model_op
-    from components.vertex.promote import promote_op
-    from components.vertex.register_model import register_model_op
-    from components.vertex.smoke_test import smoke_test_op
-    from components.vertex.teardown import roll_back_op
+    from vlp.components.benchmark_step import benchmark_op
+    from vlp.components.cleanup import cleanup_op
+    from vlp.components.cloud_run.service import deploy_service_op, promote_service_op, roll_back_service_op
+    from vlp.components.cloud_run.smoke_test import smoke_test_service_op
+    from vlp.components.mirror.weights import mirror_weights_op
+    from vlp.components.preflight import preflight_op
+    from vlp.components.vertex.deploy_model import deploy_model_op
+    from vlp.components.vertex.promote import promote_op
+    from vlp.components.vertex.register_model import register_model_op
+    from vlp.components.vertex.smoke_test import smoke_test_op
+    from vlp.components.vertex.teardown import roll_back_op
 
     preflight_c = as_component(preflight_op, image)
     mirror_c = as_component(mirror_weights_op, image)
     # The same mirror component as a Vertex custom job on machines with more network, for big models;
-    # preflight picks the branch from the model's real size (components.planning.catalog.mirror_machine_for).
+    # preflight picks the branch from the model's real size (vlp.components.planning.catalog.mirror_machine_for).
     from google_cloud_pipeline_components.v1.custom_job import create_custom_training_job_from_component
 
-    from components.planning.catalog import mirror_machine_for
+    from vlp.components.planning.catalog import mirror_machine_for
 
     mirror_jobs = {
         size: create_custom_training_job_from_component(

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from components.config import ConfigError
-from pipelines.compile import IMAGE_SUFFIX
+from vlp.components.config import ConfigError
+from vlp.pipelines.compile import IMAGE_SUFFIX
 
 _TAG_RE = re.compile(r"[^a-z0-9-]")
 
@@ -60,7 +60,7 @@ def normalize_tag(tag: str) -> str:
 def template_files(compiled_dir: Path | None = None) -> list[Path]:
     """The compiled specs `vlp publish` uploads by default: every template in compiled/ (the generic one and
     one per preset; with --image variants, those too)."""
-    from pipelines.compile import COMPILED_DIR
+    from vlp.pipelines.compile import COMPILED_DIR
 
     directory = compiled_dir or COMPILED_DIR
     files = sorted(directory.glob("*.yaml"))

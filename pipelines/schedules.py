@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from components.config import ConfigError, DeploymentConfig
-from components.deployment import run_account
+from vlp.components.config import ConfigError, DeploymentConfig
+from vlp.components.deployment import run_account
 
 T = TypeVar("T")
 
@@ -84,7 +84,7 @@ def parse_time(text: str, time_zone: str = "UTC") -> datetime:
 
 
 def _load_spec(template_path: Path) -> dict[str, Any]:
-    from pipelines.compile import read_spec
+    from vlp.pipelines.compile import read_spec
 
     if not template_path.is_file():
         raise ConfigError(f"compiled pipeline {template_path} not found: run `vlp compile` first")
@@ -112,8 +112,8 @@ def schedule_request(
     with the compiled spec (or a published template's URI) and the config's parameter values."""
     from google.cloud import aiplatform_v1
 
-    from components.runtime import label_value
-    from pipelines.pipeline import pipeline_parameters
+    from vlp.components.runtime import label_value
+    from vlp.pipelines.pipeline import pipeline_parameters
 
     if end and start and end <= start:
         raise ConfigError(f"--end {end.isoformat()} is not after --start {start.isoformat()}")
@@ -139,7 +139,7 @@ def schedule_request(
         # Vertex fetches the spec from Artifact Registry at each run, so `vlp publish` updates what runs next.
         job.template_uri = template_uri
     else:
-        from pipelines.compile import compile_to_temp, spec_path
+        from vlp.pipelines.compile import compile_to_temp, spec_path
 
         # As `vlp run` does: the committed spec, else a fresh compile (the spec is copied into the schedule).
         job.pipeline_spec = _load_spec(template_path or (spec_path() if spec_path().is_file() else compile_to_temp()))
@@ -164,7 +164,7 @@ def schedule_client(region: str, api_endpoint: str = "") -> Any:
     """A ScheduleServiceClient for the region (or the emulator)."""
     from google.cloud import aiplatform_v1
 
-    from components import clients
+    from vlp.components import clients
 
     return aiplatform_v1.ScheduleServiceClient(**clients.gapic_kwargs(region, api_endpoint))
 
@@ -173,7 +173,7 @@ def _google_call(what: str, fn: Callable[[], T]) -> T:
     """Run one Google call; a refusal becomes a ScheduleError naming the call, with the IAM fix on a 403."""
     from google.api_core import exceptions
 
-    from pipelines.submit import permission_hint
+    from vlp.pipelines.submit import permission_hint
 
     try:
         return fn()
@@ -202,7 +202,7 @@ def create_schedule(
 ) -> ScheduleInfo:
     """Create the config's schedule; refuses a second one with the same display name (two schedules of one
     deployment would redeploy it twice)."""
-    from pipelines.submit import resolve_placement
+    from vlp.pipelines.submit import resolve_placement
 
     project, region, bucket = resolve_placement(cfg, project, region, bucket)
     schedule = schedule_request(

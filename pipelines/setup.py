@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from components.iam.policy import APIS, Binding, Identities, bindings, conditions, secret_id
+from vlp.components.iam.policy import APIS, Binding, Identities, bindings, conditions, secret_id
 
 GOOGLE_HOSTS = {
     "serviceusage": "https://serviceusage.googleapis.com",

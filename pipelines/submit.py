@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from components.config import ConfigError, DeploymentConfig
-from components.deployment import run_account
-from pipelines.progress import StepView, is_step
-from pipelines.summary import empty_summary, print_summary
+from vlp.components.config import ConfigError, DeploymentConfig
+from vlp.components.deployment import run_account
+from vlp.pipelines.progress import StepView, is_step
+from vlp.pipelines.summary import empty_summary, print_summary
 
 # The aiplatform SDK's _PIPELINE_COMPLETE_STATES: PAUSED ends the wait too (PipelineState in pipeline_state.proto).
 _TERMINAL = {"PIPELINE_STATE_SUCCEEDED", "PIPELINE_STATE_FAILED", "PIPELINE_STATE_CANCELLED", "PIPELINE_STATE_PAUSED"}
@@ -29,7 +29,7 @@ def permission_hint(exc: Exception) -> str:
             r"([a-z]+\.[a-zA-Z]+\.[a-zA-Z]+) denied", str(exc)
         )
         missing = perm.group(1) if perm else "(see the message above)"
-        from pipelines.iam_docs import fix_for
+        from vlp.pipelines.iam_docs import fix_for
 
         fix = fix_for(missing) if perm else ""
         return f"Google refused the call (403): missing permission {missing}. " + (
@@ -68,10 +68,10 @@ def submit_run(
     """Submit a PipelineJob for the config; with wait, follow it to the end and return its summary."""
     from google.cloud import aiplatform
 
-    from components import clients
-    from components.runtime import label_value
-    from pipelines.compile import compile_to_temp, spec_path
-    from pipelines.pipeline import pipeline_parameters
+    from vlp.components import clients
+    from vlp.components.runtime import label_value
+    from vlp.pipelines.compile import compile_to_temp, spec_path
+    from vlp.pipelines.pipeline import pipeline_parameters
 
     project, region, bucket = resolve_placement(cfg, project, region, bucket)
     clients.init_aiplatform(project, region, api_endpoint)

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from pipelines.local.emulator.serving import SERVING_THREADS_ENV
-from pipelines.local.models import build_tiny_llama, publish_to_hub_mirror, smollm2_dir
-from pipelines.local.peers import LocalStack, Peer, start_fake_gcs, start_hub_mirror
 from tests.processes import processes_naming
+from vlp.pipelines.local.emulator.serving import SERVING_THREADS_ENV
+from vlp.pipelines.local.models import build_tiny_llama, publish_to_hub_mirror, smollm2_dir
+from vlp.pipelines.local.peers import LocalStack, Peer, start_fake_gcs, start_hub_mirror
 
 # Three workers on two cores, each with model servers of its own: one torch thread per server. A second one only
 # spins on the tiny model (twice the CPU, the same latency), and the cores are already shared.
@@ -39,9 +39,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         return
     import tempfile
 
-    from pipelines.local import step_launch
-    from pipelines.local.emulator.serving import SHARED_FORK_SERVER_ENV, start_model_fork_server
-    from pipelines.local.peers import python_env
+    from vlp.pipelines.local import step_launch
+    from vlp.pipelines.local.emulator.serving import SHARED_FORK_SERVER_ENV, start_model_fork_server
+    from vlp.pipelines.local.peers import python_env
 
     forks = start_model_fork_server(python_env(os.environ), label="model-servers:shared by the test session")
     _SHARED.append(forks)
@@ -52,7 +52,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    from pipelines.local import step_launch
+    from vlp.pipelines.local import step_launch
 
     for forks in _SHARED:
         forks.close()
@@ -130,7 +130,7 @@ def hub_mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubMirror]:
 
 def _emulator_module_exists() -> bool:
     try:
-        return importlib.util.find_spec("pipelines.local.emulator.__main__") is not None
+        return importlib.util.find_spec("vlp.pipelines.local.emulator.__main__") is not None
     except ModuleNotFoundError:
         return False
 
@@ -141,7 +141,7 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
     if not _emulator_module_exists():
         raise RuntimeError(
             "local_stack needs the Vertex emulator, but pipelines/local/emulator/__main__.py does not exist: "
-            "it is what `python -m pipelines.local.emulator` runs."
+            "it is what `python -m vlp.pipelines.local.emulator` runs."
         )
     stack = LocalStack(tmp_path_factory.mktemp("local-stack"))
     with stack:
@@ -168,13 +168,13 @@ def auth_header(emulator: Any, *projects: str) -> dict[str, str]:
 def let_vertex_read(emulator: Any, bucket: str, project: str) -> None:
     """Grant the project's Vertex AI Service Agent roles/storage.objectViewer on a bucket made behind the emulator's
     back (directly in fake-gcs-server): Vertex copies a Model's artifactUri as that agent."""
-    from pipelines.local.emulator.iam import vertex_service_agent
+    from vlp.pipelines.local.emulator.iam import vertex_service_agent
 
     emulator.grant(f"buckets/{bucket}", "roles/storage.objectViewer", f"serviceAccount:{vertex_service_agent(project)}")
 
 
 def run_as(monkeypatch: pytest.MonkeyPatch, api_url: str, principal: str) -> None:
-    """Make this process's own Google clients (components.clients) call as `principal`, through the metadata
+    """Make this process's own Google clients (vlp.components.clients) call as `principal`, through the metadata
     stand-in, as a step process on the local stack does."""
     metadata = f"{api_url.removeprefix('http://')}/_md/{principal}"
     monkeypatch.setenv("GCE_METADATA_HOST", metadata)
@@ -186,9 +186,9 @@ def pipeline_identity(
 ) -> str:
     """Grant the policy (components/iam/policy.py) for `cfg` in `project` of an in-process emulator, as `vlp setup`
     would, and make this process call as the pipeline's service account; returns the account."""
-    from components.config import load_config
-    from pipelines.local.emulator.iam import project_number
-    from pipelines.setup import default_pipeline_account, plan_setup
+    from vlp.components.config import load_config
+    from vlp.pipelines.local.emulator.iam import project_number
+    from vlp.pipelines.setup import default_pipeline_account, plan_setup
 
     if cfg is None:
         cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "llama-3.1-8b-vllm-l4.yaml", [])
@@ -222,7 +222,7 @@ def keep_stack_up() -> Iterator[Callable[[Path], None]]:
     run's time, and the model servers of earlier runs need no restart). For tests that run many times on one state
     dir and do not need a fresh stack per run. After the test, passed or failed, each such stack is stopped and no
     process of it may be left."""
-    from pipelines.local import background
+    from vlp.pipelines.local import background
 
     started: list[Path] = []
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from components.smoke.benchmark import (
+from vlp.components.smoke.benchmark import (
     BenchmarkResult,
     percentile,
     recommend,
@@ -19,7 +19,7 @@ from components.smoke.benchmark import (
     run_benchmark,
     summarize,
 )
-from pipelines.local.peers import Peer, _spawn, _wait_http, free_port
+from vlp.pipelines.local.peers import Peer, _spawn, _wait_http, free_port
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_vlp_bench_against_a_dead_server_fails_and_writes_its_report_where_it_sa
 
     report = tmp_path / "reports" / "dead.html"
     done = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "bench", f"http://127.0.0.1:{free_port()}", "--concurrency", "1",
+        [sys.executable, "-m", "vlp.pipelines.cli", "bench", f"http://127.0.0.1:{free_port()}", "--concurrency", "1",
          "--requests", "2", "--max-tokens", "2", "--report", str(report)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
     )  # fmt: skip

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli import build_parser, main
+from vlp.pipelines.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,7 +18,7 @@ def vlp(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     import os
 
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
+        [sys.executable, "-m", "vlp.pipelines.cli", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -161,14 +161,14 @@ def test_render_prints_the_requests_a_run_would_send() -> None:
 
 @pytest.mark.slow
 def test_mirror_command_against_the_local_stack(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from pipelines.local.peers import LocalStack
+    from vlp.pipelines.local.peers import LocalStack
 
     with LocalStack(tmp_path / "state") as stack:
         # A developer who owns the project runs `vlp mirror` with their own credentials; the bucket they create
         # gives the project's owners its objects (Cloud Storage's default bucket policy).
         owner = stack.bootstrap_owner("local-project")
         stack_env = stack.env(owner)
-        from pipelines.local.models import publish_to_hub_mirror
+        from vlp.pipelines.local.models import publish_to_hub_mirror
 
         sha = publish_to_hub_mirror(tiny_model_dir, stack.mirrors_dir, "vlp-test/tiny-llama")
         from google.cloud import storage

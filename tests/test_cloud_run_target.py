@@ -14,8 +14,8 @@ import pytest
 import requests
 from conftest import run_as
 
-from components.config import ConfigError, load_config
-from pipelines.local.runner import run_local
+from vlp.components.config import ConfigError, load_config
+from vlp.pipelines.local.runner import run_local
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_REPO = "vlp-test/tiny-llama"
@@ -99,7 +99,7 @@ def _cfg(**cloud_run: Any) -> dict[str, Any]:
     ],
 )
 def test_cloud_run_config_errors_name_the_field(cloud_run: dict, words: str) -> None:
-    from components.config import config_from_dict
+    from vlp.components.config import config_from_dict
 
     with pytest.raises(ConfigError) as exc:
         config_from_dict(_cfg(**cloud_run))
@@ -107,7 +107,7 @@ def test_cloud_run_config_errors_name_the_field(cloud_run: dict, words: str) -> 
 
 
 def test_cloud_run_target_takes_tgi_and_no_vertex_hardware() -> None:
-    from components.config import config_from_dict
+    from vlp.components.config import config_from_dict
 
     with pytest.raises(ConfigError, match="target cloud_run serves with TGI"):
         config_from_dict({**_cfg(), "serving": {"engine": "vllm"}})
@@ -124,7 +124,7 @@ def test_cloud_run_target_takes_tgi_and_no_vertex_hardware() -> None:
 
 def test_render_shows_the_tutorials_service() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "render", "configs/llama-3.1-8b-awq-int4-tgi-cloud-run.yaml", "--json"],
+        [sys.executable, "-m", "vlp.pipelines.cli", "render", "configs/llama-3.1-8b-awq-int4-tgi-cloud-run.yaml", "--json"],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -150,8 +150,8 @@ def test_render_shows_the_tutorials_service() -> None:
 
 
 def test_plan_shows_the_instance_price_and_regions(tiny_model_dir: Path, hub_mirror: Any) -> None:
-    from components.config import config_from_dict
-    from components.preflight import plan_deployment
+    from vlp.components.config import config_from_dict
+    from vlp.components.preflight import plan_deployment
 
     hub_mirror.publish(tiny_model_dir, TINY_REPO)
     placement = {"regions": ["us-west1", "us-central1"]}
@@ -187,7 +187,7 @@ def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: 
     assert [s["name"] for s in second["steps"]] == ["preflight", "cleanup"]
 
     # A failing redeploy, with the service called every 0.2 s from the moment the stack is up.
-    from pipelines.local import peers
+    from vlp.pipelines.local import peers
 
     results: list[int | str] = []  # a status, or the error a call raised: every call's outcome is recorded
     stop = threading.Event()
@@ -237,7 +237,7 @@ def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: 
     assert {r["name"] for r in forced["revisions"]} == {old["name"], serving[0]["name"]}
 
     # Private: the emulator's Cloud Run answers 403 without an ID token of an account holding roles/run.invoker.
-    from pipelines.local.peers import LocalStack
+    from vlp.pipelines.local.peers import LocalStack
 
     with LocalStack(state) as stack:
         url = _service_url(stack.api_endpoint, "smollm2-demo-run")
@@ -246,7 +246,7 @@ def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: 
         assert _chat(url, _token(url, ACCOUNT)) == 200
         # `vlp teardown` knows Cloud Run: the runs' revisions and the service the first run created all go. The
         # project's owner runs it, with credentials of its own.
-        from pipelines.cli import main
+        from vlp.pipelines.cli import main
 
         for key, value in stack.env(stack.bootstrap_owner("local-project")).items():
             if key.startswith("GCE_METADATA"):
@@ -342,8 +342,8 @@ def test_cold_service_429_is_retried_and_a_canary_redeploy_moves_in_steps(
     outside = {"annotations": {"example.com/owner": "team-a"}, "custom_audiences": ["https://llm.example.com"]}
 
     def service_now(change: Any = None) -> Any:
-        from components.cloud_run.service_spec import services_client
-        from pipelines.local.peers import LocalStack
+        from vlp.components.cloud_run.service_spec import services_client
+        from vlp.pipelines.local.peers import LocalStack
 
         with LocalStack(state) as stack, pytest.MonkeyPatch.context() as mp:
             run_as(mp, stack.api_endpoint, stack.bootstrap_owner("local-project"))

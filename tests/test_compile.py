@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import load_config
-from pipelines.compile import (
+from vlp.components.config import load_config
+from vlp.pipelines.compile import (
     check_compiled,
     compile_all,
     compile_to_temp,
@@ -18,7 +18,7 @@ from pipelines.compile import (
     template_default_problems,
     templates,
 )
-from pipelines.pipeline import pipeline_parameters
+from vlp.pipelines.pipeline import pipeline_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -37,10 +37,10 @@ def test_compiled_templates_have_not_drifted_byte_for_byte() -> None:
 
 @pytest.mark.slow
 def test_two_compiles_of_the_same_code_are_byte_identical(tmp_path: Path) -> None:
-    import pipelines.compile
+    import vlp.pipelines.compile
 
     first = compile_all(tmp_path / "a")
-    pipelines.compile._CANONICAL.clear()  # the second repacks each archive itself, as a compile in a new process does
+    vlp.pipelines.compile._CANONICAL.clear()  # the second repacks each archive itself, as a compile in a new process does
     second = compile_all(tmp_path / "b")
     assert [p.name for p in first] == [p.name for p in second]
     for a, b in zip(first, second, strict=True):
@@ -160,7 +160,7 @@ def test_big_models_mirror_as_a_custom_job_with_more_network(fresh_spec: Path) -
     )
     text = fresh_spec.read_text()
     assert "n2-standard-8" in text and "n2-standard-16" in text, machine_types
-    from components.planning.catalog import mirror_machine_for
+    from vlp.components.planning.catalog import mirror_machine_for
 
     assert mirror_machine_for(16 * 10**9)["machine_type"] == "e2-standard-4"  # 8B BF16: on the step
     assert mirror_machine_for(410 * 10**9)["machine_type"] == "n2-standard-16"  # 405B FP8: 32 Gbps

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from components.config import ConfigError, config_from_dict, load_config
+from vlp.components.config import ConfigError, config_from_dict, load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
 MINIMAL = {"name": "demo", "model": {"repo": "org/model"}, "endpoint": {"name": "demo"}}
@@ -119,7 +119,7 @@ BAD_INPUTS = [
 def test_bad_inputs_exit_2_before_anything_starts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], field: str, words: str
 ) -> None:
-    from pipelines.cli import main
+    from vlp.pipelines.cli import main
 
     state = tmp_path / "state"
     code = main(["run", "--local", "configs/local-demo.yaml", "--state-dir", str(state), *args])
@@ -149,7 +149,7 @@ def test_good_names_pass() -> None:
 def test_a_config_that_is_not_utf8_is_named_and_the_others_still_checked(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pipelines.cli import main
+    from vlp.pipelines.cli import main
 
     bad = tmp_path / "latin1.yaml"
     bad.write_bytes("name: d\u00e9mo\n".encode("latin-1"))

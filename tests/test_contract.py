@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 from google.cloud import aiplatform_v1
 
-from components.config import load_config
-from components.planning import catalog
-from components.serving import engines as serving
-from components.vertex import quota, serving_spec
-from components.vertex.deploy_model import redeploy_split
-from components.vertex.register_model import upload_wait_s
-from components.vertex.teardown import _reassigned_split
+from vlp.components.config import load_config
+from vlp.components.planning import catalog
+from vlp.components.serving import engines as serving
+from vlp.components.vertex import quota, serving_spec
+from vlp.components.vertex.deploy_model import redeploy_split
+from vlp.components.vertex.register_model import upload_wait_s
+from vlp.components.vertex.teardown import _reassigned_split
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -60,7 +60,7 @@ def test_a3_highgpu_2g_and_4g_only_where_model_garden_lists_them() -> None:
 
 
 def test_waits_cover_what_vertex_may_still_be_doing() -> None:
-    from components.vertex.deploy_model import DEPLOY_WAIT_S
+    from vlp.components.vertex.deploy_model import DEPLOY_WAIT_S
 
     assert DEPLOY_WAIT_S > serving_spec.DEPLOYMENT_TIMEOUT_S == 7200
     tgi = {"config": {"serving": {"engine": "tgi"}}, "plan": {"weights_bytes": 410e9}}
@@ -69,7 +69,7 @@ def test_waits_cover_what_vertex_may_still_be_doing() -> None:
 
 
 def test_paused_ends_the_wait() -> None:
-    from pipelines.submit import _TERMINAL
+    from vlp.pipelines.submit import _TERMINAL
 
     assert "PIPELINE_STATE_PAUSED" in _TERMINAL
 

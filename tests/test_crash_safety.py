@@ -198,7 +198,7 @@ def test_two_runs_on_one_state_dir_one_refuses_naming_the_other(tmp_path: Path, 
     state = tmp_path / "state"
     sets = [f"model.repo={TINY_REPO}", "smoke_test.expect=", "smoke_test.max_tokens=8", "serving.max_model_len=512"]
     command = [
-        sys.executable, "-m", "pipelines.cli", "run", "--local", str(ROOT / "configs" / "local-demo.yaml"),
+        sys.executable, "-m", "vlp.pipelines.cli", "run", "--local", str(ROOT / "configs" / "local-demo.yaml"),
         "--model-dir", str(tiny_model_dir), "--state-dir", str(state), *(a for s in sets for a in ("--set", s)),
     ]  # fmt: skip
     runs = [
@@ -220,11 +220,11 @@ def test_a_killed_run_leaves_no_stale_lock(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from pipelines.local.peers import StateDirBusy, lock_state_dir
+    from vlp.pipelines.local.peers import StateDirBusy, lock_state_dir
 
     state = tmp_path / "state"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from pipelines.local.peers import "
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from vlp.pipelines.local.peers import "
          "lock_state_dir; held = lock_state_dir(Path(sys.argv[1]), 'a test run'); print('held', flush=True); time.sleep(60)",
          str(state)],
         stdout=subprocess.PIPE, text=True,
@@ -248,7 +248,7 @@ def test_a_refused_run_names_the_holder_even_in_the_instant_before_it_writes_its
     import threading
     import time
 
-    from pipelines.local.peers import StateDirBusy, lock_state_dir
+    from vlp.pipelines.local.peers import StateDirBusy, lock_state_dir
 
     state = tmp_path / "state"
     state.mkdir()
@@ -283,7 +283,7 @@ def _start_run(state: Path, model_dir: Path, summary: Path) -> Any:
 
     sets = [f"model.repo={TINY_REPO}", "smoke_test.expect=", "smoke_test.max_tokens=8", "serving.max_model_len=512"]
     command = [
-        sys.executable, "-m", "pipelines.cli", "run", "--local", str(ROOT / "configs" / "local-demo.yaml"),
+        sys.executable, "-m", "vlp.pipelines.cli", "run", "--local", str(ROOT / "configs" / "local-demo.yaml"),
         "--model-dir", str(model_dir), "--state-dir", str(state), "--summary-json", str(summary),
         *(a for s in sets for a in ("--set", s)),
     ]  # fmt: skip

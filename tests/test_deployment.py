@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from components.config import load_config
-from components.deployment import Deployment, build, config_of, run_account, serving_account
+from vlp.components.config import load_config
+from vlp.components.deployment import Deployment, build, config_of, run_account, serving_account
 
 PRESETS = Path(__file__).resolve().parents[1] / "pipelines" / "presets"
 

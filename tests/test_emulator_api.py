@@ -23,7 +23,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform, aiplatform_v1
 from google.protobuf import struct_pb2
 
-from pipelines.local.emulator import Emulator, create_emulator
+from vlp.pipelines.local.emulator import Emulator, create_emulator
 
 PROJECT = "demo-project"
 LOCATION = "us-central1"
@@ -531,7 +531,7 @@ def test_control_routes(emu: Emulator) -> None:
 def test_cli_prints_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipelines.local.emulator", "--state-dir", str(tmp_path), "--fault", "predict-429"],
+        [sys.executable, "-m", "vlp.pipelines.local.emulator", "--state-dir", str(tmp_path), "--fault", "predict-429"],
         stdout=subprocess.PIPE,
         cwd=REPO_ROOT,
         env=env,
@@ -724,7 +724,7 @@ def test_v1beta1_deploy_takes_multihost_nodes_and_logs_only_when_asked(
     # v1 has no multihost_gpu_node_count; v1beta1 shows it, and quota usage counts both nodes of each replica.
     (listed,) = beta.list_endpoints(parent=PARENT)
     assert {dm.dedicated_resources.machine_spec.multihost_gpu_node_count for dm in listed.deployed_models} == {2}
-    from components.vertex.quota import serving_usage
+    from vlp.components.vertex.quota import serving_usage
 
     run_as(monkeypatch, emu.url, TESTER)
 
@@ -736,7 +736,7 @@ def test_cleanup_waits_for_a_deploy_still_running_and_removes_what_lands(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A deploy the step gave up on keeps going on Vertex; the exit handler waits for it, then removes it."""
-    from components.vertex.teardown import remove_run_resources
+    from vlp.components.vertex.teardown import remove_run_resources
 
     serving = ServingDouble(start_delay=30.0)
     emulator = create_emulator(tmp_path / "state", serving=serving)

@@ -19,8 +19,8 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import run_v2
 from google.iam.v1 import iam_policy_pb2, policy_pb2
 
-from pipelines.local.emulator import Emulator, create_emulator
-from pipelines.local.emulator.iam import compute_default_account
+from vlp.pipelines.local.emulator import Emulator, create_emulator
+from vlp.pipelines.local.emulator.iam import compute_default_account
 
 PROJECT = "local-project"
 PARENT = f"projects/{PROJECT}/locations/us-central1"
@@ -295,8 +295,8 @@ INVOKER = "invoker@local-project.iam.gserviceaccount.com"  # a caller of the ser
 def run_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from google.cloud import storage
 
-    from pipelines.local.models import build_tiny_llama
-    from pipelines.local.peers import start_fake_gcs
+    from vlp.pipelines.local.models import build_tiny_llama
+    from vlp.pipelines.local.peers import start_fake_gcs
 
     work = tmp_path_factory.mktemp("run-serving")
     model = build_tiny_llama(work / "tiny-llama")
@@ -386,7 +386,7 @@ def test_a_private_service_answers_only_its_invokers_and_a_broken_revision_keeps
     from cryptography.hazmat.primitives.asymmetric import rsa
     from google.auth import crypt, jwt
 
-    from pipelines.local.emulator.iam import ID_TOKEN_KEY_ID, id_token_claims
+    from vlp.pipelines.local.emulator.iam import ID_TOKEN_KEY_ID, id_token_claims
 
     assert refused(_id_token(serving_emu, "https://elsewhere.example.com")) == 401  # another audience
     header, payload, signature = token.split(".")
@@ -429,7 +429,7 @@ def test_a_private_service_answers_only_its_invokers_and_a_broken_revision_keeps
         revisions.delete_revision(name=f"{svc.name}/revisions/llama-awq-0000002-1").result(timeout=30)
 
     # Roll-back as the pipeline does it: the template goes back to the serving revision, then the candidate goes.
-    from components.cloud_run.service import remove_revision
+    from vlp.components.cloud_run.service import remove_revision
 
     assert remove_revision(client, revisions, svc.name, "llama-awq-0000002-1") == [
         f"{svc.name}/revisions/llama-awq-0000002-1"
@@ -472,7 +472,7 @@ def test_a_serving_revision_cannot_be_deleted_and_gc_collects_a_crashed_runs_can
     another run serves is kept."""
     from datetime import UTC, datetime, timedelta
 
-    from pipelines import gc
+    from vlp.pipelines import gc
 
     run_a = {"vlp-deployment": "llama-awq", "vlp-run": "run-a"}
     svc = _service("llama-awq-0000001-1")
@@ -549,8 +549,8 @@ def test_tags_the_service_name_leaves_no_room_for_and_internal_ingress(
 def test_rtx_pro_6000_quota_counts_milli_gpus(client: run_v2.ServicesClient, emu: Emulator) -> None:
     """One RTX PRO 6000 instance draws 1000 of its quota (milli-GPUs; unverified, strict): a limit of 3 refuses
     it, 1000 takes it; the plan's check asks for the same amount."""
-    from components.cloud_run.quota import instance_allocation
-    from components.config import CloudRunSpec
+    from vlp.components.cloud_run.quota import instance_allocation
+    from vlp.components.config import CloudRunSpec
 
     quota_id = "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion"
     _set_quotas(emu, {**ROLLOUT_QUOTAS, quota_id: {"us-central1": 3}, "CpuAllocPerProjectRegion": {"us-central1": 20000},

@@ -21,17 +21,17 @@ from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from pipelines.local.emulator import Emulator, create_emulator
-from pipelines.local.emulator.engine_routes import WRONG_ANSWER
-from pipelines.local.emulator.serving import (
+from vlp.pipelines.local.emulator import Emulator, create_emulator
+from vlp.pipelines.local.emulator.engine_routes import WRONG_ANSWER
+from vlp.pipelines.local.emulator.serving import (
     SERVING_THREADS_ENV,
     SHARED_FORK_SERVER_ENV,
     ServingError,
     ServingManager,
     start_model_fork_server,
 )
-from pipelines.local.models import build_tiny_llama, publish_to_hub_mirror
-from pipelines.local.peers import Peer, python_env, start_fake_gcs, start_hub_mirror
+from vlp.pipelines.local.models import build_tiny_llama, publish_to_hub_mirror
+from vlp.pipelines.local.peers import Peer, python_env, start_fake_gcs, start_hub_mirror
 
 BUCKET = "vlp-serving-test"
 GOOD_URI = f"gs://{BUCKET}/models/acme/tiny/rev1/"
@@ -322,7 +322,7 @@ def test_model_server_dies_with_the_emulator_process(work: Path, gcs: Peer, fork
     script = (
         "import sys, threading, time\n"
         "from pathlib import Path\n"
-        "from pipelines.local.emulator.serving import ServingManager\n"
+        "from vlp.pipelines.local.emulator.serving import ServingManager\n"
         f"m = ServingManager(Path({str(state)!r}), {gcs.url!r}, set())\n"
         f"threading.Thread(target=m.start, args=('dm-orphan', {GOOD_URI!r}, {{}}), daemon=True).start()\n"
         "time.sleep(600)\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.local.forkserver import ForkServer, SharedForkServer
+from vlp.pipelines.local.forkserver import ForkServer, SharedForkServer
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = "tests.processes:forked_child"  # what the child does is chosen by its first argument
@@ -103,7 +103,7 @@ def test_a_shared_server_says_its_environment_and_its_children_name_themselves(t
 
 def test_a_module_that_reads_the_environment_when_imported_is_reloaded_in_the_child(tmp_path: Path) -> None:
     """google-auth reads its metadata server's address at import: the child must see its own, not the server's."""
-    from pipelines.local import step_launch
+    from vlp.pipelines.local import step_launch
 
     env = {**os.environ, "GCE_METADATA_HOST": "server.invalid:1"}
     forks = ForkServer(["google.auth.compute_engine._metadata"], env=env, reload=step_launch.RELOAD)
@@ -116,7 +116,7 @@ def test_a_module_that_reads_the_environment_when_imported_is_reloaded_in_the_ch
 
 
 def test_a_step_server_starts_cold_when_an_unreloaded_import_time_variable_differs() -> None:
-    from pipelines.local import step_launch
+    from vlp.pipelines.local import step_launch
 
     forks = ForkServer([], env=dict(os.environ), same_env=step_launch.SAME_ENV)
     try:
@@ -130,7 +130,7 @@ _AUDIT = r"""
 import ast, json, os, sys
 os.environ["_KFP_RUNTIME"] = "true"
 before = set(sys.modules)
-from pipelines.local.step_launch import PRELOAD
+from vlp.pipelines.local.step_launch import PRELOAD
 import importlib
 for name in PRELOAD:
     importlib.import_module(name)
@@ -165,19 +165,19 @@ def test_every_preloaded_module_that_reads_the_environment_when_imported_is_know
     imports (after an upgrade) fails here until it is reloaded in the child or its variables must match."""
     import json
 
-    from pipelines.local import step_launch
+    from vlp.pipelines.local import step_launch
 
     result = subprocess.run([sys.executable, "-c", _AUDIT], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     found = set(json.loads(result.stdout))
-    unknown = found - set(step_launch.ENV_AT_IMPORT) - {"pipelines.local.step_launch", "pipelines.local.forkserver"}
+    unknown = found - set(step_launch.ENV_AT_IMPORT) - {"vlp.pipelines.local.step_launch", "vlp.pipelines.local.forkserver"}
     assert not unknown, f"modules that read the environment when imported, not in step_launch.ENV_AT_IMPORT: {unknown}"
 
 
 _MODEL_AUDIT = r"""
 import json, os, sys
 before = set(sys.modules)
-from pipelines.local.emulator.serving import _PRELOAD, IMPORT_SAFE_PREFIXES
+from vlp.pipelines.local.emulator.serving import _PRELOAD, IMPORT_SAFE_PREFIXES
 import importlib
 for name in _PRELOAD:
     importlib.import_module(name)
@@ -209,8 +209,8 @@ def test_the_session_publishes_a_step_server_per_package_set_for_every_run_in_it
     """The suite's runs, in a worker or as `vlp run --local` commands, find the session's step servers (conftest,
     step_launch.share_servers): one per package set, forking under the same SAME_ENV rule as a server of their own,
     each child naming its run's step sets file (in the state dir) on its command line."""
-    from pipelines.local import step_launch
-    from pipelines.local.import_guard import allowed_by_op
+    from vlp.pipelines.local import step_launch
+    from vlp.pipelines.local.import_guard import allowed_by_op
 
     assert os.environ.get(step_launch.SHARED_SERVERS_ENV), "the suite's step servers are not published"
     sets = {tuple(v) for v in allowed_by_op().values()}

@@ -18,14 +18,14 @@ from google.api_core import exceptions as gexc
 from google.cloud import aiplatform_v1, run_v2, storage
 from test_preflight import _NoServing
 
-from components import clients
-from components.config import load_config
-from components.iam.policy import RULES, Binding
-from pipelines.iam_docs import markdown
-from pipelines.local.emulator import create_emulator
-from pipelines.local.emulator.iam import compute_default_account, project_number, vertex_service_agent
-from pipelines.local.emulator.iam_methods import FIXTURE, METHOD_TABLE, fixture, method_of
-from pipelines.setup import apply, default_pipeline_account, plan_setup
+from vlp.components import clients
+from vlp.components.config import load_config
+from vlp.components.iam.policy import RULES, Binding
+from vlp.pipelines.iam_docs import markdown
+from vlp.pipelines.local.emulator import create_emulator
+from vlp.pipelines.local.emulator.iam import compute_default_account, project_number, vertex_service_agent
+from vlp.pipelines.local.emulator.iam_methods import FIXTURE, METHOD_TABLE, fixture, method_of
+from vlp.pipelines.setup import apply, default_pipeline_account, plan_setup
 
 
 class _Serving(_NoServing):
@@ -209,7 +209,7 @@ def test_the_local_policy_has_these_bindings() -> None:
 
 @pytest.mark.slow
 def test_with_the_whole_policy_preflight_finds_nothing_missing(emu: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from components.iam.access import check_access
+    from vlp.components.iam.access import check_access
 
     for name, cfg in _configs().items():
         ctx = _project_setup(emu, monkeypatch, cfg, name)
@@ -231,7 +231,7 @@ def test_each_binding_removed_fails_with_the_permission_principal_resource_and_f
 
 def _fails_at_preflight(emu: Any, ctx: dict[str, Any], binding: Binding) -> None:
     """Preflight names it before the Hub, the mirror or any GPU: nothing is created."""
-    from components.preflight import PreflightError, run_preflight
+    from vlp.components.preflight import PreflightError, run_preflight
 
     before = emu.snapshot()
     with pytest.raises(PreflightError) as caught:
@@ -283,8 +283,8 @@ def _the_real_call_is_refused(emu: Any, ctx: dict[str, Any], binding: Binding) -
         with pytest.raises(gexc.GoogleAPICallError, match=f"iam.serviceAccounts.actAs.*{runtime}"):
             _create_service(ctx, api, runtime)
     elif key == ("pipeline", "roles/iam.serviceAccountOpenIdTokenCreator", "pipeline_sa"):
-        from components.cloud_run.probe import _generate_id_token
-        from components.runtime import StepError
+        from vlp.components.cloud_run.probe import _generate_id_token
+        from vlp.components.runtime import StepError
 
         with pytest.raises(StepError, match="roles/iam.serviceAccountOpenIdTokenCreator") as caught:
             _generate_id_token(ctx["account"], "https://svc.run.app")
@@ -367,9 +367,9 @@ def test_a_vllm_deploy_whose_serving_identity_cannot_read_the_bucket_fails_as_on
 
 
 def test_a_disabled_api_is_named_with_its_fix(emu: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from components.cloud_quotas import read_quota_limit
-    from components.iam.access import disabled_api
-    from components.vertex.quota import SERVICE
+    from vlp.components.cloud_quotas import read_quota_limit
+    from vlp.components.iam.access import disabled_api
+    from vlp.components.vertex.quota import SERVICE
 
     ctx = _project_setup(emu, monkeypatch, _configs()["vertex"], "apis")
     request = urllib.request.Request(
@@ -387,7 +387,7 @@ def test_a_disabled_api_is_named_with_its_fix(emu: Any, monkeypatch: pytest.Monk
         list(endpoints.list_endpoints(parent=f"projects/{ctx['project']}/locations/{REGION}"))
     assert caught.value.code == 403 and "aiplatform.googleapis.com" in disabled_api(caught.value)
     # Preflight says so before anything else, with the command that fixes it.
-    from components.iam.access import check_access
+    from vlp.components.iam.access import check_access
 
     problems = check_access(ctx["cfg"], project=ctx["project"], bucket=ctx["bucket"], api_endpoint=emu.url)
     assert problems == [
@@ -427,7 +427,7 @@ def test_the_demo_identities_are_principals(emu: Any) -> None:
     assert compute_default_account(project).startswith(project_number(project))
     emu.grant(f"projects/{project}", "roles/owner", f"user:{TESTER}")
     as_tester(emu, project)
-    from pipelines.local.emulator.iam import _account_project
+    from vlp.pipelines.local.emulator.iam import _account_project
 
     assert _account_project(compute_default_account(project)) == project
     assert _account_project(vertex_service_agent(project)) == project
@@ -439,7 +439,7 @@ def test_each_submitter_binding_removed_refuses_the_run_naming_the_permission_an
 ) -> None:
     """`vlp run` on Vertex (here: the emulator's pipelineJobs) as CI: with the policy's two submitter grants the job
     is created; without either, the submit fails naming the missing permission and the role that holds it."""
-    from pipelines.submit import submit_run
+    from vlp.pipelines.submit import submit_run
 
     monkeypatch.chdir(REPO_ROOT)
     ctx = _project_setup(

@@ -27,10 +27,10 @@ from conftest import TESTER, as_tester, auth_header, run_as
 from google.api_core.client_options import ClientOptions
 from google.cloud import aiplatform_v1
 
-from components.config import ConfigError, load_config
-from pipelines import gc, publish, schedules
-from pipelines.cli import build_parser, main
-from pipelines.local.emulator import Emulator, create_emulator
+from vlp.components.config import ConfigError, load_config
+from vlp.pipelines import gc, publish, schedules
+from vlp.pipelines.cli import build_parser, main
+from vlp.pipelines.local.emulator import Emulator, create_emulator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = REPO_ROOT / ".github" / "workflows" / "ci.yml"
@@ -94,7 +94,7 @@ def emu(tmp_path: Path, servers: ModelServers, monkeypatch: pytest.MonkeyPatch) 
 @pytest.fixture(scope="module")
 def compiled_spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real compiled pipeline: the committed one when present, else compiled fresh."""
-    from pipelines.compile import compile_pipeline, spec_path
+    from vlp.pipelines.compile import compile_pipeline, spec_path
 
     committed = spec_path()
     if committed.is_file():

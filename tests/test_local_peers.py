@@ -18,8 +18,8 @@ from google.cloud import storage
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipelines.local.models import MODEL_FILES, build_tiny_llama, publish_to_hub_mirror
-from pipelines.local.peers import LocalStack, Peer, start_fake_gcs
+from vlp.pipelines.local.models import MODEL_FILES, build_tiny_llama, publish_to_hub_mirror
+from vlp.pipelines.local.peers import LocalStack, Peer, start_fake_gcs
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import requests
 
-from components.config import load_config
-from pipelines.local.runner import run_local
+from vlp.components.config import load_config
+from vlp.pipelines.local.runner import run_local
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_REPO = "vlp-test/tiny-llama"
@@ -201,8 +201,8 @@ def _hammer(endpoint: str, stack: Any, kind: str, stop: threading.Event, results
 def _hammer_as_owner(endpoint: str, stack: Any, kind: str, stop: threading.Event, results: list[Any]) -> None:
     from google.cloud import aiplatform_v1
 
-    from components.serving.calls import http_session
-    from components.vertex.prediction import parse_endpoint, vertex_base_url
+    from vlp.components.serving.calls import http_session
+    from vlp.components.vertex.prediction import parse_endpoint, vertex_base_url
 
     api = stack.api_endpoint
     credentials = stack.credentials(stack.bootstrap_owner(parse_endpoint(endpoint)["project"]))
@@ -255,7 +255,7 @@ def test_redeploy_new_revision_is_blue_green_without_downtime(
     # Keep the endpoint busy from another thread for the whole redeploy, through a fresh emulator start.
     results: list[Any] = []  # status codes, or the error that stopped the caller
     stop = threading.Event()
-    from pipelines.local import peers
+    from vlp.pipelines.local import peers
 
     original_start, original_stop = peers.LocalStack.start, peers.LocalStack.stop
     threads: list[threading.Thread] = []
@@ -337,7 +337,7 @@ def test_benchmark_runs_in_the_pipeline_from_float_struct_parameters(
 ) -> None:
     """KFP hands the config to every step as a struct, every number a float: the benchmark reads it typed. Its
     report is an .html file the summary names; a canary redeploy says why it could not benchmark."""
-    from pipelines.summary import print_summary
+    from vlp.pipelines.summary import print_summary
 
     cfg = tiny_config(
         "tiny", "smoke_test.benchmark=true", "smoke_test.benchmark_concurrency=[1,2]", "smoke_test.benchmark_requests=2"
@@ -353,7 +353,7 @@ def test_benchmark_runs_in_the_pipeline_from_float_struct_parameters(
     assert [int(lv["concurrency"]) for lv in levels] == [1, 2]
     assert all(lv["output_tokens_per_s"] > 0 for lv in levels), levels
     # Measured and estimated USD per 1M output tokens side by side, priced at the local catalog's CPU server.
-    from components.planning.throughput import LOCAL_PRICE_PER_HOUR
+    from vlp.components.planning.throughput import LOCAL_PRICE_PER_HOUR
 
     for lv in levels:
         measured = LOCAL_PRICE_PER_HOUR / (lv["output_tokens_per_s"] * 3600) * 1e6

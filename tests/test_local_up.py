@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from pipelines.local.emulator.serving import SERVING_THREADS_ENV, SHARED_FORK_SERVER_ENV
-from pipelines.local.step_launch import SHARED_SERVERS_ENV
 from tests.processes import processes_naming
+from vlp.pipelines.local.emulator.serving import SERVING_THREADS_ENV, SHARED_FORK_SERVER_ENV
+from vlp.pipelines.local.step_launch import SHARED_SERVERS_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
-VLP = [sys.executable, "-m", "pipelines.cli"]
+VLP = [sys.executable, "-m", "vlp.pipelines.cli"]
 
 # Whole runs on the local stack (minutes each): left out of `make test-fast`.
 pytestmark = pytest.mark.slow

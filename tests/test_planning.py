@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from components.config import load_config
-from components.planning import model_facts
-from components.planning.catalog import GB
-from components.planning.model_facts import read_local_facts
-from components.planning.plan import Plan, plan_for_facts, plan_model
-from components.planning.report import render_markdown, render_table
+from vlp.components.config import load_config
+from vlp.components.planning import model_facts
+from vlp.components.planning.catalog import GB
+from vlp.components.planning.model_facts import read_local_facts
+from vlp.components.planning.plan import Plan, plan_for_facts, plan_model
+from vlp.components.planning.report import render_markdown, render_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -324,7 +324,7 @@ def test_quantized_facts(seeds: dict[str, Path]) -> None:
     assert set(fp8.weight_dtypes) == {"BF16", "F8_E4M3", "F32"}
     assert 480 * GB < fp8.weights_bytes < 500 * GB  # BF16 attention + FP8 MLPs
     # The plan says how the weights are stored, not only the config's (compute) torch_dtype.
-    from components.planning import report as plan_report
+    from vlp.components.planning import report as plan_report
 
     shown = plan_report.render_table(plan_model(str(seeds["405b-fp8"]), max_model_len=8192))
     assert "dtype bfloat16 (weights stored as F8_E4M3 " in shown, shown[:600]

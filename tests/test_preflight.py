@@ -13,11 +13,11 @@ import pytest
 from conftest import auth_header, let_vertex_read, pipeline_identity, project_bucket
 from kfp import dsl
 
-from components import clients
-from components.config import load_config
-from components.planning.report import render_markdown
-from components.preflight import PreflightError, label_value, plan_deployment, preflight_op, run_preflight
-from pipelines.local.emulator import create_emulator
+from vlp.components import clients
+from vlp.components.config import load_config
+from vlp.components.planning.report import render_markdown
+from vlp.components.preflight import PreflightError, label_value, plan_deployment, preflight_op, run_preflight
+from vlp.pipelines.local.emulator import create_emulator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_planning import LLAMA_8B, write_header_only_model  # noqa: E402
@@ -267,7 +267,7 @@ def test_preflight_op_writes_report_and_metrics(
     report = dsl.Markdown(name="report", uri=str(tmp_path / "report.md"))
     metrics = dsl.Metrics(name="metrics", uri=str(tmp_path / "metrics"))
     cfg = _cfg(**{"model.hf_token_secret": "''"}).model_dump(mode="json")
-    from components.run_form import FORM_FIELDS
+    from vlp.components.run_form import FORM_FIELDS
 
     blank = {f.name: 0 if f.kind is int else "" for f in FORM_FIELDS}  # a form left empty: the config holds
     out = preflight_op(

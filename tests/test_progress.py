@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from pipelines.local.runner import _Tee, split_task_logs, steps_from_records
-from pipelines.progress import StepView
+from vlp.pipelines.local.runner import _Tee, split_task_logs, steps_from_records
+from vlp.pipelines.progress import StepView
 
 # kfp.local's own lines, as the runner's log handler formats them, with a step's output in between.
 KFP_LINES = [
@@ -104,7 +104,7 @@ def test_every_step_of_the_compiled_pipeline_shows_in_wait_and_no_group_does() -
 
     import yaml
 
-    from pipelines.progress import is_step, step_name
+    from vlp.pipelines.progress import is_step, step_name
 
     spec = yaml.safe_load((Path(__file__).resolve().parent.parent / "compiled" / "vlp-deploy-llm.yaml").read_text())
     components = spec["components"]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from components.config import ConfigError, config_from_dict, load_config
-from components.run_form import (
+from vlp.components.config import ConfigError, config_from_dict, load_config
+from vlp.components.run_form import (
     FIELD_NAMES,
     GENERIC_DEFAULTS,
     FormError,
@@ -16,8 +16,8 @@ from components.run_form import (
     name_from_repo,
     resolve_config,
 )
-from pipelines.pipeline import preset_template
-from pipelines.presets import preset_paths
+from vlp.pipelines.pipeline import preset_template
+from vlp.pipelines.presets import preset_paths
 
 PRESETS = preset_paths()
 
@@ -102,9 +102,9 @@ def test_every_function_that_takes_the_form_takes_all_of_it() -> None:
     the pipeline, preflight and the exit handler; they must stay the same list."""
     import inspect
 
-    from components.cleanup import cleanup_op
-    from components.preflight import preflight_op
-    from pipelines.pipeline import build_pipeline
+    from vlp.components.cleanup import cleanup_op
+    from vlp.components.preflight import preflight_op
+    from vlp.pipelines.pipeline import build_pipeline
 
     pipeline_inputs = build_pipeline().component_spec.inputs
     for name in FIELD_NAMES:

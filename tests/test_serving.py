@@ -10,10 +10,10 @@ import pytest
 from google.cloud import aiplatform_v1
 from google.protobuf import json_format
 
-from components.config import DeploymentConfig, load_config
-from components.serving import engines as serving
-from components.serving.contract_fixtures import accepted_env, accepted_flags, fixture
-from components.vertex import serving_spec
+from vlp.components.config import DeploymentConfig, load_config
+from vlp.components.serving import engines as serving
+from vlp.components.serving.contract_fixtures import accepted_env, accepted_flags, fixture
+from vlp.components.vertex import serving_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 WEIGHTS = "gs://vlp-bucket/models/meta-llama/Llama-3.1-8B-Instruct/0123456789abcdef0123456789abcdef01234567"
@@ -325,7 +325,7 @@ def test_render_requests_is_rest_json_the_api_parses(name: str) -> None:
     assert int(spec["deploymentTimeout"].rstrip("s")) <= 7200
     assert not ("predictRoute" in spec and "invokeRoutePrefix" in spec)
     machine = rendered["deploy_model"]["deployedModel"]["dedicatedResources"]["machineSpec"]["machineType"]
-    from components.planning.catalog import MACHINE_TYPES
+    from vlp.components.planning.catalog import MACHINE_TYPES
 
     assert int(spec["sharedMemorySizeMb"]) * 1024**2 < MACHINE_TYPES[machine].memory_gb * 1e9
     # Every flag and env name the container gets is one the pinned image accepts (upstream fixtures).

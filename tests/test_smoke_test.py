@@ -13,14 +13,14 @@ from typing import Any
 import pytest
 from google.cloud import aiplatform_v1
 
-from components.clients import gapic_kwargs, storage_client
-from components.config import load_config
-from components.serving.logs import deploy_failure_message, log_filter
-from components.vertex import serving_spec
-from components.vertex.prediction import canary_tries
-from components.vertex.smoke_test import SmokeTestError, run_smoke_test
-from pipelines.local.runner import setup_local
-from pipelines.setup import default_pipeline_account
+from vlp.components.clients import gapic_kwargs, storage_client
+from vlp.components.config import load_config
+from vlp.components.serving.logs import deploy_failure_message, log_filter
+from vlp.components.vertex import serving_spec
+from vlp.components.vertex.prediction import canary_tries
+from vlp.components.vertex.smoke_test import SmokeTestError, run_smoke_test
+from vlp.pipelines.local.runner import setup_local
+from vlp.pipelines.setup import default_pipeline_account
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 REGION = "us-central1"
@@ -270,7 +270,7 @@ def test_a_dedicated_endpoint_tests_the_new_model_alone_through_invoke(served: d
     try:
         result = run_smoke_test(deployment, endpoint.name, green, served["weights"], served["api"])
         # `vlp bench` on the whole endpoint takes the endpoint-level invoke route (chat completions are off).
-        from components.vertex.load_target import chat_target
+        from vlp.components.vertex.load_target import chat_target
 
         whole = chat_target(endpoint.name, None, served["api"]).url
         assert whole.endswith(f"/v1/{endpoint.name}/invoke/v1/chat/completions"), whole
@@ -288,7 +288,7 @@ def test_smoke_test_op_writes_verdict_metrics_benchmark_and_report(served: dict[
     from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint
     from kfp import dsl
 
-    from components.vertex.smoke_test import smoke_test_op
+    from vlp.components.vertex.smoke_test import smoke_test_op
 
     deployment = _as_kfp_struct(
         _deployment(served["api"], benchmark="true", benchmark_concurrency="[1,2]", benchmark_requests=2, max_tokens=8)
@@ -336,7 +336,7 @@ def test_the_chat_template_renders_as_transformers_renders_it(
     same text as transformers' apply_chat_template for the same tokenizer files."""
     from transformers import AutoTokenizer
 
-    from components.vertex.smoke_test import render_prompt
+    from vlp.components.vertex.smoke_test import render_prompt
 
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()

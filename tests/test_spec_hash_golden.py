@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from test_serving import SHA, deployment_for_tests
 
-from components.config import load_config
+from vlp.components.config import load_config
 
 PRESETS = Path(__file__).resolve().parents[1] / "pipelines" / "presets"
 # The plan an `auto` preset is given here: what it is does not matter, only that it stays the same.
@@ -72,12 +72,12 @@ def labels_and_alias(name: str) -> tuple[str, str]:
     """The labels a deployment of this preset carries, and (Vertex) its version alias, as one line each."""
     deployment = _deployment(name)
     if deployment["config"].get("target") == "cloud_run":
-        from components.cloud_run.service_spec import revision_labels
+        from vlp.components.cloud_run.service_spec import revision_labels
 
         labels = revision_labels(deployment)
         alias = ""
     else:
-        from components.vertex.serving_spec import model_labels, serving_spec_hash, version_alias
+        from vlp.components.vertex.serving_spec import model_labels, serving_spec_hash, version_alias
 
         labels = model_labels(deployment, SHA)
         alias = version_alias(SHA, serving_spec_hash(deployment))

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The project's modules by their installed names: components/ and pipelines/ install as vlp.components and
+# vlp.pipelines (pyproject.toml's package-dir).
 MODULES = {
-    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+    "vlp." + ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
     for p in [*(ROOT / "components").rglob("*.py"), *(ROOT / "pipelines").rglob("*.py")]
 }
 
@@ -117,9 +119,9 @@ def test_each_step_function_imports_what_its_body_uses(name: str, func: ast.Func
     assert read - bound - set(dir(builtins)) == set()
 
 
-TARGETS = ("components.vertex", "components.cloud_run")
+TARGETS = ("vlp.components.vertex", "vlp.components.cloud_run")
 # The steps that serve both targets and pick one by the config's `target`: the only shared code that names a target.
-DISPATCHERS = {"components.preflight", "components.cleanup", "components.benchmark_step"}
+DISPATCHERS = {"vlp.components.preflight", "vlp.components.cleanup", "vlp.components.benchmark_step"}
 
 
 def _within(name: str, package: str) -> bool:
@@ -131,7 +133,7 @@ def test_the_targets_never_import_each_other_and_shared_code_imports_neither() -
     folder (serving/, smoke/, planning/...) or at the root, so neither target drags the other into its steps."""
     crossings = []
     for name, path in MODULES.items():
-        if not name.startswith("components.") or name in DISPATCHERS:
+        if not name.startswith("vlp.components.") or name in DISPATCHERS:
             continue
         own = next((t for t in TARGETS if _within(name, t)), None)
         for dep in _imports(path):
@@ -139,3 +141,15 @@ def test_the_targets_never_import_each_other_and_shared_code_imports_neither() -
             if target and target != own:
                 crossings.append(f"{name} -> {dep}")
     assert crossings == []
+
+
+def test_the_code_imports_itself_by_its_installed_names_only() -> None:
+    """`import components.x` or `pipelines.x` works only from the repository root (the folders' own names) and
+    would load a second copy of a module beside its `vlp.` one; installed, those names are a user's own folders."""
+    found = []
+    for path in [*(ROOT / "components").rglob("*.py"), *(ROOT / "pipelines").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            found += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[0] in ("components", "pipelines")]
+    assert found == []

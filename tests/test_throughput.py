@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from components.planning import throughput
-from components.planning.plan import plan_model
-from components.planning.throughput import ServedModel, Workload, estimate
-from components.smoke.benchmark import BenchmarkResult, add_costs, render_html, render_table
+from vlp.components.planning import throughput
+from vlp.components.planning.plan import plan_model
+from vlp.components.planning.throughput import ServedModel, Workload, estimate
+from vlp.components.smoke.benchmark import BenchmarkResult, add_costs, render_html, render_table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_planning import LLAMA_8B, LLAMA_8B_AWQ, LLAMA_70B, LLAMA_405B_FP8, write_header_only_model  # noqa: E402
@@ -123,7 +123,7 @@ def test_8b_at_128k_on_one_l4_refuses_with_the_kv_cache_and_the_longest_length_t
         [
             sys.executable,
             "-m",
-            "pipelines.cli",
+            "vlp.pipelines.cli",
             "plan",
             "--model",
             str(models["8b"]),
@@ -187,7 +187,7 @@ def test_the_benchmark_puts_measured_and_estimated_cost_side_by_side() -> None:
 def test_a_decode_step_has_a_floor_and_a_tiny_model_lands_on_the_cheapest_gpu(models: dict[str, Path]) -> None:
     """The 135M demo model: its roofline step is a fraction of a millisecond everywhere, so the engine's per-step
     overhead (DECODE_STEP_FLOOR_S) binds and the cheapest GPU that fits wins, not the fastest."""
-    from components.planning.throughput import DECODE_STEP_FLOOR_S, ServedModel
+    from vlp.components.planning.throughput import DECODE_STEP_FLOOR_S, ServedModel
 
     tiny = ServedModel(active_params=135_000_000, weight_bytes=270_000_000, kv_bytes_per_token=23_040,
                        low_precision_compute=False)  # fmt: skip
@@ -199,7 +199,7 @@ def test_a_decode_step_has_a_floor_and_a_tiny_model_lands_on_the_cheapest_gpu(mo
     capped = estimate(tiny, "NVIDIA_L4", **{**args, "max_num_seqs": 8})
     assert capped.bound == "max_num_seqs" and capped.concurrency == 8 and not capped.holds_workload
 
-    from components.planning import report as plan_report
+    from vlp.components.planning import report as plan_report
 
     plan = plan_model(str(models["8b-awq"]), engine="tgi", max_model_len=8192, max_num_seqs=4)
     text = plan_report.render_table(plan)

@@ -1,11 +1,11 @@
 """The Cloud Run plan: a plan for one GPU of the instance's type turned into the instance shape, its price and its
-checks (GPUs, regions and prices are in components.planning.catalog)."""
+checks (GPUs, regions and prices are in vlp.components.planning.catalog)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from components.planning.catalog import (
+from vlp.components.planning.catalog import (
     RUN_CPU_PER_SECOND,
     RUN_GIB_PER_SECOND,
     RUN_GPUS,

@@ -11,7 +11,7 @@ log = logging.getLogger("vlp.cloud_run")
 
 
 def _clients(deployment: dict[str, Any]) -> tuple[Any, Any]:
-    from components.cloud_run.service_spec import revisions_client, services_client
+    from vlp.components.cloud_run.service_spec import revisions_client, services_client
 
     api = deployment.get("api_endpoint", "")
     return services_client(api), revisions_client(api)
@@ -28,8 +28,8 @@ def get_service(services: Any, name: str) -> Any:
 
 def unchanged_service(deployment: dict[str, Any]) -> str | None:
     """A description of the revision that already serves exactly this deployment at 100% and answers, or None."""
-    from components.cloud_run.service_spec import service_name, spec_hash
-    from components.runtime import LABEL_REVISION, LABEL_SPEC
+    from vlp.components.cloud_run.service_spec import service_name, spec_hash
+    from vlp.components.runtime import LABEL_REVISION, LABEL_SPEC
 
     sha = deployment.get("revision_sha", "")
     if not sha:
@@ -63,8 +63,8 @@ def id_token_headers(audience: str) -> dict[str, str]:
     import google.auth.transport.requests
     import google.oauth2.id_token
 
-    from components.clients import own_account
-    from components.runtime import StepError
+    from vlp.components.clients import own_account
+    from vlp.components.runtime import StepError
 
     account = own_account()
     if account:
@@ -84,9 +84,9 @@ def _generate_id_token(account: str, audience: str) -> str:
     """IAM Credentials projects.serviceAccounts.generateIdToken for `account`, called as the step itself."""
     from google.auth.transport.requests import AuthorizedSession
 
-    from components.clients import api_endpoint, credentials
-    from components.runtime import StepError
-    from components.serving.calls import is_local
+    from vlp.components.clients import api_endpoint, credentials
+    from vlp.components.runtime import StepError
+    from vlp.components.serving.calls import is_local
 
     host = api_endpoint()
     base = host.rstrip("/") if is_local(host) else "https://iamcredentials.googleapis.com"
@@ -141,7 +141,7 @@ def answers(deployment: dict[str, Any], url: str, wait_s: float = COLD_START_WAI
     start retried for up to `wait_s`."""
     import time
 
-    from components.serving.engines import served_model_name
+    from vlp.components.serving.engines import served_model_name
 
     body = {"model": served_model_name(deployment), "messages": [{"role": "user", "content": "ping"}], "max_tokens": 1}
     deadline = time.monotonic() + wait_s

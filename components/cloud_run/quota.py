@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.cloud_run.service_spec import revisions_client, services_client
-from components.planning.catalog import RUN_GPUS
+from vlp.components.cloud_run.service_spec import revisions_client, services_client
+from vlp.components.planning.catalog import RUN_GPUS
 
 RUN_SERVICE = "run.googleapis.com"
 CPU_QUOTA = "CpuAllocPerProjectRegion"  # milli-CPU (run.googleapis.com/cpu_allocation)
@@ -78,7 +78,7 @@ _UNITS = {CPU_QUOTA: "milli-CPU", MEM_QUOTA: "bytes"}
 def check_quota(plan: Any, cfg: Any, project: str, regions: list[str], api_endpoint: str = "") -> None:
     """The first candidate region that offers the GPU and has CPU, memory and GPU quota for one more revision at
     max instances (a redeploy's candidate serves beside the old one); errors name the quota to request."""
-    from components.cloud_quotas import QuotaCheck, RegionQuota, read_quota_limit
+    from vlp.components.cloud_quotas import QuotaCheck, RegionQuota, read_quota_limit
 
     if not project:
         plan.errors.append("no project to check quota in: pass --project or set placement.project")
@@ -100,7 +100,7 @@ def check_quota(plan: Any, cfg: Any, project: str, regions: list[str], api_endpo
         try:
             usage = region_usage(project, region, api_endpoint)
         except (exceptions.PermissionDenied, exceptions.Forbidden) as exc:
-            from components.iam.access import disabled_api
+            from vlp.components.iam.access import disabled_api
 
             if disabled_api(exc):
                 plan.errors.append(f"cannot list the Cloud Run services in {region}: {disabled_api(exc)}")

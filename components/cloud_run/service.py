@@ -9,8 +9,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from components.cloud_run.probe import _clients, get_service
-from components.deployment import config_of
+from vlp.components.cloud_run.probe import _clients, get_service
+from vlp.components.deployment import config_of
 
 log = logging.getLogger("vlp.cloud_run")
 
@@ -35,7 +35,7 @@ def pinned(targets: Any) -> list[Any]:
     add up to 100; other revisions' tags (set outside vlp) stay."""
     from google.cloud import run_v2
 
-    from components.cloud_run.service_spec import CANDIDATE_TAG
+    from vlp.components.cloud_run.service_spec import CANDIDATE_TAG
 
     pin = run_v2.TrafficTargetAllocationType.TRAFFIC_TARGET_ALLOCATION_TYPE_REVISION
     kept = []
@@ -130,7 +130,7 @@ def update_read_service(services: Any, name: str, change: Any, what: str, timeou
 
 def wait_for(operation: Any, what: str, timeout_s: float) -> Any:
     """An operation's result within a real deadline; a refusal or a timeout becomes a StepError saying which."""
-    from components.runtime import StepError
+    from vlp.components.runtime import StepError
 
     try:
         return operation.result(timeout=timeout_s)
@@ -161,7 +161,7 @@ def grant_invoker(services: Any, name: str, member: str) -> None:
 def caller_member(api_endpoint: str) -> str:
     """The IAM member the pipeline's steps call as (empty when it cannot be read: then only accounts already
     granted can call)."""
-    from components.clients import own_account
+    from vlp.components.clients import own_account
 
     email = own_account(api_endpoint)
     return f"serviceAccount:{email}" if email else ""
@@ -169,8 +169,8 @@ def caller_member(api_endpoint: str) -> str:
 
 def deploy_revision(deployment: dict[str, Any], weights_uri: str) -> DeployedRevision:
     """Create the service, or add a revision to it at 0% behind the `candidate` tag (blue/green), and wait for it."""
-    from components.cloud_run.service_spec import CANDIDATE_TAG, service_name, service_request
-    from components.runtime import StepError
+    from vlp.components.cloud_run.service_spec import CANDIDATE_TAG, service_name, service_request
+    from vlp.components.runtime import StepError
 
     cfg = config_of(deployment)
     services, _ = _clients(deployment)
@@ -178,7 +178,7 @@ def deploy_revision(deployment: dict[str, Any], weights_uri: str) -> DeployedRev
     current = get_service(services, name)
     previous = pinned(current.traffic_statuses) if current is not None else []
     if not cfg.cloud_run.service_account:
-        from components.deployment import serving_account
+        from vlp.components.deployment import serving_account
 
         # The revision runs as the pipeline's account unless the config names one (else the Compute Engine default).
         deployment = {**deployment, "service_account": serving_account(deployment)}
@@ -207,7 +207,7 @@ def deploy_revision(deployment: dict[str, Any], weights_uri: str) -> DeployedRev
     except StepError:
         raise
     except Exception as exc:
-        from components.serving.logs import revision_failure_message
+        from vlp.components.serving.logs import revision_failure_message
 
         raise StepError(
             revision_failure_message(
@@ -241,8 +241,8 @@ def move_traffic(deployment: dict[str, Any], name: str, revision: str, pause_s: 
     from google.cloud import run_v2
     from google.protobuf import field_mask_pb2
 
-    from components.cloud_run.service_spec import CANDIDATE_TAG
-    from components.rollout import split_with, step_pause
+    from vlp.components.cloud_run.service_spec import CANDIDATE_TAG
+    from vlp.components.rollout import split_with, step_pause
 
     cfg = config_of(deployment)
     services, _ = _clients(deployment)
@@ -334,7 +334,7 @@ def remove_run_services(
 ) -> list[str]:
     """The exit handler's part on Cloud Run: services this run created go; in services other runs created, this
     run's revisions go and the traffic they held returns to the newest other revision. Safe to call twice."""
-    from components.cloud_run.service_spec import revisions_client, services_client
+    from vlp.components.cloud_run.service_spec import revisions_client, services_client
 
     services, revisions = services_client(api_endpoint), revisions_client(api_endpoint)
     removed: list[str] = []
@@ -359,8 +359,8 @@ def deploy_service_op(deployment: dict, weights_uri: str) -> NamedTuple(
     """Deploy the mirrored weights as a new revision of the Cloud Run service, at 0% behind the candidate tag."""
     from collections import namedtuple
 
-    from components.cloud_run.service import deploy_revision
-    from components.runtime import checkpoint, setup_logging
+    from vlp.components.cloud_run.service import deploy_revision
+    from vlp.components.runtime import checkpoint, setup_logging
 
     setup_logging()
     deployed = deploy_revision(deployment, weights_uri)
@@ -371,8 +371,8 @@ def deploy_service_op(deployment: dict, weights_uri: str) -> NamedTuple(
 
 def promote_service_op(deployment: dict, service: str, revision: str) -> None:
     """Move the service's traffic to the revision that passed its smoke test (canary steps too)."""
-    from components.cloud_run.service import move_traffic
-    from components.runtime import checkpoint, setup_logging
+    from vlp.components.cloud_run.service import move_traffic
+    from vlp.components.runtime import checkpoint, setup_logging
 
     setup_logging()
     checkpoint("promote-service")
@@ -381,8 +381,8 @@ def promote_service_op(deployment: dict, service: str, revision: str) -> None:
 
 def roll_back_service_op(deployment: dict, service: str, revision: str, reason: str) -> None:
     """Roll back after a failed smoke test: the old revision keeps its traffic, the new one is deleted."""
-    from components.cloud_run.service import _clients, remove_revision
-    from components.runtime import StepError, checkpoint, setup_logging
+    from vlp.components.cloud_run.service import _clients, remove_revision
+    from vlp.components.runtime import StepError, checkpoint, setup_logging
 
     log = setup_logging()
     checkpoint("roll-back-service")

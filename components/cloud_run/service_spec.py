@@ -8,9 +8,9 @@ import json
 import math
 from typing import Any
 
-from components.deployment import config_of, run_account
-from components.planning.catalog import RUN_GPUS
-from components.runtime import LABEL_REVISION, LABEL_SPEC
+from vlp.components.deployment import config_of, run_account
+from vlp.components.planning.catalog import RUN_GPUS
+from vlp.components.runtime import LABEL_REVISION, LABEL_SPEC
 
 SERVING_PORT = 8080  # Cloud Run's $PORT; the TGI DLC listens on it
 PROBE_PERIOD_S = 10  # per-field maximum is 240 s (vendor.proto Probe)
@@ -21,7 +21,7 @@ WEIGHTS_MOUNT = "/mnt/model"
 def services_client(api_endpoint: str = "") -> Any:
     from google.cloud import run_v2
 
-    from components import clients
+    from vlp.components import clients
 
     return run_v2.ServicesClient(**clients.gapic_kwargs(None, api_endpoint))
 
@@ -29,7 +29,7 @@ def services_client(api_endpoint: str = "") -> Any:
 def revisions_client(api_endpoint: str = "") -> Any:
     from google.cloud import run_v2
 
-    from components import clients
+    from vlp.components import clients
 
     return run_v2.RevisionsClient(**clients.gapic_kwargs(None, api_endpoint))
 
@@ -56,7 +56,7 @@ def revision_template(deployment: dict[str, Any], weights_uri: str, labels: dict
     gives the model `cloud_run.startup_timeout_s` to load."""
     from google.cloud import run_v2
 
-    from components.serving.engines import TGI_IMAGE, tgi_env_and_args
+    from vlp.components.serving.engines import TGI_IMAGE, tgi_env_and_args
 
     cfg = config_of(deployment)
     spec = cfg.cloud_run

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 from kfp import dsl
 
-from components.deployment import config_of
+from vlp.components.deployment import config_of
 
 RUN_REFUSED = (
     "the caller's account lacks roles/run.invoker on the service (the deploy step grants it to the pipeline's "
@@ -35,10 +35,10 @@ def run_service_smoke_test(
     timeout_s: float = 600.0,
 ) -> Any:
     """The config's smoke prompt to the revision's tag URL (TGI's /v1/chat/completions); a SmokeResult."""
-    from components.serving.calls import parse_reply
-    from components.serving.engines import served_model_name
-    from components.serving.logs import format_logs, logs_hint, revision_log_filter, server_log_tail
-    from components.smoke.checks import (
+    from vlp.components.serving.calls import parse_reply
+    from vlp.components.serving.engines import served_model_name
+    from vlp.components.serving.logs import format_logs, logs_hint, revision_log_filter, server_log_tail
+    from vlp.components.smoke.checks import (
         _MISSING_TEMPLATE_FIX,
         SmokeResult,
         SmokeTestError,
@@ -72,7 +72,7 @@ def run_service_smoke_test(
     flt = revision_log_filter(cfg.service_id, revision)
     # The token's audience is the service's own URL: Cloud Run accepts it on every URL of the service, tags too
     # (run/docs/authenticating/service-to-service; unverified for tag URLs, so the emulator checks only the account).
-    from components.cloud_run.probe import id_token_session
+    from vlp.components.cloud_run.probe import id_token_session
 
     session = id_token_session(service_url or url)
     try:
@@ -146,12 +146,12 @@ def smoke_test_service_op(
     from collections import namedtuple
     from logging import getLogger
 
-    from components.cloud_run.probe import id_token_headers
-    from components.cloud_run.smoke_test import run_service_smoke_test
-    from components.config import config_from_dict
-    from components.runtime import checkpoint
-    from components.smoke.benchmark import render_html
-    from components.smoke.checks import benchmark_deployment, smoke_report_html
+    from vlp.components.cloud_run.probe import id_token_headers
+    from vlp.components.cloud_run.smoke_test import run_service_smoke_test
+    from vlp.components.config import config_from_dict
+    from vlp.components.runtime import checkpoint
+    from vlp.components.smoke.benchmark import render_html
+    from vlp.components.smoke.checks import benchmark_deployment, smoke_report_html
 
     result = run_service_smoke_test(deployment, service, revision, url, service_url, weights_uri)
     checkpoint("smoke-test-service")

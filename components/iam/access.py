@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from components.iam.policy import RULES, Identities, conditions, member_of, secret_id
+from vlp.components.iam.policy import RULES, Identities, conditions, member_of, secret_id
 
 GOOGLE_API = {"aiplatform": "https://{region}-aiplatform.googleapis.com", "run": "https://run.googleapis.com"}
 GOOGLE = {
@@ -19,7 +19,7 @@ GOOGLE = {
 def check_access(cfg: Any, *, project: str, bucket: str, api_endpoint: str = "") -> list[str]:
     """One line per grant of the policy that the step's account lacks (empty when all hold, or when the step has no
     service account to ask about: a developer's own credentials)."""
-    from components.clients import own_account
+    from vlp.components.clients import own_account
 
     account = own_account(api_endpoint)
     if not account:
@@ -48,7 +48,7 @@ def check_access(cfg: Any, *, project: str, bucket: str, api_endpoint: str = "")
             continue
         missing = [p for p in rule.checks if p not in granted]
         if missing:
-            from components.iam.policy import Binding
+            from vlp.components.iam.policy import Binding
 
             binding = Binding(member_of(account), rule.role, resource, rule)
             problems.append(
@@ -66,8 +66,8 @@ class _Asker:
     def __init__(self, api_endpoint: str, project: str) -> None:
         from google.auth.transport.requests import AuthorizedSession
 
-        from components.clients import api_endpoint as resolve
-        from components.clients import credentials
+        from vlp.components.clients import api_endpoint as resolve
+        from vlp.components.clients import credentials
 
         self.host = resolve(api_endpoint)
         self.local = self.host.startswith("http://")
@@ -104,7 +104,7 @@ class _Asker:
         if resource.startswith("buckets/"):
             from google.api_core import exceptions
 
-            from components.clients import storage_client
+            from vlp.components.clients import storage_client
 
             name = resource.split("/", 1)[1]
             try:

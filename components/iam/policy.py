@@ -297,7 +297,7 @@ def member_of(email: str) -> str:
 
 
 def conditions(cfg: Any, *, mirror_job: bool = False, templates: bool = False, image: bool = False) -> set[str]:
-    """Which rule conditions hold for a deployment config (components.config.DeploymentConfig)."""
+    """Which rule conditions hold for a deployment config (vlp.components.config.DeploymentConfig)."""
     held = {""}
     target = getattr(cfg, "target", "vertex") or "vertex"
     held.add(target)

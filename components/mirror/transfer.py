@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from components.mirror.hub import (
+from vlp.components.mirror.hub import (
     FILE_ATTEMPTS,
     HTTP_TIMEOUT,
     LOG_EVERY_S,

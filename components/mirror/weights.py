@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
-    from components.config import DeploymentConfig
+    from vlp.components.config import DeploymentConfig
 
 
-from components.mirror.hub import (
+from vlp.components.mirror.hub import (
     BIN_FALLBACK_PATTERNS,
     DEFAULT_ALLOW_PATTERNS,
     DEFAULT_IGNORE_PATTERNS,
@@ -35,7 +35,7 @@ from components.mirror.hub import (
     _Hub,
     log,
 )
-from components.mirror.transfer import (
+from vlp.components.mirror.transfer import (
     _Job,
     _Progress,
     _Transfer,
@@ -160,7 +160,7 @@ def mirror_weights(
     that finds a complete manifest returns at once (skipped=True). An interrupted run keeps the files
     it verified. `token` is a Hub token (only needed for gated/private repos); it is never logged.
     """
-    from components.clients import storage_client
+    from vlp.components.clients import storage_client
 
     t0 = time.monotonic()
     endpoint = (hf_endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
@@ -353,7 +353,7 @@ def mirror_from_config(
     revision: str | None = None,
 ) -> MirrorResult:
     """Mirror the config's model (what `vlp mirror CONFIG` runs); the token comes from Secret Manager."""
-    from components.clients import read_secret
+    from vlp.components.clients import read_secret
 
     token = None
     if cfg.model.hf_token_secret:
@@ -386,8 +386,8 @@ def mirror_weights_op(deployment: dict, api_endpoint: str) -> NamedTuple(
     import logging
     from collections import namedtuple
 
-    from components.config import config_from_dict
-    from components.mirror.weights import mirror_from_config
+    from vlp.components.config import config_from_dict
+    from vlp.components.mirror.weights import mirror_from_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg_raw = deployment["config"]
@@ -399,7 +399,7 @@ def mirror_weights_op(deployment: dict, api_endpoint: str) -> NamedTuple(
         api_endpoint=api_endpoint or deployment.get("api_endpoint", ""),
         revision=deployment.get("revision_sha") or None,
     )
-    from components.runtime import checkpoint
+    from vlp.components.runtime import checkpoint
 
     checkpoint("mirror-weights")
     outputs = namedtuple("MirrorOutputs", ["weights_uri", "revision_sha"])

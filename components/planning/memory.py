@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from components.planning.catalog import Accelerator, GiB
-from components.planning.model_facts import (
+from vlp.components.planning.catalog import Accelerator, GiB
+from vlp.components.planning.model_facts import (
     AUX_SUFFIXES,
     FLOAT_DTYPES,
     TORCH_DTYPE_BYTES,

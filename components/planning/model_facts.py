@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.planning.catalog import MiB
+from vlp.components.planning.catalog import MiB
 
 DTYPE_BYTES = {
     "F64": 8,

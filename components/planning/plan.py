@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from components.planning.catalog import (
+from vlp.components.planning.catalog import (
     ACCELERATORS,
     GB,
     MACHINE_TYPES,
@@ -21,7 +21,7 @@ from components.planning.catalog import (
     offered_regions,
     shape_price,
 )
-from components.planning.memory import (
+from vlp.components.planning.memory import (
     DEFAULT_TARGET_MAX_MODEL_LEN,
     ENGINE_DEFAULT_MAX_NUM_SEQS,
     MAX_NUM_SEQS_CEILING,
@@ -33,7 +33,7 @@ from components.planning.memory import (
     memory_budget,
     served_weight_bytes,
 )
-from components.planning.model_facts import ModelAccessError, ModelFacts, read_model_facts
+from vlp.components.planning.model_facts import ModelAccessError, ModelFacts, read_model_facts
 
 
 def _largest(lo: int, hi: int, ok: Any) -> int:
@@ -66,7 +66,7 @@ class ShapeFit:
     memory: MemoryBudget | None = None
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    throughput: Any = None  # components.planning.throughput.Estimate at the plan's workload, for shapes that fit
+    throughput: Any = None  # vlp.components.planning.throughput.Estimate at the plan's workload, for shapes that fit
     throughput_model: dict[str, Any] = field(default_factory=dict)  # its inputs: re-estimate at another workload
     cost_per_million: float = math.inf  # USD per 1M output tokens at that throughput
 
@@ -91,7 +91,7 @@ def with_throughput(fit: ShapeFit, facts: ModelFacts, settings: EngineSettings, 
     """The fit with its throughput and cost per token at `workload` (a config Workload, or None = the defaults)."""
     if not fit.fits or fit.memory is None:
         return fit
-    from components.planning import throughput
+    from vlp.components.planning import throughput
 
     quant = (settings.quantization or facts.quantization or "").lower()
     model = throughput.ServedModel(
@@ -341,7 +341,7 @@ class Plan:
     objective: str = "cost_per_token"
     workload: dict[str, Any] = field(default_factory=dict)
     throughput: dict[str, Any] = field(default_factory=dict)  # the chosen shape's estimate at the workload
-    throughput_model: dict[str, Any] = field(default_factory=dict)  # its inputs (components.planning.throughput.estimate_from)
+    throughput_model: dict[str, Any] = field(default_factory=dict)  # its inputs (vlp.components.planning.throughput.estimate_from)
     cost_per_million_output_tokens_usd: float = 0.0
     price_estimated: bool = False
     prices_note: str = PRICES_AS_OF
@@ -350,7 +350,7 @@ class Plan:
     regions: list[str] = field(default_factory=list)
     quota: dict[str, dict[str, Any]] = field(default_factory=dict)
     quota_checked: bool = False
-    target: str = "vertex"  # or cloud_run (components.cloud_run.service_spec.adapt_plan)
+    target: str = "vertex"  # or cloud_run (vlp.components.cloud_run.service_spec.adapt_plan)
     cloud_run: dict[str, Any] = field(default_factory=dict)  # the Cloud Run instance, its prices and regions
     alternatives: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
@@ -431,7 +431,7 @@ def plan_for_facts(
     settings = EngineSettings.from_serving(serving)
     objective = getattr(hardware, "objective", "cost_per_token")
     if workload is None:
-        from components.config import Workload
+        from vlp.components.config import Workload
 
         workload = Workload()
 
@@ -748,7 +748,7 @@ def plan_model(
     objective: str = "cost_per_token",
 ) -> Plan:
     """`vlp plan --model REPO_OR_DIR`: the hardware a model needs and what it costs; no quota, no project."""
-    from components.config import Hardware, Serving, Workload
+    from vlp.components.config import Hardware, Serving, Workload
 
     serving = Serving(
         engine=engine,

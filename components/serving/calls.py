@@ -14,7 +14,7 @@ class EndpointError(RuntimeError):
 
 def is_local(api_endpoint: str) -> bool:
     """True for a plain-HTTP emulator on loopback (the local stack)."""
-    from components.clients import api_endpoint as resolve
+    from vlp.components.clients import api_endpoint as resolve
 
     return resolve(api_endpoint).startswith("http://")
 
@@ -43,8 +43,8 @@ def http_session(api_endpoint: str = "") -> Any:
     account from the local metadata server."""
     from google.auth.transport.requests import AuthorizedSession
 
-    from components.clients import api_endpoint as resolve
-    from components.clients import local_credentials
+    from vlp.components.clients import api_endpoint as resolve
+    from vlp.components.clients import local_credentials
 
     if is_local(api_endpoint):
         session = AuthorizedSession(local_credentials())

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from components.deployment import config_of
+from vlp.components.deployment import config_of
 
 # Pinned images, overridable with serving.image. Pins carry their reason:
 # - vLLM: the Vertex Model Garden build the Vertex AI vLLM serving doc and the Llama 3.1 / 3.2 Model Garden
@@ -73,7 +73,7 @@ def resolve_shape(deployment: dict[str, Any]) -> ServingShape:
     if cfg.target == "cloud_run":
         # One GPU per instance, whatever the plan says (and with no plan at all, as `vlp render` offline): the TGI
         # flags then depend only on the config's values and the plan's max_model_len / max_num_seqs.
-        from components.planning.catalog import instance_shape
+        from vlp.components.planning.catalog import instance_shape
 
         plan.update(instance_shape(cfg.cloud_run.gpu_type))
     machine_type = plan.get("machine_type") or ""
@@ -271,7 +271,7 @@ def check_engine_values(cfg: Any) -> None:
             "or leave serving.quantization empty to take it from the model's config"
         )
     if s.engine == "vllm" and s.quantization:
-        from components.serving.contract_fixtures import vllm_quantization_methods
+        from vlp.components.serving.contract_fixtures import vllm_quantization_methods
 
         methods = vllm_quantization_methods()
         if s.quantization not in methods:

@@ -51,7 +51,7 @@ def server_log_tail(
 ) -> list[str]:
     """The last lines the model server wrote (oldest first), read from Cloud Logging (`flt`: another filter, e.g.
     a Cloud Run revision's); never raises."""
-    from components.clients import logging_client
+    from vlp.components.clients import logging_client
 
     try:
         from google.cloud import logging as cloud_logging

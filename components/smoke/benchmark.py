@@ -75,7 +75,7 @@ def url_target(
     target: str, model: str | None, api_endpoint: str = "", headers: dict[str, str] | None = None
 ) -> ChatTarget:
     """An OpenAI-compatible base URL as a target (a Vertex endpoint is resolved by its target's own module:
-    components.vertex.prediction.chat_target, which takes the same arguments)."""
+    vlp.components.vertex.prediction.chat_target, which takes the same arguments)."""
     import requests
 
     if not target.startswith(("http://", "https://")):
@@ -224,7 +224,7 @@ def run_benchmark(
 ) -> BenchmarkResult:
     """Runs the closed-loop load at each concurrency level against `target`: an OpenAI base URL, or what
     `resolve(target, model, api_endpoint, headers)` makes of it (a Vertex endpoint:
-    components.vertex.prediction.chat_target)."""
+    vlp.components.vertex.prediction.chat_target)."""
     if not concurrency or any(c < 1 for c in concurrency):
         raise ValueError(f"concurrency levels must be positive integers, got {concurrency}")
     if requests_per_level < 1:
@@ -259,7 +259,7 @@ def add_costs(
 ) -> None:
     """Each level's USD per 1M output tokens from what it measured at `price_per_hour`, and, given the plan's
     throughput model (Plan.throughput_model), the estimate for the same load beside it."""
-    from components.planning.throughput import Workload, cost_per_million_output_tokens, estimate_from
+    from vlp.components.planning.throughput import Workload, cost_per_million_output_tokens, estimate_from
 
     result.price_per_hour_usd = price_per_hour
     result.price_source = price_source

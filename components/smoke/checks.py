@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from components.deployment import config_of
-from components.serving.calls import EndpointError
+from vlp.components.deployment import config_of
+from vlp.components.serving.calls import EndpointError
 
 log = logging.getLogger("vlp.smoke_test")
 
@@ -65,7 +65,7 @@ class SmokeResult:
 
 def download_tokenizer(weights_uri: str, dest: Path, project: str | None = None) -> Path:
     """Copies only the tokenizer files that sit next to the weights in GCS into `dest`."""
-    from components.clients import storage_client
+    from vlp.components.clients import storage_client
 
     match = re.fullmatch(r"gs://([^/]+)/?(.*)", weights_uri.strip())
     if not match:
@@ -106,7 +106,7 @@ def _user_message(prompt: str, image_url: str, for_template: bool) -> dict[str, 
 
 def render_prompt(tokenizer_dir: Path, prompt: str, chat_template: str | None, image: bool) -> str | None:
     """The prompt as the model sees it after its chat template; None when there is no template at all."""
-    from components.smoke import chat_template as templates
+    from vlp.components.smoke import chat_template as templates
 
     template = chat_template or templates.find_template(tokenizer_dir)
     if not template:
@@ -122,7 +122,7 @@ def image_as_url(image_url: str, project: str | None = None) -> str:
     """An image the serving engine can fetch: gs:// objects become data: URLs (the engine has no GCS access)."""
     if not image_url.startswith("gs://"):
         return image_url
-    from components.clients import storage_client
+    from vlp.components.clients import storage_client
 
     bucket, _, name = image_url[5:].partition("/")
     data = storage_client(project).bucket(bucket).blob(name).download_as_bytes()
@@ -214,8 +214,8 @@ def check_answer(
 def benchmark_pricing(deployment: dict, api_endpoint: str) -> tuple[float, str, dict[str, Any]]:
     """(USD/hour of one replica, where the price comes from, the throughput model to estimate with) for the
     benchmark's cost figures: the plan's shape on Vertex; on the local stack, the local catalog's CPU server."""
-    from components.planning import throughput
-    from components.serving.calls import is_local
+    from vlp.components.planning import throughput
+    from vlp.components.serving.calls import is_local
 
     plan = deployment.get("plan") or {}
     model = dict(plan.get("throughput_model") or {})
@@ -241,8 +241,8 @@ def benchmark_deployment(
     """The config's load benchmark against `target` (an OpenAI base URL, or what `resolve` makes of it: a Vertex
     endpoint or deployed model, see run_benchmark), with cost figures and the KFP metrics logged; returns the
     BenchmarkResult."""
-    from components.serving.engines import served_model_name
-    from components.smoke.benchmark import add_costs, log_benchmark_metrics, run_benchmark
+    from vlp.components.serving.engines import served_model_name
+    from vlp.components.smoke.benchmark import add_costs, log_benchmark_metrics, run_benchmark
 
     st = config_of(deployment).smoke_test
     model = served_model_name(deployment)

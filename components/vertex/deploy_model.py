@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint, VertexModel
 from kfp import dsl
 
-from components.deployment import config_of
+from vlp.components.deployment import config_of
 
 log = logging.getLogger("vlp.deploy")
 
@@ -31,12 +31,12 @@ def get_or_create_endpoint(deployment: dict) -> tuple[str, bool]:
     from google.cloud import aiplatform_v1
 
     cfg = deployment["config"]["endpoint"]
-    from components.clients import endpoint_client, find_endpoint
+    from vlp.components.clients import endpoint_client, find_endpoint
 
     existing = find_endpoint(deployment)
     if existing is not None:
         if not cfg["reuse"]:
-            from components.runtime import StepError
+            from vlp.components.runtime import StepError
 
             raise StepError(
                 f"endpoint {cfg['name']} already exists ({existing.name}) and endpoint.reuse is false: "
@@ -59,7 +59,7 @@ def redeploy_split(cfg: Any, current: dict[str, int]) -> dict[str, int]:
     """The traffic split a redeploy starts with ("0" = the model being deployed): 0% where invoke reaches the new
     model alone (dedicated endpoints), else endpoint.canary_percent taken from the serving models in their ratio,
     because a shared endpoint has no route to a model without traffic."""
-    from components.rollout import split_with
+    from vlp.components.rollout import split_with
 
     if cfg.endpoint.uses_invoke:
         return {"0": 0, **current}
@@ -69,11 +69,11 @@ def redeploy_split(cfg: Any, current: dict[str, int]) -> dict[str, int]:
 def deploy_model(deployment: dict, model_resource: str) -> Deployed:
     """Deploy the model version; on an endpoint that already serves, the new one starts at 0% traffic
     (blue/green: the smoke test reaches it directly, and promote moves traffic only after it passes)."""
-    from components.clients import endpoint_client
-    from components.deployment import serving_account
-    from components.runtime import StepError
-    from components.serving.logs import deploy_failure_message
-    from components.vertex.serving_spec import deploy_model_request, needs_v1beta1
+    from vlp.components.clients import endpoint_client
+    from vlp.components.deployment import serving_account
+    from vlp.components.runtime import StepError
+    from vlp.components.serving.logs import deploy_failure_message
+    from vlp.components.vertex.serving_spec import deploy_model_request, needs_v1beta1
 
     endpoint_resource, created = get_or_create_endpoint(deployment)
     client = endpoint_client(deployment)
@@ -103,7 +103,7 @@ def deploy_model(deployment: dict, model_resource: str) -> Deployed:
         request.deployed_model.dedicated_resources.machine_spec.accelerator_type.name,
         "blue/green beside " + ", ".join(previous) if previous else "first deployment",
     )
-    from components import clients
+    from vlp.components import clients
 
     try:
         deployer = client
@@ -155,8 +155,8 @@ def deploy_model_op(
     """Deploy the registered model version to the deployment's endpoint."""
     from collections import namedtuple
 
-    from components.runtime import checkpoint, setup_logging
-    from components.vertex.deploy_model import deploy_model
+    from vlp.components.runtime import checkpoint, setup_logging
+    from vlp.components.vertex.deploy_model import deploy_model
 
     setup_logging()
     deployed = deploy_model(deployment, model.metadata["resourceName"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import re
 
-from components.smoke.benchmark import ChatTarget, url_target
-from components.vertex.prediction import chat_completions_url, describe_endpoint, invoke_url
+from vlp.components.smoke.benchmark import ChatTarget, url_target
+from vlp.components.vertex.prediction import chat_completions_url, describe_endpoint, invoke_url
 
 _VERTEX_TARGET_RE = re.compile(r"^projects/[^/]+/locations/[^/]+/endpoints/[^/]+(/deployedModels/(?P<dm>[^/]+))?$")
 
@@ -15,8 +15,8 @@ def _serves_invoke(endpoint_resource: str, api_endpoint: str) -> bool:
     """True when a model with traffic on the endpoint was uploaded with invokeRoutePrefix."""
     from google.cloud import aiplatform_v1
 
-    from components.clients import gapic_kwargs
-    from components.runtime import deployed_version_name, region_of
+    from vlp.components.clients import gapic_kwargs
+    from vlp.components.runtime import deployed_version_name, region_of
 
     kwargs = gapic_kwargs(region_of(endpoint_resource), api_endpoint)
     endpoint = aiplatform_v1.EndpointServiceClient(**kwargs).get_endpoint(name=endpoint_resource)
@@ -33,7 +33,7 @@ def chat_target(
 ) -> ChatTarget:
     """The load benchmark's target for a Vertex endpoint (optionally /deployedModels/ID), mapped to its chat route;
     any other target as an OpenAI base URL."""
-    from components.serving.calls import http_session
+    from vlp.components.serving.calls import http_session
     match = _VERTEX_TARGET_RE.match(target.strip())
     if not match:
         return url_target(target, model, api_endpoint, headers)

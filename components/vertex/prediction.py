@@ -1,6 +1,6 @@
 """How a model deployed on a Vertex AI endpoint is reached: its endpoint, the URLs (regional host, dedicated DNS,
 invoke routes) and the request each engine and route takes. The smoke test, the benchmark and the no-op probe
-call Vertex models through here (the HTTP session itself is components.serving.calls)."""
+call Vertex models through here (the HTTP session itself is vlp.components.serving.calls)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from components.serving.calls import EndpointError
+from vlp.components.serving.calls import EndpointError
 
 _ENDPOINT_RE = re.compile(r"^projects/(?P<project>[^/]+)/locations/(?P<region>[^/]+)/endpoints/(?P<endpoint>[^/]+)$")
 
@@ -31,7 +31,7 @@ def vertex_base_url(region: str, api_endpoint: str = "", dedicated_dns: str = ""
     Dedicated endpoints refuse the shared regional domain for prediction calls (endpoint.proto
     `dedicated_endpoint_dns`), so their DNS wins over every override; locally the session routes both to the
     emulator (see http_session)."""
-    from components.clients import api_endpoint as resolve
+    from vlp.components.clients import api_endpoint as resolve
 
     host = resolve(api_endpoint)
     if dedicated_dns:
@@ -62,7 +62,7 @@ def describe_endpoint(endpoint_resource: str, api_endpoint: str = "") -> Endpoin
     from google.api_core import exceptions as gexc
     from google.cloud import aiplatform_v1
 
-    from components.clients import gapic_kwargs
+    from vlp.components.clients import gapic_kwargs
 
     parts = parse_endpoint(endpoint_resource)
     client = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(parts["region"], api_endpoint))

@@ -3,8 +3,8 @@
 import logging
 import time
 
-from components.deployment import config_of
-from components.rollout import split_with, step_pause
+from vlp.components.deployment import config_of
+from vlp.components.rollout import split_with, step_pause
 
 log = logging.getLogger("vlp.promote")
 
@@ -41,7 +41,7 @@ def promote(
     from google.cloud import aiplatform_v1
     from google.protobuf import field_mask_pb2
 
-    from components.clients import endpoint_client
+    from vlp.components.clients import endpoint_client
 
     client = endpoint_client(deployment)
     endpoint = client.get_endpoint(name=endpoint_resource)
@@ -73,8 +73,8 @@ def mark_promoted(deployment: dict, endpoint_resource: str, deployed_model_id: s
     from google.cloud import aiplatform_v1
     from google.protobuf import field_mask_pb2
 
-    from components import clients
-    from components.runtime import deployed_version_name
+    from vlp.components import clients
+    from vlp.components.runtime import deployed_version_name
 
     endpoint = clients.endpoint_client(deployment).get_endpoint(name=endpoint_resource)
     dm = next((d for d in endpoint.deployed_models if d.id == deployed_model_id), None)
@@ -108,8 +108,8 @@ def retire_others(client, endpoint_resource: str, deployed_model_id: str) -> lis
 
 def promote_op(deployment: dict, endpoint_resource: str, deployed_model_id: str) -> list:
     """Move all traffic to the new deployed model and undeploy the previous ones."""
-    from components.runtime import checkpoint, setup_logging
-    from components.vertex.promote import promote
+    from vlp.components.runtime import checkpoint, setup_logging
+    from vlp.components.vertex.promote import promote
 
     setup_logging()
     checkpoint("promote")

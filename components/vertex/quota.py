@@ -6,8 +6,8 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from components import clients
-from components.cloud_quotas import QuotaCheck, RegionQuota, read_quota_limit
+from vlp.components import clients
+from vlp.components.cloud_quotas import QuotaCheck, RegionQuota, read_quota_limit
 
 SERVICE = "aiplatform.googleapis.com"
 

@@ -21,7 +21,7 @@ def find_parent_model(deployment: dict) -> str | None:
     """The Model Registry model earlier runs of this deployment registered versions under, if any."""
     from google.cloud import aiplatform_v1
 
-    from components import clients
+    from vlp.components import clients
 
     region, project = deployment["region"], deployment["project"]
     client = aiplatform_v1.ModelServiceClient(**clients.gapic_kwargs(region, deployment.get("api_endpoint", "")))
@@ -49,12 +49,12 @@ def upload_wait_s(deployment: dict) -> float:
 
 
 def register_model(deployment: dict, weights_uri: str, revision_sha: str) -> Registered:
-    """Upload the model (or a new version of it) with the serving container spec from components.serving.engines."""
+    """Upload the model (or a new version of it) with the serving container spec from vlp.components.serving.engines."""
     from google.cloud import aiplatform_v1
 
-    from components import clients
-    from components.runtime import StepError
-    from components.vertex.serving_spec import upload_model_request
+    from vlp.components import clients
+    from vlp.components.runtime import StepError
+    from vlp.components.vertex.serving_spec import upload_model_request
 
     region, project = deployment["region"], deployment["project"]
     api = deployment.get("api_endpoint", "")
@@ -98,8 +98,8 @@ def register_model_op(
     """Register a Model Registry version for the mirrored weights."""
     from collections import namedtuple
 
-    from components.runtime import checkpoint, setup_logging
-    from components.vertex.register_model import register_model
+    from vlp.components.runtime import checkpoint, setup_logging
+    from vlp.components.vertex.register_model import register_model
 
     setup_logging()
     registered = register_model(deployment, weights_uri, revision_sha)

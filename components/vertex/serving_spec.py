@@ -7,9 +7,9 @@ import json
 import math
 from typing import Any
 
-from components.deployment import config_of, run_account
-from components.runtime import LABEL_REVISION, LABEL_SPEC
-from components.serving.engines import (
+from vlp.components.deployment import config_of, run_account
+from vlp.components.runtime import LABEL_REVISION, LABEL_SPEC
+from vlp.components.serving.engines import (
     SERVING_PORT,
     ServingSpecError,
     check_engine_values,
@@ -48,7 +48,7 @@ def _probe(path: str, failure_threshold: int) -> Any:
 
 def shared_memory_mb(machine_type: str) -> int:
     """/dev/shm for the machine: Model Garden's 16 GiB, capped at half the host's RAM on small hosts."""
-    from components.planning.catalog import MACHINE_TYPES
+    from vlp.components.planning.catalog import MACHINE_TYPES
 
     machine = MACHINE_TYPES.get(machine_type)
     if machine is None:

@@ -11,10 +11,10 @@ from typing import Any, NamedTuple
 from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint
 from kfp import dsl
 
-from components.deployment import config_of
-from components.serving.calls import Reply, http_session, parse_reply
-from components.serving.logs import deploy_failure_message, format_logs, logs_hint, server_log_tail
-from components.smoke.checks import (
+from vlp.components.deployment import config_of
+from vlp.components.serving.calls import Reply, http_session, parse_reply
+from vlp.components.serving.logs import deploy_failure_message, format_logs, logs_hint, server_log_tail
+from vlp.components.smoke.checks import (
     _MISSING_TEMPLATE_FIX,
     SmokeResult,
     SmokeTestError,
@@ -25,7 +25,7 @@ from components.smoke.checks import (
     image_as_url,
     render_prompt,
 )
-from components.vertex.prediction import (
+from vlp.components.vertex.prediction import (
     MAX_REQUEST_BYTES,
     canary_tries,
     describe_endpoint,
@@ -57,7 +57,7 @@ def _canary_post(
     answer ends the test, as it does without a split."""
     import requests
 
-    from components.smoke.checks import RETRYABLE_STATUS
+    from vlp.components.smoke.checks import RETRYABLE_STATUS
 
     budget = canary_tries(share) * attempts
     deadline = time.monotonic() + sum(min(backoff_s * 2**i, 60.0) for i in range(attempts)) + attempts * timeout_s
@@ -150,7 +150,7 @@ def run_smoke_test(
             "endpoint.canary_percent of traffic while it is tested, or use a dedicated endpoint "
             "(endpoint.dedicated: true, redeploy_test: invoke)"
         )
-    from components.serving.engines import served_model_name
+    from vlp.components.serving.engines import served_model_name
 
     url, body, kind = prediction_request(
         cfg.serving.engine, route_kind, info, deployed_model_id, messages, st.max_tokens, served_model_name(deployment)
@@ -242,15 +242,15 @@ def smoke_test_op(
     from collections import namedtuple
     from logging import getLogger
 
-    from components.smoke.benchmark import render_html
-    from components.smoke.checks import benchmark_deployment, smoke_report_html
-    from components.vertex.load_target import chat_target
-    from components.vertex.prediction import benchmark_target, describe_endpoint
-    from components.vertex.smoke_test import run_smoke_test
+    from vlp.components.smoke.benchmark import render_html
+    from vlp.components.smoke.checks import benchmark_deployment, smoke_report_html
+    from vlp.components.vertex.load_target import chat_target
+    from vlp.components.vertex.prediction import benchmark_target, describe_endpoint
+    from vlp.components.vertex.smoke_test import run_smoke_test
 
     resource = endpoint.metadata["resourceName"]
     result = run_smoke_test(deployment, resource, deployed_model_id, weights_uri, api_endpoint)
-    from components.runtime import checkpoint
+    from vlp.components.runtime import checkpoint
 
     checkpoint("smoke-test")
     metrics.log_metric("smoke_passed", 1 if result.passed else 0)
@@ -261,7 +261,7 @@ def smoke_test_op(
     bench_html = ""
     skipped = ""
     # KFP hands the config over as a struct (every number a float): read it through the typed model.
-    from components.config import config_from_dict
+    from vlp.components.config import config_from_dict
 
     cfg = config_from_dict(deployment["config"], source="deployment['config']")
     st = cfg.smoke_test

@@ -1,5 +1,5 @@
 """Vertex teardown: roll back a failed deploy, and remove what a run left on the project's endpoints and registry
-(the exit handler, components.cleanup, calls it for target vertex)."""
+(the exit handler, vlp.components.cleanup, calls it for target vertex)."""
 
 import logging
 from dataclasses import dataclass, field
@@ -20,7 +20,7 @@ class Removed:
 def _clients(region: str, api_endpoint: str):  # noqa: ANN202 - a pair of GAPIC clients
     from google.cloud import aiplatform_v1
 
-    from components import clients
+    from vlp.components import clients
 
     kwargs = clients.gapic_kwargs(region, api_endpoint)
     return aiplatform_v1.EndpointServiceClient(**kwargs), aiplatform_v1.ModelServiceClient(**kwargs)
@@ -38,7 +38,7 @@ def _model_labels(models, model_name: str) -> dict[str, str]:  # noqa: ANN001
 def _version_labels(models, run_versions: dict[str, dict[str, str]], dm) -> dict[str, str]:  # noqa: ANN001
     """The labels of a deployed model's version: from the run's versions listed up front (none: not the run's), or
     read when the deployed model names no version (the default version answers)."""
-    from components.runtime import deployed_version_name
+    from vlp.components.runtime import deployed_version_name
 
     name = deployed_version_name(dm)
     if "@" in name:
@@ -113,8 +113,8 @@ def remove_run_resources(
     leave the endpoint serving nothing. It stays, and promote's unfinished part (retiring the others) is done."""
     from google.cloud import aiplatform_v1
 
-    from components.runtime import label_value
-    from components.vertex.promote import PROMOTED_LABEL
+    from vlp.components.runtime import label_value
+    from vlp.components.vertex.promote import PROMOTED_LABEL
 
     removed = Removed()
     for region in dict.fromkeys(regions):
@@ -230,8 +230,8 @@ def roll_back(deployment: dict, reason: str) -> Removed:
 
 def roll_back_op(deployment: dict, reason: str) -> None:
     """Roll back after a failed smoke test, then fail the run with the smoke test's message."""
-    from components.runtime import StepError, checkpoint, setup_logging
-    from components.vertex.teardown import roll_back
+    from vlp.components.runtime import StepError, checkpoint, setup_logging
+    from vlp.components.vertex.teardown import roll_back
 
     log = setup_logging()
     checkpoint("roll-back")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from components.deployment import config_of
+from vlp.components.deployment import config_of
 
 log = logging.getLogger("vlp.redeploy")
 
@@ -13,9 +13,9 @@ log = logging.getLogger("vlp.redeploy")
 def _healthy(deployment: dict, endpoint_resource: str, deployed_model_id: str) -> bool:
     """One short request to the serving model through a route its endpoint kind really serves: the per-model
     invoke route on dedicated endpoints (invokeRoutePrefix uploads), else :predict, whose answer must name it."""
-    from components.serving.calls import http_session
-    from components.serving.engines import served_model_name
-    from components.vertex.prediction import describe_endpoint, prediction_request, smoke_route
+    from vlp.components.serving.calls import http_session
+    from vlp.components.serving.engines import served_model_name
+    from vlp.components.vertex.prediction import describe_endpoint, prediction_request, smoke_route
 
     api = deployment.get("api_endpoint", "")
     cfg = config_of(deployment)
@@ -49,9 +49,9 @@ def _healthy(deployment: dict, endpoint_resource: str, deployed_model_id: str) -
 
 def unchanged_deployment(deployment: dict) -> str | None:
     """A description of the deployed model that already serves exactly this deployment, or None."""
-    from components.clients import endpoint_client, find_endpoint
-    from components.runtime import LABEL_REVISION, LABEL_SPEC
-    from components.vertex.serving_spec import serving_spec_hash
+    from vlp.components.clients import endpoint_client, find_endpoint
+    from vlp.components.runtime import LABEL_REVISION, LABEL_SPEC
+    from vlp.components.vertex.serving_spec import serving_spec_hash
 
     sha = deployment.get("revision_sha", "")
     if not sha:
@@ -62,8 +62,8 @@ def unchanged_deployment(deployment: dict) -> str | None:
     spec_hash = serving_spec_hash(deployment)
     from google.cloud import aiplatform_v1
 
-    from components import clients
-    from components.runtime import deployed_version_name
+    from vlp.components import clients
+    from vlp.components.runtime import deployed_version_name
 
     models = aiplatform_v1.ModelServiceClient(
         **clients.gapic_kwargs(deployment["region"], deployment.get("api_endpoint", ""))

@@ -18,7 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipelines.local.peers import (
+from vlp.pipelines.local.peers import (
     REPO_ROOT,
     RUN_LOCK,
     LocalStack,
@@ -76,7 +76,7 @@ def up(state_dir: Path, timeout: float = UP_TIMEOUT_S) -> dict[str, Any]:
     with log_path.open("ab") as log:
         offset = log.tell()
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.local.background", "--state-dir", str(state_dir)],
+            [sys.executable, "-m", "vlp.pipelines.local.background", "--state-dir", str(state_dir)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -186,6 +186,6 @@ def serve(state_dir: Path) -> int:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m pipelines.local.background", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vlp.pipelines.local.background", description=__doc__)
     parser.add_argument("--state-dir", required=True, type=Path)
     sys.exit(serve(parser.parse_args().state_dir))

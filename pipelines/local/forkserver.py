@@ -70,13 +70,13 @@ def _recv(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any], list[i
     return json.loads(_recv_exact(sock, length)), fds
 
 
-# ----- the server (python -m pipelines.local.forkserver SOCKET SPEC) -----
+# ----- the server (python -m vlp.pipelines.local.forkserver SOCKET SPEC) -----
 
 
 def _block_outside(allowed: list[str]) -> None:
     """The import guard of a step's package set, in the server itself: it may preload only what the set holds, so
     a child's guard (which hides only modules not yet imported) hides the same modules a fresh step's would."""
-    from pipelines.local.import_guard import blocked_modules
+    from vlp.pipelines.local.import_guard import blocked_modules
 
     for module in blocked_modules(set(allowed)):
         sys.modules.setdefault(module, None)  # type: ignore[arg-type]
@@ -328,7 +328,7 @@ def _exists(pid: int) -> bool:
 
 
 class ForkServer:
-    """Starts `python -m pipelines.local.forkserver` with `env`, preloading `preload` (within `allowed`, a step's
+    """Starts `python -m vlp.pipelines.local.forkserver` with `env`, preloading `preload` (within `allowed`, a step's
     package set, when given); `spawn` forks a child that runs `target` ("module:function", called with argv).
     `label` goes on its command line, which its children share (ps shows it; `vlp local down` finds a stack's
     leftovers by the state dir there)."""
@@ -353,7 +353,7 @@ class ForkServer:
         spec = {"preload": preload, "allowed": allowed, "reload": reload or [], "env_at_preload": env_at_preload or {}}
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "pipelines.local.forkserver", self.socket_path, json.dumps(spec),
+                sys.executable, "-m", "vlp.pipelines.local.forkserver", self.socket_path, json.dumps(spec),
                 *([label] if label else []),
                 # Room in argv for the command lines its children write (_set_command_line): blanks.
                 *([" " * title_room] if title_room else []),

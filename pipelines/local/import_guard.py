@@ -23,7 +23,7 @@ _SITECUSTOMIZE = """\
 # Written by pipelines/local/import_guard.py for local pipeline runs.
 import os
 if os.environ.get("VLP_IMPORT_GUARD"):
-    from pipelines.local.import_guard import install
+    from vlp.pipelines.local.import_guard import install
 
     install()
 """
@@ -78,7 +78,7 @@ def blocked_modules(allowed: set[str]) -> set[str]:
 
 def allowed_by_op() -> dict[str, list[str]]:
     """Each step's KFP function -> the distributions its launcher installs (from the lock)."""
-    from pipelines.packaging import STEP_OF_OP, read_lock
+    from vlp.pipelines.packaging import STEP_OF_OP, read_lock
 
     lock = read_lock()
     return {op: sorted(n for n, (_, steps) in lock.items() if step in steps) for op, step in STEP_OF_OP.items()}
@@ -98,7 +98,7 @@ def install(argv: list[str] | None = None) -> str | None:
     allowed = sets["packages"].get(op)
     if allowed is None:
         raise RuntimeError(f"import guard: no package set for step function {op}; add it to packaging.STEP_OF_OP")
-    from pipelines.local import step_records
+    from vlp.pipelines.local import step_records
 
     step_records.install(sets["steps"][op], argv)  # the step's own record for the run summary
     for module in blocked_modules(set(allowed)):
@@ -111,7 +111,7 @@ def guard_env(state_dir: Path) -> dict[str, str]:
     """The environment that turns the guard on for the steps of a local run."""
     import json
 
-    from pipelines.packaging import STEP_OF_OP
+    from vlp.pipelines.packaging import STEP_OF_OP
 
     sets = state_dir / "step-packages.json"
     sets.parent.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,7 @@ def run_step(full_command: list[str], env: dict[str, str] | None, op: str | None
     signal no step but the exit handler starts (it answers 128 + the signal's number, as if killed by it)."""
     if _state.signal is not None and op != EXIT_HANDLER_OP:
         return 128 + int(signal.Signals[_state.signal])
-    from pipelines.local import step_launch
+    from vlp.pipelines.local import step_launch
 
     process = step_launch.start(full_command, env, op)
     _state.current, _state.current_op = process, op

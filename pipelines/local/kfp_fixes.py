@@ -48,7 +48,7 @@ def apply() -> None:
 
     from kfp.local import subprocess_task_handler as sth
 
-    from pipelines.local import interrupts, step_records
+    from vlp.pipelines.local import interrupts, step_records
 
     def run_and_report(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
         # kfp.local's own call, in a session of its own so that SIGINT/SIGTERM reach the runner first

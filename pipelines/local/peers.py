@@ -233,7 +233,7 @@ def start_hub_mirror(
 ) -> Peer:
     """Starts an offline olah Hub mirror serving the git repos under `mirrors_dir/models/ORG/NAME`.
 
-    Repos are made with pipelines.local.models.publish_to_hub_mirror; huggingface_hub reaches them
+    Repos are made with vlp.pipelines.local.models.publish_to_hub_mirror; huggingface_hub reaches them
     with endpoint=peer.url (or HF_ENDPOINT). Offline, it never contacts huggingface.co.
     """
     mirrors_dir = Path(mirrors_dir).resolve()
@@ -306,7 +306,7 @@ def start_emulator(
     gcs_data_dir: Path | None = None,
     port: int | None = None,
 ) -> Peer:
-    """Starts the project's Vertex AI emulator (`python -m pipelines.local.emulator`) and waits for its READY line.
+    """Starts the project's Vertex AI emulator (`python -m vlp.pipelines.local.emulator`) and waits for its READY line.
 
     It binds `port` when that is free (the address it had last time), else port 0, and prints
     "READY http://127.0.0.1:PORT", so there is no port race.
@@ -336,7 +336,7 @@ def _start_emulator(
     state_dir.mkdir(parents=True, exist_ok=True)
     log_path = Path(log_dir).resolve() / "emulator.log"
     argv = [
-        sys.executable, "-m", "pipelines.local.emulator",
+        sys.executable, "-m", "vlp.pipelines.local.emulator",
         "--state-dir", str(state_dir),
         "--port", str(port),
         "--storage-endpoint", storage_endpoint,

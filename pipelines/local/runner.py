@@ -18,11 +18,11 @@ from typing import Any
 
 import requests
 
-from components.config import ConfigError, DeploymentConfig
-from components.runtime import KILL_STEP_ENV, label_value
-from pipelines.pipeline import pipeline_parameters
-from pipelines.progress import StepView
-from pipelines.summary import empty_summary, print_summary
+from vlp.components.config import ConfigError, DeploymentConfig
+from vlp.components.runtime import KILL_STEP_ENV, label_value
+from vlp.pipelines.pipeline import pipeline_parameters
+from vlp.pipelines.progress import StepView
+from vlp.pipelines.summary import empty_summary, print_summary
 
 DEMO_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMULATOR_FAULTS = {
@@ -86,7 +86,7 @@ def _hub_reachable() -> bool:
 
 def prepare_model(cfg: DeploymentConfig, mirrors_dir: Path, model_dir: Path | None) -> str:
     """Make cfg.model.repo available from the local Hub mirror; returns the HF endpoint mode ("mirror" or "hub")."""
-    from pipelines.local.models import publish_to_hub_mirror, smollm2_dir
+    from vlp.pipelines.local.models import publish_to_hub_mirror, smollm2_dir
 
     if model_dir is not None:
         if not model_dir.is_dir():
@@ -108,7 +108,7 @@ def prepare_model(cfg: DeploymentConfig, mirrors_dir: Path, model_dir: Path | No
     )
 
 
-# A record of the steps' own loggers (components.runtime.setup_logging), as kfp.local relays it.
+# A record of the steps' own loggers (vlp.components.runtime.setup_logging), as kfp.local relays it.
 _STEP_LOG = re.compile(r"^\s*\d{4}-\d\d-\d\d [\d:,.]+ (?:INFO|WARNING|ERROR) vlp[\w.]*: (.*)$")
 _SKIPPED = re.compile(r"Skipping task '?([\w-]+)'?: upstream")
 
@@ -306,8 +306,8 @@ def build_summary(
 def _service_summary(summary: dict[str, Any], cfg: DeploymentConfig, project: str, api: str) -> None:
     """`service` and `revisions` ({name, traffic_percent, tag}) from the Cloud Run Admin API, as a user reads them;
     what serves (traffic or a tag) is what is left running."""
-    from components.cloud_run.probe import get_service
-    from components.cloud_run.service_spec import revisions_client, services_client
+    from vlp.components.cloud_run.probe import get_service
+    from vlp.components.cloud_run.service_spec import revisions_client, services_client
 
     summary["service"], summary["revisions"] = None, []
     services, revisions = services_client(api), revisions_client(api)
@@ -391,8 +391,8 @@ def setup_local(
     """`vlp setup` on the local stack, as the project's owner; returns (the owner, the pipeline's service account)."""
     from google.cloud import storage
 
-    from pipelines.local.emulator.iam import project_number
-    from pipelines.setup import apply, default_pipeline_account, plan_setup
+    from vlp.pipelines.local.emulator.iam import project_number
+    from vlp.pipelines.setup import apply, default_pipeline_account, plan_setup
 
     owner = stack.bootstrap_owner(project, bucket)
     credentials = stack.credentials(owner)
@@ -423,9 +423,9 @@ def run_local(
     from kfp import components as kfp_components
     from kfp import local
 
-    from pipelines.compile import compile_to_temp
-    from pipelines.local import background, import_guard, interrupts, kfp_fixes, step_launch, step_records
-    from pipelines.local.peers import LocalStack
+    from vlp.pipelines.compile import compile_to_temp
+    from vlp.pipelines.local import background, import_guard, interrupts, kfp_fixes, step_launch, step_records
+    from vlp.pipelines.local.peers import LocalStack
 
     kfp_fixes.apply()
 

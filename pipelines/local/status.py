@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipelines.local.peers import owner_of
+from vlp.pipelines.local.peers import owner_of
 
 DEMO_QUESTION = "What is the capital of France?"
 
@@ -123,7 +123,7 @@ def vertex_snippets(api: str, ep: dict[str, Any], token_command: str) -> dict[st
     route = (
         "# raw_predict, invoke and a dedicated endpoint's predict build https://HOST URLs (the region's, or the\n"
         "# dedicated DNS): send them to the emulator, which still checks the host each names, as Vertex does.\n"
-        "from pipelines.local.status import routed_session\n"
+        "from vlp.pipelines.local.status import routed_session\n"
         f'endpoint.authorized_session = routed_session("{api}", credentials)\n'
     )
     messages = [{"role": "user", "content": DEMO_QUESTION}]
@@ -222,7 +222,7 @@ def routed_session(api: str, credentials: Any) -> Any:
     the aiplatform SDK's raw_predict, stream_raw_predict and invoke need locally (they build Google's URLs)."""
     from google.auth.transport.requests import AuthorizedSession
 
-    from components.serving.calls import loopback_adapter
+    from vlp.components.serving.calls import loopback_adapter
 
     session = AuthorizedSession(credentials)
     session.mount("https://", loopback_adapter(api))

@@ -30,8 +30,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipelines.local.forkserver import ForkServer, SharedForkServer
-from pipelines.local.import_guard import ENV_FLAG
+from vlp.pipelines.local.forkserver import ForkServer, SharedForkServer
+from vlp.pipelines.local.import_guard import ENV_FLAG
 
 # What every step server imports before forking (each only where the step's package set holds it).
 PRELOAD = [
@@ -187,7 +187,7 @@ def _published(allowed: tuple[str, ...]) -> Any:
 def share_servers(directory: Path) -> None:
     """Start this process's fork server for every step package set now, and publish each one's socket in
     `directory` for the `vlp run --local` processes started with SHARED_SERVERS_ENV set to it."""
-    from pipelines.local.import_guard import allowed_by_op
+    from vlp.pipelines.local.import_guard import allowed_by_op
 
     directory.mkdir(parents=True, exist_ok=True)
     for allowed in sorted({tuple(v) for v in allowed_by_op().values()}):
@@ -205,7 +205,7 @@ def _allowed(env: dict[str, str], op: str | None) -> list[str] | None:
     import json
     from pathlib import Path
 
-    from pipelines.local.import_guard import ENV_FLAG
+    from vlp.pipelines.local.import_guard import ENV_FLAG
 
     sets_file = env.get(ENV_FLAG)
     if not sets_file or not op:
@@ -238,7 +238,7 @@ def start(full_command: list[str], env: dict[str, str] | None, op: str | None) -
     try:
         if server is not None and server.can_fork({**env, "_KFP_RUNTIME": "true"}):
             process: Any = server.spawn(
-                "pipelines.local.step_launch:child_main", [problem, *launch_args],
+                "vlp.pipelines.local.step_launch:child_main", [problem, *launch_args],
                 env={**env, "_KFP_RUNTIME": "true"}, cwd=os.getcwd(), stdout_fd=write_fd,
                 title=f"vlp step {op} of the run with step sets {env.get(ENV_FLAG, '')}",
             )  # fmt: skip
@@ -267,7 +267,7 @@ def child_main(argv: list[str]) -> None:
         out.write(code)
     sys.argv = ["-m", "--component_module_path", component, *args]
     sys.path[0] = os.getcwd()  # `python3 -m` puts the working directory first
-    from pipelines.local import import_guard
+    from vlp.pipelines.local import import_guard
 
     if os.environ.get(import_guard.ENV_FLAG):
         import_guard.install(sys.argv)  # what the steps' sitecustomize does at a fresh interpreter's start

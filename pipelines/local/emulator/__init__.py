@@ -13,7 +13,7 @@ __all__ = ["ApiError", "Emulator", "create_emulator"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from pipelines.local.emulator import server
+        from vlp.pipelines.local.emulator import server
 
         return getattr(server, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,12 +9,12 @@ import sys
 import threading
 from pathlib import Path
 
-from pipelines.local.emulator.server import create_emulator
+from vlp.pipelines.local.emulator.server import create_emulator
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, serve until a signal arrives, then stop the model servers too."""
-    parser = argparse.ArgumentParser(prog="python -m pipelines.local.emulator", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vlp.pipelines.local.emulator", description=__doc__)
     parser.add_argument("--state-dir", required=True, type=Path, help="where resources persist between runs")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")

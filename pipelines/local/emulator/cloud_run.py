@@ -32,9 +32,9 @@ from typing import Any
 from google.cloud import run_v2
 from google.protobuf import json_format
 
-from pipelines.local.emulator.core import _camel, _now, _pack_op, _paginate, _parse_request, _Route
-from pipelines.local.emulator.errors import ApiError
-from pipelines.local.emulator.iam import compute_default_account, member
+from vlp.pipelines.local.emulator.core import _camel, _now, _pack_op, _paginate, _parse_request, _Route
+from vlp.pipelines.local.emulator.errors import ApiError
+from vlp.pipelines.local.emulator.iam import compute_default_account, member
 
 _RUN_LOC = r"/v2/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)"
 _SERVICE_ID = re.compile(r"^[a-z]([-a-z0-9]{0,47}[a-z0-9])?$")
@@ -288,7 +288,7 @@ class CloudRunService:
     def _run_check_quota(self, p: dict[str, str], name: str, serving: set[str]) -> None:
         """Every serving revision in the region at its max instances, this service's as it will be, within the
         region's CPU, memory and GPU quotas: during a blue/green rollout both revisions count."""
-        from pipelines.local.emulator.side_apis import quota_limit
+        from vlp.pipelines.local.emulator.side_apis import quota_limit
 
         region_prefix = f"projects/{p['project']}/locations/{p['location']}/services/"
         revisions = set(serving)

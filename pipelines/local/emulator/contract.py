@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipelines.local.emulator.errors import ApiError
+from vlp.pipelines.local.emulator.errors import ApiError
 
 MAX_DEPLOYMENT_TIMEOUT_S = 7200
 MAX_REQUEST_BYTES = 1_500_000

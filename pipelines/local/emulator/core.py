@@ -12,7 +12,7 @@ from typing import Any
 from google.longrunning import operations_pb2
 from google.protobuf import field_mask_pb2, json_format
 
-from pipelines.local.emulator.errors import ApiError
+from vlp.pipelines.local.emulator.errors import ApiError
 
 _LOG = logging.getLogger(__name__)
 
@@ -167,14 +167,14 @@ def _check_mask(mask: field_mask_pb2.FieldMask, descriptor: Any) -> list[str]:
 
 
 def _engine(spec: dict[str, Any]) -> str:
-    from pipelines.local.emulator.engine_routes import engine_for
+    from vlp.pipelines.local.emulator.engine_routes import engine_for
 
     return engine_for(spec)
 
 
 def _machine_memory_gb(machine_type: str) -> float | None:
     # Machine sizes are Compute Engine facts (cloud.google.com/compute/docs/gpus); the project's catalog records them.
-    from components.planning.catalog import MACHINE_TYPES
+    from vlp.components.planning.catalog import MACHINE_TYPES
 
     machine = MACHINE_TYPES.get(machine_type)
     return machine.memory_gb if machine else None

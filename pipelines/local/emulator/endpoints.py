@@ -11,8 +11,8 @@ from typing import Any
 from google.cloud import aiplatform_v1 as v1
 from google.protobuf import empty_pb2, json_format
 
-import pipelines.local.emulator.contract as contract
-from pipelines.local.emulator.core import (
+import vlp.pipelines.local.emulator.contract as contract
+from vlp.pipelines.local.emulator.core import (
     _LOC,
     _apply_mask,
     _check_mask,
@@ -28,7 +28,7 @@ from pipelines.local.emulator.core import (
     _to_dict,
     _weights_source,
 )
-from pipelines.local.emulator.errors import _CODES, ApiError
+from vlp.pipelines.local.emulator.errors import _CODES, ApiError
 
 
 class EndpointsService:

@@ -24,9 +24,9 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from pipelines.local.emulator.core import _now, _Route
-from pipelines.local.emulator.errors import ApiError
-from pipelines.local.emulator.iam_methods import (
+from vlp.pipelines.local.emulator.core import _now, _Route
+from vlp.pipelines.local.emulator.errors import ApiError
+from vlp.pipelines.local.emulator.iam_methods import (
     API_OF,
     UNCHECKED,
     fixture,
@@ -353,7 +353,7 @@ class IamService:
         self, method_id: str, params: dict[str, str], query: dict[str, list[str]], authorization: str
     ) -> str:
         """Cloud Storage's check: the bucket's policy, then its project's; GCS words its denials its own way."""
-        from pipelines.local.emulator.storage_gate import storage_denied
+        from vlp.pipelines.local.emulator.storage_gate import storage_denied
 
         try:
             principal = self.principal_of(authorization)
@@ -512,7 +512,7 @@ class IamService:
         caller holds there (a permission asked that the fixture does not know is simply not held)."""
         params = {k: v for k, v in p.items() if not k.startswith("_")}
         if params.get("secret"):
-            from pipelines.local.emulator.side_apis import _read_state, _secrets_path
+            from vlp.pipelines.local.emulator.side_apis import _read_state, _secrets_path
 
             if params["secret"] not in _read_state(_secrets_path(self), {}):
                 raise ApiError(

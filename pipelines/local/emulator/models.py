@@ -8,8 +8,8 @@ from typing import Any
 from google.cloud import aiplatform_v1 as v1
 from google.protobuf import empty_pb2
 
-import pipelines.local.emulator.contract as contract
-from pipelines.local.emulator.core import (
+import vlp.pipelines.local.emulator.contract as contract
+from vlp.pipelines.local.emulator.core import (
     _ALIAS_RE,
     _LOC,
     _RESOURCE_ID_RE,
@@ -25,8 +25,8 @@ from pipelines.local.emulator.core import (
     _Route,
     _to_dict,
 )
-from pipelines.local.emulator.errors import ApiError
-from pipelines.local.emulator.iam import vertex_service_agent
+from vlp.pipelines.local.emulator.errors import ApiError
+from vlp.pipelines.local.emulator.iam import vertex_service_agent
 
 
 class ModelsService:

@@ -7,12 +7,12 @@ from typing import Any
 
 from google.longrunning import operations_pb2
 
-from pipelines.local.emulator.core import (
+from vlp.pipelines.local.emulator.core import (
     _LOC,
     _parse_request,
     _Route,
 )
-from pipelines.local.emulator.errors import ApiError
+from vlp.pipelines.local.emulator.errors import ApiError
 
 
 class OperationsService:

@@ -8,7 +8,7 @@ from typing import Any
 from google.cloud import aiplatform_v1 as v1
 from google.protobuf import empty_pb2
 
-from pipelines.local.emulator.core import (
+from vlp.pipelines.local.emulator.core import (
     _LOC,
     _apply_mask,
     _check_mask,
@@ -20,7 +20,7 @@ from pipelines.local.emulator.core import (
     _Route,
     _to_dict,
 )
-from pipelines.local.emulator.errors import _CODES, ApiError
+from vlp.pipelines.local.emulator.errors import _CODES, ApiError
 
 
 class PipelineJobsService:

@@ -8,8 +8,8 @@ from typing import Any
 
 from google.cloud import aiplatform_v1 as v1
 
-import pipelines.local.emulator.contract as contract
-from pipelines.local.emulator.core import (
+import vlp.pipelines.local.emulator.contract as contract
+from vlp.pipelines.local.emulator.core import (
     _LOC,
     _LOG,
     _engine,
@@ -17,7 +17,7 @@ from pipelines.local.emulator.core import (
     _Route,
     _weights_source,
 )
-from pipelines.local.emulator.errors import ApiError
+from vlp.pipelines.local.emulator.errors import ApiError
 
 
 class PredictionService:

@@ -16,8 +16,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from google.cloud import aiplatform_v1 as v1
 
-from pipelines.local.emulator.cloud_run import CloudRunService
-from pipelines.local.emulator.core import (
+from vlp.pipelines.local.emulator.cloud_run import CloudRunService
+from vlp.pipelines.local.emulator.core import (
     _ID_BASE,
     _LOG,
     STATE_FILE,
@@ -27,14 +27,14 @@ from pipelines.local.emulator.core import (
     _pack_op,
     _Route,
 )
-from pipelines.local.emulator.endpoints import EndpointsService
-from pipelines.local.emulator.errors import _CODES, ApiError
-from pipelines.local.emulator.iam import IamService
-from pipelines.local.emulator.models import ModelsService
-from pipelines.local.emulator.operations import OperationsService
-from pipelines.local.emulator.pipeline_jobs import PipelineJobsService
-from pipelines.local.emulator.prediction import PredictionService
-from pipelines.local.emulator.storage_gate import GCS_PATH, StorageGate
+from vlp.pipelines.local.emulator.endpoints import EndpointsService
+from vlp.pipelines.local.emulator.errors import _CODES, ApiError
+from vlp.pipelines.local.emulator.iam import IamService
+from vlp.pipelines.local.emulator.models import ModelsService
+from vlp.pipelines.local.emulator.operations import OperationsService
+from vlp.pipelines.local.emulator.pipeline_jobs import PipelineJobsService
+from vlp.pipelines.local.emulator.prediction import PredictionService
+from vlp.pipelines.local.emulator.storage_gate import GCS_PATH, StorageGate
 
 
 class Emulator(
@@ -303,7 +303,7 @@ class Emulator(
         self, method: str, path: str, query: dict[str, list[str]], body: bytes, headers: Any
     ) -> tuple[int, bytes, str, dict[str, str]] | None:
         try:
-            from pipelines.local.emulator import side_apis
+            from vlp.pipelines.local.emulator import side_apis
         except ImportError:
             return None
         return side_apis.handle(self, method, path, query, body, headers)
@@ -421,7 +421,7 @@ def create_emulator(
         deploy_timeout_s=deploy_timeout_s,
     )
     if emu.serving is None:
-        from pipelines.local.emulator.serving import ServingManager
+        from vlp.pipelines.local.emulator.serving import ServingManager
 
         emu.serving = ServingManager(state_dir=Path(state_dir), storage_endpoint=storage_endpoint, faults=emu.faults)
     return emu

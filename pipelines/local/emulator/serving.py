@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.local.emulator.engine_routes import _JSON, EngineRoutes, _Server, _Upstream, engine_for, google_error
+from vlp.pipelines.local.emulator.engine_routes import _JSON, EngineRoutes, _Server, _Upstream, engine_for, google_error
 
 _LOG_TAIL_LINES = 30
 _GENERATE_TIMEOUT_S = 600.0
@@ -84,7 +84,7 @@ def model_server_env(base: dict[str, str]) -> dict[str, str]:
 
 def start_model_fork_server(env: dict[str, str], label: str) -> Any:
     """A fork server with the model servers' preload, whose children may name themselves (TITLE_ROOM)."""
-    from pipelines.local.forkserver import ForkServer
+    from vlp.pipelines.local.forkserver import ForkServer
 
     return ForkServer(_PRELOAD, env=model_server_env(env), label=label, title_room=TITLE_ROOM)
 
@@ -217,7 +217,7 @@ class ServingManager(EngineRoutes):
             # In a session of its own: stop() signals the whole tree. Its command line names the state dir, as
             # every process of a stack does (`vlp local down` and the tests find leftovers by it).
             process = forks.spawn(
-                "pipelines.local.emulator.serving:serve_child", args, env=env, cwd=str(model_dir.parent),
+                "vlp.pipelines.local.emulator.serving:serve_child", args, env=env, cwd=str(model_dir.parent),
                 stdout_fd=log.fileno(), title=f"vlp model server {deployed_model_id} model-servers:{self.state_dir}",
             )  # fmt: skip
         server = _Server(
@@ -255,7 +255,7 @@ class ServingManager(EngineRoutes):
         """The fork server the model servers start from, and a line for the log saying which: the shared one
         (SHARED_FORK_SERVER_ENV) where its environment allows, else the emulator's own (one per environment; the
         emulator's never changes)."""
-        from pipelines.local.forkserver import SharedForkServer
+        from vlp.pipelines.local.forkserver import SharedForkServer
 
         # Its own lock: starting the server takes seconds, and self._lock guards what every API call reads.
         with self._fork_lock:

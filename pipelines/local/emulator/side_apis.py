@@ -17,8 +17,8 @@ import google_crc32c
 from google.protobuf import json_format, timestamp_pb2
 from google.protobuf.message import Message
 
-from pipelines.local.emulator.engine_routes import google_error
-from pipelines.local.emulator.hub_gate import hub_proxy
+from vlp.pipelines.local.emulator.engine_routes import google_error
+from vlp.pipelines.local.emulator.hub_gate import hub_proxy
 
 Answer = tuple[int, bytes, str, dict[str, str]]
 

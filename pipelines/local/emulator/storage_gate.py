@@ -13,7 +13,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from pipelines.local.emulator.errors import ApiError
+from vlp.pipelines.local.emulator.errors import ApiError
 
 GCS_PATH = re.compile(r"^/(?:upload/|download/)?storage/v1/")
 _BUCKET_IAM = re.compile(r"^/storage/v1/b/(?P<bucket>[^/]+)/iam(?P<test>/testPermissions)?$")
