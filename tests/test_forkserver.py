@@ -184,7 +184,7 @@ for name in _PRELOAD:
 found = []
 for name, module in list(sys.modules.items()):
     path = getattr(module, "__file__", None) or ""
-    if name in before or not path.endswith(".py") or not os.path.isfile(path) or name.startswith("pipelines."):
+    if name in before or not path.endswith(".py") or not os.path.isfile(path) or name.startswith("vlp."):
         continue
     text = open(path, encoding="utf-8", errors="replace").read()
     found += [f"{name}: {prefix}" for prefix in IMPORT_SAFE_PREFIXES if prefix in text]
