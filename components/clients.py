@@ -201,23 +201,3 @@ def read_secret(project: str, secret: str, endpoint: str = "") -> str:
     if expected is not None and int(expected) != int.from_bytes(google_crc32c.Checksum(data).digest(), "big"):
         raise exceptions.DataLoss(f"secret {name}: the payload's CRC32C does not match; read it again")
     return data.decode("utf-8").strip()
-
-
-def endpoint_client(deployment: dict):  # noqa: ANN201 - a GAPIC client
-    from google.cloud import aiplatform_v1
-
-    return aiplatform_v1.EndpointServiceClient(**gapic_kwargs(deployment["region"], deployment.get("api_endpoint", "")))
-
-
-def find_endpoint(deployment: dict):  # noqa: ANN201 - aiplatform_v1.Endpoint | None
-    """The endpoint named in the config, if it already exists in the run's region."""
-    from google.cloud import aiplatform_v1
-
-    name = deployment["config"]["endpoint"]["name"]
-    request = aiplatform_v1.ListEndpointsRequest(
-        parent=f"projects/{deployment['project']}/locations/{deployment['region']}",
-        filter=f'display_name="{name}"',
-    )
-    for endpoint in endpoint_client(deployment).list_endpoints(request=request):
-        return endpoint
-    return None

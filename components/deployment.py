@@ -1,6 +1,7 @@
 """The deployment preflight decides once and every later step reads: the config, where it goes, who it runs as, the
 plan and the weights revision. It crosses KFP's task boundary as a struct (a dict, every number a float); each step
-reads it back through this module, never by hand."""
+parses it once where it comes in (Deployment.parse in its KFP function) and hands the typed object down: no helper
+reads the dict by hand or validates the config again."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ class Deployment:
         if isinstance(data, Deployment):
             return data
         return cls(
-            config=config_of(data),
+            # A KFP struct carries every number as a float: the config model gives back the typed values (traffic
+            # steps, token counts) the helpers use.
+            config=config_from_dict(data["config"], source="deployment['config']"),
             project=str(data.get("project") or ""),
             region=str(data.get("region") or ""),
             bucket=str(data.get("bucket") or ""),
@@ -52,29 +55,20 @@ class Deployment:
         return data
 
 
-def config_of(deployment: Mapping[str, Any] | Deployment) -> DeploymentConfig:
-    """The deployment's config, validated: a KFP struct carries every number as a float, and helpers must see the
-    typed values (traffic steps, token counts) the config model gives."""
-    if isinstance(deployment, Deployment):
-        return deployment.config
-    return config_from_dict(deployment["config"], source="deployment['config']")
-
-
 def run_account(explicit: str, cfg: DeploymentConfig) -> str:
     """The account a run names for its steps and its serving: the run's service_account parameter, else
     placement.service_account; "" leaves it to Google's default (the Compute Engine default account)."""
     return explicit or cfg.placement.service_account
 
 
-def serving_account(deployment: Mapping[str, Any] | Deployment) -> str:
+def serving_account(deployment: Deployment) -> str:
     """Who a deployed model or a Cloud Run revision runs as: the account preflight decided, else the one the config
     names, else the step's own (a model server without one runs as a Vertex-managed identity that reads only
     AIP_STORAGE_URI, and vLLM downloads `--model=gs://...` itself). Cloud Run's own cloud_run.service_account, when
     set, wins over this (cloud_run/service_spec.py)."""
     from vlp.components.clients import own_account
 
-    d = Deployment.parse(deployment)
-    return run_account(d.service_account, d.config) or own_account(d.api_endpoint)
+    return run_account(deployment.service_account, deployment.config) or own_account(deployment.api_endpoint)
 
 
 def build(
@@ -88,8 +82,9 @@ def build(
     plan: dict[str, Any],
     revision_sha: str,
     api_endpoint: str,
-) -> dict[str, Any]:
-    """The struct preflight hands on (and `vlp render` shows): labels named from the deployment and the run."""
+) -> Deployment:
+    """The deployment preflight hands on (its to_dict() is the struct) and `vlp render` shows: labels named from
+    the deployment and the run."""
     from vlp.components.runtime import label_value
 
     return Deployment(
@@ -103,4 +98,4 @@ def build(
         plan=plan,
         revision_sha=revision_sha,
         api_endpoint=api_endpoint,
-    ).to_dict()
+    )

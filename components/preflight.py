@@ -1,14 +1,14 @@
 """The preflight step: config -> plan -> quota and region -> Hub access; fails before anything costs money."""
 
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from kfp import dsl
 
 from vlp.components import clients
 from vlp.components.config import DeploymentConfig
+from vlp.components.deployment import Deployment, run_account
 from vlp.components.deployment import build as build_deployment
-from vlp.components.deployment import run_account
 from vlp.components.planning.catalog import ACCELERATORS, MACHINE_TYPES
 from vlp.components.planning.model_facts import ModelAccessError, read_model_facts
 from vlp.components.planning.plan import Plan, plan_for_facts, plan_model
@@ -234,8 +234,8 @@ def run_preflight(
     prices: Mapping[str, float] | None = None,
     check_quota: bool = True,
     check_grants: bool = True,
-) -> dict[str, Any]:
-    """Plan, check quota and access, and return the `deployment` dict every later step takes.
+) -> Deployment:
+    """Plan, check quota and access, and return the deployment every later step takes (as its to_dict() struct).
 
     Raises PreflightError listing every error (with `.plan` set when a plan was made).
     """
@@ -281,16 +281,17 @@ def run_preflight(
         revision_sha=_revision_sha(plan),
         api_endpoint=api_endpoint,
     )
-    _render_or_fail(deployment, cfg)
+    _render_or_fail(deployment)
     return deployment
 
 
-def _render_or_fail(deployment: dict[str, Any], cfg: DeploymentConfig) -> None:
+def _render_or_fail(deployment: Deployment) -> None:
     """Build the requests deploy will send (upload and deploy, or the Cloud Run service) now: a setting the serving
     presets cannot turn into a container fails here, before the weights are mirrored, not at register."""
     from vlp.components.serving.engines import ServingSpecError
 
-    uri = f"gs://{deployment['bucket'] or 'BUCKET'}/models/{cfg.model.repo}/{deployment['revision_sha'] or 'SHA'}/"
+    cfg = deployment.config
+    uri = f"gs://{deployment.bucket or 'BUCKET'}/models/{cfg.model.repo}/{deployment.revision_sha or 'SHA'}/"
     try:
         if cfg.target == "cloud_run":
             from vlp.components.cloud_run.service_spec import service_request
@@ -299,8 +300,8 @@ def _render_or_fail(deployment: dict[str, Any], cfg: DeploymentConfig) -> None:
         else:
             from vlp.components.vertex.serving_spec import deploy_model_request, upload_model_request
 
-            upload_model_request(deployment, uri, deployment["revision_sha"] or "SHA")
-            deploy_model_request(deployment, f"projects/{deployment['project']}/locations/REGION/models/{cfg.name}")
+            upload_model_request(deployment, uri, deployment.revision_sha or "SHA")
+            deploy_model_request(deployment, f"projects/{deployment.project}/locations/REGION/models/{cfg.name}")
     except ServingSpecError as exc:
         raise PreflightError(f"preflight failed for deployment {cfg.name} ({cfg.model.repo}):\n- {exc}") from None
 
@@ -386,7 +387,7 @@ def preflight_op(
                 with open(report.path, "w") as fh:
                     fh.write(render_markdown(exc.plan))
             raise
-    plan = deployment["plan"]
+    plan = deployment.plan
     with open(report.path, "w") as fh:
         fh.write(render_markdown(plan))
     for key, value in (
@@ -407,7 +408,7 @@ def preflight_op(
 
     machine = mirror_machine_for(int(plan.get("weights_bytes") or 0))["machine_type"]
     mirror_on = "step" if machine == "e2-standard-4" else machine
-    if mirror_on != "step" and cfg.model.hf_token_secret and not deployment.get("service_account"):
+    if mirror_on != "step" and cfg.model.hf_token_secret and not deployment.service_account:
         # A GCPC custom job without service_account runs as the Vertex AI Custom Code Service Agent, which cannot
         # read Secret Manager (kubeflow/pipelines components/google-cloud v1/custom_job/utils.py).
         raise PreflightError(
@@ -419,4 +420,4 @@ def preflight_op(
         )
     checkpoint("preflight")
     outputs = namedtuple("PreflightOutputs", ["deployment", "region", "action", "mirror_on", "target"])
-    return outputs(without_nulls(deployment), deployment["region"], action, mirror_on, cfg.target)
+    return outputs(without_nulls(deployment.to_dict()), deployment.region, action, mirror_on, cfg.target)

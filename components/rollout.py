@@ -1,6 +1,13 @@
 """Blue/green arithmetic both targets share: the traffic split that gives a new model or revision its share, and
 the pause between canary steps."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vlp.components.deployment import Deployment
+
 STEP_PAUSE_S = 60.0  # between canary steps: long enough for errors to show in monitoring
 
 
@@ -20,9 +27,9 @@ def split_with(new_id: str, percent: int, others: dict[str, int]) -> dict[str, i
     return split
 
 
-def step_pause(deployment: dict, pause_s: float | None = None) -> float:
+def step_pause(deployment: Deployment, pause_s: float | None = None) -> float:
     """Seconds between canary steps: `pause_s` when given, else STEP_PAUSE_S, or 1 s on the local stack (the canary
     logic is exercised, the minutes are not)."""
     if pause_s is not None:
         return pause_s
-    return 1.0 if deployment.get("api_endpoint", "").startswith("http://") else STEP_PAUSE_S
+    return 1.0 if deployment.api_endpoint.startswith("http://") else STEP_PAUSE_S

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from vlp.components.config import ConfigError, DeploymentConfig, load_config
+from vlp.components.deployment import Deployment
 from vlp.pipelines.cli_options import (
     EXIT_FAILED,
     EXIT_OK,
@@ -339,8 +340,8 @@ def _workload_kwargs(values: dict[str, Any]) -> dict[str, Any]:
     return {**load, **({"objective": values["hardware.objective"]} if "hardware.objective" in values else {})}
 
 
-def _render_deployment(args: argparse.Namespace, cfg: DeploymentConfig) -> dict[str, Any]:
-    """A deployment dict as preflight would hand it on, with the plan from the config (no quota check)."""
+def _render_deployment(args: argparse.Namespace, cfg: DeploymentConfig) -> Deployment:
+    """A deployment as preflight would hand it on, with the plan from the config (no quota check)."""
     from vlp.components.deployment import build, run_account
     from vlp.components.preflight import plan_deployment
 
@@ -363,12 +364,14 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     deployment = _render_deployment(args, cfg)
-    bucket = deployment["bucket"]
+    bucket = deployment.bucket
     uri = f"gs://{bucket}/models/{cfg.model.repo}/REVISION_SHA/"
     if cfg.target == "cloud_run":
+        from dataclasses import replace
+
         from vlp.components.cloud_run.service_spec import render_service
 
-        deployment["revision_sha"] = "REVISION_SHA"
+        deployment = replace(deployment, revision_sha="REVISION_SHA")
         print(json.dumps(render_service(deployment, uri), indent=2))
         return EXIT_OK
     print(json.dumps(render_requests(deployment, uri, "REVISION_SHA"), indent=2))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from google.cloud import aiplatform_v1
+from test_serving import deployment_for_tests
 
 from vlp.components.config import load_config
 from vlp.components.planning import catalog
@@ -63,8 +64,12 @@ def test_waits_cover_what_vertex_may_still_be_doing() -> None:
     from vlp.components.vertex.deploy_model import DEPLOY_WAIT_S
 
     assert DEPLOY_WAIT_S > serving_spec.DEPLOYMENT_TIMEOUT_S == 7200
-    tgi = {"config": {"serving": {"engine": "tgi"}}, "plan": {"weights_bytes": 410e9}}
-    vllm = {"config": {"serving": {"engine": "vllm"}}, "plan": {"weights_bytes": 410e9}}
+    tgi, vllm = (
+        deployment_for_tests(
+            load_config(CONFIGS / "local-demo.yaml", [f"serving.engine={e}"]), {"weights_bytes": 410e9}
+        )
+        for e in ("tgi", "vllm")
+    )
     assert upload_wait_s(vllm) == 1800 and upload_wait_s(tgi) > 1800 + 410e9 / 100e6
 
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
-from vlp.components.config import load_config
-from vlp.components.deployment import Deployment, build, config_of, run_account, serving_account
+from vlp.components.config import config_from_dict, load_config
+from vlp.components.deployment import Deployment, build, run_account, serving_account
 
 PRESETS = Path(__file__).resolve().parents[1] / "pipelines" / "presets"
 
 
-def _built(**overrides: str) -> dict:
+def _built(**overrides: str) -> Deployment:
     cfg = load_config(PRESETS / "llama-3.1-8b-vllm-l4.yaml")
     args = {
         "project": "p",
@@ -27,7 +28,7 @@ def _built(**overrides: str) -> dict:
 
 
 def test_the_struct_keeps_its_keys_and_comes_back_typed_from_floats() -> None:
-    built = _built()
+    built = _built().to_dict()
     assert list(built) == [
         "config", "project", "region", "bucket", "service_account", "run_name", "labels", "plan", "revision_sha",
         "api_endpoint",
@@ -39,7 +40,7 @@ def test_the_struct_keeps_its_keys_and_comes_back_typed_from_floats() -> None:
     typed = Deployment.parse(arrived)
     assert typed.config.endpoint.traffic_steps == [10, 100]
     assert all(isinstance(x, int) for x in typed.config.endpoint.traffic_steps)
-    assert config_of(arrived) == typed.config
+    assert typed.config == config_from_dict(arrived["config"])
     assert Deployment.parse(typed) is typed
     assert Deployment.parse(typed.to_dict()) == typed
 
@@ -50,5 +51,5 @@ def test_the_account_rule_run_then_config() -> None:
     assert run_account("", cfg) == "cfg@p.iam.gserviceaccount.com"
     decided = _built(service_account="decided@p.iam.gserviceaccount.com")
     assert serving_account(decided) == "decided@p.iam.gserviceaccount.com"
-    undecided = {**_built(), "config": cfg.model_dump(mode="json")}
+    undecided = replace(_built(), config=cfg)
     assert serving_account(undecided) == "cfg@p.iam.gserviceaccount.com"

@@ -153,7 +153,7 @@ def test_quota_exhausted_in_a_region_picks_the_next(emulator: Any, hub_mirror: A
         run_name="Run 2026/11 #7",
         api_endpoint=emulator.url,
         hub_endpoint=hub_mirror.url,
-    )
+    ).to_dict()  # the struct preflight hands on
     assert dep["region"] == "us-east4"
     quota = dep["plan"]["quota"]
     assert quota["us-central1"]["limit"] == 1 and quota["us-central1"]["usage"] == 1 and not quota["us-central1"]["ok"]
@@ -242,7 +242,7 @@ def test_no_chat_template_needs_serving_chat_template(emulator: Any, hub_mirror:
     assert "meta-llama/Llama-3.1-8B has no chat template: set serving.chat_template" in str(err.value)
     cfg.serving.chat_template = "{{ messages[0]['content'] }}"
     dep = run_preflight(cfg, project=PROJECT, api_endpoint=emulator.url, hub_endpoint=hub_mirror.url)
-    assert dep["revision_sha"] == models["base_sha"] and dep["region"] == "us-central1"
+    assert dep.revision_sha == models["base_sha"] and dep.region == "us-central1"
 
 
 def test_seed_common_issues_fail_before_spending(emulator: Any, hub_mirror: Any, models: dict[str, Any]) -> None:

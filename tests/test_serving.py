@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from google.cloud import aiplatform_v1
 from google.protobuf import json_format
 
 from vlp.components.config import DeploymentConfig, load_config
+from vlp.components.deployment import Deployment
 from vlp.components.serving import engines as serving
 from vlp.components.serving.contract_fixtures import accepted_env, accepted_flags, fixture
 from vlp.components.vertex import serving_spec
@@ -21,8 +23,8 @@ SHA = "0123456789abcdef0123456789abcdef01234567"
 L4_PLAN = {"machine_type": "g2-standard-8", "accelerator_type": "NVIDIA_L4", "accelerator_count": 1}
 
 
-def deployment_for_tests(cfg: DeploymentConfig, plan_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The dict preflight hands the later steps; an explicit hardware shape becomes the plan, `auto` needs a plan."""
+def struct_for_tests(cfg: DeploymentConfig, plan_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The struct preflight hands the later steps; an explicit hardware shape becomes the plan, `auto` needs a plan."""
     hw = cfg.hardware
     plan: dict[str, Any] = {"node_count": 1}
     if not hw.is_auto:
@@ -48,11 +50,20 @@ def deployment_for_tests(cfg: DeploymentConfig, plan_overrides: dict[str, Any] |
     }
 
 
-def seed(name: str, plan: dict[str, Any] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    return deployment_for_tests(load_config(CONFIGS / f"{name}.yaml", overrides), plan)
+def deployment_for_tests(cfg: DeploymentConfig, plan_overrides: dict[str, Any] | None = None) -> Deployment:
+    """That struct as a step reads it at its boundary (Deployment.parse), the form every serving helper takes."""
+    return Deployment.parse(struct_for_tests(cfg, plan_overrides))
 
 
-def spec_dict(deployment: dict[str, Any]) -> dict[str, Any]:
+def seed_struct(name: str, plan: dict[str, Any] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    return struct_for_tests(load_config(CONFIGS / f"{name}.yaml", overrides), plan)
+
+
+def seed(name: str, plan: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Deployment:
+    return Deployment.parse(seed_struct(name, plan, overrides))
+
+
+def spec_dict(deployment: Deployment) -> dict[str, Any]:
     return json_format.MessageToDict(aiplatform_v1.ModelContainerSpec.pb(serving_spec.container_spec(deployment)))
 
 
@@ -228,10 +239,10 @@ def test_no_hub_token_ever_reaches_the_container() -> None:
     deployment = seed("llama-3.1-8b-vllm-l4", overrides=["serving.extra_args=[--hf-token=hf_abc]"])
     with pytest.raises(serving.ServingSpecError, match="never hold a Hub token"):
         serving_spec.container_spec(deployment)
-    deployment = seed("llama-3.1-8b-vllm-l4")
-    deployment["config"]["serving"]["env"] = {"HF_API_TOKEN": "x"}  # past the config's own check
+    struct = seed_struct("llama-3.1-8b-vllm-l4")
+    struct["config"]["serving"]["env"] = {"HF_API_TOKEN": "x"}  # past the config's own check
     with pytest.raises(serving.ServingSpecError, match="never hold a Hub token"):
-        serving_spec.container_spec(deployment)
+        serving_spec.container_spec(Deployment.parse(struct))
 
 
 def test_upload_request_labels_alias_and_artifact_uri() -> None:
@@ -260,8 +271,7 @@ def test_upload_request_labels_alias_and_artifact_uri() -> None:
 
 def test_spec_hash_is_stable_and_moves_with_what_serving_runs() -> None:
     a = seed("llama-3.1-8b-vllm-l4")
-    b = seed("llama-3.1-8b-vllm-l4")
-    b["run_name"], b["labels"], b["revision_sha"] = "run-2", {"vlp-run": "run-2"}, "f" * 40
+    b = replace(seed("llama-3.1-8b-vllm-l4"), run_name="run-2", labels={"vlp-run": "run-2"}, revision_sha="f" * 40)
     assert serving_spec.serving_spec_hash(a) == serving_spec.serving_spec_hash(b)
     assert len(serving_spec.serving_spec_hash(a)) == 12
     changed = seed("llama-3.1-8b-vllm-l4", overrides=["serving.max_num_seqs=128"])
@@ -305,8 +315,9 @@ def test_multi_host_is_refused_with_the_fix() -> None:
     """A replica over several nodes has no documented public deploy path: every render refuses it, preflight too
     (it renders the requests), whatever the engine or image."""
     for overrides in (["serving.engine=vllm", "serving.tensor_parallel_size=8"], []):
-        deployment = seed("llama-3.1-405b-fp8-tgi-a3", {"node_count": 2, "pipeline_parallel_size": 2}, overrides)
-        deployment["config"]["serving"]["image"] = serving.VLLM_IMAGE.rsplit(":", 1)[0] + ":20250130_0916_RC00"
+        struct = seed_struct("llama-3.1-405b-fp8-tgi-a3", {"node_count": 2, "pipeline_parallel_size": 2}, overrides)
+        struct["config"]["serving"]["image"] = serving.VLLM_IMAGE.rsplit(":", 1)[0] + ":20250130_0916_RC00"
+        deployment = Deployment.parse(struct)
         for render in (serving_spec.container_spec, lambda d: serving_spec.deploy_model_request(d, "m")):
             with pytest.raises(serving.ServingSpecError, match="multi-host serving is not offered.*8 x H200"):
                 render(deployment)
@@ -373,8 +384,10 @@ def test_engine_values_are_checked_against_the_pinned_images() -> None:
 
 def test_plan_numbers_from_a_kfp_struct_become_integer_flags() -> None:
     """Steps get the plan through a KFP struct, every number a float; flags must still read 4096, not 4096.0."""
-    deployment = seed("local-demo", {**L4_PLAN, "max_model_len": 4096.0, "max_num_seqs": 8.0, "accelerator_count": 1.0})
-    deployment["config"]["serving"]["max_model_len"] = None
-    deployment["config"]["serving"]["max_num_seqs"] = None
-    args = serving.vllm_args(deployment)
+    struct = seed_struct(
+        "local-demo", {**L4_PLAN, "max_model_len": 4096.0, "max_num_seqs": 8.0, "accelerator_count": 1.0}
+    )
+    struct["config"]["serving"]["max_model_len"] = None
+    struct["config"]["serving"]["max_num_seqs"] = None
+    args = serving.vllm_args(Deployment.parse(struct))
     assert "--max-model-len=4096" in args and "--max-num-seqs=8" in args

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import urllib.request
@@ -15,6 +14,7 @@ from google.cloud import aiplatform_v1
 
 from vlp.components.clients import gapic_kwargs, storage_client
 from vlp.components.config import load_config
+from vlp.components.deployment import Deployment
 from vlp.components.serving.logs import deploy_failure_message, log_filter
 from vlp.components.vertex import serving_spec
 from vlp.components.vertex.prediction import canary_tries
@@ -29,23 +29,25 @@ BUCKET = "vlp-smoke"
 SHA = "5" * 40
 
 
-def _deployment(api_endpoint: str, overrides: tuple[str, ...] = (), **smoke: Any) -> dict[str, Any]:
+def _deployment(api_endpoint: str, overrides: tuple[str, ...] = (), **smoke: Any) -> Deployment:
     sets = [*overrides, *(f"smoke_test.{k}={v}" for k, v in smoke.items())]
     cfg = load_config(CONFIGS / "local-demo.yaml", sets)
-    return {
-        "config": cfg.model_dump(mode="json"),
-        "project": PROJECT,
-        "region": REGION,
-        "bucket": BUCKET,
-        # The model server runs as the pipeline's account, which `vlp setup` let read the bucket.
-        "service_account": default_pipeline_account(PROJECT),
-        "run_name": "smoke-run",
-        "labels": {"vlp-deployment": cfg.name},
-        # The local stack serves on CPU: the plan the preflight gives for `hardware: auto` there.
-        "plan": {"machine_type": "n1-standard-4", "accelerator_type": "", "accelerator_count": 0, "node_count": 1},
-        "revision_sha": SHA,
-        "api_endpoint": api_endpoint,
-    }
+    return Deployment.parse(
+        {
+            "config": cfg.model_dump(mode="json"),
+            "project": PROJECT,
+            "region": REGION,
+            "bucket": BUCKET,
+            # The model server runs as the pipeline's account, which `vlp setup` let read the bucket.
+            "service_account": default_pipeline_account(PROJECT),
+            "run_name": "smoke-run",
+            "labels": {"vlp-deployment": cfg.name},
+            # The local stack serves on CPU: the plan the preflight gives for `hardware: auto` there.
+            "plan": {"machine_type": "n1-standard-4", "accelerator_type": "", "accelerator_count": 0, "node_count": 1},
+            "revision_sha": SHA,
+            "api_endpoint": api_endpoint,
+        }
+    )
 
 
 def _as_kfp_struct(value: Any) -> Any:
@@ -65,8 +67,8 @@ def _upload_dir(model_dir: Path, prefix: str, skip: tuple[str, ...] = ()) -> str
     return f"gs://{BUCKET}/{prefix}"
 
 
-def _deploy(deployment: dict[str, Any], weights_uri: str, endpoint: str, traffic: dict[str, int] | None = None) -> str:
-    api = deployment["api_endpoint"]
+def _deploy(deployment: Deployment, weights_uri: str, endpoint: str, traffic: dict[str, int] | None = None) -> str:
+    api = deployment.api_endpoint
     models = aiplatform_v1.ModelServiceClient(**gapic_kwargs(REGION, api))
     uploaded = models.upload_model(request=serving_spec.upload_model_request(deployment, weights_uri, SHA)).result(60)
     endpoints = aiplatform_v1.EndpointServiceClient(**gapic_kwargs(REGION, api))
@@ -164,8 +166,9 @@ def _calls(api: str) -> list[str]:
 def test_a_cold_endpoint_is_retried_with_backoff(served: dict[str, Any]) -> None:
     chat = f"POST /v1/{served['endpoint']}:predict"
     # The emulator's predict-429 fault answers 429 to a deployed model's first two prediction calls.
-    one_try = copy.deepcopy(served["deployment"])
-    one_try["config"]["smoke_test"]["attempts"] = 1
+    struct = served["deployment"].to_dict()
+    struct["config"]["smoke_test"]["attempts"] = 1
+    one_try = Deployment.parse(struct)
     _set_faults(served["api"], ["predict-429"])
     try:
         with pytest.raises(SmokeTestError, match="after 1 attempts") as err:
@@ -291,7 +294,9 @@ def test_smoke_test_op_writes_verdict_metrics_benchmark_and_report(served: dict[
     from vlp.components.vertex.smoke_test import smoke_test_op
 
     deployment = _as_kfp_struct(
-        _deployment(served["api"], benchmark="true", benchmark_concurrency="[1,2]", benchmark_requests=2, max_tokens=8)
+        _deployment(
+            served["api"], benchmark="true", benchmark_concurrency="[1,2]", benchmark_requests=2, max_tokens=8
+        ).to_dict()
     )
     assert deployment["config"]["smoke_test"]["benchmark_concurrency"] == [1.0, 2.0]
     endpoint = VertexEndpoint(uri="", metadata={"resourceName": served["endpoint"]})

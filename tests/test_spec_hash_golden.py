@@ -8,12 +8,12 @@ These values change only on purpose, with the reason in the commit.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 from test_serving import SHA, deployment_for_tests
 
 from vlp.components.config import load_config
+from vlp.components.deployment import Deployment
 
 PRESETS = Path(__file__).resolve().parents[1] / "pipelines" / "presets"
 # The plan an `auto` preset is given here: what it is does not matter, only that it stays the same.
@@ -62,7 +62,7 @@ GOLDEN: dict[str, tuple[str, str]] = {
 }
 
 
-def _deployment(name: str) -> dict[str, Any]:
+def _deployment(name: str) -> Deployment:
     cfg = load_config(PRESETS / f"{name}.yaml")
     # An explicit shape becomes the plan (deployment_for_tests); an `auto` preset gets the fixed L4 plan.
     return deployment_for_tests(cfg, L4_PLAN if cfg.hardware.is_auto else None)
@@ -71,7 +71,7 @@ def _deployment(name: str) -> dict[str, Any]:
 def labels_and_alias(name: str) -> tuple[str, str]:
     """The labels a deployment of this preset carries, and (Vertex) its version alias, as one line each."""
     deployment = _deployment(name)
-    if deployment["config"].get("target") == "cloud_run":
+    if deployment.config.target == "cloud_run":
         from vlp.components.cloud_run.service_spec import revision_labels
 
         labels = revision_labels(deployment)

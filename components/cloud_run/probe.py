@@ -5,15 +5,18 @@ does not carry the deploy, promote and clean-up logic (kfp passes a step's code 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vlp.components.deployment import Deployment
 
 log = logging.getLogger("vlp.cloud_run")
 
 
-def _clients(deployment: dict[str, Any]) -> tuple[Any, Any]:
+def _clients(deployment: Deployment) -> tuple[Any, Any]:
     from vlp.components.cloud_run.service_spec import revisions_client, services_client
 
-    api = deployment.get("api_endpoint", "")
+    api = deployment.api_endpoint
     return services_client(api), revisions_client(api)
 
 
@@ -26,12 +29,12 @@ def get_service(services: Any, name: str) -> Any:
         return None
 
 
-def unchanged_service(deployment: dict[str, Any]) -> str | None:
+def unchanged_service(deployment: Deployment) -> str | None:
     """A description of the revision that already serves exactly this deployment at 100% and answers, or None."""
     from vlp.components.cloud_run.service_spec import service_name, spec_hash
     from vlp.components.runtime import LABEL_REVISION, LABEL_SPEC
 
-    sha = deployment.get("revision_sha", "")
+    sha = deployment.revision_sha
     if not sha:
         return None
     services, revisions = _clients(deployment)
@@ -136,7 +139,7 @@ def id_token_session(audience: str) -> Any:
 COLD_START_WAIT_S = 600
 
 
-def answers(deployment: dict[str, Any], url: str, wait_s: float = COLD_START_WAIT_S, backoff_s: float = 2.0) -> bool:
+def answers(deployment: Deployment, url: str, wait_s: float = COLD_START_WAIT_S, backoff_s: float = 2.0) -> bool:
     """A short chat request to the service answers 200 (the no-op check's health probe), 429s and 503s of a cold
     start retried for up to `wait_s`."""
     import time

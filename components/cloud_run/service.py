@@ -6,11 +6,11 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from vlp.components.cloud_run.probe import _clients, get_service
-from vlp.components.deployment import config_of
+from vlp.components.deployment import Deployment
 
 log = logging.getLogger("vlp.cloud_run")
 
@@ -167,12 +167,12 @@ def caller_member(api_endpoint: str) -> str:
     return f"serviceAccount:{email}" if email else ""
 
 
-def deploy_revision(deployment: dict[str, Any], weights_uri: str) -> DeployedRevision:
+def deploy_revision(deployment: Deployment, weights_uri: str) -> DeployedRevision:
     """Create the service, or add a revision to it at 0% behind the `candidate` tag (blue/green), and wait for it."""
     from vlp.components.cloud_run.service_spec import CANDIDATE_TAG, service_name, service_request
     from vlp.components.runtime import StepError
 
-    cfg = config_of(deployment)
+    cfg = deployment.config
     services, _ = _clients(deployment)
     name = service_name(deployment)
     current = get_service(services, name)
@@ -181,7 +181,7 @@ def deploy_revision(deployment: dict[str, Any], weights_uri: str) -> DeployedRev
         from vlp.components.deployment import serving_account
 
         # The revision runs as the pipeline's account unless the config names one (else the Compute Engine default).
-        deployment = {**deployment, "service_account": serving_account(deployment)}
+        deployment = replace(deployment, service_account=serving_account(deployment))
     request = service_request(deployment, weights_uri, previous)
     deadline = cfg.cloud_run.startup_timeout_s + IMAGE_IMPORT_S
     what = f"revision {request.template.revision} of Cloud Run service {name}"
@@ -211,14 +211,14 @@ def deploy_revision(deployment: dict[str, Any], weights_uri: str) -> DeployedRev
 
         raise StepError(
             revision_failure_message(
-                deployment["project"],
+                deployment.project,
                 cfg.service_id,
                 request.template.revision,
                 getattr(exc, "message", None) or str(exc),
-                deployment.get("api_endpoint", ""),
+                deployment.api_endpoint,
             )
         ) from None
-    member = caller_member(deployment.get("api_endpoint", ""))
+    member = caller_member(deployment.api_endpoint)
     if member:
         from google.api_core import exceptions
 
@@ -236,7 +236,7 @@ def deploy_revision(deployment: dict[str, Any], weights_uri: str) -> DeployedRev
     return DeployedRevision(name, request.template.revision, url, service.uri)
 
 
-def move_traffic(deployment: dict[str, Any], name: str, revision: str, pause_s: float | None = None) -> None:
+def move_traffic(deployment: Deployment, name: str, revision: str, pause_s: float | None = None) -> None:
     """Promote: the revision takes the config's canary steps (endpoint.traffic_steps) and then 100%; its tag goes."""
     from google.cloud import run_v2
     from google.protobuf import field_mask_pb2
@@ -244,7 +244,7 @@ def move_traffic(deployment: dict[str, Any], name: str, revision: str, pause_s: 
     from vlp.components.cloud_run.service_spec import CANDIDATE_TAG
     from vlp.components.rollout import split_with, step_pause
 
-    cfg = config_of(deployment)
+    cfg = deployment.config
     services, _ = _clients(deployment)
     service = services.get_service(name=name)
     others = {t.revision: t.percent for t in service.traffic_statuses if t.revision != revision and t.percent}
@@ -360,10 +360,11 @@ def deploy_service_op(deployment: dict, weights_uri: str) -> NamedTuple(
     from collections import namedtuple
 
     from vlp.components.cloud_run.service import deploy_revision
+    from vlp.components.deployment import Deployment
     from vlp.components.runtime import checkpoint, setup_logging
 
     setup_logging()
-    deployed = deploy_revision(deployment, weights_uri)
+    deployed = deploy_revision(Deployment.parse(deployment), weights_uri)
     checkpoint("deploy-service")
     outputs = namedtuple("DeployServiceOutputs", ["service", "revision", "url", "service_url"])
     return outputs(deployed.service, deployed.revision, deployed.url, deployed.service_url)
@@ -372,23 +373,26 @@ def deploy_service_op(deployment: dict, weights_uri: str) -> NamedTuple(
 def promote_service_op(deployment: dict, service: str, revision: str) -> None:
     """Move the service's traffic to the revision that passed its smoke test (canary steps too)."""
     from vlp.components.cloud_run.service import move_traffic
+    from vlp.components.deployment import Deployment
     from vlp.components.runtime import checkpoint, setup_logging
 
     setup_logging()
     checkpoint("promote-service")
-    move_traffic(deployment, service, revision)
+    move_traffic(Deployment.parse(deployment), service, revision)
 
 
 def roll_back_service_op(deployment: dict, service: str, revision: str, reason: str) -> None:
     """Roll back after a failed smoke test: the old revision keeps its traffic, the new one is deleted."""
     from vlp.components.cloud_run.service import _clients, remove_revision
+    from vlp.components.deployment import Deployment
     from vlp.components.runtime import StepError, checkpoint, setup_logging
 
     log = setup_logging()
     checkpoint("roll-back-service")
-    if deployment["config"]["teardown"] == "never":
+    d = Deployment.parse(deployment)
+    if d.config.teardown == "never":
         log.warning("teardown: never — leaving revision %s in place (0%% traffic) for debugging", revision)
     else:
-        for name in remove_revision(*_clients(deployment), service, revision):
+        for name in remove_revision(*_clients(d), service, revision):
             log.info("removed %s", name)
     raise StepError(f"smoke test failed, deployment rolled back: {reason}")

@@ -8,7 +8,7 @@ import json
 import math
 from typing import Any
 
-from vlp.components.deployment import config_of, run_account
+from vlp.components.deployment import Deployment, run_account
 from vlp.components.planning.catalog import RUN_GPUS
 from vlp.components.runtime import LABEL_REVISION, LABEL_SPEC
 
@@ -37,28 +37,26 @@ def revisions_client(api_endpoint: str = "") -> Any:
 # ----------------------------------------------------------------------------- the Service request
 
 
-def service_name(deployment: dict[str, Any]) -> str:
-    cfg = config_of(deployment)
-    return f"projects/{deployment['project']}/locations/{deployment['region']}/services/{cfg.service_id}"
+def service_name(deployment: Deployment) -> str:
+    return f"projects/{deployment.project}/locations/{deployment.region}/services/{deployment.config.service_id}"
 
 
-def revision_id(deployment: dict[str, Any]) -> str:
+def revision_id(deployment: Deployment) -> str:
     """A new revision's name: SERVICE-SHA7-RUN6; unique per run, since a name is never reused with another
     template (409) and every run labels its revision."""
-    cfg = config_of(deployment)
-    sha = str(deployment.get("revision_sha") or "local")[:7].lower()
-    run = hashlib.sha256(str(deployment.get("run_name") or "manual").encode()).hexdigest()[:6]
-    return f"{cfg.service_id}-{sha}-{run}"
+    sha = (deployment.revision_sha or "local")[:7].lower()
+    run = hashlib.sha256((deployment.run_name or "manual").encode()).hexdigest()[:6]
+    return f"{deployment.config.service_id}-{sha}-{run}"
 
 
-def revision_template(deployment: dict[str, Any], weights_uri: str, labels: dict[str, str]) -> Any:
+def revision_template(deployment: Deployment, weights_uri: str, labels: dict[str, str]) -> Any:
     """The run_v2.RevisionTemplate: the TGI DLC on one GPU, weights from GCS with no Hub token, a startup probe that
     gives the model `cloud_run.startup_timeout_s` to load."""
     from google.cloud import run_v2
 
     from vlp.components.serving.engines import TGI_IMAGE, tgi_env_and_args
 
-    cfg = config_of(deployment)
+    cfg = deployment.config
     spec = cfg.cloud_run
     env, args = tgi_env_and_args(deployment)
     env = {**env, "HF_HUB_OFFLINE": "1", **cfg.serving.env}
@@ -85,7 +83,7 @@ def revision_template(deployment: dict[str, Any], weights_uri: str, labels: dict
         node_selector=run_v2.NodeSelector(accelerator=spec.gpu_type),
         gpu_zonal_redundancy_disabled=not spec.zonal_redundancy,
     )
-    account = spec.service_account or run_account(str(deployment.get("service_account") or ""), cfg)
+    account = spec.service_account or run_account(deployment.service_account, cfg)
     if account:
         template.service_account = account
     uri = weights_uri.rstrip("/")
@@ -108,14 +106,14 @@ def revision_template(deployment: dict[str, Any], weights_uri: str, labels: dict
     return template
 
 
-def spec_hash(deployment: dict[str, Any]) -> str:
+def spec_hash(deployment: Deployment) -> str:
     """What serving runs (the template without names, labels or the weights' run-specific path), hashed: equal
     hashes with the same weights revision mean a redeploy would change nothing."""
     from google.protobuf import json_format
 
     template = revision_template(deployment, "gs://BUCKET/WEIGHTS", {})
     data = json_format.MessageToDict(type(template).pb(template))
-    ingress = config_of(deployment).cloud_run.ingress
+    ingress = deployment.config.cloud_run.ingress
     return hashlib.sha256(json.dumps({"template": data, "ingress": ingress}, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -126,20 +124,20 @@ _INGRESS = {
 }
 
 
-def revision_labels(deployment: dict[str, Any]) -> dict[str, str]:
-    labels = {str(k): str(v).lower()[:63] for k, v in (deployment.get("labels") or {}).items()}
-    labels[LABEL_REVISION] = str(deployment.get("revision_sha") or "")[:12].lower()
+def revision_labels(deployment: Deployment) -> dict[str, str]:
+    labels = {str(k): str(v).lower()[:63] for k, v in deployment.labels.items()}
+    labels[LABEL_REVISION] = deployment.revision_sha[:12].lower()
     labels[LABEL_SPEC] = spec_hash(deployment)
     return labels
 
 
-def service_request(deployment: dict[str, Any], weights_uri: str, previous: list[Any] | None = None) -> Any:
+def service_request(deployment: Deployment, weights_uri: str, previous: list[Any] | None = None) -> Any:
     """The run_v2.Service for this deployment: the new revision behind the `candidate` tag, at 0% beside the
     traffic that serves now (`previous`, run_v2.TrafficTarget), or at 100% when nothing serves yet. Private: no
     IAM binding is part of it (callers get roles/run.invoker, never allUsers)."""
     from google.cloud import run_v2
 
-    cfg = config_of(deployment)
+    cfg = deployment.config
     labels = revision_labels(deployment)
     template = revision_template(deployment, weights_uri, labels)
     template.revision = revision_id(deployment)
@@ -160,7 +158,7 @@ def service_request(deployment: dict[str, Any], weights_uri: str, previous: list
     return service
 
 
-def render_service(deployment: dict[str, Any], weights_uri: str) -> dict[str, Any]:
+def render_service(deployment: Deployment, weights_uri: str) -> dict[str, Any]:
     """The Service request as REST JSON (camelCase, google.cloud.run.v2.Service): what `vlp render` prints."""
     from google.protobuf import json_format
 
@@ -171,7 +169,7 @@ def render_service(deployment: dict[str, Any], weights_uri: str) -> dict[str, An
     resources.setdefault("cpuIdle", False)
     return {
         "service": data,
-        "service_id": config_of(deployment).service_id,
-        "parent": f"projects/{deployment['project']}/locations/{deployment['region']}",
+        "service_id": deployment.config.service_id,
+        "parent": f"projects/{deployment.project}/locations/{deployment.region}",
         "access": "private: no allUsers binding; the pipeline's account gets roles/run.invoker, callers need it too",
     }

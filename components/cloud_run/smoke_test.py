@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 from kfp import dsl
 
-from vlp.components.deployment import config_of
+from vlp.components.deployment import Deployment
 
 RUN_REFUSED = (
     "the caller's account lacks roles/run.invoker on the service (the deploy step grants it to the pipeline's "
@@ -24,7 +24,7 @@ INVOKER_PROPAGATION_S = 420.0
 
 
 def run_service_smoke_test(
-    deployment: dict[str, Any],
+    deployment: Deployment,
     service: str,
     revision: str,
     url: str,
@@ -50,9 +50,9 @@ def run_service_smoke_test(
         render_prompt,
     )
 
-    cfg = config_of(deployment)
+    cfg = deployment.config
     st = cfg.smoke_test
-    project = deployment["project"]
+    project = deployment.project
     with tempfile.TemporaryDirectory(prefix="vlp-tokenizer-") as tmp:
         templated = render_prompt(
             download_tokenizer(weights_uri, Path(tmp), project),
@@ -88,7 +88,7 @@ def run_service_smoke_test(
             propagation_s=INVOKER_PROPAGATION_S,
         )
     except SmokeTestError as exc:
-        lines = server_log_tail(project, "", api_endpoint=deployment.get("api_endpoint", ""), flt=flt)
+        lines = server_log_tail(project, "", api_endpoint=deployment.api_endpoint, flt=flt)
         raise SmokeTestError(
             f"{exc}\nLast log lines of revision {revision}:\n{format_logs(lines)}\n{logs_hint(project, '', flt=flt)}"
         ) from None
@@ -114,7 +114,7 @@ def run_service_smoke_test(
             f"{reply.answer.strip()[:200]!r}"
         )
         return result
-    lines = server_log_tail(project, "", api_endpoint=deployment.get("api_endpoint", ""), flt=flt)
+    lines = server_log_tail(project, "", api_endpoint=deployment.api_endpoint, flt=flt)
     result.message = "\n".join(
         [
             f"Smoke test failed for {cfg.model.repo} on revision {revision} of {service}: " + "; ".join(problems) + ".",
@@ -148,21 +148,22 @@ def smoke_test_service_op(
 
     from vlp.components.cloud_run.probe import id_token_headers
     from vlp.components.cloud_run.smoke_test import run_service_smoke_test
-    from vlp.components.config import config_from_dict
+    from vlp.components.deployment import Deployment
     from vlp.components.runtime import checkpoint
     from vlp.components.smoke.benchmark import render_html
     from vlp.components.smoke.checks import benchmark_deployment, smoke_report_html
 
-    result = run_service_smoke_test(deployment, service, revision, url, service_url, weights_uri)
+    d = Deployment.parse(deployment)
+    result = run_service_smoke_test(d, service, revision, url, service_url, weights_uri)
     checkpoint("smoke-test-service")
     metrics.log_metric("smoke_passed", 1 if result.passed else 0)
     metrics.log_metric("smoke_latency_s", result.latency_s)
-    cfg = config_from_dict(deployment["config"], source="deployment['config']")
+    cfg = d.config
     st = cfg.smoke_test
     levels: list = []
     bench_html = ""
     if result.passed and st.benchmark:
-        bench = benchmark_deployment(deployment, url, metrics, headers=id_token_headers(service_url or url))
+        bench = benchmark_deployment(d, url, metrics, headers=id_token_headers(service_url or url))
         getLogger("vlp.smoke").info(
             "benchmark: recommended concurrency %s (p95 time to first token within %.1f s); cloud_run.concurrency is %s",
             bench.recommended_concurrency,

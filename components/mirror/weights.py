@@ -386,18 +386,20 @@ def mirror_weights_op(deployment: dict, api_endpoint: str) -> NamedTuple(
     import logging
     from collections import namedtuple
 
-    from vlp.components.config import config_from_dict
+    from vlp.components.deployment import Deployment
     from vlp.components.mirror.weights import mirror_from_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg_raw = deployment["config"]
-    cfg = config_from_dict(json.loads(cfg_raw) if isinstance(cfg_raw, str) else dict(cfg_raw))
+    # The config may also come as JSON text (this step has always taken that form too): decoded before the one parse.
+    d = Deployment.parse({**deployment, "config": json.loads(cfg_raw) if isinstance(cfg_raw, str) else cfg_raw})
+    cfg = d.config
     result = mirror_from_config(
         cfg,
-        bucket=deployment.get("bucket") or cfg.placement.bucket,
-        project=deployment.get("project") or cfg.placement.project,
-        api_endpoint=api_endpoint or deployment.get("api_endpoint", ""),
-        revision=deployment.get("revision_sha") or None,
+        bucket=d.bucket or cfg.placement.bucket,
+        project=d.project or cfg.placement.project,
+        api_endpoint=api_endpoint or d.api_endpoint,
+        revision=d.revision_sha or None,
     )
     from vlp.components.runtime import checkpoint
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vlp.components.deployment import config_of
+from vlp.components.deployment import Deployment
 
 # Pinned images, overridable with serving.image. Pins carry their reason:
 # - vLLM: the Vertex Model Garden build the Vertex AI vLLM serving doc and the Llama 3.1 / 3.2 Model Garden
@@ -60,10 +60,10 @@ def _int_or_none(value: Any) -> int | None:
     return int(value) if value else None
 
 
-def resolve_shape(deployment: dict[str, Any]) -> ServingShape:
+def resolve_shape(deployment: Deployment) -> ServingShape:
     """What the container and the machine will be: explicit config values win, the plan fills the rest."""
-    cfg = config_of(deployment)
-    plan = dict(deployment.get("plan") or {})
+    cfg = deployment.config
+    plan = dict(deployment.plan)
     hw = cfg.hardware
     # An explicit shape is the user's decision (preflight checks it, never changes it); auto takes the plan's.
     if not hw.is_auto:
@@ -114,9 +114,9 @@ def resolve_shape(deployment: dict[str, Any]) -> ServingShape:
     )
 
 
-def served_model_name(deployment: dict[str, Any]) -> str:
+def served_model_name(deployment: Deployment) -> str:
     """The model name the OpenAI-compatible routes answer to: the Hub repo id, as if served from the Hub."""
-    return str(deployment["config"]["model"]["repo"])
+    return deployment.config.model.repo
 
 
 def check_no_token(env: dict[str, str], extra_args: list[str], name: str) -> None:
@@ -160,11 +160,11 @@ def image_date(image: str) -> str:
     return tag[:8] if len(tag) >= 8 and tag[:8].isdigit() else ""
 
 
-def vllm_args(deployment: dict[str, Any], weights_uri: str = "") -> list[str]:
+def vllm_args(deployment: Deployment, weights_uri: str = "") -> list[str]:
     """The Model Garden vLLM container args (the full command line, as the Vertex vLLM doc passes it).
 
     weights_uri empty gives `$(AIP_STORAGE_URI)`, the form used for the serving spec hash."""
-    cfg = config_of(deployment)
+    cfg = deployment.config
     shape = resolve_shape(deployment)
     s = cfg.serving
     args = []
@@ -221,9 +221,9 @@ def vllm_args(deployment: dict[str, Any], weights_uri: str = "") -> list[str]:
     return args + list(s.extra_args)
 
 
-def tgi_env_and_args(deployment: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
+def tgi_env_and_args(deployment: Deployment) -> tuple[dict[str, str], list[str]]:
     """The Hugging Face TGI DLC's env (shape, as the HF Vertex blog sets it) and launcher args (engine options)."""
-    cfg = config_of(deployment)
+    cfg = deployment.config
     shape = resolve_shape(deployment)
     s = cfg.serving
     env: dict[str, str] = {"NUM_SHARD": str(shape.tensor_parallel_size)}

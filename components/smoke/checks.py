@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlp.components.deployment import config_of
+from vlp.components.deployment import Deployment
 from vlp.components.serving.calls import EndpointError
 
 log = logging.getLogger("vlp.smoke_test")
@@ -211,15 +211,15 @@ def check_answer(
     return problems
 
 
-def benchmark_pricing(deployment: dict, api_endpoint: str) -> tuple[float, str, dict[str, Any]]:
+def benchmark_pricing(deployment: Deployment, api_endpoint: str) -> tuple[float, str, dict[str, Any]]:
     """(USD/hour of one replica, where the price comes from, the throughput model to estimate with) for the
     benchmark's cost figures: the plan's shape on Vertex; on the local stack, the local catalog's CPU server."""
     from vlp.components.planning import throughput
     from vlp.components.serving.calls import is_local
 
-    plan = deployment.get("plan") or {}
+    plan = deployment.plan
     model = dict(plan.get("throughput_model") or {})
-    if is_local(api_endpoint or str(deployment.get("api_endpoint") or "")):
+    if is_local(api_endpoint or deployment.api_endpoint):
         if model:
             model.update(accelerator=throughput.LOCAL_SERVER, gpus=1, tp=1, pp=1)
         return throughput.LOCAL_PRICE_PER_HOUR, "the local catalog's nominal price for the CPU model server", model
@@ -230,7 +230,7 @@ def benchmark_pricing(deployment: dict, api_endpoint: str) -> tuple[float, str, 
 
 
 def benchmark_deployment(
-    deployment: dict,
+    deployment: Deployment,
     target: str,
     metrics: Any,
     *,
@@ -244,7 +244,7 @@ def benchmark_deployment(
     from vlp.components.serving.engines import served_model_name
     from vlp.components.smoke.benchmark import add_costs, log_benchmark_metrics, run_benchmark
 
-    st = config_of(deployment).smoke_test
+    st = deployment.config.smoke_test
     model = served_model_name(deployment)
     bench = run_benchmark(
         target,
@@ -258,7 +258,7 @@ def benchmark_deployment(
         headers=headers,
         resolve=resolve,
     )
-    price, source, model = benchmark_pricing(deployment, api_endpoint or str(deployment.get("api_endpoint") or ""))
+    price, source, model = benchmark_pricing(deployment, api_endpoint or deployment.api_endpoint)
     if price > 0:
         add_costs(bench, price, price_source=source, throughput_model=model)
     log_benchmark_metrics(bench, metrics)

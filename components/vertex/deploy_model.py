@@ -2,13 +2,13 @@
 
 import concurrent.futures
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint, VertexModel
 from kfp import dsl
 
-from vlp.components.deployment import config_of
+from vlp.components.deployment import Deployment
 
 log = logging.getLogger("vlp.deploy")
 
@@ -26,30 +26,30 @@ class Deployed:
     previous_deployed_model_ids: list[str]
 
 
-def get_or_create_endpoint(deployment: dict) -> tuple[str, bool]:
+def get_or_create_endpoint(deployment: Deployment) -> tuple[str, bool]:
     """(endpoint resource name, created by this run)."""
     from google.cloud import aiplatform_v1
 
-    cfg = deployment["config"]["endpoint"]
-    from vlp.components.clients import endpoint_client, find_endpoint
+    cfg = deployment.config.endpoint
+    from vlp.components.vertex.endpoints import endpoint_client, find_endpoint
 
     existing = find_endpoint(deployment)
     if existing is not None:
-        if not cfg["reuse"]:
+        if not cfg.reuse:
             from vlp.components.runtime import StepError
 
             raise StepError(
-                f"endpoint {cfg['name']} already exists ({existing.name}) and endpoint.reuse is false: "
+                f"endpoint {cfg.name} already exists ({existing.name}) and endpoint.reuse is false: "
                 "set endpoint.reuse: true to redeploy onto it blue/green, or choose another endpoint.name"
             )
         log.info("reusing endpoint %s", existing.name)
         return existing.name, False
     endpoint = aiplatform_v1.Endpoint(
-        display_name=cfg["name"],
-        labels=deployment["labels"],
-        dedicated_endpoint_enabled=bool(cfg.get("dedicated")),
+        display_name=cfg.name,
+        labels=deployment.labels,
+        dedicated_endpoint_enabled=cfg.dedicated,
     )
-    parent = f"projects/{deployment['project']}/locations/{deployment['region']}"
+    parent = f"projects/{deployment.project}/locations/{deployment.region}"
     created = endpoint_client(deployment).create_endpoint(parent=parent, endpoint=endpoint).result(timeout=600)
     log.info("created endpoint %s", created.name)
     return created.name, True
@@ -66,19 +66,19 @@ def redeploy_split(cfg: Any, current: dict[str, int]) -> dict[str, int]:
     return split_with("0", cfg.endpoint.canary_percent, {k: v for k, v in current.items() if v > 0})
 
 
-def deploy_model(deployment: dict, model_resource: str) -> Deployed:
+def deploy_model(deployment: Deployment, model_resource: str) -> Deployed:
     """Deploy the model version; on an endpoint that already serves, the new one starts at 0% traffic
     (blue/green: the smoke test reaches it directly, and promote moves traffic only after it passes)."""
-    from vlp.components.clients import endpoint_client
     from vlp.components.deployment import serving_account
     from vlp.components.runtime import StepError
     from vlp.components.serving.logs import deploy_failure_message
+    from vlp.components.vertex.endpoints import endpoint_client
     from vlp.components.vertex.serving_spec import deploy_model_request, needs_v1beta1
 
     endpoint_resource, created = get_or_create_endpoint(deployment)
     client = endpoint_client(deployment)
     current = client.get_endpoint(name=endpoint_resource)
-    cfg = config_of(deployment)
+    cfg = deployment.config
     if cfg.endpoint.uses_invoke and not current.dedicated_endpoint_enabled:
         raise StepError(
             f"endpoint {endpoint_resource} ({cfg.endpoint.name}) is a shared endpoint, but the model was uploaded "
@@ -89,7 +89,7 @@ def deploy_model(deployment: dict, model_resource: str) -> Deployed:
     # The model server runs as the pipeline's account unless the config names one: without an account it would
     # run as a Vertex-managed identity that reads only AIP_STORAGE_URI (Vertex AI docs, "Use a custom service
     # account"), and vLLM downloads `--model=gs://...` itself.
-    deployment = {**deployment, "service_account": serving_account(deployment)}
+    deployment = replace(deployment, service_account=serving_account(deployment))
     request = deploy_model_request(deployment, model_resource)
     request.endpoint = endpoint_resource
     request.traffic_split.clear()
@@ -112,7 +112,7 @@ def deploy_model(deployment: dict, model_resource: str) -> Deployed:
             from google.cloud import aiplatform_v1beta1
 
             deployer = aiplatform_v1beta1.EndpointServiceClient(
-                **clients.gapic_kwargs(deployment["region"], deployment.get("api_endpoint", ""))
+                **clients.gapic_kwargs(deployment.region, deployment.api_endpoint)
             )
         # v1beta1's generated default deadline for deploy_model is 5 s (v1 has none): a slow answer would fail
         # the run with a bare ReadTimeout while the deployment may already be under way.
@@ -134,12 +134,12 @@ def deploy_model(deployment: dict, model_resource: str) -> Deployed:
     except Exception as exc:
         raise StepError(
             deploy_failure_message(
-                deployment["project"],
-                deployment["region"],
+                deployment.project,
+                deployment.region,
                 endpoint_resource.rsplit("/", 1)[-1],
                 "",
                 getattr(exc, "message", None) or str(exc),
-                deployment.get("api_endpoint", ""),
+                deployment.api_endpoint,
             )
         ) from None
     deployed_id = response.deployed_model.id
@@ -155,12 +155,14 @@ def deploy_model_op(
     """Deploy the registered model version to the deployment's endpoint."""
     from collections import namedtuple
 
+    from vlp.components.deployment import Deployment
     from vlp.components.runtime import checkpoint, setup_logging
     from vlp.components.vertex.deploy_model import deploy_model
 
     setup_logging()
-    deployed = deploy_model(deployment, model.metadata["resourceName"])
-    endpoint.uri = f"https://{deployment['region']}-aiplatform.googleapis.com/v1/{deployed.endpoint_resource}"
+    d = Deployment.parse(deployment)
+    deployed = deploy_model(d, model.metadata["resourceName"])
+    endpoint.uri = f"https://{d.region}-aiplatform.googleapis.com/v1/{deployed.endpoint_resource}"
     endpoint.metadata["resourceName"] = deployed.endpoint_resource
     checkpoint("deploy-model")
     return namedtuple("DeployOutputs", ["endpoint_resource", "deployed_model_id"])(

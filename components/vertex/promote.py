@@ -3,7 +3,7 @@
 import logging
 import time
 
-from vlp.components.deployment import config_of
+from vlp.components.deployment import Deployment
 from vlp.components.rollout import split_with, step_pause
 
 log = logging.getLogger("vlp.promote")
@@ -19,13 +19,13 @@ SHARED_DRAIN_S = 60.0
 LOCAL_DRAIN_S = 2.0
 
 
-def drain_seconds(deployment: dict, endpoint: object) -> float:
+def drain_seconds(deployment: Deployment, endpoint: object) -> float:
     """endpoint.drain_s, else the endpoint's request timeout (its inferenceTimeout when set), else the defaults
     above; LOCAL_DRAIN_S against the local stack unless the config sets one."""
-    configured = (deployment["config"].get("endpoint") or {}).get("drain_s")
+    configured = deployment.config.endpoint.drain_s
     if configured is not None:
         return float(configured)
-    if deployment.get("api_endpoint", "").startswith("http://"):
+    if deployment.api_endpoint.startswith("http://"):
         return LOCAL_DRAIN_S
     timeout = endpoint.client_connection_config.inference_timeout  # type: ignore[attr-defined]
     if timeout.seconds:
@@ -34,20 +34,20 @@ def drain_seconds(deployment: dict, endpoint: object) -> float:
 
 
 def promote(
-    deployment: dict, endpoint_resource: str, deployed_model_id: str, pause_s: float | None = None
+    deployment: Deployment, endpoint_resource: str, deployed_model_id: str, pause_s: float | None = None
 ) -> list[str]:
     """Shift traffic to `deployed_model_id` (all at once, or in the config's canary steps), then undeploy
     every other deployed model. Returns the ids undeployed."""
     from google.cloud import aiplatform_v1
     from google.protobuf import field_mask_pb2
 
-    from vlp.components.clients import endpoint_client
+    from vlp.components.vertex.endpoints import endpoint_client
 
     client = endpoint_client(deployment)
     endpoint = client.get_endpoint(name=endpoint_resource)
     others = {k: v for k, v in endpoint.traffic_split.items() if k != deployed_model_id}
-    # Typed: a KFP struct carries traffic_steps as floats, and a traffic split takes integers.
-    steps = config_of(deployment).endpoint.traffic_steps or [100]
+    # The typed config's ints (a KFP struct carries traffic_steps as floats): a traffic split takes integers.
+    steps = deployment.config.endpoint.traffic_steps or [100]
     pause = step_pause(deployment, pause_s)
     for i, percent in enumerate(steps):
         split = split_with(deployed_model_id, percent, others)
@@ -66,7 +66,7 @@ def promote(
     return retire_others(client, endpoint_resource, deployed_model_id)
 
 
-def mark_promoted(deployment: dict, endpoint_resource: str, deployed_model_id: str) -> None:
+def mark_promoted(deployment: Deployment, endpoint_resource: str, deployed_model_id: str) -> None:
     """Label the model version behind `deployed_model_id` as promoted (PROMOTED_LABEL). Version labels, because the
     version is what the run created and what the exit handler looks at; UpdateModel on MODEL@VERSION updates the
     version's labels (UpdateModelRequest.model's documentation)."""
@@ -75,14 +75,13 @@ def mark_promoted(deployment: dict, endpoint_resource: str, deployed_model_id: s
 
     from vlp.components import clients
     from vlp.components.runtime import deployed_version_name
+    from vlp.components.vertex.endpoints import endpoint_client
 
-    endpoint = clients.endpoint_client(deployment).get_endpoint(name=endpoint_resource)
+    endpoint = endpoint_client(deployment).get_endpoint(name=endpoint_resource)
     dm = next((d for d in endpoint.deployed_models if d.id == deployed_model_id), None)
     if dm is None:
         return
-    models = aiplatform_v1.ModelServiceClient(
-        **clients.gapic_kwargs(deployment["region"], deployment.get("api_endpoint", ""))
-    )
+    models = aiplatform_v1.ModelServiceClient(**clients.gapic_kwargs(deployment.region, deployment.api_endpoint))
     version = models.get_model(name=deployed_version_name(dm))
     labels = {**version.labels, PROMOTED_LABEL: "true"}
     models.update_model(
@@ -108,9 +107,10 @@ def retire_others(client, endpoint_resource: str, deployed_model_id: str) -> lis
 
 def promote_op(deployment: dict, endpoint_resource: str, deployed_model_id: str) -> list:
     """Move all traffic to the new deployed model and undeploy the previous ones."""
+    from vlp.components.deployment import Deployment
     from vlp.components.runtime import checkpoint, setup_logging
     from vlp.components.vertex.promote import promote
 
     setup_logging()
     checkpoint("promote")
-    return promote(deployment, endpoint_resource, deployed_model_id)
+    return promote(Deployment.parse(deployment), endpoint_resource, deployed_model_id)

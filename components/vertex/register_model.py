@@ -7,6 +7,8 @@ from typing import NamedTuple
 from google_cloud_pipeline_components.types.artifact_types import VertexModel
 from kfp import dsl
 
+from vlp.components.deployment import Deployment
+
 log = logging.getLogger("vlp.register")
 
 
@@ -17,15 +19,15 @@ class Registered:
     created_model: bool  # a new parent model (not a new version of an existing one)
 
 
-def find_parent_model(deployment: dict) -> str | None:
+def find_parent_model(deployment: Deployment) -> str | None:
     """The Model Registry model earlier runs of this deployment registered versions under, if any."""
     from google.cloud import aiplatform_v1
 
     from vlp.components import clients
 
-    region, project = deployment["region"], deployment["project"]
-    client = aiplatform_v1.ModelServiceClient(**clients.gapic_kwargs(region, deployment.get("api_endpoint", "")))
-    name = deployment["config"]["name"]
+    region, project = deployment.region, deployment.project
+    client = aiplatform_v1.ModelServiceClient(**clients.gapic_kwargs(region, deployment.api_endpoint))
+    name = deployment.config.name
     request = aiplatform_v1.ListModelsRequest(
         parent=f"projects/{project}/locations/{region}", filter=f'labels.vlp-deployment="{name}"'
     )
@@ -40,15 +42,15 @@ UPLOAD_WAIT_S = 1800
 ARTIFACT_COPY_BYTES_PER_S = 50e6
 
 
-def upload_wait_s(deployment: dict) -> float:
+def upload_wait_s(deployment: Deployment) -> float:
     """How long to wait for UploadModel: longer when Vertex copies the weights (TGI's artifactUri)."""
-    if deployment["config"].get("serving", {}).get("engine") != "tgi":
+    if deployment.config.serving.engine != "tgi":
         return UPLOAD_WAIT_S
-    weights = float((deployment.get("plan") or {}).get("weights_bytes") or 0)
+    weights = float(deployment.plan.get("weights_bytes") or 0)
     return UPLOAD_WAIT_S + weights / ARTIFACT_COPY_BYTES_PER_S
 
 
-def register_model(deployment: dict, weights_uri: str, revision_sha: str) -> Registered:
+def register_model(deployment: Deployment, weights_uri: str, revision_sha: str) -> Registered:
     """Upload the model (or a new version of it) with the serving container spec from vlp.components.serving.engines."""
     from google.cloud import aiplatform_v1
 
@@ -56,8 +58,8 @@ def register_model(deployment: dict, weights_uri: str, revision_sha: str) -> Reg
     from vlp.components.runtime import StepError
     from vlp.components.vertex.serving_spec import upload_model_request
 
-    region, project = deployment["region"], deployment["project"]
-    api = deployment.get("api_endpoint", "")
+    region, project = deployment.region, deployment.project
+    api = deployment.api_endpoint
     client = aiplatform_v1.ModelServiceClient(**clients.gapic_kwargs(region, api))
     parent_model = find_parent_model(deployment)
     request = upload_model_request(deployment, weights_uri, revision_sha)
@@ -68,7 +70,7 @@ def register_model(deployment: dict, weights_uri: str, revision_sha: str) -> Reg
         request.model.version_aliases.append("default")
     log.info(
         "registering %s revision %s from %s (%s)",
-        deployment["config"]["model"]["repo"],
+        deployment.config.model.repo,
         revision_sha[:12],
         weights_uri,
         f"new version of {parent_model}" if parent_model else "new model",
@@ -79,7 +81,7 @@ def register_model(deployment: dict, weights_uri: str, revision_sha: str) -> Reg
         # Vertex copies artifactUri as the Vertex AI Service Agent, not as the pipeline's account
         # (vertex-ai-samples#3710); the vLLM image reads gs:// as the endpoint's service account at deploy time.
         raise StepError(
-            f"Model Registry upload of {deployment['config']['model']['repo']} in {project}/{region} failed: {exc}. "
+            f"Model Registry upload of {deployment.config.model.repo} in {project}/{region} failed: {exc}. "
             "Check that the pipeline's service account has roles/aiplatform.user, and that the Vertex AI Service "
             f"Agent (service-PROJECT_NUMBER@gcp-sa-aiplatform.iam.gserviceaccount.com; gcloud projects describe "
             f"{project} --format='value(projectNumber)') can read {weights_uri} (roles/storage.objectViewer on the "
@@ -98,13 +100,15 @@ def register_model_op(
     """Register a Model Registry version for the mirrored weights."""
     from collections import namedtuple
 
+    from vlp.components.deployment import Deployment
     from vlp.components.runtime import checkpoint, setup_logging
     from vlp.components.vertex.register_model import register_model
 
     setup_logging()
-    registered = register_model(deployment, weights_uri, revision_sha)
+    d = Deployment.parse(deployment)
+    registered = register_model(d, weights_uri, revision_sha)
     versioned = f"{registered.model_resource}@{registered.version_id}"
-    model.uri = f"https://{deployment['region']}-aiplatform.googleapis.com/v1/{versioned}"
+    model.uri = f"https://{d.region}-aiplatform.googleapis.com/v1/{versioned}"
     model.metadata["resourceName"] = versioned
     checkpoint("register-model")
     return namedtuple("RegisterOutputs", ["model_resource", "version_id"])(

@@ -7,7 +7,7 @@ import json
 import math
 from typing import Any
 
-from vlp.components.deployment import config_of, run_account
+from vlp.components.deployment import Deployment, run_account
 from vlp.components.runtime import LABEL_REVISION, LABEL_SPEC
 from vlp.components.serving.engines import (
     SERVING_PORT,
@@ -57,17 +57,17 @@ def shared_memory_mb(machine_type: str) -> int:
     return min(SHARED_MEMORY_MB, int(host_mb * SHARED_MEMORY_HOST_SHARE))
 
 
-def uses_invoke(deployment: dict[str, Any]) -> bool:
+def uses_invoke(deployment: Deployment) -> bool:
     """True when the model is uploaded with invokeRoutePrefix and reached through invoke routes."""
-    return config_of(deployment).endpoint.uses_invoke
+    return deployment.config.endpoint.uses_invoke
 
 
-def container_spec(deployment: dict[str, Any], weights_uri: str = "") -> Any:
+def container_spec(deployment: Deployment, weights_uri: str = "") -> Any:
     """The typed `aiplatform_v1.ModelContainerSpec` for the deployment's engine (see vllm_args for weights_uri)."""
     from google.cloud.aiplatform_v1.types import EnvVar, ModelContainerSpec, Port
     from google.protobuf import duration_pb2
 
-    cfg = config_of(deployment)
+    cfg = deployment.config
     shape = resolve_shape(deployment)
     s = cfg.serving
     check_no_token(s.env, s.extra_args, cfg.name)
@@ -114,7 +114,7 @@ def container_spec(deployment: dict[str, Any], weights_uri: str = "") -> Any:
     return spec
 
 
-def _dedicated_resources(deployment: dict[str, Any], beta: bool) -> Any:
+def _dedicated_resources(deployment: Deployment, beta: bool) -> Any:
     if beta:
         from google.cloud.aiplatform_v1beta1 import types
     else:
@@ -139,7 +139,7 @@ def _dedicated_resources(deployment: dict[str, Any], beta: bool) -> Any:
     return resources
 
 
-def needs_v1beta1(deployment: dict[str, Any]) -> bool:
+def needs_v1beta1(deployment: Deployment) -> bool:
     """True when the deploy needs the v1beta1 API: multi-host GPU replicas exist only there."""
     return resolve_shape(deployment).node_count > 1
 
@@ -150,7 +150,7 @@ def _message_dict(message: Any) -> dict[str, Any]:
     return json_format.MessageToDict(type(message).pb(message), preserving_proto_field_name=False)
 
 
-def serving_spec_hash(deployment: dict[str, Any]) -> str:
+def serving_spec_hash(deployment: Deployment) -> str:
     """A short, stable hash of what serving runs (container + machine shape); equal hashes mean nothing changed."""
     spec = {
         "container": _message_dict(container_spec(deployment)),
@@ -163,9 +163,9 @@ def _label_value(value: str) -> str:
     return value.lower()[:63]
 
 
-def model_labels(deployment: dict[str, Any], revision_sha: str) -> dict[str, str]:
+def model_labels(deployment: Deployment, revision_sha: str) -> dict[str, str]:
     """The run's labels plus the weights revision and the serving spec hash (how redeploys spot no-ops)."""
-    labels = {str(k): _label_value(str(v)) for k, v in (deployment.get("labels") or {}).items()}
+    labels = {str(k): _label_value(str(v)) for k, v in deployment.labels.items()}
     labels[LABEL_REVISION] = _label_value(revision_sha[:12])
     labels[LABEL_SPEC] = serving_spec_hash(deployment)
     return labels
@@ -176,14 +176,14 @@ def version_alias(revision_sha: str, spec_hash: str) -> str:
     return f"rev-{revision_sha[:12].lower()}-{spec_hash[:8]}"
 
 
-def upload_model_request(deployment: dict[str, Any], weights_uri: str, revision_sha: str) -> Any:
+def upload_model_request(deployment: Deployment, weights_uri: str, revision_sha: str) -> Any:
     """The typed `aiplatform_v1.UploadModelRequest`: serving container, GCS weights, labels, alias.
 
     parent_model is left empty: the register step sets it when the model already exists in the registry.
     """
     from google.cloud.aiplatform_v1.types import Model, UploadModelRequest
 
-    cfg = config_of(deployment)
+    cfg = deployment.config
     if not weights_uri.startswith("gs://"):
         raise ServingSpecError(
             f"weights_uri {weights_uri!r} is not a gs:// URI: serving loads the mirrored weights from GCS only"
@@ -202,18 +202,18 @@ def upload_model_request(deployment: dict[str, Any], weights_uri: str, revision_
         # The TGI DLC reads AIP_STORAGE_URI (Vertex's copy of artifactUri). No trailing slash: its entrypoint runs
         # `gcloud storage cp "$AIP_STORAGE_URI/*"`, and the HF GCS notebooks pass the prefix bare.
         model.artifact_uri = weights_uri.rstrip("/")
-    parent = f"projects/{deployment['project']}/locations/{deployment['region']}"
+    parent = f"projects/{deployment.project}/locations/{deployment.region}"
     return UploadModelRequest(parent=parent, model=model)
 
 
-def endpoint_placeholder(deployment: dict[str, Any]) -> str:
+def endpoint_placeholder(deployment: Deployment) -> str:
     """The endpoint resource name shown before deploy knows the real one (by the config's endpoint name)."""
-    name = deployment["config"]["endpoint"]["name"]
-    return f"projects/{deployment['project']}/locations/{deployment['region']}/endpoints/{name}"
+    name = deployment.config.endpoint.name
+    return f"projects/{deployment.project}/locations/{deployment.region}/endpoints/{name}"
 
 
 def deploy_model_request(
-    deployment: dict[str, Any],
+    deployment: Deployment,
     model_resource: str,
     *,
     endpoint_resource: str = "",
@@ -230,8 +230,8 @@ def deploy_model_request(
     else:
         from google.cloud.aiplatform_v1 import types
 
-    cfg = config_of(deployment)
-    sha = str(deployment.get("revision_sha") or "")
+    cfg = deployment.config
+    sha = deployment.revision_sha
     display = f"{cfg.name}-{sha[:8]}" if sha else cfg.name
     deployed = types.DeployedModel(
         model=model_resource,
@@ -242,7 +242,7 @@ def deploy_model_request(
         # "On the v1beta1 service endpoint, container logging is disabled by default" (online-prediction-logging):
         # without it a failed multi-host deploy has no model server logs to show.
         deployed.enable_container_logging = True
-    service_account = run_account(str(deployment.get("service_account") or ""), cfg)
+    service_account = run_account(deployment.service_account, cfg)
     if service_account:
         deployed.service_account = service_account
     return types.DeployModelRequest(
@@ -252,10 +252,10 @@ def deploy_model_request(
     )
 
 
-def render_requests(deployment: dict[str, Any], weights_uri: str, revision_sha: str = "SHA") -> dict[str, Any]:
+def render_requests(deployment: Deployment, weights_uri: str, revision_sha: str = "SHA") -> dict[str, Any]:
     """Both requests as REST JSON (camelCase, as the aiplatform v1 API takes them): what `vlp render` prints."""
-    cfg = config_of(deployment)
-    model_resource = f"projects/{deployment['project']}/locations/{deployment['region']}/models/{cfg.name}"
+    cfg = deployment.config
+    model_resource = f"projects/{deployment.project}/locations/{deployment.region}/models/{cfg.name}"
     return {
         "upload_model": _message_dict(upload_model_request(deployment, weights_uri, revision_sha)),
         "deploy_model": _message_dict(deploy_model_request(deployment, model_resource)),

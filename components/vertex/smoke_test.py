@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 from google_cloud_pipeline_components.types.artifact_types import VertexEndpoint
 from kfp import dsl
 
-from vlp.components.deployment import config_of
+from vlp.components.deployment import Deployment
 from vlp.components.serving.calls import Reply, http_session, parse_reply
 from vlp.components.serving.logs import deploy_failure_message, format_logs, logs_hint, server_log_tail
 from vlp.components.smoke.checks import (
@@ -104,7 +104,7 @@ def _canary_post(
 
 
 def run_smoke_test(
-    deployment: dict[str, Any],
+    deployment: Deployment,
     endpoint_resource: str,
     deployed_model_id: str,
     weights_uri: str,
@@ -118,11 +118,11 @@ def run_smoke_test(
     Returns a failed SmokeResult for a wrong answer (the pipeline branches on the verdict); raises SmokeTestError
     when the endpoint cannot be reached after `smoke_test.attempts` tries with exponential backoff.
     """
-    cfg = config_of(deployment)
+    cfg = deployment.config
     st = cfg.smoke_test
-    api_endpoint = api_endpoint or str(deployment.get("api_endpoint") or "")
+    api_endpoint = api_endpoint or deployment.api_endpoint
     info = describe_endpoint(endpoint_resource, api_endpoint)
-    project = deployment.get("project") or info.project
+    project = deployment.project or info.project
 
     with tempfile.TemporaryDirectory(prefix="vlp-tokenizer-") as tmp:
         tok_dir = download_tokenizer(weights_uri, Path(tmp), project)
@@ -242,14 +242,17 @@ def smoke_test_op(
     from collections import namedtuple
     from logging import getLogger
 
+    from vlp.components.deployment import Deployment
     from vlp.components.smoke.benchmark import render_html
     from vlp.components.smoke.checks import benchmark_deployment, smoke_report_html
     from vlp.components.vertex.load_target import chat_target
     from vlp.components.vertex.prediction import benchmark_target, describe_endpoint
     from vlp.components.vertex.smoke_test import run_smoke_test
 
+    # KFP hands the deployment over as a struct (every number a float): read once, through the typed model.
+    d = Deployment.parse(deployment)
     resource = endpoint.metadata["resourceName"]
-    result = run_smoke_test(deployment, resource, deployed_model_id, weights_uri, api_endpoint)
+    result = run_smoke_test(d, resource, deployed_model_id, weights_uri, api_endpoint)
     from vlp.components.runtime import checkpoint
 
     checkpoint("smoke-test")
@@ -260,10 +263,7 @@ def smoke_test_op(
     levels: list = []
     bench_html = ""
     skipped = ""
-    # KFP hands the config over as a struct (every number a float): read it through the typed model.
-    from vlp.components.config import config_from_dict
-
-    cfg = config_from_dict(deployment["config"], source="deployment['config']")
+    cfg = d.config
     st = cfg.smoke_test
     if result.passed and st.benchmark:
         target, reason = benchmark_target(cfg, describe_endpoint(resource, api_endpoint), deployed_model_id)
@@ -271,7 +271,7 @@ def smoke_test_op(
             getLogger("vlp.smoke").warning("benchmark skipped: %s", reason)
             skipped = reason
         else:
-            bench = benchmark_deployment(deployment, target, metrics, api_endpoint=api_endpoint, resolve=chat_target)
+            bench = benchmark_deployment(d, target, metrics, api_endpoint=api_endpoint, resolve=chat_target)
             levels = bench.levels
             bench_html = render_html(bench, fragment=True)
     with open(report.path, "w") as f:

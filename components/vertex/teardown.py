@@ -4,6 +4,8 @@
 import logging
 from dataclasses import dataclass, field
 
+from vlp.components.deployment import Deployment
+
 log = logging.getLogger("vlp.teardown")
 
 
@@ -212,30 +214,31 @@ def _finish_promotion(endpoints, ep, keeper: str, run_label: str) -> list[str]: 
     return undeployed
 
 
-def roll_back(deployment: dict, reason: str) -> Removed:
+def roll_back(deployment: Deployment, reason: str) -> Removed:
     """After a failed smoke test: the new deployed model and version go, the old one keeps 100%."""
-    cfg = deployment["config"]
-    if cfg["teardown"] == "never":
+    cfg = deployment.config
+    if cfg.teardown == "never":
         log.warning("teardown: never — leaving the failed deployment in place for debugging")
         return Removed()
     return remove_run_resources(
-        deployment["project"],
-        [deployment["region"]],
-        cfg["name"],
-        deployment["labels"]["vlp-run"],
-        deployment.get("api_endpoint", ""),
-        endpoint_name=cfg["endpoint"]["name"],
+        deployment.project,
+        [deployment.region],
+        cfg.name,
+        deployment.labels["vlp-run"],
+        deployment.api_endpoint,
+        endpoint_name=cfg.endpoint.name,
     )
 
 
 def roll_back_op(deployment: dict, reason: str) -> None:
     """Roll back after a failed smoke test, then fail the run with the smoke test's message."""
+    from vlp.components.deployment import Deployment
     from vlp.components.runtime import StepError, checkpoint, setup_logging
     from vlp.components.vertex.teardown import roll_back
 
     log = setup_logging()
     checkpoint("roll-back")
-    removed = roll_back(deployment, reason)
+    removed = roll_back(Deployment.parse(deployment), reason)
     for name in removed.undeployed + removed.deleted:
         log.info("removed %s", name)
     raise StepError(f"smoke test failed, deployment rolled back: {reason}")

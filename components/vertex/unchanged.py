@@ -5,20 +5,20 @@ from __future__ import annotations
 import logging
 import time
 
-from vlp.components.deployment import config_of
+from vlp.components.deployment import Deployment
 
 log = logging.getLogger("vlp.redeploy")
 
 
-def _healthy(deployment: dict, endpoint_resource: str, deployed_model_id: str) -> bool:
+def _healthy(deployment: Deployment, endpoint_resource: str, deployed_model_id: str) -> bool:
     """One short request to the serving model through a route its endpoint kind really serves: the per-model
     invoke route on dedicated endpoints (invokeRoutePrefix uploads), else :predict, whose answer must name it."""
     from vlp.components.serving.calls import http_session
     from vlp.components.serving.engines import served_model_name
     from vlp.components.vertex.prediction import describe_endpoint, prediction_request, smoke_route
 
-    api = deployment.get("api_endpoint", "")
-    cfg = config_of(deployment)
+    api = deployment.api_endpoint
+    cfg = deployment.config
     try:
         info = describe_endpoint(endpoint_resource, api)
         route = smoke_route(cfg.endpoint.uses_invoke, info)
@@ -47,13 +47,13 @@ def _healthy(deployment: dict, endpoint_resource: str, deployed_model_id: str) -
         time.sleep(0.5)  # a restarting server comes up within seconds; poll often
 
 
-def unchanged_deployment(deployment: dict) -> str | None:
+def unchanged_deployment(deployment: Deployment) -> str | None:
     """A description of the deployed model that already serves exactly this deployment, or None."""
-    from vlp.components.clients import endpoint_client, find_endpoint
     from vlp.components.runtime import LABEL_REVISION, LABEL_SPEC
+    from vlp.components.vertex.endpoints import endpoint_client, find_endpoint
     from vlp.components.vertex.serving_spec import serving_spec_hash
 
-    sha = deployment.get("revision_sha", "")
+    sha = deployment.revision_sha
     if not sha:
         return None  # a local directory has no pinned revision to compare
     endpoint = find_endpoint(deployment)
@@ -65,9 +65,7 @@ def unchanged_deployment(deployment: dict) -> str | None:
     from vlp.components import clients
     from vlp.components.runtime import deployed_version_name
 
-    models = aiplatform_v1.ModelServiceClient(
-        **clients.gapic_kwargs(deployment["region"], deployment.get("api_endpoint", ""))
-    )
+    models = aiplatform_v1.ModelServiceClient(**clients.gapic_kwargs(deployment.region, deployment.api_endpoint))
     endpoint = endpoint_client(deployment).get_endpoint(name=endpoint.name)
     for dm in endpoint.deployed_models:
         if endpoint.traffic_split.get(dm.id, 0) != 100:
