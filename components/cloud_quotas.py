@@ -61,7 +61,11 @@ def read_quota_limit(
     try:
         info = clients.quotas_client(api_endpoint).get_quota_info(name=name)
     except gexc.NotFound:
-        return 0, f"{quota_id} not found for the project (limit 0)"
+        # A wrong quota id, not an empty quota: reading it as 0 would refuse every deploy on that GPU.
+        return None, (
+            f"{quota_id} is not a quota id the Cloud Quotas API knows for {service}, so the limit is unknown; check "
+            "the GPU's serving quota in the console (IAM & Admin > Quotas) before the deploy"
+        )
     except (gexc.PermissionDenied, gexc.Forbidden) as exc:  # REST answers Forbidden, gRPC PermissionDenied
         from vlp.components.iam.access import disabled_api
 

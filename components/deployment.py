@@ -55,10 +55,18 @@ class Deployment:
         return data
 
 
-def run_account(explicit: str, cfg: DeploymentConfig) -> str:
+def default_pipeline_account(project: str) -> str:
+    """The pipeline's service account when the config names none: created by `vlp setup`."""
+    return f"vlp-pipeline@{project}.iam.gserviceaccount.com"
+
+
+def run_account(explicit: str, cfg: DeploymentConfig, project: str = "") -> str:
     """The account a run names for its steps and its serving: the run's service_account parameter, else
-    placement.service_account; "" leaves it to Google's default (the Compute Engine default account)."""
-    return explicit or cfg.placement.service_account
+    placement.service_account, else (given the project: what `vlp run`, `vlp schedule create` and `vlp render`
+    decide before anything runs) the pipeline's account `vlp setup` made. Never "" when a project is given: a
+    PipelineJob that names none runs as the Compute Engine default account (pipeline_job.proto), which `vlp setup`
+    grants nothing. Inside a step (no project given) "" means "the step's own", see serving_account."""
+    return explicit or cfg.placement.service_account or (default_pipeline_account(project) if project else "")
 
 
 def serving_account(deployment: Deployment) -> str:

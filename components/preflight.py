@@ -333,7 +333,15 @@ def preflight_op(
     report: dsl.Output[dsl.Markdown],
     metrics: dsl.Output[dsl.Metrics],
 ) -> NamedTuple(
-    "PreflightOutputs", [("deployment", dict), ("region", str), ("action", str), ("mirror_on", str), ("target", str)]
+    "PreflightOutputs",
+    [
+        ("deployment", dict),
+        ("region", str),
+        ("action", str),
+        ("mirror_on", str),
+        ("target", str),
+        ("service_account", str),
+    ],
 ):  # noqa: F821, UP014
     """Preflight: plan the hardware, check quota and Hub access, and fail before anything costs money."""
     from collections import namedtuple
@@ -415,9 +423,15 @@ def preflight_op(
             f"{cfg.model.repo} ({plan['weights_gb']} GB) is mirrored by a Vertex custom job on {machine}, which needs "
             f"a named service account to read the Hub token secret {cfg.model.hf_token_secret!r}: set "
             "placement.service_account (or the service_account parameter) to an account with "
-            "roles/secretmanager.secretAccessor and roles/storage.objectAdmin on the bucket, and give the "
+            "roles/secretmanager.secretAccessor and roles/storage.objectUser on the bucket, and give the "
             "pipeline's service account roles/iam.serviceAccountUser on it (docs/iam.md)"
         )
     checkpoint("preflight")
-    outputs = namedtuple("PreflightOutputs", ["deployment", "region", "action", "mirror_on", "target"])
-    return outputs(without_nulls(deployment.to_dict()), deployment.region, action, mirror_on, cfg.target)
+    outputs = namedtuple(
+        "PreflightOutputs", ["deployment", "region", "action", "mirror_on", "target", "service_account"]
+    )
+    # service_account: who the steps after this one name as the run's account (a big model's mirror custom job runs
+    # as it), decided here once: the run's, the config's, else this step's own.
+    return outputs(
+        without_nulls(deployment.to_dict()), deployment.region, action, mirror_on, cfg.target, deployment.service_account
+    )

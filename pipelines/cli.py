@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FAULT",
         help="local runs: inject a fault (quota-exhausted, hub-gated, upload-error, deploy-error, deploy-timeout, "
-        "server-crash, predict-429, smoke-fail, kill-step:STEP, kill-step:STEP@N: after its N-th API call); repeatable",
+        "server-crash, predict-429, smoke-fail, kill-step:STEP, kill-step:STEP@N: after its N-th API call; "
+        "no-service-account: the run's job names no account, so its steps run as the Compute Engine default); repeatable",
     )
     p.add_argument("--model-dir", type=Path, default=None, help="local runs: serve this model directory as model.repo")
 
@@ -346,12 +347,14 @@ def _render_deployment(args: argparse.Namespace, cfg: DeploymentConfig) -> Deplo
     from vlp.components.preflight import plan_deployment
 
     plan = plan_deployment(cfg, regions=[args.region] if args.region else None, check_quota=False)
+    project = args.project or cfg.placement.project
     return build(
         cfg,
-        project=args.project or cfg.placement.project or "PROJECT",
+        project=project or "PROJECT",
         region=args.region or cfg.placement.regions[0],
         bucket=args.bucket or cfg.placement.bucket or "BUCKET",
-        service_account=run_account(args.service_account, cfg),
+        # As `vlp run` decides it: the deploy request shows the account the model server will run as.
+        service_account=run_account(args.service_account, cfg, project),
         run_name="render",
         plan=plan.to_dict(),
         revision_sha="",

@@ -21,6 +21,14 @@ IDENTITIES = {
     "submitter": "submitter: whoever starts runs or creates schedules (a person, CI, Cloud Build)",
     "publisher": "publisher: whoever runs `vlp publish` (usually CI)",
 }
+# What Google grants the service agents on the project when the Vertex AI API is enabled
+# (vertex-ai/docs/general/access-control, "Service agents"): the policy adds only what these lack.
+AUTOMATIC = {
+    "vertex_agent": "`roles/aiplatform.serviceAgent` on the project, granted by Google: it holds the bucket reads "
+    "a Model's `artifactUri` upload needs (`storage.objects.get/list`)",
+    "custom_code_agent": "`roles/aiplatform.customCodeServiceAgent` on the project, granted by Google: it holds "
+    "object read and write in the project's buckets and reads its Artifact Registry repositories",
+}
 # Where a role is granted.
 SCOPES = {
     "project": "the project",
@@ -37,9 +45,7 @@ CONDITIONS = {
     "vertex": "`target: vertex`",
     "cloud_run": "`target: cloud_run`",
     "gated": "`model.hf_token_secret` is set",
-    "tgi_vertex": "TGI on Vertex (the Model has `artifactUri`)",
     "runtime_separate": "`cloud_run.service_account` is another account",
-    "mirror_job_agent": "a big model's mirror runs as a custom job and no `placement.service_account` is set",
     "templates": "runs from a template tag (console, `--template-uri` schedules)",
     "image": "steps compiled with `--image`",
 }
@@ -50,12 +56,12 @@ def markdown() -> str:
     lines: list[str] = []
     for who, title in IDENTITIES.items():
         rules = [r for r in RULES if r.who == who]
-        lines += [
-            f"### {title[0].upper()}{title[1:]}",
-            "",
-            "| Role | On | When | Steps | Why |",
-            "|---|---|---|---|---|",
-        ]
+        lines += [f"### {title[0].upper()}{title[1:]}", ""]
+        if who in AUTOMATIC:
+            lines += [f"Already holds {AUTOMATIC[who]}." + ("" if rules else " vlp grants it nothing more."), ""]
+        if not rules:
+            continue
+        lines += ["| Role | On | When | Steps | Why |", "|---|---|---|---|---|"]
         for r in rules:
             lines.append(f"| `{r.role}` | {SCOPES[r.on]} | {CONDITIONS[r.when]} | {r.steps} | {r.why} |")
         lines.append("")

@@ -180,7 +180,9 @@ def build_pipeline(image: str | None = None, template: Template | None = None) -
                                 api_endpoint=api_endpoint,
                                 project=project,
                                 location=pre.outputs["region"],
-                                service_account=service_account,
+                                # The account preflight decided and checked, not the raw form field: left empty, GCPC
+                                # would run the job as the Custom Code Service Agent, which cannot read the Hub token.
+                                service_account=pre.outputs["service_account"],
                             ).set_display_name(f"Mirror weights Hub → GCS (custom job, {size})")
                         )
                 for task in mirrors:

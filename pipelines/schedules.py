@@ -120,6 +120,8 @@ def schedule_request(
     if max_run_count < 0:
         raise ConfigError("--max-runs must be 0 (no limit) or more")
     parent = f"projects/{project}/locations/{region}"
+    # Each run the schedule starts runs as this account; unnamed, as the Compute Engine default (see submit.py).
+    service_account = run_account(service_account, cfg, project)
     params = pipeline_parameters(
         cfg,
         project=project,
@@ -143,8 +145,7 @@ def schedule_request(
 
         # As `vlp run` does: the committed spec, else a fresh compile (the spec is copied into the schedule).
         job.pipeline_spec = _load_spec(template_path or (spec_path() if spec_path().is_file() else compile_to_temp()))
-    if run_account(service_account, cfg):
-        job.service_account = run_account(service_account, cfg)
+    job.service_account = service_account
     schedule = aiplatform_v1.Schedule(
         display_name=display_name or schedule_display_name(cfg),
         cron=build_cron(cron, time_zone),

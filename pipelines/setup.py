@@ -9,7 +9,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlp.components.iam.policy import APIS, Binding, Identities, bindings, conditions, secret_id
+from vlp.components.deployment import default_pipeline_account
+from vlp.components.iam.policy import (
+    APIS,
+    Binding,
+    Identities,
+    bindings,
+    conditions,
+    secret_id,
+)
 
 GOOGLE_HOSTS = {
     "serviceusage": "https://serviceusage.googleapis.com",
@@ -17,11 +25,6 @@ GOOGLE_HOSTS = {
     "cloudresourcemanager": "https://cloudresourcemanager.googleapis.com",
     "secretmanager": "https://secretmanager.googleapis.com",
 }
-
-
-def default_pipeline_account(project: str) -> str:
-    """The pipeline's service account when the config names none: created by `vlp setup`."""
-    return f"vlp-pipeline@{project}.iam.gserviceaccount.com"
 
 
 @dataclass
@@ -57,7 +60,6 @@ def plan_setup(
     region: str,
     project_number: str,
     submitter: str = "",
-    mirror_job: bool = False,
     templates: bool = False,
     image: bool = False,
     kfp_repository: str = "",
@@ -77,7 +79,7 @@ def plan_setup(
         kfp_repository=kfp_repository,
         image_repository=image_repository,
     )
-    held = conditions(cfg, mirror_job=mirror_job, templates=templates, image=image)
+    held = conditions(cfg, templates=templates, image=image)
     accounts = [
         a for a in dict.fromkeys([pipeline_sa, runtime_sa]) if a and a.endswith(f"@{project}.iam.gserviceaccount.com")
     ]

@@ -74,6 +74,9 @@ def submit_run(
     from vlp.pipelines.pipeline import pipeline_parameters
 
     project, region, bucket = resolve_placement(cfg, project, region, bucket)
+    # Named on the job (and in its parameters): without one, Vertex runs every step as the Compute Engine default
+    # account, which `vlp setup` grants nothing.
+    service_account = run_account(service_account, cfg, project)
     clients.init_aiplatform(project, region, api_endpoint)
     template = template_path or str(compile_to_temp(image) if image or not spec_path().exists() else spec_path())
     params = pipeline_parameters(
@@ -102,13 +105,13 @@ def submit_run(
             from google.cloud import aiplatform_v1
 
             request = job._gca_resource  # the proto submit() would send, before it exists on the server
-            request.service_account = run_account(service_account, cfg)
+            request.service_account = service_account
             created = aiplatform_v1.PipelineServiceClient(
                 **clients.gapic_kwargs(region, api_endpoint)
             ).create_pipeline_job(parent=f"projects/{project}/locations/{region}", pipeline_job=request)
             job = aiplatform.PipelineJob.get(created.name)
         else:
-            job.submit(service_account=run_account(service_account, cfg) or None)
+            job.submit(service_account=service_account)
     except Exception as exc:
         hint = permission_hint(exc)
         raise RuntimeError(f"submitting the pipeline to {project}/{region} failed: {exc}. {hint}".strip()) from None

@@ -236,6 +236,7 @@ ROLES = [
     "roles/storage.objectAdmin",
     "roles/storage.objectViewer",
     "roles/storage.objectUser",
+    "roles/storage.objectCreator",  # create-only: what the emulator's overwrite rule (storage.objects.delete) is tested with
     "roles/storage.bucketViewer",
     "roles/storage.legacyBucketReader",
     "roles/storage.admin",

@@ -686,10 +686,15 @@ def test_invoke_models_deploy_to_dedicated_endpoints_and_answer_on_their_dns_onl
         f"{emu.url}/v1/{shared.name}:predict", f"{LOCATION}-aiplatform.googleapis.com", {"instances": [{}]}
     )
     assert status == 200
-    # 1.5 MB request bodies.
+    # 1.5 MB request bodies on a shared endpoint, 10 MB on a dedicated one.
     big = json.dumps({"instances": [{"prompt": "x" * 1_600_000}]}).encode()
     status, body = _host_http(f"{emu.url}/v1/{shared.name}:predict", f"{LOCATION}-aiplatform.googleapis.com", big)
-    assert status == 400 and "exceeds the limit" in body["error"]["message"]
+    assert status == 400 and "exceeds the limit of 1500000 bytes" in body["error"]["message"]
+    status, _ = _host_http(f"{emu.url}/v1/{dedicated.name}/invoke/generate", dns, big)
+    assert status == 200
+    huge = json.dumps({"instances": [{"prompt": "x" * 10_000_001}]}).encode()
+    status, body = _host_http(f"{emu.url}/v1/{dedicated.name}/invoke/generate", dns, huge)
+    assert status == 400 and "exceeds the limit of 10000000 bytes" in body["error"]["message"]
 
 
 def test_v1beta1_deploy_takes_multihost_nodes_and_logs_only_when_asked(

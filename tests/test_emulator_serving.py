@@ -468,8 +468,11 @@ def test_cloud_quotas_client_reads_limits_and_the_exhausted_fault(emu: Emulator)
     assert info.metric == "aiplatform.googleapis.com/custom_model_serving_nvidia_l4_gpus"
     assert all(d.applicable_locations == [d.dimensions["region"]] for d in info.dimensions_infos)
 
-    unset = client.get_quota_info(name=f"{parent}/quotaInfos/SomethingNeverSetPerProjectPerRegion")
+    unset = client.get_quota_info(name=f"{parent}/quotaInfos/CustomModelServingH200GPUsPerProjectPerRegion")
     assert {d.details.value for d in unset.dimensions_infos} == {8}
+    # An id Google does not have (no source names it) is NOT_FOUND, as on Google; not a quota of 0 or of 8.
+    with pytest.raises(gexc.NotFound):
+        client.get_quota_info(name=f"{parent}/quotaInfos/SomethingNeverSetPerProjectPerRegion")
 
     listed = {q.quota_id: q for q in client.list_quota_infos(parent=parent)}
     assert l4 in listed and "CustomModelServingH100GPUsPerProjectPerRegion" in listed

@@ -389,3 +389,19 @@ def test_multi_host_is_refused_at_preflight_before_anything_is_created(tmp_path:
     assert [s["name"] for s in summary["steps"]] == ["preflight", "cleanup"]
     assert summary["created"] == []
     assert not any(":deployModel" in c for c in summary["api_calls"])
+
+
+def test_a_run_whose_job_names_no_account_runs_as_the_compute_default_and_fails_preflight_naming_the_fix(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A PipelineJob without serviceAccount (a console run with Advanced options left empty) runs every step as the
+    Compute Engine default account, which holds no role here (as with no automatic Editor grant): preflight stops it
+    before anything is created, and says why and how to run as the pipeline's account."""
+    summary = run(tmp_path / "state", tiny_config(), tiny_model_dir, faults=["no-service-account"])
+    assert summary["status"] == "failed"
+    error = summary["error"] or ""
+    assert "-compute@developer.gserviceaccount.com, the Compute Engine default service account" in error, error
+    assert "its PipelineJob named no service account" in error
+    assert "vlp-pipeline@local-project.iam.gserviceaccount.com" in error and "Advanced options > Service account" in error
+    assert [s["name"] for s in summary["steps"]] == ["preflight", "cleanup"]
+    assert summary["created"] == []

@@ -223,6 +223,41 @@ def test_gated_repo_without_access(emulator: Any, models: dict[str, Any]) -> Non
     assert "hf_not_a_real_token" not in msg  # never a secret in a message
 
 
+def test_a_revision_the_repo_lacks_is_named_as_such(
+    emulator: Any, hub_mirror: Any, models: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The repo exists, the branch does not: the Hub answers RevisionNotFound (and so does the local Hub gate), and
+    preflight names the revision and how to list the repo's branches and tags, not "check model.repo"."""
+    monkeypatch.setenv("VLP_HUB_MIRRORS_DIR", str(hub_mirror.mirrors_dir))  # the gate knows the mirror's repos
+    with pytest.raises(PreflightError) as err:
+        run_preflight(
+            _cfg(**{"model.revision": "some-branch"}),
+            project=PROJECT,
+            api_endpoint=emulator.url,
+            hub_endpoint=emulator.url + "/hf",
+        )
+    msg = str(err.value)
+    assert f"{REPO} has no revision 'some-branch' (the repo exists" in msg and "list_repo_refs" in msg, msg
+    assert "was not found" not in msg and "check model.repo" not in msg
+    dep = run_preflight(
+        _cfg(**{"model.revision": "main"}), project=PROJECT, api_endpoint=emulator.url, hub_endpoint=emulator.url + "/hf"
+    )
+    assert dep.revision_sha == models["sha"]
+
+
+def test_a_quota_id_google_does_not_know_is_unknown_not_zero(emulator: Any) -> None:
+    """F9: a NotFound for a quota id is a wrong id (the RTX PRO 6000 serving id has no source), not an empty quota:
+    the limit reads as unknown, with the fix, so the plan warns instead of refusing every deploy on that GPU."""
+    from vlp.components.cloud_quotas import read_quota_limit
+    from vlp.components.vertex.quota import GPU_QUOTAS, SERVICE
+
+    rtx = GPU_QUOTAS["NVIDIA_RTX_PRO_6000"][0][0]
+    limit, note = read_quota_limit(SERVICE, PROJECT, rtx, "us-central1", emulator.url)
+    assert limit is None and f"{rtx} is not a quota id the Cloud Quotas API knows" in note
+    l4 = GPU_QUOTAS["NVIDIA_L4"][0][0]
+    assert read_quota_limit(SERVICE, PROJECT, l4, "us-central1", emulator.url)[0] == 8  # the emulator's default
+
+
 def test_missing_token_secret_is_named(emulator: Any, hub_mirror: Any, models: dict[str, Any]) -> None:
     with pytest.raises(PreflightError) as err:
         run_preflight(

@@ -373,3 +373,13 @@ def test_the_chat_template_renders_as_transformers_renders_it(
         )
     assert ours == theirs
     assert "What is the capital of France?" in ours
+
+
+def test_the_request_cap_follows_the_endpoint_kind() -> None:
+    """1.5 MB on a shared endpoint (the SDK's raw_predict docstring), 10 MB on a dedicated one (F13: "Larger payload
+    support: Up to 10 MB"), as the emulator's V-SIZE rule enforces; the smoke test refuses a body over its endpoint's."""
+    from vlp.components.vertex.prediction import EndpointInfo, request_limit
+
+    info = EndpointInfo("projects/p/locations/r/endpoints/1", "p", "r", "1", "http://x", {}, [], dedicated=False)
+    assert request_limit(info) == 1_500_000
+    assert request_limit(EndpointInfo(**{**info.__dict__, "dedicated": True})) == 10_000_000

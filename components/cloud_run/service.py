@@ -14,7 +14,6 @@ from vlp.components.deployment import Deployment
 
 log = logging.getLogger("vlp.cloud_run")
 
-INVOKER = "roles/run.invoker"
 # A revision's operation ends when its instances pass the startup probe; the first deploy of an image also imports it
 # (about 5 minutes for the TGI DLC, per the Hugging Face Cloud Run example), so the wait is the probe's window plus
 # ten minutes.
@@ -141,32 +140,6 @@ def wait_for(operation: Any, what: str, timeout_s: float) -> Any:
         ) from None
 
 
-def grant_invoker(services: Any, name: str, member: str) -> None:
-    """roles/run.invoker for `member` on the service (never allUsers), keeping the policy's etag round trip."""
-    from google.iam.v1 import iam_policy_pb2
-
-    policy = services.get_iam_policy(request=iam_policy_pb2.GetIamPolicyRequest(resource=name))
-    for binding in policy.bindings:
-        if binding.role == INVOKER:
-            if member in binding.members:
-                return
-            binding.members.append(member)
-            break
-    else:
-        policy.bindings.add(role=INVOKER, members=[member])
-    services.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=name, policy=policy))
-    log.info("granted %s on %s to %s", INVOKER, name, member)
-
-
-def caller_member(api_endpoint: str) -> str:
-    """The IAM member the pipeline's steps call as (empty when it cannot be read: then only accounts already
-    granted can call)."""
-    from vlp.components.clients import own_account
-
-    email = own_account(api_endpoint)
-    return f"serviceAccount:{email}" if email else ""
-
-
 def deploy_revision(deployment: Deployment, weights_uri: str) -> DeployedRevision:
     """Create the service, or add a revision to it at 0% behind the `candidate` tag (blue/green), and wait for it."""
     from vlp.components.cloud_run.service_spec import CANDIDATE_TAG, service_name, service_request
@@ -218,17 +191,8 @@ def deploy_revision(deployment: Deployment, weights_uri: str) -> DeployedRevisio
                 deployment.api_endpoint,
             )
         ) from None
-    member = caller_member(deployment.api_endpoint)
-    if member:
-        from google.api_core import exceptions
-
-        try:
-            grant_invoker(services, name, member)
-        except exceptions.Forbidden as exc:  # PermissionDenied (gRPC) is a Forbidden (REST) too
-            raise StepError(
-                f"cannot grant {INVOKER} on {name} to {member} ({exc.message}): give the pipeline's service account "
-                "roles/run.admin on the project (setIamPolicy), or grant it roles/run.invoker on the service yourself"
-            ) from None
+    # No invoker grant here: the pipeline's account calls the service through its project role, roles/run.developer
+    # (run.routes.invoke), which `vlp setup` grants once; granting itself per service needed setIamPolicy (run.admin).
     url = next((t.uri for t in service.traffic_statuses if t.tag == CANDIDATE_TAG), "")
     if not url:
         raise StepError(f"{what} has no URL for the {CANDIDATE_TAG} tag: traffic is {list(service.traffic_statuses)}")

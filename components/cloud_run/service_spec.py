@@ -171,5 +171,5 @@ def render_service(deployment: Deployment, weights_uri: str) -> dict[str, Any]:
         "service": data,
         "service_id": deployment.config.service_id,
         "parent": f"projects/{deployment.project}/locations/{deployment.region}",
-        "access": "private: no allUsers binding; the pipeline's account gets roles/run.invoker, callers need it too",
+        "access": "private: no allUsers binding; callers need roles/run.invoker (the pipeline's account calls through roles/run.developer)",
     }

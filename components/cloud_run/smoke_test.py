@@ -13,14 +13,10 @@ from kfp import dsl
 from vlp.components.deployment import Deployment
 
 RUN_REFUSED = (
-    "the caller's account lacks roles/run.invoker on the service (the deploy step grants it to the pipeline's "
-    "account), or the request carried no ID token for the service's URL"
+    "the caller's account lacks run.routes.invoke on the service (the pipeline's account holds it through "
+    "roles/run.developer on the project: `vlp setup`), or the request carried no ID token for the service's URL"
 )
 RUN_MISSING = "the service or its candidate tag is gone"
-# The deploy step grants the pipeline's account roles/run.invoker just before this step; IAM changes "typically"
-# propagate within 2 minutes and sometimes take 7 or more (iam/docs/access-change-propagation): 403s are asked again
-# for that long before they count as a refusal.
-INVOKER_PROPAGATION_S = 420.0
 
 
 def run_service_smoke_test(
@@ -85,7 +81,6 @@ def run_service_smoke_test(
             timeout_s,
             RUN_REFUSED,
             RUN_MISSING,
-            propagation_s=INVOKER_PROPAGATION_S,
         )
     except SmokeTestError as exc:
         lines = server_log_tail(project, "", api_endpoint=deployment.api_endpoint, flt=flt)

@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlp.components.iam.policy import RULES, Identities, conditions, member_of, secret_id
+from vlp.components.iam.policy import (
+    RULES,
+    Identities,
+    conditions,
+    is_compute_default_account,
+    member_of,
+    secret_id,
+)
 
 GOOGLE_API = {"aiplatform": "https://{region}-aiplatform.googleapis.com", "run": "https://run.googleapis.com"}
 GOOGLE = {
@@ -44,7 +51,8 @@ def check_access(cfg: Any, *, project: str, bucket: str, api_endpoint: str = "")
         try:
             granted = asker.held(resource, list(rule.checks))
         except _Missing as exc:
-            problems.append(str(exc))
+            if str(exc) not in problems:  # one disabled API or missing bucket answers for several rules
+                problems.append(str(exc))
             continue
         missing = [p for p in rule.checks if p not in granted]
         if missing:
@@ -55,6 +63,20 @@ def check_access(cfg: Any, *, project: str, bucket: str, api_endpoint: str = "")
                 f"{account} lacks {', '.join(missing)} on {_pretty(resource)} ({rule.steps}: {rule.why}). Grant "
                 f"{rule.role}: {binding.gcloud()} (or run `vlp setup`, which grants the whole policy: docs/iam.md)"
             )
+    if problems and is_compute_default_account(account):
+        # The first real run's usual failure: a PipelineJob that names no serviceAccount runs as this account, which
+        # `vlp setup` never granted anything (and whose automatic Editor role, where a project still grants it, lacks
+        # the secret, the invoker grant and ID tokens).
+        from vlp.components.deployment import run_account
+
+        pipeline_sa = run_account("", cfg, project)
+        problems.insert(
+            0,
+            f"this run runs as {account}, the Compute Engine default service account: its PipelineJob named no "
+            f"service account. Run it as the pipeline's account, {pipeline_sa}: `vlp run` and `vlp schedule create` "
+            f"name it (or pass --service-account); in the console's Create run form, set Advanced options > Service "
+            f"account to it; from the SDK, PipelineJob.submit(service_account={pipeline_sa!r})",
+        )
     return problems
 
 
@@ -124,6 +146,16 @@ class _Asker:
         response = self.session.post(f"{base}{path}:testIamPermissions", json={"permissions": permissions}, timeout=30)
         if response.status_code == 404:
             raise _Missing(f"{_pretty(resource)} does not exist (or cannot be seen): create it, or run `vlp setup`")
+        if response.status_code == 403:
+            # testIamPermissions needs no permission, so a 403 is the API itself: Resource Manager is not on in a
+            # new project (service-usage/docs/enabled-service), and the check asks it about the project.
+            try:
+                details = response.json().get("error", {}).get("details") or []
+            except ValueError:
+                details = []
+            fix = _disabled_in(details)
+            if fix:
+                raise _Missing(fix.replace("PROJECT", self.project))
         response.raise_for_status()
         return set(response.json().get("permissions") or [])
 

@@ -3,6 +3,7 @@ preflight checks and the local stack runs under (nothing more is granted there).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,11 +56,12 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "pipeline",
-        "roles/storage.objectAdmin",
+        "roles/storage.objectUser",
         "bucket",
         "mirror weights, smoke test, all (pipeline root)",
-        "write and verify `gs://BUCKET/models/...` (and mark each verified object), overwrite the manifest, the "
-        "pipeline root; read the tokenizer",
+        "write and verify `gs://BUCKET/models/...` (and mark each verified object), overwrite the manifest (an "
+        "overwrite needs `storage.objects.delete` too), the pipeline root; read the tokenizer. Not objectAdmin: its "
+        "extra permissions set object ACLs and retention, which vlp never does",
         checks=(
             "storage.objects.create",
             "storage.objects.get",
@@ -73,7 +75,7 @@ RULES: tuple[Rule, ...] = (
         "roles/storage.bucketViewer",
         "bucket",
         "preflight",
-        "`storage.buckets.get`: the bucket's region must match the run's (roles/storage.objectAdmin has no bucket get)",
+        "`storage.buckets.get`: the bucket's region must match the run's (roles/storage.objectUser has no bucket get)",
         checks=("storage.buckets.get",),
     ),
     Rule(
@@ -89,22 +91,23 @@ RULES: tuple[Rule, ...] = (
         "pipeline",
         "roles/iam.serviceAccountUser",
         "pipeline_sa",
-        "deploy",
+        "deploy, mirror weights (custom job)",
         "the endpoint's model server runs as the pipeline SA, which reads the weights (vLLM downloads "
-        "`--model=gs://...` itself); deploying as an account needs `iam.serviceAccounts.actAs` on it, asked even for "
-        "the caller's own (strict: unverified whether Google waives it)",
-        "vertex",
+        "`--model=gs://...` itself), and a big model's mirror custom job runs as it on either target; creating either "
+        "as an account needs `iam.serviceAccounts.actAs` on it, asked even for the caller's own (strict: unverified "
+        "whether Google waives it)",
+        "",
         checks=("iam.serviceAccounts.actAs",),
     ),
     Rule(
         "pipeline",
-        "roles/run.admin",
+        "roles/run.developer",
         "project",
-        "preflight, deploy service, promote / roll back / clean up",
-        "create, update and delete the service and its revisions, and grant itself roles/run.invoker "
-        "(`setIamPolicy`, which roles/run.developer lacks)",
+        "preflight, deploy service, smoke test service, promote / roll back / clean up",
+        "create, update and delete the service and its revisions, and call it (`run.routes.invoke`, in this role). "
+        "Not run.admin: its `setIamPolicy` could make any service in the project public",
         "cloud_run",
-        checks=("run.services.create", "run.services.setIamPolicy", "run.revisions.delete"),
+        checks=("run.services.create", "run.routes.invoke", "run.revisions.delete"),
     ),
     Rule(
         "pipeline",
@@ -133,37 +136,23 @@ RULES: tuple[Rule, ...] = (
         "runtime_separate",
     ),
     Rule(
-        "vertex_agent",
-        "roles/storage.objectViewer",
-        "bucket",
-        "register model",
-        "Vertex AI copies a Model's `artifactUri` at upload as its service agent",
-        "tgi_vertex",
-    ),
-    Rule(
-        "vertex_agent",
+        "custom_code_agent",
         "roles/artifactregistry.reader",
         "kfp_repository",
         "(Vertex AI Pipelines)",
-        "a run from a template tag (`.../latest`) is resolved by the service agent, not the caller "
-        "(python-aiplatform#2398)",
+        "a run from a template tag (`.../latest`) is resolved by the Custom Code Service Agent, not the caller "
+        "(python-aiplatform#2398); its automatic role reads a repository in its own project already, so this "
+        "matters for one in another project",
         "templates",
     ),
     Rule(
         "custom_code_agent",
-        "roles/storage.objectAdmin",
-        "bucket",
-        "mirror weights (custom job)",
-        "a GCPC custom job without a service account runs as this agent; it cannot read Secret Manager, so "
-        "preflight refuses a gated model this way",
-        "mirror_job_agent",
-    ),
-    Rule(
-        "pipeline",
         "roles/artifactregistry.reader",
         "image_repository",
         "all",
-        "pull the prebuilt component image",
+        "pull the prebuilt component image: Vertex AI pulls with its own agent, never a custom service account "
+        "(vertex-ai/docs/general/custom-service-account); its automatic role reads its own project's repositories, "
+        "so this matters for an image in another project",
         "image",
     ),
     Rule(
@@ -197,10 +186,13 @@ RULES: tuple[Rule, ...] = (
     ),
 )
 
-# The APIs a deployment's steps call, per target (what `vlp setup` enables).
+# The APIs a deployment's steps call, per target (what `vlp setup` enables). Resource Manager: preflight asks it
+# which project grants the pipeline's account holds (projects.testIamPermissions), and `vlp setup` writes the project's
+# policy through it; a new project does not have it on (service-usage/docs/enabled-service lists what it has).
 APIS = {
     "vertex": [
         "aiplatform.googleapis.com",
+        "cloudresourcemanager.googleapis.com",
         "storage.googleapis.com",
         "cloudquotas.googleapis.com",
         "logging.googleapis.com",
@@ -208,6 +200,7 @@ APIS = {
     ],
     "cloud_run": [
         "aiplatform.googleapis.com",
+        "cloudresourcemanager.googleapis.com",
         "run.googleapis.com",
         "storage.googleapis.com",
         "cloudquotas.googleapis.com",
@@ -284,6 +277,12 @@ class Identities:
         }[scope]
 
 
+def is_compute_default_account(email: str) -> bool:
+    """The Compute Engine default service account (PROJECT_NUMBER-compute@developer.gserviceaccount.com): who a
+    PipelineJob runs as when it names no serviceAccount (pipeline_job.proto, PipelineJob.service_account)."""
+    return bool(re.fullmatch(r"[0-9]+-compute@developer\.gserviceaccount\.com", email))
+
+
 def secret_id(secret: str) -> str:
     """The secret's id in `model.hf_token_secret` (NAME, projects/P/secrets/NAME or .../versions/V)."""
     if not secret:
@@ -296,23 +295,19 @@ def member_of(email: str) -> str:
     return f"serviceAccount:{email}" if email.endswith("gserviceaccount.com") else f"user:{email}"
 
 
-def conditions(cfg: Any, *, mirror_job: bool = False, templates: bool = False, image: bool = False) -> set[str]:
+def conditions(cfg: Any, *, templates: bool = False, image: bool = False) -> set[str]:
     """Which rule conditions hold for a deployment config (vlp.components.config.DeploymentConfig)."""
     held = {""}
     target = getattr(cfg, "target", "vertex") or "vertex"
     held.add(target)
     if cfg.model.hf_token_secret:
         held.add("gated")
-    if target == "vertex" and cfg.serving.engine == "tgi":
-        held.add("tgi_vertex")
     if (
         target == "cloud_run"
         and cfg.cloud_run.service_account
         and (cfg.cloud_run.service_account != cfg.placement.service_account)
     ):
         held.add("runtime_separate")
-    if mirror_job and not cfg.placement.service_account:
-        held.add("mirror_job_agent")
     if templates:
         held.add("templates")
     if image:

@@ -288,7 +288,8 @@ class _Hub:
             info = self._api_call("model_info", lambda: api.model_info(self.repo, revision=revision))
         except RevisionNotFoundError:
             raise MirrorError(
-                f"revision {revision!r} does not exist in {self.repo}: set model.revision to a branch, tag or commit"
+                f"{self.repo} has no revision {revision!r} (the repo exists; that branch, tag or commit does not): set "
+                "model.revision to one it has (huggingface_hub's list_repo_refs lists its branches and tags)"
             ) from None
         if not info.sha:
             raise MirrorError(f"the Hub at {self.endpoint} returned no commit sha for {self.repo}@{revision}")

@@ -377,6 +377,16 @@ def hub_endpoint(endpoint: str = "") -> str | None:
     return endpoint or os.environ.get("HF_ENDPOINT") or None
 
 
+def revision_not_found_message(repo: str, revision: str, endpoint: str | None = None) -> str:
+    """The repo exists but not this branch, tag or commit: say which, and how to see the ones it has."""
+    where = f", endpoint={endpoint!r}" if endpoint else ""
+    return (
+        f"{repo} has no revision {revision!r} (the repo exists; that branch, tag or commit does not): set model.revision "
+        f"to one it has, or leave it out for main. List its branches and tags with: python -c \"from huggingface_hub "
+        f"import list_repo_refs; print(list_repo_refs({repo!r}{where}))\" (add token=... for a gated or private repo)"
+    )
+
+
 def read_hub_facts(repo: str, *, revision: str = "main", endpoint: str = "", token: str | None = None) -> ModelFacts:
     """Model facts from a Hub repo: metadata and small JSON files only; safetensors headers by ranged reads."""
     from huggingface_hub import HfApi, hf_hub_download
@@ -398,9 +408,7 @@ def read_hub_facts(repo: str, *, revision: str = "main", endpoint: str = "", tok
     except GatedRepoError as exc:
         raise ModelAccessError(_gated_message(repo, token)) from exc
     except RevisionNotFoundError as exc:
-        raise ModelAccessError(
-            f"{repo} has no revision {revision!r}: set model.revision to a branch, tag or commit"
-        ) from exc
+        raise ModelAccessError(revision_not_found_message(repo, revision, host)) from exc
     except RepositoryNotFoundError as exc:
         raise ModelAccessError(
             f"{repo} was not found on {host or 'huggingface.co'} (or it is private and the token cannot see it): "

@@ -149,16 +149,11 @@ def _post_with_retries(
     timeout_s: float,
     refused_fix: str = VERTEX_REFUSED,
     missing_fix: str = VERTEX_MISSING,
-    propagation_s: float = 0.0,
 ) -> tuple[Any, float, str]:
-    """POSTs until a non-retryable answer; returns (json, latency of the answering call, last error text).
-
-    A 403 within `propagation_s` of the first call is a grant not yet propagated (IAM: typically 2 minutes): it is
-    asked again without using up an attempt."""
+    """POSTs until a non-retryable answer; returns (json, latency of the answering call, last error text)."""
     import requests
 
     last = ""
-    first = time.monotonic()
     attempt = 0
     while attempt < attempts:
         start = time.perf_counter()
@@ -174,10 +169,6 @@ def _post_with_retries(
                 except ValueError:
                     return {"_unparsed": resp.text[:4000]}, latency, ""
             last = f"HTTP {resp.status_code}: {resp.text[:2000]}"
-            if resp.status_code == 403 and time.monotonic() - first < propagation_s:
-                log.info("%s answered 403: the invoker grant may not have propagated yet; asking again", url)
-                time.sleep(min(backoff_s, 10.0))
-                continue
             if resp.status_code in (401, 403):
                 raise SmokeTestError(f"{url} refused the call ({last}): {refused_fix}")
             if resp.status_code == 404:

@@ -107,9 +107,15 @@ def predict_url(info: EndpointInfo) -> str:
     return f"{info.base_url}/v1/{info.resource}:predict"
 
 
-# Vertex's online prediction request limit ("The request body limit is 1.5 MB", aiplatform SDK
-# Endpoint.raw_predict / invoke docstrings).
+# Vertex's online prediction request limit: "The request body limit is 1.5 MB" on a shared endpoint (aiplatform SDK
+# Endpoint.raw_predict / invoke docstrings), "Up to 10 MB" on a dedicated one (predictions/using-dedicated-endpoints).
 MAX_REQUEST_BYTES = 1_500_000
+MAX_DEDICATED_REQUEST_BYTES = 10_000_000
+
+
+def request_limit(info: EndpointInfo) -> int:
+    """The largest request body the endpoint takes, by its kind."""
+    return MAX_DEDICATED_REQUEST_BYTES if info.dedicated else MAX_REQUEST_BYTES
 
 
 # ----------------------------------------------------------------------------- requests

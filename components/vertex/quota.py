@@ -13,8 +13,9 @@ SERVICE = "aiplatform.googleapis.com"
 
 # Vertex AI online-serving quota ids (Cloud Quotas API) and their metrics per AcceleratorType: on-demand, then
 # Spot ("Preemptible"). L4, A100 80GB, H100, T4, CPUs and the preemptible H100/A100 80GB/L4/CPU ids appear in
-# Google's Model Garden notebooks and gcloud's model_garden_utils; the H100 Mega, H200, B200 and RTX PRO 6000
-# ids follow the same pattern (the H200 metric custom_model_serving_nvidia_h200_gpus is Google's).
+# Google's Model Garden notebooks and gcloud's model_garden_utils; the H100 Mega, H200 and B200 ids are in Google's
+# map (Model Garden notebook_util common_util.get_quota_id). The RTX PRO 6000 id is unverified: no source names it,
+# so it follows the pattern, and a NotFound reads as "limit unknown" (a warning), never as no quota.
 GPU_QUOTAS: dict[str, tuple[tuple[str, str], tuple[str, str] | None]] = {
     "NVIDIA_L4": (
         ("CustomModelServingL4GPUsPerProjectPerRegion", "custom_model_serving_nvidia_l4_gpus"),

@@ -26,10 +26,10 @@ from vlp.components.smoke.checks import (
     render_prompt,
 )
 from vlp.components.vertex.prediction import (
-    MAX_REQUEST_BYTES,
     canary_tries,
     describe_endpoint,
     prediction_request,
+    request_limit,
     smoke_route,
 )
 
@@ -155,11 +155,13 @@ def run_smoke_test(
     url, body, kind = prediction_request(
         cfg.serving.engine, route_kind, info, deployed_model_id, messages, st.max_tokens, served_model_name(deployment)
     )
-    size = len(json.dumps(body).encode())
-    if size > MAX_REQUEST_BYTES:
+    size, limit = len(json.dumps(body).encode()), request_limit(info)
+    if size > limit:
+        kind = "dedicated" if info.dedicated else "shared"
         raise SmokeTestError(
-            f"the smoke request is {size / 1e6:.1f} MB, over Vertex's 1.5 MB request limit (the image is inlined): "
-            "use a smaller smoke_test.image_url, or an https:// URL the server fetches itself"
+            f"the smoke request is {size / 1e6:.1f} MB, over the {limit / 1e6:g} MB request limit of a {kind} endpoint "
+            "(the image is inlined): use a smaller smoke_test.image_url, or an https:// URL the server fetches itself"
+            + ("" if info.dedicated else ", or a dedicated endpoint (endpoint.dedicated: true), which takes 10 MB")
         )
     session = http_session(api_endpoint)
     try:

@@ -35,6 +35,11 @@ EMULATOR_FAULTS = {
     "predict-429",
     "smoke-fail",
 }
+# A fault of the run itself: its PipelineJob names no service account, as a console run with Advanced options left
+# empty does, so every step runs as the project's Compute Engine default account (pipeline_job.proto). Locally that
+# account holds no role, as in a project whose organization enforces iam.automaticIamGrantsForDefaultServiceAccounts
+# (no automatic Editor grant: organization-policy/restrict-service-accounts); the local default, see docs/iam.md.
+NO_SERVICE_ACCOUNT = "no-service-account"
 KILLABLE_STEPS = {
     "preflight",
     "mirror-weights",
@@ -71,8 +76,8 @@ def split_faults(faults: list[str]) -> tuple[list[str], str]:
                 raise ConfigError(f"--inject {fault}: after '@' comes a number of API calls (1 or more)")
         elif fault in EMULATOR_FAULTS:
             emulator.append(fault)
-        else:
-            choices = ", ".join(sorted(EMULATOR_FAULTS | {"kill-step:STEP", "kill-step:STEP@N"}))
+        elif fault != NO_SERVICE_ACCOUNT:
+            choices = ", ".join(sorted(EMULATOR_FAULTS | {NO_SERVICE_ACCOUNT, "kill-step:STEP", "kill-step:STEP@N"}))
             raise ConfigError(f"--inject {fault}: unknown fault; choose one of {choices}")
     return emulator, ",".join(kills)
 
@@ -391,15 +396,16 @@ def setup_local(
     """`vlp setup` on the local stack, as the project's owner; returns (the owner, the pipeline's service account)."""
     from google.cloud import storage
 
+    from vlp.components.deployment import run_account
     from vlp.pipelines.local.emulator.iam import project_number
-    from vlp.pipelines.setup import apply, default_pipeline_account, plan_setup
+    from vlp.pipelines.setup import apply, plan_setup
 
     owner = stack.bootstrap_owner(project, bucket)
     credentials = stack.credentials(owner)
     plan = plan_setup(cfg, project=project, bucket=bucket, region=region, project_number=project_number(project))
     gcs = storage.Client(project=project, credentials=credentials, client_options={"api_endpoint": stack.storage_endpoint})
     apply(plan, api_endpoint=stack.api_endpoint, credentials=credentials, storage_client=gcs, log=log.info)
-    return owner, cfg.placement.service_account or default_pipeline_account(project)
+    return owner, run_account("", cfg, project)
 
 
 def run_local(
@@ -453,6 +459,10 @@ def run_local(
         owner, pipeline_sa = setup_local(
             stack, cfg, project=project, bucket=bucket, region=region or cfg.placement.regions[0]
         )
+        if NO_SERVICE_ACCOUNT in (faults or []):
+            from vlp.pipelines.local.emulator.iam import compute_default_account
+
+            pipeline_sa = compute_default_account(project)
         os.environ.update(stack.env(pipeline_sa))
         # Each step imports only what its launcher installs on Vertex (pipelines/local/import_guard.py).
         os.environ.update(import_guard.guard_env(state_dir))

@@ -13,6 +13,7 @@ from vlp.pipelines.local.emulator.errors import ApiError
 
 MAX_DEPLOYMENT_TIMEOUT_S = 7200
 MAX_REQUEST_BYTES = 1_500_000
+MAX_DEDICATED_REQUEST_BYTES = 10_000_000
 INVOKE_PREFIXES = ("/*",)
 DEDICATED_DNS_SUFFIX = ".prediction.vertexai.goog"
 # Container paths the pinned images serve, for invoke (which forwards the path unchanged).
@@ -145,12 +146,13 @@ def check_predict_route(spec: dict[str, Any], dm_id: str, kind: str) -> None:
         )
 
 
-def check_request_size(body: bytes) -> None:
-    """V-SIZE: "The request body limit is 1.5 MB" (aiplatform SDK Endpoint.raw_predict and invoke docstrings)."""
-    if len(body) > MAX_REQUEST_BYTES:
-        raise ApiError(
-            "INVALID_ARGUMENT", f"Request payload size {len(body)} exceeds the limit of {MAX_REQUEST_BYTES} bytes."
-        )
+def check_request_size(body: bytes, dedicated: bool = False) -> None:
+    """V-SIZE: "The request body limit is 1.5 MB" on a shared endpoint (aiplatform SDK Endpoint.raw_predict and
+    invoke docstrings); a dedicated endpoint takes "Larger payload support: Up to 10 MB"
+    (vertex-ai/docs/predictions/using-dedicated-endpoints). 10 MB read as 10,000,000 bytes (unverified: MB or MiB)."""
+    limit = MAX_DEDICATED_REQUEST_BYTES if dedicated else MAX_REQUEST_BYTES
+    if len(body) > limit:
+        raise ApiError("INVALID_ARGUMENT", f"Request payload size {len(body)} exceeds the limit of {limit} bytes.")
 
 
 _MULTI_REGIONS = {"US": "us-", "EU": "europe-", "ASIA": "asia-"}

@@ -125,6 +125,13 @@ def hub_proxy(emu: Any, method: str, path: str, query: dict[str, list[str]], bod
     finally:
         conn.close()
     content_type = next((v for k, v in reply.items() if k.lower() == "content-type"), "application/octet-stream")
+    revision = _unknown_revision(path) if status in (401, 404) else ""
+    if revision:
+        # The Hub answers a revision a repo lacks with 404 X-Error-Code RevisionNotFound, which huggingface_hub raises
+        # as RevisionNotFoundError (utils/_http.py hf_raise_for_status); an offline olah mirror answers as if the
+        # repo were missing. Message text unverified.
+        message = f"Invalid rev id: {revision}"
+        return 404, json.dumps({"error": message}).encode(), _JSON, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": message}
     if status in (401, 404) and _missing_tree_path(path):
         # The Hub answers a folder a repo does not have with 404 EntryNotFound (huggingface_hub's list_repo_tree:
         # "RemoteEntryNotFoundError if the tree (folder) does not exist"); an offline olah mirror answers 401, which
@@ -183,6 +190,28 @@ def _missing_tree_path(path: str) -> bool:
         return False  # an unknown revision is the Hub's RevisionNotFound, not this
     listed = subprocess.run(["git", "-C", str(repo), "ls-tree", rev, "--", folder], capture_output=True, text=True)
     return listed.returncode == 0 and not listed.stdout.strip()
+
+
+_REVISION_RE = re.compile(
+    r"^/(?:api/models/(?P<repo>[^/]+/[^/]+)/(?:revision|tree)/(?P<rev>[^/]+)(?:/.*)?|(?:models/)?(?P<repo2>[^/]+/[^/]+)/resolve/(?P<rev2>[^/]+)/.+)$"
+)
+
+
+def _unknown_revision(path: str) -> str:
+    """The revision `path` names when the local mirror holds the repo but not that branch, tag or commit ("" else)."""
+    import subprocess
+
+    mirrors = os.environ.get("VLP_HUB_MIRRORS_DIR", "")
+    match = _REVISION_RE.match(urllib.parse.unquote(path))
+    if not mirrors or not match:
+        return ""
+    repo = Path(mirrors) / "models" / (match.group("repo") or match.group("repo2"))
+    rev = match.group("rev") or match.group("rev2")
+    if not (repo / ".git").exists():
+        return ""
+    known = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "-q", f"{rev}^{{commit}}"],
+                           capture_output=True)  # fmt: skip
+    return "" if known.returncode == 0 else rev
 
 
 def _blob_file(state_dir: Path, repo: Path, spec: str) -> Path:

@@ -50,6 +50,19 @@ def vertex_service_agent(project: str) -> str:
     return f"service-{project_number(project)}@gcp-sa-aiplatform.iam.gserviceaccount.com"
 
 
+def custom_code_service_agent(project: str) -> str:
+    """The Vertex AI Custom Code Service Agent: runs custom jobs (a pipeline's steps) without an account, pulls their
+    images, resolves template tags (python-aiplatform#2398)."""
+    return f"service-{project_number(project)}@gcp-sa-aiplatform-cc.iam.gserviceaccount.com"
+
+
+# Each service agent's automatic project role (iam-dataset roles/aiplatform.serviceAgent, customCodeServiceAgent).
+SERVICE_AGENT_ROLES = {
+    "roles/aiplatform.serviceAgent": vertex_service_agent,
+    "roles/aiplatform.customCodeServiceAgent": custom_code_service_agent,
+}
+
+
 def compute_default_account(project: str) -> str:
     """The Compute Engine default service account: a Cloud Run revision's identity when it names none."""
     return f"{project_number(project)}-compute@developer.gserviceaccount.com"
@@ -178,7 +191,20 @@ class IamService:
         or a Cloud Run service's full name."""
         with self._lock:
             store = self._run_policies if "/services/" in resource else self._iam_policies
-            return store.get(resource) or {"version": 1, "bindings": [], "etag": base64.b64encode(b"\0").decode()}
+            found = store.get(resource)
+            if found:
+                return found
+            bindings: list[dict[str, Any]] = []
+            if re.fullmatch(r"projects/[^/]+", resource):
+                # A project's Vertex AI service agents hold their roles from the start: Google grants them when the
+                # API is enabled (vertex-ai/docs/general/access-control, "Service agents"), and they show in the
+                # project's policy. The policy grants them only what these roles lack.
+                project = resource.split("/", 1)[1]
+                bindings = [
+                    {"role": role, "members": [f"serviceAccount:{agent(project)}"]}
+                    for role, agent in SERVICE_AGENT_ROLES.items()
+                ]
+            return {"version": 1, "bindings": bindings, "etag": base64.b64encode(b"\0").decode()}
 
     def set_policy(self, resource: str, policy: dict[str, Any], *, check_etag: bool = True) -> dict[str, Any]:
         """Replace a resource's policy (etag checked as setIamPolicy does); roles the fixture does not know are
@@ -312,7 +338,7 @@ class IamService:
         found = method_of(http_method, path)
         authorization = (headers.get("Authorization") if headers is not None else "") or ""
         if found is not None and found[0].startswith("storage."):
-            return self._authorize_storage(found[0], found[1], query, authorization)
+            return self._authorize_storage(found[0], found[1], query, authorization, body)
         principal = self.principal_of(authorization)
         if found is None:
             return principal  # the route table answers 404 for what the emulator does not serve
@@ -350,7 +376,7 @@ class IamService:
         return principal
 
     def _authorize_storage(
-        self, method_id: str, params: dict[str, str], query: dict[str, list[str]], authorization: str
+        self, method_id: str, params: dict[str, str], query: dict[str, list[str]], authorization: str, body: bytes = b""
     ) -> str:
         """Cloud Storage's check: the bucket's policy, then its project's; GCS words its denials its own way."""
         from vlp.pipelines.local.emulator.storage_gate import storage_denied
@@ -379,6 +405,13 @@ class IamService:
         for permission in permissions_of(method_id):
             if not self.allowed(principal, permission, scopes):
                 raise storage_denied(principal, permission, what)
+        if method_id == "storage.objects.insert" and (query.get("ifGenerationMatch") or [""])[0] != "0":
+            # Replacing an object deletes the old one: "storage.objects.delete ... also required to overwrite an
+            # existing object" (Cloud Storage IAM permissions page; roles/storage.objectCreator "does not give
+            # permission to ... replace objects"). Checked when the upload starts, as the other permissions are.
+            name = _upload_object_name(query, body)
+            if name and not self.allowed(principal, "storage.objects.delete", scopes) and self.object_exists(bucket, name):
+                raise storage_denied(principal, "storage.objects.delete", what)
         return principal
 
     def check_act_as(self, principal: str, account: str) -> None:
@@ -635,8 +668,25 @@ def _api_title(api: str) -> str:
         "secretmanager.googleapis.com": "Secret Manager API",
         "logging.googleapis.com": "Cloud Logging API",
         "iamcredentials.googleapis.com": "IAM Service Account Credentials API",
+        "cloudresourcemanager.googleapis.com": "Cloud Resource Manager API",
+        "iam.googleapis.com": "Identity and Access Management (IAM) API",
     }
     return titles.get(api, api)
+
+
+def _upload_object_name(query: dict[str, list[str]], body: bytes) -> str:
+    """The object an upload writes: `name` in the query (media and resumable uploads), else in the JSON metadata (a
+    resumable session's start, or a multipart upload's first part)."""
+    name = (query.get("name") or [""])[0]
+    if name:
+        return name
+    match = re.search(rb'"name"\s*:\s*"((?:[^"\\]|\\.)*)"', body[:65536])
+    if not match:
+        return ""
+    try:
+        return json.loads(b'"' + match.group(1) + b'"')
+    except ValueError:
+        return ""
 
 
 def _logging_project(body: bytes) -> str:

@@ -33,8 +33,8 @@ class PredictionService:
 
     def _prediction_endpoint(self, p: dict[str, str], body: bytes) -> tuple[str, dict[str, Any]]:
         """The endpoint a prediction call names, after the host and size rules (contract V-HOST, V-SIZE)."""
-        contract.check_request_size(body)
         ep_name, ep = self._endpoint(p)
+        contract.check_request_size(body, bool(ep.get("dedicatedEndpointEnabled")))
         regional = (
             f"{p['location']}-aiplatform.googleapis.com",
             f"{self.host}:{self.port}",

@@ -51,7 +51,7 @@ DEFAULT_QUOTA_LIMIT = 8
 DEFAULT_CPU_QUOTA_LIMIT = 96
 
 # Vertex AI online-serving quota ids and their metrics, as gcloud's Model Garden deploy checks them
-# (googlecloudsdk command_lib/ai/model_garden_utils.py); any other id is served too.
+# (googlecloudsdk command_lib/ai/model_garden_utils.py); KNOWN_VERTEX_QUOTAS below adds Google's other serving ids.
 VERTEX_SERVING_QUOTAS = {
     "CustomModelServingCPUsPerProjectPerRegion": "custom_model_serving_cpus",
     "CustomModelServingP4GPUsPerProjectPerRegion": "custom_model_serving_nvidia_p4_gpus",
@@ -64,6 +64,19 @@ VERTEX_SERVING_QUOTAS = {
     "CustomModelServingH100GPUsPerProjectPerRegion": "custom_model_serving_nvidia_h100_gpus",
     "CustomModelServingV5ETPUPerProjectPerRegion": "custom_model_serving_tpu_v5e",
 }
+
+# Google's own map of serving quota ids (vertex-ai-samples, notebooks/community/model_garden/docker_source_codes/
+# notebook_util/common_util.py get_quota_id): CustomModelServing[Preemptible]{X}PerProjectPerRegion for these X. An id
+# no source names (an RTX PRO 6000 one, say) answers NOT_FOUND, as a wrong id does on Google.
+GOOGLE_SERVING_QUOTA_NAMES = (
+    "V100GPUs", "P100GPUs", "L4GPUs", "A100GPUs", "A10080GBGPUs", "H100GPUs", "H100MEGAGPUs", "H200GPUs", "B200GPUs",
+    "T4GPUs", "V6ETPU", "V5ETPU", "V3TPUs",
+)  # fmt: skip
+KNOWN_VERTEX_QUOTAS = (
+    set(VERTEX_SERVING_QUOTAS)
+    | {f"CustomModelServing{x}PerProjectPerRegion" for x in GOOGLE_SERVING_QUOTA_NAMES}
+    | {f"CustomModelServingPreemptible{x}PerProjectPerRegion" for x in (*GOOGLE_SERVING_QUOTA_NAMES, "CPUs")}
+)
 
 # Cloud Run's regional quotas (service run.googleapis.com) and a new project's limits: CPU in milli-CPU and memory
 # in bytes from the errors users quote (googlecodelabs/feedback#1856, #2311: allowed 20000 and 42949672960); GPU
@@ -413,10 +426,13 @@ def _quota_infos(
     if location != "global":
         raise _ApiError(400, "INVALID_ARGUMENT", f"Quota infos live in locations/global, not locations/{location}.")
     state = _read_state(_quotas_path(emu), {"quotas": {}, "default": DEFAULT_QUOTA_LIMIT})
+    known = {"aiplatform.googleapis.com": KNOWN_VERTEX_QUOTAS, "run.googleapis.com": set(CLOUD_RUN_QUOTAS)}
     if quota_id is not None:
+        if quota_id not in known.get(service, set()) and quota_id not in state["quotas"]:
+            # Message text unverified; the NOT_FOUND is what a quota id the service lacks gets.
+            raise _ApiError(404, "NOT_FOUND", f"QuotaInfo {quota_id} of service {service} was not found.")
         return _ok(_quota_info(emu, project, location, service, quota_id, state))
 
-    known = {"aiplatform.googleapis.com": set(VERTEX_SERVING_QUOTAS), "run.googleapis.com": set(CLOUD_RUN_QUOTAS)}
     ids = sorted(set(state["quotas"]) | known.get(service, set()))
     page_size = int((query.get("pageSize") or ["0"])[0] or 0) or 100
     start = int((query.get("pageToken") or ["0"])[0] or 0)

@@ -105,6 +105,23 @@ class StorageGate:
         finally:
             conn.close()
 
+    def object_exists(self, bucket: str, name: str) -> bool:
+        """Whether fake-gcs-server holds the object (asked directly, as bucket_exists)."""
+        if not self.storage_endpoint:
+            return False
+        backend = urllib.parse.urlsplit(self.storage_endpoint)
+        conn = http.client.HTTPConnection(backend.hostname or "127.0.0.1", backend.port, timeout=30)
+        try:
+            quoted = f"{urllib.parse.quote(bucket, safe='')}/o/{urllib.parse.quote(name, safe='')}"
+            conn.request("GET", f"/storage/v1/b/{quoted}")
+            response = conn.getresponse()
+            response.read()
+            return response.status == 200
+        except OSError:
+            return False
+        finally:
+            conn.close()
+
     def _gcs_record_bucket(self, body: bytes, query: dict[str, list[str]]) -> None:
         """A bucket belongs to the project it is created in: project-level roles reach it."""
         try:
