@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FAULT",
         help="local runs: inject a fault (quota-exhausted, hub-gated, upload-error, deploy-error, deploy-timeout, "
-        "server-crash, predict-429, smoke-fail, kill-step:STEP, kill-step:STEP@N: after its N-th API call; "
+        "server-crash, predict-429, smoke-fail, revision-conflict: Cloud Run refuses a template naming an existing "
+        "revision, kill-step:STEP, kill-step:STEP@N: after its N-th API call; "
         "no-service-account: the run's job names no account, so its steps run as the Compute Engine default); repeatable",
     )
     p.add_argument("--model-dir", type=Path, default=None, help="local runs: serve this model directory as model.repo")

@@ -3,6 +3,7 @@ the exit handler, on both Vertex endpoint kinds and on Cloud Run."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -377,3 +378,44 @@ def test_a_broken_serving_model_does_not_block_its_replacement(tmp_path: Path, t
     [new] = second["deployed_models"]
     assert new["id"] != old["id"] and new["traffic_percent"] == 100
     assert any(c.endswith(":predict") for c in second["api_calls"])
+
+
+@pytest.mark.parametrize(
+    ("step", "faults"),
+    [("roll-back-service", ("smoke-fail",)), ("cleanup", ("kill-step:smoke-test-service",))],
+    ids=["roll-back-service", "exit-handler"],
+)
+def test_a_kill_between_any_two_calls_of_a_cloud_run_roll_back_keeps_the_old_revision_at_100(
+    tmp_path: Path, tiny_model_dir: Path, keep_stack_up: Callable[[Path], None], step: str, faults: tuple[str, ...]
+) -> None:
+    """Cloud Run refuses to take the serving revision's template back when it is not the one that made it
+    (revision-conflict: Knative's name check, as users meet it): the roll-back, or the exit handler after a killed
+    smoke test, moves the traffic alone. Killed after any of its calls, the old revision keeps 100% and no other
+    revision is left serving; the next forced run deploys and promotes a new one."""
+    state = tmp_path / "state"
+    # Room for the candidates a killed exit handler leaves behind their tags (a tag holds quota until `vlp gc`).
+    (state / "emulator").mkdir(parents=True)
+    quotas = {
+        "CpuAllocPerProjectRegion": {"us-central1": 12 * 4000},
+        "MemAllocPerProjectRegion": {"us-central1": 12 * 16 * 2**30},
+        "NvidiaL4GpuAllocNoZonalRedundancyPerProjectRegion": {"us-central1": 12},
+    }
+    (state / "emulator" / "quotas.json").write_text(json.dumps({"quotas": quotas, "default": 8}))
+    keep_stack_up(state)
+    cfg = run_config("tiny-run", "smoke_test.expect_regex=^(?!I am not sure)")
+    first = run(state, cfg, tiny_model_dir)
+    assert first["status"] == "succeeded", first["error"]
+    [old] = [r["name"] for r in first["revisions"] if r["traffic_percent"] == 100]
+
+    def kept(summary: dict[str, Any]) -> str:
+        assert summary["status"] == "failed"
+        held = {r["name"]: r["traffic_percent"] for r in summary["revisions"] if r["traffic_percent"]}
+        assert held == {old: 100}, summary["revisions"]
+        return "old"
+
+    outcomes = kill_at_every_call(state, cfg, tiny_model_dir, step, kept, faults=(*faults, "revision-conflict"))
+    assert len(outcomes) >= 2, outcomes
+    again = run(state, cfg, tiny_model_dir, force=True)
+    assert again["status"] == "succeeded", again["error"]
+    held = {r["name"]: r["traffic_percent"] for r in again["revisions"] if r["traffic_percent"]}
+    assert list(held.values()) == [100] and old not in held, again["revisions"]

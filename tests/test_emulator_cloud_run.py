@@ -567,3 +567,45 @@ def test_rtx_pro_6000_quota_counts_milli_gpus(client: run_v2.ServicesClient, emu
     client.create_service(parent=PARENT, service=svc, service_id="rtx").result(timeout=30)
     spec = CloudRunSpec(gpu_type="nvidia-rtx-pro-6000", cpu=20, memory="80Gi", max_instances=1, zonal_redundancy=False)
     assert instance_allocation(spec)[quota_id] == 1000
+
+
+def test_a_named_revision_is_reused_only_for_its_spec_and_roll_back_moves_traffic_alone_when_refused(
+    client: run_v2.ServicesClient, emu: Emulator
+) -> None:
+    """Knative reuses a named revision only for a template whose spec equals the revision's (F3; labels and
+    annotations aside): a changed argument under the serving revision's name is refused with 409. Users report the
+    same 409 for templates read back through v2 (the revision-conflict fault): vlp's roll-back then moves the
+    traffic alone; the old revision keeps 100%, the candidate loses its tag and stays as the latest revision (not
+    deletable until another replaces it). Twice is fine; without the fault the template goes back and it is deleted."""
+    from vlp.components.cloud_run.service import remove_revision
+
+    svc = client.create_service(parent=PARENT, service=_service("llama-awq-0000001-1"), service_id="llama-awq").result(
+        timeout=30
+    )
+    svc.template.revision = "llama-awq-0000002-1"
+    svc.template.containers[0].args.append("--max-total-tokens=4096")
+    svc.traffic = _pinned("llama-awq-0000001-1", "llama-awq-0000002-1")
+    svc = client.update_service(service=svc).result(timeout=30)
+    changed = client.get_service(name=svc.name)
+    changed.template = _service("llama-awq-0000001-1", args=("--max-concurrent-requests=32",)).template
+    with pytest.raises(gexc.Conflict, match="Revision named 'llama-awq-0000001-1' with different configuration"):
+        client.update_service(service=changed).result(timeout=30)
+    revisions = run_v2.RevisionsClient(
+        client_options=ClientOptions(api_endpoint=emu.url), transport="rest", credentials=as_tester(emu, PROJECT)
+    )
+    emu.faults.add("revision-conflict")
+    for _ in range(2):
+        assert remove_revision(client, revisions, svc.name, "llama-awq-0000002-1") == []
+        after = client.get_service(name=svc.name)
+        assert [(t.revision, t.percent, t.tag) for t in after.traffic_statuses] == [("llama-awq-0000001-1", 100, "")]
+        assert after.latest_created_revision.endswith("/llama-awq-0000002-1")
+    names = sorted(r.name.rsplit("/", 1)[1] for r in revisions.list_revisions(parent=svc.name))
+    assert names == ["llama-awq-0000001-1", "llama-awq-0000002-1"]
+    emu.faults.discard("revision-conflict")
+    # The serving revision's template, annotated differently (metadata), names it again and creates nothing.
+    assert remove_revision(client, revisions, svc.name, "llama-awq-0000002-1") == [
+        f"{svc.name}/revisions/llama-awq-0000002-1"
+    ]
+    back = client.get_service(name=svc.name)
+    assert back.latest_created_revision.endswith("/llama-awq-0000001-1")
+    assert [r.name.rsplit("/", 1)[1] for r in revisions.list_revisions(parent=svc.name)] == ["llama-awq-0000001-1"]

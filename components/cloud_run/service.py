@@ -243,6 +243,7 @@ def move_traffic(deployment: Deployment, name: str, revision: str, pause_s: floa
 def remove_revision(services: Any, revisions: Any, name: str, revision: str) -> list[str]:
     """Roll back: the service's traffic without the revision (the old one keeps 100%), then the revision itself, or
     the whole service when the revision was its only one. Returns what was removed."""
+    from google.api_core import exceptions
     from google.cloud import run_v2
     from google.protobuf import field_mask_pb2
 
@@ -277,15 +278,30 @@ def remove_revision(services: Any, revisions: Any, name: str, revision: str) -> 
             latest.traffic = rest
             return latest
 
-        update_read_service(services, name, restore, f"restoring {name} to revision {keeper}", 1800)
+        try:
+            update_read_service(services, name, restore, f"restoring {name} to revision {keeper}", 1800)
+        except exceptions.Conflict as exc:
+            if stale_etag(exc):
+                raise
+            # Cloud Run reuses a named revision only for exactly the template that made it (Knative's name check):
+            # one rebuilt from the revision as read can differ in a default or an annotation, and is refused with
+            # 409 "different configuration". Then the traffic moves alone (its tags with it): the rolled-back
+            # revision stays the service's latest, with no traffic and no tag (it serves nothing and holds no
+            # quota), until the next deploy makes it deletable (`vlp gc`).
+            update = run_v2.Service(name=name, traffic=rest)
+            mask = field_mask_pb2.FieldMask(paths=["traffic"])
+            wait_for(services.update_service(service=update, update_mask=mask), f"moving traffic off {revision}", 1800)
+            log.info(
+                "traffic on %s: %s; revision %s stays without traffic or tag (the template could not go back: %s)",
+                name, {t.revision: t.percent for t in rest}, revision, getattr(exc, "message", exc),
+            )  # fmt: skip
+            return []
         log.info("%s is back on revision %s; traffic %s", name, keeper, {t.revision: t.percent for t in rest})
     elif named:
         update = run_v2.Service(name=name, traffic=rest)
         mask = field_mask_pb2.FieldMask(paths=["traffic"])
         wait_for(services.update_service(service=update, update_mask=mask), f"moving traffic off {revision}", 1800)
         log.info("traffic on %s: %s", name, {t.revision: t.percent for t in rest})
-    from google.api_core import exceptions
-
     try:
         wait_for(revisions.delete_revision(name=f"{name}/revisions/{revision}"), f"deleting {revision}", 600)
     except exceptions.NotFound:

@@ -34,6 +34,7 @@ EMULATOR_FAULTS = {
     "server-crash",
     "predict-429",
     "smoke-fail",
+    "revision-conflict",
 }
 # A fault of the run itself: its PipelineJob names no service account, as a console run with Advanced options left
 # empty does, so every step runs as the project's Compute Engine default account (pipeline_job.proto). Locally that

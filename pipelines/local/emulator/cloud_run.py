@@ -3,8 +3,10 @@ service's long-running operations, as google-cloud-run's REST transport calls th
 
 Rules, with their sources (../shared/research/cloud-run.md; googleapis google/cloud/run/v2/*.proto):
 - a service id is a lowercase name under 50 characters that starts with a letter (service.proto `service_id`);
-- a revision a template names must start with "SERVICE-", and a revision name is never reused with another
-  template: 409 "with different configuration already exists" (knative/serving#3562, google-cloud-python#14259);
+- a revision a template names must start with "SERVICE-", and a revision name is reused only for a template whose
+  spec equals the revision's (Knative's name check, see _spec_key); any other answers 409 "with different
+  configuration already exists" (knative/serving#3562, google-cloud-python#14259), as does every one under the
+  revision-conflict fault (what users report for templates read back through v2);
 - traffic may name only existing revisions or the template's own (terraform-docs-samples#269), and each named
   target's percents must add up to 100 (vendor.proto TrafficTarget; unverified for 0 targets);
 - labels with run.googleapis.com/ keys are refused (service.proto `labels`);
@@ -134,6 +136,16 @@ def _revision_fields(template: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _spec_key(template: dict[str, Any]) -> str:
+    """What Knative compares before it reuses a named revision: the template's spec, Cloud Run's defaults filled in,
+    without its name and metadata. knative/serving pkg/reconciler/configuration CheckNameAvailability: "We only
+    require spec equality because the rest is immutable and the user may have mutated the labels/annotations on the
+    revision" (equality.Semantic.DeepEqual of the template's Spec and the revision's). Which v2 fields land in
+    Knative's metadata besides labels and annotations is unverified, so every other field counts: strict."""
+    spec = {**template, **_revision_fields(template)}
+    return json.dumps({k: v for k, v in spec.items() if k not in ("revision", "labels", "annotations")}, sort_keys=True)
+
+
 def _template_key(template: dict[str, Any]) -> str:
     """A revision's configuration: what it records, without its name, to tell a reused name from a new one (a
     template rebuilt from a revision, defaults included, is the same configuration)."""
@@ -178,8 +190,11 @@ class CloudRunService:
         # A *.run.app address in Google; on loopback, the emulator's own (so a client calls it unchanged).
         return f"{self.url}/_run/{p['project']}/{p['location']}/{service_id}" + (f"/_tag/{tag}" if tag else "")
 
-    def _run_apply(self, p: dict[str, str], name: str, service: dict[str, Any], creating: bool) -> dict[str, Any]:
-        """The template as a revision (new, or the same one again), the traffic and the output-only fields."""
+    def _run_apply(
+        self, p: dict[str, str], name: str, service: dict[str, Any], creating: bool, template_changed: bool = True
+    ) -> dict[str, Any]:
+        """The template as a revision (new, or the same one again), the traffic and the output-only fields. An update
+        that leaves the template as it is (traffic only) changes no configuration: Knative runs no name check."""
         service_id = name.rsplit("/", 1)[1]
         template = service.setdefault("template", {})
         _check_template(service_id, template)
@@ -190,7 +205,9 @@ class CloudRunService:
         rev_id = template.get("revision") or ""
         if rev_id:
             existing = self._run_revisions.get(f"{name}/revisions/{rev_id}")
-            if existing is not None and _template_key(existing) != key:
+            conflict = "revision-conflict" in self.faults  # as users report it for templates read through v2
+            differs = existing is not None and existing.get("_spec", _spec_key(template)) != _spec_key(template)
+            if existing is not None and template_changed and (conflict or differs):
                 raise ApiError(
                     "ALREADY_EXISTS",
                     f"Revision named '{rev_id}' with different configuration already exists.",
@@ -216,6 +233,7 @@ class CloudRunService:
                 **_revision_fields(template),
                 "conditions": [{"type": "Ready", "state": "CONDITION_SUCCEEDED"}],
                 "_key": key,
+                "_spec": _spec_key(template),
             }
         try:
             traffic, statuses = self._run_traffic(p, name, service, rev_id, service_id)
@@ -391,7 +409,8 @@ class CloudRunService:
                 else:
                     updated.pop(key, None)
             previous = copy.deepcopy(current)
-            updated = self._run_apply(p, name, updated, creating=False)
+            changed = updated.get("template") != current.get("template")
+            updated = self._run_apply(p, name, updated, creating=False, template_changed=changed)
             if req.validate_only:
                 return self._run_done_op(p, self._run_view(updated), run_v2.Service)
             self._run_services[name] = updated
