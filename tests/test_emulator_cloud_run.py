@@ -248,8 +248,8 @@ def test_iam_policy_round_trips_its_etag(client: run_v2.ServicesClient) -> None:
 def test_quotas_count_max_instances_and_both_revisions_of_a_rollout(
     client: run_v2.ServicesClient, emu: Emulator
 ) -> None:
-    """A new project's quotas refuse the tutorial's 3 x (8 CPU, 32 GiB) (the codelab's error); GPU quota with and
-    without zonal redundancy are separate; a candidate at 0% with a tag counts beside the serving revision."""
+    """A new project's quotas refuse the tutorial's 3 x (8 CPU, 32 GiB) (the codelab's error) and any GPU; GPU quota
+    with and without zonal redundancy are separate; a candidate at 0% with a tag counts beside the serving revision."""
     _set_quotas(emu, {})
     with pytest.raises(gexc.TooManyRequests, match="CpuAllocPerProjectRegion requested: 24000 allowed: 20000"):
         client.create_service(parent=PARENT, service=_service("llama-awq-q-1"), service_id="llama-awq").result(
@@ -262,6 +262,11 @@ def test_quotas_count_max_instances_and_both_revisions_of_a_rollout(
         )
     no_zr = _service("llama-awq-q-1")
     no_zr.template.gpu_zonal_redundancy_disabled = True
+    # Nor any without zonal redundancy: a new project has no Cloud Run GPU quota until its owner requests some (F10).
+    with pytest.raises(gexc.TooManyRequests, match="NoZonalRedundancyPerProjectRegion requested: 3 allowed: 0"):
+        client.create_service(parent=PARENT, service=no_zr, service_id="llama-awq").result(timeout=30)
+    no_zr_quota = {"NvidiaL4GpuAllocNoZonalRedundancyPerProjectRegion": {"us-central1": 3}}
+    _set_quotas(emu, {**{k: v for k, v in ROLLOUT_QUOTAS.items() if not k.startswith("Nvidia")}, **no_zr_quota})
     svc = client.create_service(parent=PARENT, service=no_zr, service_id="llama-awq").result(timeout=30)
     svc.template.revision = "llama-awq-q-2"
     svc.template.containers[0].args.append("--changed")

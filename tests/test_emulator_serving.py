@@ -473,6 +473,13 @@ def test_cloud_quotas_client_reads_limits_and_the_exhausted_fault(emu: Emulator)
     # An id Google does not have (no source names it) is NOT_FOUND, as on Google; not a quota of 0 or of 8.
     with pytest.raises(gexc.NotFound):
         client.get_quota_info(name=f"{parent}/quotaInfos/SomethingNeverSetPerProjectPerRegion")
+    # A fresh project has no Cloud Run GPU quota, with or without zonal redundancy (F10); CPU and memory it has.
+    run = f"projects/{PROJECT}/locations/global/services/run.googleapis.com/quotaInfos"
+    for gpu in ("NvidiaL4GpuAllocPerProjectRegion", "NvidiaL4GpuAllocNoZonalRedundancyPerProjectRegion"):
+        assert {d.details.value for d in client.get_quota_info(name=f"{run}/{gpu}").dimensions_infos} == {0}
+    assert {d.details.value for d in client.get_quota_info(name=f"{run}/CpuAllocPerProjectRegion").dimensions_infos} == {
+        20000
+    }
 
     listed = {q.quota_id: q for q in client.list_quota_infos(parent=parent)}
     assert l4 in listed and "CustomModelServingH100GPUsPerProjectPerRegion" in listed

@@ -409,6 +409,28 @@ def setup_local(
     return owner, run_account("", cfg, project)
 
 
+def request_cloud_run_gpu_quota(stack: Any, cfg: DeploymentConfig, region: str) -> str:
+    """A fresh project has no Cloud Run GPU quota: on Google its owner requests some before the first deploy. Locally
+    the runner does the same, once, for the config's GPU in its region, unless the stack already holds a limit for it:
+    room for three revisions at max_instances (the serving one, a blue/green candidate beside it, and one a failed run
+    left behind its tag), since each counts at its max instances. Returns what it granted ("" if nothing)."""
+    from vlp.components.cloud_run.quota import gpu_quota_id
+    from vlp.components.planning.catalog import RUN_GPUS
+
+    if cfg.target != "cloud_run":
+        return ""
+    quota_id = gpu_quota_id(cfg.cloud_run.gpu_type, cfg.cloud_run.zonal_redundancy)
+    state = requests.get(f"{stack.api_endpoint}/_emulator/quotas", timeout=10).json()
+    if region in (state.get("quotas") or {}).get(quota_id, {}):
+        return ""
+    want = 3 * cfg.cloud_run.max_instances * RUN_GPUS[cfg.cloud_run.gpu_type].quota_per_gpu
+    quotas = {**state.get("quotas", {}), quota_id: {**state.get("quotas", {}).get(quota_id, {}), region: want}}
+    requests.post(
+        f"{stack.api_endpoint}/_emulator/quotas", json={"quotas": quotas, "default": state.get("default", 8)}, timeout=10
+    ).raise_for_status()
+    return f"{quota_id} = {want} in {region}"
+
+
 def run_local(
     cfg: DeploymentConfig,
     *,
@@ -460,6 +482,9 @@ def run_local(
         owner, pipeline_sa = setup_local(
             stack, cfg, project=project, bucket=bucket, region=region or cfg.placement.regions[0]
         )
+        granted = request_cloud_run_gpu_quota(stack, cfg, region or cfg.placement.regions[0])
+        if granted:
+            log.info("local stack: granted the Cloud Run GPU quota a project owner would request first (%s)", granted)
         if NO_SERVICE_ACCOUNT in (faults or []):
             from vlp.pipelines.local.emulator.iam import compute_default_account
 

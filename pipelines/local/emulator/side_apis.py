@@ -79,13 +79,15 @@ KNOWN_VERTEX_QUOTAS = (
 )
 
 # Cloud Run's regional quotas (service run.googleapis.com) and a new project's limits: CPU in milli-CPU and memory
-# in bytes from the errors users quote (googlecodelabs/feedback#1856, #2311: allowed 20000 and 42949672960); GPU
-# quota is 0 with zonal redundancy and 3 L4s without (unverified: reports of an automatic grant on first deploy).
+# in bytes from the errors users quote (googlecodelabs/feedback#1856, #2311: allowed 20000 and 42949672960). GPU quota
+# is 0 with and without zonal redundancy: "To use the GPU feature, you must request quota" (run/docs/configuring/
+# services/gpu; the gpu-zonal-redundancy page gives no default either). The local runner requests what a run needs
+# the way a project's owner would (runner.request_cloud_run_gpu_quota), and says so.
 CLOUD_RUN_QUOTAS = {
     "CpuAllocPerProjectRegion": ("cpu_allocation", 20000),
     "MemAllocPerProjectRegion": ("mem_allocation", 42949672960),
     "NvidiaL4GpuAllocPerProjectRegion": ("nvidia_l4_gpu_allocation", 0),
-    "NvidiaL4GpuAllocNoZonalRedundancyPerProjectRegion": ("nvidia_l4_gpu_allocation_no_zonal_redundancy", 3),
+    "NvidiaL4GpuAllocNoZonalRedundancyPerProjectRegion": ("nvidia_l4_gpu_allocation_no_zonal_redundancy", 0),
     "NvidiaRtxPro6000GpuAllocPerProjectRegion": ("nvidia_rtx_pro_6000_gpu_allocation", 0),
     "NvidiaRtxPro6000GpuAllocNoZonalRedundancyPerProjectRegion": (
         "nvidia_rtx_pro_6000_gpu_allocation_no_zonal_redundancy",
