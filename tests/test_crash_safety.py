@@ -419,3 +419,38 @@ def test_a_kill_between_any_two_calls_of_a_cloud_run_roll_back_keeps_the_old_rev
     assert again["status"] == "succeeded", again["error"]
     held = {r["name"]: r["traffic_percent"] for r in again["revisions"] if r["traffic_percent"]}
     assert list(held.values()) == [100] and old not in held, again["revisions"]
+
+
+def _emulator_pid(state: Path) -> int:
+    """The stack's Vertex AI emulator process (its command line names the state dir)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"vlp.pipelines.local.emulator" in cmdline and str(state).encode() in cmdline:
+            return int(proc.name)
+    raise AssertionError(f"no emulator process names {state}")
+
+
+def test_a_run_whose_emulator_dies_still_writes_its_summary_and_step_logs(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """kill -9 of the stack's emulator during a step: the run fails, and still writes --summary-json and every step
+    log, naming the peer that died and its log (issue 37: the runner asked the dead emulator for the summary first)."""
+    import json
+    import os
+    import signal
+
+    state, summary_path = tmp_path / "state", tmp_path / "summary.json"
+    process = _start_run(state, tiny_model_dir, summary_path)
+    _wait_for_step(state, "register_model_op", process)
+    os.kill(_emulator_pid(state), signal.SIGKILL)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 1, output[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "failed"
+    assert "the Vertex AI emulator (its log: " in summary["stack_error"] and "emulator.log" in summary["stack_error"]
+    assert summary["error"].startswith(summary["stack_error"])  # the cause first, then the step's own error
+    logs = Path(summary["log_dir"])
+    assert {"preflight.log", "register-model.log"} <= {p.name for p in logs.iterdir()}, sorted(logs.iterdir())
+    assert "== vlp run FAILED ==" in output
+    assert processes_naming(state) == []

@@ -309,6 +309,32 @@ def build_summary(
     return summary
 
 
+def stack_failed_summary(
+    steps: list[dict[str, Any]], error: str | None, stack: Any, exc: BaseException, smoke: dict[str, Any]
+) -> dict[str, Any]:
+    """The run summary when the local stack cannot answer: the steps and their error from the records the step
+    processes wrote, and which peer died, with its log; what the run created is unknown (`stack_error` says so)."""
+    names = {"emulator": "the Vertex AI emulator", "gcs": "fake-gcs-server (Cloud Storage)", "hub": "the Hub mirror"}
+    down = [
+        f"{names[attr]} (its log: {peer.log_path})"
+        for attr in ("emulator", "gcs", "hub")
+        if (peer := getattr(stack, attr, None)) is not None and not peer.alive()
+    ]
+    what = ", ".join(down) or f"the local stack at {getattr(stack.emulator, 'url', '?')} ({type(exc).__name__}: {exc})"
+    summary = empty_summary()
+    summary["steps"] = steps
+    summary["status"] = "failed"
+    summary["stack_error"] = (
+        f"the local stack stopped answering during the run: {what} is down. What the run created and removed could "
+        "not be read: start the stack again (the next `vlp run --local`, or `vlp local up`) and `vlp gc` removes "
+        "what this run left"
+    )
+    # The cause first: the step's own error (a refused connection) follows from it.
+    summary["error"] = f"{summary['stack_error']}\n{error}" if error else summary["stack_error"]
+    summary["smoke"] = smoke
+    return summary
+
+
 def _service_summary(summary: dict[str, Any], cfg: DeploymentConfig, project: str, api: str) -> None:
     """`service` and `revisions` ({name, traffic_percent, tag}) from the Cloud Run Admin API, as a user reads them;
     what serves (traffic or a tag) is what is left running."""
@@ -537,6 +563,10 @@ def run_local(
             summary = build_summary(
                 cfg, label_value(run_dir), steps, error, api, _smoke_outputs(pipeline_root, run_dir), project
             )
+        except (requests.RequestException, OSError) as exc:
+            # A peer of the stack died (or stopped answering): the summary and the step logs are still written, from
+            # what the runner knows itself, and say what could not be read and why.
+            summary = stack_failed_summary(steps, error, stack, exc, _smoke_outputs(pipeline_root, run_dir))
         finally:
             os.environ.clear()
             os.environ.update(saved_env)
