@@ -331,8 +331,14 @@ def _create_service(ctx: dict[str, Any], api: str, runtime: str) -> Any:
     service = _service(only_dir="models/x")
     service.template.service_account = runtime
     service.template.scaling.max_instance_count = 1
-    service.template.gpu_zonal_redundancy_disabled = True  # a new project's GPU quota is without redundancy
+    service.template.gpu_zonal_redundancy_disabled = True
     service.template.containers[0].resources.limits.update({"cpu": "4", "memory": "16Gi"})
+    # A new project has no Cloud Run GPU quota: its owner requests one L4 without zonal redundancy first.
+    quota = {"quotas": {"NvidiaL4GpuAllocNoZonalRedundancyPerProjectRegion": {REGION: 1}}, "default": 8}
+    request = urllib.request.Request(
+        f"{api}/_emulator/quotas", data=json.dumps(quota).encode(), headers={"Content-Type": "application/json"}
+    )
+    urllib.request.urlopen(request, timeout=10).close()
     service.template.volumes[0].gcs.bucket = ctx["bucket"]
     services = run_v2.ServicesClient(**clients.gapic_kwargs(None, api))
     parent = f"projects/{ctx['project']}/locations/{REGION}"
