@@ -618,13 +618,40 @@ def config_from_dict(
         raise ConfigError(_format_errors(exc, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word (`name:` twice: the second wins); YAML says a mapping's
+    keys are unique (YAML 1.2, 3.2.1.1), so a config that repeats one is refused, naming both lines."""
+
+
+def _unique_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor` merges; keys written after it override the merged ones, as YAML intends
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, str | int | float | bool):
+            continue  # a list or mapping as a key: construct_mapping refuses it with its own message
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            message = f"the key {key!r} appears twice, on line {seen[key]} and line {line}: keep one"
+            raise yaml.constructor.ConstructorError(None, None, message, key_node.start_mark)
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> DeploymentConfig:
     """Read a YAML deployment config; a missing file or bad YAML gets a message, not a traceback."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory: pass a config file in it, such as {path / 'local-demo.yaml'}")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: pass a path such as configs/local-demo.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open(encoding="utf-8") as stream:  # a stream: errors name the file
+            data = yaml.load(stream, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python tags
     except UnicodeDecodeError as exc:
         raise ConfigError(
             f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}): save it as UTF-8 (YAML files are UTF-8)"

@@ -161,3 +161,27 @@ def test_a_config_that_is_not_utf8_is_named_and_the_others_still_checked(
     assert code != 0
     assert f"FAIL {bad}" in out and "save it as UTF-8" in out
     assert f"ok   {good}" in out
+
+
+def test_a_key_written_twice_is_refused_naming_both_lines(tmp_path: Path) -> None:
+    """PyYAML keeps the second `name:` without a word; a config with a repeated key is refused, naming the key and
+    both lines (nested keys too), while an anchor merged into a mapping may still be overridden."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("name: first\nmodel:\n  repo: org/model\nname: second\n")
+    with pytest.raises(ConfigError, match=r"the key 'name' appears twice, on line 1 and line 4: keep one"):
+        load_config(twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("name: demo\nmodel:\n  repo: org/model\n  revision: main\n  repo: org/other\n")
+    with pytest.raises(ConfigError, match=r"the key 'repo' appears twice, on line 3 and line 5"):
+        load_config(nested)
+    import yaml
+
+    from vlp.components.config import _UniqueKeyLoader
+
+    merged = yaml.load("a: &x {k: 1, j: 1}\nb:\n  <<: *x\n  k: 2\n", Loader=_UniqueKeyLoader)
+    assert merged == {"a": {"k": 1, "j": 1}, "b": {"k": 2, "j": 1}}
+
+
+def test_a_directory_given_as_the_config_is_named_as_one(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory: pass a config file in it"):
+        load_config(tmp_path)
