@@ -111,14 +111,9 @@ class _Asker:
         for service, path in probes.items():
             base = self.host.rstrip("/") if self.local else GOOGLE_API[service].format(region=region)
             response = self.session.get(f"{base}{path}", timeout=30)
-            if response.status_code == 403:
-                try:
-                    details = response.json().get("error", {}).get("details") or []
-                except ValueError:
-                    details = []
-                fix = _disabled_in(details)
-                if fix:
-                    problems.append(fix.replace("PROJECT", project))
+            fix = _disabled_answer(response)
+            if fix:
+                problems.append(fix.replace("PROJECT", project))
         return problems
 
     def held(self, resource: str, permissions: list[str]) -> set[str]:
@@ -146,16 +141,11 @@ class _Asker:
         response = self.session.post(f"{base}{path}:testIamPermissions", json={"permissions": permissions}, timeout=30)
         if response.status_code == 404:
             raise _Missing(f"{_pretty(resource)} does not exist (or cannot be seen): create it, or run `vlp setup`")
-        if response.status_code == 403:
-            # testIamPermissions needs no permission, so a 403 is the API itself: Resource Manager is not on in a
-            # new project (service-usage/docs/enabled-service), and the check asks it about the project.
-            try:
-                details = response.json().get("error", {}).get("details") or []
-            except ValueError:
-                details = []
-            fix = _disabled_in(details)
-            if fix:
-                raise _Missing(fix.replace("PROJECT", self.project))
+        # testIamPermissions needs no permission, so a 403 is the API itself: Resource Manager is not on in a new
+        # project (service-usage/docs/enabled-service), and the check asks it about the project.
+        fix = _disabled_answer(response)
+        if fix:
+            raise _Missing(fix.replace("PROJECT", self.project))
         response.raise_for_status()
         return set(response.json().get("permissions") or [])
 
@@ -171,6 +161,16 @@ def disabled_api(exc: BaseException) -> str:
     if getattr(exc, "reason", None) == "SERVICE_DISABLED":
         return _enable_fix(dict(getattr(exc, "metadata", None) or {}).get("service", "the API"))
     return _disabled_in(getattr(exc, "details", None) or [])
+
+
+def _disabled_answer(response: Any) -> str:
+    """The fix for a REST answer that is Google's SERVICE_DISABLED 403 ("" for any other answer)."""
+    if response.status_code != 403:
+        return ""
+    try:
+        return _disabled_in(response.json().get("error", {}).get("details") or [])
+    except ValueError:
+        return ""
 
 
 def _disabled_in(details: list[Any]) -> str:

@@ -184,34 +184,32 @@ def _missing_tree_path(path: str) -> bool:
         return False
     repo, match = found
     rev, folder = match.group("rev"), match.group("path").strip("/")
-    known = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "-q", f"{rev}^{{commit}}"],
-                           capture_output=True)  # fmt: skip
-    if known.returncode != 0:
+    if not _has_revision(repo, rev):
         return False  # an unknown revision is the Hub's RevisionNotFound, not this
     listed = subprocess.run(["git", "-C", str(repo), "ls-tree", rev, "--", folder], capture_output=True, text=True)
     return listed.returncode == 0 and not listed.stdout.strip()
 
 
 _REVISION_RE = re.compile(
-    r"^/(?:api/models/(?P<repo>[^/]+/[^/]+)/(?:revision|tree)/(?P<rev>[^/]+)(?:/.*)?|(?:models/)?(?P<repo2>[^/]+/[^/]+)/resolve/(?P<rev2>[^/]+)/.+)$"
+    r"^/(?:api/models/|models/)?(?P<repo>[^/]+/[^/]+)/(?:revision|tree|resolve)/(?P<rev>[^/]+)(?:/.*)?$"
 )
 
 
 def _unknown_revision(path: str) -> str:
     """The revision `path` names when the local mirror holds the repo but not that branch, tag or commit ("" else)."""
+    found = _mirrored(_REVISION_RE, path)
+    if found is None:
+        return ""
+    repo, match = found
+    return "" if _has_revision(repo, match.group("rev")) else match.group("rev")
+
+
+def _has_revision(repo: Path, rev: str) -> bool:
     import subprocess
 
-    mirrors = os.environ.get("VLP_HUB_MIRRORS_DIR", "")
-    match = _REVISION_RE.match(urllib.parse.unquote(path))
-    if not mirrors or not match:
-        return ""
-    repo = Path(mirrors) / "models" / (match.group("repo") or match.group("repo2"))
-    rev = match.group("rev") or match.group("rev2")
-    if not (repo / ".git").exists():
-        return ""
     known = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "-q", f"{rev}^{{commit}}"],
                            capture_output=True)  # fmt: skip
-    return "" if known.returncode == 0 else rev
+    return known.returncode == 0
 
 
 def _blob_file(state_dir: Path, repo: Path, spec: str) -> Path:

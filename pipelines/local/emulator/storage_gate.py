@@ -91,29 +91,20 @@ class StorageGate:
 
     def bucket_exists(self, bucket: str) -> bool:
         """Whether fake-gcs-server holds the bucket (asked directly: the gate's own plumbing)."""
-        if not self.storage_endpoint:
-            return False
-        backend = urllib.parse.urlsplit(self.storage_endpoint)
-        conn = http.client.HTTPConnection(backend.hostname or "127.0.0.1", backend.port, timeout=30)
-        try:
-            conn.request("GET", f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}")
-            response = conn.getresponse()
-            response.read()
-            return response.status == 200
-        except OSError:
-            return False
-        finally:
-            conn.close()
+        return self._backend_has(f"/storage/v1/b/{urllib.parse.quote(bucket, safe='')}")
 
     def object_exists(self, bucket: str, name: str) -> bool:
         """Whether fake-gcs-server holds the object (asked directly, as bucket_exists)."""
+        quoted = f"{urllib.parse.quote(bucket, safe='')}/o/{urllib.parse.quote(name, safe='')}"
+        return self._backend_has(f"/storage/v1/b/{quoted}")
+
+    def _backend_has(self, path: str) -> bool:
         if not self.storage_endpoint:
             return False
         backend = urllib.parse.urlsplit(self.storage_endpoint)
         conn = http.client.HTTPConnection(backend.hostname or "127.0.0.1", backend.port, timeout=30)
         try:
-            quoted = f"{urllib.parse.quote(bucket, safe='')}/o/{urllib.parse.quote(name, safe='')}"
-            conn.request("GET", f"/storage/v1/b/{quoted}")
+            conn.request("GET", path)
             response = conn.getresponse()
             response.read()
             return response.status == 200
