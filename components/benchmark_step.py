@@ -31,7 +31,7 @@ def serving_benchmark_target(deployment: Deployment, api_endpoint: str) -> tuple
     serving = [dm for dm, share in info.traffic.items() if share == 100]
     if not serving:
         return None, {}, f"no deployed model holds all of {endpoint.name}'s traffic now: run again to redeploy"
-    target, reason = benchmark_target(cfg, info, serving[0])
+    target, reason = benchmark_target(deployment, info, serving[0])
     return target, {}, reason
 
 

@@ -148,9 +148,15 @@ class Serving(_Strict):
     """The serving container and the engine's arguments (the seed notebooks' full set)."""
 
     engine: Engine = Field(
-        "vllm", description="Serving engine: vllm (Vertex Model Garden image) or tgi (Hugging Face DLC)."
+        "vllm",
+        description="Serving engine: vllm (vLLM's own image; Model Garden's 2024 build for models newer vLLM dropped) "
+        "or tgi (the Hugging Face TGI 2.4 DLC, frozen: TGI is in maintenance mode).",
     )
-    image: str = Field("", description="Serving container image; empty = the engine's pinned default.")
+    image: str = Field(
+        "",
+        description="Serving container image; empty = the newest image in the catalog (components/serving/images.yaml) "
+        "whose engine serves the model's architecture.",
+    )
     tensor_parallel_size: int | None = Field(
         None, ge=1, description="GPUs a replica shards over; empty = GPUs per node."
     )
@@ -169,7 +175,12 @@ class Serving(_Strict):
         None, description="Engine quantization override (fp8, awq, gptq...); empty = from the model."
     )
     kv_cache_dtype: str = Field("auto", description="KV cache dtype: auto or fp8.")
-    swap_space: int = Field(16, ge=0, description="CPU swap space per GPU in GiB (vLLM).")
+    swap_space: int | None = Field(
+        None,
+        ge=0,
+        description="CPU swap space per GPU in GiB (vLLM); empty = 16 on Model Garden's 2024 image (its notebooks' "
+        "value), not passed to newer vLLM, which removed the flag.",
+    )
     enforce_eager: bool = Field(False, description="Disable CUDA graphs (saves memory, slower).")
     enable_lora: bool = Field(False, description="Serve LoRA adapters.")
     max_loras: int = Field(1, ge=1, description="LoRA adapters held at once.")
@@ -330,10 +341,11 @@ class EndpointSpec(_Strict):
             )
         return self
 
-    def redeploy_path(self, engine: str) -> dict[str, Any]:
-        """How a redeploy reaches the new model, and how clients call the endpoint: what plan and render show."""
+    def redeploy_path(self, api: str) -> dict[str, Any]:
+        """How a redeploy reaches the new model, and how clients call the endpoint: what plan and render show.
+        `api`: how the serving image is called (components/serving/images.yaml: openai, model-garden or tgi)."""
         if self.uses_invoke:
-            route = "/invoke/generate" if engine == "vllm" else "/invoke/v1/chat/completions"
+            route = "/invoke/generate" if api == "model-garden" else "/invoke/v1/chat/completions"
             return {
                 "smoke_test": "invoke: the new model alone at 0% traffic, on the endpoint's dedicated DNS "
                 "(…/deployedModels/ID/invoke/…); live traffic never sees it before promotion",
@@ -341,13 +353,17 @@ class EndpointSpec(_Strict):
                 "clients_call": f"https://DEDICATED_DNS/v1/ENDPOINT{route} (models are uploaded with "
                 "invokeRoutePrefix, so :predict and chat completions are off)",
             }
+        call = ":rawPredict" if api == "openai" else ":predict"
+        answer = "its X-Vertex-AI-Deployed-Model-Id header" if api == "openai" else "PredictResponse.deployed_model_id"
+        clients = {
+            "openai": ":rawPredict with an OpenAI chat body (the container's /v1/chat/completions)",
+            "model-garden": ":predict or /v1beta1/ENDPOINT/chat/completions",
+        }.get(api, ":predict")
         return {
             "smoke_test": f"canary: the new model takes {self.canary_percent}% of live traffic on the shared endpoint "
-            "and :predict is retried until PredictResponse.deployed_model_id is the new model; users see it during "
-            "the test",
+            f"and {call} is retried until {answer} is the new model; users see it during the test",
             "new_model_traffic": self.canary_percent,
-            "clients_call": "https://REGION-aiplatform.googleapis.com/v1/ENDPOINT:predict"
-            + (" or /v1beta1/ENDPOINT/chat/completions" if engine == "vllm" else ""),
+            "clients_call": f"https://REGION-aiplatform.googleapis.com/v1/ENDPOINT{clients}",
         }
 
     @property
@@ -396,7 +412,8 @@ class CloudRunSpec(_Strict):
     weights: Literal["copy", "mount"] = Field(
         "copy",
         description="copy: the TGI DLC copies gs://…/SHA into its in-memory /tmp at start (parallel, fastest cold "
-        "start; the weights use instance memory); mount: a read-only Cloud Storage volume (no copy, reads on demand).",
+        "start; the weights use instance memory), and vLLM streams it from gs:// into GPU memory (Run:ai Model "
+        "Streamer); mount: a read-only Cloud Storage volume (no copy, reads on demand).",
     )
     startup_timeout_s: int = Field(
         1800,
@@ -533,11 +550,6 @@ class DeploymentConfig(_Strict):
     def _cloud_run_fits(self) -> DeploymentConfig:
         if self.target != "cloud_run":
             return self
-        if self.serving.engine != "tgi":
-            raise ValueError(
-                "target cloud_run serves with TGI: the Hugging Face DLC copies the weights from GCS itself and serves "
-                "/v1/chat/completions, while the pinned vLLM image is Vertex's (AIP_* routes); set serving.engine: tgi"
-            )
         if not self.hardware.is_auto:
             raise ValueError(
                 "hardware is for Vertex machines; on target cloud_run the GPU and size are cloud_run.gpu_type, "

@@ -13,7 +13,6 @@ from vlp.components.planning.catalog import ACCELERATORS, MACHINE_TYPES
 from vlp.components.planning.model_facts import ModelAccessError, read_model_facts
 from vlp.components.planning.plan import Plan, plan_for_facts, plan_model
 from vlp.components.runtime import label_value
-from vlp.components.serving.engines import TGI_IMAGE, VLLM_IMAGE
 
 __all__ = ["PreflightError", "plan_deployment", "plan_model", "run_preflight", "label_value", "preflight_op"]
 
@@ -112,21 +111,12 @@ def plan_deployment(
 
         # One GPU of the instance's type: the same memory and throughput model as on Vertex, then Cloud Run's shape.
         one_gpu = Hardware(accelerator_type=RUN_GPUS[cfg.cloud_run.gpu_type].accelerator, accelerator_count=1)
-        plan = plan_for_facts(facts, cfg.serving, one_gpu, prices=prices, workload=cfg.workload)
+        plan = plan_for_facts(facts, cfg.serving, one_gpu, prices=prices, workload=cfg.workload, target="cloud_run")
         plan.regions = list(regions)
         if plan.fits:
             adapt_plan(plan, cfg)
     else:
         plan = plan_for_facts(facts, cfg.serving, cfg.hardware, regions=regions, prices=prices, workload=cfg.workload)
-    pinned = {"vllm": VLLM_IMAGE, "tgi": TGI_IMAGE}[cfg.serving.engine]
-    if cfg.serving.image and cfg.serving.image != pinned:
-        # Flags are rendered for the pinned image's engine version (components/contract/): a newer vLLM drops
-        # --swap-space (>= 0.18) and wants JSON for --limit-mm-per-prompt.
-        plan.warnings.append(
-            f"serving.image {cfg.serving.image} is not the pinned {pinned}: the flags are those of the pinned "
-            f"version ({'vLLM 0.6.2' if cfg.serving.engine == 'vllm' else 'TGI 2.4.0'}); check them against the "
-            "image's engine, and pass what it needs in serving.extra_args"
-        )
     if not facts.has_chat_template and not cfg.serving.chat_template:
         plan.warnings = [w for w in plan.warnings if "has no chat template" not in w]
         plan.errors.append(

@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_json(p, "the plan")
     p.add_argument("--model", default="", help="Hub repo id or local directory (instead of a config)")
     p.add_argument("--engine", choices=["vllm", "tgi"], default="vllm")
+    p.add_argument(
+        "--image",
+        default="",
+        help="plan with this serving image (serving.image): refused when its engine does not serve the model; "
+        "default: the newest catalog image whose engine serves it",
+    )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--machine-type", default=None, help="check this shape instead of choosing one")
@@ -261,6 +267,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from vlp.components.preflight import plan_deployment
 
         args.overrides = [*args.overrides, *(f"{k}={v}" for k, v in workload.items())]
+        if args.image:
+            args.overrides.append(f"serving.image={args.image}")
         cfg = _load(args)
         project = args.project or cfg.placement.project
         notes: list[str] = []
@@ -286,9 +294,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
             )
         plan.warnings = [*notes, *plan.warnings]
     elif args.model:
+        from vlp.components.serving.images import find
+
+        named = find(args.image) if args.image else None
         plan = planning.plan_model(
             args.model,
-            engine=args.engine,
+            engine=named.engine if named else args.engine,  # a catalog image names its engine
+            image=args.image,
             max_model_len=args.max_model_len,
             max_num_seqs=args.max_num_seqs,
             machine_type=args.machine_type,
@@ -304,7 +316,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         text += plan_report.render_cloud_run(plan)
     elif args.config:
         # Which route a blue/green redeploy's smoke test takes (and what clients call) depends on the endpoint kind.
-        data["redeploy"] = cfg.endpoint.redeploy_path(cfg.serving.engine)
+        from vlp.components.serving.images import default_image, find
+
+        named = cfg.serving.image or str(data.get("serving_image") or "")
+        image = (find(named) if named else None) or default_image(cfg.serving.engine, cfg.target)
+        data["redeploy"] = cfg.endpoint.redeploy_path(image.api)
         text += "\nRedeploys\n" + "".join(f"  {k}: {v}\n" for k, v in data["redeploy"].items())
     print(json.dumps(data, indent=2) if args.json else text)
     return EXIT_OK if data.get("fits") and not data.get("errors") else EXIT_FAILED

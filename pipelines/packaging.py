@@ -279,8 +279,10 @@ def embedded_code_dir(module: str) -> Path:
     src = COMPONENTS
     modules = step_modules(module)
     files = [src / "__init__.py", *(_module_path(f"{PACKAGE}.{m}") for m in modules)]
-    if "serving.contract_fixtures" in modules:  # the upstream flag fixtures the serving presets check flags against
-        files += [src / "contract" / "vllm-0.6.2.json", src / "contract" / "tgi-2.4.0.json"]
+    if "serving.images" in modules:  # the serving image catalog and each image's fixture (flags, architectures)
+        from vlp.components.serving.images import catalog
+
+        files += [src / "serving" / "images.yaml", *(src / "contract" / i.fixture for i in catalog())]
     files = sorted(set(files))
     digest = hashlib.sha256(b"lean-source-2")  # how the files are copied is part of what the directory holds
     for p in files:

@@ -1,11 +1,14 @@
 """`vlp setup`: make a project ready for a deployment, exactly as the policy in components/iam/policy.py says: enable
-the APIs, create the bucket in the region and the pipeline's service account, and grant each binding, idempotently
+the APIs, create the bucket in the region, the pipeline's service account and (for a serving image hosted on Docker
+Hub) the Artifact Registry remote repository deployments pull it through, and grant each binding, idempotently
 (read, add, write back with the etag). `--dry-run` prints the equivalent gcloud commands instead. The local stack runs
 the same code before every `vlp run --local`, so local runs hold exactly these grants."""
 
 from __future__ import annotations
 
 import json
+import shlex
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,13 +21,19 @@ from vlp.components.iam.policy import (
     conditions,
     secret_id,
 )
+from vlp.components.serving.images import REMOTE_REPOSITORY_NAME, ServingImage, default_image, find, multi_region
 
 GOOGLE_HOSTS = {
     "serviceusage": "https://serviceusage.googleapis.com",
     "iam": "https://iam.googleapis.com",
     "cloudresourcemanager": "https://cloudresourcemanager.googleapis.com",
     "secretmanager": "https://secretmanager.googleapis.com",
+    "artifactregistry": "https://artifactregistry.googleapis.com",
 }
+ARTIFACT_REGISTRY_API = "artifactregistry.googleapis.com"
+REMOTE_REPOSITORY_DESCRIPTION = (
+    "Docker Hub images vlp deploys (Vertex AI pulls serving images only from Artifact Registry)"
+)
 
 
 @dataclass
@@ -37,6 +46,8 @@ class SetupPlan:
     apis: list[str]
     accounts: list[str]
     bindings: list[Binding] = field(default_factory=list)
+    # Artifact Registry remote repositories (upstream: Docker Hub), by full name: projects/P/locations/L/repositories/R.
+    repositories: list[str] = field(default_factory=list)
 
     def gcloud(self) -> list[str]:
         """The equivalent gcloud commands (what --dry-run prints)."""
@@ -45,6 +56,15 @@ class SetupPlan:
             f"gcloud storage buckets create gs://{self.bucket} --project {self.project} --location {self.region} "
             "--uniform-bucket-level-access"
         )
+        for name in self.repositories:
+            # gcloud reference, `gcloud artifacts repositories create`: --mode, --remote-docker-repo (DOCKER-HUB: the
+            # preset for Docker Hub), --remote-repo-config-desc.
+            _, project, _, location, _, repository = name.split("/")
+            lines.append(
+                f"gcloud artifacts repositories create {repository} --project {project} --location {location} "
+                "--repository-format=docker --mode=remote-repository --remote-docker-repo=DOCKER-HUB "
+                f"--remote-repo-config-desc='Docker Hub' --description={shlex.quote(REMOTE_REPOSITORY_DESCRIPTION)}"
+            )
         for account in self.accounts:
             account_id = account.split("@", 1)[0]
             lines.append(f"gcloud iam service-accounts create {account_id} --project {self.project}")
@@ -83,14 +103,45 @@ def plan_setup(
     accounts = [
         a for a in dict.fromkeys([pipeline_sa, runtime_sa]) if a and a.endswith(f"@{project}.iam.gserviceaccount.com")
     ]
+    apis = list(APIS[getattr(cfg, "target", "vertex") or "vertex"])
+    repositories = remote_repositories(cfg, project, region)
+    if repositories and ARTIFACT_REGISTRY_API not in apis:
+        apis.append(ARTIFACT_REGISTRY_API)
     return SetupPlan(
         project=project,
         region=region,
         bucket=bucket,
-        apis=list(APIS[getattr(cfg, "target", "vertex") or "vertex"]),
+        apis=apis,
         accounts=accounts,
         bindings=bindings(ids, held),
+        repositories=repositories,
     )
+
+
+def docker_hub_image(cfg: Any) -> ServingImage | None:
+    """The catalog image the config's serving uses when it is hosted on Docker Hub (None otherwise): serving.image, or
+    the engine's default image for the target when none is named (preflight may still choose an older image for a
+    model the default does not serve; the repository then goes unused)."""
+    target = getattr(cfg, "target", "vertex") or "vertex"
+    image = find(cfg.serving.image) if cfg.serving.image else default_image(cfg.serving.engine, target)
+    return image if image is not None and image.registry == "docker-hub" else None
+
+
+def remote_repositories(cfg: Any, project: str, region: str) -> list[str]:
+    """The Docker Hub remote repositories a deployment pulls its serving image through: one per Artifact Registry
+    multi-region (us, europe, asia) that `region` and the config's regions fall in. Who pulls needs no grant: Vertex AI
+    pulls with its service agent ("Vertex AI uses the default service account to pull images", vertex-ai/docs/general/
+    custom-service-account) and Cloud Run with its own ("If your repositories are in a different project, you must
+    grant Artifact Registry Reader permissions to the Cloud Run Service Agent", artifact-registry/docs/
+    integrate-cloud-run); both read their own project's repositories ("Google Cloud runtime environments ... have
+    preconfigured access to repositories in the same project by default", artifact-registry/docs/deploy), and their
+    automatic roles (roles/aiplatform.serviceAgent, roles/run.serviceAgent) hold artifactregistry.repositories.
+    downloadArtifacts (components/contract/gcp-iam.json)."""
+    if docker_hub_image(cfg) is None:
+        return []
+    regions = [region, *(getattr(cfg.placement, "regions", None) or [])]
+    locations = dict.fromkeys(multi_region(r) for r in regions if r)
+    return [f"projects/{project}/locations/{loc}/repositories/{REMOTE_REPOSITORY_NAME}" for loc in locations]
 
 
 class _Api:
@@ -156,6 +207,9 @@ def apply(
             changed.append(f"created {account}")
         except exceptions.Conflict:
             pass
+    for name in plan.repositories:
+        if _create_remote_repository(api, name):
+            changed.append(f"created Artifact Registry remote repository {name} (upstream: Docker Hub)")
     by_resource: dict[str, list[Binding]] = {}
     for binding in plan.bindings:
         by_resource.setdefault(binding.resource, []).append(binding)
@@ -171,6 +225,50 @@ def apply(
     for line in changed:
         log(line)
     return changed
+
+
+def remote_repository_body() -> dict[str, Any]:
+    """The Repository `vlp setup` creates: google/devtools/artifactregistry/v1/repository.proto (Repository.format
+    DOCKER, Repository.mode REMOTE_REPOSITORY, RemoteRepositoryConfig.docker_repository.public_repository
+    DOCKER_HUB), sent as the body of CreateRepository (service.proto: POST /v1/{parent}/repositories, body
+    "repository", repository_id in the query)."""
+    return {
+        "format": "DOCKER",
+        "mode": "REMOTE_REPOSITORY",
+        "description": REMOTE_REPOSITORY_DESCRIPTION,
+        "remoteRepositoryConfig": {"description": "Docker Hub", "dockerRepository": {"publicRepository": "DOCKER_HUB"}},
+    }
+
+
+def _create_remote_repository(api: _Api, name: str, timeout_s: float = 300.0) -> bool:
+    """Create the repository unless it is there (GET first; 409 ALREADY_EXISTS from a concurrent setup counts as
+    there); waits for the creation's long-running operation. Returns whether it created it."""
+    from google.api_core import exceptions
+
+    try:
+        api.call("artifactregistry", "GET", f"/v1/{name}")
+        return False
+    except exceptions.NotFound:
+        pass
+    parent, repository_id = name.rsplit("/repositories/", 1)
+    try:
+        op = api.call(
+            "artifactregistry",
+            "POST",
+            f"/v1/{parent}/repositories?repositoryId={repository_id}",
+            remote_repository_body(),
+        )
+    except exceptions.Conflict:
+        return False
+    deadline = time.monotonic() + timeout_s
+    while not op.get("done"):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"creating {name} did not finish in {timeout_s:.0f} s (operation {op.get('name')})")
+        time.sleep(2)
+        op = api.call("artifactregistry", "GET", f"/v1/{op['name']}")
+    if op.get("error"):
+        raise RuntimeError(f"creating {name} failed: {op['error'].get('message', op['error'])}")
+    return True
 
 
 def _add(policy: dict[str, Any], wanted: list[Binding]) -> list[Binding]:
@@ -220,6 +318,7 @@ def describe(plan: SetupPlan) -> str:
             "apis": plan.apis,
             "bucket": f"gs://{plan.bucket} ({plan.region})",
             "accounts": plan.accounts,
+            "repositories": plan.repositories,
             "bindings": [{"member": b.member, "role": b.role, "resource": b.resource} for b in plan.bindings],
         },
         indent=2,

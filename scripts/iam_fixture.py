@@ -8,7 +8,7 @@ Run by a developer when the policy or the methods change (CI never runs it: it n
 - methods: `gcp/map.json` (REST method id -> permissions). The dataset leaves some methods without permissions;
   those come from METHOD_GAPS below, each with its source or marked unverified (the emulator is strict there).
 - roles: `gcp/roles/ROLE.json` `includedPermissions`, cut to the permissions some method in the fixture needs (plus
-  iam.serviceAccounts.actAs, which no REST method of its own checks), so the fixture stays small and reviewable.
+  EXTRA_PERMISSIONS, which no REST method of their own checks), so the fixture stays small and reviewable.
 The fixture records the dataset's commit; the emulator (pipelines/local/emulator/iam.py) and the policy tests read it.
 """
 
@@ -45,6 +45,7 @@ METHODS = [
             "endpoints.mutateDeployedModel",
             "endpoints.predict",
             "endpoints.rawPredict",
+            "endpoints.streamRawPredict",
             "endpoints.invoke.invoke",
             "endpoints.deployedModels.invoke.invoke",
             "endpoints.chat.completions",
@@ -112,6 +113,9 @@ METHODS = [
     "cloudresourcemanager.projects.setIamPolicy",
     "serviceusage.services.enable",
     "serviceusage.services.get",
+    # `vlp setup`'s Docker Hub remote repository (components/serving/images.py REMOTE_REPOSITORY_NAME).
+    "artifactregistry.projects.locations.repositories.get",
+    "artifactregistry.projects.locations.repositories.create",
     "storage.buckets.get",
     "storage.buckets.list",
     "storage.buckets.insert",
@@ -151,6 +155,10 @@ METHOD_GAPS: dict[str, tuple[list[str], str]] = {
     "aiplatform.projects.locations.endpoints.deployedModels.invoke.invoke": (
         ["aiplatform.endpoints.predict"],
         "unverified: the prediction permission, as for predict and rawPredict",
+    ),
+    "aiplatform.projects.locations.endpoints.streamRawPredict": (
+        ["aiplatform.endpoints.predict"],
+        "unverified: the prediction permission, as for predict and rawPredict (the dataset lists none)",
     ),
     "aiplatform.projects.locations.endpoints.chat.completions": (
         ["aiplatform.endpoints.predict"],
@@ -256,11 +264,17 @@ ROLES = [
     "roles/serviceusage.serviceUsageAdmin",
     "roles/secretmanager.admin",
     "roles/iam.serviceAccountAdmin",
+    "roles/artifactregistry.admin",  # creates the remote repository (`vlp setup`)
+    "roles/artifactregistry.reader",
+    "roles/artifactregistry.writer",
+    "roles/run.serviceAgent",  # pulls a revision's image: its downloadArtifacts is recorded, not checked
     "roles/owner",
     "roles/editor",
     "roles/viewer",
 ]
-EXTRA_PERMISSIONS = ["iam.serviceAccounts.actAs"]
+# Permissions no REST method of their own checks: acting as an account, and pulling an image (Vertex AI and Cloud Run
+# pull a serving image with their service agents, whose automatic roles hold it for their own project's repositories).
+EXTRA_PERMISSIONS = ["iam.serviceAccounts.actAs", "artifactregistry.repositories.downloadArtifacts"]
 
 
 def _show(repo: Path, path: str) -> str:

@@ -152,7 +152,8 @@ def test_render_prints_the_requests_a_run_would_send() -> None:
     assert machine == {"machineType": "g2-standard-12", "acceleratorType": "NVIDIA_L4", "acceleratorCount": 1}
     # vLLM reads the mirror itself (Model Garden's recipe): no artifactUri copy.
     assert "artifactUri" not in requests["upload_model"]["model"]
-    assert any(a.startswith("--model=gs://") for a in requests["upload_model"]["model"]["containerSpec"]["args"])
+    # vLLM's own image streams the weights from the mirror (`vllm serve gs://…`); the Model has no artifactUri.
+    assert requests["upload_model"]["model"]["containerSpec"]["args"][0].startswith("gs://")
     assert requests["redeploy"]["smoke_test"].startswith("canary") and requests["redeploy"]["new_model_traffic"] == 5
     dedicated = vlp("render", "configs/llama-3.1-8b-vllm-l4.yaml", "--json", "--set", "endpoint.dedicated=true")
     assert json.loads(dedicated.stdout)["redeploy"]["smoke_test"].startswith("invoke")

@@ -106,11 +106,9 @@ def test_cloud_run_config_errors_name_the_field(cloud_run: dict, words: str) -> 
     assert words in str(exc.value)
 
 
-def test_cloud_run_target_takes_tgi_and_no_vertex_hardware() -> None:
+def test_cloud_run_target_takes_no_vertex_hardware() -> None:
     from vlp.components.config import config_from_dict
 
-    with pytest.raises(ConfigError, match="target cloud_run serves with TGI"):
-        config_from_dict({**_cfg(), "serving": {"engine": "vllm"}})
     with pytest.raises(ConfigError, match="hardware is for Vertex machines"):
         config_from_dict(
             {
@@ -120,6 +118,31 @@ def test_cloud_run_target_takes_tgi_and_no_vertex_hardware() -> None:
         )
     cfg = config_from_dict(_cfg())
     assert cfg.endpoint.name == "svc" and cfg.service_id == "svc"  # no endpoint section needed on this target
+
+
+def test_the_vllm_preset_streams_its_weights_with_vllms_own_image() -> None:
+    """Cloud Run beside the TGI preset: vLLM's image through the project's Artifact Registry remote repository,
+    `vllm serve gs://…` streaming the weights (no copy in instance memory), or a volume with weights: mount; every
+    flag one vLLM 0.34 accepts."""
+    from test_serving import seed
+
+    from vlp.components.cloud_run.service_spec import revision_template
+    from vlp.components.serving import images
+
+    weights = "gs://vlp-bucket/models/hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4/sha"
+    (container,) = revision_template(seed("llama-3.1-8b-awq-int4-vllm-cloud-run"), weights, {}).containers
+    assert container.image == "us-docker.pkg.dev/test-project/vlp-docker-hub/vllm/vllm-openai:v0.34.0"
+    assert list(container.command) == ["vllm", "serve"]
+    assert list(container.args[:2]) == [weights, "--load-format=runai_streamer"]
+    assert "--served-model-name=hugging-quants/Meta-Llama-3.1-8B-Instruct-AWQ-INT4" in container.args
+    assert "--max-num-seqs=64" in container.args and "--max-model-len=8192" in container.args
+    assert not images.by_id("vllm-0.34.0").unknown_flags(list(container.args))
+    assert {e.name for e in container.env} == {"HF_HUB_OFFLINE"}  # no AIP_STORAGE_URI, MODEL_ID or token
+    assert container.startup_probe.http_get.path == "/health"
+    mounted = revision_template(
+        seed("llama-3.1-8b-awq-int4-vllm-cloud-run", overrides=["cloud_run.weights=mount"]), weights, {}
+    )
+    assert mounted.containers[0].args[0] == "/mnt/model" and mounted.volumes[0].gcs.bucket == "vlp-bucket"
 
 
 def test_render_shows_the_tutorials_service() -> None:

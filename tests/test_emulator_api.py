@@ -23,6 +23,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import aiplatform, aiplatform_v1
 from google.protobuf import struct_pb2
 
+from vlp.components.serving import images
 from vlp.pipelines.local.emulator import Emulator, create_emulator
 
 PROJECT = "demo-project"
@@ -582,6 +583,27 @@ def test_real_model_server_answers_through_the_emulator(tmp_path: Path, fake_gcs
         assert status == 200, body
         assert body["choices"][0]["message"]["role"] == "assistant"
         assert headers["X-Vertex-AI-Deployed-Model-Id"] == deployed.id
+
+        # A model the image's engine does not serve: the 2024 Model Garden image (vLLM 0.6.2) on a Qwen3 checkout
+        # stops at start with vLLM's own error, the deploy fails, and the serving model keeps all traffic.
+        qwen3 = json.loads((tiny_model_dir / "config.json").read_text())
+        qwen3.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3")
+        for path in sorted(p for p in tiny_model_dir.iterdir() if p.is_file()):
+            data = json.dumps(qwen3).encode() if path.name == "config.json" else path.read_bytes()
+            bucket.blob(f"models/acme/qwen3/rev1/{path.name}").upload_from_string(data)
+        old_vllm = images.by_id("model-garden-vllm-20241001").image
+        unsupported = _upload(
+            display_name="qwen3-on-2024-vllm",
+            serving_container_image_uri=old_vllm,
+            serving_container_args=["python", "-m", "vllm.entrypoints.api_server", "--model=gs://x"],
+            artifact_uri=f"gs://{bucket.name}/models/acme/qwen3/rev1/",
+        )
+        with pytest.raises(gexc.FailedPrecondition) as failed:
+            endpoint.deploy(unsupported, machine_type="n1-standard-4", traffic_percentage=0)
+        assert "Model architectures ['Qwen3ForCausalLM'] are not supported for now" in str(failed.value)
+        endpoint = aiplatform.Endpoint(endpoint.resource_name)
+        assert [m.id for m in endpoint.list_models()] == [deployed.id]
+        assert endpoint.traffic_split == {deployed.id: 100}
         endpoint.delete(force=True)
         assert emulator.serving.known_ids() == []
     finally:
@@ -794,7 +816,7 @@ def test_artifacts_must_be_in_a_bucket_of_the_models_region(tmp_path: Path, fake
     try:
         let_vertex_read(emulator, "weights-region", PROJECT)
         models = _gapic(aiplatform_v1.ModelServiceClient, emulator)
-        model = {"artifact_uri": "gs://weights-region/m", "container_spec": {"image_uri": "x/tgi:1"}}
+        model = {"artifact_uri": "gs://weights-region/m", "container_spec": {"image_uri": "us-docker.pkg.dev/acme/serving/tgi:1"}}
         with pytest.raises(gexc.BadRequest, match="same region"):
             models.upload_model(
                 parent=f"projects/{PROJECT}/locations/europe-west4", model={"display_name": "eu", **model}

@@ -21,6 +21,7 @@ from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
+from vlp.components.serving import images
 from vlp.pipelines.local.emulator import Emulator, create_emulator
 from vlp.pipelines.local.emulator.engine_routes import WRONG_ANSWER
 from vlp.pipelines.local.emulator.serving import (
@@ -36,6 +37,8 @@ from vlp.pipelines.local.peers import Peer, python_env, start_fake_gcs, start_hu
 BUCKET = "vlp-serving-test"
 GOOD_URI = f"gs://{BUCKET}/models/acme/tiny/rev1/"
 BROKEN_URI = f"gs://{BUCKET}/models/acme/broken/rev1/"
+QWEN3_URI = f"gs://{BUCKET}/models/acme/qwen3/rev1/"
+MLLAMA_URI = f"gs://{BUCKET}/models/acme/mllama/rev1/"
 VLLM_SPEC = {
     "imageUri": "us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:latest",
     "args": ["python", "-m", "vllm.entrypoints.api_server", "--model=gs://x", "--served-model-name=acme/tiny"],
@@ -48,6 +51,14 @@ TGI_SPEC = {
     "predictRoute": "/vertex",
 }
 PROJECT = "local-project"
+# vLLM's own image, as the deploy step names it (through the project's Artifact Registry remote repository).
+OPENAI_SPEC = {
+    "imageUri": "us-docker.pkg.dev/local-project/vlp-docker-hub/vllm/vllm-openai:v0.34.0",
+    "command": ["vllm", "serve"],
+    "args": [GOOD_URI, "--load-format=runai_streamer", "--served-model-name=acme/tiny", "--max-model-len=2048"],
+    "predictRoute": "/v1/chat/completions",
+    "healthRoute": "/health",
+}
 
 
 # ----- peers -----
@@ -75,6 +86,15 @@ def gcs(work: Path, tiny_model: Path) -> Iterator[Peer]:
         # Same model with an unreadable config: the server starts, then fails to load it.
         broken = b"{ this is not json" if path.name == "config.json" else path.read_bytes()
         bucket.blob(f"models/acme/broken/rev1/{path.name}").upload_from_string(broken)
+    # The same weights under architectures the catalog's engines disagree on (only config.json is read before
+    # the refusal).
+    config = json.loads((tiny_model / "config.json").read_text())
+    for name, arch, model_type in (
+        ("qwen3", "Qwen3ForCausalLM", "qwen3"),
+        ("mllama", "MllamaForConditionalGeneration", "mllama"),
+    ):
+        changed = json.dumps({**config, "architectures": [arch], "model_type": model_type})
+        bucket.blob(f"models/acme/{name}/rev1/config.json").upload_from_string(changed)
     yield peer
     peer.stop()
 
@@ -101,6 +121,52 @@ def _forward_json(manager: ServingManager, dm: str, kind: str, body: dict, subpa
 
 
 # ----- ServingManager -----
+
+
+def test_vllms_own_image_answers_its_openai_routes_only(manager: ServingManager) -> None:
+    """vLLM's own image: :rawPredict reaches its predict route (/v1/chat/completions) with an OpenAI body; a
+    PredictRequest there is a validation error; invoke names any route the image serves, and nothing else."""
+    manager.start("dm-openai", GOOD_URI, OPENAI_SPEC, timeout_s=120)
+    try:
+        chat = {"model": "acme/tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+        answer = _forward_json(manager, "dm-openai", "rawPredict", chat)
+        assert answer["choices"][0]["message"]["role"] == "assistant" and answer["model"] == "acme/tiny"
+        status, data, _ = manager.forward("dm-openai", "predict", json.dumps({"instances": [chat]}).encode())
+        assert status == 400 and "messages" in json.loads(data)["message"]
+        status, data, _ = manager.forward("dm-openai", "rawPredict", json.dumps({**chat, "model": "other"}).encode())
+        assert status == 404 and "does not exist" in json.loads(data)["message"]
+        completion = _forward_json(manager, "dm-openai", "invoke", {"prompt": "Hi", "max_tokens": 2}, "/v1/completions")
+        assert completion["choices"]
+        status, data, _ = manager.forward("dm-openai", "invoke", b"", "/v1/models", method="GET")
+        assert status == 200 and [m["id"] for m in json.loads(data)["data"]] == ["acme/tiny"]
+        assert manager.forward("dm-openai", "invoke", b"{}", "/generate")[0] == 404  # Model Garden's route, not this
+        assert manager.forward("dm-openai", "chat", json.dumps(chat).encode())[0] == 400  # Vertex's chat route
+    finally:
+        manager.stop("dm-openai")
+
+
+def test_images_stop_at_start_on_flags_or_models_their_engine_version_lacks(manager: ServingManager) -> None:
+    """The catalog image's own refusals, in its own words, before the server answers: a flag its parser lacks
+    (argparse, exit 2), an architecture its registry lacks or removed (exit 1). No model server is started."""
+    swap = {**OPENAI_SPEC, "args": [*OPENAI_SPEC["args"], "--swap-space=16"]}
+    with pytest.raises(ServingError) as caught:
+        manager.start("dm-swap", GOOD_URI, swap, timeout_s=30)
+    assert caught.value.log_tail[-1] == "vllm: error: unrecognized arguments: --swap-space=16"
+    assert "exited with code 2" in caught.value.message and "dm-swap" not in manager.known_ids()
+
+    old = {**VLLM_SPEC, "imageUri": images.by_id("model-garden-vllm-20241001").image}
+    with pytest.raises(ServingError) as caught:
+        manager.start("dm-qwen3", QWEN3_URI, old, timeout_s=30)
+    assert "Model architectures ['Qwen3ForCausalLM'] are not supported for now" in caught.value.log_tail[-1]
+    with pytest.raises(ServingError) as caught:
+        manager.start("dm-mllama", MLLAMA_URI, OPENAI_SPEC, timeout_s=30)
+    assert "supported in vLLM until v0.10.2" in caught.value.log_tail[-1]
+    tgi = {**TGI_SPEC, "imageUri": images.by_id("tgi-2.4.0-dlc").image}
+    with pytest.raises(ServingError) as caught:
+        manager.start("dm-qwen3-tgi", QWEN3_URI, tgi, timeout_s=30)
+    assert caught.value.log_tail[-1] == "ValueError: Unsupported model type qwen3"
+    # The log Cloud Logging would show keeps the line.
+    assert "Unsupported model type qwen3" in manager.log_path("dm-qwen3-tgi").read_text()
 
 
 def test_vllm_predict_follows_the_model_garden_format(manager: ServingManager, vllm_model: str, work: Path) -> None:

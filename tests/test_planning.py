@@ -356,10 +356,12 @@ def test_8b_bf16_fits_one_l4_as_the_seed_says(seeds: dict[str, Path]) -> None:
     hourly = {"hardware": "{machine_type: auto, objective: cost_per_hour}"}
     auto = plan_seed("llama-3.1-8b-vllm-l4.yaml", seeds["8b"], **hourly)
     assert auto.fits and auto.accelerator_type == "NVIDIA_L4" and auto.accelerator_count == 1
-    # g2-standard-4 is cheaper but vLLM refuses 16 GiB of swap space on its 16 GB of host memory.
-    assert auto.machine_type == "g2-standard-8"
-    assert any("g2-standard-4" in r["shape"] and "Too large swap space" in r["reason"] for r in auto.rejected)
-    assert "cheapest fitting shape per hour" in auto.reason
+    # Current vLLM reserves no swap space (it removed --swap-space): the cheapest L4 host fits.
+    assert auto.machine_type == "g2-standard-4" and "cheapest fitting shape per hour" in auto.reason
+    # With the 2024 image's 16 GiB of swap space per GPU, vLLM refuses g2-standard-4's 16 GB of host memory.
+    swap = plan_seed("llama-3.1-8b-vllm-l4.yaml", seeds["8b"], **hourly, **{"serving.swap_space": 16})
+    assert swap.machine_type == "g2-standard-8"
+    assert any("g2-standard-4" in r["shape"] and "Too large swap space" in r["reason"] for r in swap.rejected)
 
 
 def test_kv_cache_smaller_than_max_model_len_mirrors_vllm(seeds: dict[str, Path]) -> None:
@@ -468,7 +470,11 @@ def test_explicit_shape_errors_name_the_fix(seeds: dict[str, Path]) -> None:
     assert not fp8.fits and "fp8 kernels need compute capability 8.0" in fp8.errors[0]
     # A machine whose swap space vLLM refuses:
     swap = plan_model(
-        str(seeds["8b-awq"]), machine_type="g2-standard-4", accelerator_type="NVIDIA_L4", accelerator_count=1
+        str(seeds["8b-awq"]),
+        machine_type="g2-standard-4",
+        accelerator_type="NVIDIA_L4",
+        accelerator_count=1,
+        swap_space=16,
     )
     assert not swap.fits and "Too large swap space" in swap.errors[0]
 

@@ -100,6 +100,9 @@ def _load_with(*sets: str) -> Any:
     return load_config(REPO_ROOT / "configs" / "llama-3.1-8b-vllm-l4.yaml", list(sets))
 
 
+MODEL_GARDEN_VLLM = "us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:latest"
+
+
 def _deploy_l4(emu: Any, region: str, replicas: int = 1) -> None:
     """A model already serving on 1 x L4 in `region`: the usage preflight must subtract from the limit."""
     from google.cloud import aiplatform_v1 as v1
@@ -116,7 +119,7 @@ def _deploy_l4(emu: Any, region: str, replicas: int = 1) -> None:
             model=v1.Model(
                 display_name="other-team",
                 artifact_uri=f"gs://other-team-{region}/model",
-                container_spec=v1.ModelContainerSpec(image_uri="vllm/vllm-openai:latest"),
+                container_spec=v1.ModelContainerSpec(image_uri=MODEL_GARDEN_VLLM),
             ),
         )
         .result(timeout=60)

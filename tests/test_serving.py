@@ -14,7 +14,7 @@ from google.protobuf import json_format
 from vlp.components.config import DeploymentConfig, load_config
 from vlp.components.deployment import Deployment
 from vlp.components.serving import engines as serving
-from vlp.components.serving.contract_fixtures import accepted_env, accepted_flags, fixture
+from vlp.components.serving import images
 from vlp.components.vertex import serving_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -84,49 +84,46 @@ def _common(spec: dict[str, Any], health_path: str) -> None:
     assert not {e["name"] for e in spec.get("env", [])} & {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN"}
 
 
-def test_llama_8b_vllm_l4_matches_the_vertex_vllm_doc() -> None:
+def test_llama_8b_vllm_l4_serves_with_vllms_own_image() -> None:
     spec = spec_dict(seed("llama-3.1-8b-vllm-l4"))
-    assert spec["imageUri"] == serving.VLLM_IMAGE
-    # The doc's deploy_model_vllm args; --model reads the GCS mirror and --served-model-name is added (see serving.py).
+    # vLLM's release image, through the project's Artifact Registry remote repository (Vertex pulls only from there).
+    assert spec["imageUri"] == "us-docker.pkg.dev/test-project/vlp-docker-hub/vllm/vllm-openai:v0.34.0"
+    assert spec["command"] == ["vllm", "serve"]
+    # The weights stream from the GCS mirror (Run:ai Model Streamer); --served-model-name gives clients the repo id.
     assert spec["args"] == [
-        "python", "-m", "vllm.entrypoints.api_server",
+        "$(AIP_STORAGE_URI)",
+        "--load-format=runai_streamer",
         "--host=0.0.0.0", "--port=8080",
-        "--model=$(AIP_STORAGE_URI)",
         "--served-model-name=meta-llama/Llama-3.1-8B-Instruct",
         "--tensor-parallel-size=1",
-        "--swap-space=16",
         "--gpu-memory-utilization=0.9",
         "--max-model-len=4096",
         "--dtype=bfloat16",
         "--max-num-seqs=256",
         "--disable-log-stats",
     ]  # fmt: skip
-    assert "command" not in spec
-    # The env every Model Garden vLLM notebook sets.
-    assert spec["env"] == [
-        {"name": "MODEL_ID", "value": "meta-llama/Llama-3.1-8B-Instruct"},
-        {"name": "DEPLOY_SOURCE", "value": "notebook"},
-    ]
-    assert spec["predictRoute"] == "/generate" and spec["healthRoute"] == "/ping"
+    assert "env" not in spec  # MODEL_ID / DEPLOY_SOURCE are Model Garden's; upstream vLLM reads neither
+    assert spec["predictRoute"] == "/v1/chat/completions" and spec["healthRoute"] == "/health"
     assert "invokeRoutePrefix" not in spec
-    _common(spec, "/ping")
+    _common(spec, "/health")
 
 
 def test_llama_70b_vllm_8xl4_shards_over_eight_gpus() -> None:
     spec = spec_dict(seed("llama-3.1-70b-vllm-8xl4"))
-    assert spec["args"][3:] == [
+    assert spec["args"] == [
+        "$(AIP_STORAGE_URI)",
+        "--load-format=runai_streamer",
+        '--model-loader-extra-config={"distributed": true}',
         "--host=0.0.0.0", "--port=8080",
-        "--model=$(AIP_STORAGE_URI)",
         "--served-model-name=meta-llama/Llama-3.1-70B-Instruct",
         "--tensor-parallel-size=8",
-        "--swap-space=16",
         "--gpu-memory-utilization=0.9",
         "--max-model-len=4096",
         "--dtype=bfloat16",
         "--max-num-seqs=64",
         "--disable-log-stats",
     ]  # fmt: skip
-    _common(spec, "/ping")
+    _common(spec, "/health")
 
 
 def test_llama_32_vision_vllm_a100_has_the_docs_vision_flags() -> None:
@@ -150,7 +147,7 @@ def test_llama_32_vision_vllm_a100_has_the_docs_vision_flags() -> None:
 
 def test_llama_405b_fp8_tgi_a3_matches_the_hf_blog_env() -> None:
     spec = spec_dict(seed("llama-3.1-405b-fp8-tgi-a3"))
-    assert spec["imageUri"] == serving.TGI_IMAGE
+    assert spec["imageUri"] == images.by_id("tgi-2.4.0-dlc").image
     # The HF blog's NUM_SHARD=8; token lengths from the config; no MODEL_ID (the DLC sets it from AIP_STORAGE_URI)
     # and no HUGGING_FACE_HUB_TOKEN: the weights come from the GCS mirror.
     assert spec["env"] == [
@@ -252,9 +249,12 @@ def test_upload_request_labels_alias_and_artifact_uri() -> None:
     assert request.parent == "projects/test-project/locations/us-central1"
     model = request.model
     spec_hash = serving_spec.serving_spec_hash(deployment)
-    # vLLM: Model Garden's recipe, the image reads gs:// itself and the Model has no artifactUri to copy.
+    # vLLM's own image streams gs:// itself (`vllm serve gs://…`): the Model has no artifactUri to copy.
     assert model.artifact_uri == ""
-    assert f"--model={WEIGHTS}" in model.container_spec.args
+    assert model.container_spec.args[0] == WEIGHTS
+    # The 2024 Model Garden image reads it the same way, from --model=.
+    vision = serving_spec.upload_model_request(seed("llama-3.2-11b-vision-vllm-a100"), WEIGHTS, SHA)
+    assert vision.model.artifact_uri == "" and f"--model={WEIGHTS}" in vision.model.container_spec.args
     tgi = serving_spec.upload_model_request(seed("llama-3.1-8b-awq-int4-tgi", L4_PLAN), WEIGHTS + "/", SHA)
     assert tgi.model.artifact_uri == WEIGHTS  # no trailing slash: the DLC copies "$AIP_STORAGE_URI/*"
     assert dict(model.labels) == {
@@ -316,7 +316,9 @@ def test_multi_host_is_refused_with_the_fix() -> None:
     (it renders the requests), whatever the engine or image."""
     for overrides in (["serving.engine=vllm", "serving.tensor_parallel_size=8"], []):
         struct = seed_struct("llama-3.1-405b-fp8-tgi-a3", {"node_count": 2, "pipeline_parallel_size": 2}, overrides)
-        struct["config"]["serving"]["image"] = serving.VLLM_IMAGE.rsplit(":", 1)[0] + ":20250130_0916_RC00"
+        struct["config"]["serving"]["image"] = images.by_id("model-garden-vllm-20241001").image.rsplit(":", 1)[0] + (
+            ":20250130_0916_RC00"
+        )
         deployment = Deployment.parse(struct)
         for render in (serving_spec.container_spec, lambda d: serving_spec.deploy_model_request(d, "m")):
             with pytest.raises(serving.ServingSpecError, match="multi-host serving is not offered.*8 x H200"):
@@ -339,12 +341,13 @@ def test_render_requests_is_rest_json_the_api_parses(name: str) -> None:
     from vlp.components.planning.catalog import MACHINE_TYPES
 
     assert int(spec["sharedMemorySizeMb"]) * 1024**2 < MACHINE_TYPES[machine].memory_gb * 1e9
-    # Every flag and env name the container gets is one the pinned image accepts (upstream fixtures).
-    engine = load_config(CONFIGS / f"{name}.yaml").serving.engine
+    # Every flag and env name the container gets is one its image's engine version accepts (upstream fixtures).
+    image = serving.resolve_shape(deployment).serving_image
+    assert image is not None and images.find(spec["imageUri"]) == image
     flags = [a.split("=", 1)[0] for a in spec.get("args", []) if a.startswith("--")]
-    assert set(flags) <= accepted_flags(engine), set(flags) - accepted_flags(engine)
+    assert set(flags) <= image.flags(), set(flags) - image.flags()
     env = {e["name"] for e in spec.get("env", [])}
-    assert env <= accepted_env(engine), env - accepted_env(engine)
+    assert env <= image.env_names(), env - image.env_names()
     upload = json_format.ParseDict(rendered["upload_model"], aiplatform_v1.UploadModelRequest.pb()())
     deploy = json_format.ParseDict(rendered["deploy_model"], aiplatform_v1.DeployModelRequest.pb()())
     assert upload.model.labels["vlp-revision"] == "sha"
@@ -354,11 +357,13 @@ def test_render_requests_is_rest_json_the_api_parses(name: str) -> None:
 def test_dedicated_endpoint_uploads_for_invoke_routes_only() -> None:
     deployment = seed("llama-3.1-8b-vllm-l4", overrides=["endpoint.dedicated=true"])
     spec = spec_dict(deployment)
-    assert spec["invokeRoutePrefix"] == "/*" and "predictRoute" not in spec and spec["healthRoute"] == "/ping"
+    assert spec["invokeRoutePrefix"] == "/*" and "predictRoute" not in spec and spec["healthRoute"] == "/health"
     canary = spec_dict(
         seed("llama-3.1-8b-vllm-l4", overrides=["endpoint.dedicated=true", "endpoint.redeploy_test=canary"])
     )
-    assert canary["predictRoute"] == "/generate" and "invokeRoutePrefix" not in canary
+    assert canary["predictRoute"] == "/v1/chat/completions" and "invokeRoutePrefix" not in canary
+    old = spec_dict(seed("llama-3.2-11b-vision-vllm-a100", overrides=["endpoint.dedicated=true"]))
+    assert old["invokeRoutePrefix"] == "/*" and old["healthRoute"] == "/ping"
     tgi = spec_dict(seed("llama-3.1-8b-awq-int4-tgi", L4_PLAN, overrides=["endpoint.dedicated=true"]))
     assert tgi["invokeRoutePrefix"] == "/*" and "predictRoute" not in tgi
 
@@ -378,8 +383,7 @@ def test_engine_values_are_checked_against_the_pinned_images() -> None:
             seed("llama-3.1-8b-vllm-l4", overrides=["serving.enable_lora=true", "serving.max_lora_rank=12"])
         )
     # The TGI list in serving.py is the one the launcher's enum has at the pinned version.
-    assert list(serving.TGI_QUANTIZE) == fixture("tgi")["quantize"]
-    assert list(serving.VLLM_LORA_RANKS) == fixture("vllm")["lora_ranks"]
+    assert list(serving.TGI_QUANTIZE) == images.by_id("tgi-2.4.0-dlc").contract()["quantize"]
 
 
 def test_plan_numbers_from_a_kfp_struct_become_integer_flags() -> None:

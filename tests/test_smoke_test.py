@@ -130,8 +130,9 @@ def test_smollm2_answers_paris_through_predict(served: dict[str, Any]) -> None:
     result = run_smoke_test(served["deployment"], served["endpoint"], served["dm"], served["weights"], served["api"])
     assert result.passed, result.message
     assert "paris" in result.answer.lower()
-    # :predict on a shared endpoint: PredictResponse.deployed_model_id says which model answered.
-    assert result.route == f"/v1/{served['endpoint']}:predict"
+    # vLLM's own image on a shared endpoint: :rawPredict to its /v1/chat/completions; the answer's
+    # X-Vertex-AI-Deployed-Model-Id header says which model answered.
+    assert result.route == f"/v1/{served['endpoint']}:rawPredict"
     # The prompt went through SmolLM2's own chat template (ChatML), read from the tokenizer files in GCS.
     assert result.prompt_sent.startswith("<|im_start|>") and "What is the capital of France?" in result.prompt_sent
     assert result.prompt_sent.endswith("<|im_start|>assistant\n")
@@ -164,7 +165,7 @@ def _calls(api: str) -> list[str]:
 
 
 def test_a_cold_endpoint_is_retried_with_backoff(served: dict[str, Any]) -> None:
-    chat = f"POST /v1/{served['endpoint']}:predict"
+    chat = f"POST /v1/{served['endpoint']}:rawPredict"
     # The emulator's predict-429 fault answers 429 to a deployed model's first two prediction calls.
     struct = served["deployment"].to_dict()
     struct["config"]["smoke_test"]["attempts"] = 1
@@ -243,13 +244,13 @@ def test_a_canary_on_a_shared_endpoint_is_tested_by_deployed_model_id(served: di
         assert "canary_percent" in str(err.value)
         before = len(_calls(served["api"]))
         result = run_smoke_test(deployment, served["endpoint"], canary, served["weights"], served["api"])
-        sent = [c for c in _calls(served["api"])[before:] if c.endswith(":predict")]
+        sent = [c for c in _calls(served["api"])[before:] if c.endswith(":rawPredict")]
     finally:
         for dm in (zero, canary):
             endpoints.undeploy_model(
                 endpoint=served["endpoint"], deployed_model_id=dm, traffic_split={served["dm"]: 100}
             ).result(60)
-    assert result.route == f"/v1/{served['endpoint']}:predict"
+    assert result.route == f"/v1/{served['endpoint']}:rawPredict"
     assert result.passed, result.message
     assert 1 <= len(sent) <= canary_tries(30)  # answers from the serving model were sent again, not judged
 
@@ -282,7 +283,7 @@ def test_a_dedicated_endpoint_tests_the_new_model_alone_through_invoke(served: d
         endpoints.undeploy_model(endpoint=endpoint.name, deployed_model_id=green, traffic_split={blue: 100}).result(60)
         endpoints.undeploy_model(endpoint=endpoint.name, deployed_model_id=blue).result(60)
         endpoints.delete_endpoint(name=endpoint.name).result(60)
-    assert result.route == f"/v1/{endpoint.name}/deployedModels/{green}/invoke/generate"
+    assert result.route == f"/v1/{endpoint.name}/deployedModels/{green}/invoke/v1/chat/completions"
     assert result.passed, result.message
     assert "paris" in result.answer.lower()
 

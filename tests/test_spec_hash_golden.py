@@ -2,7 +2,10 @@
 
 A deployed model's `vlp-spec` label (a Cloud Run revision's too) is how the next run spots a no-op: a hash that
 drifts, because code moved or a default changed shape, redeploys every live deployment once after an upgrade.
-These values change only on purpose, with the reason in the commit.
+These values change only on purpose, with the reason in the commit. Changed on purpose: the vLLM presets moved to
+vLLM's own image (issue 31: llama-3.1-8b-vllm-l4, llama-3.1-70b-vllm-8xl4, local-demo, local-demo-cloud-run), so
+each of those deployments redeploys once after the upgrade; llama-3.2-11b-vision-vllm-a100 and the TGI presets kept
+their values.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ GOLDEN: dict[str, tuple[str, str]] = {
         'rev-0123456789ab-704d464d',
     ),
     'llama-3.1-70b-vllm-8xl4': (
-        'vlp-deployment=llama-3-1-70b-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=19e3049ff594',
-        'rev-0123456789ab-19e3049f',
+        'vlp-deployment=llama-3-1-70b-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=2f450e350ae9',
+        'rev-0123456789ab-2f450e35',
     ),
     'llama-3.1-8b-awq-int4-tgi': (
         'vlp-deployment=llama-3-1-8b-awq-tgi,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=019cd7406568',
@@ -43,20 +46,24 @@ GOLDEN: dict[str, tuple[str, str]] = {
         'vlp-deployment=llama-3-1-8b-awq-run,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=ba3d1466f6ee',
         '',
     ),
+    'llama-3.1-8b-awq-int4-vllm-cloud-run': (
+        'vlp-deployment=llama-3-1-8b-awq-vllm-run,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=1d30f54112db',
+        '',
+    ),
     'llama-3.1-8b-vllm-l4': (
-        'vlp-deployment=llama-3-1-8b-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=b1ecdb57089e',
-        'rev-0123456789ab-b1ecdb57',
+        'vlp-deployment=llama-3-1-8b-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=8bfda08e60f9',
+        'rev-0123456789ab-8bfda08e',
     ),
     'llama-3.2-11b-vision-vllm-a100': (
         'vlp-deployment=llama-3-2-11b-vision-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=02870f59efd6',
         'rev-0123456789ab-02870f59',
     ),
     'local-demo': (
-        'vlp-deployment=smollm2-demo,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=dfcbdb82d787',
-        'rev-0123456789ab-dfcbdb82',
+        'vlp-deployment=smollm2-demo,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=48ac82bb0041',
+        'rev-0123456789ab-48ac82bb',
     ),
     'local-demo-cloud-run': (
-        'vlp-deployment=smollm2-demo-run,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=eaf096e78601',
+        'vlp-deployment=smollm2-demo-run,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=41d5db0f09f5',
         '',
     ),
 }

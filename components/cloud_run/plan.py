@@ -65,7 +65,8 @@ def adapt_plan(plan: Any, cfg: Any) -> None:
         f"(${per_s * 3600:.2f}/h), nothing while scaled to zero"
     )
     memory_bytes = spec.memory_gib * 2**30
-    if spec.weights == "copy" and plan.served_weights_bytes > WEIGHTS_MEMORY_SHARE * memory_bytes:
+    tgi = cfg.serving.engine == "tgi"  # vLLM streams gs:// into GPU memory: no copy in the instance's memory
+    if tgi and spec.weights == "copy" and plan.served_weights_bytes > WEIGHTS_MEMORY_SHARE * memory_bytes:
         plan.errors.append(
             f"with cloud_run.weights: copy the TGI DLC copies the {plan.served_weights_bytes / 1e9:.1f} GB of weights "
             f"into /tmp, which Cloud Run keeps in the instance's {spec.memory} of memory (more than "
@@ -76,5 +77,8 @@ def adapt_plan(plan: Any, cfg: Any) -> None:
         plan.warnings.append(
             f"cloud_run.concurrency {spec.concurrency} is above TGI's --max-concurrent-requests {seqs}: requests "
             "beyond it are refused with 429; lower cloud_run.concurrency or raise serving.max_num_seqs"
+            if tgi
+            else f"cloud_run.concurrency {spec.concurrency} is above vLLM's --max-num-seqs {seqs}: requests beyond it "
+            "wait in vLLM's queue; lower cloud_run.concurrency or raise serving.max_num_seqs"
         )
     plan.regions = [r for r in plan.regions if r in gpu.regions] or plan.regions

@@ -50,18 +50,39 @@ def revision_id(deployment: Deployment) -> str:
 
 
 def revision_template(deployment: Deployment, weights_uri: str, labels: dict[str, str]) -> Any:
-    """The run_v2.RevisionTemplate: the TGI DLC on one GPU, weights from GCS with no Hub token, a startup probe that
-    gives the model `cloud_run.startup_timeout_s` to load."""
+    """The run_v2.RevisionTemplate: the serving image on one GPU, weights from GCS with no Hub token, a startup probe
+    that gives the model `cloud_run.startup_timeout_s` to load. TGI: the DLC copies the weights (or reads a volume);
+    vLLM: its own image streams them from gs:// (or reads a volume)."""
     from google.cloud import run_v2
 
-    from vlp.components.serving.engines import TGI_IMAGE, tgi_env_and_args
+    from vlp.components.serving.engines import (
+        check_engine_values,
+        check_flags,
+        check_no_token,
+        resolve_shape,
+        tgi_env_and_args,
+        vllm_serve_args,
+    )
 
     cfg = deployment.config
     spec = cfg.cloud_run
-    env, args = tgi_env_and_args(deployment)
+    shape = resolve_shape(deployment)
+    check_no_token(cfg.serving.env, cfg.serving.extra_args, cfg.name)
+    check_engine_values(cfg, shape.serving_image)
+    uri = weights_uri.rstrip("/")
+    mount = spec.weights == "mount"
+    command: list[str] = []
+    if shape.api == "openai":
+        env: dict[str, str] = {}
+        command = list(shape.serving_image.command) if shape.serving_image else ["vllm", "serve"]
+        args = vllm_serve_args(deployment, uri, model_path=WEIGHTS_MOUNT if mount else "")
+    else:
+        env, args = tgi_env_and_args(deployment)
+    check_flags(args, shape, cfg.name)
     env = {**env, "HF_HUB_OFFLINE": "1", **cfg.serving.env}
     container = run_v2.Container(
-        image=cfg.serving.image or TGI_IMAGE,
+        image=shape.image,
+        command=command,
         args=args,
         ports=[run_v2.ContainerPort(name="http1", container_port=SERVING_PORT)],
         resources=run_v2.ResourceRequirements(
@@ -86,11 +107,11 @@ def revision_template(deployment: Deployment, weights_uri: str, labels: dict[str
     account = spec.service_account or run_account(deployment.service_account, cfg)
     if account:
         template.service_account = account
-    uri = weights_uri.rstrip("/")
-    if spec.weights == "copy":
-        # The DLC's entrypoint runs `gcloud storage cp "$AIP_STORAGE_URI/*" /tmp/model` as the service's account and
-        # points MODEL_ID there (Google-Cloud-Containers containers/tgi/.../entrypoint.sh).
-        env["AIP_STORAGE_URI"] = uri
+    if not mount:
+        if shape.api != "openai":
+            # The DLC's entrypoint runs `gcloud storage cp "$AIP_STORAGE_URI/*" /tmp/model` as the service's account
+            # and points MODEL_ID there (Google-Cloud-Containers containers/tgi/.../entrypoint.sh).
+            env["AIP_STORAGE_URI"] = uri
     else:
         bucket, _, prefix = uri.removeprefix("gs://").partition("/")
         template.volumes = [
@@ -100,7 +121,8 @@ def revision_template(deployment: Deployment, weights_uri: str, labels: dict[str
             )
         ]
         container.volume_mounts = [run_v2.VolumeMount(name="weights", mount_path=WEIGHTS_MOUNT)]
-        env["MODEL_ID"] = WEIGHTS_MOUNT
+        if shape.api != "openai":
+            env["MODEL_ID"] = WEIGHTS_MOUNT
     container.env = [run_v2.EnvVar(name=k, value=v) for k, v in env.items()]
     template.containers = [container]
     return template
@@ -148,7 +170,7 @@ def service_request(deployment: Deployment, weights_uri: str, previous: list[Any
         ingress=getattr(run_v2.IngressTraffic, _INGRESS[cfg.cloud_run.ingress]),
         template=template,
         traffic=[*(previous or []), new],
-        description=cfg.description or f"{cfg.model.repo} served by TGI",
+        description=cfg.description or f"{cfg.model.repo} served by {'vLLM' if cfg.serving.engine == 'vllm' else 'TGI'}",
     )
     stage = RUN_GPUS[cfg.cloud_run.gpu_type].launch_stage
     if stage:

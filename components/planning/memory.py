@@ -49,7 +49,9 @@ class EngineSettings:
             quantization=serving.quantization,
             kv_cache_dtype=serving.kv_cache_dtype,
             enforce_eager=serving.enforce_eager,
-            swap_space=serving.swap_space,
+            # Unset: 0, what current vLLM reserves (it removed --swap-space); the 2024 image's 16 GiB goes through
+            # the host-memory check only when set.
+            swap_space=serving.swap_space or 0,
             images_per_prompt=max(1, int((serving.limit_mm_per_prompt or {}).get("image", 1))),
         )
 

@@ -297,6 +297,10 @@ class Plan:
     revision_sha: str = ""
     source: str = ""
     engine: str = "vllm"
+    # The image that will serve (components/serving/images.yaml) and its engine's version: serving.image, else the
+    # newest catalog image whose engine serves the model's architecture.
+    serving_image: str = ""
+    engine_version: str = ""
     weights_bytes: int = 0
     weights_gb: float = 0.0
     weights_source: str = ""
@@ -414,6 +418,46 @@ def _in_regions(shape: Shape, regions: list[str] | None) -> bool:
     return offered is None or any(r in offered for r in regions)
 
 
+def choose_serving_image(plan: Plan, facts: ModelFacts, serving: Any, target: str) -> bool:
+    """Fill the plan's serving image and engine version; False (with the reason in plan.errors) when the chosen or
+    named image's engine does not serve the model's architecture: refused before any weights are copied."""
+    from vlp.components.serving.images import ImageChoiceError, choose_image, default_image, engine_name
+
+    try:
+        image = choose_image(serving.engine, target, facts.architecture, facts.model_type, serving.image)
+    except ImageChoiceError as exc:
+        plan.errors.append(f"{facts.repo}: {exc}")
+        return False
+    if image is None:
+        assumed = default_image(serving.engine, target)
+        plan.serving_image = serving.image
+        plan.warnings.append(
+            f"serving.image {serving.image} is not in the serving image catalog (components/serving/images.yaml): "
+            f"its flags are rendered as for {assumed.label} and its architectures are not checked; pass what its "
+            "engine needs in serving.extra_args"
+        )
+        return True
+    plan.serving_image = image.image
+    plan.engine_version = image.engine_version
+    if facts.architecture and image.engine == "vllm" and image.serves(facts.architecture, facts.model_type) is None:
+        plan.warnings.append(f"{facts.repo} names no architecture in config.json: not checked against {image.label}")
+    slower = image.fallback_note(facts.model_type)
+    if slower:
+        plan.warnings.append(slower)
+    if image.status == "frozen":
+        plan.warnings.append(
+            f"{engine_name(image.engine)} is in maintenance mode (bug fixes only since 2025-12-11, "
+            "huggingface/text-generation-inference#3345): this image stays for existing configs; new configs "
+            "should use serving.engine: vllm"
+        )
+    elif image.status == "kept":
+        plan.warnings.append(
+            f"{image.label} is an older image kept for models current {engine_name(image.engine)} no longer serves "
+            f"({facts.architecture or facts.model_type}); it carries that engine version's flags and performance"
+        )
+    return True
+
+
 def plan_for_facts(
     facts: ModelFacts,
     serving: Any,
@@ -423,6 +467,7 @@ def plan_for_facts(
     prices: Mapping[str, float] | None = None,
     include_legacy: bool = False,
     workload: Any = None,
+    target: str = "vertex",
 ) -> Plan:
     """Choose (hardware auto) or check (explicit) a shape for the model under the config's serving settings.
 
@@ -478,6 +523,8 @@ def plan_for_facts(
         objective=objective,
         workload=workload.model_dump(),
     )
+    if not choose_serving_image(plan, facts, serving, target):
+        return plan
     if facts.quantization and serving.quantization and facts.quantization not in serving.quantization:
         plan.warnings.append(
             f"serving.quantization is {serving.quantization!r} but the checkpoint is {facts.quantization} "
@@ -732,7 +779,7 @@ def plan_model(
     tensor_parallel_size: int | None = None,
     pipeline_parallel_size: int | None = None,
     enforce_eager: bool = False,
-    swap_space: int = 16,
+    swap_space: int | None = None,
     images_per_prompt: int = 1,
     chat_template: str | None = None,
     spot: bool = False,
@@ -746,6 +793,7 @@ def plan_model(
     output_tokens: int = 250,
     concurrency: int | str = 16,
     objective: str = "cost_per_token",
+    image: str = "",
 ) -> Plan:
     """`vlp plan --model REPO_OR_DIR`: the hardware a model needs and what it costs; no quota, no project."""
     from vlp.components.config import Hardware, Serving, Workload
@@ -762,6 +810,7 @@ def plan_model(
         pipeline_parallel_size=pipeline_parallel_size,
         enforce_eager=enforce_eager,
         swap_space=swap_space,
+        image=image,
         limit_mm_per_prompt={"image": images_per_prompt},
         chat_template=chat_template,
     )

@@ -216,7 +216,10 @@ def render_table(plan: Any) -> str:
     mem = _memory_rows(p)
     if mem:
         parts += ["", "Memory per GPU", _kv(mem)]
-    parts += ["", f"Shape ({p.get('hardware_mode', 'auto')}, engine {p.get('engine')})", _kv(_shape_rows(p))]
+    engine = f"engine {p.get('engine')} {p.get('engine_version') or ''}".rstrip()
+    parts += ["", f"Shape ({p.get('hardware_mode', 'auto')}, {engine})", _kv(_shape_rows(p))]
+    if p.get("serving_image"):
+        parts.append(f"  image  {p['serving_image']}")
     alts = _alt_rows(p)
     if alts:
         parts += ["", "Alternatives that fit", _table(_ALT_HEADERS, alts)]

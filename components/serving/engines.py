@@ -6,24 +6,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlp.components.deployment import Deployment
+from vlp.components.serving.images import ServingImage, default_image, find
 
-# Pinned images, overridable with serving.image. Pins carry their reason:
-# - vLLM: the Vertex Model Garden build the Vertex AI vLLM serving doc and the Llama 3.1 / 3.2 Model Garden
-#   notebooks use. It serves /generate + /ping, reads --model=gs://... itself, and still has vLLM's V0
-#   engine, which Llama 3.2 Vision (mllama) needs: vLLM >= 0.11 (the 2025-10+ Model Garden builds) dropped it.
-VLLM_IMAGE = "us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:20241001_0916_RC00"
-# - TGI: the newest Hugging Face DLC listed in huggingface/Google-Cloud-Containers (TGI 2.4.0). Its entrypoint
-#   copies $AIP_STORAGE_URI (gs://) to /tmp/model and points MODEL_ID there: weights come from GCS, no Hub.
-TGI_IMAGE = (
-    "us-docker.pkg.dev/deeplearning-platform-release/gcr.io/"
-    "huggingface-text-generation-inference-cu124.2-4.ubuntu2204.py311"
-)
-
+# Which image serves is data: components/serving/images.yaml (components/serving/images.py chooses and checks).
 SERVING_PORT = 8080
 # TGI launcher --quantize values (launcher/src/main.rs `enum Quantization`, v2.4.0) and vLLM 0.6.2's LoRA ranks
 # (config.py LoRAConfig: possible_max_ranks); a value outside them stops the container at start.
 TGI_QUANTIZE = ("awq", "eetq", "exl2", "gptq", "marlin", "bitsandbytes", "bitsandbytes-nf4", "bitsandbytes-fp4", "fp8")
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256)
 
 # Env names that would carry a Hub token into serving; weights come from GCS, so serving never needs one.
 _TOKEN_ENV = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_HUB_TOKEN", "HF_API_TOKEN"}
@@ -41,7 +30,9 @@ class ServingShape:
     """The resolved serving decisions for one deployment: config values, else the plan's."""
 
     engine: str
-    image: str
+    image: str  # the URI the deployment names
+    serving_image: ServingImage | None  # its catalog entry; None for an image the catalog does not know
+    api: str  # how the image is called: openai, model-garden or tgi (images.yaml)
     repo: str
     machine_type: str
     accelerator_type: str
@@ -95,9 +86,12 @@ def resolve_shape(deployment: Deployment) -> ServingShape:
             f"deployment {cfg.name!r}: TGI shards over the GPUs of one node only, but the plan spans {node_count} "
             "nodes: use serving.engine: vllm (pipeline parallel across nodes) or a machine with more GPUs"
         )
+    image_uri, entry = serving_image(deployment)
     return ServingShape(
         engine=s.engine,
-        image=s.image or (VLLM_IMAGE if s.engine == "vllm" else TGI_IMAGE),
+        image=image_uri,
+        serving_image=entry,
+        api=(entry or default_image(s.engine, cfg.target)).api,
         repo=cfg.model.repo,
         machine_type=machine_type,
         accelerator_type=accelerator_type,
@@ -112,6 +106,40 @@ def resolve_shape(deployment: Deployment) -> ServingShape:
         max_replicas=hw.max_replica_count or hw.replica_count,
         spot=hw.spot,
     )
+
+
+def serving_image(deployment: Deployment) -> tuple[str, ServingImage | None]:
+    """The image URI the deployment names, and its catalog entry: serving.image, else the one preflight chose for the
+    model (plan["serving_image"]), else the engine's newest image for the target (`vlp render` with no plan). A
+    catalog image hosted on Docker Hub is named through the project's Artifact Registry remote repository."""
+    cfg = deployment.config
+    named = cfg.serving.image or str(deployment.plan.get("serving_image") or "")
+    entry = find(named) if named else default_image(cfg.serving.engine, cfg.target)
+    if entry is None:
+        return named, None
+    if named and named != entry.image:
+        return named, entry  # the user's own spelling of a catalog image (e.g. their remote repository's path)
+    region = deployment.region or (cfg.placement.regions or [""])[0]
+    return entry.uri(deployment.project or cfg.placement.project, region), entry
+
+
+def unknown_flags(args: list[str], image: ServingImage | None) -> list[str]:
+    """The --flags in `args` the image's server does not accept (its fixture); none for an image the catalog does not
+    know."""
+    return [] if image is None else image.unknown_flags(args)
+
+
+def check_flags(args: list[str], shape: ServingShape, name: str) -> None:
+    """Refuse, at render, a flag the image's engine version would stop the container on at start."""
+    bad = unknown_flags(args, shape.serving_image)
+    if bad:
+        image = shape.serving_image
+        raise ServingSpecError(
+            f"deployment {name!r}: {image.label if image else shape.image} does not accept {', '.join(bad)} "
+            f"(its argument parser at that version: components/contract/{image.fixture if image else '?'}); the "
+            "container would exit at start with 'unrecognized arguments'. Remove it from serving.extra_args (or the "
+            "config field that renders it), or name an image whose engine takes it in serving.image"
+        )
 
 
 def served_model_name(deployment: Deployment) -> str:
@@ -166,6 +194,8 @@ def vllm_args(deployment: Deployment, weights_uri: str = "") -> list[str]:
     weights_uri empty gives `$(AIP_STORAGE_URI)`, the form used for the serving spec hash."""
     cfg = deployment.config
     shape = resolve_shape(deployment)
+    if shape.api == "openai":
+        return vllm_serve_args(deployment, weights_uri)
     s = cfg.serving
     args = []
     if shape.node_count > 1:
@@ -193,7 +223,7 @@ def vllm_args(deployment: Deployment, weights_uri: str = "") -> list[str]:
     ]
     if shape.pipeline_parallel_size > 1:
         args.append(f"--pipeline-parallel-size={shape.pipeline_parallel_size}")
-    args += [f"--swap-space={s.swap_space}", f"--gpu-memory-utilization={s.gpu_memory_utilization}"]
+    args += [f"--swap-space={16 if s.swap_space is None else s.swap_space}", f"--gpu-memory-utilization={s.gpu_memory_utilization}"]
     if shape.max_model_len:
         args.append(f"--max-model-len={shape.max_model_len}")
     args.append(f"--dtype={s.dtype}")
@@ -217,6 +247,60 @@ def vllm_args(deployment: Deployment, weights_uri: str = "") -> list[str]:
         args.append(f"--limit-mm-per-prompt={limits}")
     if s.chat_template:
         # vLLM takes a file path or the template itself; one argv element keeps newlines intact.
+        args.append(f"--chat-template={s.chat_template}")
+    return args + list(s.extra_args)
+
+
+def vllm_serve_args(deployment: Deployment, weights_uri: str = "", model_path: str = "") -> list[str]:
+    """`vllm serve` args for vLLM's own image (the command is the image's `vllm serve`): the weights streamed from
+    gs:// by the Run:ai Model Streamer (vLLM >= 0.11.1 reads GCS as the serving account: no artifactUri, no second
+    copy), or read from `model_path` (a Cloud Run volume mount). weights_uri empty gives `$(AIP_STORAGE_URI)`, the
+    form used for the serving spec hash."""
+    cfg = deployment.config
+    shape = resolve_shape(deployment)
+    s = cfg.serving
+    if model_path:
+        args = [model_path]
+    else:
+        args = [weights_uri.rstrip("/") if weights_uri else "$(AIP_STORAGE_URI)", "--load-format=runai_streamer"]
+        if shape.tensor_parallel_size > 1:
+            # Each rank streams its share and the ranks exchange the rest (vLLM docs, Run:ai Model Streamer:
+            # "distributed" for tensor-parallel loads).
+            args.append('--model-loader-extra-config={"distributed": true}')
+    args += [
+        "--host=0.0.0.0",
+        f"--port={SERVING_PORT}",
+        # Without it the OpenAI routes answer to the gs:// path; clients use the repo id.
+        f"--served-model-name={shape.repo}",
+        f"--tensor-parallel-size={shape.tensor_parallel_size}",
+    ]
+    if shape.pipeline_parallel_size > 1:
+        args.append(f"--pipeline-parallel-size={shape.pipeline_parallel_size}")
+    if s.swap_space is not None:
+        args.append(f"--swap-space={s.swap_space}")  # refused by check_flags where the version removed it
+    args.append(f"--gpu-memory-utilization={s.gpu_memory_utilization}")
+    if shape.max_model_len:
+        args.append(f"--max-model-len={shape.max_model_len}")
+    args.append(f"--dtype={s.dtype}")
+    if s.enable_lora:
+        args += ["--enable-lora", f"--max-loras={s.max_loras}", f"--max-lora-rank={s.max_lora_rank}"]
+    if shape.max_num_seqs:
+        args.append(f"--max-num-seqs={shape.max_num_seqs}")
+    args.append("--disable-log-stats")
+    if s.trust_remote_code:
+        args.append("--trust-remote-code")
+    if s.enforce_eager:
+        args.append("--enforce-eager")
+    if s.quantization:
+        args.append(f"--quantization={s.quantization}")
+    if s.kv_cache_dtype != "auto":
+        args.append(f"--kv-cache-dtype={s.kv_cache_dtype}")
+    if s.limit_mm_per_prompt:
+        import json
+
+        # JSON: the form current vLLM parses (the key=value form was removed).
+        args.append(f"--limit-mm-per-prompt={json.dumps(dict(sorted(s.limit_mm_per_prompt.items())))}")
+    if s.chat_template:
         args.append(f"--chat-template={s.chat_template}")
     return args + list(s.extra_args)
 
@@ -263,26 +347,27 @@ def tgi_env_and_args(deployment: Deployment) -> tuple[dict[str, str], list[str]]
     return env, args + list(s.extra_args)
 
 
-def check_engine_values(cfg: Any) -> None:
+def check_engine_values(cfg: Any, image: ServingImage | None = None) -> None:
+    """Values the image's engine version would refuse at start (its fixture); `image` None: the engine's default."""
     s = cfg.serving
+    image = image or default_image(s.engine, cfg.target)
     if s.engine == "tgi" and s.quantization and s.quantization not in TGI_QUANTIZE:
         raise ServingSpecError(
             f"deployment {cfg.name!r}: TGI has no --quantize={s.quantization}: use one of {', '.join(TGI_QUANTIZE)}, "
             "or leave serving.quantization empty to take it from the model's config"
         )
-    if s.engine == "vllm" and s.quantization:
-        from vlp.components.serving.contract_fixtures import vllm_quantization_methods
-
-        methods = vllm_quantization_methods()
+    if image.engine != "vllm":
+        return
+    if s.quantization:
+        methods = list(image.contract()["quantization_methods"])
         if s.quantization not in methods:
             raise ServingSpecError(
-                f"deployment {cfg.name!r}: the pinned vLLM has no --quantization={s.quantization}: use one of "
+                f"deployment {cfg.name!r}: {image.label} has no --quantization={s.quantization}: use one of "
                 f"{', '.join(methods)}, or leave serving.quantization empty to take it from the model's config"
             )
-    if s.engine == "vllm" and s.enable_lora and s.max_lora_rank not in VLLM_LORA_RANKS:
+    ranks = image.contract().get("lora_ranks")
+    if s.enable_lora and ranks and s.max_lora_rank not in ranks:
         raise ServingSpecError(
-            f"deployment {cfg.name!r}: vLLM takes serving.max_lora_rank in {list(VLLM_LORA_RANKS)}, not "
+            f"deployment {cfg.name!r}: {image.label} takes serving.max_lora_rank in {list(ranks)}, not "
             f"{s.max_lora_rank}: pick the smallest of them at or above your adapters' rank"
         )
-
-

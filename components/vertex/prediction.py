@@ -102,6 +102,24 @@ def invoke_url(info: EndpointInfo, path: str, deployed_model_id: str = "") -> st
     return f"{info.base_url}/v1/{scope}/invoke{path}"
 
 
+def raw_predict_url(info: EndpointInfo) -> str:
+    """The endpoint's :rawPredict route: the body goes to the container's predict route as it is; the answer's
+    X-Vertex-AI-Deployed-Model-Id header names the deployed model (aiplatform models.py _RAW_PREDICT_*_KEY)."""
+    return f"{info.base_url}/v1/{info.resource}:rawPredict"
+
+
+def answered_by(response: Any) -> str:
+    """Which deployed model answered a :predict (PredictResponse.deployed_model_id) or :rawPredict (its header)."""
+    header = str(response.headers.get("X-Vertex-AI-Deployed-Model-Id") or "")
+    if header:
+        return header
+    try:
+        data = response.json()
+    except ValueError:
+        return ""
+    return str(data.get("deployedModelId") or "") if isinstance(data, dict) else ""
+
+
 def predict_url(info: EndpointInfo) -> str:
     """The endpoint's :predict route (models uploaded with predictRoute); the answer names the deployed model."""
     return f"{info.base_url}/v1/{info.resource}:predict"
@@ -143,7 +161,7 @@ def canary_tries(percent: int) -> int:
 
 
 def prediction_request(
-    engine: str,
+    api: str,
     route: str,
     info: EndpointInfo,
     deployed_model_id: str,
@@ -151,13 +169,19 @@ def prediction_request(
     max_tokens: int,
     model: str,
 ) -> tuple[str, dict[str, Any], str]:
-    """(url, body, reply kind) for the engine and the route. Every form decodes greedily:
+    """(url, body, reply kind) for the image's API (images.yaml `api`) and the route. Every form decodes greedily:
+    - vLLM's own image (openai): an OpenAI chat request, to /v1/chat/completions through invoke, or through
+      :rawPredict to its predict route (/v1/chat/completions);
     - vLLM (Model Garden handler): a chatCompletions instance with temperature 0, on /generate or :predict;
     - TGI on :predict (its /vertex route): a chat-shaped instance; the `inputs` form would force do_sample
       and add special tokens again (router/src/vertex.rs, v2.4.0); on invoke, its own /v1/chat/completions."""
     # `model`: the served model name (vLLM's OpenAI request requires it; TGI ignores it).
     chat = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0}
-    if engine == "vllm":
+    if api == "openai":
+        if route == "invoke":
+            return invoke_url(info, "/v1/chat/completions", deployed_model_id), chat, "chat"
+        return raw_predict_url(info), chat, "chat"
+    if api == "model-garden":
         body = {"instances": [{"@requestFormat": "chatCompletions", **chat}]}
         if route == "invoke":
             return invoke_url(info, "/generate", deployed_model_id), body, "predict"
@@ -167,21 +191,25 @@ def prediction_request(
     return predict_url(info), {"instances": [chat]}, "predict"
 
 
-def benchmark_target(cfg: Any, info: EndpointInfo, deployed_model_id: str) -> tuple[str | None, str]:
+def benchmark_target(deployment: Any, info: EndpointInfo, deployed_model_id: str) -> tuple[str | None, str]:
     """What the load benchmark can time for the new model alone: (target for run_benchmark, "") or (None, why not).
 
     The benchmark streams OpenAI chat completions, so it needs a route that reaches the new model only and ends
     in an OpenAI server."""
+    from vlp.components.serving.engines import resolve_shape
+
+    cfg = deployment.config
+    api = resolve_shape(deployment).api
     route = smoke_route(cfg.endpoint.uses_invoke, info)
     share = info.traffic.get(deployed_model_id, 0)
     if route == "invoke":
-        if cfg.serving.engine == "tgi":
+        if api in ("tgi", "openai"):
             return f"{info.resource}/deployedModels/{deployed_model_id}", ""
         return None, (
             "the pinned Model Garden vLLM image is reached through invoke at /generate; its OpenAI routes are not "
             "documented (unverified), so there is no streaming route to time"
         )
-    if cfg.serving.engine == "tgi":
+    if api == "tgi":
         return None, (
             "Vertex's chat-completions route forwards to TGI's /vertex route, which takes only `instances` and "
             "answers 422 (router/src/vertex.rs): benchmark TGI on a dedicated endpoint (redeploy_test: invoke)"
@@ -192,5 +220,3 @@ def benchmark_target(cfg: Any, info: EndpointInfo, deployed_model_id: str) -> tu
             "to it: run `vlp bench ENDPOINT` after promotion"
         )
     return info.resource, ""
-
-

@@ -13,6 +13,7 @@ from vlp.components.serving.engines import (
     SERVING_PORT,
     ServingSpecError,
     check_engine_values,
+    check_flags,
     check_no_token,
     resolve_shape,
     tgi_env_and_args,
@@ -71,11 +72,30 @@ def container_spec(deployment: Deployment, weights_uri: str = "") -> Any:
     shape = resolve_shape(deployment)
     s = cfg.serving
     check_no_token(s.env, s.extra_args, cfg.name)
-    check_engine_values(cfg)
+    check_engine_values(cfg, shape.serving_image)
     # The startup probe gives loading the whole deployment timeout; after that three misses mean unhealthy.
     startup_failures = math.ceil(DEPLOYMENT_TIMEOUT_S / PROBE_PERIOD_S)
     invoke = cfg.endpoint.uses_invoke
-    if shape.engine == "vllm":
+    if shape.api == "openai":
+        # vLLM's own image: `vllm serve`, its OpenAI routes and /health. A shared endpoint reaches
+        # /v1/chat/completions through :rawPredict (Vertex forwards the body to predict_route unchanged); a dedicated
+        # one every route through invoke. Google's "custom vLLM container" notebook deploys vllm/vllm-openai the same
+        # way (predict_route /v1/completions, health_route /health, called with raw_predict).
+        env = {}
+        image = shape.serving_image
+        spec = ModelContainerSpec(
+            image_uri=shape.image,
+            command=list(image.command) if image else ["vllm", "serve"],
+            args=vllm_args(deployment, weights_uri),
+            health_route="/health",
+            startup_probe=_probe("/health", startup_failures),
+            health_probe=_probe("/health", 3),
+        )
+        if invoke:
+            spec.invoke_route_prefix = INVOKE_ROUTE_PREFIX
+        else:
+            spec.predict_route = "/v1/chat/completions"
+    elif shape.engine == "vllm":
         # The env every Model Garden vLLM notebook sets (deploy_model_vllm in the vertex-ai-samples notebooks).
         env: dict[str, str] = {"MODEL_ID": shape.repo, "DEPLOY_SOURCE": "notebook"}
         spec = ModelContainerSpec(
@@ -106,6 +126,7 @@ def container_spec(deployment: Deployment, weights_uri: str = "") -> Any:
         if invoke:
             # The router serves /generate, /v1/chat/completions, /health... itself: invoke reaches them as they are.
             spec.invoke_route_prefix = INVOKE_ROUTE_PREFIX
+    check_flags(list(spec.args), shape, cfg.name)
     env.update(s.env)
     spec.env = [EnvVar(name=k, value=v) for k, v in env.items()]
     spec.ports = [Port(container_port=SERVING_PORT)]
@@ -259,5 +280,5 @@ def render_requests(deployment: Deployment, weights_uri: str, revision_sha: str 
     return {
         "upload_model": _message_dict(upload_model_request(deployment, weights_uri, revision_sha)),
         "deploy_model": _message_dict(deploy_model_request(deployment, model_resource)),
-        "redeploy": cfg.endpoint.redeploy_path(cfg.serving.engine),
+        "redeploy": cfg.endpoint.redeploy_path(resolve_shape(deployment).api),
     }

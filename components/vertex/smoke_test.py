@@ -26,6 +26,7 @@ from vlp.components.smoke.checks import (
     render_prompt,
 )
 from vlp.components.vertex.prediction import (
+    answered_by,
     canary_tries,
     describe_endpoint,
     prediction_request,
@@ -89,10 +90,10 @@ def _canary_post(
             data = resp.json()
         except ValueError:
             return {"_unparsed": resp.text[:4000]}, latency, ""
-        answered_by = str(data.get("deployedModelId") or "")
-        if answered_by in ("", deployed_model_id):
+        by = answered_by(resp)
+        if by in ("", deployed_model_id):
             return data, latency, ""
-        others[answered_by] = others.get(answered_by, 0) + 1
+        others[by] = others.get(by, 0) + 1
     sent = sum(others.values()) + failed
     raise SmokeTestError(
         f"{sent} requests to {url} in {time.monotonic() - started:.0f} s never reached deployed model "
@@ -150,10 +151,10 @@ def run_smoke_test(
             "endpoint.canary_percent of traffic while it is tested, or use a dedicated endpoint "
             "(endpoint.dedicated: true, redeploy_test: invoke)"
         )
-    from vlp.components.serving.engines import served_model_name
+    from vlp.components.serving.engines import resolve_shape, served_model_name
 
     url, body, kind = prediction_request(
-        cfg.serving.engine, route_kind, info, deployed_model_id, messages, st.max_tokens, served_model_name(deployment)
+        resolve_shape(deployment).api, route_kind, info, deployed_model_id, messages, st.max_tokens, served_model_name(deployment)
     )
     size, limit = len(json.dumps(body).encode()), request_limit(info)
     if size > limit:
@@ -268,7 +269,7 @@ def smoke_test_op(
     cfg = d.config
     st = cfg.smoke_test
     if result.passed and st.benchmark:
-        target, reason = benchmark_target(cfg, describe_endpoint(resource, api_endpoint), deployed_model_id)
+        target, reason = benchmark_target(d, describe_endpoint(resource, api_endpoint), deployed_model_id)
         if target is None:
             getLogger("vlp.smoke").warning("benchmark skipped: %s", reason)
             skipped = reason

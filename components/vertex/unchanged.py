@@ -14,8 +14,8 @@ def _healthy(deployment: Deployment, endpoint_resource: str, deployed_model_id: 
     """One short request to the serving model through a route its endpoint kind really serves: the per-model
     invoke route on dedicated endpoints (invokeRoutePrefix uploads), else :predict, whose answer must name it."""
     from vlp.components.serving.calls import http_session
-    from vlp.components.serving.engines import served_model_name
-    from vlp.components.vertex.prediction import describe_endpoint, prediction_request, smoke_route
+    from vlp.components.serving.engines import resolve_shape, served_model_name
+    from vlp.components.vertex.prediction import answered_by, describe_endpoint, prediction_request, smoke_route
 
     api = deployment.api_endpoint
     cfg = deployment.config
@@ -27,7 +27,7 @@ def _healthy(deployment: Deployment, endpoint_resource: str, deployed_model_id: 
         return False
     messages = [{"role": "user", "content": "ping"}]
     url, body, _ = prediction_request(
-        cfg.serving.engine, route, info, deployed_model_id, messages, 1, served_model_name(deployment)
+        resolve_shape(deployment).api, route, info, deployed_model_id, messages, 1, served_model_name(deployment)
     )
     session = http_session(api)
     # A serving container that is restarting answers 503 for a while (endpoint.health_wait_s).
@@ -37,7 +37,7 @@ def _healthy(deployment: Deployment, endpoint_resource: str, deployed_model_id: 
             response = session.post(url, json=body, timeout=60)
             if response.status_code == 200:
                 # Only this model holds traffic (the caller checked 100%), so :predict answers from it.
-                answered = response.json().get("deployedModelId", deployed_model_id) if route == "predict" else ""
+                answered = (answered_by(response) or deployed_model_id) if route == "predict" else ""
                 return route == "invoke" or answered == deployed_model_id
             retry = response.status_code in (429, 503)
         except Exception:  # noqa: BLE001

@@ -49,7 +49,13 @@ def _served_name(model: dict[str, Any] | None) -> str:
 
 
 def _engine(model: dict[str, Any] | None) -> str:
+    """How the model's image is called: "vllm-openai" (vLLM's own image), "vllm" (Model Garden's) or "tgi"."""
+    from vlp.components.serving.images import find
+
     image = str(((model or {}).get("containerSpec") or {}).get("imageUri") or "")
+    known = find(image)
+    if known is not None:
+        return {"openai": "vllm-openai", "model-garden": "vllm", "tgi": "tgi"}[known.api]
     return "tgi" if "tgi" in image or "text-generation-inference" in image else "vllm"
 
 
@@ -80,6 +86,7 @@ def describe(api: str, token_command: str = "vlp local token") -> dict[str, Any]
             "deployed_model_id": dm["id"],
         }
         entry["predict_url"] = f"{api}/v1/{ep['name']}:predict"
+        entry["raw_predict_url"] = f"{api}/v1/{ep['name']}:rawPredict"
         entry["chat_url"] = f"{api}/v1beta1/{ep['name']}/chat/completions"
         entry["snippets"] = vertex_snippets(api, entry, token_command)
         endpoints.append(entry)
@@ -88,6 +95,11 @@ def describe(api: str, token_command: str = "vlp local token") -> dict[str, Any]
         project = svc["name"].split("/")[1]
         tags = {t["tag"]: t.get("uri", "") for t in svc.get("trafficStatuses") or [] if t.get("tag")}
         entry = {"name": svc["name"], "url": svc.get("uri", ""), "tag_urls": tags, "project": project}
+        container = ((svc.get("template") or {}).get("containers") or [{}])[0]
+        entry["served_model_name"] = next(
+            (str(a).split("=", 1)[1] for a in container.get("args") or [] if str(a).startswith("--served-model-name=")),
+            "",
+        )
         entry["snippets"] = run_snippets(api, entry, token_command)
         services.append(entry)
     return {"endpoints": endpoints, "services": services}
@@ -137,9 +149,10 @@ def vertex_snippets(api: str, ep: dict[str, Any], token_command: str) -> dict[st
     host = f' -H "Host: {dedicated}"' if dedicated else ""
     curl = f'curl -s{host} -H "Authorization: Bearer $({token_command})" -H "Content-Type: application/json" \\\n'
     snippets: dict[str, str] = {}
+    openai_routes = ep["engine"] in ("tgi", "vllm-openai")  # the container serves /v1/chat/completions itself
     if ep["invoke"]:
         # invoke_route_prefix: the container's own routes through .../invoke/ROUTE, and nothing else.
-        if ep["engine"] == "tgi":
+        if openai_routes:
             path, body, read_invoke = "/v1/chat/completions", chat_body, '["choices"][0]["message"]["content"]'
         else:
             path, body, read_invoke = "/generate", {"instances": [instance]}, f'["predictions"]{read}'
@@ -149,9 +162,20 @@ def vertex_snippets(api: str, ep: dict[str, Any], token_command: str) -> dict[st
             f'answer = endpoint.invoke(request_path="{path}", body=body, headers={{"Content-Type": "application/json"}})\n'
             f"print(answer.json(){read_invoke})\n"
         )
-        if ep["engine"] == "tgi":
+        if openai_routes:
             snippets["openai (invoke route)"] = _openai_snippet(auth, f"{api}/v1/{ep['name']}/invoke/v1", dedicated, name)
         snippets["curl"] = curl + f"  {api}/v1/{ep['name']}/invoke{path} \\\n  -d '{json.dumps(body)}'\n"
+        return snippets
+    if ep["engine"] == "vllm-openai":
+        # vLLM's own image: its predict route is /v1/chat/completions, reached with the OpenAI body by raw_predict
+        # (:predict would send it a PredictRequest, which it refuses).
+        snippets["aiplatform raw_predict"] = (
+            auth + init + route + "import json\n"
+            f"body = json.dumps({json.dumps(chat_body)}).encode()\n"
+            'answer = endpoint.raw_predict(body=body, headers={"Content-Type": "application/json"})\n'
+            'print(answer.json()["choices"][0]["message"]["content"])\n'
+        )
+        snippets["curl"] = curl + f"  {ep['raw_predict_url']} \\\n  -d '{json.dumps(chat_body)}'\n"
         return snippets
     snippets["aiplatform predict"] = (
         auth + init + (route if dedicated else "")
@@ -191,8 +215,10 @@ def _openai_snippet(auth: str, base_url: str, dedicated: str, model: str) -> str
 
 
 def run_snippets(api: str, svc: dict[str, Any], token_command: str) -> dict[str, str]:
-    """Client code for one private Cloud Run service: an ID token for its URL, then TGI's own routes."""
+    """Client code for one private Cloud Run service: an ID token for its URL, then the container's own OpenAI routes
+    (TGI answers to any model name; vLLM only to its --served-model-name)."""
     url = svc["url"]
+    model = svc.get("served_model_name") or "tgi"
     auth = (
         _python_auth(api, svc["project"])
         + "import google.auth.transport.requests\n"
@@ -200,21 +226,28 @@ def run_snippets(api: str, svc: dict[str, Any], token_command: str) -> dict[str,
         + "# A private service takes an ID token whose audience is its URL (fetch_id_token asks the metadata server).\n"
         + f'token = id_token.fetch_id_token(google.auth.transport.requests.Request(), "{url}")\n'
     )
-    body = json.dumps({"model": "tgi", "messages": [{"role": "user", "content": DEMO_QUESTION}], "max_tokens": 24})
-    return {
-        "huggingface_hub InferenceClient": auth
-        + "from huggingface_hub import InferenceClient\n"
-        + f'client = InferenceClient(base_url="{url}", api_key=token)\n'
-        + f"reply = client.chat_completion(messages={_messages()}, max_tokens=24)\n"
-        + "print(reply.choices[0].message.content)\n",
-        "openai (Cloud Run URL)": auth
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": DEMO_QUESTION}], "max_tokens": 24})
+    snippets = {}
+    if model == "tgi":
+        snippets["huggingface_hub InferenceClient"] = (
+            auth
+            + "from huggingface_hub import InferenceClient\n"
+            + f'client = InferenceClient(base_url="{url}", api_key=token)\n'
+            + f"reply = client.chat_completion(messages={_messages()}, max_tokens=24)\n"
+            + "print(reply.choices[0].message.content)\n"
+        )
+    snippets["openai (Cloud Run URL)"] = (
+        auth
         + "import openai\n"
         + f'client = openai.OpenAI(base_url="{url}/v1", api_key=token)\n'
-        + f'reply = client.chat.completions.create(model="tgi", messages={_messages()}, max_tokens=24)\n'
-        + "print(reply.choices[0].message.content)\n",
-        "curl": f'curl -s -H "Authorization: Bearer $({token_command} --audience {url})" '
-        f'-H "Content-Type: application/json" \\\n  {url}/v1/chat/completions \\\n  -d \'{body}\'\n',
-    }
+        + f'reply = client.chat.completions.create(model="{model}", messages={_messages()}, max_tokens=24)\n'
+        + "print(reply.choices[0].message.content)\n"
+    )
+    snippets["curl"] = (
+        f'curl -s -H "Authorization: Bearer $({token_command} --audience {url})" '
+        f'-H "Content-Type: application/json" \\\n  {url}/v1/chat/completions \\\n  -d \'{body}\'\n'
+    )
+    return snippets
 
 
 def routed_session(api: str, credentials: Any) -> Any:
@@ -246,8 +279,11 @@ def render(info: dict[str, Any], state_dir: Path, described: dict[str, Any]) -> 
         lines += ["", f"endpoint {ep['display_name']}: {ep['name']}"]
         for dm in ep["deployed_models"]:
             lines.append(f"  deployed model {dm['id']} at {dm['traffic_percent']}%")
-        lines.append(f"  predict:          {ep['predict_url']}")
-        lines.append(f"  chat completions: {ep['chat_url']}")
+        if ep["engine"] == "vllm-openai":
+            lines.append(f"  raw predict:      {ep['raw_predict_url']}   (OpenAI chat body, vLLM's /v1/chat/completions)")
+        else:
+            lines.append(f"  predict:          {ep['predict_url']}")
+            lines.append(f"  chat completions: {ep['chat_url']}")
         if ep["dedicated_dns"]:
             lines.append(f"  dedicated DNS:    {ep['dedicated_dns']} (locally: the address above, Host: that DNS)")
         lines += _snippet_lines(ep["snippets"])

@@ -34,6 +34,7 @@ from typing import Any
 from google.cloud import run_v2
 from google.protobuf import json_format
 
+import vlp.pipelines.local.emulator.artifact_registry as artifact_registry
 from vlp.pipelines.local.emulator.core import _camel, _now, _pack_op, _paginate, _parse_request, _Route
 from vlp.pipelines.local.emulator.errors import ApiError
 from vlp.pipelines.local.emulator.iam import compute_default_account, member
@@ -462,10 +463,15 @@ class CloudRunService:
             for env in container.get("env") or []:
                 if env.get("name") == "AIP_STORAGE_URI" and str(env.get("value", "")).startswith("gs://"):
                     return str(env["value"]).rstrip("/") + "/"
+            # `vllm serve gs://…`: vLLM's own image streams the weights (Run:ai Model Streamer) as the revision's account.
+            model = next((str(a) for a in container.get("args") or [] if str(a).startswith("gs://")), "")
+            if model and "vllm" in " ".join(map(str, container.get("command") or [])):
+                return model.rstrip("/") + "/"
         raise ApiError(
             "FAILED_PRECONDITION",
             f"Revision '{revision['name'].rsplit('/', 1)[1]}' has no weights the emulator can serve: mount them "
-            "with a Cloud Storage volume, or set AIP_STORAGE_URI (the TGI DLC copies it before starting).",
+            "with a Cloud Storage volume, set AIP_STORAGE_URI (the TGI DLC copies it before starting), or pass "
+            "`vllm serve gs://…` (vLLM's own image streams it).",
         )
 
     def _run_rollout(
@@ -578,9 +584,13 @@ class CloudRunService:
 
     def _run_start(self, revision: dict[str, Any]) -> None:
         """Start a model server for a revision: its container's image, args and env, on its weights."""
+        artifact_registry.check_run_pull(
+            self, (revision.get("containers") or [{}])[0].get("image", ""), revision["name"].split("/")[1]
+        )
         container = (revision.get("containers") or [{}])[0]
         spec = {
             "imageUri": container.get("image", ""),
+            "command": container.get("command") or [],
             "args": container.get("args") or [],
             "env": container.get("env") or [],
         }

@@ -129,7 +129,10 @@ def check_invoke(endpoint: dict[str, Any], spec: dict[str, Any], dm_id: str, sub
             "FAILED_PRECONDITION",
             f"Deployed model {dm_id} was not uploaded with container_spec.invoke_route_prefix: invoke is not enabled.",
         )
-    routes = CONTAINER_ROUTES.get(engine)
+    from vlp.pipelines.local.emulator.images import image_of
+
+    image = image_of(spec)  # a catalog image: the routes its entry cites (components/serving/images.yaml)
+    routes = image.routes if image is not None else CONTAINER_ROUTES.get(engine)
     if routes is not None and subpath not in routes:
         raise ApiError(
             "NOT_FOUND", f"The serving container of deployed model {dm_id} ({engine}) does not serve {subpath}."

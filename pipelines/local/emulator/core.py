@@ -185,14 +185,19 @@ _MODEL_ARG = re.compile(r"^--model=(gs://\S+)$")
 
 def _weights_source(version: dict[str, Any]) -> str:
     """Where the serving container reads weights: Vertex's copy of artifactUri (AIP_STORAGE_URI), else a
-    `--model=gs://…` argument, which the Model Garden vLLM image downloads itself (Model Garden's recipe)."""
+    `--model=gs://…` argument, which the Model Garden vLLM image downloads itself (Model Garden's recipe), or the
+    gs:// model of `vllm serve`, which vLLM's own image streams."""
     if version.get("artifactUri"):
         return str(version["artifactUri"])
     spec = version.get("containerSpec", {})
+    engine = _engine(spec)
     for arg in spec.get("args", []):
         match = _MODEL_ARG.match(str(arg))
-        if match and _engine(spec) == "vllm":
+        if match and engine in ("vllm", "vllm-openai"):
             return match.group(1)
+        # `vllm serve gs://…` (vLLM's own image streams it with --load-format runai_streamer).
+        if engine == "vllm-openai" and str(arg).startswith("gs://"):
+            return str(arg)
     return ""
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from google.cloud import aiplatform_v1 as v1
 from google.protobuf import empty_pb2, json_format
 
+import vlp.pipelines.local.emulator.artifact_registry as artifact_registry
 import vlp.pipelines.local.emulator.contract as contract
 from vlp.pipelines.local.emulator.core import (
     _LOC,
@@ -271,6 +272,9 @@ class EndpointsService:
                 waited = 2
                 self._stopping.wait(waited)
                 raise ApiError("DEADLINE_EXCEEDED", f"Deployment of {dm_id} timed out after {waited} s.")
+            artifact_registry.check_vertex_pull(
+                self, job["container_spec"].get("imageUri", ""), job["endpoint"].split("/")[1]
+            )
             self._check_serving_reads(job)
             try:
                 self.serving.start(dm_id, job["artifact_uri"], job["container_spec"], self.deploy_timeout_s)

@@ -33,7 +33,13 @@ class _Server:
 
 
 def engine_for(container_spec: dict) -> str:
-    """Names the serving engine a Vertex containerSpec runs: "vllm", "tgi" or "openai"."""
+    """Names the serving engine a Vertex containerSpec runs: "vllm-openai" (vLLM's own image, `vllm serve`), "vllm"
+    (Model Garden's vLLM image), "tgi" or "openai" (an image the catalog does not know)."""
+    from vlp.pipelines.local.emulator.images import image_of
+
+    known = image_of(container_spec)
+    if known is not None:
+        return {"openai": "vllm-openai", "model-garden": "vllm", "tgi": "tgi"}[known.api]
     image = str(container_spec.get("imageUri") or container_spec.get("image_uri") or "")
     words = " ".join(
         [image, *map(str, container_spec.get("args") or []), *map(str, container_spec.get("command") or [])]
@@ -119,6 +125,12 @@ def _is_vision_model(model_dir: Path) -> bool:
     return "vision_config" in config or any("Vision" in a or "Llava" in a for a in config.get("architectures") or [])
 
 
+def _vllm_error(message: str, code: int = 400) -> bytes:
+    """vLLM's OpenAI server error body (ErrorResponse)."""
+    kind = "BadRequestError" if code == 400 else "NotImplementedError"
+    return json.dumps({"object": "error", "message": message, "type": kind, "param": None, "code": code}).encode()
+
+
 class _BadRequest(Exception):
     pass
 
@@ -157,6 +169,11 @@ class EngineRoutes:
             server.crash_on_first_request = False
             self._crash(server)  # returns once the process is gone, so _dead answers
             return self._dead(server)  # type: ignore[return-value]
+        if server.engine == "vllm-openai":
+            try:
+                return self._vllm_openai(server, kind, body, subpath, method)
+            except _Upstream as exc:
+                return exc.answer
         if server.engine == "tgi" and kind in ("rawPredict", "invoke"):
             # rawPredict reaches the container's predict route, which the DLC serves with vertex_compatibility;
             # invoke and a Cloud Run URL name the route themselves.
@@ -360,6 +377,54 @@ class EngineRoutes:
             return self._send(server, "POST", subpath, json.dumps(payload).encode())
         raise _BadRequest("rawPredict body is neither a PredictRequest, a TGI /generate body nor an OpenAI body.")
 
+    def _vllm_openai(
+        self, server: _Server, kind: str, body: bytes, subpath: str | None, method: str
+    ) -> tuple[int, bytes, str]:
+        """vLLM's own image (`vllm serve`): OpenAI routes only. :predict and :rawPredict reach its predict route
+        (predictRoute), invoke names the route. Vertex's v1beta1 chat-completions route is documented for Model
+        Garden and TGI images only (unverified for this one, so refused)."""
+        from vlp.pipelines.local.emulator.images import image_of
+
+        if kind == "chat":
+            message = (
+                "Chat completions through Vertex are not documented for this serving container (vLLM's own image): "
+                "call its predict route with :rawPredict, or its /v1/chat/completions through invoke."
+            )
+            return 400, google_error(400, message, "FAILED_PRECONDITION"), _JSON
+        image = image_of(server.container_spec)
+        routes = set(image.routes) if image else set()
+        path = (subpath or "/") if kind == "invoke" else str(server.container_spec.get("predictRoute") or "/")
+        if path not in routes:
+            return 404, json.dumps({"detail": "Not Found"}).encode(), _JSON  # FastAPI's answer to an unknown route
+        if method == "GET" or path in ("/health", "/ping"):
+            if path in ("/health", "/ping"):
+                return 200, b"", _JSON
+            if path == "/v1/models":
+                models = [{"id": n, "object": "model", "owned_by": "vllm"} for n in _served_names(server)]
+                return 200, json.dumps({"object": "list", "data": models}).encode(), _JSON
+            if path == "/version":
+                return 200, json.dumps({"version": image.engine_version if image else ""}).encode(), _JSON
+            return 405, json.dumps({"detail": "Method Not Allowed"}).encode(), _JSON
+        try:
+            payload = json.loads(body or b"{}")
+        except ValueError as exc:
+            return 400, _vllm_error(f"JSON decode error: {exc}"), _JSON
+        if not isinstance(payload, dict):
+            return 400, _vllm_error("Input should be a valid dictionary"), _JSON
+        if path == "/invocations":  # its SageMaker route: the body's shape picks chat or completions
+            path = "/v1/chat/completions" if "messages" in payload else "/v1/completions"
+        required = "messages" if path == "/v1/chat/completions" else "prompt"
+        if path not in ("/v1/chat/completions", "/v1/completions"):
+            return 501, _vllm_error(f"{path} is served by the image but not by the local stand-in"), _JSON
+        if required not in payload:
+            # A PredictRequest ({"instances": ...}) sent by :predict lands here: an OpenAI route refuses it
+            # (request validation: 400; exact wording unverified).
+            return 400, _vllm_error(f"[{{'type': 'missing', 'loc': ('body', '{required}'), 'msg': 'Field required'}}]"), _JSON
+        refused = self._refuse_images(server, payload)
+        if refused:
+            return refused
+        return self._openai(server, path, payload)
+
     def _vllm_generate(self, server: _Server, payload: dict) -> tuple[int, bytes, str]:
         """A body without `instances` on the vLLM image's predict route (/generate): vLLM 0.6.2's api_server pops
         `prompt` and `stream` and builds SamplingParams from the rest, so an OpenAI body (`model`, `messages`) is
@@ -392,7 +457,7 @@ class EngineRoutes:
         body = dict(payload)
         requested = body.get("model")
         shown = requested
-        if server.engine == "vllm":
+        if server.engine in ("vllm", "vllm-openai"):
             # vLLM 0.6.2 serving_engine._check_model: a name other than --served-model-name is 404. A request
             # without one is let through: what the Model Garden image does with it (Vertex's chat route for
             # self-deployed models) no source settles (unverified; upstream vLLM would answer 400).

@@ -26,6 +26,7 @@ API_OF = {
     "cloudresourcemanager": "cloudresourcemanager.googleapis.com",
     "serviceusage": "serviceusage.googleapis.com",
     "storage": "storage.googleapis.com",
+    "artifactregistry": "artifactregistry.googleapis.com",
 }
 
 
@@ -46,6 +47,9 @@ _SVC = _RUN + r"/(?P<service>[^/:]+)"
 
 
 _EP = _V + r"/endpoints/[^/:]+"
+
+
+_AR = r"/v1/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/repositories"
 
 
 _MODEL = _V + r"/models/[^/:]+"
@@ -72,6 +76,7 @@ METHOD_TABLE: list[tuple[str, str, str]] = [
     ("POST", _EP + r":mutateDeployedModel", "aiplatform.projects.locations.endpoints.mutateDeployedModel"),
     ("POST", _EP + r":predict", "aiplatform.projects.locations.endpoints.predict"),
     ("POST", _EP + r":rawPredict", "aiplatform.projects.locations.endpoints.rawPredict"),
+    ("POST", _EP + r":streamRawPredict", "aiplatform.projects.locations.endpoints.streamRawPredict"),
     (
         "POST",
         _EP + r"/deployedModels/[^/:]+[:/]invoke(?:/.*)?",
@@ -205,6 +210,9 @@ METHOD_TABLE: list[tuple[str, str, str]] = [
     ("POST", r"/v1/projects/(?P<project>[^/:]+):setIamPolicy", "cloudresourcemanager.projects.setIamPolicy"),
     ("POST", r"/v1/projects/(?P<project>[^/]+)/services/[^/:]+:enable", "serviceusage.services.enable"),
     ("GET", r"/v1/projects/(?P<project>[^/]+)/services/[^/:]+", "serviceusage.services.get"),
+    # Artifact Registry (artifact_registry.py): the Docker Hub remote repository `vlp setup` creates.
+    ("GET", _AR + r"/[^/:]+", "artifactregistry.projects.locations.repositories.get"),
+    ("POST", _AR, "artifactregistry.projects.locations.repositories.create"),
 ]
 
 

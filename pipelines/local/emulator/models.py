@@ -8,6 +8,7 @@ from typing import Any
 from google.cloud import aiplatform_v1 as v1
 from google.protobuf import empty_pb2
 
+import vlp.pipelines.local.emulator.artifact_registry as artifact_registry
 import vlp.pipelines.local.emulator.contract as contract
 from vlp.pipelines.local.emulator.core import (
     _ALIAS_RE,
@@ -106,6 +107,7 @@ class ModelsService:
         if not req.model.display_name:
             raise ApiError("INVALID_ARGUMENT", "model.display_name is required.")
         contract.check_container_spec(_to_dict(req.model).get("containerSpec", {}))
+        artifact_registry.check_upload_image(req.model.container_spec.image_uri, p["location"])
         if req.model.artifact_uri:
             location = self._bucket_location(req.model.artifact_uri)
             contract.check_artifact_region(req.model.artifact_uri, location, p["location"])

@@ -163,6 +163,9 @@ class PredictionService:
         return [
             r("POST", ep + r":predict", self._predict),
             r("POST", ep + r":rawPredict", self._raw_predict),
+            # PredictionService.StreamRawPredict: the same forwarding, the answer streamed (the SDK's
+            # Endpoint.stream_raw_predict reads it line by line). Locally the answer comes in one piece (issue 35).
+            r("POST", ep + r":streamRawPredict", self._raw_predict),
             r("POST", ep + r"[:/]invoke(?P<subpath>/.*)?", self._invoke_endpoint),
             # PredictionService.ChatCompletions exists in v1beta1 only (prediction_service.proto).
             r("POST", ep.replace("/v1/", "/v1beta1/", 1) + r"/chat/completions", self._chat),

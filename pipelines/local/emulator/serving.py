@@ -205,6 +205,20 @@ class ServingManager(EngineRoutes):
         log_path = self.log_path(deployed_model_id)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._copy_model(artifact_uri, model_dir)
+        from vlp.pipelines.local.emulator.images import start_refusal
+
+        refused = start_refusal(container_spec, model_dir)
+        if refused:
+            # The image's own server would stop here, before it answers its health route: write its line to the log
+            # that Cloud Logging would show, and fail the deploy as the exited container does.
+            code, lines = refused
+            with log_path.open("ab") as log:
+                log.write(("\n".join(lines) + "\n").encode())
+            raise ServingError(
+                f"model server for deployed model {deployed_model_id} exited with code {code} before it became "
+                f"healthy: the serving container stopped at start (see the log tail)",
+                _tail(log_path, _LOG_TAIL_LINES),
+            )
 
         port = _free_port()
         env = {**model_server_env(dict(os.environ)), OWNER_ENV: str(os.getpid())}

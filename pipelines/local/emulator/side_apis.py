@@ -131,6 +131,11 @@ def handle(emu: Any, method: str, path: str, query: dict[str, list[str]], body: 
     match = re.fullmatch(r"/v1/projects/([^/]+)/locations/([^/]+)/services/([^/]+)/quotaInfos(?:/([^/]+))?", path)
     if match:
         return _guard(_quota_infos, emu, method, *match.groups(), query)
+    match = re.fullmatch(r"/v1/projects/([^/]+)/locations/([^/]+)/repositories(?:/([^/:]+))?", path)
+    if match:
+        from vlp.pipelines.local.emulator import artifact_registry
+
+        return artifact_registry.handle(emu, method, *match.groups(), query, body)
     return None
 
 

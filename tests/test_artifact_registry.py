@@ -1,0 +1,252 @@
+"""The Docker Hub remote repository: `vlp setup` plans and creates it (Artifact Registry REST, against the emulator),
+and the emulator's Vertex AI and Cloud Run refuse a serving image they could not pull (docs/vertex-contract.md)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import as_tester
+from google.api_core import exceptions as gexc
+from google.api_core.client_options import ClientOptions
+from google.cloud import aiplatform_v1, run_v2, storage
+
+from vlp.components.config import load_config
+from vlp.components.serving.images import REMOTE_REPOSITORY_NAME, default_image, multi_region
+from vlp.pipelines.local.emulator import Emulator, create_emulator
+from vlp.pipelines.local.emulator.artifact_registry import check_upload_image, create_repository
+from vlp.pipelines.local.emulator.iam import project_number
+from vlp.pipelines.local.emulator.iam_methods import role_permissions
+from vlp.pipelines.setup import apply, plan_setup
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+PROJECT = "ar-project"
+REGION = "us-central1"
+REPOSITORY = f"projects/{PROJECT}/locations/us/repositories/{REMOTE_REPOSITORY_NAME}"
+# vLLM's own image, as a deployment names it: through the project's remote repository (components/serving/images.py).
+VLLM = default_image("vllm").uri(PROJECT, REGION)
+
+
+class _Servers:
+    """Model servers that start at once: these tests are about pulling the image, not serving."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, dict[str, Any]] = {}
+
+    def start(self, serving_id: str, weights: str, spec: dict, timeout_s: float) -> None:
+        self.running[serving_id] = spec
+
+    def stop(self, serving_id: str, remove_copy: bool = False) -> None:
+        self.running.pop(serving_id, None)
+
+    def stop_all(self) -> None:
+        self.running.clear()
+
+    def is_healthy(self, serving_id: str) -> bool:
+        return serving_id in self.running
+
+    def known_ids(self) -> list[str]:
+        return sorted(self.running)
+
+
+@pytest.fixture
+def emu(tmp_path: Path) -> Iterator[Emulator]:
+    emulator = create_emulator(tmp_path / "state", serving=_Servers())
+    emulator.start()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+def _rest(emu: Emulator, method: str, path: str, principal: str, body: Any = None) -> tuple[int, dict[str, Any]]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(emu.url + path, data=data, method=method)
+    request.add_header("Authorization", f"Bearer {emu.token_for(principal)}")
+    request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def _config(name: str) -> Any:
+    return load_config(CONFIGS / name, [])
+
+
+# ----------------------------------------------------------------------------- `vlp setup`'s plan
+
+
+def test_setup_plans_the_remote_repository_for_a_docker_hub_image_only() -> None:
+    vllm = plan_setup(_config("llama-3.1-8b-vllm-l4.yaml"), project="p", bucket="b", region=REGION, project_number="1")
+    regions = [REGION, *_config("llama-3.1-8b-vllm-l4.yaml").placement.regions]
+    assert [r.split("/")[3] for r in vllm.repositories] == list(dict.fromkeys(map(multi_region, regions)))
+    assert all(r.endswith(f"/repositories/{REMOTE_REPOSITORY_NAME}") for r in vllm.repositories)
+    assert "artifactregistry.googleapis.com" in vllm.apis
+    lines = [line for line in vllm.gcloud() if line.startswith("gcloud artifacts repositories create")]
+    assert len(lines) == len(vllm.repositories)
+    assert "--mode=remote-repository --remote-docker-repo=DOCKER-HUB" in lines[0] and "--location us " in lines[0]
+    assert vllm.gcloud().index(lines[0]) > 0  # after `gcloud services enable`, which turns the API on
+    # TGI's DLC and Model Garden's image are on Artifact Registry already: nothing to create, no API to enable.
+    for name in ("llama-3.1-8b-awq-int4-tgi.yaml", "llama-3.1-8b-awq-int4-tgi-cloud-run.yaml"):
+        tgi = plan_setup(_config(name), project="p", bucket="b", region=REGION, project_number="1")
+        assert tgi.repositories == [] and "artifactregistry.googleapis.com" not in tgi.apis, name
+    garden = plan_setup(
+        _config("llama-3.2-11b-vision-vllm-a100.yaml"), project="p", bucket="b", region=REGION, project_number="1"
+    )
+    assert garden.repositories == []
+    # Who pulls needs no grant in its own project: the agents' automatic roles hold the pull permission.
+    for agent_role in ("roles/aiplatform.serviceAgent", "roles/run.serviceAgent"):
+        assert "artifactregistry.repositories.downloadArtifacts" in role_permissions(agent_role)
+
+
+# ----------------------------------------------------------------------------- `vlp setup` against the emulator
+
+
+def test_setup_creates_the_repository_once_and_enables_its_api(tmp_path: Path, fake_gcs: Any) -> None:
+    emu = create_emulator(tmp_path / "state", serving=_Servers(), storage_endpoint=fake_gcs.url)
+    emu.start()
+    try:
+        _setup_against(emu)
+    finally:
+        emu.stop()
+
+
+def _setup_against(emu: Emulator) -> None:
+    owner = f"vlp-admin@{PROJECT}.iam.gserviceaccount.com"
+    emu.grant(f"projects/{PROJECT}", "roles/owner", f"serviceAccount:{owner}")
+    # A new project: Artifact Registry's API is off, and a call to it says so.
+    request = urllib.request.Request(
+        f"{emu.url}/_emulator/apis",
+        data=json.dumps({"project": PROJECT, "disabled": ["artifactregistry.googleapis.com"]}).encode(),
+        method="POST",
+    )
+    urllib.request.urlopen(request, timeout=10).close()
+    status, answer = _rest(emu, "GET", f"/v1/{REPOSITORY}", owner)
+    assert status == 403 and answer["error"]["details"][0]["reason"] == "SERVICE_DISABLED"
+
+    cfg = _config("local-demo.yaml")
+    creds = emu.credentials_for(owner)
+    gcs = storage.Client(project=PROJECT, credentials=creds, client_options={"api_endpoint": emu.url})
+    plan = plan_setup(
+        cfg, project=PROJECT, bucket=f"{PROJECT}-bucket", region=REGION, project_number=project_number(PROJECT)
+    )
+    assert plan.repositories == [REPOSITORY]
+    changed = apply(plan, api_endpoint=emu.url, credentials=creds, storage_client=gcs, log=lambda _: None)
+    assert "enabled artifactregistry.googleapis.com" in changed
+    assert f"created Artifact Registry remote repository {REPOSITORY} (upstream: Docker Hub)" in changed
+    assert apply(plan, api_endpoint=emu.url, credentials=creds, storage_client=gcs, log=lambda _: None) == []
+
+    status, repository = _rest(emu, "GET", f"/v1/{REPOSITORY}", owner)
+    assert status == 200 and repository["name"] == REPOSITORY
+    assert repository["format"] == "DOCKER" and repository["mode"] == "REMOTE_REPOSITORY"
+    assert repository["remoteRepositoryConfig"]["dockerRepository"] == {"publicRepository": "DOCKER_HUB"}
+    # Creating it again is ALREADY_EXISTS; creating one needs artifactregistry.repositories.create, which a reader lacks.
+    path = f"/v1/projects/{PROJECT}/locations/us/repositories?repositoryId={REMOTE_REPOSITORY_NAME}"
+    status, answer = _rest(emu, "POST", path, owner, {"format": "DOCKER"})
+    assert status == 409 and answer["error"]["status"] == "ALREADY_EXISTS"
+    reader = "reader@example.com"
+    emu.grant(f"projects/{PROJECT}", "roles/artifactregistry.reader", f"user:{reader}")
+    assert _rest(emu, "GET", f"/v1/{REPOSITORY}", reader)[0] == 200
+    status, answer = _rest(emu, "POST", path.replace(REMOTE_REPOSITORY_NAME, "other"), reader, {"format": "DOCKER"})
+    assert status == 403 and "artifactregistry.repositories.create" in answer["error"]["message"]
+    # The request is parsed as Google parses it: a field Repository lacks is refused.
+    status, answer = _rest(emu, "POST", path.replace(REMOTE_REPOSITORY_NAME, "typo"), owner, {"formats": "DOCKER"})
+    assert status == 400 and 'Unknown name "formats"' in answer["error"]["message"]
+
+
+# ----------------------------------------------------------------------------- what Vertex AI and Cloud Run pull
+
+
+def test_an_image_vertex_cannot_pull_from_is_refused_at_upload() -> None:
+    for image in ("docker.io/vllm/vllm-openai:v0.34.0", "vllm/vllm-openai:latest", "ghcr.io/acme/server:1"):
+        with pytest.raises(Exception, match="pulls serving images only from Artifact Registry") as caught:
+            check_upload_image(image, REGION)
+        assert image in str(caught.value)
+    with pytest.raises(Exception, match=f"us-docker.pkg.dev/PROJECT/{REMOTE_REPOSITORY_NAME}/vllm/vllm-openai:latest"):
+        check_upload_image("vllm/vllm-openai:latest", REGION)
+    for image in (VLLM, "gcr.io/p/i:1", "eu.gcr.io/p/i:1", default_image("tgi").image):
+        check_upload_image(image, REGION)
+
+
+def test_upload_of_a_docker_hub_image_is_refused(emu: Emulator) -> None:
+    models = aiplatform_v1.ModelServiceClient(
+        client_options=ClientOptions(api_endpoint=emu.url), transport="rest", credentials=as_tester(emu, PROJECT)
+    )
+    parent = f"projects/{PROJECT}/locations/{REGION}"
+    model = {"display_name": "hub", "container_spec": {"image_uri": "docker.io/vllm/vllm-openai:v0.34.0"}}
+    with pytest.raises(gexc.BadRequest, match=f"vlp setup` creates {REMOTE_REPOSITORY_NAME}"):
+        models.upload_model(parent=parent, model=model)
+    assert models.upload_model(parent=parent, model={**model, "container_spec": {"image_uri": VLLM}}).result(timeout=30)
+
+
+def test_deploying_an_image_from_a_missing_repository_fails_as_a_pull_failure(emu: Emulator) -> None:
+    kwargs = {
+        "client_options": ClientOptions(api_endpoint=emu.url),
+        "transport": "rest",
+        "credentials": as_tester(emu, PROJECT),
+    }
+    models, endpoints = aiplatform_v1.ModelServiceClient(**kwargs), aiplatform_v1.EndpointServiceClient(**kwargs)
+    parent = f"projects/{PROJECT}/locations/{REGION}"
+    model = models.upload_model(
+        parent=parent, model={"display_name": "vllm", "container_spec": {"image_uri": VLLM}}
+    ).result(timeout=30)
+    endpoint = endpoints.create_endpoint(parent=parent, endpoint={"display_name": "e"}).result(timeout=30)
+    deployed = {
+        "model": model.model,
+        "dedicated_resources": {"machine_spec": {"machine_type": "g2-standard-12"}, "min_replica_count": 1},
+    }
+    with pytest.raises(gexc.GoogleAPICallError) as caught:
+        endpoints.deploy_model(endpoint=endpoint.name, deployed_model=deployed).result(timeout=30)
+    message = str(caught.value)
+    assert caught.value.code == 400  # FAILED_PRECONDITION
+    assert VLLM in message and "repository not found" in message and "vlp setup" in message
+    assert emu.serving.running == {}  # the server never started
+
+    # With the repository there (as `vlp setup` leaves it), the same deploy succeeds.
+    path = f"/v1/projects/{PROJECT}/locations/us/repositories?repositoryId={REMOTE_REPOSITORY_NAME}"
+    body = {"format": "DOCKER", "mode": "REMOTE_REPOSITORY", "remoteRepositoryConfig": {"dockerRepository": {}}}
+    body["remoteRepositoryConfig"]["dockerRepository"]["publicRepository"] = "DOCKER_HUB"
+    status, op = _rest(emu, "POST", path, "tester@example.com", body)
+    assert status == 200 and op["done"] and op["response"]["name"] == REPOSITORY
+    endpoints.deploy_model(endpoint=endpoint.name, deployed_model=deployed).result(timeout=30)
+    assert len(emu.serving.running) == 1
+    # An image in a project the emulator holds nothing of (Google's public images) is pulled as before.
+    other = f"us-docker.pkg.dev/vertex-ai/{REMOTE_REPOSITORY_NAME}/vllm/vllm-openai:v0.34.0"
+    public = models.upload_model(
+        parent=parent, model={"display_name": "public", "container_spec": {"image_uri": other}}
+    ).result(timeout=30)
+    endpoints.deploy_model(endpoint=endpoint.name, deployed_model={**deployed, "model": public.model}).result(
+        timeout=30
+    )
+
+
+def test_a_cloud_run_revision_from_a_missing_repository_is_not_ready(emu: Emulator) -> None:
+    client = run_v2.ServicesClient(
+        client_options=ClientOptions(api_endpoint=emu.url), transport="rest", credentials=as_tester(emu, PROJECT)
+    )
+    container = run_v2.Container(
+        image=VLLM,
+        args=["serve", "gs://weights/models/acme/tiny/rev1/"],
+        resources=run_v2.ResourceRequirements(limits={"cpu": "2", "memory": "4Gi"}),
+    )
+    template = run_v2.RevisionTemplate(containers=[container], scaling=run_v2.RevisionScaling(max_instance_count=1))
+    service = run_v2.Service(template=template)
+    service.template.volumes = [run_v2.Volume(name="weights", gcs=run_v2.GCSVolumeSource(bucket="weights"))]
+    container.volume_mounts = [run_v2.VolumeMount(name="weights", mount_path="/mnt/model")]
+    service.template.containers = [container]
+    parent = f"projects/{PROJECT}/locations/{REGION}"
+    with pytest.raises(gexc.GoogleAPICallError, match="is not ready and cannot serve traffic") as caught:
+        client.create_service(parent=parent, service=service, service_id="vllm").result(timeout=30)
+    assert f"Image '{VLLM}' not found" in str(caught.value) and "vlp setup" in str(caught.value)
+    assert emu.serving.running == {}
+    create_repository(emu, REPOSITORY, {"format": "DOCKER", "mode": "REMOTE_REPOSITORY"})  # as `vlp setup` leaves it
+    client.delete_service(name=f"{parent}/services/vllm").result(timeout=30)
+    created = client.create_service(parent=parent, service=service, service_id="vllm").result(timeout=30)
+    assert created.terminal_condition.state == run_v2.Condition.State.CONDITION_SUCCEEDED
