@@ -18,6 +18,7 @@ from vlp.components.config import ConfigError, load_config
 from vlp.pipelines.local.runner import run_local
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"  # configs/local-demo-cloud-run.yaml's model
 TINY_REPO = "vlp-test/tiny-llama"
 # The pipeline's account: the deploy step grants it roles/run.invoker on the service it deploys.
 ACCOUNT = "vlp-pipeline@local-project.iam.gserviceaccount.com"
@@ -56,9 +57,10 @@ def _token(url: str, email: str) -> str:
     return answer.text
 
 
-def _chat(url: str, token: str | None) -> int:
+def _chat(url: str, token: str | None, model: str = TINY_REPO) -> int:
+    """A chat request's status: vLLM's own image answers only to its served model name (the repo id)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    body = {"model": TINY_REPO, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     return requests.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120).status_code
 
 
@@ -225,7 +227,7 @@ def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: 
             return
         while not stop.is_set():
             try:
-                results.append(_chat(url, token))
+                results.append(_chat(url, token, DEMO_REPO))
             except Exception as exc:  # noqa: BLE001 - recorded and asserted below
                 results.append(repr(exc))
             stop.wait(0.2)
@@ -264,9 +266,9 @@ def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: 
 
     with LocalStack(state) as stack:
         url = _service_url(stack.api_endpoint, "smollm2-demo-run")
-        assert _chat(url, None) == 403
-        assert _chat(url, _token(url, "someone@example.com")) == 403
-        assert _chat(url, _token(url, ACCOUNT)) == 200
+        assert _chat(url, None, DEMO_REPO) == 403
+        assert _chat(url, _token(url, "someone@example.com"), DEMO_REPO) == 403
+        assert _chat(url, _token(url, ACCOUNT), DEMO_REPO) == 200
         # `vlp teardown` knows Cloud Run: the runs' revisions and the service the first run created all go. The
         # project's owner runs it, with credentials of its own.
         from vlp.pipelines.cli import main
@@ -278,9 +280,9 @@ def test_demo_answers_paris_noop_redeploys_and_403(tmp_path: Path, monkeypatch: 
         monkeypatch.setenv("VLP_API_ENDPOINT", stack.api_endpoint)
         config = str(ROOT / "configs" / "local-demo-cloud-run.yaml")
         assert main(["--api-endpoint", stack.api_endpoint, "teardown", config, "--dry-run"]) == 0
-        assert _chat(url, _token(url, ACCOUNT)) == 200
+        assert _chat(url, _token(url, ACCOUNT), DEMO_REPO) == 200
         assert main(["--api-endpoint", stack.api_endpoint, "teardown", config, "--yes"]) == 0
-        assert _chat(url, _token(url, ACCOUNT)) == 404
+        assert _chat(url, _token(url, ACCOUNT), DEMO_REPO) == 404
 
 
 @pytest.mark.slow

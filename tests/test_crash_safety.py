@@ -377,7 +377,7 @@ def test_a_broken_serving_model_does_not_block_its_replacement(tmp_path: Path, t
     assert second["status"] == "succeeded", second["error"]
     [new] = second["deployed_models"]
     assert new["id"] != old["id"] and new["traffic_percent"] == 100
-    assert any(c.endswith(":predict") for c in second["api_calls"])
+    assert any(c.endswith(":rawPredict") for c in second["api_calls"])
 
 
 def test_a_kill_between_any_two_calls_of_a_cloud_run_roll_back_keeps_the_old_revision_at_100(

@@ -174,3 +174,27 @@ def test_a_flag_the_images_version_removed_is_refused_at_render() -> None:
     # The 2024 image still takes it (and gets Model Garden's 16 GiB when unset).
     spec = container_spec(_deployment("llama-3.2-11b-vision-vllm-a100", []))
     assert "--swap-space=16" in spec.args
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.yaml")))
+def test_every_preset_renders_flags_its_images_engine_version_parses(name: str) -> None:
+    """Both targets: the container args of every preset, each flag checked against the fixture of its image."""
+    from vlp.components.config import load_config
+    from vlp.components.serving.engines import resolve_shape
+
+    plan = {"machine_type": "g2-standard-12", "accelerator_type": "NVIDIA_L4", "accelerator_count": 1}
+    deployment = _deployment(name, [], plan if load_config(REPO / "configs" / f"{name}.yaml").hardware.is_auto else None)
+    image = resolve_shape(deployment).serving_image
+    assert image is not None
+    if deployment.config.target == "cloud_run":
+        from vlp.components.cloud_run.service_spec import revision_template
+
+        (container,) = revision_template(deployment, "gs://b/models/x/sha", {}).containers
+        args, uri = list(container.args), container.image
+    else:
+        from vlp.components.vertex.serving_spec import container_spec
+
+        spec = container_spec(deployment, "gs://b/models/x/sha")
+        args, uri = list(spec.args), spec.image_uri
+    assert images.find(uri) == image
+    assert [a for a in args if a.startswith("--")] and image.unknown_flags(args) == [], (image.id, args)

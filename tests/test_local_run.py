@@ -215,14 +215,12 @@ def _hammer_as_owner(endpoint: str, stack: Any, kind: str, stop: threading.Event
     session.credentials = credentials
     messages = [{"role": "user", "content": "hi"}]
     # Long enough answers that some request is always in flight when the old model is retired (the drain's case).
+    # vLLM's own image: its /v1/chat/completions, through invoke or :rawPredict (its predict route).
+    body: dict[str, Any] = {"messages": messages, "max_tokens": 48}
     if kind == "invoke":
-        url = f"{base_url}/v1/{endpoint}/invoke/generate"
-        body: dict[str, Any] = {
-            "instances": [{"@requestFormat": "chatCompletions", "messages": messages, "max_tokens": 48}]
-        }
+        url = f"{base_url}/v1/{endpoint}/invoke/v1/chat/completions"
     else:
-        url = f"{base_url}/v1beta1/{endpoint}/chat/completions"
-        body = {"messages": messages, "max_tokens": 48}
+        url = f"{base_url}/v1/{endpoint}:rawPredict"
     while not stop.is_set():
         try:
             results.append(session.post(url, json=body, timeout=60).status_code)
@@ -283,9 +281,9 @@ def test_redeploy_new_revision_is_blue_green_without_downtime(
     # The smoke test reached the new model by the route its endpoint kind serves.
     new_id = second["deployed_models"][0]["id"]
     if kind == "dedicated":
-        assert any(c.endswith(f"/deployedModels/{new_id}/invoke/generate") for c in second["api_calls"])
+        assert any(c.endswith(f"/deployedModels/{new_id}/invoke/v1/chat/completions") for c in second["api_calls"])
     else:
-        assert any(c.endswith(":predict") for c in second["api_calls"])
+        assert any(c.endswith(":rawPredict") for c in second["api_calls"])
         assert not any("/invoke" in c for c in second["api_calls"])
     assert len(second["deployed_models"]) == 1
     assert second["deployed_models"][0]["id"] != old_id
@@ -328,7 +326,7 @@ def test_dedicated_endpoint_unchanged_redeploy_is_a_noop(tmp_path: Path, tiny_mo
     second = run(state, cfg, tiny_model_dir)
     assert second["status"] == "noop", second
     dm = first["deployed_models"][0]["id"]
-    assert any(c.endswith(f"/deployedModels/{dm}/invoke/generate") for c in second["api_calls"])
+    assert any(c.endswith(f"/deployedModels/{dm}/invoke/v1/chat/completions") for c in second["api_calls"])
     assert not any(c.endswith(("/models:upload", ":deployModel")) for c in second["api_calls"])
 
 

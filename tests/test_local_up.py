@@ -92,13 +92,11 @@ def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tm
         described = status(state)
         (endpoint,) = described["endpoints"]
         assert endpoint["display_name"] == "smollm2-demo"
+        # vLLM's own image: its /v1/chat/completions through raw_predict, streamed through stream_raw_predict.
         titles = set(endpoint["snippets"])
-        assert {"aiplatform predict", "aiplatform raw_predict", "openai (Vertex chat completions)", "curl"} <= titles
+        assert titles == {"aiplatform raw_predict", "aiplatform stream_raw_predict", "curl"}, titles
         for title, code in endpoint["snippets"].items():
             assert "Paris" in paste(title, code), title
-        # The same chat route, streamed through the openai client.
-        streamed = paste("openai streaming", _streaming(endpoint["snippets"]["openai (Vertex chat completions)"]))
-        assert "Paris" in streamed
 
         # Right after the demo, the README's benchmark command: nothing changed, so nothing is redeployed, and the
         # benchmark step measures the deployment as it serves.
@@ -124,12 +122,13 @@ def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tm
         )  # fmt: skip
         dedicated = next(ep for ep in status(state)["endpoints"] if ep["display_name"] == "ded")
         assert dedicated["dedicated_dns"].endswith(".prediction.vertexai.goog")
-        assert set(dedicated["snippets"]) == {"aiplatform invoke", "curl"}
+        assert set(dedicated["snippets"]) == {"aiplatform invoke", "openai (invoke route)", "curl"}
         for title, code in dedicated["snippets"].items():
             assert "Paris" in paste(title, code), title
 
         # And the first endpoint still serves after the other run: the stack never stopped.
-        assert "Paris" in paste("aiplatform predict", described["endpoints"][0]["snippets"]["aiplatform predict"])
+        first = described["endpoints"][0]["snippets"]["aiplatform raw_predict"]
+        assert "Paris" in paste("aiplatform raw_predict", first)
     finally:
         down = vlp("local", "down", state=state)
     assert "local stack stopped" in down.stdout
@@ -180,15 +179,13 @@ def test_local_up_serves_cloud_run_and_tgi_and_their_snippets_answer_paris(tmp_p
         assert json.loads((state / "stack.json").read_text())["emulator_pid"] == info["emulator_pid"]
         (service,) = status(state)["services"]
         assert service["url"] == summary["service_url"] and f"URL {service['url']}" in run.stdout
-        assert {"huggingface_hub InferenceClient", "openai (Cloud Run URL)", "curl"} <= set(service["snippets"])
+        # vLLM's own image answers only to its served model name, which the snippets send.
+        assert set(service["snippets"]) == {"openai (Cloud Run URL)", "curl"}
+        assert "SmolLM2-135M-Instruct" in service["snippets"]["curl"]
         for title, code in service["snippets"].items():
             assert "Paris" in paste(title, code), title
-        # Streamed through huggingface_hub, as TGI streams.
-        streamed = service["snippets"]["huggingface_hub InferenceClient"].replace(
-            "max_tokens=24)\nprint(reply.choices[0].message.content)",
-            "max_tokens=24, stream=True)\nprint(''.join(c.choices[0].delta.content or '' for c in reply))",
-        )
-        assert "stream=True" in streamed and "Paris" in paste("huggingface_hub streaming", streamed)
+        streamed = paste("openai streaming", _streaming(service["snippets"]["openai (Cloud Run URL)"]))
+        assert "Paris" in streamed
         # Without a token, the private service refuses (the snippets' ID token is what lets them in).
         refused = subprocess.run(
             ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{service['url']}/health"],

@@ -175,6 +175,16 @@ def vertex_snippets(api: str, ep: dict[str, Any], token_command: str) -> dict[st
             'answer = endpoint.raw_predict(body=body, headers={"Content-Type": "application/json"})\n'
             'print(answer.json()["choices"][0]["message"]["content"])\n'
         )
+        stream_body = {**chat_body, "stream": True}
+        snippets["aiplatform stream_raw_predict"] = (
+            auth + init + route + "import json\n"
+            f"body = json.dumps({stream_body!r}).encode()\n"
+            "# Server-sent events, one line each, as vLLM writes them (locally they arrive at once).\n"
+            'for line in endpoint.stream_raw_predict(body=body, headers={"Content-Type": "application/json"}):\n'
+            '    if line.startswith(b"data: {"):\n'
+            '        print(json.loads(line[6:])["choices"][0]["delta"].get("content") or "", end="")\n'
+            "print()\n"
+        )
         snippets["curl"] = curl + f"  {ep['raw_predict_url']} \\\n  -d '{json.dumps(chat_body)}'\n"
         return snippets
     snippets["aiplatform predict"] = (
