@@ -86,14 +86,27 @@ def served_weight_bytes(facts: ModelFacts, settings: EngineSettings) -> int:
     return scaled
 
 
-def kv_bytes_per_token(facts: ModelFacts, settings: EngineSettings, tp: int = 1, pp: int = 1) -> int:
-    """KV cache bytes one token takes on one GPU: 2 x layers x kv_heads x head_dim x bytes, split by TP and PP."""
+def kv_bytes_per_token(
+    facts: ModelFacts, settings: EngineSettings, tp: int = 1, pp: int = 1, max_model_len: int = 0
+) -> int:
+    """KV cache bytes one token takes on one GPU: 2 x layers x kv_heads x head_dim x bytes, split by TP and PP.
+
+    With sliding-window layers and a `max_model_len`, the average over a full-length sequence: a windowed layer keeps
+    at most its window of each sequence (vLLM's hybrid KV cache manager allocates each layer group for what it
+    attends to: docs/design/hybrid_kv_cache_manager.md), so a sequence of L tokens takes sum(min(L, window)) layers'
+    worth, not L x layers."""
     per = 1 if settings.kv_cache_dtype.startswith("fp8") else activation_bytes(facts, settings)
     layers = math.ceil(facts.layers / pp)
     if facts.kv_lora_rank:  # MLA caches one compressed latent per token, replicated across TP ranks
-        return layers * (facts.kv_lora_rank + facts.qk_rope_head_dim) * per
-    kv_heads = max(1, math.ceil(facts.kv_heads / tp))  # fewer KV heads than ranks: vLLM replicates them
-    return 2 * layers * kv_heads * facts.head_dim * per
+        per_layer = (facts.kv_lora_rank + facts.qk_rope_head_dim) * per
+    else:
+        kv_heads = max(1, math.ceil(facts.kv_heads / tp))  # fewer KV heads than ranks: vLLM replicates them
+        per_layer = 2 * kv_heads * facts.head_dim * per
+    windows = facts.layer_windows
+    if not (windows and max_model_len) or settings.engine != "vllm":
+        return layers * per_layer  # TGI 2.4 sizes every layer for the full length
+    kept = sum(min(max_model_len, w) if w else max_model_len for w in windows) / len(windows)
+    return math.ceil(layers * per_layer * kept / max_model_len)
 
 
 def vision_profile_bytes_per_seq(facts: ModelFacts, settings: EngineSettings) -> int:
@@ -182,7 +195,7 @@ def memory_budget(
     per_seq_vision = vision_profile_bytes_per_seq(facts, settings)
     vision = per_seq_vision * (max_num_seqs if settings.engine == "vllm" else 1)
     kv_cache = budget - weights - activations - graphs - non_torch - vision
-    per_token = max(1, kv_bytes_per_token(facts, settings, tp, pp))
+    per_token = max(1, kv_bytes_per_token(facts, settings, tp, pp, max_model_len))
     kv_tokens = max(0, kv_cache) // per_token // 16 * 16  # whole 16-token blocks
     return MemoryBudget(
         gpu_memory=acc.memory_bytes,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlp.components.planning.architectures import layout
 from vlp.components.planning.catalog import MiB
 
 DTYPE_BYTES = {
@@ -127,6 +128,12 @@ class ModelFacts:
     qk_rope_head_dim: int = 0
     moe_experts: int = 0
     moe_experts_per_token: int = 0
+    moe_layers: int = 0
+    # What one token computes with (MoE: all but the routed experts it skips) and the routed experts' parameters,
+    # from the architecture's layout (architectures.py); equal to params / 0 for a dense model.
+    active_params: int = 0
+    expert_params: int = 0
+    layer_windows: list[int] = field(default_factory=list)  # per layer: attention window in tokens, 0 = full
     vision: bool = False
     vision_config: dict[str, Any] = field(default_factory=dict)
     cross_attention_layers: int = 0
@@ -209,7 +216,8 @@ def facts_from_config(
     hidden = first_int(text.get("hidden_size"), text.get("d_model"), text.get("n_embd"))
     kv_heads = first_int(text.get("num_key_value_heads"), text.get("num_kv_heads"), heads)
     head_dim = first_int(text.get("head_dim"), hidden // heads if heads else 0)
-    experts = first_int(text.get("num_local_experts"), text.get("n_routed_experts"), text.get("num_experts"))
+    lay = layout(config, text)
+    experts = lay.experts
     vision_cfg = config.get("vision_config") if isinstance(config.get("vision_config"), Mapping) else {}
     model_type = str(config.get("model_type", ""))
     facts = ModelFacts(
@@ -242,7 +250,10 @@ def facts_from_config(
         kv_lora_rank=first_int(text.get("kv_lora_rank")),
         qk_rope_head_dim=first_int(text.get("qk_rope_head_dim")),
         moe_experts=experts,
-        moe_experts_per_token=first_int(text.get("num_experts_per_tok"), text.get("moe_topk")) if experts else 0,
+        moe_experts_per_token=lay.experts_per_token,
+        moe_layers=lay.moe_layers,
+        expert_params=lay.expert_params,
+        layer_windows=list(lay.layer_windows) if any(lay.layer_windows) else [],
         vision=bool(vision_cfg) or model_type in _VISION_MODEL_TYPES,
         vision_config=dict(vision_cfg or {}),
         cross_attention_layers=len(text.get("cross_attention_layers") or []),
@@ -264,11 +275,12 @@ def facts_from_config(
     elif index:
         facts.weights_bytes = int((index.get("metadata") or {}).get("total_size") or 0)
         facts.weights_source = "index total_size"
-        facts.params = _arithmetic_params(facts)
+        facts.params = lay.total_params() if lay.layers and lay.hidden else 0
         facts.embedding_bytes = _arithmetic_embedding_bytes(facts)
         names = list((index.get("weight_map") or {}).keys())
         if any(n.startswith(("vision_model.", "vision_tower.", "visual.", "model.vision")) for n in names):
             facts.vision = True
+    facts.active_params = max(1, facts.params - lay.inactive_params()) if facts.params else 0
     return facts
 
 
@@ -286,17 +298,6 @@ def _logical_params(t: TensorInfo, quant: str | None, bits: int | None) -> int:
     if quant == "compressed-tensors" and t.name.endswith("weight_packed"):
         return t.numel * (32 // (bits or 4))
     return t.numel
-
-
-def _arithmetic_params(f: ModelFacts) -> int:
-    """Decoder-only parameter count from the config (for index-only repos); vision towers not included."""
-    if not (f.layers and f.hidden_size):
-        return 0
-    q = f.attention_heads * f.head_dim
-    kv = f.kv_heads * f.head_dim
-    attn = f.hidden_size * (q + 2 * kv) + q * f.hidden_size
-    mlp = 3 * f.hidden_size * f.intermediate_size * max(1, f.moe_experts)
-    return f.layers * (attn + mlp + 2 * f.hidden_size) + 2 * f.vocab_size * f.hidden_size + f.hidden_size
 
 
 def _arithmetic_embedding_bytes(f: ModelFacts) -> int:

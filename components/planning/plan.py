@@ -94,18 +94,16 @@ def with_throughput(fit: ShapeFit, facts: ModelFacts, settings: EngineSettings, 
     from vlp.components.planning import throughput
 
     quant = (settings.quantization or facts.quantization or "").lower()
+    weights = served_weight_bytes(facts, settings)
     model = throughput.ServedModel(
-        active_params=throughput.active_params(
-            facts.params,
-            facts.layers,
-            facts.hidden_size,
-            facts.intermediate_size,
-            facts.moe_experts,
-            facts.moe_experts_per_token,
-        ),
-        weight_bytes=served_weight_bytes(facts, settings),
-        kv_bytes_per_token=kv_bytes_per_token(facts, settings),
+        active_params=facts.active_params or facts.params,
+        weight_bytes=weights,
+        kv_bytes_per_token=kv_bytes_per_token(facts, settings, max_model_len=fit.max_model_len),
         low_precision_compute="fp8" in quant,  # W8A8; AWQ/GPTQ INT4 are weight-only (16-bit compute)
+        # The routed experts' bytes, in proportion to their parameters (their dtype is the rest's).
+        expert_bytes=int(weights * facts.expert_params / facts.params) if facts.params else 0,
+        experts=facts.moe_experts,
+        experts_per_token=facts.moe_experts_per_token,
     )
     load = throughput.Workload()
     if workload is not None:
@@ -319,6 +317,9 @@ class Plan:
     head_dim: int = 0
     context_length: int = 0
     moe_experts: int = 0
+    moe_experts_per_token: int = 0
+    active_params: int = 0
+    layer_windows: list[int] = field(default_factory=list)
     vision: bool = False
     has_chat_template: bool = False
     gated: bool = False
@@ -510,6 +511,9 @@ def plan_for_facts(
         head_dim=facts.head_dim,
         context_length=facts.context_length,
         moe_experts=facts.moe_experts,
+        moe_experts_per_token=facts.moe_experts_per_token,
+        active_params=facts.active_params,
+        layer_windows=list(facts.layer_windows),
         vision=facts.vision,
         has_chat_template=facts.has_chat_template,
         gated=facts.gated,

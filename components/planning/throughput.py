@@ -82,6 +82,20 @@ class ServedModel:
     weight_bytes: int  # the whole model as it sits in GPU memory
     kv_bytes_per_token: int  # the whole model's KV cache per token (all layers, all KV heads)
     low_precision_compute: bool  # FP8 weights and activations (W8A8): FP8 tensor cores where the GPU has them
+    # MoE: the routed experts' share of weight_bytes, and how many a token picks of how many; a decode step reads
+    # only the experts its batch routes to (architectures.expected_experts_touched).
+    expert_bytes: int = 0
+    experts: int = 0
+    experts_per_token: int = 0
+
+    def bytes_read(self, batch: int) -> float:
+        """The weight bytes one decode step of `batch` sequences reads: all but the experts, plus those touched."""
+        if not (self.expert_bytes and self.experts and self.experts_per_token):
+            return float(self.weight_bytes)
+        from vlp.components.planning.architectures import expected_experts_touched
+
+        touched = expected_experts_touched(self.experts, self.experts_per_token, batch) / self.experts
+        return self.weight_bytes - self.expert_bytes + self.expert_bytes * touched
 
 
 @dataclass(frozen=True)
@@ -150,7 +164,7 @@ def estimate(
 
     def step_time(b: int) -> tuple[float, str]:
         context = workload.input_tokens + workload.output_tokens / 2  # the average sequence length while decoding
-        read = (model.weight_bytes + b * context * model.kv_bytes_per_token) / gpus
+        read = (model.bytes_read(b) + b * context * model.kv_bytes_per_token) / gpus
         memory_s = read / bandwidth
         compute_s = b * 2 * model.active_params / (gpus * flops * DECODE_COMPUTE_EFFICIENCY)
         roofline = max(memory_s, compute_s) * overhead
@@ -184,7 +198,8 @@ def estimate_from(inputs: dict[str, Any], workload: Workload) -> Estimate:
     """estimate() from the plan's `throughput_model` dict (what the planner used), at another workload: how the
     benchmark puts the estimate beside what it measured at each concurrency."""
     fields = ("active_params", "weight_bytes", "kv_bytes_per_token", "low_precision_compute")
-    model = ServedModel(**{k: inputs[k] for k in fields})
+    moe = ("expert_bytes", "experts", "experts_per_token")  # absent from plans made before MoE was modelled
+    model = ServedModel(**{k: inputs[k] for k in fields}, **{k: int(inputs.get(k) or 0) for k in moe})
     return estimate(
         model,
         str(inputs["accelerator"]),
