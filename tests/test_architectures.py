@@ -135,6 +135,42 @@ def test_gemma3_27b_at_32k_on_one_h100_holds_several_full_sequences(tmp_path: Pa
     h100 = {"machine_type": "a3-highgpu-1g", "accelerator_type": "NVIDIA_H100_80GB", "accelerator_count": 1}
     plan = plan_model(str(model), max_model_len=32768, **h100)
     assert plan.fits, plan.errors
-    assert plan.limits["concurrent_sequences"] >= 3, plan.limits  # 3.9 here; every layer at 32K: 0.7
+    assert plan.limits["concurrent_sequences"] >= 4, plan.limits  # 5 here, as the issue's reading of vLLM has it
+    # vLLM 0.34's own defaults on an 80 GB H100: 1024 sequences (get_batch_defaults), and the vision encoder
+    # profiled at its token budget, not once per sequence as the 0.6 engine does.
+    assert plan.engine_version == "0.34.0" and plan.max_num_seqs == 1024
     tgi = plan_model(str(model), engine="tgi", max_model_len=32768, **h100)  # TGI 2.4 sizes every layer in full
     assert tgi.limits.get("concurrent_sequences", 0) <= 1, tgi.limits
+
+
+@pytest.mark.parametrize(
+    ("quantization_config", "expected"),
+    [
+        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, ("fp8", 8, "fp8 block-wise 128x128")),
+        ({"quant_method": "mxfp4"}, ("mxfp4", 4, "mxfp4 (MoE experts)")),
+        ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, ("nvfp4", 4, "modelopt nvfp4")),
+        (
+            {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "type": "float"}}}},
+            ("nvfp4", 4, "compressed-tensors nvfp4"),
+        ),
+        (
+            {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}}},
+            ("compressed-tensors", 4, "compressed-tensors int4 (W4A16)"),
+        ),
+    ],
+)
+def test_the_quantization_formats_people_ship_now(quantization_config: dict, expected: tuple) -> None:
+    facts = facts_from_config("m", "local", {**QWEN3_32B, "quantization_config": quantization_config}, index={})
+    assert (facts.quantization, facts.quant_bits, facts.quant_detail) == expected
+
+
+def test_fp4_weights_run_natively_only_on_blackwell(tmp_path: Path) -> None:
+    """gpt-oss-120b (MXFP4 experts, 65 GB): vLLM 0.34 runs MXFP4 from compute capability 8.0 (A100) up, natively on
+    Blackwell only; the plan says which."""
+    config = {**GPT_OSS_120B, "quantization_config": {"quant_method": "mxfp4"}}
+    model = str(_checkout(tmp_path, "oss", config, 65_249_000_000))
+    h100 = plan_model(model, machine_type="a3-highgpu-1g", accelerator_type="NVIDIA_H100_80GB", accelerator_count=1)
+    assert h100.fits, h100.errors
+    assert any("no FP4 tensor cores" in w for w in h100.warnings), h100.warnings
+    b200 = plan_model(model, machine_type="a4-highgpu-8g", accelerator_type="NVIDIA_B200", accelerator_count=8)
+    assert not any("FP4" in w for w in b200.warnings), b200.warnings

@@ -18,9 +18,27 @@ from vlp.components.planning.model_facts import (
     is_embedding,
 )
 
-# Minimum compute capability for each quantization's kernels (vLLM and TGI agree closely).
-QUANT_MIN_CC = {"fp8": 8.0, "awq": 7.5, "gptq": 6.0, "bitsandbytes": 7.0, "compressed-tensors": 7.5}
+# Minimum compute capability for each quantization's kernels (vLLM and TGI agree closely). MXFP4 and NVFP4: vLLM
+# 0.34's get_min_capability (model_executor/layers/quantization/mxfp4.py:72: 80; modelopt.py:795, NVFP4: 75, run by
+# Marlin W4A16 kernels below Blackwell).
+QUANT_MIN_CC = {
+    "fp8": 8.0,
+    "awq": 7.5,
+    "gptq": 6.0,
+    "bitsandbytes": 7.0,
+    "compressed-tensors": 7.5,
+    "mxfp4": 8.0,
+    "nvfp4": 7.5,
+}
+# GPUs with FP4 tensor cores (Blackwell: sm100 B200, sm120 RTX PRO 6000); elsewhere 4-bit float weights are
+# dequantized in weight-only kernels and computed in 16 bits.
+NATIVE_FP4 = ("NVIDIA_B200", "NVIDIA_RTX_PRO_6000")
 ENGINE_DEFAULT_MAX_NUM_SEQS = {"vllm": 256, "tgi": 128}
+# vLLM's V1 engine (default from 0.8, the only one from 0.11) raises its default for the OpenAI server to 1024
+# sequences on GPUs of at least 70 GiB that are not A100s (vllm/engine/arg_utils.py get_batch_defaults at v0.34.0,
+# L2977-3076): H100, H200, B200, RTX PRO 6000.
+V1_LARGE_GPU_MAX_NUM_SEQS = 1024
+V1_LARGE_GPU_BYTES = 70 * 2**30
 DEFAULT_TARGET_MAX_MODEL_LEN = 8192  # when the config leaves max_model_len empty: plan for this, report the ceiling
 MAX_NUM_SEQS_CEILING = 1024
 VLLM_MAX_BATCHED_TOKENS = 8192  # vLLM's chunked-prefill budget for the OpenAI server: the profiling batch
@@ -39,6 +57,22 @@ class EngineSettings:
     enforce_eager: bool = False
     swap_space: int = 16
     images_per_prompt: int = 1
+    engine_version: str = ""  # of the image that serves (images.yaml); "" = unknown, planned as the 0.6 engine
+
+    @property
+    def v1_engine(self) -> bool:
+        """vLLM's V1 engine: the default from 0.8.0, the only one from 0.11."""
+        if self.engine != "vllm" or not self.engine_version:
+            return False
+        major, minor = (int(x) for x in (self.engine_version.split(".") + ["0"])[:2])
+        return (major, minor) >= (0, 8)
+
+    def default_max_num_seqs(self, memory_bytes: int, accelerator: str) -> int:
+        """The engine's own max_num_seqs when the config leaves it empty."""
+        large = memory_bytes >= V1_LARGE_GPU_BYTES and "A100" not in accelerator
+        if self.v1_engine and large:
+            return V1_LARGE_GPU_MAX_NUM_SEQS
+        return ENGINE_DEFAULT_MAX_NUM_SEQS.get(self.engine, 256)
 
     @classmethod
     def from_serving(cls, serving: Any) -> EngineSettings:
@@ -107,6 +141,15 @@ def kv_bytes_per_token(
         return layers * per_layer  # TGI 2.4 sizes every layer for the full length
     kept = sum(min(max_model_len, w) if w else max_model_len for w in windows) / len(windows)
     return math.ceil(layers * per_layer * kept / max_model_len)
+
+
+def vision_tokens_per_seq(facts: ModelFacts, settings: EngineSettings) -> int:
+    """The vision encoder's tokens for one prompt's images: images x tiles x patches."""
+    if not facts.vision:
+        return 0
+    vc = facts.vision_config
+    patches = (first_int(vc.get("image_size"), 336) // first_int(vc.get("patch_size"), 14)) ** 2 + 1
+    return settings.images_per_prompt * first_int(vc.get("max_num_tiles"), 1) * patches
 
 
 def vision_profile_bytes_per_seq(facts: ModelFacts, settings: EngineSettings) -> int:
@@ -193,7 +236,14 @@ def memory_budget(
     logits = 2 * max_num_seqs * facts.vocab_size * 4  # fp32 logits and probabilities of the sampled positions
     activations = tokens * widths * act + logits
     per_seq_vision = vision_profile_bytes_per_seq(facts, settings)
-    vision = per_seq_vision * (max_num_seqs if settings.engine == "vllm" else 1)
+    if settings.v1_engine and per_seq_vision:
+        # V1 profiles the encoder with its compute budget, max_num_encoder_input_tokens (= max_num_batched_tokens)
+        # or one item if larger (vllm/v1/core/encoder_cache_manager.py compute_mm_encoder_budget at v0.34.0), not
+        # with max_num_seqs prompts of images as the 0.6 engine does.
+        per_seq_tokens = max(1, vision_tokens_per_seq(facts, settings))
+        vision = per_seq_vision * min(max_num_seqs, max(1, VLLM_MAX_BATCHED_TOKENS // per_seq_tokens))
+    else:
+        vision = per_seq_vision * (max_num_seqs if settings.engine == "vllm" else 1)
     kv_cache = budget - weights - activations - graphs - non_torch - vision
     per_token = max(1, kv_bytes_per_token(facts, settings, tp, pp, max_model_len))
     kv_tokens = max(0, kv_cache) // per_token // 16 * 16  # whole 16-token blocks

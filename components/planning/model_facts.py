@@ -165,7 +165,17 @@ def _quantization(config: Mapping[str, Any]) -> tuple[str | None, int | None, st
         return None, None, ""
     method = str(qc.get("quant_method", "")).lower()
     if method in {"fbgemm_fp8", "fp8", "fp8_e4m3"}:
+        block = qc.get("weight_block_size")
+        if block:  # DeepSeek-V3/R1, Qwen3 FP8: 128x128 blocks, each with its own scale
+            return "fp8", 8, f"fp8 block-wise {'x'.join(str(b) for b in block)}"
         return "fp8", 8, method
+    if method == "mxfp4":  # gpt-oss: the MoE experts in OCP MX FP4 (4-bit values, a shared 8-bit scale per 32)
+        return "mxfp4", 4, "mxfp4 (MoE experts)"
+    if method == "modelopt":  # NVIDIA ModelOpt checkpoints: quant_algo FP8 or NVFP4
+        algo = str(qc.get("quant_algo") or (qc.get("quantization") or {}).get("quant_algo") or "").upper()
+        if "FP4" in algo:
+            return "nvfp4", 4, f"modelopt {algo.lower()}"
+        return "fp8", 8, f"modelopt {algo.lower() or 'fp8'}"
     if method in {"awq", "awq_marlin"}:
         bits = int(qc.get("bits", qc.get("w_bit", 4)))
         return "awq", bits, f"awq int{bits}, group {qc.get('group_size', qc.get('q_group_size', '?'))}"
@@ -181,8 +191,13 @@ def _quantization(config: Mapping[str, Any]) -> tuple[str | None, int | None, st
             weights = (group or {}).get("weights") or {}
             bits = int(weights.get("num_bits", 8))
             if weights.get("type") == "float" and bits == 8:
-                return "fp8", 8, "compressed-tensors fp8"
-            return "compressed-tensors", bits, f"compressed-tensors int{bits}"
+                block = " block-wise" if weights.get("strategy") == "block" else ""
+                return "fp8", 8, f"compressed-tensors fp8{block}"
+            if weights.get("type") == "float" and bits == 4:  # NVFP4: FP4 values, FP8 scales per 16
+                return "nvfp4", 4, "compressed-tensors nvfp4"
+            acts = (group or {}).get("input_activations") or {}
+            form = f"W{bits}A{acts.get('num_bits', 16)}"
+            return "compressed-tensors", bits, f"compressed-tensors int{bits} ({form})"
         return "compressed-tensors", None, "compressed-tensors"
     return method or None, qc.get("bits"), method
 

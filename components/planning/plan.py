@@ -23,8 +23,8 @@ from vlp.components.planning.catalog import (
 )
 from vlp.components.planning.memory import (
     DEFAULT_TARGET_MAX_MODEL_LEN,
-    ENGINE_DEFAULT_MAX_NUM_SEQS,
     MAX_NUM_SEQS_CEILING,
+    NATIVE_FP4,
     QUANT_MIN_CC,
     SWAP_LIMIT_SHARE,
     EngineSettings,
@@ -117,6 +117,7 @@ def with_throughput(fit: ShapeFit, facts: ModelFacts, settings: EngineSettings, 
         "pp": fit.pp,
         "kv_cache_tokens": fit.memory.kv_tokens,
         "max_num_seqs": fit.max_num_seqs,
+        "step_floor_s": throughput.step_floor(settings.v1_engine),
     }
     fit.throughput = throughput.estimate_from(fit.throughput_model, load)
     fit.cost_per_million = throughput.cost_per_million_output_tokens(
@@ -179,6 +180,11 @@ def evaluate_shape(
                 f"{acc.name} has no native FP8: the engine runs FP8 weights through weight-only (Marlin) kernels, "
                 "slower than on L4/H100/H200"
             )
+        if key in ("mxfp4", "nvfp4") and acc.name not in NATIVE_FP4:
+            fit.warnings.append(
+                f"{acc.name} has no FP4 tensor cores: the engine runs the {quant} weights through weight-only kernels "
+                "(Marlin/Triton) with 16-bit compute; native FP4 is Blackwell's (B200, RTX PRO 6000)"
+            )
     if not acc.bf16 and (facts.dtype == "bfloat16" or settings.dtype == "bfloat16"):
         if settings.dtype == "bfloat16":
             fit.errors.append(f"{acc.name} has no bfloat16: set serving.dtype to float16 or pick an L4/A100/H100")
@@ -197,7 +203,7 @@ def evaluate_shape(
             return fit
 
     context = facts.context_length or DEFAULT_TARGET_MAX_MODEL_LEN
-    default_seqs = ENGINE_DEFAULT_MAX_NUM_SEQS.get(settings.engine, 256)
+    default_seqs = settings.default_max_num_seqs(acc.memory_bytes, acc.name)
 
     def budget(mml: int, seqs: int) -> MemoryBudget:
         return memory_budget(facts, acc, settings, tp=tp, pp=pp, max_model_len=mml, max_num_seqs=seqs)
@@ -529,6 +535,8 @@ def plan_for_facts(
     )
     if not choose_serving_image(plan, facts, serving, target):
         return plan
+    # The engine version of the image that serves sets its defaults and per-step cost.
+    settings = dataclasses.replace(settings, engine_version=plan.engine_version)
     if facts.quantization and serving.quantization and facts.quantization not in serving.quantization:
         plan.warnings.append(
             f"serving.quantization is {serving.quantization!r} but the checkpoint is {facts.quantization} "

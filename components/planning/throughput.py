@@ -54,6 +54,16 @@ TP_OVERHEAD_PER_DOUBLING = 0.25  # all-reduces per layer: 2 GPUs +25%, 4 GPUs +5
 # one step per schedule). Without the floor a tiny model's roofline step is a fraction of a millisecond and looks
 # several times faster on a bigger GPU than any engine serves it.
 DECODE_STEP_FLOOR_S = 0.004
+# vLLM's V1 engine overlaps that CPU work with the GPU (async scheduling, persistent batch, piecewise CUDA graphs:
+# blog 2025-01-27 "vLLM V1", "GPU execution time ... as low as ~5 ms" for Llama-8B on H100 including the model), and
+# 2026 work targets decode steps of ~2 ms and less (vllm-project/vllm#46698): 2 ms here, an estimate no published
+# measurement settles (unverified until `vlp bench` on the pinned image).
+V1_DECODE_STEP_FLOOR_S = 0.002
+
+
+def step_floor(v1_engine: bool) -> float:
+    """The per-step floor of the engine version that serves."""
+    return V1_DECODE_STEP_FLOOR_S if v1_engine else DECODE_STEP_FLOOR_S
 PP_BUBBLE = 0.15  # per extra pipeline stage (multi-host)
 
 # Published measurements the efficiencies are fitted to (TensorRT-LLM perf-overview.md@258c7540, total output
@@ -143,6 +153,7 @@ def estimate(
     kv_cache_tokens: int,
     max_num_seqs: int,
     workload: Workload,
+    step_floor_s: float = DECODE_STEP_FLOOR_S,
 ) -> Estimate:
     """Throughput and latency for one replica. `kv_cache_tokens` is what one GPU's KV cache holds (every GPU
     holds its share of every sequence), `max_num_seqs` the engine's batch limit."""
@@ -168,8 +179,8 @@ def estimate(
         memory_s = read / bandwidth
         compute_s = b * 2 * model.active_params / (gpus * flops * DECODE_COMPUTE_EFFICIENCY)
         roofline = max(memory_s, compute_s) * overhead
-        if roofline < DECODE_STEP_FLOOR_S:
-            return DECODE_STEP_FLOOR_S, "step overhead"
+        if roofline < step_floor_s:
+            return step_floor_s, "step overhead"
         return roofline, "bandwidth" if memory_s >= compute_s else "compute"
 
     step, bound = step_time(batch)
@@ -209,6 +220,7 @@ def estimate_from(inputs: dict[str, Any], workload: Workload) -> Estimate:
         kv_cache_tokens=int(inputs["kv_cache_tokens"]),
         max_num_seqs=int(inputs["max_num_seqs"]),
         workload=workload,
+        step_floor_s=float(inputs.get("step_floor_s") or DECODE_STEP_FLOOR_S),
     )
 
 
