@@ -38,6 +38,7 @@ SCOPES = {
     "runtime_sa": "the runtime SA",
     "kfp_repository": "the KFP template repository (Artifact Registry)",
     "image_repository": "the component image's Docker repository",
+    "serving_repository": "the Docker Hub remote repository `vlp-docker-hub` (each multi-region `vlp setup` creates)",
 }
 # When a rule applies (empty: always).
 CONDITIONS = {
@@ -48,6 +49,7 @@ CONDITIONS = {
     "runtime_separate": "`cloud_run.service_account` is another account",
     "templates": "runs from a template tag (console, `--template-uri` schedules)",
     "image": "steps compiled with `--image`",
+    "cloud_run_docker_hub": "`target: cloud_run` and the serving image is on Docker Hub (vLLM's own)",
 }
 
 

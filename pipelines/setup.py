@@ -1,7 +1,8 @@
 """`vlp setup`: make a project ready for a deployment, exactly as the policy in components/iam/policy.py says: enable
 the APIs, create the bucket in the region, the pipeline's service account and (for a serving image hosted on Docker
 Hub) the Artifact Registry remote repository deployments pull it through, and grant each binding, idempotently
-(read, add, write back with the etag). `--dry-run` prints the equivalent gcloud commands instead. The local stack runs
+(read, add, write back with the etag), the reader grant on that repository included (Artifact Registry's
+repositories getIamPolicy / setIamPolicy). `--dry-run` prints the equivalent gcloud commands instead. The local stack runs
 the same code before every `vlp run --local`, so local runs hold exactly these grants."""
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from vlp.components.iam.policy import (
     bindings,
     conditions,
     secret_id,
+    serving_repositories,
 )
-from vlp.components.serving.images import REMOTE_REPOSITORY_NAME, ServingImage, default_image, find, multi_region
 
 GOOGLE_HOSTS = {
     "serviceusage": "https://serviceusage.googleapis.com",
@@ -88,6 +89,7 @@ def plan_setup(
     """The APIs, accounts and bindings a deployment config needs in a project."""
     pipeline_sa = cfg.placement.service_account or default_pipeline_account(project)
     runtime_sa = cfg.cloud_run.service_account if getattr(cfg, "target", "vertex") == "cloud_run" else ""
+    repositories = remote_repositories(cfg, project, region)
     ids = Identities(
         project=project,
         project_number=project_number,
@@ -98,13 +100,13 @@ def plan_setup(
         submitter=submitter,
         kfp_repository=kfp_repository,
         image_repository=image_repository,
+        serving_repositories=tuple(repositories),
     )
     held = conditions(cfg, templates=templates, image=image)
     accounts = [
         a for a in dict.fromkeys([pipeline_sa, runtime_sa]) if a and a.endswith(f"@{project}.iam.gserviceaccount.com")
     ]
     apis = list(APIS[getattr(cfg, "target", "vertex") or "vertex"])
-    repositories = remote_repositories(cfg, project, region)
     if repositories and ARTIFACT_REGISTRY_API not in apis:
         apis.append(ARTIFACT_REGISTRY_API)
     return SetupPlan(
@@ -118,30 +120,19 @@ def plan_setup(
     )
 
 
-def docker_hub_image(cfg: Any) -> ServingImage | None:
-    """The catalog image the config's serving uses when it is hosted on Docker Hub (None otherwise): serving.image, or
-    the engine's default image for the target when none is named (preflight may still choose an older image for a
-    model the default does not serve; the repository then goes unused)."""
-    target = getattr(cfg, "target", "vertex") or "vertex"
-    image = find(cfg.serving.image) if cfg.serving.image else default_image(cfg.serving.engine, target)
-    return image if image is not None and image.registry == "docker-hub" else None
-
-
 def remote_repositories(cfg: Any, project: str, region: str) -> list[str]:
     """The Docker Hub remote repositories a deployment pulls its serving image through: one per Artifact Registry
-    multi-region (us, europe, asia) that `region` and the config's regions fall in. Who pulls needs no grant: Vertex AI
-    pulls with its service agent ("Vertex AI uses the default service account to pull images", vertex-ai/docs/general/
-    custom-service-account) and Cloud Run with its own ("If your repositories are in a different project, you must
-    grant Artifact Registry Reader permissions to the Cloud Run Service Agent", artifact-registry/docs/
-    integrate-cloud-run); both read their own project's repositories ("Google Cloud runtime environments ... have
-    preconfigured access to repositories in the same project by default", artifact-registry/docs/deploy), and their
-    automatic roles (roles/aiplatform.serviceAgent, roles/run.serviceAgent) hold artifactregistry.repositories.
-    downloadArtifacts (components/contract/gcp-iam.json)."""
-    if docker_hub_image(cfg) is None:
-        return []
-    regions = [region, *(getattr(cfg.placement, "regions", None) or [])]
-    locations = dict.fromkeys(multi_region(r) for r in regions if r)
-    return [f"projects/{project}/locations/{loc}/repositories/{REMOTE_REPOSITORY_NAME}" for loc in locations]
+    multi-region (us, europe, asia) that `region` and the config's regions fall in (components/iam/policy.py
+    serving_repositories). Who pulls needs no grant: Vertex AI pulls with its service agent ("Vertex AI uses the
+    default service account to pull images", vertex-ai/docs/general/custom-service-account) and Cloud Run with its own
+    ("If your repositories are in a different project, you must grant Artifact Registry Reader permissions to the
+    Cloud Run Service Agent", artifact-registry/docs/integrate-cloud-run); both read their own project's repositories
+    ("Google Cloud runtime environments ... have preconfigured access to repositories in the same project by
+    default", artifact-registry/docs/deploy). Who deploys a Cloud Run revision of the image does need
+    roles/artifactregistry.reader on the repository ("To deploy to Cloud Run, you must have the Artifact Registry
+    Reader role ... on the project or repository containing the images", the same page): the policy's
+    serving_repository rule, which `apply` grants here."""
+    return serving_repositories(cfg, project, [region, *(getattr(cfg.placement, "regions", None) or [])])
 
 
 class _Api:
@@ -214,7 +205,8 @@ def apply(
     for binding in plan.bindings:
         by_resource.setdefault(binding.resource, []).append(binding)
     for resource, wanted in by_resource.items():
-        if "/repositories/" in resource:
+        if "/repositories/" in resource and resource not in plan.repositories:
+            # A template or component image repository, possibly in another project: named by the user, not made here.
             log(f"not granted here (grant it with gcloud): {'; '.join(b.gcloud() for b in wanted)}")
             continue
         policy = _get_policy(api, gcs, resource)
@@ -304,6 +296,11 @@ def _set_policy(api: _Api, gcs: Any, resource: str, policy: dict[str, Any]) -> N
 
 
 def _policy_call(resource: str, verb: str) -> tuple[str, str, str]:
+    if "/repositories/" in resource:
+        # google/devtools/artifactregistry/v1/service.proto: GetIamPolicy is
+        # `get: "/v1/{resource=projects/*/locations/*/repositories/*}:getIamPolicy"`, SetIamPolicy
+        # `post: "/v1/{resource=projects/*/locations/*/repositories/*}:setIamPolicy"` with body "*" ({"policy": ...}).
+        return "artifactregistry", "GET" if verb == "get" else "POST", f"/v1/{resource}:{verb}IamPolicy"
     if "/serviceAccounts/" in resource:
         return "iam", "POST", f"/v1/{resource}:{verb}IamPolicy"
     if "/secrets/" in resource:

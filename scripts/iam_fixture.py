@@ -116,6 +116,10 @@ METHODS = [
     # `vlp setup`'s Docker Hub remote repository (components/serving/images.py REMOTE_REPOSITORY_NAME).
     "artifactregistry.projects.locations.repositories.get",
     "artifactregistry.projects.locations.repositories.create",
+    # ... and its reader grant to the pipeline's account, who deploys Cloud Run revisions of the image in it.
+    "artifactregistry.projects.locations.repositories.getIamPolicy",
+    "artifactregistry.projects.locations.repositories.setIamPolicy",
+    "artifactregistry.projects.locations.repositories.testIamPermissions",
     "storage.buckets.get",
     "storage.buckets.list",
     "storage.buckets.insert",
@@ -183,6 +187,7 @@ METHOD_GAPS: dict[str, tuple[list[str], str]] = {
             "cloudresourcemanager.projects.testIamPermissions",
             "iam.projects.serviceAccounts.testIamPermissions",
             "secretmanager.projects.secrets.testIamPermissions",
+            "artifactregistry.projects.locations.repositories.testIamPermissions",
         )
     },
     "run.projects.locations.services.revisions.list": (["run.revisions.list"], "run.projects.locations.revisions.list"),
@@ -273,7 +278,9 @@ ROLES = [
     "roles/viewer",
 ]
 # Permissions no REST method of their own checks: acting as an account, and pulling an image (Vertex AI and Cloud Run
-# pull a serving image with their service agents, whose automatic roles hold it for their own project's repositories).
+# pull a serving image with their service agents, whose automatic roles hold it for their own project's repositories;
+# whoever deploys a Cloud Run revision needs it on the image's repository: the emulator checks it at services.create
+# and services.patch, pipelines/local/emulator/artifact_registry.py check_run_deployer).
 EXTRA_PERMISSIONS = ["iam.serviceAccounts.actAs", "artifactregistry.repositories.downloadArtifacts"]
 
 

@@ -1,8 +1,11 @@
-"""The Docker Hub remote repository: `vlp setup` plans and creates it (Artifact Registry REST, against the emulator),
-and the emulator's Vertex AI and Cloud Run refuse a serving image they could not pull (docs/vertex-contract.md)."""
+"""The Docker Hub remote repository: `vlp setup` plans and creates it (Artifact Registry REST, against the emulator)
+and grants the pipeline's account roles/artifactregistry.reader on it for a Cloud Run deployment, the emulator's
+Vertex AI and Cloud Run refuse a serving image they could not pull, and its Cloud Run refuses a deployer who cannot
+read the image's repository (docs/vertex-contract.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.error
 import urllib.request
@@ -22,7 +25,7 @@ from vlp.pipelines.local.emulator import Emulator, create_emulator
 from vlp.pipelines.local.emulator.artifact_registry import check_upload_image, create_repository
 from vlp.pipelines.local.emulator.iam import project_number
 from vlp.pipelines.local.emulator.iam_methods import role_permissions
-from vlp.pipelines.setup import apply, plan_setup
+from vlp.pipelines.setup import apply, default_pipeline_account, plan_setup
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 PROJECT = "ar-project"
@@ -104,6 +107,42 @@ def test_setup_plans_the_remote_repository_for_a_docker_hub_image_only() -> None
     # Who pulls needs no grant in its own project: the agents' automatic roles hold the pull permission.
     for agent_role in ("roles/aiplatform.serviceAgent", "roles/run.serviceAgent"):
         assert "artifactregistry.repositories.downloadArtifacts" in role_permissions(agent_role)
+
+
+READER = "roles/artifactregistry.reader"
+
+
+def test_the_policy_gives_the_cloud_run_deployer_the_reader_role_on_the_repository_only() -> None:
+    """ "To deploy to Cloud Run, you must have the Artifact Registry Reader role (roles/artifactregistry.reader) on the
+    project or repository containing the images you want to deploy" (artifact-registry/docs/integrate-cloud-run): the
+    pipeline's account deploys the service, so for vLLM's image on Cloud Run it gets the role on each remote
+    repository, and nowhere else; a Vertex deployment (Vertex pulls with its service agent) and TGI (Google's image)
+    get none."""
+    cfg = _config("llama-3.1-8b-awq-int4-vllm-cloud-run.yaml")
+    plan = plan_setup(cfg, project="p", bucket="b", region="europe-west4", project_number="1")
+    reader = [b for b in plan.bindings if b.role == READER]
+    assert plan.repositories and [b.resource for b in reader] == plan.repositories
+    pipeline = f"serviceAccount:{cfg.placement.service_account or default_pipeline_account('p')}"
+    assert {b.member for b in reader} == {pipeline} and {b.rule.on for b in reader} == {"serving_repository"}
+    assert reader[0].rule.checks == ("artifactregistry.repositories.downloadArtifacts",)
+    assert not [b for b in plan.bindings if b.role == READER and b.resource == "projects/p"]  # least privilege
+    for name in plan.repositories:  # --dry-run prints the gcloud line, after the repository's creation
+        location = name.split("/")[3]
+        line = (
+            f"gcloud artifacts repositories add-iam-policy-binding {REMOTE_REPOSITORY_NAME} --location {location} "
+            f'--project p --member "{pipeline}" --role {READER}'
+        )
+        assert line in plan.gcloud()
+        assert plan.gcloud().index(line) > plan.gcloud().index(
+            next(
+                x
+                for x in plan.gcloud()
+                if x.startswith(f"gcloud artifacts repositories create {REMOTE_REPOSITORY_NAME}")
+            )
+        )
+    for name in ("llama-3.1-8b-vllm-l4.yaml", "llama-3.1-8b-awq-int4-tgi-cloud-run.yaml", "local-demo.yaml"):
+        other = plan_setup(_config(name), project="p", bucket="b", region=REGION, project_number="1")
+        assert not [b for b in other.bindings if b.rule.on == "serving_repository"], name
 
 
 # ----------------------------------------------------------------------------- `vlp setup` against the emulator
@@ -250,3 +289,92 @@ def test_a_cloud_run_revision_from_a_missing_repository_is_not_ready(emu: Emulat
     client.delete_service(name=f"{parent}/services/vllm").result(timeout=30)
     created = client.create_service(parent=parent, service=service, service_id="vllm").result(timeout=30)
     assert created.terminal_condition.state == run_v2.Condition.State.CONDITION_SUCCEEDED
+
+
+def test_a_cloud_run_deployer_without_the_reader_grant_is_refused_until_setup_grants_it(
+    tmp_path: Path, fake_gcs: Any
+) -> None:
+    """The pipeline's account holds every grant but the reader role on the repository: Cloud Run refuses its deploy
+    of vLLM's image with the permission, the image, the repository and the fix; `vlp setup` grants it (once, through
+    the repository's getIamPolicy / setIamPolicy, etag checked), and the same deploy succeeds."""
+    project = "ar-run-project"
+    repository = f"projects/{project}/locations/us/repositories/{REMOTE_REPOSITORY_NAME}"
+    emu = create_emulator(tmp_path / "state", serving=_Servers(), storage_endpoint=fake_gcs.url)
+    emu.start()
+    try:
+        owner = f"vlp-admin@{project}.iam.gserviceaccount.com"
+        emu.grant(f"projects/{project}", "roles/owner", f"serviceAccount:{owner}")
+        creds = emu.credentials_for(owner)
+        gcs = storage.Client(project=project, credentials=creds, client_options={"api_endpoint": emu.url})
+        cfg = _config("local-demo-cloud-run.yaml")
+        bucket = f"{project}-bucket"
+        plan = plan_setup(cfg, project=project, bucket=bucket, region=REGION, project_number=project_number(project))
+        (grant,) = [b for b in plan.bindings if b.role == READER]
+        assert grant.resource == repository and plan.repositories == [repository]
+        without = dataclasses.replace(plan, bindings=[b for b in plan.bindings if b is not grant])
+
+        def setup(p: Any) -> list[str]:
+            return apply(p, api_endpoint=emu.url, credentials=creds, storage_client=gcs, log=lambda _: None)
+
+        assert f"created Artifact Registry remote repository {repository} (upstream: Docker Hub)" in setup(without)
+        account = default_pipeline_account(project)
+        image = default_image("vllm", "cloud_run").uri(project, REGION)
+        client = run_v2.ServicesClient(
+            client_options=ClientOptions(api_endpoint=emu.url),
+            transport="rest",
+            credentials=emu.credentials_for(account),
+        )
+        parent = f"projects/{project}/locations/{REGION}"
+        with pytest.raises(gexc.Forbidden) as caught:
+            client.create_service(parent=parent, service=_vllm_service(image, bucket, account), service_id="vllm")
+        message = str(caught.value)
+        assert "artifactregistry.repositories.downloadArtifacts" in message and image in message
+        assert repository in message and READER in message and "`vlp setup`" in message
+        assert emu.serving.running == {} and not any("/services/vllm/revisions/" in r for r in emu._run_revisions)
+        # An image in a project the emulator holds nothing of (Google's public ones) is not checked.
+        public = f"us-docker.pkg.dev/vertex-ai/{REMOTE_REPOSITORY_NAME}/vllm/vllm-openai:v0.34.0"
+        client.create_service(
+            parent=parent, service=_vllm_service(public, bucket, account), service_id="public"
+        ).result(timeout=30)
+        # (Deleted again: a second service in the region trips the emulator's quota sum, cloud_run.py
+        # _run_check_quota adding _serving_revisions' list to a set.)
+        client.delete_service(name=f"{parent}/services/public").result(timeout=30)
+
+        # `vlp setup` grants it on the repository (not the project), once.
+        assert setup(plan) == [f"granted {READER} on {repository} to serviceAccount:{account}"]
+        assert setup(plan) == []
+        status, policy = _rest(emu, "GET", f"/v1/{repository}:getIamPolicy", owner)
+        assert status == 200 and {"role": READER, "members": [f"serviceAccount:{account}"]} in policy["bindings"]
+        assert READER not in {b["role"] for b in emu.policy_of(f"projects/{project}")["bindings"]}
+        status, held = _rest(
+            emu, "POST", f"/v1/{repository}:testIamPermissions", account,
+            {"permissions": ["artifactregistry.repositories.downloadArtifacts", "artifactregistry.repositories.create"]},
+        )  # fmt: skip
+        assert status == 200 and held == {"permissions": ["artifactregistry.repositories.downloadArtifacts"]}
+        # setIamPolicy checks the etag, and the repository's IAM methods need it to exist.
+        stale = {"policy": {**policy, "etag": "c3RhbGU="}}
+        assert _rest(emu, "POST", f"/v1/{repository}:setIamPolicy", owner, stale)[0] == 409
+        assert _rest(emu, "POST", f"/v1/{repository}:setIamPolicy", account, {"policy": policy})[0] == 403
+        missing = repository.replace("/us/", "/europe/")
+        assert _rest(emu, "GET", f"/v1/{missing}:getIamPolicy", owner)[0] == 404
+
+        created = client.create_service(
+            parent=parent, service=_vllm_service(image, bucket, account), service_id="vllm"
+        ).result(timeout=30)
+        assert created.terminal_condition.state == run_v2.Condition.State.CONDITION_SUCCEEDED
+    finally:
+        emu.stop()
+
+
+def _vllm_service(image: str, bucket: str, account: str) -> run_v2.Service:
+    """A service of vLLM's image as the deploy step makes one, small enough for a new project's quotas."""
+    container = run_v2.Container(
+        image=image,
+        command=["vllm", "serve"],
+        args=[f"gs://{bucket}/models/acme/tiny/rev1/"],
+        resources=run_v2.ResourceRequirements(limits={"cpu": "2", "memory": "4Gi"}),
+    )
+    template = run_v2.RevisionTemplate(
+        containers=[container], scaling=run_v2.RevisionScaling(max_instance_count=1), service_account=account
+    )
+    return run_v2.Service(template=template)

@@ -204,7 +204,7 @@ def _bindings() -> list[tuple[str, str, str, str]]:
 def test_the_local_policy_has_these_bindings() -> None:
     """The bindings the removal tests cover: every one the local configs' policy grants."""
     found = {(who, role, on) for _, who, role, on in _bindings()}
-    assert len(found) == 11, sorted(found)
+    assert len(found) == 12, sorted(found)
 
 
 @pytest.mark.slow
@@ -289,6 +289,13 @@ def _the_real_call_is_refused(emu: Any, ctx: dict[str, Any], binding: Binding) -
         with pytest.raises(StepError, match="roles/iam.serviceAccountOpenIdTokenCreator") as caught:
             _generate_id_token(ctx["account"], "https://svc.run.app")
         assert ctx["account"] in str(caught.value) and "gcloud iam service-accounts" in str(caught.value)
+    elif key == ("pipeline", "roles/artifactregistry.reader", "serving_repository"):
+        from vlp.components.serving.images import default_image
+
+        image = default_image("vllm", "cloud_run").uri(project, REGION)  # through the repository `vlp setup` made
+        denial = f"artifactregistry.repositories.downloadArtifacts.*{re.escape(image)}"
+        with pytest.raises(gexc.Forbidden, match=denial):
+            _create_service(ctx, api, ctx["account"], image=image)
     elif key == ("runtime", "roles/storage.objectViewer", "bucket"):
         runtime = ctx["cfg"].cloud_run.service_account
         with pytest.raises(gexc.GoogleAPICallError, match=f"runs as {runtime}, which cannot read gs://{bucket}"):
@@ -325,10 +332,12 @@ def _deploy_as(ctx: dict[str, Any], api: str, account: str, *, match: str) -> No
         endpoints.deploy_model(endpoint=endpoint.name, deployed_model=deployed).result(timeout=30)
 
 
-def _create_service(ctx: dict[str, Any], api: str, runtime: str) -> Any:
+def _create_service(ctx: dict[str, Any], api: str, runtime: str, *, image: str = "") -> Any:
     from test_emulator_cloud_run import _service
 
     service = _service(only_dir="models/x")
+    if image:
+        service.template.containers[0].image = image
     service.template.service_account = runtime
     service.template.scaling.max_instance_count = 1
     service.template.gpu_zonal_redundancy_disabled = True

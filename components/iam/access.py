@@ -1,6 +1,7 @@
 """What preflight can know about access before anything costs money: whether the pipeline's own account holds each
 grant the policy (components/iam/policy.py) gives it, asked with testIamPermissions (which needs no permission itself)
-on the project, the bucket, the service accounts and the secret; and Google's SERVICE_DISABLED answers as a fix."""
+on the project, the bucket, the service accounts, the secret and the serving image's Artifact Registry repositories;
+and Google's SERVICE_DISABLED answers as a fix."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from vlp.components.iam.policy import (
     is_compute_default_account,
     member_of,
     secret_id,
+    serving_repositories,
 )
 
 GOOGLE_API = {"aiplatform": "https://{region}-aiplatform.googleapis.com", "run": "https://run.googleapis.com"}
@@ -20,6 +22,7 @@ GOOGLE = {
     "cloudresourcemanager": "https://cloudresourcemanager.googleapis.com",
     "iam": "https://iam.googleapis.com",
     "secretmanager": "https://secretmanager.googleapis.com",
+    "artifactregistry": "https://artifactregistry.googleapis.com",
 }
 
 
@@ -38,6 +41,8 @@ def check_access(cfg: Any, *, project: str, bucket: str, api_endpoint: str = "")
         pipeline_sa=account,
         runtime_sa=cfg.cloud_run.service_account if cfg.target == "cloud_run" else "",
         secret=secret_id(cfg.model.hf_token_secret),
+        # The repositories of the config's regions (a region given only at run time is not among them).
+        serving_repositories=tuple(serving_repositories(cfg, project, list(cfg.placement.regions))),
     )
     held = conditions(cfg)
     asker = _Asker(api_endpoint, project)
@@ -45,24 +50,22 @@ def check_access(cfg: Any, *, project: str, bucket: str, api_endpoint: str = "")
     for rule in RULES:
         if rule.who != "pipeline" or rule.when not in held or not rule.checks:
             continue
-        resource = ids.resource(rule.on)
-        if not resource:
-            continue
-        try:
-            granted = asker.held(resource, list(rule.checks))
-        except _Missing as exc:
-            if str(exc) not in problems:  # one disabled API or missing bucket answers for several rules
-                problems.append(str(exc))
-            continue
-        missing = [p for p in rule.checks if p not in granted]
-        if missing:
-            from vlp.components.iam.policy import Binding
+        for resource in ids.resources(rule.on):
+            try:
+                granted = asker.held(resource, list(rule.checks))
+            except _Missing as exc:
+                if str(exc) not in problems:  # one disabled API or missing bucket answers for several rules
+                    problems.append(str(exc))
+                continue
+            missing = [p for p in rule.checks if p not in granted]
+            if missing:
+                from vlp.components.iam.policy import Binding
 
-            binding = Binding(member_of(account), rule.role, resource, rule)
-            problems.append(
-                f"{account} lacks {', '.join(missing)} on {_pretty(resource)} ({rule.steps}: {rule.why}). Grant "
-                f"{rule.role}: {binding.gcloud()} (or run `vlp setup`, which grants the whole policy: docs/iam.md)"
-            )
+                binding = Binding(member_of(account), rule.role, resource, rule)
+                problems.append(
+                    f"{account} lacks {', '.join(missing)} on {_pretty(resource)} ({rule.steps}: {rule.why}). Grant "
+                    f"{rule.role}: {binding.gcloud()} (or run `vlp setup`, which grants the whole policy: docs/iam.md)"
+                )
     if problems and is_compute_default_account(account):
         # The first real run's usual failure: a PipelineJob that names no serviceAccount runs as this account, which
         # `vlp setup` never granted anything (and whose automatic Editor role, where a project still grants it, lacks
@@ -135,6 +138,10 @@ class _Asker:
             service, path = "iam", f"/v1/projects/-/serviceAccounts/{resource.rsplit('/', 1)[1]}"
         elif "/secrets/" in resource:
             service, path = "secretmanager", f"/v1/{resource}"
+        elif "/repositories/" in resource:
+            # google/devtools/artifactregistry/v1/service.proto: TestIamPermissions is
+            # `post: "/v1/{resource=projects/*/locations/*/repositories/*}:testIamPermissions"`, body "*".
+            service, path = "artifactregistry", f"/v1/{resource}"
         else:
             service, path = "cloudresourcemanager", f"/v1/{resource}"
         base = self.host.rstrip("/") if self.local else GOOGLE[service]

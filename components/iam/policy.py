@@ -111,6 +111,18 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "pipeline",
+        "roles/artifactregistry.reader",
+        "serving_repository",
+        "deploy service",
+        "deploy a revision of vLLM's image from the project's Docker Hub remote repository: \"To deploy to Cloud Run, "
+        "you must have the Artifact Registry Reader role (roles/artifactregistry.reader) on the project or repository "
+        'containing the images you want to deploy" (artifact-registry/docs/integrate-cloud-run), and '
+        "roles/run.developer has no artifactregistry permission. On the repository, not the project",
+        "cloud_run_docker_hub",
+        checks=("artifactregistry.repositories.downloadArtifacts",),
+    ),
+    Rule(
+        "pipeline",
         "roles/iam.serviceAccountUser",
         "runtime_sa",
         "deploy service",
@@ -254,6 +266,8 @@ class Identities:
     publisher: str = ""
     kfp_repository: str = ""
     image_repository: str = ""
+    # The Docker Hub remote repositories the serving image is pulled through (serving_repositories below).
+    serving_repositories: tuple[str, ...] = ()
 
     def email(self, who: str) -> str:
         return {
@@ -274,7 +288,14 @@ class Identities:
             "runtime_sa": f"projects/{self.project}/serviceAccounts/{self.runtime_sa or self.pipeline_sa}",
             "kfp_repository": self.kfp_repository,
             "image_repository": self.image_repository,
+            "serving_repository": self.serving_repositories[0] if self.serving_repositories else "",
         }[scope]
+
+    def resources(self, scope: str) -> list[str]:
+        """Every resource a scope names: one per serving repository, else the one `resource` gives (none if empty)."""
+        if scope == "serving_repository":
+            return list(self.serving_repositories)
+        return [r for r in [self.resource(scope)] if r]
 
 
 def is_compute_default_account(email: str) -> bool:
@@ -295,6 +316,34 @@ def member_of(email: str) -> str:
     return f"serviceAccount:{email}" if email.endswith("gserviceaccount.com") else f"user:{email}"
 
 
+def docker_hub_image(cfg: Any) -> Any:
+    """The catalog image (components/serving/images.py ServingImage) the config's serving uses when it is hosted on
+    Docker Hub (None otherwise): serving.image, or the engine's default image for the target when none is named
+    (preflight may still choose an older image for a model the default does not serve; the repository then goes
+    unused)."""
+    from vlp.components.serving.images import default_image, find
+
+    target = getattr(cfg, "target", "vertex") or "vertex"
+    image = find(cfg.serving.image) if cfg.serving.image else default_image(cfg.serving.engine, target)
+    return image if image is not None and image.registry == "docker-hub" else None
+
+
+def serving_repositories(cfg: Any, project: str, regions: list[str]) -> list[str]:
+    """The Docker Hub remote repositories a deployment pulls its serving image through (none for an image on Artifact
+    Registry already): one per Artifact Registry multi-region (us, europe, asia) that `regions` fall in, by full name
+    (projects/P/locations/L/repositories/R). `vlp setup` creates them; who pulls needs no grant in its own project
+    (Vertex AI and Cloud Run pull with their service agents, whose automatic roles, roles/aiplatform.serviceAgent and
+    roles/run.serviceAgent, hold artifactregistry.repositories.downloadArtifacts: components/contract/gcp-iam.json),
+    but whoever deploys a Cloud Run revision of the image needs roles/artifactregistry.reader on it (the
+    serving_repository rule)."""
+    from vlp.components.serving.images import REMOTE_REPOSITORY_NAME, multi_region
+
+    if docker_hub_image(cfg) is None:
+        return []
+    locations = dict.fromkeys(multi_region(r) for r in regions if r)
+    return [f"projects/{project}/locations/{loc}/repositories/{REMOTE_REPOSITORY_NAME}" for loc in locations]
+
+
 def conditions(cfg: Any, *, templates: bool = False, image: bool = False) -> set[str]:
     """Which rule conditions hold for a deployment config (vlp.components.config.DeploymentConfig)."""
     held = {""}
@@ -308,6 +357,10 @@ def conditions(cfg: Any, *, templates: bool = False, image: bool = False) -> set
         and (cfg.cloud_run.service_account != cfg.placement.service_account)
     ):
         held.add("runtime_separate")
+    if target == "cloud_run" and docker_hub_image(cfg) is not None:
+        # The deployer of a Cloud Run revision needs to read its image's repository (the serving_repository rule);
+        # on Vertex AI the deploy needs no such grant (Vertex pulls with its service agent).
+        held.add("cloud_run_docker_hub")
     if templates:
         held.add("templates")
     if image:
@@ -322,11 +375,12 @@ def bindings(ids: Identities, held: set[str], *, who: set[str] | None = None) ->
     for rule in RULES:
         if rule.when not in held or (who is not None and rule.who not in who):
             continue
-        email, resource = ids.email(rule.who), ids.resource(rule.on)
-        if not email or not resource:
+        email = ids.email(rule.who)
+        if not email:
             continue
-        key = (member_of(email), rule.role, resource)
-        if key not in seen:
-            seen.add(key)
-            out.append(Binding(member_of(email), rule.role, resource, rule))
+        for resource in ids.resources(rule.on):
+            key = (member_of(email), rule.role, resource)
+            if key not in seen:
+                seen.add(key)
+                out.append(Binding(member_of(email), rule.role, resource, rule))
     return out

@@ -1,6 +1,8 @@
 """Artifact Registry as the emulator serves it, and the rules on serving images that depend on it: the Docker Hub
 remote repository `vlp setup` creates (repositories.get and repositories.create, state in STATE_DIR/
-artifact_registry.json), which images Vertex AI takes at upload, and which it (and Cloud Run) can pull.
+artifact_registry.json; its IAM policy, getIamPolicy / setIamPolicy / testIamPermissions, kept in iam.py's policy
+store), which images Vertex AI takes at upload, which it (and Cloud Run) can pull, and who may deploy a Cloud Run
+revision of an image in it.
 
 Each rule is one function with the source that states it (docs/vertex-contract.md lists them). A rule whose exact
 error text no source gives says "unverified": the emulator refuses anyway, so the pipeline cannot come to depend on
@@ -17,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from vlp.components.serving.images import REMOTE_REPOSITORY_NAME, multi_region
-from vlp.pipelines.local.emulator.core import _now
+from vlp.pipelines.local.emulator.core import _now, _Route
 from vlp.pipelines.local.emulator.errors import ApiError
+from vlp.pipelines.local.emulator.iam import denied, member
 
 Answer = tuple[int, bytes, str, dict[str, str]]
 
@@ -214,6 +217,65 @@ def _json(data: Any) -> Answer:
     return 200, json.dumps(data).encode(), "application/json", {}
 
 
+# ----------------------------------------------------------------------------- a repository's IAM policy
+
+# google/devtools/artifactregistry/v1/service.proto binds them: GetIamPolicy `get: "/v1/{resource=projects/*/
+# locations/*/repositories/*}:getIamPolicy"`, SetIamPolicy and TestIamPermissions `post: ...:setIamPolicy` /
+# `...:testIamPermissions` with body "*". The policy lives in iam.py's store (etag checked on set as for the other
+# policies) and grants on the repository as a project binding does (IamService.allowed: the repository, then its
+# project). authorize() has checked the caller (iam_methods.py METHOD_TABLE) before these run.
+_REPOSITORY_PATH = r"/v1/projects/(?P<project>[^/]+)/locations/(?P<location>[^/]+)/repositories/(?P<repository>[^/:]+)"
+
+
+def iam_routes(emu: Any) -> list[_Route]:
+    """The routes of a repository's getIamPolicy, setIamPolicy and testIamPermissions (server.py's route table,
+    through iam.py: they carry the caller, which testIamPermissions answers about)."""
+
+    def get_policy(p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Answer:
+        return _json(_public(emu.policy_of(_existing(emu, p))))
+
+    def set_policy(p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Answer:
+        name = _existing(emu, p)
+        policy = _body(body).get("policy")
+        if not isinstance(policy, dict):
+            raise ApiError("INVALID_ARGUMENT", "policy is required (SetIamPolicyRequest.policy).")
+        return _json(_public(emu.set_policy(name, policy)))
+
+    def test_permissions(p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Answer:
+        name = _existing(emu, p)
+        asked = _body(body).get("permissions") or []
+        scopes = [name, f"projects/{p['project']}"]
+        held = [x for x in asked if emu.allowed(p["_principal"], x, scopes)]
+        return _json({"permissions": held} if held else {})
+
+    return [
+        _Route("GET", _REPOSITORY_PATH + r":getIamPolicy", get_policy),
+        _Route("POST", _REPOSITORY_PATH + r":setIamPolicy", set_policy),
+        _Route("POST", _REPOSITORY_PATH + r":testIamPermissions", test_permissions),
+    ]
+
+
+def _existing(emu: Any, p: dict[str, str]) -> str:
+    name = f"projects/{p['project']}/locations/{p['location']}/repositories/{p['repository']}"
+    if name not in repositories(emu):
+        raise ApiError("NOT_FOUND", "Requested entity was not found.")  # as repositories.get answers
+    return name
+
+
+def _body(body: bytes) -> dict[str, Any]:
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError as exc:
+        raise ApiError("INVALID_ARGUMENT", f"Invalid JSON payload received. {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError("INVALID_ARGUMENT", "Invalid JSON payload received. The request must be a JSON object.")
+    return data
+
+
+def _public(policy: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in policy.items() if not k.startswith("_")}
+
+
 # ----------------------------------------------------------------------------- the rules on serving images
 
 
@@ -264,19 +326,23 @@ def check_upload_image(image_uri: str, location: str) -> None:
     )
 
 
-def missing_repository(emu: Any, image_uri: str, project: str) -> str:
-    """The full name of the Artifact Registry repository an image names when the emulator does not have it, for an
-    image in `project` (the deploying project) or in any project the emulator holds repositories in; "" otherwise.
-    Images in other projects (Google's public `vertex-ai`, `deeplearning-platform-release`) are taken as they are."""
+def repository_of(emu: Any, image_uri: str, project: str) -> str:
+    """The full name of the Artifact Registry repository an image is in, for an image in `project` (the deploying
+    project) or in any project the emulator holds repositories in; "" otherwise. Images in other projects (Google's
+    public `vertex-ai`, `deeplearning-platform-release`) are taken as they are."""
     match = _AR_IMAGE.fullmatch(image_uri.strip())
     if match is None:
         return ""
     name = f"projects/{match['project']}/locations/{match['location']}/repositories/{match['repository']}"
-    held = repositories(emu)
-    if name in held:
-        return ""
-    ours = match["project"] == project or any(n.startswith(f"projects/{match['project']}/") for n in held)
+    ours = match["project"] == project or any(n.startswith(f"projects/{match['project']}/") for n in repositories(emu))
     return name if ours else ""
+
+
+def missing_repository(emu: Any, image_uri: str, project: str) -> str:
+    """The full name of the repository an image names (repository_of) when the emulator does not have it; "" when
+    it has it, or when the image is not one the emulator decides on."""
+    name = repository_of(emu, image_uri, project)
+    return name if name and name not in repositories(emu) else ""
 
 
 def _fix(name: str) -> str:
@@ -313,4 +379,41 @@ def check_run_pull(emu: Any, image_uri: str, project: str) -> None:
         raise ApiError(
             "FAILED_PRECONDITION",
             f"Image '{image_uri}' not found. The Artifact Registry repository {name} does not exist. Fix: {_fix(name)}.",
+        )
+
+
+DOWNLOAD = "artifactregistry.repositories.downloadArtifacts"
+
+
+def check_run_deployer(emu: Any, principal: str, template: dict[str, Any], project: str) -> None:
+    """V-RUN-IMAGE-READER: whoever creates a Cloud Run revision must be able to read its images: "To deploy to Cloud
+    Run, you must have the Artifact Registry Reader role (roles/artifactregistry.reader) on the project or repository
+    containing the images you want to deploy and the Cloud Run deployment permissions. If your repositories are in a
+    different project, you must grant Artifact Registry Reader permissions to the Cloud Run Service Agent"
+    (artifact-registry/docs/integrate-cloud-run). roles/run.developer holds no artifactregistry permission, so the
+    pipeline's account needs roles/artifactregistry.reader on the serving repository (components/iam/policy.py, the
+    serving_repository rule; `vlp setup` grants it). Checked for each container image of the revision in a repository
+    of the deploying project (repository_of): the caller must hold artifactregistry.repositories.downloadArtifacts
+    (in roles/artifactregistry.reader) on the repository or its project, whether or not the repository exists, as
+    Google's 403 "(or it may not exist)" does not tell; else 403 PERMISSION_DENIED. Images in other projects (Google's
+    public ones) are not checked. Refused at services.create / services.patch, before the revision exists: whether
+    Google refuses the request or fails the revision, and its exact text, are unverified (the message is Google's
+    IAM denial followed by ours)."""
+    for container in template.get("containers") or []:
+        image = str(container.get("image") or "")
+        name = repository_of(emu, image, project)
+        if not name or emu.allowed(principal, DOWNLOAD, [name, f"projects/{name.split('/')[1]}"]):
+            continue
+        _, repo_project, _, location, _, repository = name.split("/")
+        gcloud = (
+            f"gcloud artifacts repositories add-iam-policy-binding {repository} --location {location} "
+            f'--project {repo_project} --member "{member(principal)}" --role roles/artifactregistry.reader'
+        )
+        google = denied(DOWNLOAD, f"//artifactregistry.googleapis.com/{name}", "artifactregistry.googleapis.com")
+        raise ApiError(
+            "PERMISSION_DENIED",
+            f"{google.message} {principal} deploys the image {image} to Cloud Run, which needs {DOWNLOAD} on its "
+            f"repository {name}. Fix: grant roles/artifactregistry.reader on the repository (run `vlp setup`, which "
+            f"grants it to the pipeline's account; or {gcloud}).",
+            details=google.details,
         )

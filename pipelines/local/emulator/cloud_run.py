@@ -226,6 +226,7 @@ class CloudRunService:
         rev_name = f"{name}/revisions/{rev_id}"
         added = rev_name not in self._run_revisions
         if added:
+            artifact_registry.check_run_deployer(self, p.get("_principal", ""), template, name.split("/")[1])
             self._run_revisions[rev_name] = {
                 "name": rev_name,
                 "uid": hashlib.sha1(rev_name.encode()).hexdigest(),
@@ -313,7 +314,7 @@ class CloudRunService:
         revisions = set(serving)
         for other, service in self._run_services.items():
             if other != name and other.startswith(region_prefix):
-                revisions |= self._serving_revisions(other, service)
+                revisions |= set(self._serving_revisions(other, service))
         need: dict[str, int] = {}
         for rev_name in revisions:
             for key, amount in revision_allocation(self._run_revisions.get(rev_name) or {}).items():

@@ -4,8 +4,8 @@
   points there), so google-auth's compute credentials fetch an access token for that service account; every request
   then carries `Authorization: Bearer TOKEN`, which the emulator maps back to the account. A call without a token
   answers 401, as Google does.
-- Policies: on projects, buckets, secrets and service accounts (here), and on Cloud Run services (cloud_run.py keeps
-  those). A permission on a resource is held when a binding on the resource or on its project grants a role that
+- Policies: on projects, buckets, secrets, service accounts and Artifact Registry repositories (here; the
+  repositories' IAM methods are artifact_registry.py's), and on Cloud Run services (cloud_run.py keeps those). A permission on a resource is held when a binding on the resource or on its project grants a role that
   contains it.
 - Facts: which permission each REST method needs and which permissions each predefined role holds (iam_methods.py,
   from components/contract/gcp-iam.json).
@@ -188,7 +188,7 @@ class IamService:
 
     def policy_of(self, resource: str) -> dict[str, Any]:
         """The IAM policy on a resource: projects/P, buckets/B, projects/P/secrets/S, projects/P/serviceAccounts/E,
-        or a Cloud Run service's full name."""
+        projects/P/locations/L/repositories/R, or a Cloud Run service's full name."""
         with self._lock:
             store = self._run_policies if "/services/" in resource else self._iam_policies
             found = store.get(resource)
@@ -557,6 +557,8 @@ class IamService:
         return 200, json.dumps({"permissions": held} if held else {}).encode(), "application/json", {}
 
     def _iam_routes(self) -> list[_Route]:
+        from vlp.pipelines.local.emulator import artifact_registry  # imported here: it imports this module
+
         md = r"/_md/(?P<principal>[^/]+)"
         sa = r"/computeMetadata/v1/instance/service-accounts/(?:default|(?P=principal))"
         acct = r"/v1/projects/[^/]+/serviceAccounts/(?P<account>[^/:]+)"
@@ -599,6 +601,8 @@ class IamService:
                 self._secret_policy_set,
             ),
             r("GET", r"/v1/projects/(?P<project>[^/]+)/services/(?P<service>[^/:]+)", self._get_service_state),
+            # Artifact Registry repositories' policies: kept in this store, served by artifact_registry.py.
+            *artifact_registry.iam_routes(self),
         ]
 
     def _iam_control(self, method: str, path: str, body: bytes) -> tuple[int, bytes] | None:
@@ -717,6 +721,10 @@ def _resource_of(path: str, params: dict[str, str], api: str) -> tuple[str, list
         return f"//{api}/{name}", [name, *project_scope]
     if params.get("secret"):
         name = f"projects/{project}/secrets/{params['secret']}"
+        return f"//{api}/{name}", [name, *project_scope]
+    if params.get("repository"):
+        # An Artifact Registry repository: its own policy (get/setIamPolicy on it), then its project's.
+        name = f"projects/{project}/locations/{params['location']}/repositories/{params['repository']}"
         return f"//{api}/{name}", [name, *project_scope]
     if params.get("account"):
         account_project = _account_project(params["account"])

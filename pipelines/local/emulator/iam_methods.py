@@ -210,8 +210,24 @@ METHOD_TABLE: list[tuple[str, str, str]] = [
     ("POST", r"/v1/projects/(?P<project>[^/:]+):setIamPolicy", "cloudresourcemanager.projects.setIamPolicy"),
     ("POST", r"/v1/projects/(?P<project>[^/]+)/services/[^/:]+:enable", "serviceusage.services.enable"),
     ("GET", r"/v1/projects/(?P<project>[^/]+)/services/[^/:]+", "serviceusage.services.get"),
-    # Artifact Registry (artifact_registry.py): the Docker Hub remote repository `vlp setup` creates.
-    ("GET", _AR + r"/[^/:]+", "artifactregistry.projects.locations.repositories.get"),
+    # Artifact Registry (artifact_registry.py): the Docker Hub remote repository `vlp setup` creates, and its IAM
+    # policy (google/devtools/artifactregistry/v1/service.proto: GetIamPolicy is a GET, Set and Test are POSTs).
+    (
+        "GET",
+        _AR + r"/(?P<repository>[^/:]+):getIamPolicy",
+        "artifactregistry.projects.locations.repositories.getIamPolicy",
+    ),
+    (
+        "POST",
+        _AR + r"/(?P<repository>[^/:]+):setIamPolicy",
+        "artifactregistry.projects.locations.repositories.setIamPolicy",
+    ),
+    (
+        "POST",
+        _AR + r"/(?P<repository>[^/:]+):testIamPermissions",
+        "artifactregistry.projects.locations.repositories.testIamPermissions",
+    ),
+    ("GET", _AR + r"/(?P<repository>[^/:]+)", "artifactregistry.projects.locations.repositories.get"),
     ("POST", _AR, "artifactregistry.projects.locations.repositories.create"),
 ]
 
