@@ -561,7 +561,11 @@ def cmd_local(args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.local_command == "down":
         info = background.down(state)
-        print(f"local stack stopped (was pid {info['pid']})" if info else f"no local stack running on {state}")
+        if not info:
+            print(f"no local stack running on {state}")
+        else:
+            strays = f", and {info['stopped_strays']} leftover processes" if info.get("stopped_strays") else ""
+            print(f"local stack stopped (was pid {info['pid']}, found from {info['from']}){strays}")
         return EXIT_OK
     if args.local_command in ("status", "token"):
         info = background.running(state)

@@ -139,8 +139,11 @@ def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tm
     try:
         vlp("local", "up", state=state)
         assert json.loads((state / "stack.json").read_text())["emulator"] == info["emulator"]
+        # A garbled stack.json does not make the stack unstoppable: down finds it through the state dir's lock.
+        (state / "stack.json").write_text("{ not json")
     finally:
-        vlp("local", "down", state=state)
+        down = vlp("local", "down", state=state)
+    assert "found from the state dir's lock" in down.stdout, down.stdout
     assert processes_naming(state) == []
 
 
@@ -206,5 +209,8 @@ def test_local_up_serves_cloud_run_and_tgi_and_their_snippets_answer_paris(tmp_p
             for title, code in endpoints[name]["snippets"].items():
                 assert "Paris" in paste(title, code), (name, title)
     finally:
-        vlp("local", "down", state=state)
+        # Deleted, stack.json cannot say what runs: down still stops the stack and every process naming the dir.
+        (state / "stack.json").unlink(missing_ok=True)
+        down = vlp("local", "down", state=state)
+    assert "local stack stopped" in down.stdout, down.stdout
     assert processes_naming(state) == []

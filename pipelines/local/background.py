@@ -100,23 +100,94 @@ def up(state_dir: Path, timeout: float = UP_TIMEOUT_S) -> dict[str, Any]:
 
 
 def down(state_dir: Path, timeout: float = DOWN_TIMEOUT_S) -> dict[str, Any] | None:
-    """Stops the background stack and every process it started; returns what it recorded, or None if none ran.
-    Refuses (StateDirBusy) while a run is using it."""
+    """Stops the background stack and every process it started; returns what it found and stopped, or None if
+    nothing of a stack ran. Finds the stack from every record there is: stack.json, the state dir's lock (which the
+    background process holds, naming its pid, even when stack.json is garbled or gone), and the processes whose
+    command line names the state dir (its peers, fork servers and model servers). Refuses (StateDirBusy) while a run
+    is using it."""
     state_dir = Path(state_dir).resolve()
     try:
         info = json.loads((state_dir / STACK_FILE).read_text())
+        info = info if isinstance(info, dict) else {}
     except (OSError, ValueError):
-        return None
+        info = {}
     pid = int(info.get("pid") or 0)
-    was_up = _alive(pid)
-    if was_up:
+    holder = _lock_record(state_dir)
+    if not (pid > 0 and _alive(pid)) and holder.get("holder") == HOLDER:
+        pid = int(holder.get("pid") or 0)  # stack.json garbled or deleted: the lock still names the stack
+    # pid 0 would signal this process's own group (kill(0, ...)): only a real pid counts.
+    was_up = pid > 0 and _alive(pid)
+    strays = _processes_naming(state_dir)
+    if was_up or strays:
         lock_state_dir(state_dir, "vlp local down", name=RUN_LOCK).close()
+    if was_up:
         _stop_pid(pid, timeout)
     # A stack killed before it could stop its peers leaves them running (each is its own process group): end those
     # that still name this state dir (a recorded pid reused by another program is left alone).
     orphans = [_kill_peer(int(info.get(f"{key}_pid") or 0), state_dir) for key in ("emulator", "hub", "gcs")]
+    # And whatever else still names the state dir once the stack is gone (peers stack.json no longer records).
+    stopped = [p for p in _processes_naming(state_dir) if _kill_stray(p)]
     (state_dir / STACK_FILE).unlink(missing_ok=True)
-    return info if was_up or any(orphans) else None
+    if not (was_up or any(orphans) or stopped):
+        return None
+    return {**info, "pid": pid or info.get("pid"), "stopped_strays": len(stopped), "from": _how(info, holder, pid)}
+
+
+def _how(info: dict[str, Any], holder: dict[str, Any], pid: int) -> str:
+    if info.get("pid") == pid and pid:
+        return "stack.json"
+    if holder.get("pid") == pid and pid:
+        return "the state dir's lock (stack.json was unreadable)"
+    return "the processes naming the state dir"
+
+
+def _lock_record(state_dir: Path) -> dict[str, Any]:
+    """What the state dir's lock file says about its holder (written by the holder once it has the lock)."""
+    try:
+        record = json.loads((state_dir / "lock").read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _processes_naming(state_dir: Path) -> list[int]:
+    """Live processes whose command line names the state dir, other than this one, its ancestors and vlp commands
+    (a `vlp … --state-dir DIR` a person runs): the stack's peers, fork servers and model servers."""
+    skip = {os.getpid()}
+    parent = os.getppid()
+    while parent > 1 and parent not in skip:
+        skip.add(parent)
+        try:
+            parent = int(Path(f"/proc/{parent}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+    needle = str(state_dir).encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) in skip:
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle not in b" ".join(argv) or not _alive(int(proc.name)):
+            continue
+        if any(a.endswith((b"/vlp", b"vlp.pipelines.cli")) for a in argv[:3]):
+            continue
+        found.append(int(proc.name))
+    return found
+
+
+def _kill_stray(pid: int) -> bool:
+    """SIGKILLs one process (its group too when it leads one: a peer's children go with it)."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _kill_peer(pid: int, state_dir: Path) -> bool:
