@@ -296,6 +296,23 @@ def _render_or_fail(deployment: Deployment) -> None:
         raise PreflightError(f"preflight failed for deployment {cfg.name} ({cfg.model.repo}):\n- {exc}") from None
 
 
+def mirror_broken(deployment: Deployment) -> str:
+    """Why the deployment's mirrored weights can no longer be trusted (an object gone or changed), or "" (also when
+    there is nothing to check: no pinned revision, or a bucket preflight could not read)."""
+    from vlp.components.mirror.weights import weights_intact
+
+    cfg = deployment.config
+    if not deployment.revision_sha or not deployment.bucket:
+        return ""
+    try:
+        return weights_intact(cfg.model.repo, deployment.revision_sha, deployment.bucket, project=deployment.project)
+    except Exception as exc:  # noqa: BLE001 - unreadable here: the no-op probe decides as before
+        import logging
+
+        logging.getLogger("vlp.preflight").info("could not list the mirrored weights (%s): not checked", exc)
+        return ""
+
+
 def preflight_op(
     project: str,
     region: str,
@@ -338,7 +355,7 @@ def preflight_op(
 
     from vlp.components.config import config_from_dict
     from vlp.components.planning.report import render_markdown
-    from vlp.components.preflight import PreflightError, run_preflight
+    from vlp.components.preflight import PreflightError, mirror_broken, run_preflight
     from vlp.components.run_form import FIELD_NAMES, resolve_config
     from vlp.components.runtime import checkpoint, setup_logging, without_nulls
     from vlp.components.vertex.unchanged import unchanged_deployment
@@ -364,7 +381,13 @@ def preflight_op(
             candidate = run_preflight(cfg, check_quota=False, check_grants=False, **args)
         except PreflightError:
             candidate = None  # the full preflight below reports it
-        if candidate and cfg.target == "cloud_run":
+        broken = mirror_broken(candidate) if candidate else ""
+        if broken:
+            # Checked first, by one listing: the serving model may still answer from its copy, or answer 503 after a
+            # restart that could not load them; either way only a new mirror and deploy put it right.
+            log.info("the mirrored weights changed since they were deployed (%s): mirroring and deploying again", broken)
+            unchanged = None
+        elif candidate and cfg.target == "cloud_run":
             from vlp.components.cloud_run.probe import unchanged_service
 
             unchanged = unchanged_service(candidate)

@@ -178,6 +178,24 @@ def test_demo_answers_paris_and_a_second_identical_run_is_a_fast_noop(
     assert [(s["name"], s["status"]) for s in second["steps"]] == [("preflight", "succeeded"), ("cleanup", "succeeded")]
     print(f"first run {first_s:.1f}s, no-op run {second_s:.1f}s ({second_s / first_s:.0%})")
 
+    # A weights object deleted from the bucket: the next run does not vouch for the deployment (its container could
+    # not load them again), it mirrors and deploys again, without first waiting out the serving model's health probe.
+    from conftest import run_as
+
+    from vlp.components.clients import storage_client
+    from vlp.pipelines.local.peers import LocalStack
+
+    with LocalStack(state) as stack, pytest.MonkeyPatch.context() as mp:
+        run_as(mp, stack.api_endpoint, stack.bootstrap_owner("local-project"))
+        mp.setenv("STORAGE_EMULATOR_HOST", stack.storage_endpoint)
+        weights = next(b for b in storage_client("local-project").list_blobs("vlp-local") if b.name.endswith(".safetensors"))
+        weights.delete()
+    third = run_local(cfg, state_dir=state, quiet=True)
+    assert third["status"] == "succeeded", third["error"]
+    mirror = next(s for s in third["steps"] if s["name"] == "mirror-weights")
+    assert mirror["status"] == "succeeded"
+    assert "Paris" in third["smoke"]["answer"]
+
 
 ENDPOINT_KINDS = {
     # (config overrides, how users call the endpoint): the two kinds a redeploy must work on.

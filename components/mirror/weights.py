@@ -134,6 +134,28 @@ def _manifest_complete(
     return True
 
 
+def weights_intact(repo: str, revision_sha: str, bucket: str, *, project: str = "", prefix: str = "models") -> str:
+    """"" when the mirror of repo@sha in the bucket is complete and unchanged: its manifest lists every object, and
+    each is there with the recorded size and crc32c (one listing, nothing downloaded). Else what is wrong, for the
+    log: a no-op must not vouch for weights that are gone (a redeploy's container would fail to load them)."""
+    from vlp.components.clients import storage_client
+
+    client = storage_client(project or None)
+    gcs_bucket = client.bucket(bucket)
+    dest = _weights_prefix(prefix, repo, revision_sha)
+    manifest = _read_manifest(gcs_bucket, dest + MANIFEST_NAME)
+    if manifest is None:
+        return f"no mirror manifest at gs://{bucket}/{dest}{MANIFEST_NAME}"
+    objects = _list_objects(client, gcs_bucket, dest)
+    for e in manifest.get("files") or []:
+        blob = objects.get(dest + str(e.get("path")))
+        if blob is None:
+            return f"gs://{bucket}/{dest}{e.get('path')} is missing"
+        if blob.size != e.get("size") or blob.crc32c != e.get("crc32c"):
+            return f"gs://{bucket}/{dest}{e.get('path')} differs from what was mirrored (size or crc32c)"
+    return ""
+
+
 def mirror_weights(
     repo: str,
     revision: str,
