@@ -576,9 +576,8 @@ def cmd_local(args: argparse.Namespace) -> int:
         if args.local_command == "token":
             print(status.token(info["emulator"], args.principal or status.owner_of(args.project), args.audience))
             return EXIT_OK
-        token_command = "vlp local token" + (
-            "" if args.state_dir == DEFAULT_STATE_DIR else f" --state-dir {shlex.quote(str(args.state_dir))}"
-        )
+        # Always with the state dir's absolute path: a snippet pasted in another directory reaches the same stack.
+        token_command = f"vlp local token --state-dir {shlex.quote(str(state.resolve()))}"
         described = status.describe(info["emulator"], token_command)
         if args.json:
             print(json.dumps({"stack": info, **described}, indent=2))

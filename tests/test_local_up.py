@@ -47,15 +47,42 @@ def vlp(*args: str, state: Path, check: bool = True, timeout: float = 600) -> su
     return done
 
 
+# A person's interactive python3: each line pushed as typed (code.InteractiveConsole, the stock REPL's own
+# machinery), so a snippet that only runs as a script (an indented line, a block without its closing blank line)
+# fails here as it would there; exit status 1 on any error it shows.
+_REPL = (
+    "import code, sys\n"
+    "class Console(code.InteractiveConsole):\n"
+    "    failed = False\n"
+    "    def showtraceback(self):\n"
+    "        Console.failed = True\n"
+    "        super().showtraceback()\n"
+    "    def showsyntaxerror(self, filename=None, **kwargs):\n"
+    "        Console.failed = True\n"
+    "        super().showsyntaxerror(filename)\n"
+    "console = Console()\n"
+    "for line in sys.stdin.read().split('\\n'):\n"
+    "    console.push(line)\n"
+    "console.push('')\n"
+    "sys.exit(1 if Console.failed else 0)\n"
+)
+
+
 def paste(title: str, code: str) -> str:
-    """Runs one snippet as a person would paste it: Python in a fresh interpreter, curl in bash (`vlp` being this
-    checkout's CLI). Returns what it printed; fails with its error output."""
+    """Runs one snippet as a person would paste it, in another directory than the checkout: Python line by line into
+    an interactive interpreter, curl in bash (`vlp` being this checkout's CLI). Returns what it printed; fails with
+    its error output."""
+    import tempfile
+
     if title.startswith("curl"):
         assert shutil.which("curl"), "curl is not installed: the curl snippets cannot be checked"
-        argv = ["bash", "-c", code.replace("$(vlp ", f"$({' '.join(VLP)} ")]
+        argv, stdin = ["bash", "-c", code.replace("$(vlp ", f"$({' '.join(VLP)} ")], None
     else:
-        argv = [sys.executable, "-c", code]
-    done = subprocess.run(argv, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
+        argv, stdin = [sys.executable, "-c", _REPL], code
+    with tempfile.TemporaryDirectory(prefix="vlp-paste-") as elsewhere:
+        done = subprocess.run(
+            argv, cwd=elsewhere, env=_clean_env(), input=stdin, capture_output=True, text=True, timeout=300
+        )
     assert done.returncode == 0, f"snippet {title!r} failed:\n{code}\n--- stderr:\n{done.stderr[-3000:]}"
     return done.stdout
 

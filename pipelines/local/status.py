@@ -183,6 +183,7 @@ def vertex_snippets(api: str, ep: dict[str, Any], token_command: str) -> dict[st
             'for line in endpoint.stream_raw_predict(body=body, headers={"Content-Type": "application/json"}):\n'
             '    if line.startswith(b"data: {"):\n'
             '        print(json.loads(line[6:])["choices"][0]["delta"].get("content") or "", end="")\n'
+            "\n"  # ends the block in an interactive shell, which needs a blank line before the next statement
             "print()\n"
         )
         snippets["curl"] = curl + f"  {ep['raw_predict_url']} \\\n  -d '{json.dumps(chat_body)}'\n"
@@ -306,8 +307,10 @@ def render(info: dict[str, Any], state_dir: Path, described: dict[str, Any]) -> 
 
 
 def _snippet_lines(snippets: dict[str, str]) -> list[str]:
+    """Each snippet flush left between marker lines, so it pastes as printed (an indented block is an
+    IndentationError in the stock Python REPL, and a stray prompt in bash)."""
     out: list[str] = []
     for title, code in snippets.items():
-        out += [f"  --- {title}"] + [f"    {line}" for line in code.rstrip("\n").split("\n")]
+        where = "bash" if title.startswith("curl") else "python3"
+        out += ["", f"# --- {title} (paste into {where}) ---", *code.rstrip("\n").split("\n"), "# --- end ---"]
     return out
-
