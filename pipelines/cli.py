@@ -28,11 +28,22 @@ class UserError(Exception):
     """Wrong input the user can fix; printed without a traceback, exit code 2."""
 
 
+def _version() -> str:
+    """The installed distribution's version (a checkout run without installing has none to report)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vertex-llm-pipelines")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlp",
         description="Take an open model from the Hugging Face Hub to a tested, serving Vertex AI endpoint.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument(
         "--api-endpoint",
         default=os.environ.get("VLP_API_ENDPOINT", ""),
@@ -629,6 +640,11 @@ def main(argv: list[str] | None = None) -> int:
         handler = lifecycle_cli.COMMANDS[args.command]
     try:
         return handler(args)
+    except BrokenPipeError:
+        # `vlp render … | head`: the reader is gone, which is not an error. Point stdout at /dev/null so the
+        # interpreter's own flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (ConfigError, UserError, StateDirBusy) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -201,3 +201,25 @@ def test_running_a_local_demo_without_local_says_to_add_it() -> None:
     result = vlp("run", "configs/local-demo.yaml", env={"GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent.json"})
     assert result.returncode == 2, result.stdout + result.stderr
     assert "run it with --local" in result.stderr and "credentials" not in result.stderr.lower()
+
+
+def test_version_a_missing_model_dir_and_a_closed_pipe_say_what_they_are(tmp_path: Path) -> None:
+    """Messages a newcomer meets first (issue 36): `vlp --version`; a model path that is not a directory, said as
+    such (not huggingface_hub's repo-id error, and no table of zeros above it); `vlp render | head` ends quietly."""
+    from importlib.metadata import version
+
+    done = subprocess.run([sys.executable, "-m", "vlp.pipelines.cli", "--version"], capture_output=True, text=True)
+    assert done.stdout.strip() == f"vlp {version('vertex-llm-pipelines')}"
+    missing = subprocess.run(
+        [sys.executable, "-m", "vlp.pipelines.cli", "plan", "--model", str(tmp_path / "no" / "such")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert missing.returncode == 1
+    assert missing.stdout.startswith("Cannot plan ") and "is not a model directory (it does not exist)" in missing.stdout
+    assert "Repo id" not in missing.stdout + missing.stderr and "0.00 GB" not in missing.stdout
+    render = f"{sys.executable} -m vlp.pipelines.cli render {ROOT / 'configs' / 'llama-3.1-8b-vllm-l4.yaml'} --json"
+    # `true` reads nothing and exits at once: vlp's write lands on a closed pipe (EPIPE) every time.
+    piped = subprocess.run(["bash", "-c", f"set -o pipefail; {render} | true"], capture_output=True, text=True)
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr

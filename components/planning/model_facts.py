@@ -501,8 +501,15 @@ def _gated_message(repo: str, token: str | None) -> str:
 
 def read_model_facts(model: str, *, revision: str = "main", endpoint: str = "", token: str | None = None) -> ModelFacts:
     """Model facts from a local directory (if `model` is one) or a Hub repo id."""
-    if Path(model).expanduser().is_dir():
-        return read_local_facts(Path(model).expanduser())
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return read_local_facts(path)
+    # What only a path can be (a Hub id is ORG/NAME): say so, not huggingface_hub's repo-id complaint.
+    if path.exists() or model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
+        raise ModelAccessError(
+            f"{model} is not a model directory ({'a file' if path.exists() else 'it does not exist'}): give a "
+            "checkout directory with config.json, or a Hub repo id (ORG/NAME)"
+        )
     try:
         return read_hub_facts(model, revision=revision, endpoint=endpoint, token=token)
     except (OSError, ConnectionError) as exc:

@@ -212,6 +212,10 @@ def _kv(rows: list[tuple[str, str]]) -> str:
 def render_table(plan: Any) -> str:
     """The plan as plain text for a terminal: model, memory per GPU, shape, alternatives, quota, warnings."""
     p = _d(plan)
+    if p.get("errors") and not (p.get("weights_bytes") or p.get("params")):
+        # Nothing was read about the model (no access, no such directory): only what went wrong, not a table of
+        # zeros and "access denied" above it.
+        return "\n".join([f"Cannot plan {p.get('model')}:"] + [f"  - {e}" for e in p["errors"]])
     parts = ["Model", _kv(_model_rows(p))]
     mem = _memory_rows(p)
     if mem:
