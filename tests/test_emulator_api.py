@@ -719,19 +719,37 @@ def test_invoke_models_deploy_to_dedicated_endpoints_and_answer_on_their_dns_onl
     assert status == 400 and "exceeds the limit of 10000000 bytes" in body["error"]["message"]
 
 
+MULTI_HOST_MACHINE = {
+    "machine_spec": {
+        "machine_type": "a3-highgpu-8g",
+        "accelerator_type": "NVIDIA_H100_80GB",
+        "accelerator_count": 8,
+        "multihost_gpu_node_count": 2,
+    }
+}
+
+
+def _multi_host_setup(emu: Emulator, *, launcher: bool = True, dedicated: bool = True) -> tuple[Any, Any, Any]:
+    """A Model Garden vLLM model (the Ray launcher first in its args, as the multi-host page uploads it), an endpoint,
+    and a v1beta1 endpoint client."""
+    from google.cloud import aiplatform_v1beta1
+
+    args = ["python", "-m", "vllm.entrypoints.api_server"]
+    spec = _spec(predict_route="/generate", args=(["/vllm-workspace/ray_launcher.sh"] if launcher else []) + args)
+    models = _gapic(aiplatform_v1.ModelServiceClient, emu)
+    model = models.upload_model(parent=PARENT, model={"display_name": "mh", "container_spec": spec}).result()
+    endpoints = _gapic(aiplatform_v1.EndpointServiceClient, emu)
+    endpoint = endpoints.create_endpoint(
+        parent=PARENT, endpoint={"display_name": "mh", "dedicated_endpoint_enabled": dedicated}
+    ).result()
+    return model, endpoint, _gapic(aiplatform_v1beta1.EndpointServiceClient, emu)
+
+
 def test_v1beta1_deploy_takes_multihost_nodes_and_logs_only_when_asked(
     emu: Emulator, serving: ServingDouble, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from google.cloud import aiplatform_v1beta1
-
-    models = _gapic(aiplatform_v1.ModelServiceClient, emu)
-    model = models.upload_model(
-        parent=PARENT, model={"display_name": "mh", "container_spec": _spec(predict_route="/generate")}
-    ).result()
-    endpoints = _gapic(aiplatform_v1.EndpointServiceClient, emu)
-    endpoint = endpoints.create_endpoint(parent=PARENT, endpoint={"display_name": "mh"}).result()
-    beta = _gapic(aiplatform_v1beta1.EndpointServiceClient, emu)
-    machine = {"machine_spec": {"machine_type": "a3-highgpu-8g", "multihost_gpu_node_count": 2}}
+    model, endpoint, beta = _multi_host_setup(emu)
+    machine = MULTI_HOST_MACHINE
     quiet = (
         beta.deploy_model(endpoint=endpoint.name, deployed_model={"model": model.model, "dedicated_resources": machine})
         .result()
@@ -755,7 +773,49 @@ def test_v1beta1_deploy_takes_multihost_nodes_and_logs_only_when_asked(
 
     run_as(monkeypatch, emu.url, TESTER)
 
-    assert serving_usage(PROJECT, LOCATION, {"a3-highgpu-8g": 208}, emu.url)[("CPU", False)] == 2 * 2 * 208
+    usage = serving_usage(PROJECT, LOCATION, {"a3-highgpu-8g": 208}, emu.url)
+    # replicas x nodes x GPUs per node (the page: two a3-highgpu-8g "for a total of 16 H100 GPUs" per replica).
+    assert usage[("NVIDIA_H100_80GB", False)] == 2 * 2 * 8 and usage[("CPU", False)] == 2 * 2 * 208
+
+
+def test_a_multi_host_deploy_outside_the_documented_form_is_refused(emu: Emulator) -> None:
+    """V-MH-*: multi-host only on v1beta1, only as vertex-ai/docs/predictions/use-multihost-gpu does it: the Ray
+    launcher first in the model's args, a dedicated endpoint, N >= 2 x a3-highgpu-8g with 8 x H100 per node."""
+    model, endpoint, beta = _multi_host_setup(emu)
+
+    def deploy(client: Any, where: Any = endpoint, machine: dict[str, Any] = MULTI_HOST_MACHINE, m: Any = model) -> Any:
+        return client.deploy_model(
+            endpoint=where.name, deployed_model={"model": m.model, "dedicated_resources": machine}
+        ).result()
+
+    # v1's MachineSpec has no field 6: a REST body naming it is an unknown field.
+    body = {"deployedModel": {"model": model.model, "dedicatedResources": {"machineSpec": {"machineType": "a3-highgpu-8g",
+            "acceleratorType": "NVIDIA_H100_80GB", "acceleratorCount": 8, "multihostGpuNodeCount": 2}}}}  # fmt: skip
+    status, answer = _host_http(
+        f"{emu.url}/v1/{endpoint.name}:deployModel", f"{LOCATION}-aiplatform.googleapis.com", body
+    )
+    assert status == 400 and 'Unknown name "multihostGpuNodeCount"' in answer["error"]["message"]
+    # Another machine, or GPUs per node other than 8: outside the page's form.
+    for spec in (
+        {"machine_type": "a3-megagpu-8g", "accelerator_type": "NVIDIA_H100_MEGA_80GB", "accelerator_count": 8},
+        {"machine_type": "a3-ultragpu-8g", "accelerator_type": "NVIDIA_H200_141GB", "accelerator_count": 8},
+        {"machine_type": "a3-highgpu-4g", "accelerator_type": "NVIDIA_H100_80GB", "accelerator_count": 4},
+    ):
+        machine = {"machine_spec": {**spec, "multihost_gpu_node_count": 2}}
+        with pytest.raises(gexc.BadRequest, match="outside the documented multi-host GPU deployment"):
+            deploy(beta, machine=machine)
+    # No launcher first in the model's args.
+    plain, _, _ = _multi_host_setup(emu, launcher=False)
+    with pytest.raises(gexc.BadRequest, match="must start with /vllm-workspace/ray_launcher.sh"):
+        deploy(beta, m=plain)
+    # A shared endpoint.
+    _, shared, _ = _multi_host_setup(emu, dedicated=False)
+    with pytest.raises(gexc.BadRequest, match="is not a dedicated endpoint"):
+        deploy(beta, where=shared)
+    # One node is no multi-host deploy: the same model deploys on v1beta1 with node count 1 (the notebook's H200 case).
+    single = {"machine_spec": {**MULTI_HOST_MACHINE["machine_spec"], "multihost_gpu_node_count": 1}}
+    assert deploy(beta, machine=single).deployed_model.id
+    assert emu._multihost == {}
 
 
 @pytest.mark.slow
@@ -816,7 +876,10 @@ def test_artifacts_must_be_in_a_bucket_of_the_models_region(tmp_path: Path, fake
     try:
         let_vertex_read(emulator, "weights-region", PROJECT)
         models = _gapic(aiplatform_v1.ModelServiceClient, emulator)
-        model = {"artifact_uri": "gs://weights-region/m", "container_spec": {"image_uri": "us-docker.pkg.dev/acme/serving/tgi:1"}}
+        model = {
+            "artifact_uri": "gs://weights-region/m",
+            "container_spec": {"image_uri": "us-docker.pkg.dev/acme/serving/tgi:1"},
+        }
         with pytest.raises(gexc.BadRequest, match="same region"):
             models.upload_model(
                 parent=f"projects/{PROJECT}/locations/europe-west4", model={"display_name": "eu", **model}
@@ -824,3 +887,16 @@ def test_artifacts_must_be_in_a_bucket_of_the_models_region(tmp_path: Path, fake
         assert models.upload_model(parent=PARENT, model={"display_name": "us", **model}).result().model
     finally:
         emulator.stop()
+
+
+def test_a_damaged_state_file_is_named_with_the_way_out(tmp_path: Path) -> None:
+    """A state file cut short (a full disk, a kill mid-write of another tool): the emulator says which file and
+    that `vlp local reset` starts afresh, instead of a JSON traceback."""
+    from vlp.pipelines.local.emulator.core import STATE_FILE
+    from vlp.pipelines.local.emulator.errors import DamagedStateError
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / STATE_FILE).write_text('{"counter": 3, "models": {"projects/p/loc')
+    with pytest.raises(DamagedStateError, match=r"state file .*state.* is damaged .*`vlp local reset`"):
+        create_emulator(state).start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 # google.rpc.Code numbers and the HTTP status Google's REST front end answers with for each.
 _CODES: dict[str, tuple[int, int]] = {
@@ -44,3 +45,22 @@ class ApiError(Exception):
         if self.details:
             error["details"] = self.details
         return json.dumps({"error": error}).encode()
+
+
+class DamagedStateError(RuntimeError):
+    """A state file that cannot be read back; the message names it and the way out."""
+
+
+def read_state_file(path: Path) -> dict:
+    """A JSON state file of the local stack, or a message naming the file and `vlp local reset` when it is damaged
+    (a disk that filled up, an editor, a kill in the middle of someone else's write)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise DamagedStateError(
+            f"the local stack's state file {path} is damaged ({exc}): `vlp local reset` starts from an empty state "
+            "(what it records locally is lost: models, endpoints, mirrored weights), or restore the file"
+        ) from None
+    if not isinstance(data, dict):
+        raise DamagedStateError(f"the local stack's state file {path} holds no JSON object: `vlp local reset`")
+    return data

@@ -28,7 +28,7 @@ from vlp.pipelines.local.emulator.core import (
     _Route,
 )
 from vlp.pipelines.local.emulator.endpoints import EndpointsService
-from vlp.pipelines.local.emulator.errors import _CODES, ApiError
+from vlp.pipelines.local.emulator.errors import _CODES, ApiError, read_state_file
 from vlp.pipelines.local.emulator.iam import IamService
 from vlp.pipelines.local.emulator.models import ModelsService
 from vlp.pipelines.local.emulator.operations import OperationsService
@@ -158,7 +158,7 @@ class Emulator(
         path = self.state_dir / STATE_FILE
         if not path.exists():
             return
-        data = json.loads(path.read_text())
+        data = read_state_file(path)
         self._counter = data.get("counter", 0)
         self._models = data.get("models", {})
         self._endpoints = data.get("endpoints", {})

@@ -176,10 +176,11 @@ def _now() -> timestamp_pb2.Timestamp:
 
 
 def _read_state(path: Path, default: dict) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    from vlp.pipelines.local.emulator.errors import read_state_file
+
+    if not path.exists():
         return default
+    return read_state_file(path)
 
 
 def _write_state(path: Path, state: dict) -> None:
