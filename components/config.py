@@ -161,7 +161,11 @@ class Serving(_Strict):
         None, ge=1, description="GPUs a replica shards over; empty = GPUs per node."
     )
     pipeline_parallel_size: int | None = Field(
-        None, ge=1, description="Pipeline-parallel stages; more than 1 means multi-host, which is refused: leave empty."
+        None,
+        ge=1,
+        description="Pipeline-parallel stages, one per node: more than 1 spans that many nodes per replica (multi-host, "
+        "Preview), offered only as Google documents it: vLLM, N x a3-highgpu-8g (8 x H100 each), a dedicated endpoint; "
+        "empty = one node, or the plan's.",
     )
     # The upper bound is the longest context a public checkpoint declares (Llama 4 Scout's max_position_embeddings,
     # 10,485,760); preflight then holds it to the model's own context length.

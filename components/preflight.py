@@ -116,7 +116,15 @@ def plan_deployment(
         if plan.fits:
             adapt_plan(plan, cfg)
     else:
-        plan = plan_for_facts(facts, cfg.serving, cfg.hardware, regions=regions, prices=prices, workload=cfg.workload)
+        plan = plan_for_facts(
+            facts,
+            cfg.serving,
+            cfg.hardware,
+            regions=regions,
+            prices=prices,
+            workload=cfg.workload,
+            dedicated=cfg.endpoint.dedicated,
+        )
     if not facts.has_chat_template and not cfg.serving.chat_template:
         plan.warnings = [w for w in plan.warnings if "has no chat template" not in w]
         plan.errors.append(
@@ -299,7 +307,7 @@ def _render_or_fail(deployment: Deployment) -> None:
 def mirror_broken(deployment: Deployment) -> str:
     """Why the deployment's mirrored weights can no longer be trusted (an object gone or changed), or "" (also when
     there is nothing to check: no pinned revision, or a bucket preflight could not read)."""
-    from vlp.components.mirror.weights import weights_intact
+    from vlp.components.mirror.manifest import weights_intact
 
     cfg = deployment.config
     if not deployment.revision_sha or not deployment.bucket:

@@ -3,7 +3,7 @@ JSON fixtures.
 
 Run by a developer when a pinned image changes (CI never runs it: it needs the network):
 
-    python scripts/contract_fixtures.py --tgi-repo PATH/TO/text-generation-inference [--cache DIR]
+    python scripts/contract_fixtures.py --tgi-repo PATH/TO/text-generation-inference [--cache DIR] [--only FIXTURE]
 
 `--tgi-repo` is a git clone of text-generation-inference, or a bare git directory of it (the script only runs
 `git rev-parse` and `git show` against it). `--cache` holds the downloaded sdists (each checked against its pinned
@@ -12,6 +12,11 @@ sha256) and the throwaway venv vLLM 0.34.0's own argument parser runs in.
 - vLLM 0.6.2 (the Model Garden image pytorch-vllm-serve:20241001_0916_RC00 carries it): its PyPI sdist; flags from
   `vllm/engine/arg_utils.py` and `vllm/entrypoints/api_server.py`, quantization methods from
   `model_executor/layers/quantization/__init__.py`, architectures from `model_executor/models/__init__.py`.
+- vLLM 0.7.3 (the nearest release to Model Garden's multi-host image pytorch-vllm-serve:20250312_0916_RC01, "vLLM
+  past v0.7.3": a later dev commit, unverified beyond that): its PyPI sdist; flags from the add_argument calls of
+  `vllm/engine/arg_utils.py` and `vllm/entrypoints/api_server.py` (every option string a literal, checked; argparse's
+  --no-x for a BooleanOptionalAction), quantization methods from the `QUANTIZATION_METHODS` list, LoRA ranks from
+  `vllm/config.py`, architectures from `vllm/model_executor/models/registry.py`.
 - vLLM 0.34.0 (docker.io/vllm/vllm-openai:v0.34.0): its PyPI sdist; flags from vLLM's own `vllm serve` parser, built
   in a venv under --cache (the sdist's python files, a CPU torch==2.13.0 and the light deps the parser imports) and
   checked against a static reading of the same source (AST: the add_argument literals, config dataclass fields,
@@ -47,6 +52,12 @@ VLLM_SDIST = (
     "vllm-0.6.2.tar.gz"
 )
 VLLM_SHA256 = "2fffd856a25d3defa38a539150fccf9126959ce4c6781c1c5a76d5da7216af59"
+VLLM_073 = "0.7.3"
+VLLM_073_SDIST = (
+    "https://files.pythonhosted.org/packages/f5/73/87825ee293f0e721eb8aadbd0cf9c3436d4e3b3458322878f1f6e7398a0d/"
+    "vllm-0.7.3.tar.gz"
+)
+VLLM_073_SHA256 = "841cc30bd4ffbc037e8b8bf6dbacbedc60cc0b2abb60366873b185159a1204e6"
 VLLM_034 = "0.34.0"
 VLLM_034_SDIST = (
     "https://files.pythonhosted.org/packages/92/21/6e0b077dc4a0b28f5a8ce8bb352a38d7196650d681fd4faa87f8dc622eff/"
@@ -104,6 +115,7 @@ _FLAG = re.compile(r"""['"](--[a-z0-9][a-z0-9-]*)['"]""")
 # (embedding, classification, reward...), the speculative-decoding drafts and the bare Transformers-backend class names
 # are left out.
 VLLM_062_GENERATION_DICTS = ("_GENERATION_MODELS", "_MULTIMODAL_MODELS", "_CONDITIONAL_GENERATION_MODELS")
+VLLM_073_GENERATION_DICTS = ("_TEXT_GENERATION_MODELS", "_MULTIMODAL_MODELS")
 VLLM_034_GENERATION_DICTS = ("_TEXT_GENERATION_MODELS", "_MULTIMODAL_MODELS", "_TRANSFORMERS_SUPPORTED_MODELS")
 
 # Run by the venv's python with the extracted sdist on sys.path: vLLM's own `vllm serve` parser, built as
@@ -240,6 +252,88 @@ def vllm_fixture(sdist: bytes) -> dict:
         "env": [],
         # Read by the Model Garden image, not by upstream vLLM: kept from the previous fixture (see image_env_source).
         **{k: v for k, v in _previous("vllm-0.6.2.json").items() if k.startswith("image_env")},
+    }
+
+
+def _add_argument_options(source: str, where: str) -> set[str]:
+    """The --flags of every add_argument call in `source`, each option string a literal (refused otherwise: this
+    reading could not see it), plus argparse's --no-x for an action=BooleanOptionalAction."""
+    flags: set[str] = set()
+    for call in ast.walk(ast.parse(source)):
+        if not (isinstance(call, ast.Call) and getattr(call.func, "attr", "") == "add_argument"):
+            continue
+        if not all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in call.args):
+            raise SystemExit(f"{where}: an add_argument without literal option strings: {ast.unparse(call)[:120]}")
+        options = [a.value for a in call.args if a.value.startswith("--")]
+        flags.update(options)
+        action = next((ast.unparse(kw.value) for kw in call.keywords if kw.arg == "action"), "")
+        if "BooleanOptionalAction" in action:
+            flags.update("--no-" + o[2:] for o in options)
+    return flags
+
+
+def vllm_073_fixture(sdist: bytes) -> dict:
+    digest = hashlib.sha256(sdist).hexdigest()
+    if digest != VLLM_073_SHA256:
+        raise SystemExit(f"vllm {VLLM_073} sdist sha256 {digest} != pinned {VLLM_073_SHA256}")
+    wanted = (
+        "vllm/engine/arg_utils.py",
+        "vllm/entrypoints/api_server.py",
+        "vllm/model_executor/layers/quantization/__init__.py",
+        "vllm/model_executor/models/registry.py",
+        "vllm/config.py",
+    )
+    files = {}
+    with tarfile.open(fileobj=io.BytesIO(sdist), mode="r:gz") as tar:
+        for path in wanted:
+            files[path] = tar.extractfile(f"vllm-{VLLM_073}/{path}").read().decode()
+    flags = _add_argument_options(files["vllm/engine/arg_utils.py"], "arg_utils.py") | _add_argument_options(
+        files["vllm/entrypoints/api_server.py"], "api_server.py"
+    )
+    # The add_argument reading and 0.6.2's regex over the same files must agree, less the --no-x forms argparse makes.
+    regex = set(_FLAG.findall(files["vllm/engine/arg_utils.py"])) | set(
+        _FLAG.findall(files["vllm/entrypoints/api_server.py"])
+    )
+    made = {f for f in flags if f.startswith("--no-") and f not in regex}
+    if flags - made != regex:
+        raise SystemExit(
+            f"vllm {VLLM_073} flags: the add_argument and regex readings disagree: {sorted(flags ^ regex)}"
+        )
+    quant = files["vllm/model_executor/layers/quantization/__init__.py"]
+    methods = ast.literal_eval(_assignments(quant)["QUANTIZATION_METHODS"])
+    ranks = re.search(r"possible_max_ranks\s*=\s*\(([^)]*)\)", files["vllm/config.py"])
+    registry = files["vllm/model_executor/models/registry.py"]
+    if "_PREVIOUSLY_SUPPORTED_MODELS" in registry:
+        raise SystemExit(f"vllm {VLLM_073}'s registry names previously supported models: read them")
+    return {
+        "source": f"vllm {VLLM_073} sdist from PyPI",
+        "url": VLLM_073_SDIST,
+        "sha256": digest,
+        "version": VLLM_073,
+        "version_note": (
+            "the nearest release to Model Garden's pytorch-vllm-serve:20250312_0916_RC01, which Google's DeepSeek "
+            "notebook calls 'vLLM past v0.7.3' (vllm-project/vllm commit f6bb18fd9a19e5e4fb1991339638fc666d06b27a, a "
+            "later dev commit): flags or models added after 0.7.3 are not here; Google's own changes are unverified"
+        ),
+        "method": (
+            "AST: the option strings of every add_argument call in vllm/engine/arg_utils.py and "
+            "vllm/entrypoints/api_server.py (each a literal, checked), plus argparse's --no-x for "
+            "action=BooleanOptionalAction; checked equal to the 0.6.2 method (every '--flag' string literal)"
+        ),
+        "flags": sorted(flags),
+        "quantization_methods": sorted(methods),
+        "lora_ranks": [int(x) for x in re.findall(r"\d+", ranks.group(1))],
+        "architectures": _architectures(registry, VLLM_073_GENERATION_DICTS),
+        "architectures_source": "vllm/model_executor/models/registry.py: " + ", ".join(VLLM_073_GENERATION_DICTS),
+        "removed_architectures": {},
+        "env": [],
+        # Read by the Model Garden image, not by upstream vLLM (recorded by hand, as for 0.6.2's image).
+        "image_env": ["MODEL_ID", "DEPLOY_SOURCE"],
+        "image_env_source": (
+            "vertex-ai/docs/predictions/use-multihost-gpu (gcloud ai models upload --container-env-vars=MODEL_ID=…) "
+            "and GoogleCloudPlatform/vertex-ai-samples@cc0d791 model_garden_pytorch_deepseek_deployment.ipynb "
+            "(env MODEL_ID and DEPLOY_SOURCE); recorded by hand, not extracted"
+        ),
     }
 
 
@@ -542,8 +636,8 @@ def main() -> None:
     parser.add_argument(
         "--tgi-repo",
         type=Path,
-        required=True,
-        help="a git clone of text-generation-inference, or a bare git directory of it (only git show/rev-parse run)",
+        help="a git clone of text-generation-inference, or a bare git directory of it (only git show/rev-parse run); "
+        "needed for tgi-2.4.0.json",
     )
     parser.add_argument(
         "--cache",
@@ -551,18 +645,34 @@ def main() -> None:
         default=Path(tempfile.gettempdir()) / "vlp-contract-fixtures",
         help="where the pinned sdists are kept (downloaded if absent) and vLLM 0.34.0's parser venv is built",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="FIXTURE",
+        help="write only this fixture (e.g. vllm-0.7.3.json); repeatable; default: all of them",
+    )
     args = parser.parse_args()
     cache = args.cache.resolve()
+
+    def tgi() -> dict:
+        if args.tgi_repo is None:
+            raise SystemExit("tgi-2.4.0.json needs --tgi-repo")
+        return tgi_fixture(args.tgi_repo, _download(TRANSFORMERS_SDIST, TRANSFORMERS_SHA256, cache))
+
     fixtures = (
         ("vllm-0.6.2.json", lambda: vllm_fixture(_download(VLLM_SDIST, VLLM_SHA256, cache))),
+        ("vllm-0.7.3.json", lambda: vllm_073_fixture(_download(VLLM_073_SDIST, VLLM_073_SHA256, cache))),
         ("vllm-0.34.0.json", lambda: vllm_034_fixture(_download(VLLM_034_SDIST, VLLM_034_SHA256, cache), cache)),
-        (
-            "tgi-2.4.0.json",
-            lambda: tgi_fixture(args.tgi_repo, _download(TRANSFORMERS_SDIST, TRANSFORMERS_SHA256, cache)),
-        ),
+        ("tgi-2.4.0.json", tgi),
     )
+    unknown = set(args.only) - {name for name, _ in fixtures}
+    if unknown:
+        raise SystemExit(f"no fixture named {sorted(unknown)}: choose from {[name for name, _ in fixtures]}")
     OUT.mkdir(parents=True, exist_ok=True)
     for name, build in fixtures:
+        if args.only and name not in args.only:
+            continue
         data = build()
         (OUT / name).write_text(json.dumps(data, indent=1) + "\n")
         served = data.get("architectures", data.get("model_types", []))

@@ -42,7 +42,7 @@ def test_every_command_has_help() -> None:
 def test_check_passes_on_every_config_and_names_the_field_on_a_broken_one(tmp_path: Path) -> None:
     ok = vlp("check")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "17/17 configs and templates valid" in ok.stdout  # 9 configs, and the 8 templates' run forms
+    assert "19/19 configs and templates valid" in ok.stdout  # 10 configs, and the 9 templates' run forms
     broken = tmp_path / "broken.yaml"
     broken.write_text((ROOT / "configs" / "local-demo.yaml").read_text().replace("max_num_seqs", "max_num_seq"))
     bad = vlp("check", str(broken))
@@ -147,7 +147,8 @@ def test_render_prints_the_requests_a_run_would_send() -> None:
     result = vlp("render", "configs/llama-3.1-8b-vllm-l4.yaml", "--json")
     assert result.returncode == 0, result.stderr
     requests = json.loads(result.stdout)
-    assert set(requests) == {"upload_model", "deploy_model", "redeploy"}
+    assert set(requests) == {"upload_model", "deploy_model", "deploy_model_api", "redeploy"}
+    assert requests["deploy_model_api"] == "v1"  # v1beta1 only for a multi-host replica
     machine = requests["deploy_model"]["deployedModel"]["dedicatedResources"]["machineSpec"]
     assert machine == {"machineType": "g2-standard-12", "acceleratorType": "NVIDIA_L4", "acceleratorCount": 1}
     # vLLM reads the mirror itself (Model Garden's recipe): no artifactUri copy.

@@ -198,3 +198,29 @@ def test_every_preset_renders_flags_its_images_engine_version_parses(name: str) 
         args, uri = list(spec.args), spec.image_uri
     assert images.find(uri) == image
     assert [a for a in args if a.startswith("--")] and image.unknown_flags(args) == [], (image.id, args)
+
+
+def test_the_multi_host_image_is_chosen_for_multi_host_shapes_only() -> None:
+    """Model Garden's multi-host build (vLLM past 0.7.3, Ray launcher) serves the page's models; a single-node shape
+    never gets it, even for a model only kept images serve (Llama 3.2 Vision stays on the 2024 build)."""
+    multi = images.by_id("model-garden-vllm-20250312-multihost")
+    assert multi.multi_host and multi.status == "kept" and multi.targets == ("vertex",)
+    assert multi.contract()["version"] == "0.7.3" and multi.fixture == "vllm-0.7.3.json"
+    for arch in ("LlamaForCausalLM", "DeepseekV3ForCausalLM"):
+        assert multi.serves(arch, "") is True
+        assert images.choose_image("vllm", "vertex", arch, "", multi_host=True) == multi
+        assert images.choose_image("vllm", "vertex", arch, "") == images.by_id("vllm-0.34.0")
+    assert multi.serves("MllamaForConditionalGeneration", "") is True
+    assert images.choose_image("vllm", "vertex", "MllamaForConditionalGeneration", "") == images.by_id(
+        "model-garden-vllm-20241001"
+    )
+    assert not images.default_image("vllm", "vertex").multi_host
+    assert images.default_image("vllm", "vertex", multi_host=True) == multi
+    for engine, target in (("tgi", "vertex"), ("vllm", "cloud_run")):
+        with pytest.raises(images.ImageChoiceError, match="no multi-host"):
+            images.choose_image(engine, target, "LlamaForCausalLM", "llama", multi_host=True)
+    # The page's flags (and vlp's Model Garden flags) are in vLLM 0.7.3's parser.
+    page = ["--host", "--port", "--model", "--tensor-parallel-size", "--pipeline-parallel-size",
+            "--gpu-memory-utilization", "--max-model-len", "--max-num-seqs", "--enable-chunked-prefill",
+            "--kv-cache-dtype", "--trust-remote-code", "--disable-log-requests"]  # fmt: skip
+    assert multi.unknown_flags([f"{f}=1" for f in page]) == []

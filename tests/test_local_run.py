@@ -385,9 +385,11 @@ def test_benchmark_runs_in_the_pipeline_from_float_struct_parameters(
     assert "benchmark skipped: the new model holds 5%" in capsys.readouterr().out
 
 
-def test_multi_host_is_refused_at_preflight_before_anything_is_created(tmp_path: Path, tiny_model_dir: Path) -> None:
-    """A replica over two nodes has no documented public deploy path (serving.multi_host_refusal): preflight
-    renders the requests and refuses it, with the fix, before the mirror or any deploy."""
+def test_multi_host_off_the_documented_path_is_refused_at_preflight_before_anything_is_created(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A replica over two L4 nodes is outside Google's documented multi-host path (2+ x a3-highgpu-8g only;
+    serving.multi_host_outside): preflight refuses it, with the reason and the fix, before the mirror or any deploy."""
     state = tmp_path / "state"
     (state / "emulator").mkdir(parents=True)
     (state / "emulator" / "quotas.json").write_text(json.dumps({"quotas": {}, "default": 64}))
@@ -397,14 +399,70 @@ def test_multi_host_is_refused_at_preflight_before_anything_is_created(tmp_path:
         "hardware={machine_type: g2-standard-48, accelerator_type: NVIDIA_L4, accelerator_count: 4}",
         "serving.tensor_parallel_size=4",
         "serving.pipeline_parallel_size=2",
-        "serving.image=us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:20250130_0916_RC00",
+        "endpoint.dedicated=true",
     )
     summary = run(state, cfg, tiny_model_dir)
     assert summary["status"] == "failed"
-    assert "multi-host serving is not offered" in summary["error"] and "8 x H200" in summary["error"]
+    assert "outside Google's documented multi-host path" in summary["error"]
+    assert "g2-standard-48 (4 x NVIDIA_L4) is not the page's machine" in summary["error"]
     assert [s["name"] for s in summary["steps"]] == ["preflight", "cleanup"]
     assert summary["created"] == []
     assert not any(":deployModel" in c for c in summary["api_calls"])
+
+
+def test_the_405b_bf16_multi_host_preset_runs_end_to_end_on_a_tiny_model(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Seed 003's preset (2 x a3-highgpu-8g, TP 8 x PP 2, Model Garden's multi-host image) with the tiny Llama in
+    place of 405B: preflight plans the multi-host image, the upload carries the Ray launcher first, the deploy goes
+    to v1beta1 with multihostGpuNodeCount 2 on a dedicated endpoint (the emulator's V-MH rules), and the model answers
+    the smoke test through invoke."""
+    import shutil
+
+    state = tmp_path / "state"
+    (state / "emulator").mkdir(parents=True)
+    (state / "emulator" / "quotas.json").write_text(json.dumps({"quotas": {}, "default": 64}))
+    # TP 8 needs heads divisible by 8: the same weights read as 8 heads of 4 (q 8 x 4 = 32, k/v 4 x 4 = 16 rows).
+    model = tmp_path / "tiny-llama-8-heads"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(num_attention_heads=8, num_key_value_heads=4, head_dim=4)
+    (model / "config.json").write_text(json.dumps(config, indent=2))
+    cfg = load_config(
+        ROOT / "configs" / "llama-3.1-405b-bf16-vllm-2xa3.yaml",
+        [
+            "name=tiny-mh",
+            "endpoint.name=tiny-mh",
+            f"model.repo={TINY_REPO}",
+            "model.hf_token_secret=",
+            "placement.regions=[us-central1]",
+            "smoke_test.expect=",
+            "smoke_test.max_tokens=8",
+            "smoke_test.attempts=3",
+            "serving.max_model_len=512",  # the tiny model's context
+        ],
+    )
+    summary = run(state, cfg, model)
+    assert summary["status"] == "succeeded", summary["error"]
+    assert summary["smoke"]["passed"] is True
+    calls = summary["api_calls"]
+    assert any(c.startswith("POST ") and "/v1beta1/" in c and c.endswith(":deployModel") for c in calls), calls
+    assert not any("/v1/" in c and c.endswith(":deployModel") for c in calls)
+    state_json = emulator_state(state)
+    (endpoint,) = state_json["endpoints"].values()
+    assert endpoint["dedicatedEndpointEnabled"]
+    (deployed,) = endpoint["deployedModels"]
+    assert state_json["multihost"] == {deployed["id"]: 2}
+    machine = deployed["dedicatedResources"]["machineSpec"]
+    assert (machine["machineType"], machine["acceleratorType"], machine["acceleratorCount"]) == (
+        "a3-highgpu-8g",
+        "NVIDIA_H100_80GB",
+        8,
+    )
+    (model_entry,) = state_json["models"].values()
+    (version,) = model_entry["versions"].values()
+    spec = version["containerSpec"]
+    assert spec["imageUri"].endswith("pytorch-vllm-serve:20250312_0916_RC01")
+    assert spec["args"][0] == "/vllm-workspace/ray_launcher.sh"
+    assert "--tensor-parallel-size=8" in spec["args"] and "--pipeline-parallel-size=2" in spec["args"]
 
 
 def test_a_run_whose_job_names_no_account_runs_as_the_compute_default_and_fails_preflight_naming_the_fix(

@@ -400,7 +400,12 @@ def test_405b_fp8_on_8_h100(seeds: dict[str, Path]) -> None:
     assert plan.max_model_len == 8192 and plan.max_num_seqs == 32
 
 
-def test_405b_bf16_does_not_fit_one_8xh100_node(seeds: dict[str, Path]) -> None:
+MULTI_HOST_IMAGE = (
+    "us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:20250312_0916_RC01"
+)
+
+
+def test_405b_bf16_does_not_fit_one_8xh100_node_and_plans_two_on_the_documented_path(seeds: dict[str, Path]) -> None:
     h100 = plan_model(
         str(seeds["405b"]),
         max_model_len=8192,
@@ -411,14 +416,102 @@ def test_405b_bf16_does_not_fit_one_8xh100_node(seeds: dict[str, Path]) -> None:
     assert not h100.fits and "weights need" in h100.errors[0]
     auto = plan_model(str(seeds["405b"]), max_model_len=8192)
     assert auto.fits
-    # One 8 x H200 node holds it. Multi-host is never offered (no documented public deploy path): no alternative
-    # spans nodes, and H100s alone are an error that says it would fit over two nodes and what to do instead.
+    # One 8 x H200 node holds it: multi-host is planned only when no single node does.
     assert (auto.machine_type, auto.accelerator_type, auto.node_count) == ("a3-ultragpu-8g", "NVIDIA_H200_141GB", 1)
-    assert all(a["node_count"] == 1 for a in auto.alternatives)
+    assert all(a["node_count"] == 1 for a in auto.alternatives) and not auto.serving_image.endswith("RC01")
+    # H100s alone: Google's documented multi-host path (use-multihost-gpu, Preview), 2 x a3-highgpu-8g, TP 8 x PP 2.
     only_h100 = plan_model(str(seeds["405b"]), max_model_len=8192, accelerator_type="NVIDIA_H100_80GB")
-    assert not only_h100.fits
-    assert "would fit spread over 2 x a3-highgpu-8g nodes, but multi-host serving is not offered" in only_h100.errors[0]
-    assert "8 x H200" in only_h100.errors[0]
+    assert only_h100.fits, only_h100.errors
+    got = (only_h100.machine_type, only_h100.accelerator_count, only_h100.node_count)
+    assert got == ("a3-highgpu-8g", 8, 2)
+    assert (only_h100.tensor_parallel_size, only_h100.pipeline_parallel_size) == (8, 2)
+    assert (only_h100.serving_image, only_h100.engine_version) == (MULTI_HOST_IMAGE, "0.7.3")
+    (preview,) = [w for w in only_h100.warnings if "Preview" in w]
+    assert "use-multihost-gpu" in preview and "dedicated endpoint" in preview and "v1beta1" in preview
+    assert only_h100.price_per_hour_usd == pytest.approx(
+        2
+        * plan_model(
+            str(seeds["8b"]), machine_type="a3-highgpu-8g", accelerator_type="NVIDIA_H100_80GB", accelerator_count=8
+        ).price_per_hour_usd
+    )
+    assert only_h100.throughput["output_tokens_per_s"] > 0 and only_h100.cost_per_million_output_tokens_usd > 0
+    # The other multi-host shapes on the same path are the alternatives; no other machine is.
+    assert {(a["machine_type"], a["node_count"]) for a in only_h100.alternatives} <= {
+        ("a3-highgpu-8g", n) for n in (3, 4)
+    }
+
+
+def plan_multi_host(seeds: dict[str, Path], *overrides: str) -> Plan:
+    """The 405B BF16 preset planned as preflight plans it (endpoint.dedicated included)."""
+    cfg = load_config(REPO_ROOT / "configs" / "llama-3.1-405b-bf16-vllm-2xa3.yaml", list(overrides))
+    return plan_for_facts(
+        read_local_facts(seeds["405b"]),
+        cfg.serving,
+        cfg.hardware,
+        regions=cfg.placement.regions,
+        dedicated=cfg.endpoint.dedicated,
+    )
+
+
+def test_the_405b_bf16_preset_plans_its_two_nodes(seeds: dict[str, Path]) -> None:
+    plan = plan_multi_host(seeds)
+    assert plan.fits, plan.errors
+    assert (plan.machine_type, plan.node_count, plan.tensor_parallel_size, plan.pipeline_parallel_size) == (
+        "a3-highgpu-8g",
+        2,
+        8,
+        2,
+    )
+    assert plan.serving_image == MULTI_HOST_IMAGE and plan.max_model_len == 8192
+    assert any("Preview" in w for w in plan.warnings) and not any(
+        "endpoint.dedicated: true" in w for w in plan.warnings
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (
+            ["hardware={machine_type: a3-megagpu-8g, accelerator_type: NVIDIA_H100_MEGA_80GB, accelerator_count: 8}"],
+            "a3-megagpu-8g (8 x NVIDIA_H100_MEGA_80GB) is not the page's machine",
+        ),
+        (
+            ["hardware={machine_type: a3-ultragpu-8g, accelerator_type: NVIDIA_H200_141GB, accelerator_count: 8}"],
+            "a3-ultragpu-8g (8 x NVIDIA_H200_141GB) is not the page's machine",
+        ),
+        (["serving.image=docker.io/vllm/vllm-openai:v0.34.0"], "has no documented multi-host launcher"),
+        (["endpoint.dedicated=false"], "requires a dedicated endpoint': set endpoint.dedicated: true"),
+        (["serving.engine=tgi"], "TGI shards over the GPUs of one node only"),
+    ],
+    ids=["a3-mega", "a3-ultra", "vllm-0.34", "shared-endpoint", "tgi"],
+)
+def test_a_multi_host_shape_off_the_documented_path_is_refused_with_the_reason(
+    seeds: dict[str, Path], overrides: list[str], reason: str
+) -> None:
+    plan = plan_multi_host(seeds, *overrides)
+    assert not plan.fits
+    (error,) = [e for e in plan.errors if "multi-host" in e]
+    assert "outside Google's documented multi-host path" in error and reason in error, error
+
+
+def test_auto_spreads_over_nodes_only_on_the_documented_machine(seeds: dict[str, Path]) -> None:
+    """Nothing fits one node: A3 Mega would fit over two nodes, but only a3-highgpu-8g is documented; the error says
+    so. A shared endpoint turns the documented plan into an error naming the fix."""
+    mega = plan_model(str(seeds["405b"]), max_model_len=8192, accelerator_type="NVIDIA_H100_MEGA_80GB")
+    assert not mega.fits
+    assert "would fit spread over 2 x a3-megagpu-8g nodes, but that is outside" in mega.errors[0]
+    assert "a3-megagpu-8g (8 x NVIDIA_H100_MEGA_80GB) is not the page's machine" in mega.errors[0]
+    shared = plan_multi_host(seeds, "hardware={accelerator_type: NVIDIA_H100_80GB}", "endpoint.dedicated=false")
+    assert not shared.fits
+    assert "would fit spread over 2 x a3-highgpu-8g nodes" in shared.errors[0]
+    assert "set endpoint.dedicated: true" in shared.errors[0]
+    old = plan_model(
+        str(seeds["405b"]),
+        max_model_len=8192,
+        accelerator_type="NVIDIA_H100_80GB",
+        image="us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:20241001_0916_RC00",
+    )
+    assert not old.fits and "vLLM 0.6.2" in old.errors[0] and "has no documented multi-host launcher" in old.errors[0]
 
 
 def test_8b_awq_int4_on_one_l4_with_a_large_kv_cache(seeds: dict[str, Path]) -> None:

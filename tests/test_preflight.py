@@ -215,6 +215,30 @@ def test_companion_cpu_quota_is_checked(emulator: Any, hub_mirror: Any, models: 
     assert not plan.fits and "CustomModelServingL4GPUsPerProjectPerRegion limit 0" in plan.errors[0]
 
 
+def test_a_multi_host_replica_draws_quota_for_every_nodes_gpus(emulator: Any, tmp_path: Path) -> None:
+    """The 405B BF16 preset over 2 x a3-highgpu-8g: "a total of 16 H100 GPUs" per replica (use-multihost-gpu), so
+    replicas x nodes x GPUs per node of the H100 serving quota, and every node's vCPUs of the companion quota."""
+    from test_planning import LLAMA_405B
+
+    h100 = "CustomModelServingH100GPUsPerProjectPerRegion"
+    model = write_header_only_model(tmp_path / "405b", LLAMA_405B)
+    cfg = load_config(
+        REPO_ROOT / "configs" / "llama-3.1-405b-bf16-vllm-2xa3.yaml",
+        ["hardware.max_replica_count=2", "placement.regions=[us-central1]"],
+    )
+    _post(emulator, "/_emulator/quotas", {"quotas": {h100: {"us-central1": 31}}, "default": 1000})
+    kw = {"project": PROJECT, "regions": ["us-central1"], "api_endpoint": emulator.url, "model_dir": str(model)}
+    short = plan_deployment(cfg, **kw)
+    assert not short.fits and f"{h100} limit 31" in short.errors[0], short.errors
+    assert short.quota["us-central1"]["need"] == 2 * 2 * 8
+    _post(emulator, "/_emulator/quotas", {"quotas": {h100: {"us-central1": 32}}, "default": 1000})
+    plan = plan_deployment(cfg, **kw)
+    assert plan.fits, plan.errors
+    assert plan.quota["us-central1"]["need"] == 32 and plan.node_count == 2
+    (cpus,) = plan.quota["us-central1"]["companions"]
+    assert cpus["need"] == 2 * 2 * 208
+
+
 def test_gated_repo_without_access(emulator: Any, models: dict[str, Any]) -> None:
     _post(emulator, "/_emulator/faults", {"faults": ["hub-gated"]})
     _post(emulator, "/_emulator/secrets", {"name": "hf-token", "value": "hf_not_a_real_token"})

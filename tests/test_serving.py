@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -311,18 +312,111 @@ def test_deploy_request_machine_replicas_spot_and_traffic() -> None:
     assert dict(blue_green.traffic_split) == {"0": 0, "123": 100}
 
 
-def test_multi_host_is_refused_with_the_fix() -> None:
-    """A replica over several nodes has no documented public deploy path: every render refuses it, preflight too
-    (it renders the requests), whatever the engine or image."""
-    for overrides in (["serving.engine=vllm", "serving.tensor_parallel_size=8"], []):
-        struct = seed_struct("llama-3.1-405b-fp8-tgi-a3", {"node_count": 2, "pipeline_parallel_size": 2}, overrides)
-        struct["config"]["serving"]["image"] = images.by_id("model-garden-vllm-20241001").image.rsplit(":", 1)[0] + (
-            ":20250130_0916_RC00"
-        )
-        deployment = Deployment.parse(struct)
-        for render in (serving_spec.container_spec, lambda d: serving_spec.deploy_model_request(d, "m")):
-            with pytest.raises(serving.ServingSpecError, match="multi-host serving is not offered.*8 x H200"):
-                render(deployment)
+MULTI_HOST_PRESET = "llama-3.1-405b-bf16-vllm-2xa3"
+MULTI_HOST_IMAGE = (
+    "us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pytorch-vllm-serve:20250312_0916_RC01"
+)
+# What preflight hands on for the preset (test_planning: 405B BF16 on 2 x a3-highgpu-8g).
+MULTI_HOST_PLAN = {
+    "node_count": 2,
+    "tensor_parallel_size": 8,
+    "pipeline_parallel_size": 2,
+    "serving_image": MULTI_HOST_IMAGE,
+    "max_model_len": 8192,
+    "max_num_seqs": 256,
+}
+
+
+@pytest.mark.parametrize("plan", [None, MULTI_HOST_PLAN], ids=["no-plan", "preflight-plan"])
+def test_the_405b_bf16_preset_renders_googles_documented_multi_host_deploy(plan: dict[str, Any] | None) -> None:
+    """vertex-ai/docs/predictions/use-multihost-gpu (Preview): Model Garden's vLLM image with its Ray launcher first,
+    TP 8 x PP 2 over 2 x a3-highgpu-8g (8 x H100 per node), the v1beta1 DeployModel with multihostGpuNodeCount, a
+    dedicated endpoint, the 2-hour deployment timeout; every flag one vLLM 0.7.3 parses."""
+    from google.cloud import aiplatform_v1beta1
+
+    deployment = seed(MULTI_HOST_PRESET, plan)
+    shape = serving.resolve_shape(deployment)
+    assert (shape.node_count, shape.tensor_parallel_size, shape.pipeline_parallel_size) == (2, 8, 2)
+    assert (
+        shape.serving_image == images.by_id("model-garden-vllm-20250312-multihost") and shape.image == MULTI_HOST_IMAGE
+    )
+    rendered = serving_spec.render_requests(deployment, WEIGHTS)
+    assert rendered["deploy_model_api"] == "v1beta1" and serving_spec.needs_v1beta1(deployment)
+    spec = rendered["upload_model"]["model"]["containerSpec"]
+    args = spec["args"]
+    assert args[:4] == [serving.RAY_LAUNCHER, "python", "-m", "vllm.entrypoints.api_server"] and "command" not in spec
+    assert "--tensor-parallel-size=8" in args and "--pipeline-parallel-size=2" in args
+    assert f"--model={WEIGHTS}" in args and "--max-model-len=8192" in args
+    assert spec["deploymentTimeout"] == "7200s" and spec["imageUri"] == MULTI_HOST_IMAGE
+    fixture = images.by_id("model-garden-vllm-20250312-multihost")
+    assert fixture.fixture == "vllm-0.7.3.json"
+    assert {a.split("=", 1)[0] for a in args if a.startswith("--")} <= fixture.flags()
+    assert {e["name"] for e in spec["env"]} <= fixture.env_names()
+    # The endpoint is dedicated (the page: "the Model Garden container requires a dedicated endpoint").
+    assert deployment.config.endpoint.dedicated and spec["invokeRoutePrefix"] == "/*"
+    machine = rendered["deploy_model"]["deployedModel"]["dedicatedResources"]["machineSpec"]
+    assert machine == {
+        "machineType": "a3-highgpu-8g",
+        "acceleratorType": "NVIDIA_H100_80GB",
+        "acceleratorCount": 8,  # per node, as the page's --accelerator=type=nvidia-h100-80gb,count=8
+        "multihostGpuNodeCount": 2,
+    }
+    # v1beta1 parses the deploy; v1 cannot (its MachineSpec has no field 6).
+    json_format.ParseDict(rendered["deploy_model"], aiplatform_v1beta1.DeployModelRequest.pb()())
+    with pytest.raises(json_format.ParseError, match="multihostGpuNodeCount"):
+        json_format.ParseDict(rendered["deploy_model"], aiplatform_v1.DeployModelRequest.pb()())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (
+            ["hardware={machine_type: a3-megagpu-8g, accelerator_type: NVIDIA_H100_MEGA_80GB, accelerator_count: 8}"],
+            r"a3-megagpu-8g \(8 x NVIDIA_H100_MEGA_80GB\) is not the page's machine",
+        ),
+        (
+            ["hardware={machine_type: a3-ultragpu-8g, accelerator_type: NVIDIA_H200_141GB, accelerator_count: 8}"],
+            r"a3-ultragpu-8g \(8 x NVIDIA_H200_141GB\) is not the page's machine",
+        ),
+        (
+            ["serving.image=docker.io/vllm/vllm-openai:v0.34.0"],
+            r"vLLM 0\.34\.0 .* has no documented multi-host launcher",
+        ),
+        (
+            [f"serving.image={images.by_id('model-garden-vllm-20241001').image}"],
+            r"vLLM 0\.6\.2 .* has no documented multi-host launcher",
+        ),
+        (["serving.engine=tgi"], "TGI shards over the GPUs of one node only"),
+        (["endpoint.dedicated=false"], "requires a dedicated endpoint': set endpoint.dedicated: true"),
+        (["serving.tensor_parallel_size=4"], "tensor parallel 4 x pipeline parallel 2 over 2 node"),
+    ],
+    ids=["a3-mega", "a3-ultra", "vllm-0.34", "vllm-0.6.2", "tgi", "shared-endpoint", "tp4"],
+)
+def test_multi_host_off_the_documented_path_is_refused_with_the_reason(overrides: list[str], reason: str) -> None:
+    """Every render refuses it (preflight too: it renders the requests), naming the path and what is outside it."""
+    deployment = seed(MULTI_HOST_PRESET, None, overrides)
+    for render in (serving_spec.container_spec, lambda d: serving_spec.deploy_model_request(d, "m")):
+        with pytest.raises(serving.ServingSpecError, match="outside Google's documented multi-host path") as err:
+            render(deployment)
+        assert re.search(reason, str(err.value)), str(err.value)
+        assert "use-multihost-gpu" in str(err.value) and "8 x H200" in str(err.value)
+
+
+def test_a_single_node_shape_never_renders_the_launcher() -> None:
+    """The multi-host image named for one node (the DeepSeek notebook runs it so on H200) serves without Ray."""
+    deployment = seed(
+        MULTI_HOST_PRESET,
+        None,
+        [
+            "serving.pipeline_parallel_size=1",
+            "hardware.machine_type=a3-ultragpu-8g",
+            "hardware.accelerator_type=NVIDIA_H200_141GB",
+            f"serving.image={MULTI_HOST_IMAGE}",
+        ],
+    )
+    args = list(serving_spec.container_spec(deployment).args)
+    assert args[0] == "python" and serving.RAY_LAUNCHER not in args and "--pipeline-parallel-size=2" not in args
+    assert not serving_spec.needs_v1beta1(deployment)
 
 
 # Vertex configs only: a Cloud Run config renders a run_v2 Service (test_cloud_run_target.py).
@@ -349,7 +443,10 @@ def test_render_requests_is_rest_json_the_api_parses(name: str) -> None:
     env = {e["name"] for e in spec.get("env", [])}
     assert env <= image.env_names(), env - image.env_names()
     upload = json_format.ParseDict(rendered["upload_model"], aiplatform_v1.UploadModelRequest.pb()())
-    deploy = json_format.ParseDict(rendered["deploy_model"], aiplatform_v1.DeployModelRequest.pb()())
+    from google.cloud import aiplatform_v1beta1
+
+    api = {"v1": aiplatform_v1, "v1beta1": aiplatform_v1beta1}[rendered["deploy_model_api"]]
+    deploy = json_format.ParseDict(rendered["deploy_model"], api.DeployModelRequest.pb()())
     assert upload.model.labels["vlp-revision"] == "sha"
     assert deploy.deployed_model.dedicated_resources.machine_spec.machine_type
 

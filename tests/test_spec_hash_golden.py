@@ -30,6 +30,10 @@ L4_PLAN = {
 }
 
 GOLDEN: dict[str, tuple[str, str]] = {
+    'llama-3.1-405b-bf16-vllm-2xa3': (
+        'vlp-deployment=llama-3-1-405b-bf16-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=816ff334ec40',
+        'rev-0123456789ab-816ff334',
+    ),
     'llama-3.1-405b-fp8-tgi-a3': (
         'vlp-deployment=llama-3-1-405b-fp8-tgi,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=704d464d604c',
         'rev-0123456789ab-704d464d',

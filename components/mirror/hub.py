@@ -17,8 +17,6 @@ log = logging.getLogger("vlp.mirror")
 
 MiB = 1 << 20
 GiB = 1 << 30
-MANIFEST_NAME = "_vlp_manifest.json"
-MANIFEST_FORMAT = 1
 
 # What vLLM and TGI load. Everything else in a repo (original/ checkpoints, .pth/.bin duplicates of the
 # safetensors, GGUF/ONNX exports) would double or triple the bytes for nothing: 405B FP8's repo with

@@ -21,8 +21,6 @@ from vlp.components.mirror.hub import (
     DEFAULT_ALLOW_PATTERNS,
     DEFAULT_IGNORE_PATTERNS,
     GCS_ALIGN,
-    MANIFEST_FORMAT,
-    MANIFEST_NAME,
     GatedRepoAccessError,
     GiB,
     HubFile,
@@ -35,6 +33,7 @@ from vlp.components.mirror.hub import (
     _Hub,
     log,
 )
+from vlp.components.mirror.manifest import MANIFEST_FORMAT, MANIFEST_NAME, read_manifest, weights_prefix
 from vlp.components.mirror.transfer import (
     _Job,
     _Progress,
@@ -87,22 +86,8 @@ def mirror_tuning_for(cpus: int | None = None, memory_bytes: int | None = None) 
 # Public API
 
 
-def _weights_prefix(prefix: str, repo: str, sha: str) -> str:
-    return f"{prefix.strip('/')}/{repo}/{sha}/" if prefix.strip("/") else f"{repo}/{sha}/"
-
-
-def _read_manifest(bucket: Any, name: str) -> dict[str, Any] | None:
-    from google.api_core.exceptions import NotFound
-
-    try:
-        data = bucket.blob(name).download_as_bytes()
-    except NotFound:
-        return None
-    try:
-        manifest = json.loads(data)
-    except ValueError:
-        return None
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
+_weights_prefix = weights_prefix
+_read_manifest = read_manifest
 
 
 def _list_objects(client: Any, bucket: Any, prefix: str) -> dict[str, Any]:
@@ -132,28 +117,6 @@ def _manifest_complete(
         if blob is None or blob.size != e.get("size") or blob.crc32c != e.get("crc32c"):
             return False
     return True
-
-
-def weights_intact(repo: str, revision_sha: str, bucket: str, *, project: str = "", prefix: str = "models") -> str:
-    """"" when the mirror of repo@sha in the bucket is complete and unchanged: its manifest lists every object, and
-    each is there with the recorded size and crc32c (one listing, nothing downloaded). Else what is wrong, for the
-    log: a no-op must not vouch for weights that are gone (a redeploy's container would fail to load them)."""
-    from vlp.components.clients import storage_client
-
-    client = storage_client(project or None)
-    gcs_bucket = client.bucket(bucket)
-    dest = _weights_prefix(prefix, repo, revision_sha)
-    manifest = _read_manifest(gcs_bucket, dest + MANIFEST_NAME)
-    if manifest is None:
-        return f"no mirror manifest at gs://{bucket}/{dest}{MANIFEST_NAME}"
-    objects = _list_objects(client, gcs_bucket, dest)
-    for e in manifest.get("files") or []:
-        blob = objects.get(dest + str(e.get("path")))
-        if blob is None:
-            return f"gs://{bucket}/{dest}{e.get('path')} is missing"
-        if blob.size != e.get("size") or blob.crc32c != e.get("crc32c"):
-            return f"gs://{bucket}/{dest}{e.get('path')} differs from what was mirrored (size or crc32c)"
-    return ""
 
 
 def mirror_weights(

@@ -465,6 +465,70 @@ def choose_serving_image(plan: Plan, facts: ModelFacts, serving: Any, target: st
     return True
 
 
+def _multi_host_image(facts: ModelFacts, serving: Any, target: str) -> tuple[Any, str]:
+    """The catalog image a replica over several nodes would serve with (serving.image, else the newest image with a
+    multi-host launcher whose engine serves the architecture), and why there is none when no such image serves it.
+    Whether the image, engine, machine and endpoint are on the documented path is _multi_host_outside's to say."""
+    from vlp.components.serving.images import ImageChoiceError, catalog, choose_image
+
+    if serving.engine != "vllm":
+        return None, ""
+    try:
+        image = choose_image(
+            serving.engine, target, facts.architecture, facts.model_type, serving.image, multi_host=True
+        )
+    except ImageChoiceError as exc:
+        if serving.image:
+            return None, str(exc)
+        labels = [i.label for i in catalog() if i.multi_host and i.engine == serving.engine]
+        return None, (
+            f"no multi-host image in the catalog serves architecture {facts.architecture!r} "
+            f"({', '.join(labels) or 'none'} does not)"
+        )
+    return image, ""
+
+
+def _multi_host_outside(
+    fit: ShapeFit, facts: ModelFacts, serving: Any, image: Any, why: str, target: str, dedicated: bool | None
+) -> list[str]:
+    """What keeps this multi-host shape off Google's documented path (serving.engines.multi_host_outside)."""
+    from vlp.components.serving.engines import multi_host_outside
+
+    s = fit.shape
+    out = multi_host_outside(
+        engine=serving.engine,
+        image=image,
+        image_uri=serving.image,
+        target=target,
+        machine_type=s.machine_type,
+        accelerator_type=s.accelerator_type,
+        accelerator_count=s.accelerator_count,
+        nodes=s.node_count,
+        tensor_parallel=fit.tp,
+        pipeline_parallel=fit.pp,
+        dedicated=dedicated is not False,
+    )
+    if why:  # no multi-host image serves the model: that says more than "has no launcher"
+        out = [why] + [o for o in out if "multi-host launcher" not in o]
+    return out
+
+
+def _use_multi_host(plan: Plan, image: Any, dedicated: bool | None) -> None:
+    """A plan over several nodes: the multi-host image, and what the user must know about the path."""
+    from vlp.components.serving.engines import MULTI_HOST_PAGE
+
+    previous = plan.serving_image
+    plan.serving_image = image.image
+    plan.engine_version = image.engine_version
+    plan.warnings = [w for w in plan.warnings if not (previous and previous in w)]
+    plan.warnings.append(
+        f'multi-host serving is Preview ({MULTI_HOST_PAGE}: "subject to the Pre-GA Offerings Terms"): each replica '
+        f"spans {plan.node_count} nodes through {image.label}'s Ray launcher, deployed with the v1beta1 API "
+        "(machineSpec.multihostGpuNodeCount), and needs a dedicated endpoint"
+        + ("" if dedicated else " (set endpoint.dedicated: true)")
+    )
+
+
 def plan_for_facts(
     facts: ModelFacts,
     serving: Any,
@@ -475,11 +539,15 @@ def plan_for_facts(
     include_legacy: bool = False,
     workload: Any = None,
     target: str = "vertex",
+    dedicated: bool | None = None,
 ) -> Plan:
     """Choose (hardware auto) or check (explicit) a shape for the model under the config's serving settings.
 
     `auto` ranks the shapes that fit by hardware.objective: USD per 1M output tokens at `workload` (a config
-    Workload; None = its defaults) by default, the hourly price, or the inter-token latency."""
+    Workload; None = its defaults) by default, the hourly price, or the inter-token latency. When no single node
+    holds the model, a replica over several nodes is planned on Google's documented multi-host path only (vLLM on
+    the catalog's multi-host image, N x a3-highgpu-8g): `dedicated` is the config's endpoint.dedicated (False is an
+    error there; None, `vlp plan --model`, a warning)."""
     settings = EngineSettings.from_serving(serving)
     objective = getattr(hardware, "objective", "cost_per_token")
     if workload is None:
@@ -487,8 +555,9 @@ def plan_for_facts(
 
         workload = Workload()
 
-    def evaluate(shape: Shape, **kwargs: Any) -> ShapeFit:
-        return with_throughput(evaluate_shape(facts, shape, settings, **kwargs), facts, settings, workload)
+    def evaluate(shape: Shape, engine: EngineSettings | None = None, **kwargs: Any) -> ShapeFit:
+        engine = engine or settings
+        return with_throughput(evaluate_shape(facts, shape, engine, **kwargs), facts, engine, workload)
 
     def ranked(fits: Iterable[ShapeFit]) -> list[ShapeFit]:
         return sorted((f for f in fits if f.fits), key=lambda f: f.rank(objective))
@@ -581,7 +650,20 @@ def plan_for_facts(
                 f"{hardware.machine_type} has no GPU: vLLM and TGI serve LLMs on GPUs; "
                 "set hardware to auto or add a GPU"
             )
-        chosen = evaluate(shape, **kw)
+        multi_host = None
+        if nodes > 1:
+            multi_host, why = _multi_host_image(facts, serving, target)
+            fit = ShapeFit(
+                shape, serving.tensor_parallel_size or shape.accelerator_count, nodes, fits=False, price_per_hour=0.0
+            )
+            outside = _multi_host_outside(fit, facts, serving, multi_host, why, target, dedicated)
+            if outside:
+                from vlp.components.serving.engines import multi_host_refusal
+
+                plan.errors.append(multi_host_refusal(facts.repo, nodes, nodes, outside))
+                multi_host = None
+        engine = dataclasses.replace(settings, engine_version=multi_host.engine_version) if multi_host else None
+        chosen = evaluate(shape, engine, **kw)
         plan.reason = f"explicit shape from the config: {shape.describe()}"
         alts = [
             evaluate(s, **{**kw, "tensor_parallel_size": None, "pipeline_parallel_size": None})
@@ -601,21 +683,29 @@ def plan_for_facts(
         fits = [evaluate(s, **kw) for s in singles]
         fitting = ranked(fits)
         spread = ""
+        multi_host = None
         if not fitting and serving.tensor_parallel_size in (None, 8):
-            # Nothing fits on one node. A replica over several nodes is not offered (serving.multi_host_refusal:
-            # no documented public deploy path); say whether it would have fit, so the error is complete.
+            # Nothing fits on one node: a replica over several nodes, on Google's documented multi-host path only
+            # (serving.engines.multi_host_outside); elsewhere, say whether it would have fit and why it is refused.
+            image, why = _multi_host_image(facts, serving, target)
+            engine = dataclasses.replace(settings, engine_version=image.engine_version) if image else None
             fits_mh = ranked(
                 [
-                    evaluate(s, **{**kw, "tensor_parallel_size": 8, "pipeline_parallel_size": None})
+                    evaluate(s, engine, **{**kw, "tensor_parallel_size": 8, "pipeline_parallel_size": None})
                     for s in _multihost_candidates(singles)
                 ]
             )
-            if fits_mh:
+            documented = [f for f in fits_mh if not _multi_host_outside(f, facts, serving, image, why, target, True)]
+            best = documented[0] if documented else (fits_mh[0] if fits_mh else None)
+            outside = _multi_host_outside(best, facts, serving, image, why, target, dedicated) if best else []
+            if best and not outside:
+                multi_host, fitting = image, documented
+            elif best:
                 spread = (
-                    f"; it would fit spread over {fits_mh[0].shape.node_count} x {fits_mh[0].shape.machine_type} "
-                    "nodes, but multi-host serving is not offered (Google documents no public way to deploy it): "
-                    "use one node with more GPU memory (e.g. 8 x H200, a3-ultragpu-8g), a quantized checkpoint, "
-                    "or a shorter serving.max_model_len"
+                    f"; it would fit spread over {best.shape.node_count} x {best.shape.machine_type} nodes, but that is "
+                    "outside Google's documented multi-host path: " + "; ".join(outside) + ". Use one node with "
+                    "more GPU memory (e.g. 8 x H200, a3-ultragpu-8g), a quantized checkpoint, or a shorter "
+                    "serving.max_model_len"
                 )
         if not fitting:
             # The candidate that got furthest: most GPU memory, then the longest context that fits, then the
@@ -664,9 +754,13 @@ def plan_for_facts(
             nxt += " (within 15%, inside the estimate's accuracy: `vlp bench` both to decide)"
         what = _OBJECTIVE_WORDS[objective].format(workload=_describe_workload(workload))
         plan.reason = f"{what}: {_figures(chosen)}{nxt}"
+        if multi_host:
+            plan.reason = f"no single node holds the model; on Google's documented multi-host path, {plan.reason}"
         _record_rejected(plan, fits)
 
     _fill_from_fit(plan, chosen)
+    if multi_host:
+        _use_multi_host(plan, multi_host, dedicated)
     # One row per GPU layout (the cheapest machine for it): g2-standard-8/12/16 differ only in host size.
     seen = {(chosen.shape.accelerator_type, chosen.shape.accelerator_count, chosen.shape.node_count)}
     unique = []

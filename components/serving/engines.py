@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlp.components.deployment import Deployment
-from vlp.components.serving.images import ServingImage, default_image, find
+from vlp.components.serving.images import ImageChoiceError, ServingImage, catalog, default_image, engine_name, find
 
 # Which image serves is data: components/serving/images.yaml (components/serving/images.py chooses and checks).
 SERVING_PORT = 8080
@@ -77,16 +77,29 @@ def resolve_shape(deployment: Deployment) -> ServingShape:
     accelerator_count = int(plan.get("accelerator_count") or 0)
     node_count = int(plan.get("node_count") or 1)
     s = cfg.serving
+    if not hw.is_auto and cfg.target != "cloud_run":
+        # An explicit shape spans serving.pipeline_parallel_size nodes, as the planner reads it (plan_for_facts).
+        node_count = s.pipeline_parallel_size or 1
     tp = s.tensor_parallel_size or plan.get("tensor_parallel_size") or max(accelerator_count, 1)
     pp = s.pipeline_parallel_size or plan.get("pipeline_parallel_size") or node_count
-    if node_count > 1 or pp > 1:
-        raise ServingSpecError(multi_host_refusal(cfg.name, node_count, pp))
-    if s.engine == "tgi" and (node_count > 1 or pp > 1):
-        raise ServingSpecError(
-            f"deployment {cfg.name!r}: TGI shards over the GPUs of one node only, but the plan spans {node_count} "
-            "nodes: use serving.engine: vllm (pipeline parallel across nodes) or a machine with more GPUs"
+    multi_host = node_count > 1 or pp > 1
+    image_uri, entry = serving_image(deployment, multi_host=multi_host)
+    if multi_host:
+        outside = multi_host_outside(
+            engine=s.engine,
+            image=entry,
+            image_uri=image_uri,
+            target=cfg.target,
+            machine_type=machine_type,
+            accelerator_type=accelerator_type,
+            accelerator_count=accelerator_count,
+            nodes=node_count,
+            tensor_parallel=int(tp),
+            pipeline_parallel=int(pp),
+            dedicated=cfg.endpoint.dedicated,
         )
-    image_uri, entry = serving_image(deployment)
+        if outside:
+            raise ServingSpecError(multi_host_refusal(f"deployment {cfg.name!r}", node_count, int(pp), outside))
     return ServingShape(
         engine=s.engine,
         image=image_uri,
@@ -108,13 +121,20 @@ def resolve_shape(deployment: Deployment) -> ServingShape:
     )
 
 
-def serving_image(deployment: Deployment) -> tuple[str, ServingImage | None]:
+def serving_image(deployment: Deployment, multi_host: bool = False) -> tuple[str, ServingImage | None]:
     """The image URI the deployment names, and its catalog entry: serving.image, else the one preflight chose for the
-    model (plan["serving_image"]), else the engine's newest image for the target (`vlp render` with no plan). A
-    catalog image hosted on Docker Hub is named through the project's Artifact Registry remote repository."""
+    model (plan["serving_image"]), else the engine's newest image for the target (`vlp render` with no plan; for a
+    replica over several nodes, its newest image with a multi-host launcher). A catalog image hosted on Docker Hub is
+    named through the project's Artifact Registry remote repository."""
     cfg = deployment.config
     named = cfg.serving.image or str(deployment.plan.get("serving_image") or "")
-    entry = find(named) if named else default_image(cfg.serving.engine, cfg.target)
+    if named:
+        entry = find(named)
+    else:
+        try:
+            entry = default_image(cfg.serving.engine, cfg.target, multi_host=multi_host)
+        except ImageChoiceError:  # the engine has no multi-host image: resolve_shape says why that is refused
+            entry = default_image(cfg.serving.engine, cfg.target)
     if entry is None:
         return named, None
     if named and named != entry.image:
@@ -162,30 +182,77 @@ def check_no_token(env: dict[str, str], extra_args: list[str], name: str) -> Non
             )
 
 
-# Model Garden's multi-host recipe (model_garden_pytorch_deepseek_deployment.ipynb): the args start with the
-# image's Ray launcher, which only images from 2025-01-30 on carry.
-def multi_host_refusal(name: str, nodes: int, pipeline_parallel: int) -> str:
-    """Why a replica spanning nodes is refused: the only API field for it (v1beta1 MachineSpec.
-    multihost_gpu_node_count) has no documented public deploy path; every Model Garden multi-host sample deploys
-    through another, undocumented surface."""
-    return (
-        f"deployment {name!r} spans {max(nodes, pipeline_parallel)} nodes (pipeline parallel {pipeline_parallel}), "
-        "but multi-host serving is not offered: Google documents no public way to deploy a replica over several "
-        "nodes (the v1beta1 MachineSpec.multihost_gpu_node_count field is not enough; Model Garden's multi-host "
-        "samples use an undocumented surface). Use one node with more GPU memory (8 x H200 on a3-ultragpu-8g holds "
-        "a 405B model in BF16), a quantized checkpoint, or a shorter serving.max_model_len; leave "
-        "serving.pipeline_parallel_size empty"
-    )
-
-
+# Google's documented multi-host path: "Serve a DeepSeek-V3 model using multi-host GPU deployment"
+# (vertex-ai/docs/predictions/use-multihost-gpu, Preview; it names Llama 3.1 405B non-quantized among the models):
+# Model Garden's vLLM image with its Ray launcher first in the args, TP 8 x PP 2 over "two a3-highgpu-8g VMs with
+# eight H100 GPUs each", the v1beta1 DeployModel with machineSpec.multihostGpuNodeCount, and a dedicated endpoint ("the
+# Model Garden container requires a dedicated endpoint"). Only what the page shows is offered.
+MULTI_HOST_PAGE = "cloud.google.com/vertex-ai/docs/predictions/use-multihost-gpu"
+MULTI_HOST_MACHINE = "a3-highgpu-8g"
+MULTI_HOST_ACCELERATOR = "NVIDIA_H100_80GB"
+MULTI_HOST_GPUS_PER_NODE = 8
 RAY_LAUNCHER = "/vllm-workspace/ray_launcher.sh"
-RAY_LAUNCHER_SINCE = "20250130"
 
 
-def image_date(image: str) -> str:
-    """The YYYYMMDD build date in a Model Garden image tag (…:20241001_0916_RC00), or "" for other tags."""
-    tag = image.rsplit(":", 1)[-1] if ":" in image.rsplit("/", 1)[-1] else ""
-    return tag[:8] if len(tag) >= 8 and tag[:8].isdigit() else ""
+def multi_host_outside(
+    *,
+    engine: str,
+    image: ServingImage | None,
+    image_uri: str,
+    target: str,
+    machine_type: str,
+    accelerator_type: str,
+    accelerator_count: int,
+    nodes: int,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    dedicated: bool,
+) -> list[str]:
+    """What puts a replica over several nodes outside the documented multi-host path (empty: on it)."""
+    out = []
+    if engine != "vllm":
+        out.append(
+            f"{engine_name(engine)} shards over the GPUs of one node only; the page serves vLLM (serving.engine: vllm)"
+        )
+    if target != "vertex":
+        out.append("a Cloud Run instance has one GPU; multi-host serving is a Vertex AI endpoint's")
+    if engine == "vllm" and (image is None or not image.multi_host):
+        what = image.label if image else image_uri
+        mh = [i for i in catalog() if i.multi_host and i.engine == "vllm"]
+        page_image = f" (the page's: {mh[0].image}; leave serving.image empty to get it)" if mh else ""
+        out.append(f"{what} has no documented multi-host launcher{page_image}")
+    machine = (machine_type, accelerator_type, accelerator_count)
+    if machine != (MULTI_HOST_MACHINE, MULTI_HOST_ACCELERATOR, MULTI_HOST_GPUS_PER_NODE):
+        out.append(
+            f"{machine_type} ({accelerator_count} x {accelerator_type}) is not the page's machine: multi-host is "
+            f"documented on {MULTI_HOST_MACHINE} with {MULTI_HOST_GPUS_PER_NODE} x {MULTI_HOST_ACCELERATOR} per node "
+            "only (the page shows no other machine)"
+        )
+    if nodes < 2 or pipeline_parallel != nodes or tensor_parallel != MULTI_HOST_GPUS_PER_NODE:
+        out.append(
+            f"tensor parallel {tensor_parallel} x pipeline parallel {pipeline_parallel} over {nodes} node(s): the page "
+            f"runs tensor parallel {MULTI_HOST_GPUS_PER_NODE} (the GPUs of a node) x pipeline parallel = nodes "
+            "(set serving.pipeline_parallel_size to the node count, at least 2, and leave tensor_parallel_size empty)"
+        )
+    if not dedicated:
+        out.append(
+            "the endpoint is shared, but 'the Model Garden container requires a dedicated endpoint': set "
+            "endpoint.dedicated: true"
+        )
+    return out
+
+
+def multi_host_refusal(subject: str, nodes: int, pipeline_parallel: int, outside: list[str]) -> str:
+    """Why a replica spanning nodes is refused: the documented path exists, this one is outside it, and how.
+    `subject`: "deployment 'NAME'" (render) or the model (plan)."""
+    return (
+        f"{subject} spans {max(nodes, pipeline_parallel)} nodes (pipeline parallel {pipeline_parallel}), "
+        f"outside Google's documented multi-host path ({MULTI_HOST_PAGE}, Preview: vLLM on Model Garden's "
+        f"pytorch-vllm-serve image with {RAY_LAUNCHER}, N x {MULTI_HOST_MACHINE} with {MULTI_HOST_GPUS_PER_NODE} x "
+        f"{MULTI_HOST_ACCELERATOR} each, tensor parallel {MULTI_HOST_GPUS_PER_NODE} x pipeline parallel N, a dedicated "
+        "endpoint): " + "; ".join(outside) + ". Otherwise use one node with more GPU memory (8 x H200 on "
+        "a3-ultragpu-8g holds a 405B model in BF16), a quantized checkpoint, or a shorter serving.max_model_len"
+    )
 
 
 def vllm_args(deployment: Deployment, weights_uri: str = "") -> list[str]:
@@ -199,14 +266,8 @@ def vllm_args(deployment: Deployment, weights_uri: str = "") -> list[str]:
     s = cfg.serving
     args = []
     if shape.node_count > 1:
-        date = image_date(shape.image)
-        if not date or date < RAY_LAUNCHER_SINCE:
-            raise ServingSpecError(
-                f"deployment {cfg.name!r} spans {shape.node_count} nodes, which Model Garden serves through "
-                f"{RAY_LAUNCHER}, present only in pytorch-vllm-serve images from {RAY_LAUNCHER_SINCE} on "
-                f"(this one: {shape.image}): set serving.image to such a Model Garden build, or plan one node "
-                "(hardware: a machine with more GPUs, or a quantized model). Multi-host serving is preview on Vertex."
-            )
+        # The page's args start with the image's Ray launcher (resolve_shape allowed only a multi-host image here);
+        # no command: the image's ENTRYPOINT runs the args.
         args.append(RAY_LAUNCHER)
     args += [
         "python",

@@ -172,47 +172,63 @@ def find(uri: str) -> ServingImage | None:
     return None
 
 
-def default_image(engine: str, target: str = "vertex") -> ServingImage:
-    """The engine's newest image for the target, current before kept before frozen (no model to check)."""
-    candidates = [i for i in catalog() if i.engine == engine and target in i.targets]
+def default_image(engine: str, target: str = "vertex", multi_host: bool = False) -> ServingImage:
+    """The engine's newest image for the target, current before kept before frozen (no model to check); with
+    multi_host, among the images with a multi-host launcher only (ImageChoiceError if the engine has none)."""
+    candidates = [i for i in catalog() if i.engine == engine and target in i.targets and i.multi_host == multi_host]
+    if not candidates:
+        kind = "multi-host " if multi_host else ""
+        raise ImageChoiceError(f"no {kind}{engine_name(engine)} image in the catalog serves target {target}")
     return sorted(candidates, key=lambda i: STATUS_ORDER.index(i.status))[0]
 
 
-def _serving(architecture: str, model_type: str, target: str, engine: str = "") -> list[ServingImage]:
+def _serving(
+    architecture: str, model_type: str, target: str, engine: str = "", multi_host: bool = False
+) -> list[ServingImage]:
     found = [
         i
         for i in catalog()
-        if target in i.targets and (not engine or i.engine == engine) and i.serves(architecture, model_type)
+        if target in i.targets
+        and (not engine or i.engine == engine)
+        and i.multi_host == multi_host
+        and i.serves(architecture, model_type)
     ]
     return sorted(found, key=lambda i: STATUS_ORDER.index(i.status))
 
 
-def choose_image(engine: str, target: str, architecture: str, model_type: str, explicit: str = "") -> ServingImage | None:
+def choose_image(
+    engine: str, target: str, architecture: str, model_type: str, explicit: str = "", multi_host: bool = False
+) -> ServingImage | None:
     """The image a deployment serves with: `explicit` (serving.image) if given, else the newest image of the engine
-    for the target that serves the model's architecture. Raises ImageChoiceError when the named (or every) image of
-    the engine does not serve it. None: an explicit image the catalog does not know (nothing to check it against)."""
+    for the target that serves the model's architecture, among the images for one node or, with `multi_host`, among
+    those with a multi-host launcher (a single-node shape never gets a multi-host image). Raises ImageChoiceError
+    when the named (or every) image of the engine does not serve it. None: an explicit image the catalog does not
+    know (nothing to check it against)."""
     what = f"model type {model_type!r}" if engine == "tgi" else f"architecture {architecture!r}"
     if explicit:
         image = find(explicit)
         if image is None or image.serves(architecture, model_type) is not False:
             return image
-        raise ImageChoiceError(_refusal(image, what, architecture, model_type, target))
-    candidates = [i for i in catalog() if i.engine == engine and target in i.targets]
+        raise ImageChoiceError(_refusal(image, what, architecture, model_type, target, multi_host))
+    candidates = [i for i in catalog() if i.engine == engine and target in i.targets and i.multi_host == multi_host]
     if not candidates:
-        raise ImageChoiceError(f"no {engine_name(engine)} image in the catalog serves target {target}")
-    serving = _serving(architecture, model_type, target, engine)
+        kind = "multi-host " if multi_host else ""
+        raise ImageChoiceError(f"no {kind}{engine_name(engine)} image in the catalog serves target {target}")
+    serving = _serving(architecture, model_type, target, engine, multi_host)
     if serving:
         return serving[0]
     newest = sorted(candidates, key=lambda i: STATUS_ORDER.index(i.status))[0]
     if newest.serves(architecture, model_type) is None:
         return newest  # the model names no architecture: nothing to check
-    raise ImageChoiceError(_refusal(newest, what, architecture, model_type, target))
+    raise ImageChoiceError(_refusal(newest, what, architecture, model_type, target, multi_host))
 
 
-def _refusal(image: ServingImage, what: str, architecture: str, model_type: str, target: str) -> str:
+def _refusal(
+    image: ServingImage, what: str, architecture: str, model_type: str, target: str, multi_host: bool = False
+) -> str:
     removed = image.removed_in(architecture)
     since = f" (removed after {engine_name(image.engine)} {removed})" if removed else ""
-    others = [i for i in _serving(architecture, model_type, target) if i.id != image.id]
+    others = [i for i in _serving(architecture, model_type, target, multi_host=multi_host) if i.id != image.id]
     if others:
         fix = f"set serving.image: {others[0].image} ({engine_name(others[0].engine)} {others[0].engine_version}"
         fix += f", serving.engine: {others[0].engine})" if others[0].engine != image.engine else ")"

@@ -274,11 +274,13 @@ def deploy_model_request(
 
 
 def render_requests(deployment: Deployment, weights_uri: str, revision_sha: str = "SHA") -> dict[str, Any]:
-    """Both requests as REST JSON (camelCase, as the aiplatform v1 API takes them): what `vlp render` prints."""
+    """Both requests as REST JSON (camelCase, as the aiplatform API takes them): what `vlp render` prints.
+    deploy_model_api names the API version the deploy goes to (v1beta1 for a multi-host replica)."""
     cfg = deployment.config
     model_resource = f"projects/{deployment.project}/locations/{deployment.region}/models/{cfg.name}"
     return {
         "upload_model": _message_dict(upload_model_request(deployment, weights_uri, revision_sha)),
         "deploy_model": _message_dict(deploy_model_request(deployment, model_resource)),
+        "deploy_model_api": "v1beta1" if needs_v1beta1(deployment) else "v1",
         "redeploy": cfg.endpoint.redeploy_path(resolve_shape(deployment).api),
     }

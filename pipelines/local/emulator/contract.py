@@ -158,6 +158,83 @@ def check_request_size(body: bytes, dedicated: bool = False) -> None:
         raise ApiError("INVALID_ARGUMENT", f"Request payload size {len(body)} exceeds the limit of {limit} bytes.")
 
 
+# Google's one documented multi-host GPU deployment: "Serve a DeepSeek-V3 model using multi-host GPU deployment"
+# (cloud.google.com/vertex-ai/docs/predictions/use-multihost-gpu, Preview). What it shows is all the emulator accepts
+# as multi-host; whether Vertex refuses other forms, and with which text, is unverified.
+MULTI_HOST_PAGE = "vertex-ai/docs/predictions/use-multihost-gpu"
+MULTI_HOST_LAUNCHER = "/vllm-workspace/ray_launcher.sh"
+# "you need two a3-highgpu-8g VMs with eight H100 GPUs each"; the deploy passes
+# --accelerator=type=nvidia-h100-80gb,count=8 (per node) and --multihost-gpu-node-count=2.
+MULTI_HOST_MACHINES = {"a3-highgpu-8g": ("NVIDIA_H100_80GB", 8)}
+
+
+def check_multihost_v1(body: bytes) -> None:
+    """V-MH-API: multihost_gpu_node_count is field 6 of v1beta1's MachineSpec only (googleapis
+    google/cloud/aiplatform/v1/machine_resources.proto has no field 6); the page deploys with `gcloud alpha ai
+    endpoints deploy-model --multihost-gpu-node-count`, which calls v1beta1. A v1 request naming it is an unknown
+    field (Google's "Invalid JSON payload received. Unknown name ..." form; exact text unverified)."""
+    import json
+
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:
+        return  # the request parser reports malformed JSON
+    deployed = data.get("deployedModel", data.get("deployed_model")) if isinstance(data, dict) else None
+    resources = (deployed or {}).get("dedicatedResources", (deployed or {}).get("dedicated_resources")) or {}
+    machine = resources.get("machineSpec", resources.get("machine_spec")) or {}
+    for key in ("multihostGpuNodeCount", "multihost_gpu_node_count"):
+        if isinstance(machine, dict) and key in machine:
+            raise ApiError(
+                "INVALID_ARGUMENT",
+                f'Invalid JSON payload received. Unknown name "{key}" at '
+                "'deployed_model.dedicated_resources.machine_spec': Cannot find field. (Multi-host GPU deployment "
+                f"is a v1beta1 API field; see {MULTI_HOST_PAGE}.)",
+            )
+
+
+def check_multihost_machine(machine_type: str, accelerator_type: str, accelerator_count: int, nodes: int) -> None:
+    """V-MH-MACHINE: the page's only machine for multi-host is a3-highgpu-8g with 8 x H100 80GB per node (the
+    accelerator count is per node) over two or more nodes (multihost_gpu_node_count: "The number of nodes per replica
+    for multihost GPU deployments"). Other machines: no documented path (Google's own refusal unverified)."""
+    if nodes < 0:
+        raise ApiError("INVALID_ARGUMENT", f"machine_spec.multihost_gpu_node_count {nodes} must not be negative.")
+    expected = MULTI_HOST_MACHINES.get(machine_type)
+    if expected is None or (accelerator_type, accelerator_count) != expected:
+        documented = ", ".join(f"{m} with {n} x {a} per node" for m, (a, n) in MULTI_HOST_MACHINES.items())
+        raise ApiError(
+            "INVALID_ARGUMENT",
+            f"machine_spec {machine_type} with {accelerator_count} x {accelerator_type or 'no accelerator'} and "
+            f"multihost_gpu_node_count {nodes} is outside the documented multi-host GPU deployment ({documented}; "
+            f"{MULTI_HOST_PAGE}).",
+        )
+
+
+def check_multihost_launcher(spec: dict[str, Any], model_name: str) -> None:
+    """V-MH-LAUNCHER: the page uploads the Model Garden vLLM image with `/vllm-workspace/ray_launcher.sh` as the first
+    container arg ("a prebuilt vLLM container image with Ray integration ... Ray enables the distributed processing
+    required to run models across multiple GPU nodes"); without it each node would start a server of its own."""
+    args = [str(a) for a in spec.get("args") or []]
+    if not args or args[0] != MULTI_HOST_LAUNCHER:
+        first = args[0] if args else "no args"
+        raise ApiError(
+            "FAILED_PRECONDITION",
+            f"Model {model_name} cannot be deployed over several nodes: its container_spec.args must start with "
+            f"{MULTI_HOST_LAUNCHER} (the documented multi-host GPU deployment, {MULTI_HOST_PAGE}); they start with "
+            f"{first!r}.",
+        )
+
+
+def check_multihost_endpoint(endpoint: dict[str, Any]) -> None:
+    """V-MH-DEDICATED: "the Model Garden container requires a dedicated endpoint" (the page creates it with
+    dedicatedEndpointEnabled: true before the multi-host deploy)."""
+    if not endpoint.get("dedicatedEndpointEnabled"):
+        raise ApiError(
+            "FAILED_PRECONDITION",
+            f"Endpoint {endpoint['name']} is not a dedicated endpoint: the documented multi-host GPU deployment "
+            f"deploys to a dedicated endpoint ({MULTI_HOST_PAGE}).",
+        )
+
+
 _MULTI_REGIONS = {"US": "us-", "EU": "europe-", "ASIA": "asia-"}
 
 

@@ -154,6 +154,10 @@ class EndpointsService:
         req = _parse_request(v1beta1.DeployModelRequest, body, query=query)
         dm = req.deployed_model
         nodes = dm.dedicated_resources.machine_spec.multihost_gpu_node_count
+        if nodes < 0:
+            spec = dm.dedicated_resources.machine_spec
+            accelerator = v1beta1.AcceleratorType(spec.accelerator_type).name
+            contract.check_multihost_machine(spec.machine_type, accelerator, spec.accelerator_count, nodes)
         logging_on = dm.enable_container_logging
         dm.dedicated_resources.machine_spec.multihost_gpu_node_count = 0
         dm.enable_container_logging = False  # v1beta1 only; the v1 parse below would refuse it
@@ -172,6 +176,8 @@ class EndpointsService:
         container_logging: bool = True,
         api: Any = v1,
     ) -> Any:
+        if api is v1:
+            contract.check_multihost_v1(body)
         req = _parse_request(v1.DeployModelRequest, body, query=query)
         with self._lock:
             ep_name, ep = self._endpoint(p)
@@ -191,8 +197,19 @@ class EndpointsService:
             self._check_split(split, existing | {"0"}, "traffic_split")
             spec = entry["versions"][vid].get("containerSpec", {})
             contract.check_deploy_target(spec, ep, model_name)
-            machine = req.deployed_model.dedicated_resources.machine_spec.machine_type
+            machine_spec = req.deployed_model.dedicated_resources.machine_spec
+            machine = machine_spec.machine_type
             contract.check_shared_memory(spec, _machine_memory_gb(machine), machine)
+            if nodes > 1:
+                # Multi-host only in the documented form (v1beta1 reaches here; v1 has no such field).
+                contract.check_multihost_machine(
+                    machine,
+                    v1.AcceleratorType(machine_spec.accelerator_type).name,
+                    machine_spec.accelerator_count,
+                    nodes,
+                )
+                contract.check_multihost_launcher(spec, model_name)
+                contract.check_multihost_endpoint(ep)
             if not container_logging:
                 self._logging_off.add(dm_id)
             if nodes > 1:

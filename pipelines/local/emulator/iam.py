@@ -557,8 +557,6 @@ class IamService:
         return 200, json.dumps({"permissions": held} if held else {}).encode(), "application/json", {}
 
     def _iam_routes(self) -> list[_Route]:
-        from vlp.pipelines.local.emulator import artifact_registry  # imported here: it imports this module
-
         md = r"/_md/(?P<principal>[^/]+)"
         sa = r"/computeMetadata/v1/instance/service-accounts/(?:default|(?P=principal))"
         acct = r"/v1/projects/[^/]+/serviceAccounts/(?P<account>[^/:]+)"
@@ -601,8 +599,8 @@ class IamService:
                 self._secret_policy_set,
             ),
             r("GET", r"/v1/projects/(?P<project>[^/]+)/services/(?P<service>[^/:]+)", self._get_service_state),
-            # Artifact Registry repositories' policies: kept in this store, served by artifact_registry.py.
-            *artifact_registry.iam_routes(self),
+            # Artifact Registry repositories' policies are kept in this store too; artifact_registry.py serves their
+            # routes (server.py adds them: that module imports this one).
         ]
 
     def _iam_control(self, method: str, path: str, body: bytes) -> tuple[int, bytes] | None:

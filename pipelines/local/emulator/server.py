@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from google.cloud import aiplatform_v1 as v1
 
+from vlp.pipelines.local.emulator import artifact_registry
 from vlp.pipelines.local.emulator.cloud_run import CloudRunService
 from vlp.pipelines.local.emulator.core import (
     _ID_BASE,
@@ -312,6 +313,7 @@ class Emulator(
         # Each service module declares its own routes; the first match answers, so the order is kept.
         return [
             *self._iam_routes(),
+            *artifact_registry.iam_routes(self),
             *self._model_routes(),
             *self._endpoint_routes(),
             *self._prediction_routes(),
