@@ -157,12 +157,15 @@ class Serving(_Strict):
         description="Serving container image; empty = the newest image in the catalog (components/serving/images.yaml) "
         "whose engine serves the model's architecture.",
     )
+    # Upper bounds catch a typo (1e23) at load instead of in the container: no machine Vertex or Cloud Run offers has
+    # more than 8 GPUs (components/planning/catalog.py), and Google documents multi-host for 2 nodes (use-multihost-gpu).
     tensor_parallel_size: int | None = Field(
-        None, ge=1, description="GPUs a replica shards over; empty = GPUs per node."
+        None, ge=1, le=8, description="GPUs a replica shards over (at most the 8 of one node); empty = GPUs per node."
     )
     pipeline_parallel_size: int | None = Field(
         None,
         ge=1,
+        le=8,
         description="Pipeline-parallel stages, one per node: more than 1 spans that many nodes per replica (multi-host, "
         "Preview), offered only as Google documents it: vLLM, N x a3-highgpu-8g (8 x H100 each), a dedicated endpoint; "
         "empty = one node, or the plan's.",
@@ -173,7 +176,8 @@ class Serving(_Strict):
         None, ge=16, le=10_485_760, description="Longest sequence (prompt + answer) in tokens; empty = plan."
     )
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="Share of GPU memory the engine may use.")
-    max_num_seqs: int | None = Field(None, ge=1, description="Sequences batched at once; empty = plan.")
+    # 65,536: 64 times vLLM V1's largest default (1024, get_batch_defaults at v0.34.0); a value above it is a typo.
+    max_num_seqs: int | None = Field(None, ge=1, le=65_536, description="Sequences batched at once; empty = plan.")
     dtype: str = Field("auto", description="Weights/activations dtype: auto, bfloat16, float16, float32.")
     quantization: str | None = Field(
         None, description="Engine quantization override (fp8, awq, gptq...); empty = from the model."
@@ -182,13 +186,14 @@ class Serving(_Strict):
     swap_space: int | None = Field(
         None,
         ge=0,
+        le=1024,  # GiB per GPU: more than any machine's host memory (vLLM refuses above 70% of it)
         description="CPU swap space per GPU in GiB (vLLM); empty = 16 on Model Garden's 2024 image (its notebooks' "
         "value), not passed to newer vLLM, which removed the flag.",
     )
     enforce_eager: bool = Field(False, description="Disable CUDA graphs (saves memory, slower).")
     enable_lora: bool = Field(False, description="Serve LoRA adapters.")
-    max_loras: int = Field(1, ge=1, description="LoRA adapters held at once.")
-    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank.")
+    max_loras: int = Field(1, ge=1, le=1024, description="LoRA adapters held at once.")
+    max_lora_rank: int = Field(16, ge=1, le=512, description="Largest LoRA rank (vLLM 0.34 takes up to 512).")
     trust_remote_code: bool = Field(False, description="Run code shipped in the model repo (needed by some models).")
     chat_template: str | None = Field(None, description="Jinja chat template for models whose tokenizer has none.")
     limit_mm_per_prompt: dict[str, int] = Field(default_factory=dict, description="Multimodal limits, e.g. {image: 1}.")

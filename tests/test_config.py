@@ -49,6 +49,11 @@ def test_hardware_auto_short_form_and_defaults() -> None:
         (["endpoint.traffic_steps=[50,10]"], "endpoint.traffic_steps", "end at 100"),
         (["teardown=sometimes"], "teardown", "on_failure"),
         (["serving.env={HF_TOKEN: x}"], "serving.env", "hf_token_secret"),
+        # Numbers no engine or machine takes are typos, refused at load (issue 37), not rendered into the container.
+        (["serving.max_num_seqs=1.0e+23"], "serving.max_num_seqs", "exceeded maximum size"),
+        (["serving.max_num_seqs=100000000"], "serving.max_num_seqs", "less than or equal to 65536"),
+        (["serving.tensor_parallel_size=16"], "serving.tensor_parallel_size", "less than or equal to 8"),
+        (["serving.max_lora_rank=1024"], "serving.max_lora_rank", "less than or equal to 512"),
     ],
 )
 def test_bad_config_names_field_and_fix(overrides: list[str], field: str, hint: str) -> None:
