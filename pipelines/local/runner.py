@@ -297,11 +297,18 @@ def build_summary(
         ]
     if cfg.target == "cloud_run":
         _service_summary(summary, cfg, project, api)
-    serving = [dm["model"] for dm in summary["deployed_models"] if dm["traffic_percent"] > 0]
+    # The version that serves: a deployed model names it in modelVersionId (or as MODEL@VERSION); a no-op run made
+    # none of its own, and "the first version of that model" would name one that does not serve.
+    versions = {dm["id"]: dm.get("modelVersionId", "") for dm in (endpoint or {}).get("deployedModels", [])}
+    serving = [
+        (dm["model"], versions.get(dm["id"], "")) for dm in summary["deployed_models"] if dm["traffic_percent"] > 0
+    ]
     ours = [m for m in state["models"] if m.get("labels", {}).get("vlp-run") == run_label]
     model = ours[0] if ours else None
     if model is None and serving:
-        base, _, ver = serving[0].partition("@")
+        name, version = serving[0]
+        base, _, ver = name.partition("@")
+        ver = ver or version
         model = next((m for m in state["models"] if m["name"] == base and (not ver or m.get("versionId") == ver)), None)
     if model:
         summary["model"] = {"resource_name": model["name"], "version_id": model.get("versionId")}
