@@ -147,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--price-per-hour", type=float, default=None, help="USD/hour of the serving replica (overrides --config's)"
     )
+    p.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="send this header with every request to a URL target (repeatable), e.g. an Authorization header",
+    )
+    p.add_argument(
+        "--id-token",
+        action="store_true",
+        help="send an ID token for the target URL (a private Cloud Run service), minted for your account",
+    )
     add_json(p, "the results")
 
     p = sub.add_parser("local", help="the local stack: keep it up between runs, see what it serves, reset it")
@@ -508,6 +520,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UserError(
             f"--concurrency {args.concurrency!r}: give whole numbers separated by commas, e.g. 1,4,16"
         ) from None
+    headers = _bench_headers(args)
     result = run_benchmark(
         args.target,
         concurrency=levels,
@@ -517,8 +530,82 @@ def cmd_bench(args: argparse.Namespace) -> int:
         model=args.model,
         api_endpoint=args.api_endpoint,
         ttft_target_s=args.ttft_target,
+        headers=headers,
         resolve=chat_target,
     )
+    report = args.report.resolve()
+    report.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _bench_prices(args, result)
+    except Exception as exc:  # noqa: BLE001 - the measurements are kept whatever pricing does
+        report.write_text(render_html(result))
+        print(render_table(result))
+        print(f"report: {report}")
+        print(f"error: the load ran, but pricing it failed ({exc}); the measurements are above and in the report, "
+              "without costs: pass --price-per-hour USD", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILED
+    report.write_text(render_html(result))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print(render_table(result))
+        print(f"report: {report}")
+    from vlp.components.smoke.benchmark import every_request_failed
+
+    failed = every_request_failed(result)
+    if failed:
+        print(f"error: every request to {args.target} failed ({failed})", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _bench_headers(args: argparse.Namespace) -> dict[str, str]:
+    """--header values, and an ID token for the target with --id-token. On the local stack (--api-endpoint
+    http://…) the caller is the local project's owner, through the stack's metadata stand-in, as the snippets of
+    `vlp local status` call; a person's shell has no metadata server of its own to name."""
+    headers: dict[str, str] = {}
+    for line in args.header:
+        name, sep, value = line.partition(":")
+        if not sep or not name.strip():
+            raise UserError(f"--header {line!r}: write it as 'Name: value', e.g. 'Authorization: Bearer TOKEN'")
+        headers[name.strip()] = value.strip()
+    local = args.api_endpoint.startswith("http://")
+    if local and not os.environ.get("GCE_METADATA_HOST"):
+        from vlp.pipelines.local.peers import owner_of
+        from vlp.pipelines.local.status import metadata_host
+
+        project = args.target.split("/")[1] if args.target.startswith("projects/") else "local-project"
+        host = metadata_host(args.api_endpoint, owner_of(project))
+        os.environ["GCE_METADATA_HOST"] = os.environ["GCE_METADATA_IP"] = host
+    if args.id_token:
+        if not args.target.startswith(("http://", "https://")):
+            raise UserError("--id-token is for a URL target (a Cloud Run service); a Vertex endpoint takes your access token")
+        from urllib.parse import urlsplit
+
+        import google.auth.exceptions
+        import google.auth.transport.requests
+        import google.oauth2.id_token
+
+        from vlp.components.clients import sync_metadata_host
+
+        sync_metadata_host()
+        parts = urlsplit(args.target)
+        audience = f"{parts.scheme}://{parts.netloc}"
+        try:
+            # As `vlp local status`'s snippets and Google's Cloud Run samples get one: the metadata server's identity
+            # endpoint, or a service account key in GOOGLE_APPLICATION_CREDENTIALS.
+            token = google.oauth2.id_token.fetch_id_token(google.auth.transport.requests.Request(), audience)
+        except google.auth.exceptions.GoogleAuthError as exc:
+            raise UserError(
+                f"cannot mint an ID token for {audience} here ({str(exc)[:160]}): with user credentials pass "
+                "--header \"Authorization: Bearer $(gcloud auth print-identity-token)\" instead"
+            ) from None
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
+
+
+def _bench_prices(args: argparse.Namespace, result: Any) -> None:
+    """Each level's $/1M output tokens, from --price-per-hour or the shape --config plans."""
     if args.config or args.price_per_hour is not None:
         from vlp.components.smoke.benchmark import add_costs
 
@@ -535,21 +622,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if price is None or price <= 0:
             raise UserError("no price for the serving shape: pass --price-per-hour USD, or a --config that fits")
         add_costs(result, price, price_source=source, throughput_model=model)
-    report = args.report.resolve()
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(render_html(result))
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2, default=str))
-    else:
-        print(render_table(result))
-        print(f"report: {report}")
-    from vlp.components.smoke.benchmark import every_request_failed
-
-    failed = every_request_failed(result)
-    if failed:
-        print(f"error: every request to {args.target} failed ({failed})", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
 
 
 def cmd_local(args: argparse.Namespace) -> int:

@@ -125,6 +125,16 @@ def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tm
         for title, code in endpoint["snippets"].items():
             assert "Paris" in paste(title, code), title
 
+        # `vlp bench` on the endpoint from a person's shell (no metadata server named): it calls as the local owner,
+        # vLLM's own image through :streamRawPredict, and measures.
+        bench = subprocess.run(
+            [*VLP, "--api-endpoint", info["emulator"], "bench", endpoint["name"], "--requests", "2", "--concurrency", "1",
+             "--max-tokens", "4", "--report", str(tmp_path / "bench.html"), "--json"],
+            cwd=tmp_path, env=_clean_env(), capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert bench.returncode == 0, bench.stdout + bench.stderr
+        assert json.loads(bench.stdout)["levels"][0]["errors"] == 0
+
         # Right after the demo, the README's benchmark command: nothing changed, so nothing is redeployed, and the
         # benchmark step measures the deployment as it serves.
         bench = vlp(
@@ -216,6 +226,22 @@ def test_local_up_serves_cloud_run_and_tgi_and_their_snippets_answer_paris(tmp_p
             assert "Paris" in paste(title, code), title
         streamed = paste("openai streaming", _streaming(service["snippets"]["openai (Cloud Run URL)"]))
         assert "Paris" in streamed
+        # `vlp bench` on the private service from a person's shell: an ID token for the URL (--id-token), minted for
+        # the local owner through the stack's metadata stand-in. A --config whose plan cannot be made (its model's
+        # Hub is unreachable) fails after the load: the measurements are still printed and the report written.
+        report = tmp_path / "bench.html"
+        unplannable = tmp_path / "unplannable.yaml"
+        unplannable.write_text((ROOT / "configs" / "local-demo-cloud-run.yaml").read_text())
+        bench = subprocess.run(
+            [*VLP, "--api-endpoint", info["emulator"], "bench", service["url"], "--id-token", "--requests", "2",
+             "--concurrency", "1", "--max-tokens", "4", "--report", str(report), "--config", str(unplannable)],
+            cwd=tmp_path, env={**_clean_env(), "HF_ENDPOINT": "http://127.0.0.1:9"}, capture_output=True, text=True,
+            timeout=300,
+        )  # fmt: skip
+        assert bench.returncode == 1, bench.stdout + bench.stderr
+        assert "the load ran, but pricing it failed" in bench.stderr and "Traceback" not in bench.stderr
+        assert "c=1" in bench.stdout or "concurrency" in bench.stdout, bench.stdout
+        assert report.is_file() and "<table" in report.read_text()
         # Without a token, the private service refuses (the snippets' ID token is what lets them in).
         refused = subprocess.run(
             ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"{service['url']}/health"],
