@@ -24,6 +24,8 @@ from vlp.components.iam.policy import (
     serving_repositories,
 )
 
+SECRET_MANAGER_API = "secretmanager.googleapis.com"
+
 GOOGLE_HOSTS = {
     "serviceusage": "https://serviceusage.googleapis.com",
     "iam": "https://iam.googleapis.com",
@@ -49,6 +51,15 @@ class SetupPlan:
     bindings: list[Binding] = field(default_factory=list)
     # Artifact Registry remote repositories (upstream: Docker Hub), by full name: projects/P/locations/L/repositories/R.
     repositories: list[str] = field(default_factory=list)
+    # The Hub token's Secret Manager secret (a gated model), by id: created empty when missing; its value is the
+    # owner's to add (never through vlp: it would pass through a command line or a log).
+    secret: str = ""
+
+    def secret_value_command(self) -> str:
+        """How the owner puts the token in: from an environment variable, never echoed."""
+        return (
+            f'printf %s "$HF_TOKEN" | gcloud secrets versions add {self.secret} --data-file=- --project {self.project}'
+        )
 
     def gcloud(self) -> list[str]:
         """The equivalent gcloud commands (what --dry-run prints)."""
@@ -66,6 +77,9 @@ class SetupPlan:
                 "--repository-format=docker --mode=remote-repository --remote-docker-repo=DOCKER-HUB "
                 f"--remote-repo-config-desc='Docker Hub' --description={shlex.quote(REMOTE_REPOSITORY_DESCRIPTION)}"
             )
+        if self.secret:
+            lines.append(f"gcloud secrets create {self.secret} --replication-policy=automatic --project {self.project}")
+            lines.append(self.secret_value_command())
         for account in self.accounts:
             account_id = account.split("@", 1)[0]
             lines.append(f"gcloud iam service-accounts create {account_id} --project {self.project}")
@@ -109,6 +123,9 @@ def plan_setup(
     apis = list(APIS[getattr(cfg, "target", "vertex") or "vertex"])
     if repositories and ARTIFACT_REGISTRY_API not in apis:
         apis.append(ARTIFACT_REGISTRY_API)
+    secret = secret_id(cfg.model.hf_token_secret) if cfg.model.hf_token_secret else ""
+    if secret and SECRET_MANAGER_API not in apis:
+        apis.append(SECRET_MANAGER_API)  # the mirror and preflight read the token through it
     return SetupPlan(
         project=project,
         region=region,
@@ -117,6 +134,7 @@ def plan_setup(
         accounts=accounts,
         bindings=bindings(ids, held),
         repositories=repositories,
+        secret=secret,
     )
 
 
@@ -198,6 +216,10 @@ def apply(
             changed.append(f"created {account}")
         except exceptions.Conflict:
             pass
+    if plan.secret and _create_secret(api, plan.project, plan.secret):
+        changed.append(
+            f"created the empty secret {plan.secret}: put the Hub token in it with {plan.secret_value_command()}"
+        )
     for name in plan.repositories:
         if _create_remote_repository(api, name):
             changed.append(f"created Artifact Registry remote repository {name} (upstream: Docker Hub)")
@@ -217,6 +239,29 @@ def apply(
     for line in changed:
         log(line)
     return changed
+
+
+def _create_secret(api: _Api, project: str, secret: str) -> bool:
+    """Creates the secret, without a version, when it does not exist (Secret Manager v1 secrets.create:
+    POST /v1/projects/P/secrets?secretId=ID with a Secret whose replication is automatic); True if it did. Its
+    IAM binding follows in apply; the value is the owner's to add."""
+    from google.api_core import exceptions
+
+    try:
+        api.call("secretmanager", "GET", f"/v1/projects/{project}/secrets/{secret}")
+        return False
+    except exceptions.NotFound:
+        pass
+    try:
+        api.call(
+            "secretmanager",
+            "POST",
+            f"/v1/projects/{project}/secrets?secretId={secret}",
+            {"replication": {"automatic": {}}},
+        )
+    except exceptions.Conflict:
+        return False
+    return True
 
 
 def remote_repository_body() -> dict[str, Any]:

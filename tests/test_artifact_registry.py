@@ -79,8 +79,8 @@ def _rest(emu: Emulator, method: str, path: str, principal: str, body: Any = Non
         return err.code, json.loads(err.read() or b"{}")
 
 
-def _config(name: str) -> Any:
-    return load_config(CONFIGS / name, [])
+def _config(name: str, *overrides: str) -> Any:
+    return load_config(CONFIGS / name, list(overrides))
 
 
 # ----------------------------------------------------------------------------- `vlp setup`'s plan
@@ -181,6 +181,24 @@ def _setup_against(emu: Emulator) -> None:
     assert "enabled artifactregistry.googleapis.com" in changed
     assert f"created Artifact Registry remote repository {REPOSITORY} (upstream: Docker Hub)" in changed
     assert apply(plan, api_endpoint=emu.url, credentials=creds, storage_client=gcs, log=lambda _: None) == []
+
+    # A gated model on a fresh project (issue 36): Secret Manager enabled, the secret created empty before its grant,
+    # and the owner told how to put the token in (from an environment variable: never on a command line or a log).
+    gated = plan_setup(
+        _config("local-demo.yaml", "model.hf_token_secret=hf-token-new"),
+        project=PROJECT,
+        bucket=f"{PROJECT}-bucket",
+        region=REGION,
+        project_number=project_number(PROJECT),
+    )
+    assert "secretmanager.googleapis.com" in gated.apis and gated.secret == "hf-token-new"
+    assert f"gcloud secrets create hf-token-new --replication-policy=automatic --project {PROJECT}" in gated.gcloud()
+    changed = apply(gated, api_endpoint=emu.url, credentials=creds, storage_client=gcs, log=lambda _: None)
+    created = [c for c in changed if c.startswith("created the empty secret hf-token-new")]
+    assert created and 'printf %s "$HF_TOKEN" | gcloud secrets versions add hf-token-new --data-file=-' in created[0]
+    assert any(c.startswith("granted roles/secretmanager.secretAccessor on") for c in changed), changed
+    assert _rest(emu, "GET", f"/v1/projects/{PROJECT}/secrets/hf-token-new", owner)[0] == 200
+    assert apply(gated, api_endpoint=emu.url, credentials=creds, storage_client=gcs, log=lambda _: None) == []
 
     status, repository = _rest(emu, "GET", f"/v1/{REPOSITORY}", owner)
     assert status == 200 and repository["name"] == REPOSITORY
