@@ -451,3 +451,31 @@ def test_a_run_whose_emulator_dies_still_writes_its_summary_and_step_logs(tmp_pa
     assert {"preflight.log", "register-model.log"} <= {p.name for p in logs.iterdir()}, sorted(logs.iterdir())
     assert "== vlp run FAILED ==" in output
     assert processes_naming(state) == []
+
+
+def test_a_state_dir_keeps_only_the_newest_runs_records(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run leaves its logs, KFP outputs and step records; the state dir keeps the newest VLP_KEEP_RUNS (20) and
+    the current one, and the stack's own logs and state are never touched (issue 37)."""
+    import os
+
+    from vlp.pipelines.local.runner import prune_run_records, runs_kept
+
+    for area in ("logs", "pipeline-root", "records"):
+        for i in range(25):
+            run = tmp_path / area / f"run-{i:02d}"
+            run.mkdir(parents=True)
+            (run / "x.log").write_text("x")
+            os.utime(run, (1_000_000 + i, 1_000_000 + i))
+    (tmp_path / "logs" / "emulator.log").write_text("the stack's own log")
+    os.utime(tmp_path / "logs" / "run-00", (2_000_000, 2_000_000))  # touched last, yet the current run below
+    removed = prune_run_records(tmp_path, keep=20, current="run-03")
+    newest = [f"run-{i:02d}" for i in range(24, -1, -1)]  # by modification time, newest first
+    for area in ("logs", "pipeline-root", "records"):
+        order = ["run-00", *newest[:-1]] if area == "logs" else newest
+        left = sorted(p.name for p in (tmp_path / area).iterdir() if p.is_dir())
+        assert left == sorted({*order[:20], "run-03"}), (area, left)
+    assert (tmp_path / "logs" / "emulator.log").is_file() and len(removed) == 3 * 4
+    monkeypatch.setenv("VLP_KEEP_RUNS", "5")
+    assert runs_kept() == 5
+    monkeypatch.setenv("VLP_KEEP_RUNS", "zero")
+    assert runs_kept() == 20

@@ -235,6 +235,34 @@ def _without_executor_input(lines: list[str]) -> list[str]:
     return out
 
 
+# How many past runs' logs, KFP outputs and step records a state dir keeps (the newest; the current run always):
+# each run adds ~100 KB and a dozen files, never read again once a later run has its own.
+KEEP_RUNS_ENV = "VLP_KEEP_RUNS"
+DEFAULT_KEEP_RUNS = 20
+
+
+def runs_kept() -> int:
+    """VLP_KEEP_RUNS (a whole number, at least 1), else 20."""
+    value = os.environ.get(KEEP_RUNS_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_KEEP_RUNS
+
+
+def prune_run_records(state_dir: Path, *, keep: int, current: str = "") -> list[Path]:
+    """Removes all but the `keep` newest runs' directories from the state dir's logs/, pipeline-root/ and records/
+    (oldest first, by modification time; `current` is never removed); returns what it removed."""
+    removed: list[Path] = []
+    for area in ("logs", "pipeline-root", "records"):
+        root = state_dir / area
+        if not root.is_dir():
+            continue
+        runs = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in runs[keep:]:
+            if old.name != current:
+                shutil.rmtree(old, ignore_errors=True)
+                removed.append(old)
+    return removed
+
+
 def _write_step_logs(summary: dict[str, Any], text: str, log_dir: Path) -> None:
     """Each step's log to LOG_DIR/STEP.log (and the whole run to run.log), named in the summary, and the failing
     step's last lines."""
@@ -578,6 +606,7 @@ def run_local(
             os.environ.clear()
             os.environ.update(saved_env)
         _write_step_logs(summary, text, state_dir / "logs" / (run_dir or "run"))
+        prune_run_records(state_dir, keep=runs_kept(), current=run_dir)
         source = (summary.get("smoke") or {}).pop("report_source", None)
         if source:
             name = "benchmark-report.html" if Path(source).parent.name.startswith("benchmark") else "smoke-test-report.html"
