@@ -174,3 +174,41 @@ def test_fp4_weights_run_natively_only_on_blackwell(tmp_path: Path) -> None:
     assert any("no FP4 tensor cores" in w for w in h100.warnings), h100.warnings
     b200 = plan_model(model, machine_type="a4-highgpu-8g", accelerator_type="NVIDIA_B200", accelerator_count=8)
     assert not any("FP4" in w for w in b200.warnings), b200.warnings
+
+
+GPT_OSS_20B = {
+    **GPT_OSS_120B, "num_hidden_layers": 24, "num_local_experts": 32,
+    "layer_types": ["sliding_attention", "full_attention"] * 12, "quantization_config": {"quant_method": "mxfp4"},
+}  # fmt: skip
+LLAMA_33_70B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "num_hidden_layers": 80, "vocab_size": 128256,
+    "max_position_embeddings": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}  # fmt: skip
+# The presets for the models people deploy now, each with its model's real config and index total_size: `auto` must
+# pick the shape the preset names, on the image the catalog chooses (vLLM 0.34, whose registry serves each).
+CURRENT_PRESETS = {
+    "qwen3-30b-a3b-vllm-a100": (QWEN3_30B_A3B, 61_064_000_000),
+    "gpt-oss-20b-vllm-l4": (GPT_OSS_20B, 13_761_264_768),
+    "gemma-3-27b-vllm-a100": (GEMMA3_27B, 54_867_000_000),
+    "llama-3.3-70b-vllm-2xa100": (LLAMA_33_70B, 141_107_000_000),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(CURRENT_PRESETS))
+def test_each_current_models_preset_names_the_shape_auto_picks(tmp_path: Path, preset: str) -> None:
+    from vlp.components.config import load_config
+    from vlp.components.planning.plan import plan_for_facts
+
+    config, total = CURRENT_PRESETS[preset]
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "configs" / f"{preset}.yaml")
+    auto = load_config(root / "configs" / f"{preset}.yaml", ["hardware=auto"])
+    facts = read_local_facts(_checkout(tmp_path, preset, config, total))
+    plan = plan_for_facts(facts, auto.serving, auto.hardware, regions=auto.placement.regions)
+    assert plan.fits, plan.errors
+    hw = cfg.hardware
+    assert (plan.machine_type, plan.accelerator_type, plan.accelerator_count) == (
+        hw.machine_type, hw.accelerator_type, hw.accelerator_count,
+    )  # fmt: skip
+    assert (plan.serving_image, plan.engine_version) == ("docker.io/vllm/vllm-openai:v0.34.0", "0.34.0")

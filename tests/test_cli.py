@@ -42,7 +42,7 @@ def test_every_command_has_help() -> None:
 def test_check_passes_on_every_config_and_names_the_field_on_a_broken_one(tmp_path: Path) -> None:
     ok = vlp("check")
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "19/19 configs and templates valid" in ok.stdout  # 10 configs, and the 9 templates' run forms
+    assert "27/27 configs and templates valid" in ok.stdout  # 14 configs, and the 13 templates' run forms
     broken = tmp_path / "broken.yaml"
     broken.write_text((ROOT / "configs" / "local-demo.yaml").read_text().replace("max_num_seqs", "max_num_seq"))
     bad = vlp("check", str(broken))

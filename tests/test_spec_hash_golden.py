@@ -30,6 +30,14 @@ L4_PLAN = {
 }
 
 GOLDEN: dict[str, tuple[str, str]] = {
+    'gemma-3-27b-vllm-a100': (
+        'vlp-deployment=gemma-3-27b-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=4040ecac4650',
+        'rev-0123456789ab-4040ecac',
+    ),
+    'gpt-oss-20b-vllm-l4': (
+        'vlp-deployment=gpt-oss-20b-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=58de7f1eebd1',
+        'rev-0123456789ab-58de7f1e',
+    ),
     'llama-3.1-405b-bf16-vllm-2xa3': (
         'vlp-deployment=llama-3-1-405b-bf16-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=816ff334ec40',
         'rev-0123456789ab-816ff334',
@@ -62,6 +70,10 @@ GOLDEN: dict[str, tuple[str, str]] = {
         'vlp-deployment=llama-3-2-11b-vision-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=02870f59efd6',
         'rev-0123456789ab-02870f59',
     ),
+    'llama-3.3-70b-vllm-2xa100': (
+        'vlp-deployment=llama-3-3-70b-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=cdd98b3b8f2e',
+        'rev-0123456789ab-cdd98b3b',
+    ),
     'local-demo': (
         'vlp-deployment=smollm2-demo,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=48ac82bb0041',
         'rev-0123456789ab-48ac82bb',
@@ -69,6 +81,10 @@ GOLDEN: dict[str, tuple[str, str]] = {
     'local-demo-cloud-run': (
         'vlp-deployment=smollm2-demo-run,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=41d5db0f09f5',
         '',
+    ),
+    'qwen3-30b-a3b-vllm-a100': (
+        'vlp-deployment=qwen3-30b-a3b-vllm,vlp-revision=0123456789ab,vlp-run=run-1,vlp-spec=7c93ce874558',
+        'rev-0123456789ab-7c93ce87',
     ),
 }
 
