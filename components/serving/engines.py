@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,14 +283,24 @@ def vllm_args(deployment: Deployment, weights_uri: str = "") -> list[str]:
         f"--served-model-name={shape.repo}",
         f"--tensor-parallel-size={shape.tensor_parallel_size}",
     ]
+    # The 2024 image's notebooks pass 16 GiB of swap space when the config names none.
+    args += _vllm_engine_flags(shape, s, swap_space=16 if s.swap_space is None else s.swap_space, mm_json=False)
+    return args + list(s.extra_args)
+
+
+def _vllm_engine_flags(shape: ServingShape, s: Any, *, swap_space: int | None, mm_json: bool) -> list[str]:
+    """The engine flags both vLLM forms share, in the order every preset has rendered them (the spec hash)."""
+    args = []
     if shape.pipeline_parallel_size > 1:
         args.append(f"--pipeline-parallel-size={shape.pipeline_parallel_size}")
-    args += [f"--swap-space={16 if s.swap_space is None else s.swap_space}", f"--gpu-memory-utilization={s.gpu_memory_utilization}"]
+    if swap_space is not None:
+        args.append(f"--swap-space={swap_space}")
+    args.append(f"--gpu-memory-utilization={s.gpu_memory_utilization}")
     if shape.max_model_len:
         args.append(f"--max-model-len={shape.max_model_len}")
     args.append(f"--dtype={s.dtype}")
     if s.enable_lora:
-        # The doc passes --max-loras/--max-cpu-loras always; they only size LoRA slots, so only with LoRA on.
+        # Model Garden's notebooks pass --max-loras always; it only sizes LoRA slots, so only with LoRA on.
         args += ["--enable-lora", f"--max-loras={s.max_loras}", f"--max-lora-rank={s.max_lora_rank}"]
     if shape.max_num_seqs:
         args.append(f"--max-num-seqs={shape.max_num_seqs}")
@@ -303,13 +314,14 @@ def vllm_args(deployment: Deployment, weights_uri: str = "") -> list[str]:
     if s.kv_cache_dtype != "auto":
         args.append(f"--kv-cache-dtype={s.kv_cache_dtype}")
     if s.limit_mm_per_prompt:
-        # key=value form: what the pinned (2024) vLLM parses; newer vLLM also takes JSON (use extra_args there).
-        limits = ",".join(f"{k}={v}" for k, v in sorted(s.limit_mm_per_prompt.items()))
-        args.append(f"--limit-mm-per-prompt={limits}")
+        limits = dict(sorted(s.limit_mm_per_prompt.items()))
+        # JSON: the form current vLLM parses; key=value: what the 2024 image's vLLM 0.6.2 parses.
+        value = json.dumps(limits) if mm_json else ",".join(f"{k}={v}" for k, v in limits.items())
+        args.append(f"--limit-mm-per-prompt={value}")
     if s.chat_template:
         # vLLM takes a file path or the template itself; one argv element keeps newlines intact.
         args.append(f"--chat-template={s.chat_template}")
-    return args + list(s.extra_args)
+    return args
 
 
 def vllm_serve_args(deployment: Deployment, weights_uri: str = "", model_path: str = "") -> list[str]:
@@ -335,34 +347,8 @@ def vllm_serve_args(deployment: Deployment, weights_uri: str = "", model_path: s
         f"--served-model-name={shape.repo}",
         f"--tensor-parallel-size={shape.tensor_parallel_size}",
     ]
-    if shape.pipeline_parallel_size > 1:
-        args.append(f"--pipeline-parallel-size={shape.pipeline_parallel_size}")
-    if s.swap_space is not None:
-        args.append(f"--swap-space={s.swap_space}")  # refused by check_flags where the version removed it
-    args.append(f"--gpu-memory-utilization={s.gpu_memory_utilization}")
-    if shape.max_model_len:
-        args.append(f"--max-model-len={shape.max_model_len}")
-    args.append(f"--dtype={s.dtype}")
-    if s.enable_lora:
-        args += ["--enable-lora", f"--max-loras={s.max_loras}", f"--max-lora-rank={s.max_lora_rank}"]
-    if shape.max_num_seqs:
-        args.append(f"--max-num-seqs={shape.max_num_seqs}")
-    args.append("--disable-log-stats")
-    if s.trust_remote_code:
-        args.append("--trust-remote-code")
-    if s.enforce_eager:
-        args.append("--enforce-eager")
-    if s.quantization:
-        args.append(f"--quantization={s.quantization}")
-    if s.kv_cache_dtype != "auto":
-        args.append(f"--kv-cache-dtype={s.kv_cache_dtype}")
-    if s.limit_mm_per_prompt:
-        import json
-
-        # JSON: the form current vLLM parses (the key=value form was removed).
-        args.append(f"--limit-mm-per-prompt={json.dumps(dict(sorted(s.limit_mm_per_prompt.items())))}")
-    if s.chat_template:
-        args.append(f"--chat-template={s.chat_template}")
+    # --swap-space only when the config names it: check_flags refuses it where the version removed it.
+    args += _vllm_engine_flags(shape, s, swap_space=s.swap_space, mm_json=True)
     return args + list(s.extra_args)
 
 
