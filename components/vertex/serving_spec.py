@@ -19,6 +19,7 @@ from vlp.components.serving.engines import (
     tgi_env_and_args,
     vllm_args,
 )
+from vlp.components.serving.images import default_image
 
 SHARED_MEMORY_MB = 16 * 1024  # Model Garden's value: NCCL between tensor-parallel shards lives in /dev/shm
 # /dev/shm is carved out of host RAM: Model Garden pairs 16 GiB with hosts of 32 GB and more; a smaller host
@@ -76,56 +77,36 @@ def container_spec(deployment: Deployment, weights_uri: str = "") -> Any:
     # The startup probe gives loading the whole deployment timeout; after that three misses mean unhealthy.
     startup_failures = math.ceil(DEPLOYMENT_TIMEOUT_S / PROBE_PERIOD_S)
     invoke = cfg.endpoint.uses_invoke
-    if shape.api == "openai":
-        # vLLM's own image: `vllm serve`, its OpenAI routes and /health. A shared endpoint reaches
-        # /v1/chat/completions through :rawPredict (Vertex forwards the body to predict_route unchanged); a dedicated
-        # one every route through invoke. Google's "custom vLLM container" notebook deploys vllm/vllm-openai the same
-        # way (predict_route /v1/completions, health_route /health, called with raw_predict).
-        env = {}
-        image = shape.serving_image
-        spec = ModelContainerSpec(
-            image_uri=shape.image,
-            command=list(image.command) if image else ["vllm", "serve"],
-            args=vllm_args(deployment, weights_uri),
-            health_route="/health",
-            startup_probe=_probe("/health", startup_failures),
-            health_probe=_probe("/health", 3),
-        )
-        if invoke:
-            spec.invoke_route_prefix = INVOKE_ROUTE_PREFIX
-        else:
-            spec.predict_route = "/v1/chat/completions"
-    elif shape.engine == "vllm":
-        # The env every Model Garden vLLM notebook sets (deploy_model_vllm in the vertex-ai-samples notebooks).
-        env: dict[str, str] = {"MODEL_ID": shape.repo, "DEPLOY_SOURCE": "notebook"}
-        spec = ModelContainerSpec(
-            image_uri=shape.image,
-            args=vllm_args(deployment, weights_uri),
-            health_route="/ping",
-            startup_probe=_probe("/ping", startup_failures),
-            health_probe=_probe("/ping", 3),
-        )
-        # predict_route and invoke_route_prefix are mutually exclusive; with the prefix, clients call
-        # .../invoke/generate and Vertex forwards the path to the container unchanged.
-        if invoke:
-            spec.invoke_route_prefix = INVOKE_ROUTE_PREFIX
-        else:
-            spec.predict_route = "/generate"
-    else:
+    # Command and routes are the image's (components/serving/images.yaml); an image outside the catalog is called as
+    # its engine's default image is.
+    image = shape.serving_image or default_image(s.engine, cfg.target)
+    if shape.api == "tgi":
         env, args = tgi_env_and_args(deployment)
-        # No predict/health route on purpose: the DLC's router (built with the `google` feature) adds
-        # AIP_PREDICT_ROUTE / AIP_HEALTH_ROUTE next to its own /generate and /health, and registering one of
-        # those twice makes axum panic at start. Vertex's defaults (.../deployedModels/ID:predict) never clash;
-        # the HF Vertex notebooks leave them unset too. /health exists in every TGI, so the probes use it.
-        spec = ModelContainerSpec(
-            image_uri=shape.image,
-            args=args,
-            startup_probe=_probe("/health", startup_failures),
-            health_probe=_probe("/health", 3),
-        )
-        if invoke:
-            # The router serves /generate, /v1/chat/completions, /health... itself: invoke reaches them as they are.
-            spec.invoke_route_prefix = INVOKE_ROUTE_PREFIX
+    else:
+        # Model Garden's images: the env every Model Garden vLLM notebook sets (deploy_model_vllm in the
+        # vertex-ai-samples notebooks); vLLM's own image reads neither.
+        env = {"MODEL_ID": shape.repo, "DEPLOY_SOURCE": "notebook"} if shape.api == "model-garden" else {}
+        args = vllm_args(deployment, weights_uri)
+    spec = ModelContainerSpec(
+        image_uri=shape.image,
+        command=list(image.command),
+        args=args,
+        startup_probe=_probe(image.health_route, startup_failures),
+        health_probe=_probe(image.health_route, 3),
+    )
+    if shape.api != "tgi":
+        # TGI gets no predict/health route on purpose: the DLC's router (built with the `google` feature) adds
+        # AIP_PREDICT_ROUTE / AIP_HEALTH_ROUTE next to its own /generate and /health, and registering one of those
+        # twice makes axum panic at start; Vertex's defaults never clash, and the HF Vertex notebooks leave them unset.
+        spec.health_route = image.health_route
+    # predict_route and invoke_route_prefix are mutually exclusive; with the prefix, clients name the container's own
+    # route (.../invoke/v1/chat/completions, .../invoke/generate) and Vertex forwards it unchanged. vLLM's own image on
+    # a shared endpoint is reached through :rawPredict, which sends the OpenAI body to /v1/chat/completions as it is
+    # (Google's "custom vLLM container" notebook deploys vllm/vllm-openai the same way, called with raw_predict).
+    if invoke:
+        spec.invoke_route_prefix = INVOKE_ROUTE_PREFIX
+    elif image.predict_route and shape.api != "tgi":
+        spec.predict_route = image.predict_route
     check_flags(list(spec.args), shape, cfg.name)
     env.update(s.env)
     spec.env = [EnvVar(name=k, value=v) for k, v in env.items()]
