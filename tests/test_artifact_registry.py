@@ -18,6 +18,7 @@ from conftest import as_tester
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.cloud import aiplatform_v1, run_v2, storage
+from test_emulator_cloud_run import _Servers  # the emulator's model servers, stood in: these tests deploy, not serve
 
 from vlp.components.config import load_config
 from vlp.components.serving.images import REMOTE_REPOSITORY_NAME, default_image, multi_region
@@ -33,28 +34,6 @@ REGION = "us-central1"
 REPOSITORY = f"projects/{PROJECT}/locations/us/repositories/{REMOTE_REPOSITORY_NAME}"
 # vLLM's own image, as a deployment names it: through the project's remote repository (components/serving/images.py).
 VLLM = default_image("vllm").uri(PROJECT, REGION)
-
-
-class _Servers:
-    """Model servers that start at once: these tests are about pulling the image, not serving."""
-
-    def __init__(self) -> None:
-        self.running: dict[str, dict[str, Any]] = {}
-
-    def start(self, serving_id: str, weights: str, spec: dict, timeout_s: float) -> None:
-        self.running[serving_id] = spec
-
-    def stop(self, serving_id: str, remove_copy: bool = False) -> None:
-        self.running.pop(serving_id, None)
-
-    def stop_all(self) -> None:
-        self.running.clear()
-
-    def is_healthy(self, serving_id: str) -> bool:
-        return serving_id in self.running
-
-    def known_ids(self) -> list[str]:
-        return sorted(self.running)
 
 
 @pytest.fixture
