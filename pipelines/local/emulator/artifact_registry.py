@@ -150,13 +150,7 @@ def _create(emu: Any, parent: str, query: dict[str, list[str]], body: bytes) -> 
 def _parse_repository(body: bytes) -> dict[str, Any]:
     """The request's Repository, refused as Google's JSON front end refuses a field the message lacks; a remote
     repository must name an upstream of its own format (repository.proto: RemoteRepositoryConfig.remote_source)."""
-    try:
-        data = json.loads(body or b"{}")
-    except ValueError as exc:
-        raise ApiError("INVALID_ARGUMENT", f"Invalid JSON payload received. {exc}") from None
-    if not isinstance(data, dict):
-        raise ApiError("INVALID_ARGUMENT", "Invalid JSON payload received. The repository must be a JSON object.")
-    data = {_camel(k): v for k, v in data.items()}
+    data = {_camel(k): v for k, v in _body(body).items()}
     _known(data, _REPOSITORY_FIELDS, "repository")
     repository = {k: v for k, v in data.items() if k not in _OUTPUT_ONLY}
     fmt = repository.get("format", "FORMAT_UNSPECIFIED")
