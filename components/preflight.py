@@ -393,7 +393,8 @@ def preflight_op(
         if broken:
             # Checked first, by one listing: the serving model may still answer from its copy, or answer 503 after a
             # restart that could not load them; either way only a new mirror and deploy put it right.
-            log.info("the mirrored weights changed since they were deployed (%s): mirroring and deploying again", broken)
+            # (Also a first run: nothing is mirrored yet, so nothing can be unchanged.)
+            log.info("no complete mirror of this revision in the bucket (%s): mirroring it, then deploying", broken)
             unchanged = None
         elif candidate and cfg.target == "cloud_run":
             from vlp.components.cloud_run.probe import unchanged_service
