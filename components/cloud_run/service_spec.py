@@ -63,6 +63,7 @@ def revision_template(deployment: Deployment, weights_uri: str, labels: dict[str
         tgi_env_and_args,
         vllm_serve_args,
     )
+    from vlp.components.serving.images import default_image
 
     cfg = deployment.config
     spec = cfg.cloud_run
@@ -71,10 +72,11 @@ def revision_template(deployment: Deployment, weights_uri: str, labels: dict[str
     check_engine_values(cfg, shape.serving_image)
     uri = weights_uri.rstrip("/")
     mount = spec.weights == "mount"
-    command: list[str] = []
+    # Command and health route are the image's (components/serving/images.yaml); an image outside the catalog is run as
+    # its engine's default image is.
+    image = shape.serving_image or default_image(cfg.serving.engine, cfg.target)
     if shape.api == "openai":
         env: dict[str, str] = {}
-        command = list(shape.serving_image.command) if shape.serving_image else ["vllm", "serve"]
         args = vllm_serve_args(deployment, uri, model_path=WEIGHTS_MOUNT if mount else "")
     else:
         env, args = tgi_env_and_args(deployment)
@@ -82,7 +84,7 @@ def revision_template(deployment: Deployment, weights_uri: str, labels: dict[str
     env = {**env, "HF_HUB_OFFLINE": "1", **cfg.serving.env}
     container = run_v2.Container(
         image=shape.image,
-        command=command,
+        command=list(image.command),
         args=args,
         ports=[run_v2.ContainerPort(name="http1", container_port=SERVING_PORT)],
         resources=run_v2.ResourceRequirements(
@@ -91,7 +93,7 @@ def revision_template(deployment: Deployment, weights_uri: str, labels: dict[str
             startup_cpu_boost=True,
         ),
         startup_probe=run_v2.Probe(
-            http_get=run_v2.HTTPGetAction(path="/health", port=SERVING_PORT),
+            http_get=run_v2.HTTPGetAction(path=image.health_route, port=SERVING_PORT),
             period_seconds=PROBE_PERIOD_S,
             timeout_seconds=5,
             failure_threshold=math.ceil(spec.startup_timeout_s / PROBE_PERIOD_S),
