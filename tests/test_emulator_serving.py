@@ -376,7 +376,8 @@ def _gone(pid: int) -> bool:
     try:
         # A reparented child may linger as a zombie until init reaps it: that is dead too.
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # The process exited between listing /proc and reading its stat (Linux answers ESRCH then): gone.
         return True
 
 
