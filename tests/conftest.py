@@ -160,6 +160,13 @@ def as_tester(emulator: Any, *projects: str) -> Any:
     return emulator.credentials_for(TESTER)
 
 
+def plumbing_headers(emulator: Any) -> dict[str, str]:
+    """The header that opens an emulator's own plumbing routes (/_emulator/...): its stack key (plumbing.py)."""
+    from vlp.pipelines.local.emulator import plumbing
+
+    return {plumbing.HEADER: emulator.plumbing_key}
+
+
 def auth_header(emulator: Any, *projects: str) -> dict[str, str]:
     """The Authorization header of the tester (for raw HTTP calls)."""
     return {"Authorization": f"Bearer {as_tester(emulator, *projects).token}"}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import as_tester
+from conftest import as_tester, plumbing_headers
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.cloud import aiplatform_v1, run_v2, storage
@@ -143,6 +143,7 @@ def _setup_against(emu: Emulator) -> None:
     request = urllib.request.Request(
         f"{emu.url}/_emulator/apis",
         data=json.dumps({"project": PROJECT, "disabled": ["artifactregistry.googleapis.com"]}).encode(),
+        headers=plumbing_headers(emu),
         method="POST",
     )
     urllib.request.urlopen(request, timeout=10).close()

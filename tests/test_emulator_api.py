@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TESTER, as_tester, auth_header, let_vertex_read, run_as
+from conftest import TESTER, as_tester, auth_header, let_vertex_read, plumbing_headers, run_as
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
@@ -24,7 +25,7 @@ from google.cloud import aiplatform, aiplatform_v1
 from google.protobuf import struct_pb2
 
 from vlp.components.serving import images
-from vlp.pipelines.local.emulator import Emulator, create_emulator
+from vlp.pipelines.local.emulator import Emulator, create_emulator, plumbing
 
 PROJECT = "demo-project"
 LOCATION = "us-central1"
@@ -123,9 +124,11 @@ def _auth(emulator: Emulator) -> None:
     _AUTH.update(auth_header(emulator, PROJECT))
 
 
-def _http(method: str, url: str, body: Any = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+def _http(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, Any], dict[str, str]]:
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    headers = {"Content-Type": "application/json", **_AUTH}
+    headers = {"Content-Type": "application/json", **_AUTH, **(headers or {})}
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -517,17 +520,44 @@ def test_fault_predict_429_throttles_the_first_two_calls(emu: Emulator) -> None:
 
 
 def test_control_routes(emu: Emulator) -> None:
+    key = plumbing_headers(emu)
     assert _http("GET", f"{emu.url}/healthz")[0] == 200
     _upload()
-    assert _http("GET", f"{emu.url}/_emulator/calls")[1]["calls"][0] == f"POST /v1/{PARENT}/models:upload"
-    _http("POST", f"{emu.url}/_emulator/calls:clear", {})
+    assert _http("GET", f"{emu.url}/_emulator/calls", headers=key)[1]["calls"][0] == f"POST /v1/{PARENT}/models:upload"
+    _http("POST", f"{emu.url}/_emulator/calls:clear", {}, headers=key)
     assert emu.calls == []
-    assert _http("POST", f"{emu.url}/_emulator/faults", {"faults": ["predict-429"]})[1] == {"faults": ["predict-429"]}
+    faults = _http("POST", f"{emu.url}/_emulator/faults", {"faults": ["predict-429"]}, headers=key)[1]
+    assert faults == {"faults": ["predict-429"]}
     assert emu.faults == {"predict-429"}
-    state = _http("GET", f"{emu.url}/_emulator/state")[1]
+    state = _http("GET", f"{emu.url}/_emulator/state", headers=key)[1]
     assert [m["versionId"] for m in state["models"]] == ["1"] and state["endpoints"] == []
     assert emu.calls == []  # control routes are not API calls
 
+
+def test_plumbing_routes_refuse_a_caller_without_the_stacks_key(emu: Emulator) -> None:
+    """Minting a token, granting a role, setting quotas or faults, reading the state: any local user can reach the
+    loopback port, so these need the key only the stack's owner can read (0600), even with a valid OAuth token."""
+    path = plumbing.key_path(emu.state_dir)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    grant = {"resource": f"projects/{PROJECT}", "role": "roles/owner", "member": "user:mallory@example.com"}
+    attempts = [
+        ("POST", "/_emulator/token", {"principal": f"vlp-admin@{PROJECT}.iam.gserviceaccount.com"}),
+        ("POST", "/_emulator/iam:grant", grant),
+        ("POST", "/_emulator/quotas", {"quotas": {}, "default": 1000}),
+        ("POST", "/_emulator/secrets", {"name": "hf-token", "value": "hf_x"}),
+        ("POST", "/_emulator/faults", {"faults": ["smoke-fail"]}),
+        ("GET", "/_emulator/state", None),
+    ]
+    for wrong in ({}, {plumbing.HEADER: "not-the-key"}, {plumbing.HEADER: ""}):
+        for method, route, body in attempts:
+            code, answer, _ = _http(method, f"{emu.url}{route}", body, headers=wrong)
+            assert code == 403, (route, wrong, answer)
+            assert str(path) in answer["error"]["message"] and answer["error"]["status"] == "PERMISSION_DENIED"
+    assert "user:mallory@example.com" not in json.dumps(emu.policy_of(f"projects/{PROJECT}"))
+    assert emu.faults == set()
+    # The same key opens them, and it survives a restart of the emulator on the same state dir.
+    assert _http("POST", f"{emu.url}/_emulator/token", attempts[0][2], headers=plumbing_headers(emu))[0] == 200
+    assert plumbing.ensure_key(emu.state_dir) == emu.plumbing_key
 
 def test_cli_prints_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -542,7 +572,8 @@ def test_cli_prints_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
         line = _readline(process, timeout=30)
         assert line.startswith("READY http://127.0.0.1:")
         url = line.split()[1]
-        assert _http("GET", f"{url}/_emulator/faults")[1] == {"faults": ["predict-429"]}
+        key = {plumbing.HEADER: plumbing.read_key(tmp_path)}
+        assert _http("GET", f"{url}/_emulator/faults", headers=key)[1] == {"faults": ["predict-429"]}
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=15) == 0

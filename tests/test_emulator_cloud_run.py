@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import as_tester, run_as
+from conftest import as_tester, plumbing_headers, run_as
 from google.api_core import exceptions as gexc
 from google.api_core.client_options import ClientOptions
 from google.auth.credentials import AnonymousCredentials
@@ -63,7 +63,10 @@ ROLLOUT_QUOTAS = {
 def _set_quotas(emu: Emulator, quotas: dict) -> None:
     import requests
 
-    assert requests.post(f"{emu.url}/_emulator/quotas", json={"quotas": quotas, "default": 8}, timeout=10).ok
+    answer = requests.post(
+        f"{emu.url}/_emulator/quotas", json={"quotas": quotas, "default": 8}, headers=plumbing_headers(emu), timeout=10
+    )
+    assert answer.ok
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import google_crc32c
 import pytest
-from conftest import as_tester
+from conftest import as_tester, plumbing_headers
 from google.api_core import exceptions as gexc
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
@@ -468,6 +468,24 @@ def emu(work: Path, gcs: Peer, manager: ServingManager, hub: tuple[Peer, str]) -
     emulator.stop()
 
 
+
+def test_the_emulator_removes_serving_copies_nothing_uses_and_keeps_their_logs(tmp_path: Path, gcs: Peer) -> None:
+    """Issue 37: a copy a crash left half-written, or whose deployed model went while the emulator was down, is the
+    model's full size and nothing would ever remove it: the emulator removes it when it starts; the log stays."""
+    state = tmp_path / "emu"
+    manager = ServingManager(state, gcs.url, set())
+    ghost = manager.serving_dir / "1000000999" / "model"
+    ghost.mkdir(parents=True)
+    (ghost / "model.safetensors").write_bytes(b"\0" * 4096)
+    (manager.serving_dir / "1000000999.log").write_text("the model server's last words\n")
+    emulator = create_emulator(state, storage_endpoint=gcs.url, serving=manager)
+    emulator.start()
+    try:
+        assert not (manager.serving_dir / "1000000999").exists()
+        assert (manager.serving_dir / "1000000999.log").read_text() == "the model server's last words\n"
+    finally:
+        emulator.stop()
+
 def _post(url: str, body: dict, headers: dict[str, str] | None = None) -> tuple[int, dict]:
     request = urllib.request.Request(
         url, json.dumps(body).encode(), {"Content-Type": "application/json", **(headers or {})}
@@ -482,7 +500,7 @@ def _post(url: str, body: dict, headers: dict[str, str] | None = None) -> tuple[
 def test_secret_manager_client_reads_and_writes_secrets(emu: Emulator) -> None:
     from google.cloud import secretmanager
 
-    assert _post(emu.url + "/_emulator/secrets", {"name": "hf-token", "value": "hf_seeded"})[0] == 200
+    assert _post(emu.url + "/_emulator/secrets", {"name": "hf-token", "value": "hf_seeded"}, plumbing_headers(emu))[0] == 200
     client = secretmanager.SecretManagerServiceClient(
         transport="rest", client_options={"api_endpoint": emu.url}, credentials=as_tester(emu, PROJECT)
     )
@@ -522,7 +540,8 @@ def test_cloud_quotas_client_reads_limits_and_the_exhausted_fault(emu: Emulator)
     from google.cloud import cloudquotas_v1
 
     l4 = "CustomModelServingL4GPUsPerProjectPerRegion"
-    status, _ = _post(emu.url + "/_emulator/quotas", {"quotas": {l4: {"us-central1": 4, "us-east4": 0}}, "default": 8})
+    quotas = {"quotas": {l4: {"us-central1": 4, "us-east4": 0}}, "default": 8}
+    status, _ = _post(emu.url + "/_emulator/quotas", quotas, plumbing_headers(emu))
     assert status == 200
     client = cloudquotas_v1.CloudQuotasClient(
         transport="rest", client_options={"api_endpoint": emu.url}, credentials=as_tester(emu, PROJECT)

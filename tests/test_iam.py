@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import TESTER, as_tester, run_as
+from conftest import TESTER, as_tester, plumbing_headers, run_as
 from google.api_core import exceptions as gexc
 from google.cloud import aiplatform_v1, run_v2, storage
 from test_preflight import _NoServing
@@ -168,7 +168,7 @@ def _project_setup(
         request = urllib.request.Request(
             f"{emu.url}/_emulator/secrets",
             data=json.dumps({"name": "hf-token", "value": "hf_local_test_token"}).encode(),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **plumbing_headers(emu)},
             method="POST",
         )
         urllib.request.urlopen(request, timeout=10).close()
@@ -184,6 +184,7 @@ def _project_setup(
         "submitter": submitter,
         "plan": plan,
         "gcs": gcs,
+        "plumbing": plumbing_headers(emu),
     }
 
 
@@ -345,7 +346,9 @@ def _create_service(ctx: dict[str, Any], api: str, runtime: str, *, image: str =
     # A new project has no Cloud Run GPU quota: its owner requests one L4 without zonal redundancy first.
     quota = {"quotas": {"NvidiaL4GpuAllocNoZonalRedundancyPerProjectRegion": {REGION: 1}}, "default": 8}
     request = urllib.request.Request(
-        f"{api}/_emulator/quotas", data=json.dumps(quota).encode(), headers={"Content-Type": "application/json"}
+        f"{api}/_emulator/quotas",
+        data=json.dumps(quota).encode(),
+        headers={"Content-Type": "application/json", **ctx["plumbing"]},
     )
     urllib.request.urlopen(request, timeout=10).close()
     service.template.volumes[0].gcs.bucket = ctx["bucket"]
@@ -389,6 +392,7 @@ def test_resource_manager_is_enabled_by_setup_and_preflight_names_it_when_off(
     request = urllib.request.Request(
         f"{emu.url}/_emulator/apis",
         data=json.dumps({"project": ctx["project"], "disabled": ["cloudresourcemanager.googleapis.com"]}).encode(),
+        headers=plumbing_headers(emu),
         method="POST",
     )
     urllib.request.urlopen(request, timeout=10).close()
@@ -411,6 +415,7 @@ def test_a_disabled_api_is_named_with_its_fix(emu: Any, monkeypatch: pytest.Monk
         data=json.dumps(
             {"project": ctx["project"], "disabled": ["cloudquotas.googleapis.com", "aiplatform.googleapis.com"]}
         ).encode(),
+        headers=plumbing_headers(emu),
         method="POST",
     )
     urllib.request.urlopen(request, timeout=10).close()

@@ -369,8 +369,8 @@ def test_gated_repo_through_the_emulator_hub_gate(local_stack, tiny_model_dir: P
     api = local_stack.api_endpoint
 
     def post(path: str, body: dict) -> None:
-        req = urllib.request.Request(api + path, data=json.dumps(body).encode(), method="POST")
-        req.add_header("Content-Type", "application/json")
+        headers = {"Content-Type": "application/json", **local_stack.plumbing_headers}
+        req = urllib.request.Request(api + path, data=json.dumps(body).encode(), headers=headers, method="POST")
         urllib.request.urlopen(req, timeout=10).read()
 
     post("/_emulator/secrets", {"name": "hf-token", "value": "hf_NOACCESStoken"})

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import auth_header, let_vertex_read, pipeline_identity, project_bucket
+from conftest import auth_header, let_vertex_read, pipeline_identity, plumbing_headers, project_bucket
 from kfp import dsl
 
 from vlp.components import clients
@@ -86,7 +86,7 @@ def emulator(tmp_path: Path, hub_mirror: Any, fake_gcs: Any, monkeypatch: pytest
 
 
 def _post(emu: Any, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    headers = {"Content-Type": "application/json", **auth_header(emu, PROJECT)}
+    headers = {"Content-Type": "application/json", **auth_header(emu, PROJECT), **plumbing_headers(emu)}
     req = urllib.request.Request(f"{emu.url}{path}", data=json.dumps(body).encode(), headers=headers, method="POST")
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read() or b"{}")

@@ -115,12 +115,12 @@ def served(local_stack: Any, smollm2_model_dir: Path) -> Iterator[dict[str, Any]
                 os.environ[key] = value
 
 
-def _set_faults(api: str, faults: list[str]) -> None:
+def _set_faults(served: dict[str, Any], faults: list[str]) -> None:
     request = urllib.request.Request(
-        f"{api}/_emulator/faults",
+        f"{served['api']}/_emulator/faults",
         data=json.dumps({"faults": faults}).encode(),
         method="POST",
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **served["stack"].plumbing_headers},
     )
     urllib.request.urlopen(request, timeout=10).close()
 
@@ -159,8 +159,9 @@ def test_a_wrong_expectation_fails_with_what_was_sent_got_and_the_server_log(ser
     assert not run_smoke_test(regex, served["endpoint"], served["dm"], served["weights"], served["api"]).passed
 
 
-def _calls(api: str) -> list[str]:
-    with urllib.request.urlopen(f"{api}/_emulator/calls", timeout=10) as resp:
+def _calls(served: dict[str, Any]) -> list[str]:
+    request = urllib.request.Request(f"{served['api']}/_emulator/calls", headers=served["stack"].plumbing_headers)
+    with urllib.request.urlopen(request, timeout=10) as resp:
         return json.loads(resp.read())["calls"]
 
 
@@ -170,19 +171,19 @@ def test_a_cold_endpoint_is_retried_with_backoff(served: dict[str, Any]) -> None
     struct = served["deployment"].to_dict()
     struct["config"]["smoke_test"]["attempts"] = 1
     one_try = Deployment.parse(struct)
-    _set_faults(served["api"], ["predict-429"])
+    _set_faults(served, ["predict-429"])
     try:
         with pytest.raises(SmokeTestError, match="after 1 attempts") as err:
             run_smoke_test(one_try, served["endpoint"], served["dm"], served["weights"], served["api"], backoff_s=0.05)
         assert "HTTP 429" in str(err.value) and "Last model server log lines" in str(err.value)
-        before = _calls(served["api"]).count(chat)
+        before = _calls(served).count(chat)
         result = run_smoke_test(
             served["deployment"], served["endpoint"], served["dm"], served["weights"], served["api"], backoff_s=0.05
         )
     finally:
-        _set_faults(served["api"], [])
+        _set_faults(served, [])
     assert result.passed, result.message
-    assert _calls(served["api"]).count(chat) - before == 2  # one more 429, then the answer
+    assert _calls(served).count(chat) - before == 2  # one more 429, then the answer
 
 
 def test_no_chat_template_fails_with_the_fix(served: dict[str, Any], tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -242,9 +243,9 @@ def test_a_canary_on_a_shared_endpoint_is_tested_by_deployed_model_id(served: di
         with pytest.raises(SmokeTestError, match="0% traffic") as err:
             run_smoke_test(deployment, served["endpoint"], zero, served["weights"], served["api"])
         assert "canary_percent" in str(err.value)
-        before = len(_calls(served["api"]))
+        before = len(_calls(served))
         result = run_smoke_test(deployment, served["endpoint"], canary, served["weights"], served["api"])
-        sent = [c for c in _calls(served["api"])[before:] if c.endswith(":rawPredict")]
+        sent = [c for c in _calls(served)[before:] if c.endswith(":rawPredict")]
     finally:
         for dm in (zero, canary):
             endpoints.undeploy_model(

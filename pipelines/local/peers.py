@@ -629,6 +629,13 @@ class LocalStack:
             "GCE_METADATA_IP": metadata,
         }
 
+    @property
+    def plumbing_headers(self) -> dict[str, str]:
+        """The header the emulator's plumbing routes (/_emulator/...) need: the stack's key (plumbing.py)."""
+        from vlp.pipelines.local.emulator import plumbing
+
+        return plumbing.headers(self.state_dir / "emulator")
+
     def _control(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST to the emulator's test plumbing (/_emulator/...)."""
         import json
@@ -637,7 +644,7 @@ class LocalStack:
         request = urllib.request.Request(
             f"{self.api_endpoint}/_emulator/{path}",
             data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **self.plumbing_headers},
             method="POST",
         )
         with urllib.request.urlopen(request, timeout=10) as response:

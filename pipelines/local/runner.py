@@ -73,12 +73,16 @@ def split_faults(faults: list[str]) -> tuple[list[str], str]:
             step, at, calls = kills[-1].partition("@")
             if step not in KILLABLE_STEPS:
                 raise ConfigError(f"--inject {fault}: unknown step; choose one of {', '.join(sorted(KILLABLE_STEPS))}")
-            if at and not (calls.isdigit() and int(calls) > 0):
-                raise ConfigError(f"--inject {fault}: after '@' comes a number of API calls (1 or more)")
+            count = calls.removesuffix("w")
+            if at and not (count.isdigit() and int(count) > 0):
+                raise ConfigError(
+                    f"--inject {fault}: after '@' comes a number of API calls (1 or more), or of calls that may "
+                    "change something with a 'w' after it (3w: after the third call that is not a GET)"
+                )
         elif fault in EMULATOR_FAULTS:
             emulator.append(fault)
         elif fault != NO_SERVICE_ACCOUNT:
-            choices = ", ".join(sorted(EMULATOR_FAULTS | {NO_SERVICE_ACCOUNT, "kill-step:STEP", "kill-step:STEP@N"}))
+            choices = ", ".join(sorted(EMULATOR_FAULTS | {NO_SERVICE_ACCOUNT, "kill-step:STEP", "kill-step:STEP@N[w]"}))
             raise ConfigError(f"--inject {fault}: unknown fault; choose one of {choices}")
     return emulator, ",".join(kills)
 
@@ -280,8 +284,10 @@ def _write_step_logs(summary: dict[str, Any], text: str, log_dir: Path) -> None:
             summary["failed_step"] = {"name": step["name"], "log": str(path), "last_lines": body[-LAST_LINES:]}
 
 
-def _emulator_json(api: str, path: str) -> Any:
-    return requests.get(f"{api}/_emulator/{path}", timeout=10).json()
+def _emulator_json(api: str, path: str, plumbing: dict[str, str]) -> Any:
+    answer = requests.get(f"{api}/_emulator/{path}", headers=plumbing, timeout=10)
+    answer.raise_for_status()
+    return answer.json()
 
 
 def build_summary(
@@ -292,17 +298,18 @@ def build_summary(
     api: str,
     smoke: dict[str, Any],
     project: str = "local-project",
+    plumbing: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The run summary from the steps, the emulator's audit log of this run's calls (what they created and
     removed, so a resource a failed run created and its exit handler removed shows in both) and its state."""
     summary = empty_summary()
     summary["steps"] = steps
     summary["error"] = error
-    state = _emulator_json(api, "state")
-    audit = _emulator_json(api, "audit")["entries"]
+    state = _emulator_json(api, "state", plumbing or {})
+    audit = _emulator_json(api, "audit", plumbing or {})["entries"]
     summary["created"] = list(dict.fromkeys(e["resourceName"] for e in audit if e["action"] == "created"))
     summary["deleted"] = list(dict.fromkeys(e["resourceName"] for e in audit if e["action"] == "deleted"))
-    calls = _emulator_json(api, "calls")["calls"]
+    calls = _emulator_json(api, "calls", plumbing or {})["calls"]
     # Google API calls only; the Hub requests the emulator's /hf gate proxied are listed apart.
     summary["api_calls"] = [c for c in calls if " /hf/" not in c]
     summary["hub_calls"] = [c for c in calls if " /hf/" in c]
@@ -481,13 +488,16 @@ def request_cloud_run_gpu_quota(stack: Any, cfg: DeploymentConfig, region: str) 
     if cfg.target != "cloud_run":
         return ""
     quota_id = gpu_quota_id(cfg.cloud_run.gpu_type, cfg.cloud_run.zonal_redundancy)
-    state = requests.get(f"{stack.api_endpoint}/_emulator/quotas", timeout=10).json()
+    state = requests.get(f"{stack.api_endpoint}/_emulator/quotas", headers=stack.plumbing_headers, timeout=10).json()
     if region in (state.get("quotas") or {}).get(quota_id, {}):
         return ""
     want = 3 * cfg.cloud_run.max_instances * RUN_GPUS[cfg.cloud_run.gpu_type].quota_per_gpu
     quotas = {**state.get("quotas", {}), quota_id: {**state.get("quotas", {}).get(quota_id, {}), region: want}}
     requests.post(
-        f"{stack.api_endpoint}/_emulator/quotas", json={"quotas": quotas, "default": state.get("default", 8)}, timeout=10
+        f"{stack.api_endpoint}/_emulator/quotas",
+        json={"quotas": quotas, "default": state.get("default", 8)},
+        headers=stack.plumbing_headers,
+        timeout=10,
     ).raise_for_status()
     return f"{quota_id} = {want} in {region}"
 
@@ -563,7 +573,7 @@ def run_local(
         else:
             os.environ.pop(KILL_STEP_ENV, None)
         api = stack.api_endpoint
-        requests.post(f"{api}/_emulator/calls:clear", timeout=10)
+        requests.post(f"{api}/_emulator/calls:clear", headers=stack.plumbing_headers, timeout=10).raise_for_status()
         pipeline_root = state_dir / "pipeline-root"
         local.init(
             runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=False
@@ -596,7 +606,8 @@ def run_local(
         os.environ.update(stack.env(owner))
         try:
             summary = build_summary(
-                cfg, label_value(run_dir), steps, error, api, _smoke_outputs(pipeline_root, run_dir), project
+                cfg, label_value(run_dir), steps, error, api, _smoke_outputs(pipeline_root, run_dir), project,
+                plumbing=stack.plumbing_headers,
             )
         except (requests.RequestException, OSError) as exc:
             # A peer of the stack died (or stopped answering): the summary and the step logs are still written, from

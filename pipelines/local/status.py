@@ -35,8 +35,9 @@ def token(api: str, principal: str, audience: str = "") -> str:
     return data if audience else json.loads(data)["access_token"]
 
 
-def _emulator_state(api: str) -> dict[str, Any]:
-    with urllib.request.urlopen(f"{api}/_emulator/state", timeout=10) as response:
+def _emulator_state(api: str, plumbing: dict[str, str]) -> dict[str, Any]:
+    request = urllib.request.Request(f"{api}/_emulator/state", headers=plumbing)
+    with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
 
@@ -59,10 +60,11 @@ def _engine(model: dict[str, Any] | None) -> str:
     return "tgi" if "tgi" in image or "text-generation-inference" in image else "vllm"
 
 
-def describe(api: str, token_command: str = "vlp local token") -> dict[str, Any]:
+def describe(api: str, plumbing: dict[str, str], token_command: str = "vlp local token") -> dict[str, Any]:
     """Every endpoint with a deployed model and every Cloud Run service the stack holds, with how to call each
-    (`token_command`: how the shell snippets get a token, `--state-dir` included when it is not the default)."""
-    state = _emulator_state(api)
+    (`plumbing`: the stack's key header, plumbing.py; `token_command`: how the shell snippets get a token, with the
+    state dir's absolute path)."""
+    state = _emulator_state(api, plumbing)
     models = {f"{m['name']}@{m.get('versionId')}": m for m in state["models"]}
     endpoints = []
     for ep in state["endpoints"]:

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from google.cloud import aiplatform_v1 as v1
 
-from vlp.pipelines.local.emulator import artifact_registry
+from vlp.pipelines.local.emulator import artifact_registry, plumbing
 from vlp.pipelines.local.emulator.cloud_run import CloudRunService
 from vlp.pipelines.local.emulator.core import (
     _ID_BASE,
@@ -76,6 +76,8 @@ class Emulator(
         self.serving = serving
         self.deploy_timeout_s = deploy_timeout_s
         self.url = ""
+        # The plumbing routes' key (plumbing.py): made with the state dir, the same across restarts.
+        self.plumbing_key = plumbing.ensure_key(self.state_dir)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._stopping = threading.Event()
@@ -122,16 +124,37 @@ class Emulator(
         self._thread.start()
         with self._lock:
             restarts = [(ep, dm) for ep in self._endpoints.values() for dm in ep.get("deployedModels", [])]
+            in_use = {dm["id"] for _ep, dm in restarts} | {self._serving_id(r) for r in self._run_revisions}
             jobs = [
                 name
                 for name, job in self._pipeline_jobs.items()
                 if job.get("state") in ("PIPELINE_STATE_PENDING", "PIPELINE_STATE_RUNNING")
             ]
+        self._remove_unused_copies(in_use)
         for _ep, dm in restarts:
             self._serving_status[dm["id"]] = "starting"
             self._spawn(self._restart_serving, dm)
         for name in jobs:
             self._spawn(self._run_pipeline_job, name)
+
+    def _remove_unused_copies(self, in_use: set[str]) -> None:
+        """Serving copies of the weights that no deployed model or Cloud Run revision uses any more: one a crash left
+        half-copied, or one whose model went while the emulator was down. Each is the model's full size; the model
+        server logs stay (as Cloud Logging keeps them)."""
+        serving_dir = getattr(self.serving, "serving_dir", None)
+        # Only the copies of this emulator's own serving manager (a test may hand several emulators one manager).
+        if serving_dir is None or Path(serving_dir).resolve().parent != self.state_dir.resolve():
+            return
+        if not Path(serving_dir).is_dir():
+            return
+        import shutil
+
+        in_use = in_use | set(getattr(self.serving, "known_ids", lambda: [])())
+
+        for copy in Path(serving_dir).iterdir():
+            if copy.is_dir() and copy.name not in in_use:
+                _LOG.warning("removing the serving copy %s: no deployed model or revision uses it", copy)
+                shutil.rmtree(copy, ignore_errors=True)
 
     def stop(self) -> None:
         """Stop answering, then stop every serving process this emulator started."""
@@ -265,6 +288,15 @@ class Emulator(
     ) -> tuple[int, bytes, str, dict[str, str]]:
         """Answer one HTTP request: (status, body, content type, extra headers)."""
         path = unquote(raw_path)
+        if path.startswith("/_emulator/") and not plumbing.allowed(
+            self.plumbing_key, headers.get(plumbing.HEADER) if headers is not None else None
+        ):
+            err = ApiError(
+                "PERMISSION_DENIED",
+                f"{method} {path} is the local stack's own plumbing: it needs the stack's key (header "
+                f"{plumbing.HEADER}, from {plumbing.key_path(self.state_dir)}, readable only by the stack's owner).",
+            )
+            return err.http_code, err.body(), "application/json", {}
         control = self._control(method, path, body)
         if control is not None:
             return control[0], control[1], "application/json", {}
