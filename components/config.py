@@ -584,7 +584,7 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            msg = "unknown field: check the spelling against the config reference in README.md"
+            msg = "unknown field: check the spelling against the config reference in docs/configuration.md"
         elif err["type"] == "missing":
             msg = "required field is missing"
         lines.append(f"  - {field}: {msg}")

@@ -41,13 +41,17 @@ def checkpoint(step: str) -> None:
     """A fault point: `vlp run --local --inject kill-step:STEP` kills the step here, after its main
     side effect, to prove the exit handler cleans up after a crashed step. `kill-step:STEP@N` kills it
     instead right after the N-th Google API call it makes from here on has been answered: between two
-    calls, where a crash is most likely to leave a half-done change."""
+    calls, where a crash is most likely to leave a half-done change. `kill-step:STEP@Nw` counts only the calls that
+    may change something (any method but GET and HEAD): a kill after a read leaves exactly what the kill after the
+    write before it left, so a test that kills after every write has covered every state a kill can leave."""
     for wanted in os.environ.get(KILL_STEP_ENV, "").split(","):
         if wanted == step:
             _kill(f"fault injected: killing step {step}")
         name, _, calls = wanted.partition("@")
+        writes = calls.endswith("w")
+        calls = calls.removesuffix("w")
         if name == step and calls.isdigit():
-            _kill_after_calls(step, int(calls))
+            _kill_after_calls(step, int(calls), writes_only=writes)
 
 
 def _kill(message: str) -> None:
@@ -56,9 +60,11 @@ def _kill(message: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _kill_after_calls(step: str, calls: int) -> None:
+def _kill_after_calls(step: str, calls: int, writes_only: bool = False) -> None:
     """Count every HTTP request the step sends (the google clients' REST transports and the prediction session
-    all go through requests), except token fetches from the metadata server, whose timing depends on caching."""
+    all go through requests), except token fetches from the metadata server, whose timing depends on caching;
+    `writes_only`: and except GET and HEAD (a POST that only reads, such as :predict, still counts: counting too
+    many kill points only repeats a state, counting too few would skip one)."""
     import requests
 
     send = requests.Session.send
@@ -67,7 +73,7 @@ def _kill_after_calls(step: str, calls: int) -> None:
     def counting_send(self: requests.Session, request: requests.PreparedRequest, **kwargs: object) -> object:
         nonlocal answered
         response = send(self, request, **kwargs)
-        if "/computeMetadata/" not in (request.url or ""):
+        if "/computeMetadata/" not in (request.url or "") and not (writes_only and request.method in ("GET", "HEAD")):
             answered += 1
             if answered >= calls:
                 _kill(f"fault injected: killing step {step} after call {answered} ({request.method} {request.url})")

@@ -47,6 +47,19 @@ def model_versions(state_dir: Path) -> dict[str, dict[str, str]]:
     return out
 
 
+def default_is_serving(state_dir: Path) -> bool:
+    """Whether the model's `default` version is the one that holds the endpoint's traffic: an untested version never
+    becomes the default (register leaves the alias to promote), and a tested one does even if promote died after
+    switching (the exit handler finishes it)."""
+    state = emulator_state(state_dir)
+    [ep] = state.get("endpoints", {}).values()
+    split = {k for k, v in ep.get("trafficSplit", {}).items() if int(v) == 100}
+    [holder] = [dm for dm in ep.get("deployedModels", []) if dm["id"] in split]
+    model = state["models"][holder["model"].split("@")[0]]
+    defaults = [vid for vid, v in model["versions"].items() if "default" in v.get("versionAliases", [])]
+    return defaults == [holder.get("modelVersionId") or holder["model"].split("@")[1]]
+
+
 def killed(summary: dict[str, Any], step: str) -> bool:
     """Whether the fault killed `step` (the run's error names only the first step that failed)."""
     ran = [s for s in summary["steps"] if s["name"] == step]
@@ -56,11 +69,14 @@ def killed(summary: dict[str, Any], step: str) -> bool:
 def kill_at_every_call(
     state: Path, cfg: Any, model_dir: Path, step: str, check: Any, faults: tuple[str, ...] = ()
 ) -> list[str]:
-    """Redeploy again and again, killing `step` after its 1st, 2nd, ... API call, until a run gets past the step's
-    last call; `check(summary)` runs after each killed run. Returns what each check returned."""
+    """Redeploy again and again, killing `step` right after its 1st, 2nd, ... API call that may change something
+    (any but a GET: `kill-step:STEP@Nw`), until a run gets past the step's last one; `check(summary)` runs after each
+    killed run. Returns what each check returned. A kill after a read leaves what the kill after the write before it
+    left (the step's memory dies either way), so these are every state a kill between two calls can leave, in about
+    half the runs."""
     outcomes = []
     for calls in range(1, MAX_CALLS):
-        summary = run(state, cfg, model_dir, force=True, faults=[*faults, f"kill-step:{step}@{calls}"])
+        summary = run(state, cfg, model_dir, force=True, faults=[*faults, f"kill-step:{step}@{calls}w"])
         if not killed(summary, step):
             return outcomes
         outcomes.append(check(summary))
@@ -94,6 +110,7 @@ def test_a_kill_between_any_two_calls_of_promote_leaves_one_model_at_100(
             # Rolled forward: the run's promoted version holds the endpoint; the old one was retired.
             assert len(run_versions) == 1 and versions[run_versions[0]].get("vlp-promoted") == "true", versions
         before["split"] = split
+        assert default_is_serving(state), model_versions(state)
         return "old" if old else "new"
 
     outcomes = kill_at_every_call(state, cfg, tiny_model_dir, "promote", check)
@@ -130,6 +147,7 @@ def test_a_kill_between_any_two_calls_of_roll_back_keeps_the_old_model(
     def rolled_back(summary: dict[str, Any]) -> str:
         assert summary["status"] == "failed"
         assert serving(state, only=True) == old
+        assert default_is_serving(state), model_versions(state)
         return "old"
 
     outcomes = kill_at_every_call(state, cfg, tiny_model_dir, "roll-back", rolled_back, faults=("smoke-fail",))

@@ -88,6 +88,10 @@ def mark_promoted(deployment: Deployment, endpoint_resource: str, deployed_model
         model=aiplatform_v1.Model(name=deployed_version_name(dm), labels=labels),
         update_mask=field_mask_pb2.FieldMask(paths=["labels"]),
     )
+    if "@" in deployed_version_name(dm) and "default" not in version.version_aliases:
+        # The tested version becomes the model's default (register_model leaves it to promote); Vertex moves the
+        # alias off the version that had it (MergeVersionAliasesRequest: an alias names one version).
+        models.merge_version_aliases(name=deployed_version_name(dm), version_aliases=["default"])
     log.info("deployed model %s (%s) is promoted: it keeps the endpoint whatever happens next", dm.id, dm.model)
 
 

@@ -64,10 +64,10 @@ def register_model(deployment: Deployment, weights_uri: str, revision_sha: str) 
     parent_model = find_parent_model(deployment)
     request = upload_model_request(deployment, weights_uri, revision_sha)
     if parent_model:
+        # A new version of the deployment's model, not its default: `default` (what MODEL without @VERSION means to
+        # every caller) moves to a version only when promote has tested and switched to it (promote.mark_promoted),
+        # so a run that dies between here and promote leaves no untested version as the default.
         request.parent_model = parent_model
-        # The newest version becomes the default, as the aiplatform SDK does; teardown hands the
-        # alias back if this version is rolled back.
-        request.model.version_aliases.append("default")
     log.info(
         "registering %s revision %s from %s (%s)",
         deployment.config.model.repo,

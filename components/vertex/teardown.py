@@ -115,7 +115,7 @@ def remove_run_resources(
     leave the endpoint serving nothing. It stays, and promote's unfinished part (retiring the others) is done."""
     from google.cloud import aiplatform_v1
 
-    from vlp.components.runtime import label_value
+    from vlp.components.runtime import deployed_version_name, label_value
     from vlp.components.vertex.promote import PROMOTED_LABEL
 
     removed = Removed()
@@ -149,6 +149,10 @@ def remove_run_resources(
             promoted = [dm for dm in mine if keep_promoted and labels[dm.id].get(PROMOTED_LABEL)]
             if promoted:
                 removed.undeployed += _finish_promotion(endpoints, ep, promoted[0].id, run_label)
+                # And the alias promote gives the version it switched to (promote.mark_promoted), if it died first.
+                promoted_version = deployed_version_name(promoted[0])
+                if "@" in promoted_version:
+                    models.merge_version_aliases(name=promoted_version, version_aliases=["default"])
             elif mine:
                 split = _reassigned_split(ep, {dm.id for dm in mine})
                 for dm in mine:
