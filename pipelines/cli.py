@@ -22,6 +22,24 @@ from vlp.pipelines.cli_options import (
 from vlp.pipelines.local.peers import StateDirBusy
 
 DEFAULT_STATE_DIR = Path(".vlp/local")
+STATE_DIR_ENV = "VLP_STATE_DIR"
+STATE_DIR_HELP = (
+    "local stack state (default: $VLP_STATE_DIR, else the nearest .vlp/local in this directory or above it, as git "
+    "finds its repository, else ./.vlp/local)"
+)
+
+
+def find_state_dir(start: Path | None = None) -> Path:
+    """The state dir a command means when it names none: $VLP_STATE_DIR; else the nearest `.vlp/local` in `start` (the
+    current directory) or a directory above it, so `vlp local status` in a subdirectory finds the stack started at
+    the project's root instead of offering to start a second one; else `.vlp/local` here."""
+    if os.environ.get(STATE_DIR_ENV):
+        return Path(os.environ[STATE_DIR_ENV]).expanduser()
+    here = (start or Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        if (directory / DEFAULT_STATE_DIR).is_dir():
+            return directory / DEFAULT_STATE_DIR
+    return here / DEFAULT_STATE_DIR
 
 
 class UserError(Exception):
@@ -90,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state-dir",
         type=Path,
-        default=DEFAULT_STATE_DIR,
-        help="local stack state: with the Hub unreachable, a model mirrored there is planned from its copy",
+        default=None,
+        help="local stack state (found as for `vlp run --local`): with the Hub unreachable, a model mirrored there is "
+        "planned from its copy",
     )
 
     p = sub.add_parser(
@@ -112,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--image", default="", help="prebuilt component image")
     p.add_argument("--summary-json", type=Path, default=None, help="write the run summary as JSON here")
-    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="local stack state (default .vlp/local)")
+    p.add_argument("--state-dir", type=Path, default=None, help=STATE_DIR_HELP)
     p.add_argument(
         "--inject",
         action="append",
@@ -120,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FAULT",
         help="local runs: inject a fault (quota-exhausted, hub-gated, upload-error, deploy-error, deploy-timeout, "
         "server-crash, predict-429, smoke-fail, revision-conflict: Cloud Run refuses a template naming an existing "
-        "revision, kill-step:STEP, kill-step:STEP@N: after its N-th API call; "
+        "revision, kill-step:STEP, kill-step:STEP@N: after its N-th API call (@Nw: its N-th call that is not a GET); "
         "no-service-account: the run's job names no account, so its steps run as the Compute Engine default); repeatable",
     )
     p.add_argument("--model-dir", type=Path, default=None, help="local runs: serve this model directory as model.repo")
@@ -173,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for action, text in actions.items():
         r = lsub.add_parser(action, help=text)
-        r.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="local stack state (default .vlp/local)")
+        r.add_argument("--state-dir", type=Path, default=None, help=STATE_DIR_HELP)
         if action == "status":
             add_json(r, "the stack's addresses and deployments")
         if action == "token":
@@ -661,7 +680,9 @@ def cmd_local(args: argparse.Namespace) -> int:
             return EXIT_OK
         # Always with the state dir's absolute path: a snippet pasted in another directory reaches the same stack.
         token_command = f"vlp local token --state-dir {shlex.quote(str(state.resolve()))}"
-        described = status.describe(info["emulator"], token_command)
+        from vlp.pipelines.local.emulator import plumbing
+
+        described = status.describe(info["emulator"], plumbing.headers(state / "emulator"), token_command)
         if args.json:
             print(json.dumps({"stack": info, **described}, indent=2))
         else:
@@ -692,6 +713,8 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if hasattr(args, "state_dir") and args.state_dir is None:
+        args.state_dir = find_state_dir()
     if args.api_endpoint:
         # Every Google client in this process and in local steps reads it (vlp.components.clients).
         os.environ["VLP_API_ENDPOINT"] = args.api_endpoint

@@ -224,3 +224,31 @@ def test_version_a_missing_model_dir_and_a_closed_pipe_say_what_they_are(tmp_pat
     # `true` reads nothing and exits at once: vlp's write lands on a closed pipe (EPIPE) every time.
     piped = subprocess.run(["bash", "-c", f"set -o pipefail; {render} | true"], capture_output=True, text=True)
     assert piped.returncode == 0 and piped.stderr == "", piped.stderr
+
+
+def test_the_state_dir_is_found_from_a_subdirectory_as_git_finds_its_repository(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 36: from a subdirectory, `vlp local status` means the stack of the project's root, not a second one;
+    $VLP_STATE_DIR names one anywhere; with none above, ./.vlp/local as before."""
+    from vlp.pipelines.cli import find_state_dir
+
+    monkeypatch.delenv("VLP_STATE_DIR", raising=False)
+    root = tmp_path / "project"
+    deeper = root / "src" / "deeper"
+    deeper.mkdir(parents=True)
+    assert find_state_dir(deeper) == deeper / ".vlp" / "local"  # none yet: here, as before
+    (root / ".vlp" / "local").mkdir(parents=True)
+    assert find_state_dir(deeper) == root / ".vlp" / "local"
+    assert find_state_dir(root) == root / ".vlp" / "local"
+    (deeper / ".vlp" / "local").mkdir(parents=True)  # the nearest wins
+    assert find_state_dir(deeper) == deeper / ".vlp" / "local"
+    monkeypatch.setenv("VLP_STATE_DIR", str(tmp_path / "elsewhere"))
+    assert find_state_dir(deeper) == tmp_path / "elsewhere"
+
+    # The command from the subdirectory names the state dir it found (no stack runs there: it says so, and how).
+    monkeypatch.delenv("VLP_STATE_DIR")
+    monkeypatch.chdir(root / "src")
+    assert main(["local", "status"]) == 2
+    err = capsys.readouterr().err
+    assert f"no local stack is running on {root / '.vlp' / 'local'}" in err, err
