@@ -41,7 +41,7 @@ def test_estimates_fall_within_a_factor_of_two_of_every_published_row() -> None:
         assert row["source"].startswith("NVIDIA/TensorRT-LLM docs/source/performance/perf-overview.md@"), row
     fitted = [r for r in rows if r["row"] not in throughput.HELD_OUT_ROWS]
     spread = math.exp(sum(abs(math.log(r["estimate_over_measured"])) for r in fitted) / len(fitted))
-    print(f"mean deviation from the rows the constants were fitted to: x{spread:.2f}")  # README's figure
+    print(f"mean deviation from the rows the constants were fitted to: x{spread:.2f}")  # docs/benchmarks.md's figure
     assert spread < 1.35
 
 
