@@ -17,6 +17,7 @@ modules for module-level environment reads that neither list covers.
 from __future__ import annotations
 
 import atexit
+import gc
 import importlib
 import json
 import os
@@ -182,6 +183,11 @@ def serve(socket_path: str, spec: dict[str, Any]) -> None:
     # have set some (torch sets TORCHINDUCTOR_CACHE_DIR, as it does in a caller that imported torch too).
     preloaded_env = dict(os.environ)
     watchdog.join()  # no thread but this one from here on: forking a process with other threads is unsafe
+    # The preloaded modules' objects into the collector's permanent generation: a child's collections then never
+    # walk them, so never write to (and copy) the pages the server shares with every child. Measured: a step's CPU
+    # (mostly the kernel copying those pages) falls by about a third.
+    gc.collect()
+    gc.freeze()
     reload = list(spec.get("reload", []))
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path)
