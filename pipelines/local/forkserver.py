@@ -184,8 +184,8 @@ def serve(socket_path: str, spec: dict[str, Any]) -> None:
     preloaded_env = dict(os.environ)
     watchdog.join()  # no thread but this one from here on: forking a process with other threads is unsafe
     # The preloaded modules' objects into the collector's permanent generation: a child's collections then never
-    # walk them, so never write to (and copy) the pages the server shares with every child. Measured: a step's CPU
-    # (mostly the kernel copying those pages) falls by about a third.
+    # walk them, so never write to (and copy) the pages the server shares with every child. Measured on a warm
+    # redeploy (4 runs, 28 steps): the steps' CPU 14.5 s without, 13.7 s with; small, and free.
     gc.collect()
     gc.freeze()
     reload = list(spec.get("reload", []))
