@@ -351,17 +351,35 @@ def build_summary(
     return summary
 
 
+def dead_peers(stack: Any) -> list[str]:
+    """The stack's peers that are no longer running, each named with its log."""
+    names = {"emulator": "the Vertex AI emulator", "gcs": "fake-gcs-server (Cloud Storage)", "hub": "the Hub mirror"}
+    return [
+        f"{names[attr]} (its log: {peer.log_path})"
+        for attr in ("emulator", "gcs", "hub")
+        if (peer := getattr(stack, attr, None)) is not None and not peer.alive()
+    ]
+
+
+def name_dead_peers(summary: dict[str, Any], stack: Any) -> None:
+    """A run that failed while the emulator still answered (its summary was read) but another peer had died: the
+    summary says which, first, since the step's own error (a refused connection) follows from it."""
+    down = dead_peers(stack)
+    if summary.get("status") != "failed" or not down:
+        return
+    summary["stack_error"] = (
+        f"a peer of the local stack died during the run: {', '.join(down)} is down. Start the stack again (the next "
+        "`vlp run --local`, or `vlp local up`)"
+    )
+    summary["error"] = f"{summary['stack_error']}\n{summary['error']}" if summary.get("error") else summary["stack_error"]
+
+
 def stack_failed_summary(
     steps: list[dict[str, Any]], error: str | None, stack: Any, exc: BaseException, smoke: dict[str, Any]
 ) -> dict[str, Any]:
     """The run summary when the local stack cannot answer: the steps and their error from the records the step
     processes wrote, and which peer died, with its log; what the run created is unknown (`stack_error` says so)."""
-    names = {"emulator": "the Vertex AI emulator", "gcs": "fake-gcs-server (Cloud Storage)", "hub": "the Hub mirror"}
-    down = [
-        f"{names[attr]} (its log: {peer.log_path})"
-        for attr in ("emulator", "gcs", "hub")
-        if (peer := getattr(stack, attr, None)) is not None and not peer.alive()
-    ]
+    down = dead_peers(stack)
     what = ", ".join(down) or f"the local stack at {getattr(stack.emulator, 'url', '?')} ({type(exc).__name__}: {exc})"
     summary = empty_summary()
     summary["steps"] = steps
@@ -609,6 +627,7 @@ def run_local(
                 cfg, label_value(run_dir), steps, error, api, _smoke_outputs(pipeline_root, run_dir), project,
                 plumbing=stack.plumbing_headers,
             )
+            name_dead_peers(summary, stack)
         except (requests.RequestException, OSError) as exc:
             # A peer of the stack died (or stopped answering): the summary and the step logs are still written, from
             # what the runner knows itself, and say what could not be read and why.
