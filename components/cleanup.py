@@ -60,10 +60,19 @@ def cleanup_op(
     log.info("run %s ended %s; teardown policy %s", run_name, state, cfg.teardown)
     if status.error_message:
         log.info("run error: %s", status.error_message)
-    if not should_remove(cfg.teardown, state):
-        return outputs([])
     regions = [r for r in [region, *cfg.placement.regions] if r]
     project = project or cfg.placement.project
+    abandoned = Removed()
+    if state == "SUCCEEDED" and cfg.target != "cloud_run" and cfg.teardown != "never":
+        # The deployment is whole again: what earlier runs left when they died before their own exit handler (an
+        # untested version, an empty endpoint) goes now, not at the next `vlp gc`.
+        from vlp.components.vertex.teardown import remove_abandoned_runs
+
+        abandoned = remove_abandoned_runs(project, regions, cfg.name, label_value(run_name), api_endpoint)
+        for name in abandoned.undeployed + abandoned.deleted:
+            log.info("removed %s (left by a run that died)", name)
+    if not should_remove(cfg.teardown, state):
+        return outputs(abandoned.undeployed + abandoned.deleted)
     if cfg.target == "cloud_run":
         from vlp.components.cloud_run.service import remove_run_services
 
@@ -83,4 +92,4 @@ def cleanup_op(
         log.info("removed %s", name)
     if not removed.undeployed and not removed.deleted:
         log.info("nothing to remove: the run left no resources behind")
-    return outputs(removed.undeployed + removed.deleted)
+    return outputs(abandoned.undeployed + abandoned.deleted + removed.undeployed + removed.deleted)

@@ -10,20 +10,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from vlp.components.config import ConfigError
-from vlp.components.vertex.teardown import Removed, remove_run_resources
+from vlp.components.vertex.teardown import ACTIVE_JOB_STATES as _ACTIVE_JOB_STATES
+from vlp.components.vertex.teardown import Removed, pipeline_job_state, remove_run_resources
 
 log = logging.getLogger("vlp.gc")
 
 _AGE_RE = re.compile(r"(\d+)\s*([smhdw])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-# A run in these states may still be creating resources; its leftovers are not leftovers yet.
-_ACTIVE_JOB_STATES = {
-    "PIPELINE_STATE_QUEUED",
-    "PIPELINE_STATE_PENDING",
-    "PIPELINE_STATE_RUNNING",
-    "PIPELINE_STATE_CANCELLING",
-    "PIPELINE_STATE_PAUSED",
-}
 
 
 def parse_age(text: str) -> timedelta:
@@ -176,23 +169,6 @@ def remove_run(project: str, run: RunResources, deployment: str, api_endpoint: s
     if run.services or run.revisions:
         removed.deleted += remove_run_services(project, run.regions, deployment, run.run_label, api_endpoint)
     return removed
-
-
-def pipeline_job_state(project: str, regions: list[str], run_label: str, api_endpoint: str = "") -> str:
-    """The state of the pipeline job a run label names (the job id is the label), or "" when no region has it."""
-    from google.api_core import exceptions
-    from google.cloud import aiplatform_v1
-
-    from vlp.components import clients
-
-    for region in dict.fromkeys(regions):
-        client = aiplatform_v1.PipelineServiceClient(**clients.gapic_kwargs(region, api_endpoint))
-        try:
-            job = client.get_pipeline_job(name=f"projects/{project}/locations/{region}/pipelineJobs/{run_label}")
-        except (exceptions.NotFound, exceptions.InvalidArgument):
-            continue
-        return job.state.name
-    return ""
 
 
 def teardown_deployment(

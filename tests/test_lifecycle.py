@@ -860,3 +860,22 @@ def test_the_workflows_run_command_runs_against_the_emulator(
     rc, out, err = _vlp(capsys, "--api-endpoint", emu.url, *local)
     assert rc == 1, out + err
     assert json.loads(summary.read_text())["status"] == "failed"
+
+
+def test_a_successful_runs_exit_handler_removes_what_dead_runs_left_and_nothing_else(
+    emu: Emulator, leftovers: dict[str, str]
+) -> None:
+    """Issue 37: a run that died before its own exit handler (run-d: its version, never promoted, serves nowhere,
+    and the empty endpoint it made) is cleaned up by the next run that succeeds, not only by `vlp gc`. The serving
+    run (a), the one deployed beside it (b), a run whose job succeeded (c: history) and another deployment stay."""
+    from vlp.components.vertex.teardown import remove_abandoned_runs
+
+    eps_before, versions_before = _state(emu)
+    removed = remove_abandoned_runs(PROJECT, [REGION], "demo", "run-now", api_endpoint=emu.url)
+    assert sorted(removed.deleted) == sorted([leftovers["d"], leftovers["ep_d"]]), removed
+    assert removed.undeployed == []
+    eps, versions = _state(emu)
+    assert versions == versions_before - {leftovers["d"]}
+    assert set(eps) == set(eps_before) - {leftovers["ep_d"]} and eps[leftovers["ep"]] == eps_before[leftovers["ep"]]
+    # Run twice (a retried exit handler): nothing more goes.
+    assert remove_abandoned_runs(PROJECT, [REGION], "demo", "run-now", api_endpoint=emu.url).deleted == []

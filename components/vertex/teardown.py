@@ -196,6 +196,68 @@ def remove_run_resources(
     return removed
 
 
+# A run in these states may still be creating resources; its leftovers are not leftovers yet.
+ACTIVE_JOB_STATES = {
+    "PIPELINE_STATE_QUEUED",
+    "PIPELINE_STATE_PENDING",
+    "PIPELINE_STATE_RUNNING",
+    "PIPELINE_STATE_CANCELLING",
+    "PIPELINE_STATE_PAUSED",
+}
+
+
+def pipeline_job_state(project: str, regions: list[str], run_label: str, api_endpoint: str = "") -> str:
+    """The state of the pipeline job a run label names (the job id is the label), or "" when no region has it."""
+    from google.api_core import exceptions
+    from google.cloud import aiplatform_v1
+
+    from vlp.components import clients
+
+    for region in dict.fromkeys(regions):
+        client = aiplatform_v1.PipelineServiceClient(**clients.gapic_kwargs(region, api_endpoint))
+        try:
+            job = client.get_pipeline_job(name=f"projects/{project}/locations/{region}/pipelineJobs/{run_label}")
+        except (exceptions.NotFound, exceptions.InvalidArgument):
+            continue
+        return job.state.name
+    return ""
+
+
+def remove_abandoned_runs(
+    project: str, regions: list[str], deployment_name: str, run_label: str, api_endpoint: str = ""
+) -> Removed:
+    """What earlier runs of the deployment left when they died before their own exit handler ran (the runner or the
+    pipeline job killed): their model versions were never promoted and serve nowhere. Removed with their endpoints
+    (once empty), as their exit handler would have; a run whose job may still be going, or succeeded (its versions
+    are the deployment's history), is left alone, as `vlp gc` leaves it."""
+    from google.cloud import aiplatform_v1
+
+    from vlp.components.vertex.promote import PROMOTED_LABEL
+
+    removed = Removed()
+    for region in dict.fromkeys(regions):
+        _, models = _clients(region, api_endpoint)
+        parent = f"projects/{project}/locations/{region}"
+        model_filter = f'labels.vlp-deployment="{deployment_name}"'
+        by_run: dict[str, list] = {}
+        for model in models.list_models(request=aiplatform_v1.ListModelsRequest(parent=parent, filter=model_filter)):
+            for version in models.list_model_versions(name=model.name):
+                other = version.labels.get("vlp-run", "")
+                if other and other != run_label:
+                    by_run.setdefault(other, []).append(version)
+        for other, versions in by_run.items():
+            if any(v.labels.get(PROMOTED_LABEL) or v.deployed_models for v in versions):
+                continue
+            state = pipeline_job_state(project, [region], other, api_endpoint)
+            if state in ACTIVE_JOB_STATES or state == "PIPELINE_STATE_SUCCEEDED":
+                continue
+            log.info("removing what run %s left untested (it died before its exit handler ran)", other)
+            removed.extend(
+                remove_run_resources(project, [region], deployment_name, other, api_endpoint, pending_wait_s=0)
+            )
+    return removed
+
+
 def _finish_promotion(endpoints, ep, keeper: str, run_label: str) -> list[str]:  # noqa: ANN001
     """Promote died after its commit point: the run's promoted model takes all traffic and the others go, as promote
     would have done. Each undeploy hands the leaving model's traffic to the keeper in the same request, so a crash
