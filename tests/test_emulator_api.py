@@ -34,6 +34,9 @@ VLLM_IMAGE = "us-docker.pkg.dev/vertex-ai/vertex-vision-model-garden-dockers/pyt
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+STREAM_GAP_S = 0.4
+
+
 class ServingDouble:
     """Stands in for serving.ServingManager, the boundary to model-server processes, so these tests stay fast.
 
@@ -65,6 +68,17 @@ class ServingDouble:
 
     def forward(self, deployed_model_id: str, kind: str, body: bytes, subpath: str | None = None) -> tuple:
         self.forwarded.append((deployed_model_id, kind, body, subpath))
+        if b'"stream": true' in body:
+            # An event stream as the real manager hands one on (an iterator of lines, serving._lines), with the
+            # model server's pace: a chunk every STREAM_GAP_S.
+            def events() -> Iterator[bytes]:
+                for i in range(4):
+                    if i:
+                        time.sleep(STREAM_GAP_S)
+                    yield f'data: {{"choices": [{{"delta": {{"content": "t{i}"}}}}]}}\n\n'.encode()
+                yield b"data: [DONE]\n\n"
+
+            return 200, events(), "text/event-stream"
         if kind in ("predict", "rawPredict"):  # a Vertex-format container answers both alike
             answer: dict[str, Any] = {"predictions": [f"answer from {deployed_model_id}"]}
         else:
@@ -509,6 +523,33 @@ def test_fault_deploy_timeout(emu: Emulator, serving: ServingDouble) -> None:
     assert serving.start_calls == [] and aiplatform.Endpoint(endpoint.resource_name).list_models() == []
 
 
+def test_stream_raw_predict_passes_each_chunk_on_as_the_model_server_sends_it(emu: Emulator) -> None:
+    """Issue 35: :streamRawPredict (and every streaming route: the same forwarding) hands each event on when the model
+    server sends it, through the SDK's own Endpoint.stream_raw_predict; it used to arrive in one burst at the end, so
+    a local benchmark's time to first token was its total time."""
+    import requests
+    from google.auth.transport.requests import AuthorizedSession
+
+    endpoint = aiplatform.Endpoint.create(display_name="streams")
+    endpoint.deploy(_upload(), machine_type="n1-standard-4")
+
+    class _ToEmulator(requests.adapters.HTTPAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            request.url = request.url.replace("https://us-central1-aiplatform.googleapis.com", emu.url)
+            return super().send(request, **kwargs)
+
+    endpoint.authorized_session = AuthorizedSession(aiplatform.initializer.global_config.credentials)
+    endpoint.authorized_session.mount("https://", _ToEmulator())
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    started, arrivals = time.monotonic(), []
+    for line in endpoint.stream_raw_predict(body=body, headers={"Content-Type": "application/json"}):
+        if line:
+            arrivals.append((time.monotonic() - started, line))
+    assert [line for _, line in arrivals][-1] == b"data: [DONE]" and len(arrivals) == 5, arrivals
+    first, last = arrivals[0][0], arrivals[-1][0]
+    assert last >= 3 * STREAM_GAP_S  # the model server's pace
+    assert first < last - 2 * STREAM_GAP_S, arrivals  # the first chunk came long before the last
+
 def test_fault_predict_429_throttles_the_first_two_calls(emu: Emulator) -> None:
     emu.faults.add("predict-429")
     endpoint = aiplatform.Endpoint.create(display_name="e")
@@ -931,3 +972,48 @@ def test_a_damaged_state_file_is_named_with_the_way_out(tmp_path: Path) -> None:
     (state / STATE_FILE).write_text('{"counter": 3, "models": {"projects/p/loc')
     with pytest.raises(DamagedStateError, match=r"state file .*state.* is damaged .*`vlp local reset`"):
         create_emulator(state).start()
+
+
+def test_the_metadata_stand_in_names_its_accounts_project_as_google_auth_reads_it(
+    emu: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 35: google.auth.default() on a VM takes the project from the metadata server (project/project-id);
+    the stand-in answered 404, so code that relies on it found no project."""
+    from google.auth.compute_engine import _metadata
+    from google.auth.transport.requests import Request
+
+    from vlp.components import clients
+    from vlp.pipelines.local.emulator.iam import project_number
+
+    run_as(monkeypatch, emu.url, f"vlp-pipeline@{PROJECT}.iam.gserviceaccount.com")
+    clients.sync_metadata_host()
+    assert _metadata.get_project_id(Request()) == PROJECT
+    root = f"{emu.url}/_md/vlp-pipeline@{PROJECT}.iam.gserviceaccount.com/computeMetadata/v1/project"
+    status, numeric, _ = _http("GET", f"{root}/numeric-project-id")
+    assert status == 200 and str(numeric) == project_number(PROJECT)
+    run_as(monkeypatch, emu.url, f"{project_number(PROJECT)}-compute@developer.gserviceaccount.com")
+    clients.sync_metadata_host()
+    assert _metadata.get_project_id(Request()) == PROJECT
+    # A principal that is no project's account has none, as no VM runs as a person.
+    status, answer, _ = _http("GET", f"{emu.url}/_md/someone@example.com/computeMetadata/v1/project/project-id")
+    assert status == 404 and "no project" in answer["error"]["message"]
+
+
+def test_v1beta1_answers_every_v1_method_as_google_does(emu: Emulator) -> None:
+    """Issue 35: Vertex AI's v1beta1 is a superset of v1 at the same paths; samples written against v1beta1 (get an
+    endpoint, list models, predict) answered 404 where only the v1 form was served."""
+    from google.cloud import aiplatform_v1beta1 as beta
+
+    model = _upload()
+    endpoint = aiplatform.Endpoint.create(display_name="beta")
+    endpoint.deploy(model, machine_type="n1-standard-4")
+    kw = {"client_options": ClientOptions(api_endpoint=emu.url), "transport": "rest", "credentials": as_tester(emu, PROJECT)}
+    endpoints, models = beta.EndpointServiceClient(**kw), beta.ModelServiceClient(**kw)
+    got = endpoints.get_endpoint(name=endpoint.resource_name)
+    assert got.display_name == "beta" and len(got.deployed_models) == 1
+    assert [m.name for m in models.list_models(parent=PARENT)] == [model.resource_name]
+    prediction = beta.PredictionServiceClient(**kw).predict(endpoint=endpoint.resource_name, instances=[{"prompt": "hi"}])
+    assert prediction.deployed_model_id == got.deployed_models[0].id
+    # What v1beta1 does not serve stays unserved: the emulator's own 404 for an unknown collection.
+    status, _, _ = _http("GET", f"{emu.url}/v1beta1/{PARENT}/noSuchCollection/x")
+    assert status == 404

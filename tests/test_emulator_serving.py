@@ -141,6 +141,17 @@ def test_vllms_own_image_answers_its_openai_routes_only(manager: ServingManager)
         assert status == 200 and [m["id"] for m in json.loads(data)["data"]] == ["acme/tiny"]
         assert manager.forward("dm-openai", "invoke", b"{}", "/generate")[0] == 404  # Model Garden's route, not this
         assert manager.forward("dm-openai", "chat", json.dumps(chat).encode())[0] == 400  # Vertex's chat route
+        # `stream`: the events come on as the model server sends them (issue 35: they came in one burst at the end),
+        # each with the caller's model name, not the local path.
+        streamed = {**chat, "max_tokens": 48, "stream": True}
+        started = time.monotonic()
+        status, lines, ctype = manager.forward("dm-openai", "rawPredict", json.dumps(streamed).encode())
+        assert status == 200 and "text/event-stream" in ctype and not isinstance(lines, bytes)
+        events = [(time.monotonic() - started, line) for line in lines if line.startswith(b"data: {")]
+        assert len(events) >= 8, events
+        assert all(json.loads(line[6:])["model"] == "acme/tiny" for _, line in events)
+        first, last = events[0][0], events[-1][0]
+        assert first < last / 2, (first, last)  # the first token long before the last
     finally:
         manager.stop("dm-openai")
 
@@ -222,7 +233,8 @@ def test_chat_and_raw_routes(manager: ServingManager, vllm_model: str) -> None:
 
     status, data, ctype = manager.forward(vllm_model, "chat", json.dumps({**body, "stream": True}).encode())
     assert status == 200 and ctype.startswith("text/event-stream")
-    chunks = [json.loads(line[6:]) for line in data.decode().splitlines() if line.startswith("data: {")]
+    lines = b"".join(data).decode().splitlines()  # a stream: its lines as the model server sent them
+    chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert chunks and "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
 
     invoked = _forward_json(

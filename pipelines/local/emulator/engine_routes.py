@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -472,39 +473,36 @@ class EngineRoutes:
             shown = _tgi_model_id(server)
         # transformers serve is pinned to the model directory and refuses any other model name.
         body["model"] = str(server.model_dir)
-        status, data, ctype = self._send(server, "POST", path, json.dumps(body).encode())
+        # `stream`: the events pass on as the model server sends them (a client's time to first token is real).
+        status, data, ctype = self._send(server, "POST", path, json.dumps(body).encode(), stream=bool(body.get("stream")))
         if status != 200:
             return status, data, ctype
+        if not isinstance(data, bytes):
+            return 200, self._rewrite_stream(data, shown), ctype
         return 200, self._rewrite(data, ctype, shown), ctype
+
+    def _rewrite_stream(self, lines: Iterator[bytes], requested: Any) -> Iterator[bytes]:
+        """_rewrite for an event stream, line by line as it arrives."""
+        name = requested if isinstance(requested, str) and requested else None
+        state = {"first": True, "wrong": "smoke-fail" in self.faults}
+        try:
+            for line in lines:
+                text = line.decode("utf-8", errors="replace")
+                end = text[len(text.rstrip("\r\n")) :]
+                yield (_rewrite_event_line(text.rstrip("\r\n"), name, state) + end).encode()
+        finally:
+            close = getattr(lines, "close", None)
+            if close is not None:
+                close()  # the caller stopped reading: let the model server's connection go
 
     def _rewrite(self, data: bytes, ctype: str, requested: Any) -> bytes:
         """Shows the caller's model name instead of the local path, and applies the smoke-fail fault."""
         wrong = "smoke-fail" in self.faults
         name = requested if isinstance(requested, str) and requested else None
         if "text/event-stream" in ctype:
-            out: list[str] = []
-            first = True
-            for line in data.decode("utf-8", errors="replace").split("\n"):
-                if line.startswith("data: ") and line[6:].strip() not in ("", "[DONE]"):
-                    try:
-                        chunk = json.loads(line[6:])
-                    except ValueError:
-                        out.append(line)
-                        continue
-                    if name:
-                        chunk["model"] = name
-                    if wrong:
-                        for choice in chunk.get("choices") or []:
-                            delta = choice.get("delta") or {}
-                            if delta.get("content") is not None:
-                                delta["content"] = WRONG_ANSWER if first else ""
-                                first = False
-                            if choice.get("text") is not None:
-                                choice["text"] = WRONG_ANSWER if first else ""
-                                first = False
-                    line = "data: " + json.dumps(chunk)
-                out.append(line)
-            return "\n".join(out).encode()
+            state = {"first": True, "wrong": wrong}
+            lines = data.decode("utf-8", errors="replace").split("\n")
+            return "\n".join(_rewrite_event_line(line, name, state) for line in lines).encode()
         try:
             answer = json.loads(data)
         except ValueError:
@@ -542,3 +540,26 @@ class EngineRoutes:
         if "smoke-fail" in self.faults:
             _make_wrong(answer)
         return answer
+
+
+def _rewrite_event_line(line: str, name: str | None, state: dict[str, bool]) -> str:
+    """One line of an OpenAI event stream with the caller's model name and the smoke-fail fault applied (`state`:
+    whether the fault's wrong answer is still to be sent, across the stream's lines)."""
+    if not (line.startswith("data: ") and line[6:].strip() not in ("", "[DONE]")):
+        return line
+    try:
+        chunk = json.loads(line[6:])
+    except ValueError:
+        return line
+    if name:
+        chunk["model"] = name
+    if state["wrong"]:
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content") is not None:
+                delta["content"] = WRONG_ANSWER if state["first"] else ""
+                state["first"] = False
+            if choice.get("text") is not None:
+                choice["text"] = WRONG_ANSWER if state["first"] else ""
+                state["first"] = False
+    return "data: " + json.dumps(chunk)

@@ -456,6 +456,21 @@ class IamService:
     def _md_email(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         return self._md_answer(p["principal"].encode(), "application/text")
 
+    def _md_project(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        """project/project-id and project/numeric-project-id: the project the VM runs in, which google.auth.default()
+        reads when no other source names one. The stand-in's VM runs in its account's project (a service account's
+        email names it; the Compute Engine default account's names the number); another principal has none here."""
+        principal = p["principal"]
+        project = ""
+        if principal.endswith(".iam.gserviceaccount.com") and "@gcp-sa-" not in principal:
+            project = principal.split("@", 1)[1].split(".", 1)[0]
+        elif principal.endswith("-compute@developer.gserviceaccount.com"):
+            project = _PROJECT_OF_NUMBER.get(principal.split("-", 1)[0], "")
+        if not project:
+            raise ApiError("NOT_FOUND", f"The local metadata server knows no project for {principal}.")
+        value = project_number(project) if p.get("which") == "numeric-project-id" else project
+        return self._md_answer(value.encode(), "application/text")
+
     def _md_token(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         answer = {"access_token": self.token_for(p["principal"]), "expires_in": 3599, "token_type": "Bearer"}
         return self._md_answer(answer, "application/json")
@@ -568,6 +583,7 @@ class IamService:
             r("GET", md + sa + r"/email", self._md_email),
             r("GET", md + sa + r"/token", self._md_token),
             r("GET", md + sa + r"/identity", self._md_identity),
+            r("GET", md + r"/computeMetadata/v1/project/(?P<which>project-id|numeric-project-id)", self._md_project),
             r("GET", r"/v1/projects/(?P<project>[^/:]+)", self._project_get),
             r("POST", r"/v1/projects/(?P<project>[^/:]+):getIamPolicy", self._project_policy_get),
             r("POST", r"/v1/projects/(?P<project>[^/:]+):setIamPolicy", self._project_policy_set),

@@ -308,10 +308,12 @@ class Emulator(
             principal = self.authorize(method, path, query, body, headers)
             if GCS_PATH.match(path):
                 return self.storage(method, raw_path, query, body, headers, principal)
-            for route in self._routes:
-                if route.method != method:
-                    continue
-                m = route.regex.match(path)
+            # Vertex AI's v1beta1 serves every v1 method at the same path (a superset, googleapis
+            # google/cloud/aiplatform/v1beta1): what has no v1beta1 route of its own here answers as its v1 form.
+            forms = [path]
+            if path.startswith("/v1beta1/projects/") and "/locations/" in path:
+                forms.append("/v1/" + path.removeprefix("/v1beta1/"))
+            for route, m in ((r, r.regex.match(f)) for f in forms for r in self._routes if r.method == method):
                 if m:
                     # The host the client called: prediction routes check it (dedicated DNS vs regional host).
                     params = {
@@ -408,7 +410,7 @@ def _make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
             extra = {k: v for k, v in extra.items()}
             lowered = {k.lower(): k for k in extra}
             # A proxied HEAD reports the upstream's length for an empty body; otherwise the length is ours.
-            length = str(len(out))
+            length = str(len(out)) if isinstance(out, bytes) else ""
             if "content-length" in lowered:
                 upstream_length = extra.pop(lowered["content-length"])
                 if self.command == "HEAD":
@@ -417,12 +419,35 @@ def _make_handler(emu: Emulator) -> type[BaseHTTPRequestHandler]:
                 extra.pop(lowered["content-type"])
             self.send_response(status)
             self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", length)
+            streaming = not isinstance(out, bytes)
+            if streaming:
+                # An event stream passed on as the model server sends it (HTTP/1.1 chunked), as Google's front
+                # end passes a streaming prediction's chunks on.
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.send_header("Content-Length", length)
             for key, value in extra.items():
                 self.send_header(key, value)
             self.end_headers()
-            if self.command != "HEAD":
+            if streaming:
+                self._write_chunks(out)
+            elif self.command != "HEAD":
                 self.wfile.write(out)
+
+        def _write_chunks(self, chunks: Any) -> None:
+            try:
+                for chunk in chunks:
+                    if chunk:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        self.wfile.flush()
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+            except OSError:
+                self.close_connection = True  # the client went away: stop reading the model server
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
 
         do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = do_HEAD = _serve
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -338,13 +339,22 @@ class ServingManager(EngineRoutes):
 
     # ----- requests -----
 
-    def _send(self, server: _Server, method: str, path: str, body: bytes | None) -> tuple[int, bytes, str]:
+    def _send(
+        self, server: _Server, method: str, path: str, body: bytes | None, stream: bool = False
+    ) -> tuple[int, bytes | Iterator[bytes], str]:
+        """One request to the model server. `stream`: an event stream that answers 200 comes back as an iterator of
+        its lines, each as the server sends it, so the caller sees the first token when the server sends it, not
+        after the last (the connection closes when the iterator is exhausted or closed)."""
         conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=_GENERATE_TIMEOUT_S)
+        handed_over = False
         try:
             conn.request(method, path, body=body, headers={"Content-Type": "application/json"})
             response = conn.getresponse()
-            data = response.read()  # buffers SSE streams too: simple, and fine for local models
-            return response.status, data, response.getheader("Content-Type") or _JSON
+            ctype = response.getheader("Content-Type") or _JSON
+            if stream and response.status == 200 and "text/event-stream" in ctype:
+                handed_over = True
+                return response.status, _lines(conn, response), ctype
+            return response.status, response.read(), ctype
         except OSError:
             dead = self._dead(server, wait_s=2.0)
             if dead:
@@ -352,7 +362,8 @@ class ServingManager(EngineRoutes):
             message = f"Model server for deployed model {server.deployed_model_id} did not answer."
             raise _Upstream((503, google_error(503, message, "UNAVAILABLE"), _JSON)) from None
         finally:
-            conn.close()
+            if not handed_over:
+                conn.close()
 
     # ----- internals -----
 
@@ -444,3 +455,17 @@ class ServingManager(EngineRoutes):
             partial.replace(dest)
 
 
+
+
+def _lines(conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> Iterator[bytes]:
+    """An event stream's lines as the model server sends them; the connection closes with the iterator."""
+    try:
+        while True:
+            line = response.readline()
+            if not line:
+                return
+            yield line
+    except OSError:
+        return  # the server went away mid-stream: the caller's stream ends there, as a cut connection would
+    finally:
+        conn.close()
