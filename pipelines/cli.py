@@ -189,10 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         "down": "stop the background stack and every process it started (model servers included)",
         "token": "print an access token (or with --audience an ID token) from the local metadata server",
         "reset": "stop nothing, delete the local state (emulator resources, GCS objects)",
+        "sync": "make this environment hold exactly the versions local steps run (the packaged lock), and the demo "
+        "model",
     }
     for action, text in actions.items():
         r = lsub.add_parser(action, help=text)
         r.add_argument("--state-dir", type=Path, default=None, help=STATE_DIR_HELP)
+        if action == "sync":
+            r.add_argument("--dry-run", action="store_true", help="print the pip commands instead of running them")
         if action == "status":
             add_json(r, "the stack's addresses and deployments")
         if action == "token":
@@ -651,6 +655,18 @@ def cmd_local(args: argparse.Namespace) -> int:
     from vlp.pipelines.local.peers import lock_state_dir
 
     state = args.state_dir.resolve()
+    if args.local_command == "sync":
+        from vlp.pipelines.local.step_launch import sync_commands
+
+        for command in sync_commands():
+            print(shlex.join(command), flush=True)
+            if not args.dry_run:
+                import subprocess
+
+                done = subprocess.run(command, check=False)
+                if done.returncode:
+                    raise UserError(f"pip exited {done.returncode}: this environment was not changed as planned")
+        return EXIT_OK
     if args.local_command == "up":
         from vlp.pipelines.local import missing_local_extra
 

