@@ -700,7 +700,8 @@ def cmd_local(args: argparse.Namespace) -> int:
 
         described = status.describe(info["emulator"], plumbing.headers(state / "emulator"), token_command)
         if args.json:
-            print(json.dumps({"stack": info, **described}, indent=2))
+            env = status.client_env(info["emulator"])
+            print(json.dumps({"stack": info, "api_endpoint": info["emulator"], "env": env, **described}, indent=2))
         else:
             print(status.render(info, state, described))
         return EXIT_OK

@@ -119,6 +119,22 @@ def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tm
         described = status(state)
         (endpoint,) = described["endpoints"]
         assert endpoint["display_name"] == "smollm2-demo"
+        # Unchanged Google client code with only the printed environment and endpoint: google.auth.default() finds
+        # credentials and the project on the metadata stand-in, and Cloud Storage answers with them (issue 35).
+        assert described["api_endpoint"] == info["emulator"]
+        default_auth = (
+            "import google.auth\n"
+            "from google.cloud import storage\n"
+            "credentials, project = google.auth.default()\n"
+            f"client = storage.Client(project=project, credentials=credentials, client_options={{'api_endpoint': {info['emulator']!r}}})\n"
+            "print(project, [b.name for b in client.list_buckets()])\n"
+        )
+        found = subprocess.run(
+            [sys.executable, "-c", default_auth], cwd=tmp_path, env={**_clean_env(), **described["env"]},
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert found.returncode == 0, found.stderr[-2000:]
+        assert found.stdout.split(" ", 1)[0] == "local-project" and "vlp-local" in found.stdout, found.stdout
         # vLLM's own image: its /v1/chat/completions through raw_predict, streamed through stream_raw_predict.
         titles = set(endpoint["snippets"])
         assert titles == {"aiplatform raw_predict", "aiplatform stream_raw_predict", "curl"}, titles

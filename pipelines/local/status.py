@@ -281,7 +281,9 @@ def render(info: dict[str, Any], state_dir: Path, described: dict[str, Any]) -> 
     lines = [
         f"local stack up (pid {info['pid']}, since {info['started']}), state dir {state_dir}",
         f"  Vertex AI, Cloud Run, IAM APIs: {api}   (api_endpoint / --api-endpoint)",
-        f"  Cloud Storage:                  {api}   (STORAGE_EMULATOR_HOST)",
+        f"  Cloud Storage:                  {api}   (storage.Client(client_options={{\"api_endpoint\": ...}}, "
+        "credentials=...); not STORAGE_EMULATOR_HOST, with which the client sends no credentials and every call "
+        "gets 401, as anonymous calls do on Google)",
         f"  Hugging Face Hub mirror:        {api}/hf   (HF_ENDPOINT)",
         f"  metadata server:                {metadata_host(api, 'EMAIL')}   (GCE_METADATA_HOST, as EMAIL)",
         "  stop it with `vlp local down`; these addresses stay the same at the next `vlp local up` when free",
@@ -316,3 +318,10 @@ def _snippet_lines(snippets: dict[str, str]) -> list[str]:
         where = "bash" if title.startswith("curl") else "python3"
         out += ["", f"# --- {title} (paste into {where}) ---", *code.rstrip("\n").split("\n"), "# --- end ---"]
     return out
+
+
+def client_env(api: str, project: str = "local-project") -> dict[str, str]:
+    """The environment that points unchanged Google and Hugging Face client code at the stack, calling as the
+    project's owner (`vlp local status --json` carries it as `env`; the API endpoint goes in client options)."""
+    host = metadata_host(api, owner_of(project))
+    return {"GCE_METADATA_HOST": host, "GCE_METADATA_IP": host, "HF_ENDPOINT": f"{api}/hf"}
