@@ -699,9 +699,14 @@ def cmd_local(args: argparse.Namespace) -> int:
         from vlp.pipelines.local.emulator import plumbing
 
         described = status.describe(info["emulator"], plumbing.headers(state / "emulator"), token_command)
+        grpc = status.grpc_info(state / "emulator") if info.get("grpc", True) else {}
+        info = {**info, "grpc": grpc}
         if args.json:
             env = status.client_env(info["emulator"])
-            print(json.dumps({"stack": info, "api_endpoint": info["emulator"], "env": env, **described}, indent=2))
+            if grpc:
+                env["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"] = grpc["ca"]
+            out = {"stack": info, "api_endpoint": info["emulator"], "grpc_endpoint": grpc.get("endpoint", ""), "env": env}
+            print(json.dumps({**out, **described}, indent=2))
         else:
             print(status.render(info, state, described))
         return EXIT_OK

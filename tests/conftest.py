@@ -234,7 +234,7 @@ def keep_stack_up() -> Iterator[Callable[[Path], None]]:
     started: list[Path] = []
 
     def start(state_dir: Path) -> None:
-        background.up(state_dir)
+        background.up(state_dir, grpc=False)  # these tests' runs call REST only: no gRPC server to build
         started.append(Path(state_dir).resolve())
 
     yield start

@@ -1017,3 +1017,60 @@ def test_v1beta1_answers_every_v1_method_as_google_does(emu: Emulator) -> None:
     # What v1beta1 does not serve stays unserved: the emulator's own 404 for an unknown collection.
     status, _, _ = _http("GET", f"{emu.url}/v1beta1/{PARENT}/noSuchCollection/x")
     assert status == 404
+
+
+GRPC_SAMPLE = """
+from google.api_core import exceptions
+from google.cloud import aiplatform_v1
+
+options = {"api_endpoint": ENDPOINT}
+endpoints = aiplatform_v1.EndpointServiceClient(client_options=options)
+created = endpoints.create_endpoint(parent=PARENT, endpoint=aiplatform_v1.Endpoint(display_name="grpc-sample"))
+endpoint = created.result(timeout=60)
+print("created", endpoint.name)
+print("listed", [e.display_name for e in endpoints.list_endpoints(parent=PARENT)])
+print("got", endpoints.get_endpoint(name=endpoint.name).display_name)
+try:
+    endpoints.get_endpoint(name=PARENT + "/endpoints/404")
+except exceptions.NotFound as err:
+    print("not found:", err.message)
+models = aiplatform_v1.ModelServiceClient(client_options=options)
+print("models", list(models.list_models(parent=PARENT)))
+"""
+
+
+def test_googles_gapic_clients_on_their_default_transport_reach_the_emulator_over_grpc_and_tls(tmp_path: Path) -> None:
+    """Issue 35: gapic clients speak gRPC over TLS unless told otherwise; the emulator answered REST only, so every
+    unchanged sample failed its TLS handshake. With gRPC on, a sample in a fresh interpreter, given only the endpoint
+    and the environment `vlp local status` prints (the metadata stand-in, the stack's CA), creates an endpoint (a
+    long-running operation), lists and gets it, and gets NOT_FOUND as a gRPC status; as the account the metadata
+    server names, with its IAM checked (a caller without a grant is refused)."""
+    emulator = create_emulator(tmp_path / "state", serving=ServingDouble(), grpc=True)
+    emulator.start()
+    try:
+        account = f"sample@{PROJECT}.iam.gserviceaccount.com"
+        info = json.loads((tmp_path / "state" / "grpc.json").read_text())
+        assert info["endpoint"] == emulator.grpc_endpoint and Path(info["ca"]).is_file()
+        assert stat.S_IMODE((tmp_path / "state" / "tls" / "server-key.pem").stat().st_mode) == 0o600
+        metadata = f"{emulator.url.removeprefix('http://')}/_md/{account}"
+        drop = ("GOOGLE_", "GCE_", "GRPC_", "VLP_", "STORAGE_EMULATOR_HOST")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+        env.update(GCE_METADATA_HOST=metadata, GCE_METADATA_IP=metadata, GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=info["ca"])
+        code = f"ENDPOINT = {emulator.grpc_endpoint!r}\nPARENT = {PARENT!r}\n" + GRPC_SAMPLE
+
+        def sample() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+            )
+
+        refused = sample()  # no grant yet: IAM answers over gRPC as over REST
+        assert refused.returncode == 1 and "PermissionDenied" in refused.stderr, refused.stderr[-2000:]
+        emulator.grant(f"projects/{PROJECT}", "roles/aiplatform.user", f"serviceAccount:{account}")
+        done = sample()
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = done.stdout.splitlines()
+        assert lines[0].startswith(f"created {PARENT}/endpoints/") and lines[1] == "listed ['grpc-sample']"
+        assert lines[2] == "got grpc-sample" and lines[3].startswith("not found:") and lines[4] == "models []"
+        assert f"POST /v1/{PARENT}/endpoints" in emulator.calls  # the same handlers as REST
+    finally:
+        emulator.stop()

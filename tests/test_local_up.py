@@ -128,6 +128,10 @@ def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tm
             "credentials, project = google.auth.default()\n"
             f"client = storage.Client(project=project, credentials=credentials, client_options={{'api_endpoint': {info['emulator']!r}}})\n"
             "print(project, [b.name for b in client.list_buckets()])\n"
+            # And a gapic client on its default transport (gRPC, TLS): the printed endpoint, the stack's CA.
+            "from google.cloud import aiplatform_v1\n"
+            f"endpoints = aiplatform_v1.EndpointServiceClient(client_options={{'api_endpoint': {described['grpc_endpoint']!r}}})\n"
+            "print([e.display_name for e in endpoints.list_endpoints(parent=f'projects/{project}/locations/us-central1')])\n"
         )
         found = subprocess.run(
             [sys.executable, "-c", default_auth], cwd=tmp_path, env={**_clean_env(), **described["env"]},
@@ -135,6 +139,8 @@ def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tm
         )  # fmt: skip
         assert found.returncode == 0, found.stderr[-2000:]
         assert found.stdout.split(" ", 1)[0] == "local-project" and "vlp-local" in found.stdout, found.stdout
+        assert found.stdout.splitlines()[1] == "['smollm2-demo']", found.stdout
+        assert described["env"]["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"].endswith("ca.pem")
         # vLLM's own image: its /v1/chat/completions through raw_predict, streamed through stream_raw_predict.
         titles = set(endpoint["snippets"])
         assert titles == {"aiplatform raw_predict", "aiplatform stream_raw_predict", "curl"}, titles

@@ -63,8 +63,10 @@ def attach(state_dir: Path, faults: list[str], holder: str) -> LocalStack | None
     return LocalStack.attach(state_dir, info, faults=faults, holder=holder) if info else None
 
 
-def up(state_dir: Path, timeout: float = UP_TIMEOUT_S) -> dict[str, Any]:
-    """Starts the background stack (or finds it running) and returns what stack.json records."""
+def up(state_dir: Path, timeout: float = UP_TIMEOUT_S, grpc: bool = True) -> dict[str, Any]:
+    """Starts the background stack (or finds it running) and returns what stack.json records. `grpc`: its emulator
+    serves gRPC (TLS) beside REST, for people's own client code on its default transport; the runs vlp makes
+    itself use REST and need none."""
     state_dir = Path(state_dir).resolve()
     if info := running(state_dir):
         return {**info, "already_up": True}
@@ -73,6 +75,9 @@ def up(state_dir: Path, timeout: float = UP_TIMEOUT_S) -> dict[str, Any]:
     log_path = state_dir / "logs" / "stack.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = python_env(os.environ)
+    from vlp.pipelines.local.emulator.plumbing import GRPC_ENV
+
+    env[GRPC_ENV] = "1" if grpc else "0"
     with log_path.open("ab") as log:
         offset = log.tell()
         process = subprocess.Popen(

@@ -285,6 +285,14 @@ def render(info: dict[str, Any], state_dir: Path, described: dict[str, Any]) -> 
         "credentials=...); not STORAGE_EMULATOR_HOST, with which the client sends no credentials and every call "
         "gets 401, as anonymous calls do on Google)",
         f"  Hugging Face Hub mirror:        {api}/hf   (HF_ENDPOINT)",
+        *(
+            [
+                f"  gRPC (TLS), the same APIs:      {info['grpc']['endpoint']}   (api_endpoint for Google's clients on their "
+                f"default transport; trust GRPC_DEFAULT_SSL_ROOTS_FILE_PATH={info['grpc']['ca']})"
+            ]
+            if info.get("grpc")
+            else []
+        ),
         f"  metadata server:                {metadata_host(api, 'EMAIL')}   (GCE_METADATA_HOST, as EMAIL)",
         "  stop it with `vlp local down`; these addresses stay the same at the next `vlp local up` when free",
     ]
@@ -325,3 +333,14 @@ def client_env(api: str, project: str = "local-project") -> dict[str, str]:
     project's owner (`vlp local status --json` carries it as `env`; the API endpoint goes in client options)."""
     host = metadata_host(api, owner_of(project))
     return {"GCE_METADATA_HOST": host, "GCE_METADATA_IP": host, "HF_ENDPOINT": f"{api}/hf"}
+
+
+def grpc_info(emulator_state_dir: Path) -> dict[str, str]:
+    """The stack's gRPC endpoint and the CA that signs it (grpc.json, written by the emulator), or {} without one."""
+    import json as _json
+
+    try:
+        info = _json.loads((Path(emulator_state_dir) / "grpc.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"endpoint": str(info["endpoint"]), "ca": str(info["ca"])} if isinstance(info, dict) and "endpoint" in info else {}

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 
+from vlp.pipelines.local.emulator.plumbing import GRPC_ENV
 from vlp.pipelines.local.emulator.server import create_emulator
 
 
@@ -22,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hub-upstream", default=None, help="Hugging Face Hub (or mirror) URL the gate proxies")
     parser.add_argument("--fault", action="append", default=[], help="inject a named fault; repeatable")
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--grpc",
+        action="store_true",
+        default=os.environ.get(GRPC_ENV) == "1",
+        help=f"serve gRPC (TLS) beside REST; also ${GRPC_ENV}=1, which `vlp local up` sets",
+    )
     args = parser.parse_args(argv)
     # Logs go to stderr: stdout carries only the READY line a parent process waits for.
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
@@ -33,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         storage_endpoint=args.storage_endpoint,
         hub_upstream=args.hub_upstream,
         faults=args.fault,
+        grpc=args.grpc,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

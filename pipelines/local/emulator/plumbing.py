@@ -15,6 +15,8 @@ import secrets
 from pathlib import Path
 
 KEY_FILE = "plumbing.key"
+# Set to 1 in a stack's environment (`vlp local up` does): its emulator serves gRPC beside REST (grpc_bridge.py).
+GRPC_ENV = "VLP_STACK_GRPC"
 HEADER = "X-Vlp-Stack-Key"
 
 

@@ -61,6 +61,7 @@ class Emulator(
         faults: Iterable[str] = (),
         serving: Any = None,
         deploy_timeout_s: float = 900.0,
+        grpc: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +77,10 @@ class Emulator(
         self.serving = serving
         self.deploy_timeout_s = deploy_timeout_s
         self.url = ""
+        # gRPC beside REST (grpc_bridge.py): off unless asked for (`vlp local up` asks); its TLS endpoint once up.
+        self.grpc = grpc
+        self.grpc_endpoint = ""
+        self._grpc_server: Any = None
         # The plumbing routes' key (plumbing.py): made with the state dir, the same across restarts.
         self.plumbing_key = plumbing.ensure_key(self.state_dir)
         self._lock = threading.RLock()
@@ -122,6 +127,10 @@ class Emulator(
         self.url = f"http://{self.host}:{self.port}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="vertex-emulator", daemon=True)
         self._thread.start()
+        if self.grpc:
+            self._start_grpc()
+        else:
+            (self.state_dir / "grpc.json").unlink(missing_ok=True)  # no stale endpoint for `vlp local status`
         with self._lock:
             restarts = [(ep, dm) for ep in self._endpoints.values() for dm in ep.get("deployedModels", [])]
             in_use = {dm["id"] for _ep, dm in restarts} | {self._serving_id(r) for r in self._run_revisions}
@@ -136,6 +145,39 @@ class Emulator(
             self._spawn(self._restart_serving, dm)
         for name in jobs:
             self._spawn(self._run_pipeline_job, name)
+
+    def _start_grpc(self) -> None:
+        """gRPC beside REST on a TLS port of its own (grpc_bridge.py, tls.py), the port it had last time when free;
+        recorded in STATE/grpc.json for `vlp local status`."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+
+        from vlp.pipelines.local.emulator import grpc_bridge, tls
+
+        certs = tls.ensure_certificates(self.state_dir)
+        credentials = grpc.ssl_server_credentials([(certs.key.read_bytes(), certs.cert.read_bytes())])
+        record = self.state_dir / "grpc.json"
+        try:
+            last = int(json.loads(record.read_text()).get("endpoint", ":0").rsplit(":", 1)[1])
+        except (OSError, ValueError, AttributeError):
+            last = 0
+        server = grpc.server(
+            ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc-bridge"),
+            handlers=[grpc_bridge.BridgeHandler(self.handle, grpc_bridge.method_table())],
+        )
+        port = 0
+        for wanted in dict.fromkeys([last, 0]):
+            try:
+                port = server.add_secure_port(f"{self.host}:{wanted}", credentials)
+            except RuntimeError:  # that port is taken now
+                continue
+            if port:
+                break
+        server.start()
+        self._grpc_server = server
+        self.grpc_endpoint = f"{self.host}:{port}"
+        record.write_text(json.dumps({"endpoint": self.grpc_endpoint, "ca": str(certs.ca)}))
 
     def _remove_unused_copies(self, in_use: set[str]) -> None:
         """Serving copies of the weights that no deployed model or Cloud Run revision uses any more: one a crash left
@@ -159,6 +201,9 @@ class Emulator(
     def stop(self) -> None:
         """Stop answering, then stop every serving process this emulator started."""
         self._stopping.set()
+        if self._grpc_server is not None:
+            self._grpc_server.stop(grace=1).wait(5)
+            self._grpc_server = None
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -467,6 +512,7 @@ def create_emulator(
     faults: Iterable[str] = (),
     serving: Any = None,
     deploy_timeout_s: float = 900.0,
+    grpc: bool = False,
 ) -> Emulator:
     """Build an emulator over `state_dir` (loading what a previous run left there); call .start() to serve."""
     emu = Emulator(
@@ -478,6 +524,7 @@ def create_emulator(
         faults=faults,
         serving=serving,
         deploy_timeout_s=deploy_timeout_s,
+        grpc=grpc,
     )
     if emu.serving is None:
         from vlp.pipelines.local.emulator.serving import ServingManager
