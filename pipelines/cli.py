@@ -704,8 +704,14 @@ def cmd_local(args: argparse.Namespace) -> int:
         if args.json:
             env = status.client_env(info["emulator"])
             if grpc:
-                env["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"] = grpc["ca"]
-            out = {"stack": info, "api_endpoint": info["emulator"], "grpc_endpoint": grpc.get("endpoint", ""), "env": env}
+                env.update(GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=grpc["ca"], REQUESTS_CA_BUNDLE=grpc["bundle"])
+            out = {
+                "stack": info,
+                "api_endpoint": info["emulator"],
+                "grpc_endpoint": grpc.get("endpoint", ""),
+                "https_endpoint": grpc.get("https_endpoint", ""),
+                "env": env,
+            }
             print(json.dumps({**out, **described}, indent=2))
         else:
             print(status.render(info, state, described))

@@ -1036,15 +1036,22 @@ except exceptions.NotFound as err:
     print("not found:", err.message)
 models = aiplatform_v1.ModelServiceClient(client_options=options)
 print("models", list(models.list_models(parent=PARENT)))
+
+# The high-level SDK, no api_transport: REST over HTTPS at the stack's HTTPS endpoint (REQUESTS_CA_BUNDLE trusts it).
+from google.cloud import aiplatform
+
+aiplatform.init(location="us-central1", api_endpoint=HTTPS_ENDPOINT)
+print("sdk", [e.display_name for e in aiplatform.Endpoint.list()])
 """
 
 
 def test_googles_gapic_clients_on_their_default_transport_reach_the_emulator_over_grpc_and_tls(tmp_path: Path) -> None:
-    """Issue 35: gapic clients speak gRPC over TLS unless told otherwise; the emulator answered REST only, so every
-    unchanged sample failed its TLS handshake. With gRPC on, a sample in a fresh interpreter, given only the endpoint
-    and the environment `vlp local status` prints (the metadata stand-in, the stack's CA), creates an endpoint (a
-    long-running operation), lists and gets it, and gets NOT_FOUND as a gRPC status; as the account the metadata
-    server names, with its IAM checked (a caller without a grant is refused)."""
+    """Issue 35: gapic clients speak gRPC over TLS unless told otherwise, the aiplatform SDK REST over HTTPS; the
+    emulator answered plain HTTP only, so every unchanged sample failed its TLS handshake. With TLS on, a sample in a
+    fresh interpreter, given only the endpoints and the environment `vlp local status` prints (the metadata stand-in,
+    the stack's CA), creates an endpoint (a long-running operation) over gRPC, lists and gets it, gets NOT_FOUND as a
+    gRPC status, and lists it again through the SDK without api_transport; as the account the metadata server names,
+    with its IAM checked (a caller without a grant is refused)."""
     emulator = create_emulator(tmp_path / "state", serving=ServingDouble(), grpc=True)
     emulator.start()
     try:
@@ -1055,8 +1062,12 @@ def test_googles_gapic_clients_on_their_default_transport_reach_the_emulator_ove
         metadata = f"{emulator.url.removeprefix('http://')}/_md/{account}"
         drop = ("GOOGLE_", "GCE_", "GRPC_", "VLP_", "STORAGE_EMULATOR_HOST")
         env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-        env.update(GCE_METADATA_HOST=metadata, GCE_METADATA_IP=metadata, GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=info["ca"])
-        code = f"ENDPOINT = {emulator.grpc_endpoint!r}\nPARENT = {PARENT!r}\n" + GRPC_SAMPLE
+        env.update(GCE_METADATA_HOST=metadata, GCE_METADATA_IP=metadata)
+        env.update(GRPC_DEFAULT_SSL_ROOTS_FILE_PATH=info["ca"], REQUESTS_CA_BUNDLE=info["bundle"])
+        code = (
+            f"ENDPOINT = {emulator.grpc_endpoint!r}\nHTTPS_ENDPOINT = {emulator.https_endpoint!r}\nPARENT = {PARENT!r}\n"
+            + GRPC_SAMPLE
+        )
 
         def sample() -> subprocess.CompletedProcess[str]:
             return subprocess.run(
@@ -1071,6 +1082,7 @@ def test_googles_gapic_clients_on_their_default_transport_reach_the_emulator_ove
         lines = done.stdout.splitlines()
         assert lines[0].startswith(f"created {PARENT}/endpoints/") and lines[1] == "listed ['grpc-sample']"
         assert lines[2] == "got grpc-sample" and lines[3].startswith("not found:") and lines[4] == "models []"
+        assert lines[-1] == "sdk ['grpc-sample']"
         assert f"POST /v1/{PARENT}/endpoints" in emulator.calls  # the same handlers as REST
     finally:
         emulator.stop()

@@ -288,7 +288,9 @@ def render(info: dict[str, Any], state_dir: Path, described: dict[str, Any]) -> 
         *(
             [
                 f"  gRPC (TLS), the same APIs:      {info['grpc']['endpoint']}   (api_endpoint for Google's clients on their "
-                f"default transport; trust GRPC_DEFAULT_SSL_ROOTS_FILE_PATH={info['grpc']['ca']})"
+                f"default transport; trust GRPC_DEFAULT_SSL_ROOTS_FILE_PATH={info['grpc']['ca']})",
+                f"  REST over HTTPS, the same APIs: {info['grpc']['https_endpoint']}   (api_endpoint for the aiplatform SDK "
+                f"and REST transports; trust REQUESTS_CA_BUNDLE={info['grpc']['bundle']})",
             ]
             if info.get("grpc")
             else []
@@ -343,4 +345,6 @@ def grpc_info(emulator_state_dir: Path) -> dict[str, str]:
         info = _json.loads((Path(emulator_state_dir) / "grpc.json").read_text())
     except (OSError, ValueError):
         return {}
-    return {"endpoint": str(info["endpoint"]), "ca": str(info["ca"])} if isinstance(info, dict) and "endpoint" in info else {}
+    if not isinstance(info, dict) or "endpoint" not in info:
+        return {}
+    return {k: str(info.get(k, "")) for k in ("endpoint", "https_endpoint", "ca", "bundle")}

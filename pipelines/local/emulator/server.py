@@ -79,8 +79,9 @@ class Emulator(
         self.url = ""
         # gRPC beside REST (grpc_bridge.py): off unless asked for (`vlp local up` asks); its TLS endpoint once up.
         self.grpc = grpc
-        self.grpc_endpoint = ""
+        self.grpc_endpoint = self.https_endpoint = ""
         self._grpc_server: Any = None
+        self._https: ThreadingHTTPServer | None = None
         # The plumbing routes' key (plumbing.py): made with the state dir, the same across restarts.
         self.plumbing_key = plumbing.ensure_key(self.state_dir)
         self._lock = threading.RLock()
@@ -177,7 +178,35 @@ class Emulator(
         server.start()
         self._grpc_server = server
         self.grpc_endpoint = f"{self.host}:{port}"
-        record.write_text(json.dumps({"endpoint": self.grpc_endpoint, "ca": str(certs.ca)}))
+        # And REST over HTTPS: the aiplatform SDK and gapic's REST transport call https://API_ENDPOINT.
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certs.cert, certs.key)
+        try:
+            last_https = int(json.loads(record.read_text()).get("https_endpoint", ":0").rsplit(":", 1)[1])
+        except (OSError, ValueError, AttributeError):
+            last_https = 0
+        for wanted in dict.fromkeys([last_https, 0]):
+            try:
+                self._https = ThreadingHTTPServer((self.host, wanted), _make_handler(self))
+                break
+            except OSError:
+                continue
+        self._https.daemon_threads = True
+        self._https.socket = context.wrap_socket(self._https.socket, server_side=True)
+        threading.Thread(target=self._https.serve_forever, name="vertex-emulator-https", daemon=True).start()
+        self.https_endpoint = f"{self.host}:{self._https.server_address[1]}"
+        record.write_text(
+            json.dumps(
+                {
+                    "endpoint": self.grpc_endpoint,
+                    "https_endpoint": self.https_endpoint,
+                    "ca": str(certs.ca),
+                    "bundle": str(certs.bundle),
+                }
+            )
+        )
 
     def _remove_unused_copies(self, in_use: set[str]) -> None:
         """Serving copies of the weights that no deployed model or Cloud Run revision uses any more: one a crash left
@@ -204,6 +233,10 @@ class Emulator(
         if self._grpc_server is not None:
             self._grpc_server.stop(grace=1).wait(5)
             self._grpc_server = None
+        if self._https is not None:
+            self._https.shutdown()
+            self._https.server_close()
+            self._https = None
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()

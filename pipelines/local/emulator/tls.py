@@ -17,6 +17,12 @@ class Certificates:
     cert: Path  # the server's chain (its certificate, for localhost and 127.0.0.1)
     key: Path  # the server's key
 
+    @property
+    def bundle(self) -> Path:
+        """The public roots (certifi's, what requests trusts by default) plus the stack's CA: REQUESTS_CA_BUNDLE for
+        code that calls both the stack and the internet."""
+        return self.ca.parent / "bundle.pem"
+
 
 def _write(path: Path, data: bytes, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
@@ -28,7 +34,7 @@ def ensure_certificates(emulator_state_dir: Path) -> Certificates:
     """The state dir's CA and server certificate, made on first use (ten years: a local stack outlives no CA)."""
     directory = Path(emulator_state_dir) / "tls"
     certs = Certificates(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
-    if all(p.is_file() for p in (certs.ca, certs.cert, certs.key)):
+    if all(p.is_file() for p in (certs.ca, certs.cert, certs.key, certs.bundle)):
         return certs
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -72,4 +78,7 @@ def ensure_certificates(emulator_state_dir: Path) -> Certificates:
     _write(certs.key, key.private_bytes(**private, encryption_algorithm=serialization.NoEncryption()), 0o600)
     _write(certs.cert, cert.public_bytes(pem), 0o644)
     _write(certs.ca, ca.public_bytes(pem), 0o644)
+    import certifi
+
+    _write(certs.bundle, Path(certifi.where()).read_bytes() + b"\n" + ca.public_bytes(pem), 0o644)
     return certs
