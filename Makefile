@@ -29,7 +29,7 @@ test: setup
 	# `vlp check` and `vlp compile --check` run inside the suite (tests/test_cli.py, tests/test_compile.py), on the
 	# workers, rather than once more here before it on one core.
 	# Five workers on two cores: the whole local runs wait on their model servers and steps part of the time, so
-	# fewer leave the CPU idle (a clean-clone run: 9.8 min on five, 10.7 min on four, same commit).
+	# fewer leave the CPU idle (clean-clone runs: 9.8 min on five, 10.7 min on four, same commit; 9.0 min on five at 98f3a97).
 	$(BIN)/python -m pytest -q -n 5 --maxschedchunk 1 --durations=25
 
 # The inner loop: lint, and every test but the whole local runs (`-m slow`); `make test` (and CI) runs everything.
