@@ -1086,3 +1086,21 @@ def test_googles_gapic_clients_on_their_default_transport_reach_the_emulator_ove
         assert f"POST /v1/{PARENT}/endpoints" in emulator.calls  # the same handlers as REST
     finally:
         emulator.stop()
+
+
+def test_googles_system_parameters_are_accepted_and_fields_gives_a_partial_response(emu: Emulator) -> None:
+    """Issue 35: every Google REST API takes the system parameters (cloud.google.com/apis/docs/system-parameters:
+    alt, fields, key, prettyPrint, quotaUser..., also with a leading $) besides the method's own fields; the emulator
+    refused them as unknown fields, which broke gcloud (it sends alt=json). A name that is neither is still refused."""
+    _auth(emu)
+    endpoint = aiplatform.Endpoint.create(display_name="params", labels={"team": "a"})
+    url = f"{emu.url}/v1/{PARENT}/endpoints"
+    for query in ("alt=json", "$alt=json;enum-encoding=int", "prettyPrint=false&quotaUser=me&key=k", "$prettyPrint=true"):
+        status, answer, _ = _http("GET", f"{url}?{query}")
+        assert status == 200 and answer["endpoints"][0]["displayName"] == "params", (query, answer)
+    status, answer, _ = _http("GET", f"{url}?fields=endpoints(name,labels)")
+    assert status == 200 and answer == {"endpoints": [{"name": endpoint.resource_name, "labels": {"team": "a"}}]}
+    status, answer, _ = _http("GET", f"{emu.url}/v1/{endpoint.resource_name}?$fields=displayName")
+    assert status == 200 and answer == {"displayName": "params"}
+    assert _http("GET", f"{url}?alt=proto")[0] == 400  # a form this emulator does not produce: refused, not guessed
+    assert _http("GET", f"{url}?bogus=1")[0] == 400

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from google.cloud import aiplatform_v1 as v1
 
-from vlp.pipelines.local.emulator import artifact_registry, plumbing
+from vlp.pipelines.local.emulator import artifact_registry, plumbing, system_params
 from vlp.pipelines.local.emulator.cloud_run import CloudRunService
 from vlp.pipelines.local.emulator.core import (
     _ID_BASE,
@@ -386,31 +386,51 @@ class Emulator(
             principal = self.authorize(method, path, query, body, headers)
             if GCS_PATH.match(path):
                 return self.storage(method, raw_path, query, body, headers, principal)
-            # Vertex AI's v1beta1 serves every v1 method at the same path (a superset, googleapis
-            # google/cloud/aiplatform/v1beta1): what has no v1beta1 route of its own here answers as its v1 form.
-            forms = [path]
-            if path.startswith("/v1beta1/projects/") and "/locations/" in path:
-                forms.append("/v1/" + path.removeprefix("/v1beta1/"))
-            for route, m in ((r, r.regex.match(f)) for f in forms for r in self._routes if r.method == method):
-                if m:
-                    # The host the client called: prediction routes check it (dedicated DNS vs regional host).
-                    params = {
-                        **{k: v or "" for k, v in m.groupdict().items()},
-                        "_host": (headers.get("Host") if headers is not None else "") or "",
-                        "_authorization": (headers.get("Authorization") if headers is not None else "") or "",
-                        "_principal": principal,
-                    }
-                    return route.handler(params, query, body)
-            answer = self._side_apis(method, raw_path, query, body, headers)
-            if answer is not None:
-                return answer
-            raise ApiError("NOT_FOUND", f"The emulator does not serve {method} {path}.")
+            answer = self._route(method, path, raw_path, query, body, headers, principal)
         except ApiError as err:
             return err.http_code, err.body(), "application/json", {}
         except Exception as exc:  # noqa: BLE001 - a bug here must reach the client as a 500, not a hang
             _LOG.exception("emulator handler failed for %s %s", method, path)
             err = ApiError("INTERNAL", f"Emulator error handling {method} {path}: {exc!r}")
             return err.http_code, err.body(), "application/json", {}
+        return answer
+
+    def _route(
+        self, method: str, path: str, raw_path: str, query: dict[str, list[str]], body: bytes, headers: Any, principal: str
+    ) -> tuple[int, Any, str, dict[str, str]]:
+        """A Google API call: its system parameters taken off the query first (system_params.py: `alt`, `fields`,
+        `prettyPrint`, `key`...), then the method's route; `fields` makes a 200's JSON a partial response. The Hub,
+        the metadata server and Cloud Run service URLs are not Google APIs: their query is theirs."""
+        system: dict[str, str] = {}
+        if not (path == "/hf" or path.startswith(("/hf/", "/_md/", "/_run/"))):
+            query, system = system_params.split(query)
+        status, out, ctype, extra = self._dispatch(method, path, raw_path, query, body, headers, principal)
+        if system.get("fields") and status == 200 and isinstance(out, bytes) and "json" in ctype:
+            out = system_params.partial(out, system["fields"])
+        return status, out, ctype, extra
+
+    def _dispatch(
+        self, method: str, path: str, raw_path: str, query: dict[str, list[str]], body: bytes, headers: Any, principal: str
+    ) -> tuple[int, Any, str, dict[str, str]]:
+        # Vertex AI's v1beta1 serves every v1 method at the same path (a superset, googleapis
+        # google/cloud/aiplatform/v1beta1): what has no v1beta1 route of its own here answers as its v1 form.
+        forms = [path]
+        if path.startswith("/v1beta1/projects/") and "/locations/" in path:
+            forms.append("/v1/" + path.removeprefix("/v1beta1/"))
+        for route, m in ((r, r.regex.match(f)) for f in forms for r in self._routes if r.method == method):
+            if m:
+                # The host the client called: prediction routes check it (dedicated DNS vs regional host).
+                params = {
+                    **{k: v or "" for k, v in m.groupdict().items()},
+                    "_host": (headers.get("Host") if headers is not None else "") or "",
+                    "_authorization": (headers.get("Authorization") if headers is not None else "") or "",
+                    "_principal": principal,
+                }
+                return route.handler(params, query, body)
+        answer = self._side_apis(method, raw_path, query, body, headers)
+        if answer is not None:
+            return answer
+        raise ApiError("NOT_FOUND", f"The emulator does not serve {method} {path}.")
 
     def _side_apis(
         self, method: str, path: str, query: dict[str, list[str]], body: bytes, headers: Any
