@@ -660,3 +660,29 @@ def test_hub_gate_proxies_the_mirror_and_injects_gated_repos(emu: Emulator, hub:
             hf_hub_download("acme/tiny", "config.json", endpoint=endpoint, cache_dir=work / "hf-cache-gated")
     finally:
         emu.faults.discard("hub-gated")
+
+
+def test_a_model_garden_hub_id_model_downloads_from_the_stacks_hub_with_the_containers_token(
+    emu: Emulator, manager: ServingManager
+) -> None:
+    """Issue 35: Model Garden's notebooks deploy `--model=ORG/NAME` by default; the image downloads the repo from the
+    Hub itself. The stack could not deploy it though it has a Hub: now the model comes from its Hub gate, with the
+    container's HF_TOKEN, and a gated repo without access fails the deploy naming the token."""
+    from vlp.pipelines.local.emulator.core import _weights_source
+
+    spec = {**VLLM_SPEC, "args": [a if not a.startswith("--model=") else "--model=acme/tiny" for a in VLLM_SPEC["args"]]}
+    source = _weights_source({"containerSpec": spec})
+    assert source == "hf://acme/tiny"
+    manager.start("dm-hub-id", source, spec, timeout_s=120)
+    try:
+        answer = _forward_json(manager, "dm-hub-id", "rawPredict", {"prompt": "Hi", "max_tokens": 2})
+        assert answer["text"][0].startswith("Hi")
+    finally:
+        manager.stop("dm-hub-id", remove_copy=True)
+    emu.faults.add("hub-gated")
+    try:
+        with pytest.raises(ServingError, match="acme/tiny is gated: the container's HF_TOKEN"):
+            manager.start("dm-hub-gated", source, spec, timeout_s=60)
+    finally:
+        emu.faults.discard("hub-gated")
+        manager.stop("dm-hub-gated", remove_copy=True)

@@ -181,12 +181,17 @@ def _machine_memory_gb(machine_type: str) -> float | None:
 
 
 _MODEL_ARG = re.compile(r"^--model=(gs://\S+)$")
+# `--model=ORG/NAME`: a Hub repo the Model Garden vLLM image downloads itself (its notebooks' default), with the
+# container's HF_TOKEN for a gated one.
+_HUB_MODEL_ARG = re.compile(r"^--model=([A-Za-z0-9][\w.-]*/[\w.-]+)$")
+HUB_SCHEME = "hf://"
 
 
 def _weights_source(version: dict[str, Any]) -> str:
     """Where the serving container reads weights: Vertex's copy of artifactUri (AIP_STORAGE_URI), else a
-    `--model=gs://…` argument, which the Model Garden vLLM image downloads itself (Model Garden's recipe), or the
-    gs:// model of `vllm serve`, which vLLM's own image streams."""
+    `--model=gs://…` argument, which the Model Garden vLLM image downloads itself (Model Garden's recipe), a
+    `--model=ORG/NAME` Hub repo it downloads from the Hub (hf://ORG/NAME here: the stack's Hub mirror), or the gs://
+    model of `vllm serve`, which vLLM's own image streams."""
     if version.get("artifactUri"):
         return str(version["artifactUri"])
     spec = version.get("containerSpec", {})
@@ -195,6 +200,9 @@ def _weights_source(version: dict[str, Any]) -> str:
         match = _MODEL_ARG.match(str(arg))
         if match and engine in ("vllm", "vllm-openai"):
             return match.group(1)
+        hub = _HUB_MODEL_ARG.match(str(arg))
+        if hub and engine in ("vllm", "vllm-openai"):
+            return HUB_SCHEME + hub.group(1)
         # `vllm serve gs://…` (vLLM's own image streams it with --load-format runai_streamer).
         if engine == "vllm-openai" and str(arg).startswith("gs://"):
             return str(arg)

@@ -128,6 +128,8 @@ class Emulator(
         self.url = f"http://{self.host}:{self.port}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="vertex-emulator", daemon=True)
         self._thread.start()
+        if self.hub_upstream and hasattr(self.serving, "hub_endpoint"):
+            self.serving.hub_endpoint = f"{self.url}/hf"  # `--model=ORG/NAME` downloads through the Hub gate
         if self.grpc:
             self._start_grpc()
         else:

@@ -169,6 +169,7 @@ class ServingManager(EngineRoutes):
     def __init__(self, state_dir: Path, storage_endpoint: str | None, faults: set[str]) -> None:
         self.state_dir = Path(state_dir)
         self.storage_endpoint = storage_endpoint
+        self.hub_endpoint = ""  # the stack's Hub (its gate, EMULATOR/hf): set by the emulator when it starts
         # Kept by reference: the emulator flips faults at run time and every call reads them afresh.
         self.faults = faults
         self._servers: dict[str, _Server] = {}
@@ -205,7 +206,10 @@ class ServingManager(EngineRoutes):
         model_dir = self.serving_dir / deployed_model_id / "model"
         log_path = self.log_path(deployed_model_id)
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._copy_model(artifact_uri, model_dir)
+        if artifact_uri.startswith("hf://"):
+            self._download_from_hub(artifact_uri.removeprefix("hf://"), container_spec, model_dir)
+        else:
+            self._copy_model(artifact_uri, model_dir)
         from vlp.pipelines.local.emulator.images import start_refusal
 
         refused = start_refusal(container_spec, model_dir)
@@ -420,6 +424,27 @@ class ServingManager(EngineRoutes):
         if process.poll() is None:
             process.kill()
         process.wait()
+
+    def _download_from_hub(self, repo_id: str, container_spec: dict, model_dir: Path) -> None:
+        """`--model=ORG/NAME`: the image downloads the repo from the Hub itself, with the container's HF_TOKEN (or
+        HUGGING_FACE_HUB_TOKEN) for a gated one. Here the Hub is the stack's gate in front of its mirror (the emulator
+        sets `hub_endpoint` when it starts), which answers a gated repo as the Hub does."""
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+        if not self.hub_endpoint:
+            raise ServingError(f"--model={repo_id} names a Hub repo, and this stack has no Hub to download it from")
+        env = {str(e.get("name")): str(e.get("value", "")) for e in container_spec.get("env") or []}
+        token = env.get("HF_TOKEN") or env.get("HUGGING_FACE_HUB_TOKEN") or False
+        try:
+            snapshot_download(repo_id, local_dir=model_dir, endpoint=self.hub_endpoint, token=token)
+        except GatedRepoError as exc:
+            raise ServingError(
+                f"{repo_id} is gated: the container's HF_TOKEN has no access (or the container has none); "
+                "set HF_TOKEN in the container's env to a token that was granted the model"
+            ) from exc
+        except RepositoryNotFoundError as exc:
+            raise ServingError(f"{repo_id} is not on the Hub (the local stack's Hub mirror has no such repo)") from exc
 
     def _copy_model(self, artifact_uri: str, model_dir: Path) -> None:
         from google.auth.credentials import AnonymousCredentials
