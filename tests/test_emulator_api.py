@@ -151,6 +151,21 @@ def _http(
         return err.code, json.loads(err.read() or b"{}"), dict(err.headers)
 
 
+def _point_at_emulator(endpoint: aiplatform.Endpoint, emu: Emulator) -> None:
+    """The SDK's raw and streaming predict call Google's regional host, hard-coded: the endpoint's session is pointed
+    at the emulator underneath, so the SDK's own code runs unchanged."""
+    import requests
+    from google.auth.transport.requests import AuthorizedSession
+
+    class _ToEmulator(requests.adapters.HTTPAdapter):
+        def send(self, request: Any, **kwargs: Any) -> Any:
+            request.url = request.url.replace("https://us-central1-aiplatform.googleapis.com", emu.url)
+            return super().send(request, **kwargs)
+
+    endpoint.authorized_session = AuthorizedSession(aiplatform.initializer.global_config.credentials)
+    endpoint.authorized_session.mount("https://", _ToEmulator())
+
+
 def _upload(display_name: str = "tiny-llama", **kwargs: Any) -> aiplatform.Model:
     kwargs.setdefault("artifact_uri", "gs://demo-bucket/models/org/tiny/abc123/")
     kwargs.setdefault("serving_container_image_uri", VLLM_IMAGE)
@@ -224,16 +239,7 @@ def test_endpoint_deploy_traffic_split_predict_undeploy_and_delete(emu: Emulator
 
     # The SDK's raw path reads which model answered from the answer's headers (KeyError without them). Its URL is
     # Google's host, hard-coded: the session is pointed at the emulator underneath, the SDK's code runs unchanged.
-    import requests
-    from google.auth.transport.requests import AuthorizedSession
-
-    class _ToEmulator(requests.adapters.HTTPAdapter):
-        def send(self, request: Any, **kwargs: Any) -> Any:
-            request.url = request.url.replace("https://us-central1-aiplatform.googleapis.com", emu.url)
-            return super().send(request, **kwargs)
-
-    endpoint.authorized_session = AuthorizedSession(aiplatform.initializer.global_config.credentials)
-    endpoint.authorized_session.mount("https://", _ToEmulator())
+    _point_at_emulator(endpoint, emu)
     raw = endpoint.predict(instances=[{"prompt": "hi"}], use_raw_predict=True)
     assert raw.deployed_model_id in {first.id, second.id} and raw.model_resource_name == model.resource_name
     assert raw.model_version_id in {"1", "2", "3"}
@@ -527,19 +533,9 @@ def test_stream_raw_predict_passes_each_chunk_on_as_the_model_server_sends_it(em
     """Issue 35: :streamRawPredict (and every streaming route: the same forwarding) hands each event on when the model
     server sends it, through the SDK's own Endpoint.stream_raw_predict; it used to arrive in one burst at the end, so
     a local benchmark's time to first token was its total time."""
-    import requests
-    from google.auth.transport.requests import AuthorizedSession
-
     endpoint = aiplatform.Endpoint.create(display_name="streams")
     endpoint.deploy(_upload(), machine_type="n1-standard-4")
-
-    class _ToEmulator(requests.adapters.HTTPAdapter):
-        def send(self, request: Any, **kwargs: Any) -> Any:
-            request.url = request.url.replace("https://us-central1-aiplatform.googleapis.com", emu.url)
-            return super().send(request, **kwargs)
-
-    endpoint.authorized_session = AuthorizedSession(aiplatform.initializer.global_config.credentials)
-    endpoint.authorized_session.mount("https://", _ToEmulator())
+    _point_at_emulator(endpoint, emu)
     body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
     started, arrivals = time.monotonic(), []
     for line in endpoint.stream_raw_predict(body=body, headers={"Content-Type": "application/json"}):

@@ -339,10 +339,8 @@ def client_env(api: str, project: str = "local-project") -> dict[str, str]:
 
 def grpc_info(emulator_state_dir: Path) -> dict[str, str]:
     """The stack's gRPC endpoint and the CA that signs it (grpc.json, written by the emulator), or {} without one."""
-    import json as _json
-
     try:
-        info = _json.loads((Path(emulator_state_dir) / "grpc.json").read_text())
+        info = json.loads((Path(emulator_state_dir) / "grpc.json").read_text())
     except (OSError, ValueError):
         return {}
     if not isinstance(info, dict) or "endpoint" not in info:

@@ -162,9 +162,18 @@ class Emulator(
         credentials = grpc.ssl_server_credentials([(certs.key.read_bytes(), certs.cert.read_bytes())])
         record = self.state_dir / "grpc.json"
         try:
-            last = int(json.loads(record.read_text()).get("endpoint", ":0").rsplit(":", 1)[1])
-        except (OSError, ValueError, AttributeError):
-            last = 0
+            previous = json.loads(record.read_text())
+        except (OSError, ValueError):
+            previous = {}
+
+        def last_port(key: str) -> int:
+            """The port this listener had last time (addresses stay valid across restarts when free)."""
+            try:
+                return int(str(previous.get(key, ":0")).rsplit(":", 1)[1])
+            except (ValueError, AttributeError, IndexError):
+                return 0
+
+        last = last_port("endpoint")
         server = grpc.server(
             ThreadPoolExecutor(max_workers=16, thread_name_prefix="grpc-bridge"),
             handlers=[grpc_bridge.BridgeHandler(self.handle, grpc_bridge.method_table())],
@@ -185,11 +194,7 @@ class Emulator(
 
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(certs.cert, certs.key)
-        try:
-            last_https = int(json.loads(record.read_text()).get("https_endpoint", ":0").rsplit(":", 1)[1])
-        except (OSError, ValueError, AttributeError):
-            last_https = 0
-        for wanted in dict.fromkeys([last_https, 0]):
+        for wanted in dict.fromkeys([last_port("https_endpoint"), 0]):
             try:
                 self._https = ThreadingHTTPServer((self.host, wanted), _make_handler(self))
                 break
