@@ -104,6 +104,13 @@ class ModelSource(_Strict):
         description="Secret Manager secret holding a Hub token (NAME, or projects/P/secrets/NAME[/versions/V]); "
         "needed for gated repos. Only the mirror step reads it.",
     )
+    mirror_job_above_gb: float = Field(
+        20.0,
+        ge=0,
+        description="Weights larger than this many GB are mirrored by a Vertex AI custom job on a machine with more "
+        "network (n2-standard-8, n2-standard-16 above 150 GB) instead of on the pipeline's own step (e2-standard-4, "
+        "~8 Gbps); 0 = always a custom job.",
+    )
 
     @field_validator("repo")
     @classmethod

@@ -436,7 +436,7 @@ def preflight_op(
     # machine with more network (the step's e2-standard-4 egress caps at ~8 Gbps).
     from vlp.components.planning.catalog import mirror_machine_for
 
-    machine = mirror_machine_for(int(plan.get("weights_bytes") or 0))["machine_type"]
+    machine = mirror_machine_for(int(plan.get("weights_bytes") or 0), cfg.model.mirror_job_above_gb)["machine_type"]
     mirror_on = "step" if machine == "e2-standard-4" else machine
     if mirror_on != "step" and cfg.model.hf_token_secret and not deployment.service_account:
         # A GCPC custom job without service_account runs as the Vertex AI Custom Code Service Agent, which cannot

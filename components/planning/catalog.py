@@ -287,14 +287,15 @@ def offered_regions(machine_type: str, accelerator_type: str) -> tuple[str, ...]
 
 
 # Where the mirror step runs: sized by the weights (components/pipelines pick the branch at preflight).
-def mirror_machine_for(weights_bytes: int) -> dict[str, Any]:
-    """Keyword arguments for GCPC's create_custom_training_job_from_component that size the mirror step.
+def mirror_machine_for(weights_bytes: int, job_above_gb: float = 20.0) -> dict[str, Any]:
+    """Keyword arguments for GCPC's create_custom_training_job_from_component that size the mirror step; up to
+    `job_above_gb` (the config's model.mirror_job_above_gb) the pipeline's own step (e2-standard-4) mirrors.
 
     Network bandwidth is what matters: GCE egress scales with vCPUs (e2-standard-4 ~8 Gbps,
     n2-standard-8 16 Gbps, n2-standard-16 32 Gbps). Disk stays at the 100 GB default: nothing is staged.
     """
     gb = weights_bytes / 1e9
-    if gb <= 20:
+    if gb <= job_above_gb:
         machine, gbps = "e2-standard-4", 8
     elif gb <= 150:
         machine, gbps = "n2-standard-8", 16

@@ -62,6 +62,43 @@ def apply() -> None:
 
     sth.run_local_subprocess = run_and_report
 
+    # The big-model mirror is GCPC's custom-job launcher, a container component kfp.local does not run. Two steps make
+    # it run locally as on Vertex: (1) the placeholder Vertex resolves inside the job's worker pool spec,
+    # `{{$.json_escape[1]}}` (the task's executor input as JSON, escaped once to sit inside the payload's JSON string:
+    # google_cloud_pipeline_components v1/custom_job/utils.py _replace_executor_placeholder), which kfp.local leaves
+    # as text; (2) the launcher's module becomes vlp's stand-in for its image (pipelines/local/gcpc_launcher.py),
+    # which runs GCPC's own launcher code against the local stack.
+    import json
+
+    from kfp.local import placeholder_utils
+
+    from vlp.pipelines.local.gcpc_launcher import GCPC_LAUNCHER
+
+    replace_placeholders = placeholder_utils.replace_placeholders
+    json_escape_1 = "{{$.json_escape[1]}}"
+
+    def replace(full_command: list[str], executor_input_dict: dict[str, Any], *args: Any, **kwargs: Any) -> list[str]:
+        if GCPC_LAUNCHER in full_command[:4]:
+            # GCPC's default for the job's persistent_resource_id is the PipelineJob's own, which Vertex resolves
+            # (empty for a job that names none, as every local run is); kfp.local fails on the placeholder.
+            values = executor_input_dict.get("inputs", {}).get("parameterValues", {})
+            for key, value in values.items():
+                if value == "{{$.pipeline_persistent_resource_id}}":
+                    values[key] = ""
+                elif isinstance(value, list | dict):
+                    # A list or struct parameter holds protobuf Values, whose numbers are doubles; Vertex writes a
+                    # whole one into the payload as `100` (proto3 JSON), kfp.local as `100.0`, which the job's int64
+                    # fields (replica_count, boot_disk_size_gb) refuse.
+                    values[key] = _whole_numbers_as_ints(value)
+        command = replace_placeholders(full_command, executor_input_dict, *args, **kwargs)
+        if GCPC_LAUNCHER not in command[:4]:
+            return command
+        escaped = json.dumps(json.dumps(executor_input_dict))[1:-1]
+        command = [part.replace(json_escape_1, escaped) for part in command]
+        return [("vlp.pipelines.local.gcpc_launcher" if part == GCPC_LAUNCHER else part) for part in command]
+
+    placeholder_utils.replace_placeholders = replace
+
     # kfp parses the compiled spec with PyYAML's pure-Python loader: ~1 s of CPU for every local run, a tenth of a
     # no-op run. libyaml's loader of the same (safe) schema gives the same documents, where PyYAML has it.
     import yaml
@@ -77,3 +114,13 @@ def apply() -> None:
 
         structures.load_documents_from_yaml = load_documents
     _applied = True
+
+
+def _whole_numbers_as_ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_whole_numbers_as_ints(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _whole_numbers_as_ints(v) for k, v in value.items()}
+    return value

@@ -608,6 +608,8 @@ def run_local(
             with contextlib.redirect_stdout(tee), view or contextlib.nullcontext(), warnings.catch_warnings():
                 # kfp.local warns, per task, that display names and resource limits mean nothing locally.
                 warnings.filterwarnings("ignore", message=".*have no effect in the current local runner")
+                # ...and that GCPC's launcher image is not a Python one: its task runs vlp's stand-in (gcpc_launcher.py).
+                warnings.filterwarnings("ignore", message=".*google-cloud-pipeline-components.* in a Python environment")
                 if interrupts.signal_name() is None:  # a signal while the stack started: nothing to run
                     pipeline(**params)
         except interrupts.StopNow:

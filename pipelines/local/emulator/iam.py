@@ -768,6 +768,9 @@ def _acts_as(method_id: str, body: bytes, project: str) -> list[str]:
 _ACT_AS_FIELDS = {
     "aiplatform.projects.locations.endpoints.deployModel": ("deployedModel", "serviceAccount"),
     "aiplatform.projects.locations.pipelineJobs.create": ("serviceAccount",),
+    # custom_job.proto CustomJobSpec.service_account: "Users submitting jobs must have act-as permission on this
+    # run-as account."
+    "aiplatform.projects.locations.customJobs.create": ("jobSpec", "serviceAccount"),
     "aiplatform.projects.locations.schedules.create": ("createPipelineJobRequest", "pipelineJob", "serviceAccount"),
     "run.projects.locations.services.create": ("template", "serviceAccount"),
     "run.projects.locations.services.patch": ("template", "serviceAccount"),

@@ -4,8 +4,10 @@ Vertex (Secret Manager, Cloud Quotas, Cloud Logging, the Hub gate)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import tempfile
 import threading
 from collections.abc import Callable, Iterable
@@ -28,6 +30,7 @@ from vlp.pipelines.local.emulator.core import (
     _pack_op,
     _Route,
 )
+from vlp.pipelines.local.emulator.custom_jobs import CustomJobsService
 from vlp.pipelines.local.emulator.endpoints import EndpointsService
 from vlp.pipelines.local.emulator.errors import _CODES, ApiError, read_state_file
 from vlp.pipelines.local.emulator.iam import IamService
@@ -44,6 +47,7 @@ class Emulator(
     PredictionService,
     OperationsService,
     PipelineJobsService,
+    CustomJobsService,
     CloudRunService,
     IamService,
     StorageGate,
@@ -96,6 +100,8 @@ class Emulator(
         self._endpoints: dict[str, dict[str, Any]] = {}
         self._pipeline_jobs: dict[str, dict[str, Any]] = {}
         self._schedules: dict[str, dict[str, Any]] = {}
+        self._custom_jobs: dict[str, dict[str, Any]] = {}  # custom_jobs.py; "_runAs" is the account a job runs as
+        self._job_processes: dict[str, Any] = {}  # custom job name -> its replica's process (runtime only)
         self._operations: dict[str, dict[str, Any]] = {}  # op id -> Operation JSON
         # Cloud Run Admin API v2 (cloud_run.py): services, revisions (by full name) and IAM policies.
         self._run_services: dict[str, dict[str, Any]] = {}
@@ -148,6 +154,7 @@ class Emulator(
             self._spawn(self._restart_serving, dm)
         for name in jobs:
             self._spawn(self._run_pipeline_job, name)
+        self._restart_custom_jobs()
 
     def _start_grpc(self) -> None:
         """gRPC beside REST on a TLS port of its own (grpc_bridge.py, tls.py), the port it had last time when free;
@@ -248,6 +255,11 @@ class Emulator(
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+        with self._lock:
+            replicas = list(self._job_processes.values())
+        for process in replicas:  # a custom job's replica ends with the emulator; a restart runs the job again
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
         if self.serving is not None:
             try:
                 self.serving.stop_all()
@@ -272,6 +284,7 @@ class Emulator(
         self._models = data.get("models", {})
         self._endpoints = data.get("endpoints", {})
         self._pipeline_jobs = data.get("pipelineJobs", {})
+        self._custom_jobs = data.get("customJobs", {})
         self._schedules = data.get("schedules", {})
         self._operations = data.get("operations", {})
         self._run_services = data.get("runServices", {})
@@ -301,6 +314,7 @@ class Emulator(
             "models": self._models,
             "endpoints": self._endpoints,
             "pipelineJobs": self._pipeline_jobs,
+            "customJobs": self._custom_jobs,
             "schedules": self._schedules,
             "operations": self._operations,
             "runServices": self._run_services,
@@ -403,7 +417,14 @@ class Emulator(
         return answer
 
     def _route(
-        self, method: str, path: str, raw_path: str, query: dict[str, list[str]], body: bytes, headers: Any, principal: str
+        self,
+        method: str,
+        path: str,
+        raw_path: str,
+        query: dict[str, list[str]],
+        body: bytes,
+        headers: Any,
+        principal: str,
     ) -> tuple[int, Any, str, dict[str, str]]:
         """A Google API call: its system parameters taken off the query first (system_params.py: `alt`, `fields`,
         `prettyPrint`, `key`...), then the method's route; `fields` makes a 200's JSON a partial response. The Hub,
@@ -417,7 +438,14 @@ class Emulator(
         return status, out, ctype, extra
 
     def _dispatch(
-        self, method: str, path: str, raw_path: str, query: dict[str, list[str]], body: bytes, headers: Any, principal: str
+        self,
+        method: str,
+        path: str,
+        raw_path: str,
+        query: dict[str, list[str]],
+        body: bytes,
+        headers: Any,
+        principal: str,
     ) -> tuple[int, Any, str, dict[str, str]]:
         # Vertex AI's v1beta1 serves every v1 method at the same path (a superset, googleapis
         # google/cloud/aiplatform/v1beta1): what has no v1beta1 route of its own here answers as its v1 form.
@@ -458,6 +486,7 @@ class Emulator(
             *self._prediction_routes(),
             *self._operation_routes(),
             *self._pipeline_routes(),
+            *self._custom_job_routes(),
             *self._cloud_run_routes(),
         ]
 
