@@ -485,3 +485,45 @@ def test_a_run_whose_job_names_no_account_runs_as_the_compute_default_and_fails_
     assert "vlp-pipeline@local-project.iam.gserviceaccount.com" in error and "Advanced options > Service account" in error
     assert [s["name"] for s in summary["steps"]] == ["preflight", "cleanup"]
     assert summary["created"] == []
+
+
+def test_big_model_branch_runs_as_a_custom_job_as_the_pipeline_account_with_the_gated_repos_token(
+    tmp_path: Path, tiny_model_dir: Path, keep_stack_up: Any
+) -> None:
+    """The DAG's big-model branch end to end (issue 33 item 2): `model.mirror_job_above_gb: 0` sends even the tiny
+    model to it. GCPC's launcher creates a CustomJob on the emulator, which runs the mirror step's container command as
+    the job's account. The repo is gated and the config names no service account: the run's account (decided in
+    preflight) is the job's, and it reads the Hub token from Secret Manager; only that token opens the gate."""
+    from vlp.pipelines.local import background
+    from vlp.pipelines.local.emulator import plumbing
+
+    state = tmp_path / "state"
+    keep_stack_up(state)
+    api = background.running(state)["emulator"]
+    headers = {"Content-Type": "application/json", **plumbing.headers(state / "emulator")}
+
+    def plumb(path: str, body: dict[str, Any]) -> None:
+        requests.post(f"{api}/_emulator/{path}", json=body, headers=headers, timeout=10).raise_for_status()
+
+    plumb("secrets", {"name": "hf-token", "value": "hf_accepted_terms_token"})
+    cfg = tiny_config("tiny-job", "model.mirror_job_above_gb=0", "model.hf_token_secret=hf-token")
+    assert not cfg.placement.service_account
+    # A token whose user has not accepted the terms: preflight stops the run before any job, naming the repo.
+    refused = run(state, cfg, tiny_model_dir, faults=["hub-gated"])
+    assert refused["status"] == "failed" and "vlp-test/tiny-llama" in refused["error"], refused["error"]
+    assert not emulator_state(state)["customJobs"]
+
+    plumb("hub-access", {"tokens": ["hf_accepted_terms_token"]})
+    summary = run(state, cfg, tiny_model_dir, faults=["hub-gated"])
+    assert summary["status"] == "succeeded", summary["error"]
+    assert [s["status"] for s in summary["steps"] if s["name"] == "mirror-weights"] == ["succeeded"]
+    assert any(c.startswith("POST ") and c.endswith("/customJobs") for c in summary["api_calls"])
+    (job,) = emulator_state(state)["customJobs"].values()
+    account = "vlp-pipeline@local-project.iam.gserviceaccount.com"
+    assert job["state"] == "JOB_STATE_SUCCEEDED" and job["jobSpec"]["serviceAccount"] == account
+    assert job["_runAs"] == account
+    assert job["jobSpec"]["workerPoolSpecs"][0]["machineSpec"]["machineType"] == "n2-standard-8"
+    # The mirror ran inside the job (its log is the job's), and the weights it wrote are the ones deployed.
+    log = (state / "emulator" / "custom-jobs" / f"{job['name'].rsplit('/', 1)[1]}.log").read_text()
+    assert "mirrored vlp-test/tiny-llama" in log, log[-2000:]
+    assert summary["smoke"]["passed"] is True

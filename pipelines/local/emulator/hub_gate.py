@@ -70,8 +70,9 @@ def _gated(repo_type: str, repo_id: str, authorized: bool) -> Answer:
 def hub_proxy(emu: Any, method: str, path: str, query: dict[str, list[str]], body: bytes, headers: Any) -> Answer:
     request_headers = _header_map(headers)
     repo = _repo_of(path)
-    if repo and "hub-gated" in emu.faults:
-        return _gated(repo[0], repo[1], "authorization" in request_headers)
+    token = request_headers.get("authorization", "").removeprefix("Bearer ").strip()
+    if repo and "hub-gated" in emu.faults and token not in getattr(emu, "hub_access", set()):
+        return _gated(repo[0], repo[1], bool(token))
     upstream = getattr(emu, "hub_upstream", None)
     if not upstream:
         message = "No Hub mirror behind the emulator: start it with hub_upstream=<olah URL>."

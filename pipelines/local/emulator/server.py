@@ -74,6 +74,7 @@ class Emulator(
         self.storage_endpoint = storage_endpoint
         self.hub_upstream = hub_upstream
         self.faults: set[str] = set(faults)
+        self.hub_access: set[str] = set()  # Hub tokens with access to gated repos (/_emulator/hub-access)
         self.calls: list[str] = []
         # What each call created or removed, as Cloud Audit Logs records it (methodName, resourceName):
         # the run summary's created / deleted come from here, not from comparing state before and after.
@@ -376,6 +377,12 @@ class Emulator(
                 self.faults.clear()
                 self.faults.update(wanted)
             return 200, json.dumps({"faults": sorted(self.faults)}).encode()
+        if path == "/_emulator/hub-access":
+            # Hub tokens whose users have accepted a gated repo's terms: with the hub-gated fault, the Hub gate lets
+            # these through and refuses every other (hub_gate.py). Runtime only, as faults are.
+            if method == "POST":
+                self.hub_access = set(json.loads(body or b"{}").get("tokens", []))
+            return 200, json.dumps({"tokens": len(self.hub_access)}).encode()
         if path == "/_emulator/state" and method == "GET":
             return 200, json.dumps(self.snapshot()).encode()
         return self._iam_control(method, path, body)
