@@ -1100,3 +1100,91 @@ def test_googles_system_parameters_are_accepted_and_fields_gives_a_partial_respo
     assert status == 200 and answer == {"displayName": "params"}
     assert _http("GET", f"{url}?alt=proto")[0] == 400  # a form this emulator does not produce: refused, not guessed
     assert _http("GET", f"{url}?bogus=1")[0] == 400
+
+
+# ----------------------------------------------------------------------------- custom jobs (custom_jobs.py)
+
+
+def _custom_job(display_name: str, command: list[str], service_account: str = "") -> aiplatform_v1.CustomJob:
+    pool = aiplatform_v1.WorkerPoolSpec(
+        machine_spec=aiplatform_v1.MachineSpec(machine_type="n2-standard-8"),
+        replica_count=1,
+        container_spec=aiplatform_v1.ContainerSpec(image_uri="python:3.11-slim", command=command),
+    )
+    spec = aiplatform_v1.CustomJobSpec(worker_pool_specs=[pool], service_account=service_account)
+    return aiplatform_v1.CustomJob(display_name=display_name, job_spec=spec)
+
+
+def _wait_for_custom_job(client: Any, name: str, until: tuple[str, ...] = ()) -> aiplatform_v1.CustomJob:
+    deadline = time.monotonic() + 30
+    active = ("JOB_STATE_QUEUED", "JOB_STATE_PENDING", "JOB_STATE_RUNNING", "JOB_STATE_CANCELLING")
+    while time.monotonic() < deadline:
+        job = client.get_custom_job(name=name)
+        if (job.state.name in until) if until else job.state.name not in active:
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"custom job {name} is still {job.state.name}")
+
+
+def test_custom_jobs_run_their_command_as_their_account_and_end_by_its_exit_status(emu: Emulator) -> None:
+    from vlp.pipelines.local.emulator.iam import custom_code_service_agent
+
+    client = _gapic(aiplatform_v1.JobServiceClient, emu)
+    with pytest.raises(gexc.BadRequest, match="display_name is required"):
+        client.create_custom_job(parent=PARENT, custom_job=_custom_job("", ["true"]))
+    # No service account named: the job runs as the project's Vertex AI Custom Code Service Agent (custom_job.proto).
+    who = 'echo "metadata server: $GCE_METADATA_HOST job $CLOUD_ML_JOB_ID"; echo "cannot go on" >&2; exit 3'
+    failed = client.create_custom_job(parent=PARENT, custom_job=_custom_job("fails", ["sh", "-c", who]))
+    assert failed.state.name == "JOB_STATE_PENDING"
+    done = _wait_for_custom_job(client, failed.name)
+    assert done.state.name == "JOB_STATE_FAILED"
+    assert "The replica workerpool0-0 exited with a non-zero status of 3" in done.error.message
+    assert f"/_md/{custom_code_service_agent(PROJECT)} job {failed.name.rsplit('/', 1)[1]}" in done.error.message
+    assert "cannot go on" in done.error.message  # the replica's last lines, and its log's path
+    # A named account: it runs as that one; an exit status of 0 succeeds.
+    account = f"trainer@{PROJECT}.iam.gserviceaccount.com"
+    ok = client.create_custom_job(
+        parent=PARENT, custom_job=_custom_job("ok", ["sh", "-c", "echo $GCE_METADATA_HOST"], service_account=account)
+    )
+    assert _wait_for_custom_job(client, ok.name).state.name == "JOB_STATE_SUCCEEDED"
+    log = emu.state_dir / "custom-jobs" / f"{ok.name.rsplit('/', 1)[1]}.log"
+    assert log.read_text().strip().endswith(f"/_md/{account}")
+    # Cancel: the replica's processes stop, the job ends CANCELLED with code 1 (job_service.proto CancelCustomJob).
+    marker = emu.state_dir / "slow.pid"
+    slow = client.create_custom_job(
+        parent=PARENT, custom_job=_custom_job("slow", ["sh", "-c", f"echo $$ > {marker}; exec sleep 60"])
+    )
+    _wait_for_custom_job(client, slow.name, until=("JOB_STATE_RUNNING",))
+    deadline = time.monotonic() + 10
+    while not marker.is_file() or not marker.read_text().strip():
+        assert time.monotonic() < deadline, "the slow job's replica did not start"
+        time.sleep(0.05)
+    client.cancel_custom_job(name=slow.name)
+    cancelled = _wait_for_custom_job(client, slow.name)
+    assert (cancelled.state.name, cancelled.error.code) == ("JOB_STATE_CANCELLED", 1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(marker.read_text()), 0)
+    with pytest.raises(gexc.BadRequest, match="only a running job cancels"):  # FAILED_PRECONDITION, HTTP 400
+        client.cancel_custom_job(name=slow.name)
+    listed = [j.display_name for j in client.list_custom_jobs(parent=PARENT)]
+    assert sorted(listed) == ["fails", "ok", "slow"]
+    client.delete_custom_job(name=failed.name).result()
+    with pytest.raises(gexc.NotFound):
+        client.get_custom_job(name=failed.name)
+
+
+def test_a_custom_job_naming_an_account_needs_act_as_on_it(emu: Emulator) -> None:
+    """custom_job.proto CustomJobSpec.service_account: "Users submitting jobs must have act-as permission on this
+    run-as account." roles/aiplatform.user alone creates jobs that run as the Custom Code Service Agent only."""
+    from google.cloud import aiplatform_v1 as v1
+
+    user = "alice@example.com"
+    emu.grant(f"projects/{PROJECT}", "roles/aiplatform.user", f"user:{user}")
+    client = v1.JobServiceClient(
+        client_options=ClientOptions(api_endpoint=emu.url), transport="rest", credentials=emu.credentials_for(user)
+    )
+    account = f"trainer@{PROJECT}.iam.gserviceaccount.com"
+    with pytest.raises(gexc.Forbidden, match="iam.serviceAccounts.actAs"):
+        client.create_custom_job(parent=PARENT, custom_job=_custom_job("as-trainer", ["true"], account))
+    job = client.create_custom_job(parent=PARENT, custom_job=_custom_job("as-agent", ["true"]))
+    assert _wait_for_custom_job(client, job.name).state.name == "JOB_STATE_SUCCEEDED"
