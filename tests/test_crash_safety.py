@@ -296,13 +296,14 @@ def test_a_refused_run_names_the_holder_even_in_the_instant_before_it_writes_its
         winner.close()
 
 
-def _start_run(state: Path, model_dir: Path, summary: Path) -> Any:
+def _start_run(state: Path, model_dir: Path, summary: Path, *more_sets: str) -> Any:
     import subprocess
     import sys
 
     from tests.test_local_run import ROOT, TINY_REPO
 
     sets = [f"model.repo={TINY_REPO}", "smoke_test.expect=", "smoke_test.max_tokens=8", "serving.max_model_len=512"]
+    sets += more_sets
     command = [
         sys.executable, "-m", "vlp.pipelines.cli", "run", "--local", str(ROOT / "configs" / "local-demo.yaml"),
         "--model-dir", str(model_dir), "--state-dir", str(state), "--summary-json", str(summary),
@@ -353,6 +354,35 @@ def test_a_signal_stops_the_run_like_a_failed_step(tmp_path: Path, tiny_model_di
     assert names[-1] == "cleanup" and summary["steps"][-1]["status"] == "succeeded", summary["steps"]
     assert "promote" not in names
     assert vertex_resources(state) == {"models": [], "endpoints": [], "deployed_models": []}
+    assert summary["left_running"] == []
+    assert processes_naming(state) == []
+
+
+def test_a_signal_during_the_mirror_custom_job_cancels_the_job(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A run stopped while its big-model mirror runs as a Vertex custom job: GCPC's launcher cancels the job on
+    SIGTERM (its ExecutionContext), so nothing paid is left running; the job's replica processes are gone."""
+    import json
+    import os
+    import signal
+    import time
+
+    from tests.test_local_run import emulator_state
+
+    state, summary_path = tmp_path / "state", tmp_path / "summary.json"
+    process = _start_run(state, tiny_model_dir, summary_path, "model.mirror_job_above_gb=0")
+    _wait_for_step(state, "mirror_weights_op", process)
+    deadline = time.monotonic() + 120
+    while not any(j.get("state") == "JOB_STATE_RUNNING" for j in emulator_state(state).get("customJobs", {}).values()):
+        assert time.monotonic() < deadline and process.poll() is None, "the mirror's custom job never ran"
+        time.sleep(0.1)  # the emulator's state file is the only witness of the job's state from outside
+    os.killpg(process.pid, signal.SIGTERM)
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["interrupted"] == "SIGTERM" and summary["status"] == "failed"
+    (job,) = emulator_state(state)["customJobs"].values()
+    assert job["state"] == "JOB_STATE_CANCELLED", job["state"]
+    assert any(c.startswith("POST ") and c.endswith(":cancel") and "/customJobs/" in c for c in summary["api_calls"])
     assert summary["left_running"] == []
     assert processes_naming(state) == []
 

@@ -9,7 +9,8 @@ and this module runs the same launcher with three differences, each only where t
 - its JobServiceClient calls the stack's API endpoint ($VLP_API_ENDPOINT) over REST, where GCPC hardcodes
   `{location}-aiplatform.googleapis.com` on gRPC; the gcp_resources URI it writes stays the one Vertex's would be;
 - its cancel request (plain `requests.post` to that host) goes to the same endpoint;
-- it polls every second instead of every 20 (wall time only).
+- it polls every second instead of every 20 (wall time only);
+- stopped by SIGTERM, it cancels the job as GCPC does, then exits as stopped, where GCPC exits 0 (exit_as_stopped).
 The job itself, the mirror step's container command, runs in the emulator (emulator/custom_jobs.py) as the job's
 service account. This process writes the step's record for the run summary (step_records.py), with the job's own
 error where it failed: GCPC's exception says only the state's number.
@@ -71,6 +72,23 @@ def point_at_stack(api_endpoint: str) -> None:
     runner._POLLING_INTERVAL_IN_SECONDS = POLL_S
 
 
+def exit_as_stopped(on_stop: Any) -> None:
+    """On SIGTERM GCPC cancels the job, then exits 0: on Vertex the task's state comes from the pipeline, which
+    stopped it; kfp.local has only the exit status, and would read 0 as a success with no outputs. The same cancel,
+    then the status of a process stopped by SIGTERM."""
+    import signal
+
+    from google_cloud_pipeline_components.container.utils import execution_context
+
+    def stopped(self: Any, *_: Any) -> None:
+        if self._on_cancel:
+            self._on_cancel()
+        on_stop()
+        os._exit(128 + signal.SIGTERM)
+
+    execution_context.ExecutionContext._exit_gracefully = stopped
+
+
 def _job_error(gcp_resources: str, api_endpoint: str, exc: BaseException) -> str:
     """The failed job's own error message, read back with the same client the launcher used; where no job was
     created, the launcher's own error (its last "Underlying error", without the request it quotes)."""
@@ -104,6 +122,13 @@ def main(argv: list[str]) -> int:
     if path:
         step_records._write(path, record)
     point_at_stack(api_endpoint)
+
+    def write_stopped() -> None:
+        record.update(status="failed", error="stopped by SIGTERM; the custom job was cancelled", ended=time.time())
+        if path:
+            step_records._write(path, record)
+
+    exit_as_stopped(write_stopped)
     try:
         launcher.main(argv)
         record["status"] = "succeeded"
