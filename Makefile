@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-fast lint compile check durations
+.PHONY: setup demo test test-install test-fast lint compile check durations
 
 $(BIN)/vlp: pyproject.toml components/step-packages.lock
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: setup
 	$(BIN)/python -m pytest -q -n 5 --maxschedchunk 1 --durations=25
 
 # The inner loop: lint, and every test but the whole local runs (`-m slow`); `make test` (and CI) runs everything.
+# README's install path from a fresh virtualenv outside the checkout: the wheel with [local], `vlp local sync`, the demo
+# (about 2 minutes; CI runs it after `make test`, whose 10-minute budget it is not part of).
+test-install:
+	scripts/fresh_install_check.sh $(PY)
+
 test-fast: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m compileall -q pipelines components tests
