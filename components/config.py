@@ -68,6 +68,14 @@ def check_bucket(value: str, field: str = "placement.bucket") -> str:
     return name
 
 
+def regional_bucket(bucket: str, region: str) -> str:
+    """The weights bucket for a fallback region that `bucket` is not in: BUCKET-REGION. Vertex AI serves a model's
+    artifacts from a bucket in the endpoint's region, so a run that falls back to another region (no quota in the
+    first) mirrors there; `vlp setup` makes one per region of placement.regions, preflight picks the run's."""
+    name = f"{bucket}-{region}"
+    return check_bucket(name, f"the bucket for region {region} (placement.bucket + '-{region}')")
+
+
 def _resource_name(value: str) -> str:
     """Names that become Vertex display names and label values."""
     if not _NAME_RE.match(value):

@@ -6,7 +6,7 @@ from typing import NamedTuple
 from kfp import dsl
 
 from vlp.components import clients
-from vlp.components.config import DeploymentConfig
+from vlp.components.config import DeploymentConfig, regional_bucket
 from vlp.components.deployment import Deployment, run_account
 from vlp.components.deployment import build as build_deployment
 from vlp.components.planning.catalog import ACCELERATORS, MACHINE_TYPES
@@ -36,11 +36,8 @@ def _candidate_regions(cfg: DeploymentConfig, regions: list[str] | None) -> list
 _MULTI_REGIONS = {"US": "us-", "EU": "europe-", "ASIA": "asia-"}
 
 
-def _regions_for_bucket(regions: list[str], bucket: str, project: str) -> list[str]:
-    """The candidate regions the weights bucket can serve: Vertex wants a model's artifacts in a bucket in the
-    endpoint's region (import-model doc; enforcement unverified, so the quota fallback never leaves it)."""
-    if not bucket:
-        return regions
+def _location_of(bucket: str, project: str) -> str | None:
+    """A bucket's location (upper case, as GCS answers it), None when it does not exist."""
     try:
         found = clients.storage_client(project).lookup_bucket(bucket)
     except Exception as exc:  # noqa: BLE001 - the region guard must not be skipped in silence
@@ -49,17 +46,42 @@ def _regions_for_bucket(regions: list[str], bucket: str, project: str) -> list[s
             f"service account roles/storage.bucketViewer on it (gcloud storage buckets add-iam-policy-binding "
             f"gs://{bucket} --member serviceAccount:ACCOUNT --role roles/storage.bucketViewer), or run `vlp setup`"
         ) from None
-    location = (getattr(found, "location", "") or "").upper() if found is not None else ""
-    if not location:
-        return regions
+    return (getattr(found, "location", "") or "").upper() if found is not None else None
+
+
+def _serves(location: str, region: str) -> bool:
     prefix = _MULTI_REGIONS.get(location)
-    kept = [r for r in regions if (r.startswith(prefix) if prefix else r.upper() == location)]
+    return region.startswith(prefix) if prefix else region.upper() == location
+
+
+def buckets_by_region(regions: list[str], bucket: str, project: str) -> dict[str, str]:
+    """The candidate regions a weights bucket can serve, each with its bucket: Vertex wants a model's artifacts in a
+    bucket in the endpoint's region (import-model doc; enforcement unverified, so the quota fallback never leaves
+    it). A region the bucket is not in is served by its regional bucket (config.regional_bucket, made by `vlp setup`)
+    where that exists there; a region with neither is not a candidate."""
+    if not bucket:
+        return {r: "" for r in regions}
+    location = _location_of(bucket, project)
+    if not location:
+        return {r: bucket for r in regions}
+    kept: dict[str, str] = {}
+    for region in regions:
+        if _serves(location, region):
+            kept[region] = bucket
+            continue
+        try:
+            other = regional_bucket(bucket, region)
+        except ValueError:
+            continue  # a name too long to be a bucket: setup could not have made it
+        if _location_of(other, project) == region.upper():
+            kept[region] = other
     if not kept:
         raise PreflightError(
             f"bucket gs://{bucket} is in {location}, and Vertex AI serves a model's artifacts from a bucket in the "
             f"endpoint's region; none of the candidate regions {regions} is there: use a bucket in "
-            f"{regions[0]} (gcloud storage buckets create gs://NAME --location={regions[0]}), or add "
-            f"{location.lower()} to placement.regions"
+            f"{regions[0]} (gcloud storage buckets create gs://NAME --location={regions[0]}), add "
+            f"{location.lower()} to placement.regions, or run `vlp setup`, which makes gs://{bucket}-REGION for each "
+            "region of placement.regions"
         )
     return kept
 
@@ -86,7 +108,7 @@ def plan_deployment(
     cloud_run = cfg.target == "cloud_run"
     regions = _candidate_regions(cfg, regions)
     if not cloud_run:  # a Cloud Run service reads its weights from any bucket (the copy is the DLC's)
-        regions = _regions_for_bucket(regions, bucket, project)
+        regions = list(buckets_by_region(regions, bucket, project))
     try:
         # model_dir: a local copy of the repo (`vlp plan` offline, from the local Hub mirror).
         facts = read_model_facts(
@@ -266,6 +288,9 @@ def run_preflight(
         errors = plan.errors or [f"{cfg.model.repo} does not fit the planned shape"]
         head = f"preflight failed for deployment {cfg.name} ({cfg.model.repo}):"
         raise PreflightError("\n".join([head] + [f"- {e}" for e in errors]), plan)
+    if cfg.target != "cloud_run" and bucket:
+        # The weights go where the chosen region's endpoint reads them: the bucket, or the region's own one.
+        bucket = buckets_by_region([plan.region], bucket, project).get(plan.region, bucket)
     deployment = build_deployment(
         cfg,
         project=project,

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlp.components.config import regional_bucket
 from vlp.components.deployment import default_pipeline_account
 from vlp.components.iam.policy import (
     APIS,
@@ -54,6 +55,9 @@ class SetupPlan:
     # The Hub token's Secret Manager secret (a gated model), by id: created empty when missing; its value is the
     # owner's to add (never through vlp: it would pass through a command line or a log).
     secret: str = ""
+    # A weights bucket per fallback region (region -> bucket, components/config.py regional_bucket): Vertex AI serves a
+    # model's artifacts from a bucket in the endpoint's region, so preflight can fall back only where one is.
+    regional_buckets: dict[str, str] = field(default_factory=dict)
 
     def secret_value_command(self) -> str:
         """How the owner puts the token in: from an environment variable, never echoed."""
@@ -64,10 +68,11 @@ class SetupPlan:
     def gcloud(self) -> list[str]:
         """The equivalent gcloud commands (what --dry-run prints)."""
         lines = [f"gcloud services enable {' '.join(self.apis)} --project {self.project}"]
-        lines.append(
-            f"gcloud storage buckets create gs://{self.bucket} --project {self.project} --location {self.region} "
-            "--uniform-bucket-level-access"
-        )
+        for region, bucket in {self.region: self.bucket, **self.regional_buckets}.items():
+            lines.append(
+                f"gcloud storage buckets create gs://{bucket} --project {self.project} --location {region} "
+                "--uniform-bucket-level-access"
+            )
         for name in self.repositories:
             # gcloud reference, `gcloud artifacts repositories create`: --mode, --remote-docker-repo (DOCKER-HUB: the
             # preset for Docker Hub), --remote-repo-config-desc.
@@ -104,6 +109,10 @@ def plan_setup(
     pipeline_sa = cfg.placement.service_account or default_pipeline_account(project)
     runtime_sa = cfg.cloud_run.service_account if getattr(cfg, "target", "vertex") == "cloud_run" else ""
     repositories = remote_repositories(cfg, project, region)
+    regional = {}
+    if (getattr(cfg, "target", "vertex") or "vertex") != "cloud_run":  # a Cloud Run service reads any bucket
+        fallbacks = [r for r in dict.fromkeys([region, *(getattr(cfg.placement, "regions", None) or [])]) if r != region]
+        regional = {r: regional_bucket(bucket, r) for r in fallbacks}
     ids = Identities(
         project=project,
         project_number=project_number,
@@ -115,6 +124,7 @@ def plan_setup(
         kfp_repository=kfp_repository,
         image_repository=image_repository,
         serving_repositories=tuple(repositories),
+        regional_buckets=tuple(regional.values()),
     )
     held = conditions(cfg, templates=templates, image=image)
     accounts = [
@@ -135,6 +145,7 @@ def plan_setup(
         bindings=bindings(ids, held),
         repositories=repositories,
         secret=secret,
+        regional_buckets=regional,
     )
 
 
@@ -206,9 +217,10 @@ def apply(
         from google.cloud import storage
 
         gcs = storage.Client(project=plan.project, credentials=credentials)
-    if gcs.lookup_bucket(plan.bucket) is None:
-        gcs.create_bucket(plan.bucket, project=plan.project, location=plan.region)
-        changed.append(f"created gs://{plan.bucket} in {plan.region}")
+    for region, bucket in {plan.region: plan.bucket, **plan.regional_buckets}.items():
+        if gcs.lookup_bucket(bucket) is None:
+            gcs.create_bucket(bucket, project=plan.project, location=region)
+            changed.append(f"created gs://{bucket} in {region}")
     for account in plan.accounts:
         account_id = account.split("@", 1)[0]
         try:
@@ -359,6 +371,7 @@ def describe(plan: SetupPlan) -> str:
         {
             "apis": plan.apis,
             "bucket": f"gs://{plan.bucket} ({plan.region})",
+            "regional_buckets": {r: f"gs://{b}" for r, b in plan.regional_buckets.items()},
             "accounts": plan.accounts,
             "repositories": plan.repositories,
             "bindings": [{"member": b.member, "role": b.role, "resource": b.resource} for b in plan.bindings],

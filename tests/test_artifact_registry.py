@@ -180,6 +180,36 @@ def _setup_against(emu: Emulator) -> None:
     assert _rest(emu, "GET", f"/v1/projects/{PROJECT}/secrets/hf-token-new", owner)[0] == 200
     assert apply(gated, api_endpoint=emu.url, credentials=creds, storage_client=gcs, log=lambda _: None) == []
 
+    # Fallback regions (issue 36): a weights bucket in each, BUCKET-REGION, with the bucket's grants; preflight falls
+    # back only where one is (test_preflight::test_the_weights_bucket_bounds_the_candidate_regions). Not on Cloud Run,
+    # whose service reads any bucket.
+    bucket = f"{PROJECT}-bucket"
+    spread = plan_setup(
+        _config("local-demo.yaml", "placement.regions=[us-central1, europe-west4]"),
+        project=PROJECT,
+        bucket=bucket,
+        region=REGION,
+        project_number=project_number(PROJECT),
+    )
+    assert spread.regional_buckets == {"europe-west4": f"{bucket}-europe-west4"}
+    assert (
+        f"gcloud storage buckets create gs://{bucket}-europe-west4 --project {PROJECT} --location europe-west4 "
+        "--uniform-bucket-level-access"
+    ) in spread.gcloud()
+    on_it = {(b.role, b.member) for b in spread.bindings if b.resource == f"buckets/{bucket}-europe-west4"}
+    assert on_it == {(b.role, b.member) for b in spread.bindings if b.resource == f"buckets/{bucket}"} != set()
+    changed = apply(spread, api_endpoint=emu.url, credentials=creds, storage_client=gcs, log=lambda _: None)
+    assert f"created gs://{bucket}-europe-west4 in europe-west4" in changed
+    assert gcs.lookup_bucket(f"{bucket}-europe-west4").location.lower() == "europe-west4"
+    run_only = plan_setup(
+        _config("local-demo-cloud-run.yaml", "placement.regions=[us-central1, europe-west4]"),
+        project=PROJECT,
+        bucket=bucket,
+        region=REGION,
+        project_number=project_number(PROJECT),
+    )
+    assert run_only.regional_buckets == {}
+
     status, repository = _rest(emu, "GET", f"/v1/{REPOSITORY}", owner)
     assert status == 200 and repository["name"] == REPOSITORY
     assert repository["format"] == "DOCKER" and repository["mode"] == "REMOTE_REPOSITORY"

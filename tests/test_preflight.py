@@ -377,4 +377,11 @@ def test_the_weights_bucket_bounds_the_candidate_regions(
         run_preflight(_load_with("placement.regions=[us-central1, europe-west4]"), **args)
     with pytest.raises(PreflightError, match="bucket gs://vlp-regional is in US-CENTRAL1") as err:
         run_preflight(_load_with("placement.regions=[europe-west4]"), **args)
-    assert "--location=europe-west4" in str(err.value)
+    assert "--location=europe-west4" in str(err.value) and "vlp setup" in str(err.value)
+    # `vlp setup` makes a bucket per fallback region (BUCKET-REGION): the fallback may take europe-west4 now, and the
+    # weights go to that region's bucket. A bucket of that name in another region does not count.
+    project_bucket(emulator, fake_gcs.url, "vlp-regional-us-east4", PROJECT, location="europe-west4")
+    project_bucket(emulator, fake_gcs.url, "vlp-regional-europe-west4", PROJECT, location="europe-west4")
+    pipeline_identity(monkeypatch, emulator, PROJECT, bucket="vlp-regional-europe-west4")
+    deployment = run_preflight(_load_with("placement.regions=[us-central1, us-east4, europe-west4]"), **args)
+    assert (deployment.region, deployment.bucket) == ("europe-west4", "vlp-regional-europe-west4")

@@ -268,6 +268,8 @@ class Identities:
     image_repository: str = ""
     # The Docker Hub remote repositories the serving image is pulled through (serving_repositories below).
     serving_repositories: tuple[str, ...] = ()
+    # The weights buckets of the fallback regions (config.regional_bucket): each gets the bucket's grants.
+    regional_buckets: tuple[str, ...] = ()
 
     def email(self, who: str) -> str:
         return {
@@ -295,6 +297,8 @@ class Identities:
         """Every resource a scope names: one per serving repository, else the one `resource` gives (none if empty)."""
         if scope == "serving_repository":
             return list(self.serving_repositories)
+        if scope == "bucket" and self.bucket:
+            return [f"buckets/{b}" for b in (self.bucket, *self.regional_buckets)]
         return [r for r in [self.resource(scope)] if r]
 
 
