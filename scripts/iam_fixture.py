@@ -46,6 +46,7 @@ METHODS = [
             "endpoints.predict",
             "endpoints.rawPredict",
             "endpoints.streamRawPredict",
+            "endpoints.serverStreamingPredict",
             "endpoints.invoke.invoke",
             "endpoints.deployedModels.invoke.invoke",
             "endpoints.chat.completions",
@@ -168,6 +169,11 @@ METHOD_GAPS: dict[str, tuple[list[str], str]] = {
     "aiplatform.projects.locations.endpoints.streamRawPredict": (
         ["aiplatform.endpoints.predict"],
         "unverified: the prediction permission, as for predict and rawPredict (the dataset lists none)",
+    ),
+    "aiplatform.projects.locations.endpoints.serverStreamingPredict": (
+        ["aiplatform.endpoints.predict"],
+        "REST reference, projects.locations.publishers.models/serverStreamingPredict (v1beta1): \"Requires the "
+        "following IAM permission on the endpoint resource: aiplatform.endpoints.predict\"",
     ),
     "aiplatform.projects.locations.endpoints.chat.completions": (
         ["aiplatform.endpoints.predict"],

@@ -545,6 +545,18 @@ def test_stream_raw_predict_passes_each_chunk_on_as_the_model_server_sends_it(em
     first, last = arrivals[0][0], arrivals[-1][0]
     assert last >= 3 * STREAM_GAP_S  # the model server's pace
     assert first < last - 2 * STREAM_GAP_S, arrivals  # the first chunk came long before the last
+    # :serverStreamingPredict is Vertex's LLM streaming (Tensors): a custom-container endpoint refuses it, naming the
+    # routes that stream from one (contract A38), where it used to answer 404 as a route the emulator lacked.
+    client = _gapic(aiplatform_v1.PredictionServiceClient, emu)
+    request = aiplatform_v1.StreamingPredictRequest(
+        endpoint=endpoint.resource_name, inputs=[aiplatform_v1.Tensor(string_val=["hi"])]
+    )
+    with pytest.raises(gexc.BadRequest, match=":streamRawPredict") as refused:
+        list(client.server_streaming_predict(request=request))
+    assert "serverStreamingPredict streams Vertex AI's own LLMs" in str(refused.value)
+    status, answer, _ = _http("POST", f"{emu.url}/v1/{endpoint.resource_name}:serverStreamingPredict", {"input": []})
+    assert status == 400 and "input" in answer["error"]["message"]  # the request is parsed: unknown field
+
 
 def test_fault_predict_429_throttles_the_first_two_calls(emu: Emulator) -> None:
     emu.faults.add("predict-429")

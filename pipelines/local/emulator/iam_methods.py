@@ -77,6 +77,7 @@ METHOD_TABLE: list[tuple[str, str, str]] = [
     ("POST", _EP + r":predict", "aiplatform.projects.locations.endpoints.predict"),
     ("POST", _EP + r":rawPredict", "aiplatform.projects.locations.endpoints.rawPredict"),
     ("POST", _EP + r":streamRawPredict", "aiplatform.projects.locations.endpoints.streamRawPredict"),
+    ("POST", _EP + r":serverStreamingPredict", "aiplatform.projects.locations.endpoints.serverStreamingPredict"),
     (
         "POST",
         _EP + r"/deployedModels/[^/:]+[:/]invoke(?:/.*)?",

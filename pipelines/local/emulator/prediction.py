@@ -124,6 +124,24 @@ class PredictionService:
         ep_name, _, dm = self._pick_deployed_model(p, body, "rawPredict")
         return self._forward(ep_name, dm, "rawPredict", body, "")
 
+    def _server_streaming_predict(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
+        """PredictionService.ServerStreamingPredict is "for Vertex LLM streaming" (its REST reference): Tensors in and
+        out, for Google's own models. Google documents no mapping onto a custom container's routes, so an endpoint of
+        custom-container models (every model vlp deploys) refuses it here, naming the routes that do stream from one
+        (unverified: what Google answers; strict, contract A38)."""
+        _parse_request(v1.StreamingPredictRequest, body, query=query)
+        with self._lock:
+            ep_name, ep = self._prediction_endpoint(p, body)
+            if not ep.get("deployedModels"):
+                raise ApiError("FAILED_PRECONDITION", f"Endpoint {ep_name} has no deployed model: deploy a model.")
+        raise ApiError(
+            "FAILED_PRECONDITION",
+            f"Endpoint {ep_name} serves models in custom containers: serverStreamingPredict streams Vertex AI's own "
+            "LLMs (Tensor inputs and outputs). Stream from a custom container with :streamRawPredict (the container's "
+            'predict route, its own payload) or chat completions with "stream": true (v1beta1 .../chat/completions, '
+            "or the invoke route on a dedicated endpoint).",
+        )
+
     def _chat(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         ep_name, _, dm = self._pick_deployed_model(p, body, "chat")
         return self._forward(ep_name, dm, "chat", body, "/chat/completions")
@@ -163,9 +181,10 @@ class PredictionService:
         return [
             r("POST", ep + r":predict", self._predict),
             r("POST", ep + r":rawPredict", self._raw_predict),
-            # PredictionService.StreamRawPredict: the same forwarding, the answer streamed (the SDK's
-            # Endpoint.stream_raw_predict reads it line by line). Locally the answer comes in one piece (issue 35).
+            # PredictionService.StreamRawPredict: the same forwarding, the answer streamed as the model server sends
+            # it (the SDK's Endpoint.stream_raw_predict reads it line by line; contract A30).
             r("POST", ep + r":streamRawPredict", self._raw_predict),
+            r("POST", ep + r":serverStreamingPredict", self._server_streaming_predict),
             r("POST", ep + r"[:/]invoke(?P<subpath>/.*)?", self._invoke_endpoint),
             # PredictionService.ChatCompletions exists in v1beta1 only (prediction_service.proto).
             r("POST", ep.replace("/v1/", "/v1beta1/", 1) + r"/chat/completions", self._chat),
