@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from tests.processes import processes_naming
 from vlp.pipelines.local.emulator.serving import SERVING_THREADS_ENV, SHARED_FORK_SERVER_ENV
@@ -105,6 +106,15 @@ def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tm
     assert reset.returncode == 2 and "vlp local down" in reset.stderr, reset.stderr
     empty = vlp("local", "status", state=state).stdout
     assert info["emulator"] in empty and "nothing deployed yet" in empty
+    # The local project has its owner from the start, as a new project has its creator: the printed token lists
+    # (gcloud with that token and the printed CLOUDSDK_API_ENDPOINT_OVERRIDES_AIPLATFORM makes this call).
+    owner_token = vlp("local", "token", state=state).stdout.strip()
+    listed = requests.get(
+        f"{info['emulator']}/v1/projects/local-project/locations/us-central1/endpoints?alt=json&pageSize=100",
+        headers={"Authorization": f"Bearer {owner_token}"}, timeout=30,
+    )  # fmt: skip
+    assert listed.status_code == 200 and listed.json().get("endpoints", []) == [], listed.text
+    assert f"CLOUDSDK_API_ENDPOINT_OVERRIDES_AIPLATFORM={info['emulator']}/ " in empty
 
     try:
         summary_path = tmp_path / "summary.json"
@@ -141,6 +151,7 @@ def test_local_up_keeps_the_demo_serving_and_the_status_snippets_answer_paris(tm
         assert found.stdout.split(" ", 1)[0] == "local-project" and "vlp-local" in found.stdout, found.stdout
         assert found.stdout.splitlines()[1] == "['smollm2-demo']", found.stdout
         assert described["env"]["GRPC_DEFAULT_SSL_ROOTS_FILE_PATH"].endswith("ca.pem")
+        assert described["env"]["CLOUDSDK_API_ENDPOINT_OVERRIDES_AIPLATFORM"] == info["emulator"] + "/"
         # vLLM's own image: its /v1/chat/completions through raw_predict, streamed through stream_raw_predict.
         titles = set(endpoint["snippets"])
         assert titles == {"aiplatform raw_predict", "aiplatform stream_raw_predict", "curl"}, titles

@@ -238,6 +238,9 @@ def serve(state_dir: Path) -> int:
         return 2
     record = Path(stack.state_dir) / STACK_FILE
     try:
+        # The local project has an owner from the start, as a Google Cloud project has its creator: `vlp local token`
+        # (and gcloud or a client with it) can list and create before any run has set the project up.
+        stack.bootstrap_owner("local-project")
         peers = {"emulator": stack.emulator, "hub": stack.hub, "gcs": stack.gcs}
         info: dict[str, Any] = {"pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         for key, peer in peers.items():

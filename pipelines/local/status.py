@@ -8,6 +8,7 @@ metadata server, here the emulator's stand-in."""
 from __future__ import annotations
 
 import json
+import shlex
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,10 @@ def render(info: dict[str, Any], state_dir: Path, described: dict[str, Any]) -> 
             else []
         ),
         f"  metadata server:                {metadata_host(api, 'EMAIL')}   (GCE_METADATA_HOST, as EMAIL)",
+        f"  gcloud ai:                      vlp local token --state-dir {shlex.quote(str(Path(state_dir).resolve()))} "
+        f"> /tmp/vlp-token && CLOUDSDK_API_ENDPOINT_OVERRIDES_AIPLATFORM={api}/ "
+        "CLOUDSDK_AUTH_ACCESS_TOKEN_FILE=/tmp/vlp-token gcloud ai endpoints list --region=us-central1 "
+        "--project=local-project",
         "  stop it with `vlp local down`; these addresses stay the same at the next `vlp local up` when free",
     ]
     if not described["endpoints"] and not described["services"]:
@@ -334,7 +339,14 @@ def client_env(api: str, project: str = "local-project") -> dict[str, str]:
     """The environment that points unchanged Google and Hugging Face client code at the stack, calling as the
     project's owner (`vlp local status --json` carries it as `env`; the API endpoint goes in client options)."""
     host = metadata_host(api, owner_of(project))
-    return {"GCE_METADATA_HOST": host, "GCE_METADATA_IP": host, "HF_ENDPOINT": f"{api}/hf"}
+    return {
+        "GCE_METADATA_HOST": host,
+        "GCE_METADATA_IP": host,
+        "HF_ENDPOINT": f"{api}/hf",
+        # gcloud's own override (property api_endpoint_overrides/aiplatform, with its trailing slash); gcloud takes
+        # its credentials from CLOUDSDK_AUTH_ACCESS_TOKEN_FILE, not from a metadata server it is pointed at.
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_AIPLATFORM": f"{api}/",
+    }
 
 
 def grpc_info(emulator_state_dir: Path) -> dict[str, str]:
