@@ -120,13 +120,13 @@ def main(argv: list[str]) -> int:
     record: dict[str, Any] = {"name": step, "op": op, "started": time.time(), "status": "running"}
     path = step_records.record_path(directory, op) if directory and op else None
     if path:
-        step_records._write(path, record)
+        step_records.write(path, record)
     point_at_stack(api_endpoint)
 
     def write_stopped() -> None:
         record.update(status="failed", error="stopped by SIGTERM; the custom job was cancelled", ended=time.time())
         if path:
-            step_records._write(path, record)
+            step_records.write(path, record)
 
     exit_as_stopped(write_stopped)
     try:
@@ -147,7 +147,7 @@ def main(argv: list[str]) -> int:
     finally:
         record["ended"] = time.time()
         if path:
-            step_records._write(path, record)
+            step_records.write(path, record)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ class StepProcess:
             self.stdout.close()
 
 
-def _split(full_command: list[str]) -> tuple[str, list[str]] | None:
+def split_launch(full_command: list[str]) -> tuple[str, list[str]] | None:
     """KFP's lightweight-component command: (its pip script, [embedded code, *args]) or None for another shape."""
     if len(full_command) < 7 or full_command[:2] != ["sh", "-c"] or "pip install" not in full_command[2]:
         return None
@@ -235,7 +235,7 @@ def _allowed(env: dict[str, str], op: str | None) -> list[str] | None:
 def start(full_command: list[str], env: dict[str, str] | None, op: str | None) -> StepProcess:
     """Start a step's process, its output on a pipe (stdout and stderr together)."""
     env = dict(os.environ if env is None else env)
-    parts = _split(full_command)
+    parts = split_launch(full_command)
     allowed = _allowed(env, op) if parts else None
     if parts is None or allowed is None:
         process = subprocess.Popen(

@@ -21,7 +21,8 @@ from typing import Any
 ENV_DIR = "VLP_STEP_RECORDS"
 
 
-def _write(path: Path, record: dict[str, Any]) -> None:
+def write(path: Path, record: dict[str, Any]) -> None:
+    """Write a step record atomically (a reader never sees half of one)."""
     staged = path.with_suffix(f".{os.getpid()}.tmp")
     staged.write_text(json.dumps(record))
     staged.replace(path)
@@ -46,7 +47,7 @@ def install(step: str, argv: list[str] | None = None) -> None:
         return
     path = record_path(directory, op)
     record: dict[str, Any] = {"name": step, "op": op, "started": time.time(), "status": "running"}
-    _write(path, record)
+    write(path, record)
     previous = sys.excepthook
 
     def failed(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
@@ -57,7 +58,7 @@ def install(step: str, argv: list[str] | None = None) -> None:
         if record["status"] == "running":
             record["status"] = "succeeded"
         record["ended"] = time.time()
-        _write(path, record)
+        write(path, record)
 
     sys.excepthook = failed
     atexit.register(ended)
@@ -73,7 +74,7 @@ def add_exit_code(directory: str | Path, full_command: list[str], code: int) -> 
     record["exit_code"] = code
     if record.get("status") in ("running", "succeeded"):
         record["status"] = "failed"
-    _write(path, record)
+    write(path, record)
 
 
 def read_records(directory: str | Path) -> list[dict[str, Any]]:

@@ -152,7 +152,7 @@ class CustomJobsService:
         command = [*container.get("command", []), *container.get("args", [])]
         if not command:
             return [], "the container has no command: the local stack cannot run an image's own entrypoint"
-        split = step_launch._split(command)
+        split = step_launch.split_launch(command)
         if split is None:
             return command, ""
         pip_script, rest = split
