@@ -39,6 +39,15 @@ _DEFAULT_TIMEOUT_S = 7 * 24 * 3600
 _CANCEL_GRACE_S = 10.0
 
 
+def _ended(state: str, code: str = "", message: str = "") -> dict[str, Any]:
+    """A job's fields once it ends: its state, endTime, and the error (google.rpc.Status) of a job that did not
+    succeed."""
+    fields: dict[str, Any] = {"state": state, "endTime": _now()}
+    if code:
+        fields["error"] = {"code": _CODES[code][0], "message": message}
+    return fields
+
+
 def _seconds(duration: str) -> float:
     """A JSON Duration ("3600s", "1.5s")."""
     return float(duration.removesuffix("s")) if duration else 0.0
@@ -179,12 +188,7 @@ class CustomJobsService:
         if why:
             self._set_job(
                 name,
-                state="JOB_STATE_FAILED",
-                endTime=_now(),
-                error={
-                    "code": _CODES["INVALID_ARGUMENT"][0],
-                    "message": f"The replica workerpool0-0 could not start: {why}.",
-                },
+                **_ended("JOB_STATE_FAILED", "INVALID_ARGUMENT", f"The replica workerpool0-0 could not start: {why}."),
             )
             return
         run_as = job["_runAs"]
@@ -217,40 +221,22 @@ class CustomJobsService:
             self._job_processes.pop(name, None)
             state = (self._custom_jobs.get(name) or {}).get("state")
         if state == "JOB_STATE_CANCELLING":
-            self._set_job(
-                name,
-                state="JOB_STATE_CANCELLED",
-                endTime=_now(),
-                error={"code": _CODES["CANCELLED"][0], "message": "CANCELED"},
-            )
+            self._set_job(name, **_ended("JOB_STATE_CANCELLED", "CANCELLED", "CANCELED"))
         elif timed_out:
-            self._set_job(
-                name,
-                state="JOB_STATE_FAILED",
-                endTime=_now(),
-                error={
-                    "code": _CODES["DEADLINE_EXCEEDED"][0],
-                    "message": f"Job ran past its scheduling.timeout ({timeout:.0f}s) and was stopped.",
-                },
-            )
+            message = f"Job ran past its scheduling.timeout ({timeout:.0f}s) and was stopped."
+            self._set_job(name, **_ended("JOB_STATE_FAILED", "DEADLINE_EXCEEDED", message))
         elif code == 0:
-            self._set_job(name, state="JOB_STATE_SUCCEEDED", endTime=_now())
+            self._set_job(name, **_ended("JOB_STATE_SUCCEEDED"))
         else:
             tail = _tail(log_path)
             # The wording users report from Vertex for a replica that exits non-zero (unverified in a Google doc):
             # "The replica workerpool0-0 exited with a non-zero status of N." Its pointer to Cloud Logging is this
             # stack's log file.
-            self._set_job(
-                name,
-                state="JOB_STATE_FAILED",
-                endTime=_now(),
-                error={
-                    "code": _CODES["INVALID_ARGUMENT"][0],
-                    "message": f"The replica workerpool0-0 exited with a non-zero status of {code}. To find out more "
-                    f"about why your job exited please check the logs: {log_path}"
-                    + (f"\nLast lines:\n{tail}" if tail else ""),
-                },
+            message = (
+                f"The replica workerpool0-0 exited with a non-zero status of {code}. To find out more about why your "
+                f"job exited please check the logs: {log_path}" + (f"\nLast lines:\n{tail}" if tail else "")
             )
+            self._set_job(name, **_ended("JOB_STATE_FAILED", "INVALID_ARGUMENT", message))
 
     def _get_custom_job(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
         with self._lock:
@@ -277,12 +263,7 @@ class CustomJobsService:
                 )
             process = self._job_processes.get(name)
             if process is None:
-                job.update(
-                    state="JOB_STATE_CANCELLED",
-                    endTime=_now(),
-                    updateTime=_now(),
-                    error={"code": _CODES["CANCELLED"][0], "message": "CANCELED"},
-                )
+                job.update(_ended("JOB_STATE_CANCELLED", "CANCELLED", "CANCELED"), updateTime=_now())
             else:
                 job.update(state="JOB_STATE_CANCELLING", updateTime=_now())
             self._save()
@@ -308,11 +289,7 @@ class CustomJobsService:
         with self._lock:
             for name, job in self._custom_jobs.items():
                 if job.get("state") == "JOB_STATE_CANCELLING":
-                    job.update(
-                        state="JOB_STATE_CANCELLED",
-                        endTime=_now(),
-                        error={"code": _CODES["CANCELLED"][0], "message": "CANCELED"},
-                    )
+                    job.update(_ended("JOB_STATE_CANCELLED", "CANCELLED", "CANCELED"))
                 elif job.get("state") in ACTIVE:
                     job["state"] = "JOB_STATE_PENDING"
                     self._spawn(self._run_custom_job, name)
