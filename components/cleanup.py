@@ -63,6 +63,14 @@ def cleanup_op(
     regions = [r for r in [region, *cfg.placement.regions] if r]
     project = project or cfg.placement.project
     abandoned = Removed()
+    if state != "SUCCEEDED":
+        # A big model's mirror custom job still running: its launcher died without cancelling it (a stopped launcher
+        # cancels it itself). Whatever the teardown policy, it is paid compute for a run that is over.
+        from vlp.components.mirror.jobs import cancel_run_mirror_jobs
+
+        for name in cancel_run_mirror_jobs(project, regions, label_value(run_name), api_endpoint):
+            log.info("cancelled %s (the mirror's custom job, still running)", name)
+            abandoned.deleted.append(name)
     if state == "SUCCEEDED" and cfg.target != "cloud_run" and cfg.teardown != "never":
         # The deployment is whole again: what earlier runs left when they died before their own exit handler (an
         # untested version, an empty endpoint) goes now, not at the next `vlp gc`.

@@ -381,6 +381,7 @@ def preflight_op(
         ("mirror_on", str),
         ("target", str),
         ("service_account", str),
+        ("labels", dict),
     ],
 ):  # noqa: F821, UP014
     """Preflight: plan the hardware, check quota and Hub access, and fail before anything costs money."""
@@ -475,10 +476,17 @@ def preflight_op(
         )
     checkpoint("preflight")
     outputs = namedtuple(
-        "PreflightOutputs", ["deployment", "region", "action", "mirror_on", "target", "service_account"]
+        "PreflightOutputs", ["deployment", "region", "action", "mirror_on", "target", "service_account", "labels"]
     )
     # service_account: who the steps after this one name as the run's account (a big model's mirror custom job runs
-    # as it), decided here once: the run's, the config's, else this step's own.
+    # as it), decided here once: the run's, the config's, else this step's own. labels: the run's (vlp-deployment,
+    # vlp-run), for the mirror's custom job, which the exit handler finds by them.
     return outputs(
-        without_nulls(deployment.to_dict()), deployment.region, action, mirror_on, cfg.target, deployment.service_account
+        without_nulls(deployment.to_dict()),
+        deployment.region,
+        action,
+        mirror_on,
+        cfg.target,
+        deployment.service_account,
+        dict(deployment.labels),
     )

@@ -183,6 +183,9 @@ def build_pipeline(image: str | None = None, template: Template | None = None) -
                                 # The account preflight decided and checked, not the raw form field: left empty, GCPC
                                 # would run the job as the Custom Code Service Agent, which cannot read the Hub token.
                                 service_account=pre.outputs["service_account"],
+                                # The run's labels: a job left running by a run that failed is cancelled by the exit
+                                # handler, which finds it by them (vlp.components.mirror.jobs).
+                                labels=pre.outputs["labels"],
                             ).set_display_name(f"Mirror weights Hub → GCS (custom job, {size})")
                         )
                 for task in mirrors:

@@ -608,6 +608,7 @@ def test_plumbing_routes_refuse_a_caller_without_the_stacks_key(emu: Emulator) -
     assert _http("POST", f"{emu.url}/_emulator/token", attempts[0][2], headers=plumbing_headers(emu))[0] == 200
     assert plumbing.ensure_key(emu.state_dir) == emu.plumbing_key
 
+
 def test_cli_prints_ready_and_stops_on_sigterm(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     process = subprocess.Popen(
@@ -1015,12 +1016,18 @@ def test_v1beta1_answers_every_v1_method_as_google_does(emu: Emulator) -> None:
     model = _upload()
     endpoint = aiplatform.Endpoint.create(display_name="beta")
     endpoint.deploy(model, machine_type="n1-standard-4")
-    kw = {"client_options": ClientOptions(api_endpoint=emu.url), "transport": "rest", "credentials": as_tester(emu, PROJECT)}
+    kw = {
+        "client_options": ClientOptions(api_endpoint=emu.url),
+        "transport": "rest",
+        "credentials": as_tester(emu, PROJECT),
+    }
     endpoints, models = beta.EndpointServiceClient(**kw), beta.ModelServiceClient(**kw)
     got = endpoints.get_endpoint(name=endpoint.resource_name)
     assert got.display_name == "beta" and len(got.deployed_models) == 1
     assert [m.name for m in models.list_models(parent=PARENT)] == [model.resource_name]
-    prediction = beta.PredictionServiceClient(**kw).predict(endpoint=endpoint.resource_name, instances=[{"prompt": "hi"}])
+    prediction = beta.PredictionServiceClient(**kw).predict(
+        endpoint=endpoint.resource_name, instances=[{"prompt": "hi"}]
+    )
     assert prediction.deployed_model_id == got.deployed_models[0].id
     # What v1beta1 does not serve stays unserved: the emulator's own 404 for an unknown collection.
     status, _, _ = _http("GET", f"{emu.url}/v1beta1/{PARENT}/noSuchCollection/x")
@@ -1103,7 +1110,12 @@ def test_googles_system_parameters_are_accepted_and_fields_gives_a_partial_respo
     _auth(emu)
     endpoint = aiplatform.Endpoint.create(display_name="params", labels={"team": "a"})
     url = f"{emu.url}/v1/{PARENT}/endpoints"
-    for query in ("alt=json", "$alt=json;enum-encoding=int", "prettyPrint=false&quotaUser=me&key=k", "$prettyPrint=true"):
+    for query in (
+        "alt=json",
+        "$alt=json;enum-encoding=int",
+        "prettyPrint=false&quotaUser=me&key=k",
+        "$prettyPrint=true",
+    ):
         status, answer, _ = _http("GET", f"{url}?{query}")
         assert status == 200 and answer["endpoints"][0]["displayName"] == "params", (query, answer)
     status, answer, _ = _http("GET", f"{url}?fields=endpoints(name,labels)")
@@ -1200,3 +1212,34 @@ def test_a_custom_job_naming_an_account_needs_act_as_on_it(emu: Emulator) -> Non
         client.create_custom_job(parent=PARENT, custom_job=_custom_job("as-trainer", ["true"], account))
     job = client.create_custom_job(parent=PARENT, custom_job=_custom_job("as-agent", ["true"]))
     assert _wait_for_custom_job(client, job.name).state.name == "JOB_STATE_SUCCEEDED"
+
+
+def test_the_exit_handler_cancels_the_runs_mirror_job_left_running(
+    emu: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big model's mirror job whose launcher died keeps running; the exit handler finds it by the run's label and
+    cancels it, and leaves another run's job and a finished one alone."""
+    from vlp.components.mirror.jobs import cancel_run_mirror_jobs
+
+    client = _gapic(aiplatform_v1.JobServiceClient, emu)
+
+    def job(name: str, run: str, command: str) -> aiplatform_v1.CustomJob:
+        made = _custom_job(name, ["sh", "-c", command])
+        made.labels = {"vlp-deployment": "tiny", "vlp-run": run}
+        return client.create_custom_job(parent=PARENT, custom_job=made)
+
+    ours, theirs, done = (
+        job("ours", "run-1", "exec sleep 60"),
+        job("theirs", "run-2", "exec sleep 60"),
+        job("done", "run-1", "true"),
+    )
+    for running in (ours, theirs):
+        _wait_for_custom_job(client, running.name, until=("JOB_STATE_RUNNING",))
+    _wait_for_custom_job(client, done.name)
+    run_as(monkeypatch, emu.url, TESTER)
+    assert cancel_run_mirror_jobs(PROJECT, [LOCATION], "run-1", emu.url) == [ours.name]
+    assert _wait_for_custom_job(client, ours.name).state.name == "JOB_STATE_CANCELLED"
+    assert client.get_custom_job(name=theirs.name).state.name == "JOB_STATE_RUNNING"
+    assert client.get_custom_job(name=done.name).state.name == "JOB_STATE_SUCCEEDED"
+    assert cancel_run_mirror_jobs(PROJECT, [LOCATION], "run-1", emu.url) == []  # safe to call twice
+    client.cancel_custom_job(name=theirs.name)

@@ -30,18 +30,6 @@ GCPC_LAUNCHER = "google_cloud_pipeline_components.container.v1.custom_job.launch
 POLL_S = 1
 
 
-def _step_of(payload: str) -> tuple[str, str]:
-    """(the KFP function the job runs, its step name) from the launcher's payload."""
-    from vlp.pipelines.local import step_records
-    from vlp.pipelines.packaging import STEP_OF_OP
-
-    spec = json.loads(payload, strict=False)
-    pools = spec.get("job_spec", {}).get("worker_pool_specs") or [{}]
-    container = pools[0].get("container_spec", {})
-    op = step_records.op_of([*container.get("command", []), *container.get("args", [])]) or ""
-    return op, STEP_OF_OP.get(op, op or "custom-job")
-
-
 def point_at_stack(api_endpoint: str) -> None:
     """Send GCPC's job calls to `api_endpoint` (module docstring)."""
     import requests
@@ -113,9 +101,11 @@ def main(argv: list[str]) -> int:
     from vlp.pipelines.local import step_records
 
     api_endpoint = os.environ["VLP_API_ENDPOINT"]
-    payload = argv[argv.index("--payload") + 1]
+    from vlp.pipelines.packaging import STEP_OF_OP
+
     gcp_resources = argv[argv.index("--gcp_resources") + 1]
-    op, step = _step_of(payload)
+    op = step_records.op_of(argv) or ""  # the KFP function the job runs, from the job's command in --payload
+    step = STEP_OF_OP.get(op, op or "custom-job")
     directory = os.environ.get(step_records.ENV_DIR, "")
     record: dict[str, Any] = {"name": step, "op": op, "started": time.time(), "status": "running"}
     path = step_records.record_path(directory, op) if directory and op else None
@@ -130,6 +120,11 @@ def main(argv: list[str]) -> int:
 
     exit_as_stopped(write_stopped)
     try:
+        # `--inject kill-step:mirror-weights@1w` kills this task right after the job is created: the job runs on, and
+        # the exit handler cancels it (components/mirror/jobs.py).
+        from vlp.components.runtime import checkpoint
+
+        checkpoint("mirror-weights")
         launcher.main(argv)
         record["status"] = "succeeded"
         return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,9 +30,13 @@ def write(path: Path, record: dict[str, Any]) -> None:
 
 
 def op_of(argv: list[str]) -> str | None:
-    """The step's KFP function name from a step process's command line."""
+    """The step's KFP function name from a step process's command line; for GCPC's custom-job launcher (the big-model
+    mirror, pipelines/local/gcpc_launcher.py), the function its job runs, from the job's command in --payload."""
     if "--function_to_execute" in argv and argv.index("--function_to_execute") + 1 < len(argv):
         return argv[argv.index("--function_to_execute") + 1]
+    if "--payload" in argv and argv.index("--payload") + 1 < len(argv):
+        found = re.search(r'\\?"--function_to_execute\\?",\s*\\?"(\w+)', argv[argv.index("--payload") + 1])
+        return found.group(1) if found else None
     return None
 
 
