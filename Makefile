@@ -30,18 +30,20 @@ test: setup
 	# workers, rather than once more here before it on one core.
 	# Five workers on two cores: the whole local runs wait on their model servers and steps part of the time, so
 	# fewer leave the CPU idle (clean-clone runs: 9.8 min on five, 10.7 min on four, same commit; 9.0 min on five at 98f3a97).
-	$(BIN)/python -m pytest -q -n 5 --maxschedchunk 1 --durations=25
+	$(BIN)/python -m pytest -q -n 5 --maxschedchunk 1 -m "not install" --durations=25
 
-# The inner loop: lint, and every test but the whole local runs (`-m slow`); `make test` (and CI) runs everything.
-# README's install path from a fresh virtualenv outside the checkout: the wheel with [local], `vlp local sync`, the demo
-# (about 2 minutes; CI runs it after `make test`, whose 10-minute budget it is not part of).
-test-install:
-	scripts/fresh_install_check.sh $(PY)
-
+# The inner loop: lint, and every test but the whole local runs (`-m slow`); `make test` (and CI) runs all but the
+# install tests (`make test-install`).
 test-fast: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m compileall -q pipelines components tests
-	$(BIN)/python -m pytest -q -n 3 --maxschedchunk 1 -m "not slow" --durations=10
+	$(BIN)/python -m pytest -q -n 3 --maxschedchunk 1 -m "not slow and not install" --durations=10
+
+# README's install lines, each into a fresh virtualenv outside the checkout (tests marked `install`): the core alone,
+# then the wheel with [local], `vlp local sync` and the demo. About 3 minutes; CI runs it after `make test`, whose
+# 10-minute budget it is not part of.
+test-install: setup
+	$(BIN)/python -m pytest -q -n 2 -m install -p no:cacheprovider tests/test_packaging.py
 
 lint: setup
 	$(BIN)/ruff check .
@@ -54,4 +56,4 @@ check: setup
 
 # Rewrites tests/durations.json, which orders `make test` longest first, from a full run's measured durations.
 durations: setup
-	$(BIN)/python -m pytest -q -n 5 --maxschedchunk 1 --store-durations
+	$(BIN)/python -m pytest -q -n 5 --maxschedchunk 1 -m "not install" --store-durations

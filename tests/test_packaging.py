@@ -123,7 +123,7 @@ def test_lock_lines_are_a_pip_constraints_file() -> None:
             assert re.match(r"^[a-z0-9-]+==[\w.]+ +# steps: [a-z-]+(, [a-z-]+)*$", line), line
 
 
-@pytest.mark.slow
+@pytest.mark.install
 def test_the_core_installs_without_the_local_stack_and_works_from_any_directory(tmp_path: Path) -> None:
     """`pip install .` (no extras) brings no torch, olah or fake-gcs-server; from another directory render and
     compile work, and compile writes where it is told, not into site-packages."""
@@ -163,6 +163,34 @@ def test_the_core_installs_without_the_local_stack_and_works_from_any_directory(
         [vlp, "run", "--local", "configs/local-demo.yaml"], cwd=elsewhere, capture_output=True, text=True
     )
     assert local.returncode == 2 and "pip install 'vertex-llm-pipelines[local]'" in local.stderr, local.stderr
+
+
+@pytest.mark.install
+def test_the_wheel_with_local_in_a_fresh_virtualenv_runs_the_demo_from_any_directory(tmp_path: Path) -> None:
+    """README's install path for a new user (issue 36): the built wheel, `pip install 'WHEEL[local]'` into a new
+    virtualenv (its dependencies resolved afresh from the package registry, not from the checkout's lock), `vlp local
+    sync`, then the demo from an empty directory, which answers Paris."""
+    venv, dist, elsewhere = tmp_path / "venv", tmp_path / "dist", tmp_path / "elsewhere"
+    subprocess.run([PY, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run([*pip, "install", "-q", "--upgrade", "pip"], check=True)
+    # Built as a release is (the wheel, not the checkout), then installed with the extra README names.
+    subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(dist), str(ROOT)], check=True, cwd=tmp_path)
+    (wheel,) = dist.glob("vertex_llm_pipelines-*.whl")
+    done = subprocess.run([*pip, "install", "-q", f"{wheel}[local]"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    elsewhere.mkdir()  # nothing of the checkout in the directory or on the path
+    vlp = str(venv / "bin" / "vlp")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLP_") and k != "PYTHONPATH"}
+    synced = subprocess.run([vlp, "local", "sync"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert synced.returncode == 0, synced.stdout[-2000:] + synced.stderr[-2000:]
+    demo = subprocess.run(
+        [vlp, "run", "--local", "configs/local-demo.yaml", "--summary-json", "summary.json"],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    summary = json.loads((elsewhere / "summary.json").read_text())
+    assert demo.returncode == 0 and summary["status"] == "succeeded", demo.stdout[-3000:] + demo.stderr[-3000:]
+    assert "paris" in summary["smoke"]["answer"].lower(), summary["smoke"]
 
 
 def test_embedded_code_is_the_same_program_without_comments_and_docstrings() -> None:

@@ -30,12 +30,15 @@ RULES: tuple[Rule, ...] = (
         "all",
         "Vertex AI Pipelines runs the job's tasks; register, deploy, smoke test (`endpoints.predict`), promote, "
         "roll back, clean up; preflight lists what serves and probes it (`endpoints.predict`, which "
-        "roles/aiplatform.viewer lacks)",
+        "roles/aiplatform.viewer lacks); a big model's mirror runs as a custom job, which the exit handler cancels "
+        "if the run fails while it runs (`customJobs.create`, `customJobs.cancel`)",
         checks=(
             "aiplatform.endpoints.list",
             "aiplatform.endpoints.predict",
             "aiplatform.models.upload",
             "aiplatform.endpoints.deploy",
+            "aiplatform.customJobs.create",
+            "aiplatform.customJobs.cancel",
         ),
     ),
     Rule(
