@@ -167,20 +167,23 @@ def drift(committed: Path, fresh: Path) -> list[str]:
     return diffs
 
 
-def check_compiled(out_dir: Path | None = None, image: str | None = None) -> list[str]:
-    """Compile every template afresh and compare with out_dir byte for byte (empty = no drift). A file
-    whose bytes differ says where, after normalisation, it differs."""
+def check_compiled(
+    out_dir: Path | None = None, image: str | None = None, fresh: list[Path] | None = None
+) -> list[str]:
+    """Compile every template afresh (or take `fresh`, a compile_all just made) and compare with out_dir byte for
+    byte (empty = no drift). A file whose bytes differ says where, after normalisation, it differs."""
     directory = out_dir or COMPILED_DIR
-    fresh_dir = Path(tempfile.mkdtemp(prefix="vlp-compile-check-"))
+    if fresh is None:
+        fresh = compile_all(Path(tempfile.mkdtemp(prefix="vlp-compile-check-")), image)
     problems = []
     expected = set()
-    for fresh in compile_all(fresh_dir, image):
-        committed = directory / fresh.name
+    for made in fresh:
+        committed = directory / made.name
         expected.add(committed.name)
         if not committed.is_file():
             problems.append(f"{committed} is missing")
-        elif committed.read_bytes() != fresh.read_bytes():
-            where = drift(committed, fresh) or ["the embedded archive's encoding only"]
+        elif committed.read_bytes() != made.read_bytes():
+            where = drift(committed, made) or ["the embedded archive's encoding only"]
             problems.append(f"{committed} differs in {', '.join(where)}")
     suffix = IMAGE_SUFFIX if image else ".yaml"
     for stale in sorted(directory.glob(f"*{suffix}")):
