@@ -73,6 +73,12 @@ def regional_bucket(bucket: str, region: str) -> str:
     artifacts from a bucket in the endpoint's region, so a run that falls back to another region (no quota in the
     first) mirrors there; `vlp setup` makes one per region of placement.regions, preflight picks the run's."""
     name = f"{bucket}-{region}"
+    if len(name) > 63:
+        raise ValueError(
+            f"placement.bucket {bucket!r} leaves no room for the bucket of fallback region {region} ({name!r} is "
+            f"{len(name)} characters; a bucket name has at most 63): use a bucket name of at most "
+            f"{63 - len(region) - 1} characters, or remove {region} from placement.regions"
+        )
     return check_bucket(name, f"the bucket for region {region} (placement.bucket + '-{region}')")
 
 

@@ -98,6 +98,7 @@ def plan_deployment(
     prices: Mapping[str, float] | None = None,
     bucket: str = "",
     model_dir: str = "",
+    buckets: dict[str, str] | None = None,
 ) -> Plan:
     """Plan a deployment config: model facts from the Hub (or a local dir), the shape, and quota per region.
 
@@ -108,7 +109,8 @@ def plan_deployment(
     cloud_run = cfg.target == "cloud_run"
     regions = _candidate_regions(cfg, regions)
     if not cloud_run:  # a Cloud Run service reads its weights from any bucket (the copy is the DLC's)
-        regions = list(buckets_by_region(regions, bucket, project))
+        # `buckets`: the caller's own buckets_by_region of these regions, so the buckets are looked up once.
+        regions = list(buckets if buckets is not None else buckets_by_region(regions, bucket, project))
     try:
         # model_dir: a local copy of the repo (`vlp plan` offline, from the local Hub mirror).
         facts = read_model_facts(
@@ -273,6 +275,8 @@ def run_preflight(
             head = f"preflight failed for deployment {cfg.name}: the pipeline's service account lacks grants it needs:"
             raise PreflightError("\n".join([head] + [f"- {p}" for p in problems]))
     token = hf_token if hf_token is not None else _read_hf_token(cfg, project, api_endpoint)
+    # Each candidate region's weights bucket (the bucket, or the region's own): the fallback stays where one is.
+    buckets = buckets_by_region(regions, bucket, project) if cfg.target != "cloud_run" else None
     plan = plan_deployment(
         cfg,
         project=project,
@@ -283,14 +287,14 @@ def run_preflight(
         hub_endpoint=hub_endpoint,
         prices=prices,
         bucket=bucket,
+        buckets=buckets,
     )
     if plan.errors or not plan.fits:
         errors = plan.errors or [f"{cfg.model.repo} does not fit the planned shape"]
         head = f"preflight failed for deployment {cfg.name} ({cfg.model.repo}):"
         raise PreflightError("\n".join([head] + [f"- {e}" for e in errors]), plan)
-    if cfg.target != "cloud_run" and bucket:
-        # The weights go where the chosen region's endpoint reads them: the bucket, or the region's own one.
-        bucket = buckets_by_region([plan.region], bucket, project).get(plan.region, bucket)
+    if buckets and bucket:
+        bucket = buckets.get(plan.region, bucket)  # where the chosen region's endpoint reads the weights
     deployment = build_deployment(
         cfg,
         project=project,

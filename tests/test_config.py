@@ -190,3 +190,12 @@ def test_a_key_written_twice_is_refused_naming_both_lines(tmp_path: Path) -> Non
 def test_a_directory_given_as_the_config_is_named_as_one(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is a directory: pass a config file in it"):
         load_config(tmp_path)
+
+
+def test_a_bucket_name_with_no_room_for_a_fallback_regions_bucket_says_how_long_it_may_be() -> None:
+    from vlp.components.config import regional_bucket
+
+    assert regional_bucket("my-bucket", "europe-west4") == "my-bucket-europe-west4"
+    long = "b" * 55
+    with pytest.raises(ValueError, match="use a bucket name of at most 50 characters, or remove europe-west4"):
+        regional_bucket(long, "europe-west4")

@@ -11,7 +11,6 @@ docs/vertex-contract.md rows A34-A37.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from vlp.pipelines.local.emulator.core import (
     _to_dict,
 )
 from vlp.pipelines.local.emulator.errors import _CODES, ApiError
+from vlp.pipelines.local.emulator.serving import terminate_group
 
 ACTIVE = ("JOB_STATE_QUEUED", "JOB_STATE_PENDING", "JOB_STATE_RUNNING", "JOB_STATE_CANCELLING")
 # custom_job.proto Scheduling.timeout: "Optional. The maximum job running time. The default is 7 days."
@@ -216,7 +216,7 @@ class CustomJobsService:
             except subprocess.TimeoutExpired:
                 if time.monotonic() > deadline:
                     timed_out = True
-                    _end_group(process)
+                    terminate_group(process, _CANCEL_GRACE_S)
         with self._lock:
             self._job_processes.pop(name, None)
             state = (self._custom_jobs.get(name) or {}).get("state")
@@ -268,7 +268,7 @@ class CustomJobsService:
                 job.update(state="JOB_STATE_CANCELLING", updateTime=_now())
             self._save()
         if process is not None:
-            self._spawn(_end_group, process)
+            self._spawn(terminate_group, process, _CANCEL_GRACE_S)
         return self._json({})
 
     def _delete_custom_job(self, p: dict[str, str], query: dict[str, list[str]], body: bytes) -> Any:
@@ -304,20 +304,6 @@ class CustomJobsService:
             r("POST", job + r":cancel", self._cancel_custom_job),
             r("DELETE", job, self._delete_custom_job),
         ]
-
-
-def _end_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the replica's process group, SIGKILL after a grace period, as a container is stopped."""
-    for sig, wait in ((signal.SIGTERM, _CANCEL_GRACE_S), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def _tail(path: Path, lines: int = 15) -> str:

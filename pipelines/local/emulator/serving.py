@@ -122,6 +122,23 @@ def serve_child(argv: list[str]) -> None:
     main()
 
 
+def terminate_group(process: Any, grace_s: float = 10.0) -> None:
+    """Stop a process group as a container is stopped: SIGTERM, SIGKILL `grace_s` later (a model server; a custom
+    job's replica, custom_jobs.py)."""
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait_s)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    if process.poll() is None:
+        process.kill()
+
+
 class ServingError(Exception):
     """The model server could not be started; `log_tail` holds the last lines it wrote."""
 
@@ -411,18 +428,7 @@ class ServingManager(EngineRoutes):
 
     @staticmethod
     def _terminate(process: Any) -> None:
-        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                process.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        if process.poll() is None:
-            process.kill()
+        terminate_group(process)
         process.wait()
 
     def _download_from_hub(self, repo_id: str, container_spec: dict, model_dir: Path) -> None:
